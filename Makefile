@@ -1,0 +1,64 @@
+# aewatch developer entry points. The virtual environment lives in a cache folder shared by every
+# checkout on this machine (torch is several GB); `.venv` in the checkout links to it.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON    ?= python3
+CACHE_DIR ?= $(HOME)/.cache/aewatch
+VENV      ?= $(CACHE_DIR)/venv
+PY        := $(VENV)/bin/python
+DEPS_HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-16)
+DEPS_STAMP := $(VENV)/.aewatch-deps-$(DEPS_HASH)
+KAFKA_HOME := deploy/kafka
+KAFKA_STAMP := $(KAFKA_HOME)/.resolved
+PYTEST_ARGS ?=
+SKAB_DIR  ?= ../shared/datasets/skab
+
+.PHONY: help setup test lint format bench broker clean
+
+help:
+	@echo "make setup   create or reuse the cached virtual environment, install aewatch, resolve Kafka jars"
+	@echo "make test    lint and run the whole test suite against a real Kafka broker and MLflow"
+	@echo "make bench   run the benchmarks; results in results/ as JSON and Markdown"
+	@echo "make broker  run a local Kafka broker in the foreground (Ctrl-C stops it)"
+
+setup: $(DEPS_STAMP) $(KAFKA_STAMP)
+	@# Point the editable install at this checkout (several clones may share one environment).
+	@if [ "$$($(PY) -c 'import pipeline, pathlib; print(pathlib.Path(pipeline.__file__).resolve().parents[1])' 2>/dev/null)" != "$(CURDIR)" ]; then \
+		$(PY) -m pip install -q --no-deps --no-build-isolation -e . ; fi
+	@ln -sfn $(VENV) .venv
+
+$(DEPS_STAMP): pyproject.toml
+	@mkdir -p $(CACHE_DIR)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@rm -f $(VENV)/.aewatch-deps-* && touch $@
+
+$(KAFKA_STAMP): $(KAFKA_HOME)/pom.xml
+	@command -v java >/dev/null || { echo "java (17+) is needed for the local Kafka broker"; exit 1; }
+	@command -v mvn >/dev/null || { echo "mvn is needed to resolve the Kafka broker jars"; exit 1; }
+	rm -rf $(KAFKA_HOME)/libs
+	mvn -B -q -f $(KAFKA_HOME)/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_HOME)/libs
+	@sha256sum < $(KAFKA_HOME)/pom.xml | cut -d' ' -f1 > $@
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check pipeline training tests
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format pipeline training tests
+
+# The test session starts (and stops) a Kafka broker and an mlflow server itself, unless
+# KAFKA_BOOTSTRAP_SERVERS names a running broker.
+test: setup lint
+	@mkdir -p results
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest --junitxml=results/junit.xml $(PYTEST_ARGS)
+
+broker: setup
+	$(VENV)/bin/aewatch broker
+
+clean:
+	rm -rf .pytest_cache .ruff_cache results build *.egg-info $(KAFKA_HOME)/libs $(KAFKA_STAMP)

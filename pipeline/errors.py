@@ -1,0 +1,61 @@
+"""The aewatch exception tree. Catch the specific type where you can act on it.
+
+AewatchError
+├── ConfigError          a setting is invalid; raised at start-up, names the setting
+├── DataError            input data cannot be used; names the file, column or row
+├── ModelError           a detector artifact cannot be built, loaded or trusted
+│   └── ArtifactError    the artifact on disk is malformed, tampered or from a newer format
+├── CalibrationError     a threshold cannot be calibrated from the data given
+├── RegistryError        the MLflow registry refused or lacks what was asked for
+└── BrokerError          the local Kafka broker could not be resolved, started or stopped
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AewatchError",
+    "ArtifactError",
+    "BrokerError",
+    "CalibrationError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "RegistryError",
+]
+
+
+class AewatchError(Exception):
+    """Root of every error aewatch raises on purpose."""
+
+
+class ConfigError(AewatchError):
+    """A setting is invalid. The message starts with the setting's name."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+class DataError(AewatchError):
+    """Input data cannot be used; the message names the file, column or row."""
+
+
+class ModelError(AewatchError):
+    """A detector cannot be built, loaded or trusted."""
+
+
+class ArtifactError(ModelError):
+    """A detector artifact on disk is malformed, tampered with, or from a newer format."""
+
+
+class CalibrationError(AewatchError):
+    """A threshold cannot be calibrated from the data given."""
+
+
+class RegistryError(AewatchError):
+    """The model registry refused a request or lacks the model, version or alias asked for."""
+
+
+class BrokerError(AewatchError):
+    """The local Kafka broker could not be resolved, started or stopped."""
