@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from pipeline import __version__
+from pipeline.config_file import load_config_file
 from pipeline.errors import AewatchError
 
 __all__ = ["build_parser", "configure_logging", "main"]
@@ -75,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(args.log_level, args.log_format)
     try:
+        if getattr(args, "config", None) and getattr(args, "config_parser", None):
+            # A config file sets the command's defaults; flags given on the command line win.
+            args.config_parser.set_defaults(**load_config_file(args.config, args.config_parser))
+            args = parser.parse_args(argv)
         return int(args.handler(args) or 0)
     except AewatchError as exc:
         print(f"aewatch {args.command}: error: {exc}", file=sys.stderr)

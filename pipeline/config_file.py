@@ -1,0 +1,54 @@
+"""Config files whose keys mirror a command's flags (`code-size` or `code_size`).
+
+Values from the file become the command's defaults, so flags on the command line still win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+__all__ = ["load_config_file"]
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Read a config file and map its keys (`code-size` or `code_size`) to parser dests."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError("config", f"{path}: no such file")
+    text = file.read_text()
+    try:
+        if file.suffix.lower() == ".toml":
+            raw = tomllib.loads(text)
+        elif file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError("config", f"{path}: use a .toml, .yaml or .yml file")
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ConfigError("config", f"{path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"{path}: expected a table of settings")
+    dests = {a.dest: a for a in parser._actions}
+    by_flag = {s.lstrip("-"): a.dest for a in parser._actions for s in a.option_strings}
+    values = {}
+    for key, value in raw.items():
+        dest = by_flag.get(str(key)) or by_flag.get(str(key).replace("_", "-"))
+        if dest is None or dest in ("config", "help"):
+            raise ConfigError(f"config: {key}", f"unknown setting in {path}")
+        action = dests[dest]
+        if isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        elif action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"config: {key}", f"invalid value {value!r}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"config: {key}", f"{value!r} is not one of {list(action.choices)}")
+        values[dest] = value
+    return values

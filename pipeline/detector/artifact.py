@@ -1,0 +1,157 @@
+"""The detector artifact: a folder with `manifest.json` and `weights.pt`, nothing pickled.
+
+The manifest describes everything needed to rebuild and trust the detector: format version,
+input spec, scaler statistics, model config, threshold, training provenance, library versions,
+and the SHA-256 of the weights. Loading checks format and hash before the weights file is opened,
+then reads it with `torch.load(weights_only=True)`, which refuses anything but tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import __version__
+from pipeline.detector.detector import Detector, InputSpec
+from pipeline.detector.models import ModelConfig, build_model
+from pipeline.detector.scaler import Scaler
+from pipeline.detector.threshold import Threshold
+from pipeline.errors import ArtifactError, ConfigError, ModelError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "WEIGHTS_FILE",
+    "load_detector",
+    "read_manifest",
+    "save_detector",
+    "sha256_file",
+]
+
+FORMAT_NAME = "aewatch-detector"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_detector(detector: Detector, directory: str | Path) -> Path:
+    """Write the detector to `directory` (created if needed); returns the manifest path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_FILE
+    state = {k: v.detach().cpu().contiguous() for k, v in detector.model.state_dict().items()}
+    torch.save(state, weights)
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "aewatch_version": __version__,
+        "input": detector.input.to_dict(),
+        "scaler": detector.scaler.to_dict(),
+        "model": detector.config.to_dict(),
+        "threshold": detector.threshold.to_dict(),
+        "training": detector.info,
+        "libraries": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights)},
+    }
+    path = directory / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Parse and check the manifest's format and version; no weights are touched."""
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no detector manifest here")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{path}: not an {FORMAT_NAME} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise ArtifactError(f"{path}: invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format version {version} is newer than this aewatch reads "
+            f"({FORMAT_VERSION}); upgrade aewatch"
+        )
+    return manifest
+
+
+def load_detector(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    require_calibrated: bool = False,
+    expected_sha256: str | None = None,
+) -> Detector:
+    """Load and verify a detector artifact.
+
+    Refused with ArtifactError: a newer format, a weights hash that differs from the manifest
+    (or from `expected_sha256`, e.g. a registry tag), a weights file that is not a plain tensor
+    state_dict, a state_dict that does not fit the model config, non-finite weights; and, when
+    `require_calibrated`, a detector without a threshold.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    try:
+        input_spec = InputSpec.from_dict(manifest["input"])
+        scaler = Scaler.from_dict(manifest["scaler"])
+        config = ModelConfig.from_dict(manifest["model"])
+        threshold = Threshold.from_dict(manifest.get("threshold") or {})
+        weights_meta = manifest["weights"]
+    except (KeyError, TypeError, ValueError, ConfigError, ModelError) as exc:
+        raise ArtifactError(f"{directory}: manifest is incomplete or invalid: {exc}") from exc
+    if require_calibrated and not threshold.calibrated:
+        raise ArtifactError(f"{directory}: detector is not calibrated (no threshold)")
+    weights = directory / str(weights_meta.get("file", WEIGHTS_FILE))
+    if weights.parent.resolve() != directory.resolve() or not weights.is_file():
+        raise ArtifactError(f"{directory}: weights file {weights.name!r} is missing")
+    actual = sha256_file(weights)
+    for expected in (weights_meta.get("sha256"), expected_sha256):
+        if expected is not None and actual != expected:
+            raise ArtifactError(
+                f"{weights}: SHA-256 {actual[:12]}... does not match the recorded "
+                f"{str(expected)[:12]}...; refusing tampered weights"
+            )
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any refusal by the safe loader is an artifact error
+        raise ArtifactError(f"{weights}: not a plain tensor state_dict ({exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ArtifactError(f"{weights}: not a state_dict of tensors")
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise ArtifactError(f"{weights}: weights hold NaN or infinite values")
+    model = build_model(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{weights}: weights do not fit the model config: {exc}") from exc
+    if scaler.n_features != input_spec.sample_shape[input_spec.feature_axis]:
+        raise ArtifactError(f"{directory}: scaler size does not match the input spec")
+    if tuple(config.input_shape) != input_spec.sample_shape:
+        raise ArtifactError(f"{directory}: model input shape does not match the input spec")
+    detector = Detector(input_spec, scaler, config, model, threshold, manifest.get("training", {}))
+    return detector.to(device)

@@ -1,0 +1,144 @@
+"""A detector: what the model expects as input, its scaler, the model, and its threshold.
+
+The training job builds one and saves it as an artifact; batch scoring and the streaming worker
+load it and call `score`, so a window scores the same whichever path it takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.detector.models import ModelConfig
+from pipeline.detector.scaler import Scaler
+from pipeline.detector.scoring import Scores, score_tensor
+from pipeline.detector.threshold import Threshold
+from pipeline.detector.windows import WindowSpec
+from pipeline.errors import ConfigError, DataError
+
+__all__ = ["Detector", "InputSpec", "resolve_device"]
+
+INPUT_KINDS = ("series", "image")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA where there is none is a setting error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda was asked for but no CUDA device is available")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError("device", f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Series: feature names in model order and the window. Images: shape (C, H, W)."""
+
+    kind: str
+    features: tuple[str, ...] = ()
+    window: WindowSpec | None = None
+    image_shape: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in INPUT_KINDS:
+            raise ConfigError("input.kind", f"unknown {self.kind!r}; use one of {INPUT_KINDS}")
+        if self.kind == "series" and (self.window is None or not self.features):
+            raise ConfigError("input", "a series detector needs features and a window")
+        if self.kind == "image" and (self.image_shape is None or len(self.image_shape) != 3):
+            raise ConfigError("input", "an image detector needs an image shape (C, H, W)")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        if self.kind == "series":
+            return (self.window.length, len(self.features))
+        return tuple(self.image_shape)
+
+    @property
+    def feature_axis(self) -> int:
+        """Axis of a batch that the scaler works along: features (last) or channels (1)."""
+        return -1 if self.kind == "series" else 1
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "features": list(self.features),
+            "window": self.window.to_dict() if self.window else None,
+            "image_shape": list(self.image_shape) if self.image_shape else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InputSpec:
+        window = data.get("window")
+        shape = data.get("image_shape")
+        return cls(
+            kind=data["kind"],
+            features=tuple(data.get("features") or ()),
+            window=WindowSpec.from_dict(window) if window else None,
+            image_shape=tuple(shape) if shape else None,
+        )
+
+
+@dataclass
+class Detector:
+    input: InputSpec
+    scaler: Scaler
+    config: ModelConfig
+    model: nn.Module
+    threshold: Threshold = field(default_factory=Threshold.uncalibrated)
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.model.state_dict().values())).device
+
+    def to(self, device: str | torch.device) -> Detector:
+        self.model.to(resolve_device(device) if isinstance(device, str) else device)
+        return self
+
+    def prepare(self, raw: np.ndarray) -> np.ndarray:
+        """Check the shape of raw windows [N, W, F] or images [N, C, H, W] and scale them."""
+        raw = np.asarray(raw, dtype=np.float32)
+        if raw.shape[1:] != self.input.sample_shape:
+            raise DataError(
+                f"expected inputs of shape {self.input.sample_shape}, got {raw.shape[1:]}"
+            )
+        return self.scaler.transform(raw, axis=self.input.feature_axis)
+
+    def score(self, raw: np.ndarray, *, batch_size: int = 8192, attribution: bool = True) -> Scores:
+        """Score raw (unscaled) windows or images in batches of `batch_size`."""
+        scaled = self.prepare(raw)
+        if len(scaled) == 0:
+            empty = np.zeros(0)
+            return Scores(empty, None, None, None)
+        parts: list[tuple] = []
+        device = self.device
+        with torch.inference_mode():
+            for start in range(0, len(scaled), batch_size):
+                x = torch.from_numpy(scaled[start : start + batch_size]).to(device)
+                out = score_tensor(self.model, self.config, x, attribution=attribution)
+                parts.append(tuple(None if t is None else t.float().cpu().numpy() for t in out))
+        scores = np.concatenate([p[0] for p in parts]).astype(np.float64)
+        if not attribution:
+            return Scores(scores)
+        first = np.concatenate([p[1] for p in parts])
+        if self.input.kind == "image":
+            return Scores(scores, pixel_map=first)
+        return Scores(scores, per_feature=first, per_step=np.concatenate([p[2] for p in parts]))
+
+    def encode(self, raw: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
+        """Bottleneck codes [N, code_size] (a VAE gives its latent mean)."""
+        scaled = self.prepare(raw)
+        codes = []
+        with torch.inference_mode():
+            for start in range(0, len(scaled), batch_size):
+                x = torch.from_numpy(scaled[start : start + batch_size]).to(self.device)
+                codes.append(self.model.encode(x).float().cpu().numpy())
+        return np.concatenate(codes) if codes else np.zeros((0, self.config.code_size))

@@ -1,0 +1,135 @@
+"""Sliding windows over one entity's series: the one rule both the training job and the worker use.
+
+A series of T readings gives windows starting at 0, S, 2S, ... while a full window of length W
+fits: window i covers readings [i*S, i*S + W). The worker applies the same rule to a stream, so a
+window that ends at reading t exists exactly when t + 1 >= W and (t + 1 - W) % S == 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from pipeline.errors import ConfigError, DataError
+
+__all__ = ["WindowSet", "WindowSpec", "cut_windows", "sliding_windows", "window_starts"]
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Window length W and stride S, in readings."""
+
+    length: int
+    stride: int = 1
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ConfigError("window", f"length must be >= 1, got {self.length}")
+        if self.stride < 1:
+            raise ConfigError("stride", f"must be >= 1, got {self.stride}")
+
+    def count(self, n_readings: int) -> int:
+        """How many windows a series of `n_readings` gives."""
+        return 0 if n_readings < self.length else (n_readings - self.length) // self.stride + 1
+
+    def ends_window(self, position: int) -> bool:
+        """Whether the reading at 0-based `position` in a series is the last of a window."""
+        return position + 1 >= self.length and (position + 1 - self.length) % self.stride == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WindowSpec:
+        return cls(length=int(data["length"]), stride=int(data["stride"]))
+
+
+def window_starts(n_readings: int, spec: WindowSpec) -> np.ndarray:
+    """Start positions of every window of a series of `n_readings`."""
+    return np.arange(spec.count(n_readings), dtype=np.int64) * spec.stride
+
+
+def sliding_windows(values: np.ndarray, spec: WindowSpec, *, source: str = "series") -> np.ndarray:
+    """Cut `values` [T, F] into windows [N, W, F] (a copy, contiguous, float32).
+
+    Raises DataError when the series is shorter than one window.
+    """
+    if values.ndim != 2:
+        raise DataError(f"{source}: expected a [time, feature] array, got shape {values.shape}")
+    n = spec.count(len(values))
+    if n == 0:
+        raise DataError(
+            f"{source}: {len(values)} readings is too few for one window of {spec.length}"
+        )
+    view = np.lib.stride_tricks.sliding_window_view(values, spec.length, axis=0)
+    # sliding_window_view puts the window axis last: [T-W+1, F, W] -> every S-th, as [N, W, F].
+    return np.ascontiguousarray(view[:: spec.stride].transpose(0, 2, 1), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class WindowSet:
+    """Windows cut from one or more entities' series, with where each came from.
+
+    `end_labels` is the label of each window's last reading (the decision a stream has at that
+    moment); `any_labels` is whether any reading in the window is labelled anomalous.
+    """
+
+    windows: np.ndarray
+    keys: np.ndarray
+    start_times: np.ndarray
+    end_times: np.ndarray
+    end_labels: np.ndarray | None = None
+    any_labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def subset(self, index: np.ndarray) -> WindowSet:
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return WindowSet(
+            self.windows[index],
+            self.keys[index],
+            self.start_times[index],
+            self.end_times[index],
+            pick(self.end_labels),
+            pick(self.any_labels),
+        )
+
+
+def cut_windows(groups, spec: WindowSpec, *, source: str = "series") -> WindowSet:
+    """Cut windows from `groups`: an iterable of (key, times [T], values [T, F], labels [T] or
+    None), each series in time order. Keys shorter than one window give no windows; if no key
+    has enough readings, that is a DataError."""
+    parts: dict[str, list] = {k: [] for k in ("w", "k", "s", "e", "el", "al")}
+    longest, has_labels = 0, False
+    for key, times, values, labels in groups:
+        longest = max(longest, len(values))
+        if spec.count(len(values)) == 0:
+            continue
+        starts = window_starts(len(values), spec)
+        ends = starts + spec.length - 1
+        parts["w"].append(sliding_windows(values, spec, source=f"{source} key {key!r}"))
+        parts["k"].append(np.full(len(starts), key, dtype=object))
+        parts["s"].append(np.asarray(times)[starts])
+        parts["e"].append(np.asarray(times)[ends])
+        if labels is not None:
+            has_labels = True
+            labels = np.asarray(labels).astype(bool)
+            parts["el"].append(labels[ends])
+            # any label in [start, end]: a running count over the series
+            csum = np.concatenate([[0], np.cumsum(labels)])
+            parts["al"].append((csum[ends + 1] - csum[starts]) > 0)
+    if not parts["w"]:
+        raise DataError(
+            f"{source}: the longest series has {longest} readings, too few for one window "
+            f"of {spec.length}"
+        )
+    return WindowSet(
+        np.concatenate(parts["w"]),
+        np.concatenate(parts["k"]),
+        np.concatenate(parts["s"]),
+        np.concatenate(parts["e"]),
+        np.concatenate(parts["el"]) if has_labels else None,
+        np.concatenate(parts["al"]) if has_labels else None,
+    )

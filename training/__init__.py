@@ -1,0 +1,1 @@
+"""aewatch training job: data, fitting, calibration and the MLflow registry."""

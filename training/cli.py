@@ -1,0 +1,232 @@
+"""`aewatch train`: flags, an optional config file whose keys mirror the flags, and the run.
+
+This is the edge of the training job: it reads the environment (`MLFLOW_TRACKING_URI`), builds one
+frozen `TrainSettings`, and hands it down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from pipeline.detector.models import (
+    ACTIVATIONS,
+    BACKBONES,
+    CORRUPTIONS,
+    LOSSES,
+    MODEL_KINDS,
+    ModelConfig,
+)
+from pipeline.detector.scaler import SCALER_KINDS
+from pipeline.errors import ConfigError
+
+__all__ = ["build_train_parser", "register_train", "settings_from_args"]
+
+
+def _csv(value) -> tuple[str, ...]:
+    if isinstance(value, list | tuple):
+        return tuple(str(v) for v in value)
+    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+def _csv_numbers(name: str, value, kind=float) -> tuple:
+    try:
+        return tuple(kind(v) for v in _csv(value))
+    except ValueError:
+        raise ConfigError(name, f"expected comma-separated numbers, got {value!r}") from None
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", help="CSV/Parquet series, image array/IDX/folder, or 'digits'")
+    data.add_argument("--input-kind", default="auto", choices=["auto", "series", "image"])
+    data.add_argument("--time-col", help="timestamp column (series)")
+    data.add_argument("--key-col", help="entity column: each key is its own series")
+    data.add_argument("--features", help="comma-separated feature columns (default: all numeric)")
+    data.add_argument("--label-col", help="0/1 anomaly label column; never used as a feature")
+    data.add_argument(
+        "--fill",
+        default="error",
+        choices=["ffill", "interpolate", "drop", "error"],
+        help="what to do with NaN gaps (default: %(default)s)",
+    )
+    data.add_argument(
+        "--window", type=int, default=32, help="window length W (default: %(default)s)"
+    )
+    data.add_argument(
+        "--stride", type=int, default=1, help="window stride S (default: %(default)s)"
+    )
+    data.add_argument("--train-until", help="timestamp: training data ends here")
+    data.add_argument(
+        "--fractions",
+        default="0.6,0.15,0.15,0.1",
+        help="train,validation,calibration,test fractions (default: %(default)s)",
+    )
+    data.add_argument("--normal-class", help="images: the class that is normal")
+    data.add_argument("--labels", dest="labels_path", help="images: a labels file (.npy or IDX)")
+    data.add_argument(
+        "--scaler",
+        default="auto",
+        choices=["auto", *SCALER_KINDS],
+        help="auto: standard for series, minmax for images and bce",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--kind", default="undercomplete", choices=MODEL_KINDS)
+    model.add_argument("--backbone", default="dense", choices=BACKBONES)
+    model.add_argument(
+        "--hidden",
+        default="64,32",
+        help="layer widths (conv: channels), encoder order (default: %(default)s)",
+    )
+    model.add_argument("--code-size", type=int, default=8)
+    model.add_argument("--loss", default="mse", choices=LOSSES)
+    model.add_argument("--activation", default="relu", choices=ACTIVATIONS)
+    model.add_argument("--corruption", default="gaussian", choices=CORRUPTIONS)
+    model.add_argument("--corruption-level", type=float, default=0.1)
+    model.add_argument("--sparsity", default="l1", choices=["l1", "kl"])
+    model.add_argument("--sparsity-weight", type=float, default=1e-3)
+    model.add_argument("--sparsity-target", type=float, default=0.05)
+    model.add_argument("--contractive-weight", type=float, default=1e-3)
+    model.add_argument("--beta", type=float, default=1.0)
+    model.add_argument("--vae-score", default="reconstruction", choices=["reconstruction", "elbo"])
+
+    fit = parser.add_argument_group("fit")
+    fit.add_argument("--epochs", type=int, default=50)
+    fit.add_argument("--batch-size", type=int, default=256)
+    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--weight-decay", type=float, default=1e-4)
+    fit.add_argument("--patience", type=int, default=5, help="early stopping patience (0: off)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    fit.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default="detector", help="artifact folder (default: %(default)s)")
+    out.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
+    )
+    out.add_argument("--experiment", default="aewatch")
+    out.add_argument("--run-name")
+    out.add_argument("--json", action="store_true", help="print the result as JSON")
+    out.add_argument("--no-progress", action="store_true")
+
+
+def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="aewatch train")
+    parser.add_argument("--config", help="TOML or YAML file whose keys mirror the flags")
+    add_train_arguments(parser)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace):
+    from training.fit import FitConfig
+    from training.job import TrainSettings
+
+    if not args.data:
+        raise ConfigError("data", "--data is required (flag or config file)")
+    fractions = _csv_numbers("fractions", args.fractions)
+    if len(fractions) != 4:
+        raise ConfigError("fractions", "give four numbers: train,validation,calibration,test")
+    model = ModelConfig(
+        kind=args.kind,
+        backbone=args.backbone,
+        input_shape=(1, 1),  # replaced by the data's shape
+        hidden=_csv_numbers("hidden", args.hidden, int),
+        code_size=args.code_size,
+        loss=args.loss,
+        activation=args.activation,
+        corruption=args.corruption,
+        corruption_level=args.corruption_level,
+        sparsity=args.sparsity,
+        sparsity_weight=args.sparsity_weight,
+        sparsity_target=args.sparsity_target,
+        contractive_weight=args.contractive_weight,
+        beta=args.beta,
+        vae_score=args.vae_score,
+    )
+    fit = FitConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        patience=args.patience,
+        seed=args.seed,
+        amp=not args.no_amp,
+    )
+    return TrainSettings(
+        data=args.data,
+        out=args.out,
+        input_kind=args.input_kind,
+        time_col=args.time_col,
+        key_col=args.key_col,
+        features=_csv(args.features) if args.features else None,
+        label_col=args.label_col,
+        fill=args.fill,
+        window=args.window,
+        stride=args.stride,
+        train_until=args.train_until,
+        normal_class=args.normal_class,
+        labels_path=args.labels_path,
+        fractions=fractions,
+        scaler=args.scaler,
+        model=model,
+        fit=fit,
+        device=args.device,
+    )
+
+
+def register_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="fit an autoencoder on normal data and write a detector artifact",
+        description="Fit an autoencoder (or PCA) on normal windows or images, write a "
+        "pickle-free detector artifact, and record the run in MLflow.",
+    )
+    build_train_parser(parser)
+    parser.set_defaults(handler=_run_train, config_parser=parser)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from training.fit import ProgressBar
+    from training.job import train
+    from training.tracking import (
+        MlflowEpochLogger,
+        default_tracking_uri,
+        flatten_params,
+        log_fit_summary,
+        tracking_run,
+    )
+
+    settings = settings_from_args(args)
+    tracking_uri = (
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    )
+    callbacks = [MlflowEpochLogger()]
+    progress = None if (args.no_progress or args.json) else ProgressBar(settings.fit.epochs)
+    if progress:
+        callbacks.append(progress)
+    with tracking_run(
+        tracking_uri, args.experiment, args.run_name, flatten_params(settings)
+    ) as run:
+        result = train(settings, callbacks)
+        if progress and result.fit.stopped_early:
+            progress.close()
+        log_fit_summary(result.fit)
+        import mlflow
+
+        mlflow.log_artifacts(str(result.artifact_dir), artifact_path="detector")
+        result.run_id = run.info.run_id
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"trained {summary['model_kind']} ({summary['backbone']}) in {summary['epochs']} "
+            f"epochs: train loss {summary['train_loss']:.5f}, validation loss "
+            f"{summary['val_loss'] if summary['val_loss'] is None else round(summary['val_loss'], 5)}"
+            f"\nartifact: {summary['artifact']}\nMLflow run: {summary['run_id']} ({tracking_uri})"
+        )
+    return 0

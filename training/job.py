@@ -1,0 +1,299 @@
+"""The training job: data -> splits -> windows -> scaler -> model -> fit -> detector artifact.
+
+`train(settings)` is what `aewatch train` runs. Everything it needs arrives in one frozen
+`TrainSettings`; it reports progress through callbacks and returns the trained detector with the
+prepared splits, so calibration and registration can follow without reading the data again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.detector import (
+    Detector,
+    InputSpec,
+    ModelConfig,
+    Scaler,
+    WindowSet,
+    WindowSpec,
+    build_model,
+    cut_windows,
+    resolve_device,
+    save_detector,
+)
+from pipeline.errors import ConfigError, DataError
+from training.data import (
+    ImageSet,
+    SeriesTable,
+    load_images,
+    load_series,
+    split_images,
+    split_series,
+)
+from training.fit import Callback, FitConfig, FitResult, fit, validation_loss
+from training.objectives import make_objective
+
+__all__ = ["PreparedData", "TrainResult", "TrainSettings", "is_image_source", "prepare", "train"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "calibration", "test")
+_IMAGE_SUFFIXES = (".npy", ".npz", ".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    data: str
+    out: str = "detector"
+    input_kind: str = "auto"
+    # series
+    time_col: str | None = None
+    key_col: str | None = None
+    features: tuple[str, ...] | None = None
+    label_col: str | None = None
+    fill: str = "error"
+    window: int = 32
+    stride: int = 1
+    train_until: str | None = None
+    # images
+    normal_class: str | None = None
+    labels_path: str | None = None
+    # both
+    fractions: tuple[float, float, float, float] = (0.6, 0.15, 0.15, 0.1)
+    scaler: str = "auto"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(input_shape=(1, 1)))
+    fit: FitConfig = field(default_factory=FitConfig)
+    device: str = "auto"
+
+
+@dataclass
+class PreparedData:
+    """Scaler-ready splits. Series: WindowSets; images: ImageSets (test may hold other classes)."""
+
+    input: InputSpec
+    scaler: Scaler
+    splits: dict[str, WindowSet | ImageSet]
+    digest: str
+    time_range: tuple[str, str] | None = None
+
+    def raw(self, split: str) -> np.ndarray:
+        part = self.splits[split]
+        return part.windows if isinstance(part, WindowSet) else part.images
+
+    def labels(self, split: str) -> np.ndarray | None:
+        """Per-window anomaly labels of a split (series: any labelled reading; images:
+        not the normal class), or None when the data carries none."""
+        part = self.splits[split]
+        if isinstance(part, WindowSet):
+            return part.any_labels
+        return None if part.labels is None else part.labels.astype(bool)
+
+
+@dataclass
+class TrainResult:
+    detector: Detector
+    fit: FitResult
+    data: PreparedData
+    artifact_dir: Path
+    run_id: str | None = None
+
+    def summary(self) -> dict:
+        return {
+            "run_id": self.run_id,
+            "artifact": str(self.artifact_dir),
+            "model_kind": self.detector.config.kind,
+            "backbone": self.detector.config.backbone,
+            "epochs": self.fit.epochs_run,
+            "train_loss": self.fit.train_losses[-1] if self.fit.train_losses else None,
+            "val_loss": self.fit.val_losses[-1] if self.fit.val_losses else None,
+            "windows_per_second": _finite_or_none(self.fit.windows_per_second),
+        }
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def is_image_source(data: str) -> bool:
+    path = Path(data)
+    if data == "digits" or path.suffix.lower() in _IMAGE_SUFFIXES or "idx" in path.name:
+        return True
+    if path.is_dir():
+        return not any(path.rglob("*.parquet")) and any(
+            p.suffix.lower() in _IMAGE_SUFFIXES for p in path.rglob("*") if p.is_file()
+        )
+    return False
+
+
+def _scaler_kind(settings: TrainSettings, image: bool) -> str:
+    if settings.scaler != "auto":
+        return settings.scaler
+    return "minmax" if image or settings.model.loss == "bce" else "standard"
+
+
+def _series_groups(table: SeriesTable):
+    for key, frame in table.groups():
+        labels = frame[table.label_col].to_numpy() if table.label_col else None
+        values = frame[list(table.features)].to_numpy(dtype=np.float32)
+        yield key, frame[table.time_col].to_numpy(), values, labels
+
+
+def prepare(settings: TrainSettings) -> PreparedData:
+    image = (
+        is_image_source(settings.data)
+        if settings.input_kind == "auto"
+        else settings.input_kind == "image"
+    )
+    return _prepare_images(settings) if image else _prepare_series(settings)
+
+
+def _prepare_series(settings: TrainSettings) -> PreparedData:
+    if not settings.time_col:
+        raise ConfigError("time_col", "series data needs --time-col")
+    table = load_series(
+        settings.data,
+        time_col=settings.time_col,
+        key_col=settings.key_col,
+        features=settings.features,
+        label_col=settings.label_col,
+        fill=settings.fill,
+    )
+    spec = WindowSpec(settings.window, settings.stride)
+    parts = split_series(table, settings.fractions, train_until=settings.train_until)
+    splits: dict[str, WindowSet] = {}
+    for name in SPLITS:
+        if len(parts[name]) == 0:
+            continue
+        try:
+            splits[name] = cut_windows(_series_groups(parts[name]), spec, source=f"{name} split")
+        except DataError:
+            if name == "train":
+                raise
+            log.warning("the %s split is shorter than one window; it is left out", name)
+    train = splits["train"]
+    if train.any_labels is not None:
+        # Only normal windows teach the model what normal looks like.
+        keep = ~train.any_labels
+        if not keep.any():
+            raise DataError(f"{settings.data}: every training window holds a labelled anomaly")
+        splits["train"] = train.subset(np.flatnonzero(keep))
+    train_rows = parts["train"].values()
+    scaler = Scaler.fit(_scaler_kind(settings, image=False), train_rows)
+    spec_in = InputSpec("series", features=tuple(table.features), window=spec)
+    return PreparedData(spec_in, scaler, splits, table.digest(), table.time_range())
+
+
+def _prepare_images(settings: TrainSettings) -> PreparedData:
+    images = load_images(settings.data, labels_path=settings.labels_path)
+    normal = images
+    others = None
+    if settings.normal_class is not None:
+        if images.labels is None:
+            raise DataError(f"{settings.data}: --normal-class needs labelled images")
+        wanted = _class_index(images, settings.normal_class)
+        is_normal = images.labels == wanted
+        if not is_normal.any():
+            raise DataError(f"{settings.data}: no image of class {settings.normal_class!r}")
+        normal, others = (
+            images.subset(np.flatnonzero(is_normal)),
+            images.subset(np.flatnonzero(~is_normal)),
+        )
+    parts = split_images(normal, settings.fractions, seed=settings.fit.seed)
+    splits: dict[str, ImageSet] = {}
+    for name in SPLITS:
+        part = parts[name]
+        # Labels from here on mean "anomalous": 0 for the normal class, 1 for any other.
+        flags = np.zeros(len(part), dtype=np.int64) if others is not None else None
+        splits[name] = replace(part, labels=flags)
+    if others is not None and len(others):
+        test = splits["test"]
+        splits["test"] = ImageSet(
+            np.concatenate([test.images, others.images]),
+            np.concatenate([test.labels, np.ones(len(others), dtype=np.int64)]),
+            test.source,
+        )
+    train = splits["train"].images
+    if len(train) == 0:
+        raise DataError(f"{settings.data}: no training images after the split")
+    channels = train.shape[1]
+    samples = np.moveaxis(train, 1, -1).reshape(-1, channels)
+    scaler = Scaler.fit(_scaler_kind(settings, image=True), samples)
+    spec_in = InputSpec("image", image_shape=tuple(int(d) for d in train.shape[1:]))
+    return PreparedData(spec_in, scaler, splits, normal.digest())
+
+
+def _class_index(images: ImageSet, normal_class: str) -> int:
+    names = getattr(images, "class_names", None)
+    if names and str(normal_class) in names:
+        return list(names).index(str(normal_class))
+    try:
+        return int(normal_class)
+    except ValueError:
+        known = ", ".join(names) if names else "integer labels"
+        raise DataError(f"unknown class {normal_class!r}; known: {known}") from None
+
+
+def _scaled_tensor(data: PreparedData, split: str, device: torch.device) -> torch.Tensor | None:
+    if split not in data.splits or len(data.splits[split]) == 0:
+        return None
+    scaled = data.scaler.transform(data.raw(split), axis=data.input.feature_axis)
+    return torch.from_numpy(scaled).to(device)
+
+
+def train(
+    settings: TrainSettings,
+    callbacks: Sequence[Callback] = (),
+    data: PreparedData | None = None,
+) -> TrainResult:
+    """Fit a detector and write its artifact to `settings.out`."""
+    data = data or prepare(settings)
+    device = resolve_device(settings.device)
+    config = settings.model.with_input_shape(data.input.sample_shape)
+    x_train = _scaled_tensor(data, "train", device)
+    x_val = _scaled_tensor(data, "validation", device)
+    if config.loss == "bce":
+        low, high = float(x_train.min()), float(x_train.max())
+        if low < 0.0 or high > 1.0:
+            raise ConfigError(
+                "loss",
+                f"bce needs inputs in [0, 1] but the scaled training data spans "
+                f"[{low:.3g}, {high:.3g}]; use --scaler minmax",
+            )
+    torch.manual_seed(settings.fit.seed)
+    model = build_model(config).to(device)
+    if config.kind == "pca":
+        model.fit(x_train)
+        result = FitResult(best_epoch=0)
+        result.train_losses.append(validation_loss(model, config, x_train))
+        if x_val is not None:
+            result.val_losses.append(validation_loss(model, config, x_val))
+    else:
+        result = fit(model, config, make_objective(config), x_train, x_val, settings.fit, callbacks)
+    info = {
+        "data": {
+            "source": str(settings.data),
+            "digest": data.digest,
+            "time_range": list(data.time_range) if data.time_range else None,
+            "windows": {name: len(part) for name, part in data.splits.items()},
+        },
+        "fit": {
+            **asdict(settings.fit),
+            "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+            "train_losses": result.train_losses,
+            "val_losses": result.val_losses,
+        },
+    }
+    detector = Detector(data.input, data.scaler, config, model.cpu(), info=info)
+    out = Path(settings.out)
+    save_detector(detector, out)
+    detector.to(device)
+    return TrainResult(detector, result, data, out)
