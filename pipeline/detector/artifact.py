@@ -149,7 +149,7 @@ def load_detector(
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{weights}: weights do not fit the model config: {exc}") from exc
-    if scaler.n_features != input_spec.sample_shape[input_spec.feature_axis]:
+    if scaler.n_features != input_spec.n_scaled:
         raise ArtifactError(f"{directory}: scaler size does not match the input spec")
     if tuple(config.input_shape) != input_spec.sample_shape:
         raise ArtifactError(f"{directory}: model input shape does not match the input spec")

@@ -63,6 +63,11 @@ class InputSpec:
         """Axis of a batch that the scaler works along: features (last) or channels (1)."""
         return -1 if self.kind == "series" else 1
 
+    @property
+    def n_scaled(self) -> int:
+        """How many scaler statistics the input needs: one per feature or per channel."""
+        return len(self.features) if self.kind == "series" else self.image_shape[0]
+
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,

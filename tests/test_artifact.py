@@ -1,0 +1,131 @@
+"""The detector artifact refuses anything it cannot trust, before any code in it could run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.detector import (
+    Detector,
+    InputSpec,
+    ModelConfig,
+    Scaler,
+    Threshold,
+    WindowSpec,
+    build_model,
+    load_detector,
+    read_manifest,
+    save_detector,
+    sha256_file,
+)
+from pipeline.errors import ArtifactError
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    config = ModelConfig(input_shape=(8, 3), hidden=(16,), code_size=2)
+    torch.manual_seed(0)
+    detector = Detector(
+        InputSpec("series", ("a", "b", "c"), WindowSpec(8, 2)),
+        Scaler.fit("standard", np.random.default_rng(0).normal(size=(100, 3))),
+        config,
+        build_model(config),
+    )
+    save_detector(detector, tmp_path / "det")
+    return tmp_path / "det"
+
+
+def _rewrite_manifest(directory: Path, **changes) -> None:
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+def test_round_trip_keeps_everything(saved: Path):
+    detector = load_detector(saved)
+    manifest = read_manifest(saved)
+    assert manifest["weights"]["sha256"] == sha256_file(saved / "weights.pt")
+    assert manifest["threshold"]["calibrated"] is False
+    assert detector.input.features == ("a", "b", "c")
+    assert {"torch", "numpy", "python"} <= set(manifest["libraries"])
+
+
+def test_uncalibrated_detector_is_refused_where_a_threshold_is_required(saved: Path):
+    with pytest.raises(ArtifactError, match="not calibrated"):
+        load_detector(saved, require_calibrated=True)
+
+
+def test_tampered_weights_are_refused(saved: Path):
+    state = torch.load(saved / "weights.pt", weights_only=True)
+    first = next(iter(state))
+    state[first] = state[first] + 1.0
+    torch.save(state, saved / "weights.pt")
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        load_detector(saved)
+
+
+def test_registry_hash_must_match_too(saved: Path):
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        load_detector(saved, expected_sha256="0" * 64)
+
+
+def test_newer_format_is_refused(saved: Path):
+    _rewrite_manifest(saved, format_version=99)
+    with pytest.raises(ArtifactError, match="newer"):
+        load_detector(saved)
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_where_weights_belong_never_runs(saved: Path, tmp_path: Path):
+    marker = tmp_path / "pwned"
+    with open(saved / "weights.pt", "wb") as handle:
+        pickle.dump({"encoder.1.weight": _Payload(str(marker))}, handle)
+    # Even with a matching hash the safe loader must refuse it.
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["weights"]["sha256"] = sha256_file(saved / "weights.pt")
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="not a plain tensor state_dict"):
+        load_detector(saved)
+    assert not marker.exists()
+
+
+def test_nan_weights_are_refused(saved: Path):
+    state = torch.load(saved / "weights.pt", weights_only=True)
+    first = next(iter(state))
+    state[first][0] = float("nan")
+    torch.save(state, saved / "weights.pt")
+    _rewrite_manifest(
+        saved, weights={"file": "weights.pt", "sha256": sha256_file(saved / "weights.pt")}
+    )
+    with pytest.raises(ArtifactError, match="NaN"):
+        load_detector(saved)
+
+
+def test_weights_of_another_shape_are_refused(saved: Path):
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["model"]["code_size"] = 3
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="do not fit"):
+        load_detector(saved)
+
+
+def test_threshold_p_values_follow_the_conformal_formula():
+    threshold = Threshold(
+        value=2.0, method="quantile", n=4, calibration_scores=(1.0, 2.0, 3.0, 4.0)
+    )
+    p = threshold.p_values(np.array([0.5, 2.0, 2.5, 9.0]))
+    np.testing.assert_allclose(p, [5 / 5, 4 / 5, 3 / 5, 1 / 5])

@@ -1,0 +1,176 @@
+"""The training job end to end: images, series through the CLI, config files, MLflow runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from pipeline.cli import main
+from pipeline.detector import ModelConfig, load_detector
+from pipeline.errors import ConfigError
+from tests.helpers import write_series_csv
+from training.fit import FitConfig
+from training.job import TrainSettings, train
+
+
+def test_conv_autoencoder_on_digits_separates_the_normal_digit(tmp_path: Path):
+    settings = TrainSettings(
+        data="digits",
+        normal_class="0",
+        out=str(tmp_path / "det"),
+        model=ModelConfig(
+            kind="undercomplete", backbone="conv", input_shape=(1, 1), hidden=(16, 32), code_size=8
+        ),
+        fit=FitConfig(epochs=60, batch_size=32, lr=3e-3, patience=10),
+        device="cpu",
+    )
+    result = train(settings)
+    test = result.data.splits["test"]
+    labels = test.labels.astype(bool)
+    assert labels.any() and (~labels).any()
+    scores = result.detector.score(test.images)
+    assert scores.pixel_map.shape == (len(test), 8, 8)
+    auroc = roc_auc_score(labels, scores.scores)
+    assert auroc > 0.9, f"AUROC {auroc:.3f}"
+    reloaded = load_detector(tmp_path / "det")
+    np.testing.assert_array_equal(reloaded.score(test.images).scores, scores.scores)
+
+
+def _train_cli(args: list[str], capsys) -> dict:
+    assert main(["train", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_train_command_records_an_mlflow_run(tmp_path: Path, capsys, mlflow_embedded: str):
+    from mlflow import MlflowClient
+
+    data = write_series_csv(tmp_path / "series.csv", n_keys=2, n=800)
+    out = _train_cli(
+        [
+            "--data",
+            str(data),
+            "--time-col",
+            "ts",
+            "--key-col",
+            "machine",
+            "--window",
+            "16",
+            "--stride",
+            "4",
+            "--epochs",
+            "4",
+            "--patience",
+            "0",
+            "--kind",
+            "denoising",
+            "--out",
+            str(tmp_path / "det"),
+            "--tracking-uri",
+            mlflow_embedded,
+        ],
+        capsys,
+    )
+    assert out["model_kind"] == "denoising"
+    assert out["epochs"] == 4 and out["train_loss"] > 0 and out["val_loss"] > 0
+    detector = load_detector(out["artifact"])
+    assert detector.input.features == tuple(f"s{i}" for i in range(6))
+    assert detector.input.window.length == 16
+
+    client = MlflowClient(mlflow_embedded)
+    run = client.get_run(out["run_id"])
+    assert run.data.params["model.kind"] == "denoising"
+    history = client.get_metric_history(out["run_id"], "val_loss")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "detector")}
+    assert artifacts == {"detector/manifest.json", "detector/weights.pt"}
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_config_file_keys_mirror_flags(tmp_path: Path, capsys, mlflow_embedded, suffix):
+    data = write_series_csv(tmp_path / "series.csv", n_keys=1, n=600)
+    if suffix == ".toml":
+        text = (
+            f'data = "{data}"\ntime-col = "ts"\nkey_col = "machine"\nwindow = 12\n'
+            f'hidden = [32, 16]\ncode-size = 4\nkind = "sparse"\nepochs = 2\n'
+        )
+    else:
+        text = (
+            f"data: {data}\ntime-col: ts\nkey_col: machine\nwindow: 12\n"
+            f"hidden: [32, 16]\ncode-size: 4\nkind: sparse\nepochs: 2\n"
+        )
+    config = tmp_path / f"train{suffix}"
+    config.write_text(text)
+    # the flag on the command line wins over the file
+    out = _train_cli(
+        [
+            "--config",
+            str(config),
+            "--epochs",
+            "3",
+            "--patience",
+            "0",
+            "--out",
+            str(tmp_path / "det"),
+            "--tracking-uri",
+            mlflow_embedded,
+        ],
+        capsys,
+    )
+    detector = load_detector(out["artifact"])
+    assert detector.config.kind == "sparse"
+    assert detector.config.hidden == (32, 16) and detector.config.code_size == 4
+    assert detector.input.window.length == 12
+    assert out["epochs"] == 3
+
+
+def test_unknown_config_key_names_it(tmp_path: Path, capsys):
+    config = tmp_path / "train.toml"
+    config.write_text('data = "x.csv"\ncode_sise = 4\n')
+    assert main(["train", "--config", str(config)]) == 2
+    assert "code_sise" in capsys.readouterr().err
+
+
+def test_bce_refuses_inputs_outside_unit_interval(tmp_path: Path):
+    data = write_series_csv(tmp_path / "series.csv", n_keys=1, n=400)
+    settings = TrainSettings(
+        data=str(data),
+        time_col="ts",
+        key_col="machine",
+        window=8,
+        scaler="standard",
+        out=str(tmp_path / "det"),
+        model=ModelConfig(loss="bce", input_shape=(1, 1)),
+        fit=FitConfig(epochs=1),
+        device="cpu",
+    )
+    with pytest.raises(ConfigError, match=r"bce needs inputs in \[0, 1\]"):
+        train(settings)
+
+
+def test_labelled_anomalies_never_reach_training(tmp_path: Path):
+    frame_path = write_series_csv(tmp_path / "series.csv", n_keys=1, n=600)
+    import pandas as pd
+
+    frame = pd.read_csv(frame_path)
+    frame["label"] = 0
+    frame.loc[100:120, "label"] = 1
+    frame.to_csv(frame_path, index=False)
+    settings = TrainSettings(
+        data=str(frame_path),
+        time_col="ts",
+        key_col="machine",
+        label_col="label",
+        window=8,
+        out=str(tmp_path / "det"),
+        model=ModelConfig(input_shape=(1, 1)),
+        fit=FitConfig(epochs=1),
+        device="cpu",
+    )
+    result = train(settings)
+    assert "label" not in result.detector.input.features
+    assert not result.data.splits["train"].any_labels.any()
+    assert result.data.splits["train"].any_labels is not None
