@@ -45,17 +45,21 @@ $(KAFKA_STAMP): $(KAFKA_HOME)/pom.xml
 
 lint: setup
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check pipeline training tests
+	$(PY) -m ruff format --check pipeline training tests benchmarks
 
 format: setup
 	$(PY) -m ruff check --fix .
-	$(PY) -m ruff format pipeline training tests
+	$(PY) -m ruff format pipeline training tests benchmarks
 
 # The test session starts (and stops) a Kafka broker and an mlflow server itself, unless
 # KAFKA_BOOTSTRAP_SERVERS names a running broker.
 test: setup lint
 	@mkdir -p results
 	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest --junitxml=results/junit.xml $(PYTEST_ARGS)
+
+# Benchmarks write results/<name>.json and results/<name>.md; SKAB is read in place (GPL-3.0).
+bench: setup
+	$(PY) -m benchmarks.bench_training --skab $(SKAB_DIR) --out results
 
 broker: setup
 	$(VENV)/bin/aewatch broker

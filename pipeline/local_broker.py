@@ -78,6 +78,14 @@ def resolve_jars(kafka_home: Path = DEFAULT_KAFKA_HOME, mvn: str = "mvn") -> Pat
     return libs
 
 
+def _cluster_id() -> str:
+    """A random KRaft cluster id; like Kafka's own, never starting with '-' (read as a flag)."""
+    while True:
+        candidate = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not candidate.startswith("-"):
+            return candidate
+
+
 class LocalKafkaBroker:
     """One Kafka broker process on loopback; a context manager that always cleans up."""
 
@@ -142,7 +150,7 @@ class LocalKafkaBroker:
         config.write_text(self._render())
         classpath = f"{libs}{os.sep}*"
         if not (self.work_dir / "data" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            cluster_id = _cluster_id()
             fmt = subprocess.run(
                 [
                     self.java,

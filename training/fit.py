@@ -22,6 +22,7 @@ from torch import nn
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scoring import score_tensor
 from pipeline.errors import ConfigError
+from training.dense_step import DenseStep
 from training.objectives import Objective
 
 __all__ = ["Callback", "FitConfig", "FitResult", "ProgressBar", "fit", "validation_loss"]
@@ -106,6 +107,25 @@ def validation_loss(
     return total / max(1, len(x))
 
 
+class _AutogradStep:
+    """The general step: the kind's objective through autograd and `torch.optim.AdamW`."""
+
+    def __init__(self, model: nn.Module, objective: Objective, settings: FitConfig, amp: bool):
+        self.model, self.objective, self.amp = model, objective, amp
+        self.device_type = next(model.parameters()).device.type
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True
+        )
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = self.objective(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach().float()
+
+
 def fit(
     model: nn.Module,
     config: ModelConfig,
@@ -119,13 +139,11 @@ def fit(
     device = train.device
     torch.manual_seed(settings.seed)
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        foreach=device.type == "cuda" or None,
-    )
     use_amp = settings.amp and device.type == "cuda"
+    if not use_amp and DenseStep.supports(model, config):
+        step = DenseStep(model, config, lr=settings.lr, weight_decay=settings.weight_decay)
+    else:
+        step = _AutogradStep(model, objective, settings, use_amp)
     result = FitResult()
     best, best_state, waited = math.inf, None, 0
     n, size = len(train), settings.batch_size
@@ -136,12 +154,7 @@ def fit(
         running = torch.zeros((), device=device)
         for start in range(0, n, size):
             batch = train.index_select(0, order[start : start + size])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = objective(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.detach() * len(batch)
+            running += step(batch) * len(batch)
         result.windows_seen += n
         train_loss = float(running) / n
         val_loss = validation_loss(model, config, val) if val is not None and len(val) else None
