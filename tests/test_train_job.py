@@ -14,7 +14,7 @@ from pipeline.detector import ModelConfig, load_detector
 from pipeline.errors import ConfigError
 from tests.helpers import write_series_csv
 from training.fit import FitConfig
-from training.job import TrainSettings, train
+from training.job import CalibrationSettings, TrainSettings, train
 
 
 def test_conv_autoencoder_on_digits_separates_the_normal_digit(tmp_path: Path):
@@ -26,9 +26,12 @@ def test_conv_autoencoder_on_digits_separates_the_normal_digit(tmp_path: Path):
             kind="undercomplete", backbone="conv", input_shape=(1, 1), hidden=(16, 32), code_size=8
         ),
         fit=FitConfig(epochs=60, batch_size=32, lr=3e-3, patience=10),
+        calibration=CalibrationSettings(method="quantile", target_fpr=0.05),
         device="cpu",
     )
     result = train(settings)
+    assert result.evaluation["auroc"] > 0.9
+    assert result.detector.threshold.calibrated
     test = result.data.splits["test"]
     labels = test.labels.astype(bool)
     assert labels.any() and (~labels).any()
@@ -49,31 +52,12 @@ def test_train_command_records_an_mlflow_run(tmp_path: Path, capsys, mlflow_embe
     from mlflow import MlflowClient
 
     data = write_series_csv(tmp_path / "series.csv", n_keys=2, n=800)
-    out = _train_cli(
-        [
-            "--data",
-            str(data),
-            "--time-col",
-            "ts",
-            "--key-col",
-            "machine",
-            "--window",
-            "16",
-            "--stride",
-            "4",
-            "--epochs",
-            "4",
-            "--patience",
-            "0",
-            "--kind",
-            "denoising",
-            "--out",
-            str(tmp_path / "det"),
-            "--tracking-uri",
-            mlflow_embedded,
-        ],
-        capsys,
+    args = (
+        f"--data {data} --time-col ts --key-col machine --window 16 --stride 4 --epochs 4 "
+        f"--patience 0 --kind denoising --target-fpr 0.05 --out {tmp_path / 'det'} "
+        f"--tracking-uri {mlflow_embedded}"
     )
+    out = _train_cli(args.split(), capsys)
     assert out["model_kind"] == "denoising"
     assert out["epochs"] == 4 and out["train_loss"] > 0 and out["val_loss"] > 0
     detector = load_detector(out["artifact"])
@@ -85,8 +69,11 @@ def test_train_command_records_an_mlflow_run(tmp_path: Path, capsys, mlflow_embe
     assert run.data.params["model.kind"] == "denoising"
     history = client.get_metric_history(out["run_id"], "val_loss")
     assert [m.step for m in history] == [0, 1, 2, 3]
-    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "detector")}
-    assert artifacts == {"detector/manifest.json", "detector/weights.pt"}
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"], "detector_files")}
+    assert artifacts == {"detector_files/manifest.json", "detector_files/weights.pt"}
+    figures = {a.path for a in client.list_artifacts(out["run_id"], "figures")}
+    assert {"figures/loss_curves.png", "figures/score_histogram.png"} <= figures
+    assert run.data.metrics["threshold"] == detector.threshold.value
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
@@ -113,6 +100,8 @@ def test_config_file_keys_mirror_flags(tmp_path: Path, capsys, mlflow_embedded, 
             "3",
             "--patience",
             "0",
+            "--calibration",
+            "mad",
             "--out",
             str(tmp_path / "det"),
             "--tracking-uri",
@@ -168,6 +157,7 @@ def test_labelled_anomalies_never_reach_training(tmp_path: Path):
         out=str(tmp_path / "det"),
         model=ModelConfig(input_shape=(1, 1)),
         fit=FitConfig(epochs=1),
+        calibration=CalibrationSettings(method="mad"),
         device="cpu",
     )
     result = train(settings)

@@ -20,6 +20,8 @@ from pipeline.detector.models import (
 )
 from pipeline.detector.scaler import SCALER_KINDS
 from pipeline.errors import ConfigError
+from training.calibrate import CALIBRATION_METHODS
+from training.evaluate import POINT_RULES
 
 __all__ = ["build_train_parser", "register_train", "settings_from_args"]
 
@@ -92,6 +94,33 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--beta", type=float, default=1.0)
     model.add_argument("--vae-score", default="reconstruction", choices=["reconstruction", "elbo"])
 
+    calib = parser.add_argument_group("calibration and evaluation")
+    calib.add_argument(
+        "--calibration",
+        default="quantile",
+        choices=CALIBRATION_METHODS,
+        help="threshold method (default: %(default)s)",
+    )
+    calib.add_argument(
+        "--target-fpr",
+        type=float,
+        default=0.01,
+        help="target false-positive rate per window (default: %(default)s)",
+    )
+    calib.add_argument("--mad-k", type=float, default=3.0, help="k of median + k * MAD")
+    calib.add_argument(
+        "--pot-initial-quantile",
+        type=float,
+        default=0.95,
+        help="where the POT tail starts (default: %(default)s)",
+    )
+    calib.add_argument(
+        "--point-rule",
+        default="end",
+        choices=POINT_RULES,
+        help="how window decisions become point decisions (default: %(default)s)",
+    )
+
     fit = parser.add_argument_group("fit")
     fit.add_argument("--epochs", type=int, default=50)
     fit.add_argument("--batch-size", type=int, default=256)
@@ -110,6 +139,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     out.add_argument("--experiment", default="aewatch")
     out.add_argument("--run-name")
+    out.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the detector as a new version of NAME, alias challenger",
+    )
     out.add_argument("--json", action="store_true", help="print the result as JSON")
     out.add_argument("--no-progress", action="store_true")
 
@@ -123,7 +157,7 @@ def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
 
 def settings_from_args(args: argparse.Namespace):
     from training.fit import FitConfig
-    from training.job import TrainSettings
+    from training.job import CalibrationSettings, TrainSettings
 
     if not args.data:
         raise ConfigError("data", "--data is required (flag or config file)")
@@ -174,6 +208,13 @@ def settings_from_args(args: argparse.Namespace):
         scaler=args.scaler,
         model=model,
         fit=fit,
+        calibration=CalibrationSettings(
+            method=args.calibration,
+            target_fpr=args.target_fpr,
+            mad_k=args.mad_k,
+            pot_initial_quantile=args.pot_initial_quantile,
+        ),
+        point_rule=args.point_rule,
         device=args.device,
     )
 
@@ -189,21 +230,32 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_train, config_parser=parser)
 
 
+def tracking_uri_from(args: argparse.Namespace) -> str:
+    from training.tracking import default_tracking_uri
+
+    return (
+        getattr(args, "tracking_uri", None)
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or default_tracking_uri()
+    )
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    import mlflow
+
     from training.fit import ProgressBar
     from training.job import train
+    from training.register import log_run_figures, register_version
     from training.tracking import (
         MlflowEpochLogger,
-        default_tracking_uri,
         flatten_params,
         log_fit_summary,
+        log_quality,
         tracking_run,
     )
 
     settings = settings_from_args(args)
-    tracking_uri = (
-        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    )
+    tracking_uri = tracking_uri_from(args)
     callbacks = [MlflowEpochLogger()]
     progress = None if (args.no_progress or args.json) else ProgressBar(settings.fit.epochs)
     if progress:
@@ -215,18 +267,47 @@ def _run_train(args: argparse.Namespace) -> int:
         if progress and result.fit.stopped_early:
             progress.close()
         log_fit_summary(result.fit)
-        import mlflow
-
-        mlflow.log_artifacts(str(result.artifact_dir), artifact_path="detector")
+        log_quality(result)
+        log_run_figures(result)
+        mlflow.log_artifacts(str(result.artifact_dir), artifact_path="detector_files")
         result.run_id = run.info.run_id
+        if args.register:
+            result.version = register_version(
+                result.detector, result.artifact_dir, args.register, data=result.data
+            )
     summary = result.summary()
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary, default=str))
     else:
-        print(
-            f"trained {summary['model_kind']} ({summary['backbone']}) in {summary['epochs']} "
-            f"epochs: train loss {summary['train_loss']:.5f}, validation loss "
-            f"{summary['val_loss'] if summary['val_loss'] is None else round(summary['val_loss'], 5)}"
-            f"\nartifact: {summary['artifact']}\nMLflow run: {summary['run_id']} ({tracking_uri})"
-        )
+        print(_describe(summary, tracking_uri, args.register))
     return 0
+
+
+def _describe(summary: dict, tracking_uri: str, name: str | None) -> str:
+    def num(x):
+        return "n/a" if x is None else f"{x:.5g}"
+
+    lines = [
+        f"trained {summary['model_kind']} ({summary['backbone']}) in {summary['epochs']} epochs: "
+        f"train loss {num(summary['train_loss'])}, validation loss {num(summary['val_loss'])}",
+        f"threshold {num(summary['threshold'])} ({summary['calibration']})",
+    ]
+    fpr = summary.get("fpr_estimate")
+    if fpr:
+        lines.append(
+            f"false-positive rate on held-out normal windows: {fpr['rate']:.4f} "
+            f"(95% CI {fpr['ci_low']:.4f}-{fpr['ci_high']:.4f}, n={fpr['n']})"
+        )
+    evaluation = summary.get("evaluation")
+    if evaluation and evaluation.get("auroc") is not None:
+        lines.append(
+            f"test AUROC {evaluation['auroc']:.4f}, AUPRC {evaluation['auprc']:.4f}, "
+            f"F1 {evaluation['f1']:.4f}"
+        )
+    lines.append(f"artifact: {summary['artifact']}")
+    lines.append(f"MLflow run: {summary['run_id']} ({tracking_uri})")
+    if name:
+        lines.append(
+            f"registered: models:/{name}/{summary['registered_version']} (alias @challenger)"
+        )
+    return "\n".join(lines)

@@ -28,7 +28,9 @@ from pipeline.detector import (
     resolve_device,
     save_detector,
 )
-from pipeline.errors import ConfigError, DataError
+from pipeline.detector.threshold import Threshold
+from pipeline.errors import CalibrationError, ConfigError, DataError
+from training.calibrate import FprEstimate, estimate_fpr, make_calibrator
 from training.data import (
     ImageSet,
     SeriesTable,
@@ -37,15 +39,34 @@ from training.data import (
     split_images,
     split_series,
 )
+from training.evaluate import SeriesPoints, evaluate_images, evaluate_series
 from training.fit import Callback, FitConfig, FitResult, fit, validation_loss
 from training.objectives import make_objective
 
-__all__ = ["PreparedData", "TrainResult", "TrainSettings", "is_image_source", "prepare", "train"]
+__all__ = [
+    "CalibrationSettings",
+    "PreparedData",
+    "TrainResult",
+    "TrainSettings",
+    "calibrate",
+    "evaluate_split",
+    "is_image_source",
+    "prepare",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "calibration", "test")
 _IMAGE_SUFFIXES = (".npy", ".npz", ".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    method: str = "quantile"
+    target_fpr: float = 0.01
+    mad_k: float = 3.0
+    pot_initial_quantile: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,8 @@ class TrainSettings:
     scaler: str = "auto"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(input_shape=(1, 1)))
     fit: FitConfig = field(default_factory=FitConfig)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    point_rule: str = "end"
     device: str = "auto"
 
 
@@ -82,18 +105,31 @@ class PreparedData:
     splits: dict[str, WindowSet | ImageSet]
     digest: str
     time_range: tuple[str, str] | None = None
+    tables: dict[str, SeriesTable] = field(default_factory=dict)
 
     def raw(self, split: str) -> np.ndarray:
         part = self.splits[split]
         return part.windows if isinstance(part, WindowSet) else part.images
 
+    def has(self, split: str) -> bool:
+        return split in self.splits and len(self.splits[split]) > 0
+
     def labels(self, split: str) -> np.ndarray | None:
-        """Per-window anomaly labels of a split (series: any labelled reading; images:
-        not the normal class), or None when the data carries none."""
+        """Per-window anomaly labels of a split (series: the last reading's label, the decision
+        a stream makes; images: not the normal class), or None when the data carries none."""
         part = self.splits[split]
         if isinstance(part, WindowSet):
-            return part.any_labels
+            return part.end_labels
         return None if part.labels is None else part.labels.astype(bool)
+
+    def normal(self, split: str) -> np.ndarray:
+        """Mask of the windows of a split that hold no labelled anomaly at all."""
+        part = self.splits[split]
+        if isinstance(part, WindowSet):
+            labelled = part.any_labels
+        else:
+            labelled = None if part.labels is None else part.labels.astype(bool)
+        return np.ones(len(part), dtype=bool) if labelled is None else ~labelled
 
 
 @dataclass
@@ -103,6 +139,9 @@ class TrainResult:
     data: PreparedData
     artifact_dir: Path
     run_id: str | None = None
+    fpr_estimate: FprEstimate | None = None
+    evaluation: dict | None = None
+    version: str | None = None
 
     def summary(self) -> dict:
         return {
@@ -114,6 +153,11 @@ class TrainResult:
             "train_loss": self.fit.train_losses[-1] if self.fit.train_losses else None,
             "val_loss": self.fit.val_losses[-1] if self.fit.val_losses else None,
             "windows_per_second": _finite_or_none(self.fit.windows_per_second),
+            "threshold": self.detector.threshold.value,
+            "calibration": self.detector.threshold.method,
+            "fpr_estimate": self.fpr_estimate.to_dict() if self.fpr_estimate else None,
+            "evaluation": self.evaluation,
+            "registered_version": self.version,
         }
 
 
@@ -187,7 +231,7 @@ def _prepare_series(settings: TrainSettings) -> PreparedData:
     train_rows = parts["train"].values()
     scaler = Scaler.fit(_scaler_kind(settings, image=False), train_rows)
     spec_in = InputSpec("series", features=tuple(table.features), window=spec)
-    return PreparedData(spec_in, scaler, splits, table.digest(), table.time_range())
+    return PreparedData(spec_in, scaler, splits, table.digest(), table.time_range(), parts)
 
 
 def _prepare_images(settings: TrainSettings) -> PreparedData:
@@ -292,8 +336,72 @@ def train(
             "val_losses": result.val_losses,
         },
     }
-    detector = Detector(data.input, data.scaler, config, model.cpu(), info=info)
+    detector = Detector(data.input, data.scaler, config, model, info=info)
+    detector.threshold = calibrate(detector, data, settings.calibration)
+    fpr = _estimate_fpr(detector, data)
+    evaluation = evaluate_split(detector, data, "test", settings.point_rule)
+    info["calibration"] = {"fpr_estimate": fpr.to_dict() if fpr else None}
+    info["evaluation"] = evaluation
     out = Path(settings.out)
     save_detector(detector, out)
-    detector.to(device)
-    return TrainResult(detector, result, data, out)
+    return TrainResult(detector, result, data, out, fpr_estimate=fpr, evaluation=evaluation)
+
+
+def calibrate(detector: Detector, data: PreparedData, settings: CalibrationSettings) -> Threshold:
+    """A threshold from the calibration split: normal windows only, or every window with its
+    label for the f1 method."""
+    if not data.has("calibration"):
+        raise CalibrationError(
+            "the calibration split is empty: give it a share in --fractions or more data"
+        )
+    calibrator = make_calibrator(
+        settings.method,
+        target_fpr=settings.target_fpr,
+        mad_k=settings.mad_k,
+        pot_initial_quantile=settings.pot_initial_quantile,
+    )
+    scores = detector.score(data.raw("calibration"), attribution=False).scores
+    if settings.method == "f1":
+        labels = data.labels("calibration")
+        calibrator.update(scores, labels if labels is not None else np.zeros(len(scores), bool))
+    else:
+        calibrator.update(scores[data.normal("calibration")])
+    return calibrator.compute()
+
+
+def _estimate_fpr(detector: Detector, data: PreparedData) -> FprEstimate | None:
+    if not data.has("test"):
+        log.warning("no test split: the false-positive rate is not estimated")
+        return None
+    normal = data.normal("test")
+    if not normal.any():
+        return None
+    scores = detector.score(data.raw("test")[normal], attribution=False).scores
+    return estimate_fpr(scores, detector.threshold.require())
+
+
+def evaluate_split(
+    detector: Detector, data: PreparedData, split: str, rule: str = "end"
+) -> dict | None:
+    """Metrics of a labelled split (None when it has no labels)."""
+    if not data.has(split) or data.labels(split) is None:
+        return None
+    part = data.splits[split]
+    scores = detector.score(data.raw(split), attribution=False).scores
+    threshold = detector.threshold.require()
+    if isinstance(part, ImageSet):
+        return evaluate_images(part.labels, scores, threshold)
+    table = data.tables[split]
+    points = [
+        SeriesPoints(key, frame[table.time_col].to_numpy(), frame[table.label_col].to_numpy())
+        for key, frame in table.groups()
+    ]
+    return evaluate_series(
+        points,
+        part.keys,
+        part.end_times,
+        detector.input.window.length,
+        scores,
+        threshold,
+        rule=rule,
+    )

@@ -22,6 +22,7 @@ __all__ = [
     "default_tracking_uri",
     "flatten_params",
     "log_fit_summary",
+    "log_quality",
     "tracking_run",
 ]
 
@@ -83,3 +84,21 @@ def log_fit_summary(result: FitResult) -> None:
     if result.val_losses:
         summary["final_val_loss"] = result.val_losses[-1]
     mlflow.log_metrics(summary)
+
+
+def log_quality(result) -> None:
+    """Threshold, held-out false-positive rate and test metrics of a trained detector."""
+    threshold = result.detector.threshold
+    metrics = {"threshold": float(threshold.value), "calibration_n": float(threshold.n)}
+    if result.fpr_estimate:
+        fpr = result.fpr_estimate
+        metrics.update(fpr_estimate=fpr.rate, fpr_ci_low=fpr.ci_low, fpr_ci_high=fpr.ci_high)
+    for key, value in (result.evaluation or {}).items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics[f"test_{key}"] = float(value)
+        elif isinstance(value, dict):
+            for sub, inner in value.items():
+                if isinstance(inner, int | float):
+                    metrics[f"test_{key}_{sub}"] = float(inner)
+    mlflow.set_tag("aewatch.calibration", threshold.method)
+    mlflow.log_metrics(metrics)

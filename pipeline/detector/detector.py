@@ -138,6 +138,17 @@ class Detector:
             return Scores(scores, pixel_map=first)
         return Scores(scores, per_feature=first, per_step=np.concatenate([p[2] for p in parts]))
 
+    def is_anomaly(self, scores: np.ndarray) -> np.ndarray:
+        """The decision: score strictly above the calibrated threshold."""
+        return np.asarray(scores) > self.threshold.require()
+
+    def top_features(self, per_feature: np.ndarray, k: int = 3) -> list[list[str]]:
+        """Names of the `k` features with the largest reconstruction error, per window."""
+        names = np.asarray(self.input.features, dtype=object)
+        k = min(k, len(names))
+        order = np.argsort(-per_feature, axis=1, kind="stable")[:, :k]
+        return names[order].tolist()
+
     def encode(self, raw: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
         """Bottleneck codes [N, code_size] (a VAE gives its latent mean)."""
         scaled = self.prepare(raw)

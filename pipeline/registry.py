@@ -1,0 +1,141 @@
+"""Reading detectors from the MLflow model registry (the worker's and the CLI's side; the training
+job is the only writer).
+
+A model reference is either a local artifact folder or `models:/NAME@ALIAS` / `models:/NAME/VERSION`.
+A registered version is downloaded, its detector folder found through the MLmodel file, and loaded
+with its weights' SHA-256 checked against the version tag that registration wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.detector import Detector, load_detector
+from pipeline.errors import ArtifactError, RegistryError
+
+__all__ = ["TAG_PREFIX", "ModelRef", "load_model", "parse_model_uri", "resolve_model"]
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "aewatch."
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a detector came from: a registry version (name, version, alias) or a folder."""
+
+    uri: str
+    directory: Path
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    weights_sha256: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}" if self.name else str(self.directory)
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """(name, alias, version) of a registry URI; None for anything else (a local folder)."""
+    if not uri.startswith("models:/"):
+        return None
+    match = _URI.match(uri)
+    if not match:
+        raise RegistryError(f"{uri}: use models:/NAME@ALIAS or models:/NAME/VERSION")
+    return match["name"], match["alias"], match["version"]
+
+
+def _client(tracking_uri: str | None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def resolve_model(
+    uri: str, *, tracking_uri: str | None = None, download_dir: str | Path | None = None
+) -> ModelRef:
+    """Find and download (registry) or locate (folder) the detector that `uri` names."""
+    parsed = parse_model_uri(uri)
+    if parsed is None:
+        directory = Path(uri)
+        if not directory.is_dir():
+            raise RegistryError(f"{uri}: no such detector folder (or use models:/NAME@ALIAS)")
+        return ModelRef(uri, directory)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    name, alias, version = parsed
+    client = _client(tracking_uri)
+    try:
+        mv = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
+    except MlflowException as exc:
+        raise RegistryError(f"{uri}: {exc.message}") from exc
+    target = Path(download_dir or tempfile.mkdtemp(prefix="aewatch-model-"))
+    target = target / f"{name}-v{mv.version}"
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{mv.version}",
+            dst_path=str(target),
+            tracking_uri=tracking_uri,
+        )
+    except MlflowException as exc:
+        raise RegistryError(f"{uri}: download failed: {exc.message}") from exc
+    return ModelRef(
+        uri=uri,
+        directory=_detector_dir(Path(local)),
+        name=name,
+        version=str(mv.version),
+        alias=alias,
+        weights_sha256=(mv.tags or {}).get(f"{TAG_PREFIX}weights_sha256"),
+    )
+
+
+def _detector_dir(model_dir: Path) -> Path:
+    """The attached detector folder, as the MLmodel file records it."""
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        raise ArtifactError(f"{model_dir}: not an MLflow model (no MLmodel file)")
+    meta = yaml.safe_load(mlmodel.read_text()) or {}
+    artifacts = meta.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
+    path = (artifacts.get("detector") or {}).get("path")
+    if not path:
+        raise ArtifactError(f"{model_dir}: the MLflow model has no 'detector' artifact")
+    directory = (model_dir / path).resolve()
+    if model_dir.resolve() not in directory.parents:
+        raise ArtifactError(f"{model_dir}: detector artifact path escapes the model folder")
+    return directory
+
+
+def load_model(
+    uri: str,
+    *,
+    tracking_uri: str | None = None,
+    device: str = "cpu",
+    require_calibrated: bool = True,
+    download_dir: str | Path | None = None,
+) -> tuple[Detector, ModelRef]:
+    """Resolve, download and load a detector; a registry version must match its SHA-256 tag."""
+    ref = resolve_model(uri, tracking_uri=tracking_uri, download_dir=download_dir)
+    if ref.name and not ref.weights_sha256:
+        raise ArtifactError(f"{ref.label}: the version has no weights SHA-256 tag to verify")
+    detector = load_detector(
+        ref.directory,
+        device=device,
+        require_calibrated=require_calibrated,
+        expected_sha256=ref.weights_sha256,
+    )
+    return detector, ref

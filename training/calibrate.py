@@ -1,0 +1,248 @@
+"""Threshold calibration on held-out normal data: how anomalous is too anomalous.
+
+Each calibrator is an accumulator: `update(scores[, labels])` as often as needed, then `compute()`
+returns a calibrated `Threshold` that keeps a sorted sample of the calibration scores for conformal
+p-values. Too little data for a method is an error, never a silent fallback.
+
+- `quantile`: the conformal (1 - target_fpr) quantile: the ceil((n + 1)(1 - a))-th smallest score,
+  which bounds the false-positive rate of a new normal window by a (needs n >= 1/a - 1).
+- `pot`: peaks over threshold. A generalised Pareto distribution is fitted (scipy) to the excesses
+  above an initial quantile; the threshold is where its tail probability equals target_fpr, which
+  reaches risk levels far below 1/n.
+- `mad`: median + k * 1.4826 * MAD, a robust rule for roughly symmetric score distributions.
+- `f1`: the threshold that maximises F1 on labelled calibration data; refused without anomalies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.detector import Threshold
+from pipeline.errors import CalibrationError, ConfigError
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "FprEstimate",
+    "MAX_STORED_SCORES",
+    "make_calibrator",
+    "estimate_fpr",
+]
+
+CALIBRATION_METHODS = ("quantile", "pot", "mad", "f1")
+MAX_STORED_SCORES = 20_000
+
+
+def _digest(scores: np.ndarray) -> str:
+    return hashlib.sha256(np.sort(scores).astype(np.float64).tobytes()).hexdigest()
+
+
+def _stored(scores: np.ndarray) -> tuple[float, ...]:
+    """The calibration scores kept in the manifest: all of them up to MAX_STORED_SCORES, else
+    evenly spaced order statistics (p-values then approximate the exact ones to 1/MAX)."""
+    ordered = np.sort(scores)
+    if len(ordered) > MAX_STORED_SCORES:
+        ordered = np.quantile(ordered, np.linspace(0, 1, MAX_STORED_SCORES))
+    return tuple(float(s) for s in ordered)
+
+
+class _Calibrator:
+    method = ""
+
+    def __init__(self) -> None:
+        self._scores: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def update(self, scores: np.ndarray, labels: np.ndarray | None = None) -> None:
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        if not np.isfinite(scores).all():
+            raise CalibrationError("calibration scores hold NaN or infinite values")
+        self._scores.append(scores)
+        if labels is not None:
+            self._labels.append(np.asarray(labels, dtype=bool).ravel())
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.concatenate(self._scores) if self._scores else np.zeros(0)
+
+    def compute(self) -> Threshold:
+        scores = self.scores
+        value, params = self._threshold(scores)
+        normal = scores[~self.labels] if self._labels else scores
+        return Threshold(
+            value=float(value),
+            method=self.method,
+            params=params,
+            n=int(len(normal)),
+            data_digest=_digest(scores),
+            calibration_scores=_stored(normal),
+        )
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=bool)
+
+    def _threshold(self, scores: np.ndarray) -> tuple[float, dict]:
+        raise NotImplementedError
+
+
+class QuantileCalibrator(_Calibrator):
+    method = "quantile"
+
+    def __init__(self, target_fpr: float) -> None:
+        super().__init__()
+        self.target_fpr = target_fpr
+
+    def _threshold(self, scores: np.ndarray) -> tuple[float, dict]:
+        n, alpha = len(scores), self.target_fpr
+        rank = math.ceil((n + 1) * (1 - alpha))
+        if rank > n:
+            need = math.ceil(1 / alpha) - 1
+            raise CalibrationError(
+                f"quantile at target FPR {alpha:g} needs at least {need} calibration windows, "
+                f"got {n}"
+            )
+        return float(np.sort(scores)[rank - 1]), {"target_fpr": alpha}
+
+
+class PotCalibrator(_Calibrator):
+    method = "pot"
+    MIN_EXCESSES = 10
+
+    def __init__(self, target_fpr: float, initial_quantile: float = 0.95) -> None:
+        super().__init__()
+        if not 0.5 <= initial_quantile < 1:
+            raise ConfigError(
+                "pot_initial_quantile", f"must be in [0.5, 1), got {initial_quantile}"
+            )
+        self.target_fpr, self.initial_quantile = target_fpr, initial_quantile
+
+    def _threshold(self, scores: np.ndarray) -> tuple[float, dict]:
+        n = len(scores)
+        t0 = float(np.quantile(scores, self.initial_quantile))
+        excesses = scores[scores > t0] - t0
+        if len(excesses) < self.MIN_EXCESSES:
+            need = math.ceil(self.MIN_EXCESSES / (1 - self.initial_quantile))
+            raise CalibrationError(
+                f"pot needs at least {self.MIN_EXCESSES} scores above its initial quantile "
+                f"(about {need} calibration windows), got {len(excesses)} of {n}"
+            )
+        from scipy import stats
+
+        shape, _, scale = stats.genpareto.fit(excesses, floc=0.0)
+        ratio = self.target_fpr * n / len(excesses)
+        if abs(shape) < 1e-6:
+            value = t0 - scale * math.log(ratio)
+        else:
+            value = t0 + scale / shape * (ratio ** (-shape) - 1.0)
+        params = {
+            "target_fpr": self.target_fpr,
+            "initial_quantile": self.initial_quantile,
+            "initial_threshold": t0,
+            "gpd_shape": float(shape),
+            "gpd_scale": float(scale),
+            "excesses": int(len(excesses)),
+        }
+        return max(float(value), t0), params
+
+
+class MadCalibrator(_Calibrator):
+    method = "mad"
+    MIN_SCORES = 10
+
+    def __init__(self, k: float = 3.0) -> None:
+        super().__init__()
+        if k <= 0:
+            raise ConfigError("mad_k", f"must be > 0, got {k}")
+        self.k = k
+
+    def _threshold(self, scores: np.ndarray) -> tuple[float, dict]:
+        if len(scores) < self.MIN_SCORES:
+            raise CalibrationError(
+                f"mad needs at least {self.MIN_SCORES} calibration windows, got {len(scores)}"
+            )
+        median = float(np.median(scores))
+        mad = float(np.median(np.abs(scores - median))) * 1.4826
+        return median + self.k * mad, {"k": self.k, "median": median, "mad": mad}
+
+
+class F1Calibrator(_Calibrator):
+    method = "f1"
+
+    def _threshold(self, scores: np.ndarray) -> tuple[float, dict]:
+        from sklearn.metrics import precision_recall_curve
+
+        labels = self.labels
+        if len(labels) != len(scores):
+            raise CalibrationError("f1 calibration needs a label for every calibration window")
+        if not labels.any():
+            raise CalibrationError(
+                "f1 calibration needs labelled anomalies in the calibration data and found none; "
+                "use quantile, pot or mad on normal data instead"
+            )
+        if labels.all():
+            raise CalibrationError("f1 calibration needs normal windows too; all are anomalous")
+        precision, recall, thresholds = precision_recall_curve(labels, scores)
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        best = int(np.argmax(f1[:-1]))
+        # precision_recall_curve flags score >= t; aewatch flags score > threshold.
+        below = scores[scores < thresholds[best]]
+        value = float(below.max()) if len(below) else float(thresholds[best]) - 1e-12
+        return value, {
+            "f1": float(f1[best]),
+            "precision": float(precision[best]),
+            "recall": float(recall[best]),
+        }
+
+
+def make_calibrator(
+    method: str, *, target_fpr: float = 0.01, mad_k: float = 3.0, pot_initial_quantile: float = 0.95
+) -> _Calibrator:
+    if not 0 < target_fpr < 1:
+        raise ConfigError("target_fpr", f"must be in (0, 1), got {target_fpr}")
+    if method == "quantile":
+        return QuantileCalibrator(target_fpr)
+    if method == "pot":
+        return PotCalibrator(target_fpr, pot_initial_quantile)
+    if method == "mad":
+        return MadCalibrator(mad_k)
+    if method == "f1":
+        return F1Calibrator()
+    raise ConfigError("calibration", f"unknown method {method!r}; use one of {CALIBRATION_METHODS}")
+
+
+@dataclass(frozen=True)
+class FprEstimate:
+    """False-positive rate measured on normal windows the threshold never saw."""
+
+    false_positives: int
+    n: int
+    rate: float
+    ci_low: float
+    ci_high: float
+    confidence: float = 0.95
+
+    def to_dict(self) -> dict:
+        return {
+            "false_positives": self.false_positives,
+            "n": self.n,
+            "rate": self.rate,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "confidence": self.confidence,
+        }
+
+
+def estimate_fpr(scores: np.ndarray, threshold: float, confidence: float = 0.95) -> FprEstimate:
+    """Observed FPR with an exact (Clopper-Pearson) binomial confidence interval."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) == 0:
+        raise CalibrationError("no normal windows to estimate the false-positive rate on")
+    from scipy import stats
+
+    k = int((scores > threshold).sum())
+    ci = stats.binomtest(k, len(scores)).proportion_ci(confidence_level=confidence, method="exact")
+    return FprEstimate(k, len(scores), k / len(scores), float(ci.low), float(ci.high), confidence)
