@@ -27,6 +27,8 @@ setup: $(DEPS_STAMP) $(KAFKA_STAMP)
 	@# Point the editable install at this checkout (several clones may share one environment).
 	@if [ "$$($(PY) -c 'import pipeline, pathlib; print(pathlib.Path(pipeline.__file__).resolve().parents[1])' 2>/dev/null)" != "$(CURDIR)" ]; then \
 		$(PY) -m pip install -q --no-deps --no-build-isolation -e . ; fi
+	@# setuptools leaves build metadata in the tree; on sys.path it would shadow the installed one.
+	@rm -rf aewatch.egg-info
 	@ln -sfn $(VENV) .venv
 
 $(DEPS_STAMP): pyproject.toml
@@ -34,6 +36,7 @@ $(DEPS_STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools
 	$(PY) -m pip install -q -e '.[test,bench]'
+	@rm -rf aewatch.egg-info
 	@rm -f $(VENV)/.aewatch-deps-* && touch $@
 
 $(KAFKA_STAMP): $(KAFKA_HOME)/pom.xml

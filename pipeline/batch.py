@@ -75,11 +75,12 @@ def score_readings(
     work = pd.DataFrame({"key": keys.to_numpy(), "time": times.to_numpy(), "row": order})
     work = work.sort_values(["key", "time"], kind="stable")
     values = frame[features].to_numpy(dtype=np.float32)
+    # object columns so that readings without a window serialise as null, not NaN
     out = pd.DataFrame(
         {
-            "score": np.full(len(frame), np.nan),
+            "score": pd.Series([None] * len(frame), dtype=object),
             "threshold": detector.threshold.value,
-            "p_value": np.full(len(frame), np.nan),
+            "p_value": pd.Series([None] * len(frame), dtype=object),
             "is_anomaly": np.zeros(len(frame), dtype=bool),
         }
     )
@@ -93,8 +94,9 @@ def score_readings(
         return out
     scores = detector.score(windows.windows, attribution=False).scores
     end_rows = windows.end_times.astype(np.int64)  # the row positions stood in for times
-    out.loc[end_rows, "score"] = scores
+    out.loc[end_rows, "score"] = pd.Series(scores.tolist(), index=end_rows, dtype=object)
     if detector.threshold.calibrated:
-        out.loc[end_rows, "p_value"] = detector.threshold.p_values(scores)
+        p_values = detector.threshold.p_values(scores).tolist()
+        out.loc[end_rows, "p_value"] = pd.Series(p_values, index=end_rows, dtype=object)
         out.loc[end_rows, "is_anomaly"] = detector.is_anomaly(scores)
     return out

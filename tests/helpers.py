@@ -40,3 +40,38 @@ def anomalous_windows(
         broken = inject(values, Injection(kind, start, window, feature), rng=rng)
         out.append(broken[start : start + window])
     return np.stack(out)
+
+
+def labelled_series_csv(path: Path, *, n_keys: int = 2, n: int = 3000, seed: int = 0) -> Path:
+    """Series with a labelled level shift on one sensor of key m1 near the end."""
+    frame = series_frame(n_keys=n_keys, n=n, seed=seed)
+    frame["label"] = 0
+    rows = frame.index[(frame["machine"] == "m1")][n - 300 : n - 240]
+    frame.loc[rows, "s2"] += 4 * frame["s2"].std()
+    frame.loc[rows, "label"] = 1
+    frame.to_csv(path, index=False)
+    return path
+
+
+def train_series_detector(data: Path, out: Path, **model):
+    """A small detector trained and calibrated on `data` (columns ts, machine, s*, label)."""
+    from pipeline.detector import ModelConfig
+    from training.fit import FitConfig
+    from training.job import CalibrationSettings, TrainSettings, train
+
+    settings = TrainSettings(
+        data=str(data), time_col="ts", key_col="machine", label_col="label", window=8, stride=2,
+        out=str(out), model=ModelConfig(**{"hidden": (32,), "code_size": 8,
+                                                               **model}),
+        fit=FitConfig(epochs=8, batch_size=64, patience=0),
+        calibration=CalibrationSettings(method="quantile", target_fpr=0.01), device="cpu",
+    )
+    return train(settings)
+
+
+def register_result(tracking_uri: str, result, name: str) -> str:
+    from training.register import register_version
+    from training.tracking import tracking_run
+
+    with tracking_run(tracking_uri, "tests", None, {"kind": result.detector.config.kind}):
+        return register_version(result.detector, result.artifact_dir, name, data=result.data)

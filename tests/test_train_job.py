@@ -23,7 +23,7 @@ def test_conv_autoencoder_on_digits_separates_the_normal_digit(tmp_path: Path):
         normal_class="0",
         out=str(tmp_path / "det"),
         model=ModelConfig(
-            kind="undercomplete", backbone="conv", input_shape=(1, 1), hidden=(16, 32), code_size=8
+            kind="undercomplete", backbone="conv", hidden=(16, 32), code_size=8
         ),
         fit=FitConfig(epochs=60, batch_size=32, lr=3e-3, patience=10),
         calibration=CalibrationSettings(method="quantile", target_fpr=0.05),
@@ -155,7 +155,7 @@ def test_labelled_anomalies_never_reach_training(tmp_path: Path):
         label_col="label",
         window=8,
         out=str(tmp_path / "det"),
-        model=ModelConfig(input_shape=(1, 1)),
+        model=ModelConfig(),
         fit=FitConfig(epochs=1),
         calibration=CalibrationSettings(method="mad"),
         device="cpu",

@@ -167,7 +167,6 @@ def settings_from_args(args: argparse.Namespace):
     model = ModelConfig(
         kind=args.kind,
         backbone=args.backbone,
-        input_shape=(1, 1),  # replaced by the data's shape
         hidden=_csv_numbers("hidden", args.hidden, int),
         code_size=args.code_size,
         loss=args.loss,

@@ -24,7 +24,16 @@ import numpy as np
 
 from pipeline.errors import DataError
 
-__all__ = ["POINT_RULES", "PointCounts", "SeriesPoints", "evaluate_images", "evaluate_series"]
+__all__ = [
+    "POINT_RULES",
+    "PointCounts",
+    "SeriesPoints",
+    "decision_metrics",
+    "evaluate_images",
+    "evaluate_series",
+    "point_flags",
+    "ranking_metrics",
+]
 
 POINT_RULES = ("end", "any")
 
@@ -79,7 +88,7 @@ class _Events:
     normal_seconds: float = 0.0
 
 
-def _ranking(labels: np.ndarray, scores: np.ndarray) -> dict:
+def ranking_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     if labels.all() or not labels.any():
@@ -90,7 +99,7 @@ def _ranking(labels: np.ndarray, scores: np.ndarray) -> dict:
     }
 
 
-def _decisions(labels: np.ndarray, flagged: np.ndarray) -> dict:
+def decision_metrics(labels: np.ndarray, flagged: np.ndarray) -> dict:
     tp = int((flagged & labels).sum())
     fp = int((flagged & ~labels).sum())
     fn = int((~flagged & labels).sum())
@@ -160,8 +169,8 @@ def evaluate_series(
     result = {
         "windows": int(len(scores)),
         "anomalous_windows": int(window_labels.sum()),
-        **_ranking(window_labels, scores),
-        **_decisions(window_labels, flagged_windows),
+        **ranking_metrics(window_labels, scores),
+        **decision_metrics(window_labels, flagged_windows),
         "point_rule": rule,
         "point": counts.metrics(),
         "events": events.total,
@@ -202,8 +211,8 @@ def evaluate_images(labels: np.ndarray, scores: np.ndarray, threshold: float) ->
     return {
         "images": int(len(scores)),
         "anomalous_images": int(labels.sum()),
-        **_ranking(labels, scores),
-        **_decisions(labels, flagged),
+        **ranking_metrics(labels, scores),
+        **decision_metrics(labels, flagged),
         "far": counts.metrics()["far"],
         "mar": counts.metrics()["mar"],
     }

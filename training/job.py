@@ -89,7 +89,7 @@ class TrainSettings:
     # both
     fractions: tuple[float, float, float, float] = (0.6, 0.15, 0.15, 0.1)
     scaler: str = "auto"
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(input_shape=(1, 1)))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig())
     fit: FitConfig = field(default_factory=FitConfig)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     point_rule: str = "end"

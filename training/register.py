@@ -143,7 +143,7 @@ def register_version(
         input_example=_input_example(detector, data),
         pip_requirements=[
             f"mlflow=={mlflow.__version__}",
-            f"torch=={torch.__version__}",
+            f"torch=={torch.__version__.split('+')[0]}",
             "numpy",
             "pandas",
             "pyyaml",

@@ -19,6 +19,7 @@ from pipeline.detector.models.config import (
 )
 from pipeline.detector.models.pca import PCAModel
 from pipeline.detector.models.vae import VariationalAutoencoder, kl_divergence
+from pipeline.errors import ConfigError
 
 __all__ = [
     "ACTIVATIONS",
@@ -36,6 +37,8 @@ __all__ = [
 
 
 def build_model(config: ModelConfig) -> nn.Module:
+    if not config.input_shape:
+        raise ConfigError("input_shape", "the model's input shape is not set")
     if config.kind == "pca":
         return PCAModel(config)
     if config.kind == "vae":

@@ -31,7 +31,8 @@ VAE_SCORES = ("reconstruction", "elbo")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What to build. `input_shape` is (window, features) for series, (C, H, W) for images."""
+    """What to build. `input_shape` is (window, features) for series, (C, H, W) for images;
+    left empty in training settings, it is filled in from the data."""
 
     kind: str = "undercomplete"
     backbone: str = "dense"
@@ -63,7 +64,10 @@ class ModelConfig:
         _choice("corruption", self.corruption, CORRUPTIONS)
         _choice("sparsity", self.sparsity, SPARSITY_PENALTIES)
         _choice("vae_score", self.vae_score, VAE_SCORES)
-        if len(self.input_shape) not in (2, 3) or min(self.input_shape, default=0) < 1:
+        # An empty input_shape means "taken from the data later" (see with_input_shape).
+        if self.input_shape and (
+            len(self.input_shape) not in (2, 3) or min(self.input_shape) < 1
+        ):
             raise ConfigError(
                 "input_shape", f"need (window, features) or (C, H, W), got {self.input_shape}"
             )
@@ -74,7 +78,7 @@ class ModelConfig:
         if self.kind == "pca":
             if self.backbone != "dense":
                 raise ConfigError("backbone", "pca is linear: it takes no conv backbone")
-            if self.code_size > self.n_inputs:
+            if self.input_shape and self.code_size > self.n_inputs:
                 raise ConfigError("code_size", f"pca needs code_size <= {self.n_inputs} inputs")
         elif not self.hidden and self.backbone == "conv":
             raise ConfigError("hidden", "a conv backbone needs at least one layer of channels")

@@ -1,0 +1,40 @@
+"""Evaluation rules on hand-made series where every number can be checked by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.evaluate import SeriesPoints, evaluate_series, point_flags
+
+
+def test_point_rules():
+    starts, ends = np.array([0, 2, 4]), np.array([2, 4, 6])
+    flagged = np.array([False, True, False])
+    end = point_flags(8, starts, ends, flagged, "end")
+    assert end.tolist() == [False, False, False, False, True, True, False, False]
+    any_ = point_flags(8, starts, ends, flagged, "any")
+    assert any_.tolist() == [False, False, True, True, True, False, False, False]
+
+
+def test_series_metrics_events_and_delay():
+    times = np.arange(20).astype("datetime64[s]").astype("datetime64[ns]")
+    labels = np.zeros(20, dtype=int)
+    labels[10:14] = 1  # one event of 4 readings
+    window = 3
+    ends = np.arange(window - 1, 20)  # stride 1
+    scores = np.zeros(len(ends))
+    scores[ends == 12] = 5.0  # detected two readings into the event
+    scores[ends == 13] = 5.0
+    scores[ends == 5] = 5.0  # one false alarm
+    result = evaluate_series([SeriesPoints("k", times, labels)], np.full(len(ends), "k"),
+                             times[ends], window, scores, threshold=1.0)
+    point = result["point"]
+    assert (point["tp"], point["fp"], point["fn"], point["tn"]) == (2, 1, 2, 15)
+    assert point["far"] == 1 / 16 and point["mar"] == 2 / 4
+    assert point["f1"] == 2 / (2 + (1 + 2) / 2)
+    assert result["events"] == 1 and result["event_recall"] == 1.0
+    assert result["mean_detection_delay_s"] == 2.0
+    assert result["false_alarms"] == 1
+    assert result["false_alarms_per_day"] == 1 / (16 / 86400)
+    assert result["anomalous_windows"] == 4
+    assert result["auroc"] is not None and result["precision"] == 2 / 3

@@ -1,0 +1,124 @@
+"""Reading data for an existing detector: windows cut with the detector's own features and window
+spec (series), or images of its shape. Shared by score, evaluate, recalibrate and promote."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.detector import Detector, WindowSet, WindowSpec, cut_windows
+from pipeline.errors import ConfigError, DataError
+from training.data import SeriesTable, load_images, load_series, split_series
+from training.evaluate import SeriesPoints
+from training.job import is_image_source
+
+__all__ = ["DetectorData", "add_data_arguments", "load_for"]
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, labels: bool = True) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=True, help="CSV/Parquet series or an image source")
+    group.add_argument("--time-col", default="ts", help="timestamp column (default: %(default)s)")
+    group.add_argument("--key-col", help="entity column")
+    group.add_argument("--fill", default="error", choices=["ffill", "interpolate", "drop", "error"])
+    if labels:
+        group.add_argument("--label-col", help="0/1 anomaly label column (series)")
+        group.add_argument("--normal-class", help="images: the normal class (others anomalous)")
+        group.add_argument("--labels", dest="labels_path", help="images: a labels file")
+
+
+@dataclass
+class DetectorData:
+    """Inputs ready for one detector: series windows (with the table they came from) or images
+    with optional anomaly flags."""
+
+    windows: WindowSet | None = None
+    table: SeriesTable | None = None
+    images: np.ndarray | None = None
+    image_labels: np.ndarray | None = None
+    spec: WindowSpec | None = None
+
+    @property
+    def raw(self) -> np.ndarray:
+        return self.windows.windows if self.windows is not None else self.images
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        if self.windows is not None:
+            return self.windows.end_labels
+        return self.image_labels
+
+    @property
+    def normal(self) -> np.ndarray:
+        if self.windows is not None:
+            labelled = self.windows.any_labels
+        else:
+            labelled = self.image_labels
+        return np.ones(len(self.raw), bool) if labelled is None else ~labelled.astype(bool)
+
+    def points(self) -> list[SeriesPoints]:
+        table = self.table
+        return [
+            SeriesPoints(key, frame[table.time_col].to_numpy(), frame[table.label_col].to_numpy())
+            for key, frame in table.groups()
+        ]
+
+    def split(self, holdout: float) -> tuple[DetectorData, DetectorData]:
+        """Time-ordered split per key (series) or a plain cut (images): the last `holdout`."""
+        if not 0 < holdout < 1:
+            raise ConfigError("holdout", f"must be in (0, 1), got {holdout}")
+        if self.table is not None:
+            parts = split_series(self.table, (1 - holdout, 0.0, 0.0, holdout))
+            return (_windows(parts["train"], self.spec), _windows(parts["test"], self.spec))
+        cut = int(len(self.images) * (1 - holdout))
+        labels = self.image_labels
+        return (
+            DetectorData(images=self.images[:cut], image_labels=None if labels is None
+                         else labels[:cut]),
+            DetectorData(images=self.images[cut:], image_labels=None if labels is None
+                         else labels[cut:]),
+        )
+
+
+def _windows(table: SeriesTable, spec) -> DetectorData:
+    def groups():
+        for key, frame in table.groups():
+            labels = frame[table.label_col].to_numpy() if table.label_col else None
+            yield (key, frame[table.time_col].to_numpy(),
+                   frame[list(table.features)].to_numpy(np.float32), labels)
+
+    windows = cut_windows(groups(), spec, source=table.source)
+    return DetectorData(windows=windows, table=table, spec=spec)
+
+
+def load_for(detector: Detector, args: argparse.Namespace) -> DetectorData:
+    """Load `args.data` in the shape `detector` expects."""
+    label_col = getattr(args, "label_col", None)
+    if detector.input.kind == "series":
+        if is_image_source(args.data):
+            raise DataError(f"{args.data}: this detector scores series, not images")
+        table = load_series(
+            args.data,
+            time_col=args.time_col,
+            key_col=args.key_col,
+            features=detector.input.features,
+            label_col=label_col,
+            fill=args.fill,
+        )
+        return _windows(table, detector.input.window)
+    images = load_images(args.data, labels_path=getattr(args, "labels_path", None))
+    flags = None
+    normal_class = getattr(args, "normal_class", None)
+    if normal_class is not None:
+        if images.labels is None:
+            raise DataError(f"{args.data}: --normal-class needs labelled images")
+        names = getattr(images, "class_names", None)
+        wanted = list(names).index(normal_class) if names and normal_class in names \
+            else int(normal_class)
+        flags = (images.labels != wanted).astype(np.int64)
+    if images.images.shape[1:] != tuple(detector.input.image_shape):
+        raise DataError(f"{args.data}: images are {images.images.shape[1:]}, the detector "
+                        f"expects {tuple(detector.input.image_shape)}")
+    return DetectorData(images=images.images, image_labels=flags)

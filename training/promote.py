@@ -1,0 +1,235 @@
+"""Promotion: compare the challenger with the champion and move the `champion` alias only when the
+gates pass; roll back to the previous champion.
+
+Gates (each recorded with its figures as tags on both versions):
+- false alarms: the challenger's false-positive rate on normal windows is not significantly above
+  its target (the lower end of the exact 95% binomial interval is at most the target);
+- ranking: with labelled data and an existing champion, the challenger's AUROC is no worse than the
+  champion's beyond `tolerance`.
+With `data`, both are scored on the same windows; without, the figures recorded at training are
+used. The alias history lives in the registered model tag `aewatch.champion_history`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pipeline.detector import Detector
+from pipeline.errors import RegistryError
+from pipeline.registry import TAG_PREFIX, ModelRef, load_model
+from training.calibrate import estimate_fpr
+from training.evaluate import decision_metrics, ranking_metrics
+from training.register import CHALLENGER, CHAMPION
+
+__all__ = ["Gate", "PromotionReport", "apply_promotion", "compare", "rollback"]
+
+log = logging.getLogger(__name__)
+HISTORY_TAG = TAG_PREFIX + "champion_history"
+
+
+@dataclass(frozen=True)
+class Gate:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class PromotionReport:
+    name: str
+    challenger: str
+    champion: str | None
+    figures: dict[str, dict] = field(default_factory=dict)
+    gates: list[Gate] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def table(self) -> str:
+        roles = [r for r in ("champion", "challenger") if r in self.figures]
+        keys = sorted({k for r in roles for k in self.figures[r]})
+        width = max(len(k) for k in keys) + 2
+        header = "".ljust(width) + "".join(
+            f"{r} v{self.champion if r == 'champion' else self.challenger}".rjust(22) for r in roles
+        )
+        lines = [header]
+        for key in keys:
+            cells = "".join(_fmt(self.figures[r].get(key)).rjust(22) for r in roles)
+            lines.append(key.ljust(width) + cells)
+        lines.append("")
+        for gate in self.gates:
+            lines.append(f"[{'pass' if gate.passed else 'FAIL'}] {gate.name}: {gate.detail}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "challenger": self.challenger,
+            "champion": self.champion,
+            "figures": self.figures,
+            "gates": [g.__dict__ for g in self.gates],
+            "passed": self.passed,
+        }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _client(tracking_uri: str | None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _scored_figures(detector: Detector, data) -> dict:
+    scores = detector.score(data.raw, attribution=False).scores
+    threshold = detector.threshold.require()
+    normal = data.normal
+    fpr = estimate_fpr(scores[normal], threshold) if normal.any() else None
+    figures = {
+        "threshold": threshold,
+        "target_fpr": detector.threshold.params.get("target_fpr"),
+        "windows": int(len(scores)),
+        "false_alarms": fpr.false_positives if fpr else None,
+        "fpr": fpr.rate if fpr else None,
+        "fpr_ci_low": fpr.ci_low if fpr else None,
+        "fpr_ci_high": fpr.ci_high if fpr else None,
+    }
+    labels = data.labels
+    if labels is not None:
+        labels = labels.astype(bool)
+        figures.update(ranking_metrics(labels, scores))
+        figures["f1"] = decision_metrics(labels, scores > threshold)["f1"]
+    return figures
+
+
+def _recorded_figures(detector: Detector, ref: ModelRef, tags: dict) -> dict:
+    fpr = json.loads(tags[TAG_PREFIX + "fpr_estimate"]) if TAG_PREFIX + "fpr_estimate" in tags \
+        else None
+    auroc = tags.get(TAG_PREFIX + "test_auroc")
+    return {
+        "threshold": detector.threshold.value,
+        "target_fpr": detector.threshold.params.get("target_fpr"),
+        "fpr": fpr["rate"] if fpr else None,
+        "fpr_ci_low": fpr["ci_low"] if fpr else None,
+        "fpr_ci_high": fpr["ci_high"] if fpr else None,
+        "auroc": float(auroc) if auroc else None,
+    }
+
+
+def compare(
+    name: str,
+    *,
+    tracking_uri: str | None,
+    load_data=None,
+    tolerance: float = 0.01,
+    max_fpr: float = 0.01,
+) -> PromotionReport:
+    """Score champion and challenger (`load_data(detector)` gives each its windows) and judge
+    the gates. Nothing is changed in the registry."""
+    client = _client(tracking_uri)
+    versions = {}
+    for role, alias in (("challenger", CHALLENGER), ("champion", CHAMPION)):
+        try:
+            versions[role] = client.get_model_version_by_alias(name, alias)
+        except Exception:  # noqa: BLE001 - MlflowException when the alias is not set
+            versions[role] = None
+    if versions["challenger"] is None:
+        raise RegistryError(f"{name} has no @{CHALLENGER} version to promote")
+    report = PromotionReport(
+        name,
+        str(versions["challenger"].version),
+        str(versions["champion"].version) if versions["champion"] else None,
+    )
+    for role, mv in versions.items():
+        if mv is None:
+            continue
+        detector, ref = load_model(f"models:/{name}/{mv.version}", tracking_uri=tracking_uri)
+        if load_data is not None:
+            report.figures[role] = _scored_figures(detector, load_data(detector))
+        else:
+            report.figures[role] = _recorded_figures(detector, ref, mv.tags or {})
+    report.gates = _gates(report, tolerance, max_fpr)
+    return report
+
+
+def _gates(report: PromotionReport, tolerance: float, max_fpr: float) -> list[Gate]:
+    challenger = report.figures["challenger"]
+    target = challenger.get("target_fpr") or max_fpr
+    target = float(target)
+    gates = []
+    low = challenger.get("fpr_ci_low")
+    if low is None:
+        gates.append(Gate("false alarms", False, "no false-positive measurement to judge"))
+    else:
+        gates.append(Gate(
+            "false alarms", low <= target,
+            f"FPR {challenger['fpr']:.4f} (95% CI from {low:.4f}) vs target {target:g}",
+        ))
+    champion = report.figures.get("champion")
+    if champion and champion.get("auroc") is not None and challenger.get("auroc") is not None:
+        ok = challenger["auroc"] >= champion["auroc"] - tolerance
+        gates.append(Gate(
+            "AUROC", ok,
+            f"{challenger['auroc']:.4f} vs champion {champion['auroc']:.4f} "
+            f"(tolerance {tolerance:g})",
+        ))
+    return gates
+
+
+def _history(client, name: str) -> list[str]:
+    tags = client.get_registered_model(name).tags or {}
+    return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+
+def apply_promotion(report: PromotionReport, *, tracking_uri: str | None) -> bool:
+    """Record the decision on both versions and move `champion` if every gate passed."""
+    client = _client(tracking_uri)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    decision = "promoted" if report.passed else "rejected"
+    payload = json.dumps(report.to_dict(), default=str)
+    for version in filter(None, (report.challenger, report.champion)):
+        client.set_model_version_tag(report.name, version, TAG_PREFIX + "promotion_decision",
+                                     f"{decision} {stamp}")
+        client.set_model_version_tag(report.name, version, TAG_PREFIX + "promotion_report",
+                                     payload[:5000])
+    if not report.passed:
+        return False
+    history = _history(client, report.name)
+    if report.champion and (not history or history[-1] != report.champion):
+        history.append(report.champion)
+    history.append(report.challenger)
+    client.set_registered_model_alias(report.name, CHAMPION, report.challenger)
+    client.set_registered_model_tag(report.name, HISTORY_TAG, json.dumps(history[-50:]))
+    log.info("%s: champion is now version %s", report.name, report.challenger)
+    return True
+
+
+def rollback(name: str, *, tracking_uri: str | None) -> tuple[str, str]:
+    """Move `champion` back to the version that held it before; returns (from, to)."""
+    client = _client(tracking_uri)
+    history = _history(client, name)
+    try:
+        current = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except Exception as exc:  # noqa: BLE001
+        raise RegistryError(f"{name} has no @{CHAMPION} to roll back") from exc
+    while history and history[-1] == current:
+        history.pop()
+    if not history:
+        raise RegistryError(f"{name}: no previous champion to roll back to")
+    previous = history[-1]
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    client.set_model_version_tag(name, current, TAG_PREFIX + "rolled_back",
+                                 datetime.now(UTC).isoformat(timespec="seconds"))
+    return current, previous
+
