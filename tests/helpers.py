@@ -60,11 +60,17 @@ def train_series_detector(data: Path, out: Path, **model):
     from training.job import CalibrationSettings, TrainSettings, train
 
     settings = TrainSettings(
-        data=str(data), time_col="ts", key_col="machine", label_col="label", window=8, stride=2,
-        out=str(out), model=ModelConfig(**{"hidden": (32,), "code_size": 8,
-                                                               **model}),
+        data=str(data),
+        time_col="ts",
+        key_col="machine",
+        label_col="label",
+        window=8,
+        stride=2,
+        out=str(out),
+        model=ModelConfig(**{"hidden": (32,), "code_size": 8, **model}),
         fit=FitConfig(epochs=8, batch_size=64, patience=0),
-        calibration=CalibrationSettings(method="quantile", target_fpr=0.01), device="cpu",
+        calibration=CalibrationSettings(method="quantile", target_fpr=0.01),
+        device="cpu",
     )
     return train(settings)
 

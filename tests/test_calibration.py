@@ -52,8 +52,11 @@ def test_pot_reaches_risk_levels_below_one_over_n():
         _calibrate("quantile", sample, target_fpr=0.001)
     rng = np.random.default_rng(4)
     true_fprs = [
-        np.exp(-_calibrate("pot", rng.exponential(size=300), target_fpr=0.001,
-                           pot_initial_quantile=0.9).value)
+        np.exp(
+            -_calibrate(
+                "pot", rng.exponential(size=300), target_fpr=0.001, pot_initial_quantile=0.9
+            ).value
+        )
         for _ in range(100)
     ]
     geometric_mean = float(np.exp(np.mean(np.log(true_fprs))))

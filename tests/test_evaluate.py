@@ -26,8 +26,14 @@ def test_series_metrics_events_and_delay():
     scores[ends == 12] = 5.0  # detected two readings into the event
     scores[ends == 13] = 5.0
     scores[ends == 5] = 5.0  # one false alarm
-    result = evaluate_series([SeriesPoints("k", times, labels)], np.full(len(ends), "k"),
-                             times[ends], window, scores, threshold=1.0)
+    result = evaluate_series(
+        [SeriesPoints("k", times, labels)],
+        np.full(len(ends), "k"),
+        times[ends],
+        window,
+        scores,
+        threshold=1.0,
+    )
     point = result["point"]
     assert (point["tp"], point["fp"], point["fn"], point["tn"]) == (2, 1, 2, 15)
     assert point["far"] == 1 / 16 and point["mar"] == 2 / 4

@@ -41,9 +41,15 @@ def _name() -> str:
 
 
 def _data_loader(data: Path):
-    args = argparse.Namespace(data=str(data), time_col="ts", key_col="machine",
-                              label_col="label", fill="error", labels_path=None,
-                              normal_class=None)
+    args = argparse.Namespace(
+        data=str(data),
+        time_col="ts",
+        key_col="machine",
+        label_col="label",
+        fill="error",
+        labels_path=None,
+        normal_class=None,
+    )
     return lambda detector: load_for(detector, args)
 
 
@@ -54,12 +60,14 @@ def test_register_promote_resolve_load_gives_identical_scores(mlflow_server, goo
     assert report.champion is None and report.passed, report.table()
     assert apply_promotion(report, tracking_uri=mlflow_server)
 
-    detector, ref = load_model(f"models:/{name}@champion", tracking_uri=mlflow_server,
-                               download_dir=tmp_path)
+    detector, ref = load_model(
+        f"models:/{name}@champion", tracking_uri=mlflow_server, download_dir=tmp_path
+    )
     assert (ref.name, ref.version, ref.alias) == (name, version, "champion")
     windows = good.data.raw("test")
-    np.testing.assert_array_equal(detector.score(windows).scores,
-                                  good.detector.score(windows).scores)
+    np.testing.assert_array_equal(
+        detector.score(windows).scores, good.detector.score(windows).scores
+    )
     assert detector.threshold == good.detector.threshold
 
 
@@ -69,13 +77,15 @@ def test_a_version_whose_weights_do_not_match_its_hash_is_refused(mlflow_server,
     name = _name()
     version = register_result(mlflow_server, good, name)
     MlflowClient(mlflow_server).set_model_version_tag(
-        name, version, TAG_PREFIX + "weights_sha256", "f" * 64)
+        name, version, TAG_PREFIX + "weights_sha256", "f" * 64
+    )
     with pytest.raises(ArtifactError, match="SHA-256"):
         load_model(f"models:/{name}/{version}", tracking_uri=mlflow_server, download_dir=tmp_path)
 
 
-def test_worse_challengers_are_not_promoted_and_rollback_restores(mlflow_server, good, data,
-                                                                     tmp_path):
+def test_worse_challengers_are_not_promoted_and_rollback_restores(
+    mlflow_server, good, data, tmp_path
+):
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_server)
@@ -105,15 +115,31 @@ def test_worse_challengers_are_not_promoted_and_rollback_restores(mlflow_server,
     assert client.get_model_version_by_alias(name, "champion").version == first
 
 
-def test_recalibrate_registers_same_weights_with_a_new_threshold(mlflow_server, good, data,
-                                                                   capsys):
+def test_recalibrate_registers_same_weights_with_a_new_threshold(mlflow_server, good, data, capsys):
     from pipeline.cli import main
 
     name = _name()
     version = register_result(mlflow_server, good, name)
-    code = main(["recalibrate", "--model", f"models:/{name}@challenger", "--data", str(data),
-                 "--key-col", "machine", "--label-col", "label", "--method", "quantile",
-                 "--target-fpr", "0.05", "--tracking-uri", mlflow_server, "--json"])
+    code = main(
+        [
+            "recalibrate",
+            "--model",
+            f"models:/{name}@challenger",
+            "--data",
+            str(data),
+            "--key-col",
+            "machine",
+            "--label-col",
+            "label",
+            "--method",
+            "quantile",
+            "--target-fpr",
+            "0.05",
+            "--tracking-uri",
+            mlflow_server,
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["from_version"] == version and out["version"] != version
@@ -121,8 +147,10 @@ def test_recalibrate_registers_same_weights_with_a_new_threshold(mlflow_server, 
     new, new_ref = load_model(f"models:/{name}@challenger", tracking_uri=mlflow_server)
     assert new_ref.version == out["version"]
     assert new.threshold.value < old.threshold.value  # 5% FPR target sits lower than 1%
-    assert new_ref.weights_sha256 == load_model(
-        f"models:/{name}/{version}", tracking_uri=mlflow_server)[1].weights_sha256
+    assert (
+        new_ref.weights_sha256
+        == load_model(f"models:/{name}/{version}", tracking_uri=mlflow_server)[1].weights_sha256
+    )
 
 
 @pytest.mark.slow
@@ -132,13 +160,30 @@ def test_mlflow_models_serve_answers_invocations(mlflow_server, good, tmp_path):
     port = free_port()
     # mlflow starts uvicorn by name: the environment's bin folder must be on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_DISABLE_TELEMETRY="true",
-               PATH=path)
+    env = dict(
+        os.environ, MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_DISABLE_TELEMETRY="true", PATH=path
+    )
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@challenger",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{name}@challenger",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -152,8 +197,14 @@ def test_mlflow_models_serve_answers_invocations(mlflow_server, good, tmp_path):
                 time.sleep(0.5)
         window = good.data.raw("test")[0]
         features = list(good.detector.input.features)
-        rows = [dict(zip(features, map(float, row), strict=True), key="m0",
-                     ts=f"2026-01-01T00:00:{i:02d}") for i, row in enumerate(window)]
+        rows = [
+            dict(
+                zip(features, map(float, row), strict=True),
+                key="m0",
+                ts=f"2026-01-01T00:00:{i:02d}",
+            )
+            for i, row in enumerate(window)
+        ]
         answer = requests.post(f"{url}/invocations", json={"dataframe_records": rows}, timeout=30)
         assert answer.status_code == 200, answer.text
         predictions = answer.json()["predictions"]

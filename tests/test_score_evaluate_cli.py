@@ -23,12 +23,35 @@ def trained(tmp_path_factory):
 def test_score_writes_one_row_per_window(trained, tmp_path: Path, capsys, suffix):
     data, result = trained
     out = tmp_path / f"scores{suffix}"
-    assert main(["score", "--model", str(result.artifact_dir), "--data", str(data),
-                 "--key-col", "machine", "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(result.artifact_dir),
+                "--data",
+                str(data),
+                "--key-col",
+                "machine",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     frame = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
-    assert list(frame.columns) == ["key", "window_start", "window_end", "score", "threshold",
-                                   "p_value", "is_anomaly", "top_features"]
+    assert list(frame.columns) == [
+        "key",
+        "window_start",
+        "window_end",
+        "score",
+        "threshold",
+        "p_value",
+        "is_anomaly",
+        "top_features",
+    ]
     assert len(frame) == summary["rows"] == 2 * ((3000 - 8) // 2 + 1)
     anomalous = frame[frame["is_anomaly"]]
     assert summary["anomalies"] == len(anomalous) > 0
@@ -44,11 +67,34 @@ def test_score_writes_one_row_per_window(trained, tmp_path: Path, capsys, suffix
 
 def test_evaluate_reports_the_documented_metrics(trained, capsys):
     data, result = trained
-    assert main(["evaluate", "--model", str(result.artifact_dir), "--data", str(data),
-                 "--key-col", "machine", "--label-col", "label", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(result.artifact_dir),
+                "--data",
+                str(data),
+                "--key-col",
+                "machine",
+                "--label-col",
+                "label",
+                "--json",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("auroc", "auprc", "precision", "recall", "f1", "event_recall",
-                "mean_detection_delay_s", "false_alarms_per_day"):
+    for key in (
+        "auroc",
+        "auprc",
+        "precision",
+        "recall",
+        "f1",
+        "event_recall",
+        "mean_detection_delay_s",
+        "false_alarms_per_day",
+    ):
         assert key in report
     assert report["point"]["far"] < 0.05 and report["event_recall"] == 1.0
     assert report["auroc"] > 0.95
@@ -56,6 +102,18 @@ def test_evaluate_reports_the_documented_metrics(trained, capsys):
 
 def test_evaluate_without_labels_is_a_clear_error(trained, capsys):
     data, result = trained
-    assert main(["evaluate", "--model", str(result.artifact_dir), "--data", str(data),
-                 "--key-col", "machine"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(result.artifact_dir),
+                "--data",
+                str(data),
+                "--key-col",
+                "machine",
+            ]
+        )
+        == 2
+    )
     assert "label" in capsys.readouterr().err

@@ -22,9 +22,7 @@ def test_conv_autoencoder_on_digits_separates_the_normal_digit(tmp_path: Path):
         data="digits",
         normal_class="0",
         out=str(tmp_path / "det"),
-        model=ModelConfig(
-            kind="undercomplete", backbone="conv", hidden=(16, 32), code_size=8
-        ),
+        model=ModelConfig(kind="undercomplete", backbone="conv", hidden=(16, 32), code_size=8),
         fit=FitConfig(epochs=60, batch_size=32, lr=3e-3, patience=10),
         calibration=CalibrationSettings(method="quantile", target_fpr=0.05),
         device="cpu",

@@ -18,8 +18,11 @@ __all__ = ["register_evaluate", "register_promote", "register_recalibrate", "reg
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="a detector folder, or models:/NAME@ALIAS or models:/NAME/VERSION")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a detector folder, or models:/NAME@ALIAS or models:/NAME/VERSION",
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda[:N]")
 
@@ -34,10 +37,11 @@ def _load(args: argparse.Namespace):
 # -- score ---------------------------------------------------------------------------------------
 def register_score(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "score", help="score a file with a detector: one row per window",
+        "score",
+        help="score a file with a detector: one row per window",
         description="Score series windows (or images) with a trained detector, using the same "
-                    "code as the streaming worker. Writes key, window start and end, score, "
-                    "threshold, p-value, is_anomaly and the top features per window.",
+        "code as the streaming worker. Writes key, window start and end, score, "
+        "threshold, p-value, is_anomaly and the top features per window.",
     )
     _model_arguments(parser)
     add_data_arguments(parser, labels=False)
@@ -72,18 +76,22 @@ def _run_score(args: argparse.Namespace) -> int:
         "threshold": detector.threshold.value,
         "out": str(out),
     }
-    print(json.dumps(summary) if args.json else
-          f"{summary['rows']} windows scored with {ref.label}: {summary['anomalies']} above the "
-          f"threshold {summary['threshold']:.5g}; written to {out}")
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"{summary['rows']} windows scored with {ref.label}: {summary['anomalies']} above the "
+        f"threshold {summary['threshold']:.5g}; written to {out}"
+    )
     return 0
 
 
 # -- evaluate ------------------------------------------------------------------------------------
 def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "evaluate", help="evaluate a detector on labelled data",
+        "evaluate",
+        help="evaluate a detector on labelled data",
         description="AUROC, AUPRC, precision/recall/F1 at the threshold, point-wise FAR and MAR, "
-                    "event recall, detection delay and false alarms per day.",
+        "event recall, detection delay and false alarms per day.",
     )
     _model_arguments(parser)
     add_data_arguments(parser)
@@ -103,9 +111,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     scores = detector.score(data.raw, attribution=False).scores
     threshold = detector.threshold.require()
     if data.windows is not None:
-        result = evaluate_series(data.points(), data.windows.keys, data.windows.end_times,
-                                 detector.input.window.length, scores, threshold,
-                                 rule=args.point_rule)
+        result = evaluate_series(
+            data.points(),
+            data.windows.keys,
+            data.windows.end_times,
+            detector.input.window.length,
+            scores,
+            threshold,
+            rule=args.point_rule,
+        )
     else:
         result = evaluate_images(data.image_labels, scores, threshold)
     result = {"model": ref.label, "threshold": threshold, **result}
@@ -120,9 +134,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 # -- recalibrate ---------------------------------------------------------------------------------
 def register_recalibrate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "recalibrate", help="new threshold, same weights: registers a new version",
+        "recalibrate",
+        help="new threshold, same weights: registers a new version",
         description="Calibrate a registered detector's threshold on new normal data and register "
-                    "the result as a new version (alias challenger) with identical weights.",
+        "the result as a new version (alias challenger) with identical weights.",
     )
     _model_arguments(parser)
     add_data_arguments(parser)
@@ -130,8 +145,12 @@ def register_recalibrate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--target-fpr", type=float, default=0.01)
     parser.add_argument("--mad-k", type=float, default=3.0)
     parser.add_argument("--pot-initial-quantile", type=float, default=0.95)
-    parser.add_argument("--holdout", type=float, default=0.3,
-                        help="last share of the data kept to measure the FPR (default: %(default)s)")
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=0.3,
+        help="last share of the data kept to measure the FPR (default: %(default)s)",
+    )
     parser.add_argument("--experiment", default="aewatch")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_recalibrate)
@@ -153,8 +172,12 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         raise ConfigError("model", "recalibrate registers a version: give models:/NAME@ALIAS")
     detector, ref = _load(args)
     calibration, holdout = load_for(detector, args).split(args.holdout)
-    calibrator = make_calibrator(args.method, target_fpr=args.target_fpr, mad_k=args.mad_k,
-                                 pot_initial_quantile=args.pot_initial_quantile)
+    calibrator = make_calibrator(
+        args.method,
+        target_fpr=args.target_fpr,
+        mad_k=args.mad_k,
+        pot_initial_quantile=args.pot_initial_quantile,
+    )
     scores = detector.score(calibration.raw, attribution=False).scores
     if args.method == "f1":
         calibrator.update(scores, calibration.labels)
@@ -163,38 +186,65 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     detector.threshold = calibrator.compute()
     held = detector.score(holdout.raw, attribution=False).scores[holdout.normal]
     fpr = estimate_fpr(held, detector.threshold.value)
-    detector.info = {**detector.info, "calibration": {"fpr_estimate": fpr.to_dict(),
-                                                      "recalibrated_from": ref.label,
-                                                      "data": str(args.data)}}
+    detector.info = {
+        **detector.info,
+        "calibration": {
+            "fpr_estimate": fpr.to_dict(),
+            "recalibrated_from": ref.label,
+            "data": str(args.data),
+        },
+    }
     out = Path(tempfile.mkdtemp(prefix="aewatch-recal-")) / "detector"
     save_detector(detector.to("cpu"), out)
     # The weights file must stay byte-identical: the same weights, a new threshold.
     shutil.copyfile(ref.directory / "weights.pt", out / "weights.pt")
-    params = {"recalibrated_from": ref.label, "method": args.method,
-              "target_fpr": str(args.target_fpr), "data": str(args.data)}
-    with tracking_run(tracking_uri_from(args), args.experiment, f"recalibrate {ref.label}",
-                      params) as run:
-        mlflow.log_metrics({"threshold": detector.threshold.value, "fpr_estimate": fpr.rate,
-                            "fpr_ci_low": fpr.ci_low, "fpr_ci_high": fpr.ci_high})
-        version = register_version(detector, out, ref.name,
-                                   extra_tags={TAG_PREFIX + "recalibrated_from": ref.version})
-    summary = {"run_id": run.info.run_id, "name": ref.name, "version": version,
-               "from_version": ref.version, "threshold": detector.threshold.value,
-               "method": args.method, "fpr_estimate": fpr.to_dict()}
-    print(json.dumps(summary) if args.json else
-          f"{ref.name} v{version} (from v{ref.version}): threshold "
-          f"{detector.threshold.value:.5g} by {args.method}; held-out FPR {fpr.rate:.4f} "
-          f"(95% CI {fpr.ci_low:.4f}-{fpr.ci_high:.4f}); alias @challenger")
+    params = {
+        "recalibrated_from": ref.label,
+        "method": args.method,
+        "target_fpr": str(args.target_fpr),
+        "data": str(args.data),
+    }
+    with tracking_run(
+        tracking_uri_from(args), args.experiment, f"recalibrate {ref.label}", params
+    ) as run:
+        mlflow.log_metrics(
+            {
+                "threshold": detector.threshold.value,
+                "fpr_estimate": fpr.rate,
+                "fpr_ci_low": fpr.ci_low,
+                "fpr_ci_high": fpr.ci_high,
+            }
+        )
+        version = register_version(
+            detector, out, ref.name, extra_tags={TAG_PREFIX + "recalibrated_from": ref.version}
+        )
+    summary = {
+        "run_id": run.info.run_id,
+        "name": ref.name,
+        "version": version,
+        "from_version": ref.version,
+        "threshold": detector.threshold.value,
+        "method": args.method,
+        "fpr_estimate": fpr.to_dict(),
+    }
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"{ref.name} v{version} (from v{ref.version}): threshold "
+        f"{detector.threshold.value:.5g} by {args.method}; held-out FPR {fpr.rate:.4f} "
+        f"(95% CI {fpr.ci_low:.4f}-{fpr.ci_high:.4f}); alias @challenger"
+    )
     return 0
 
 
 # -- promote -------------------------------------------------------------------------------------
 def register_promote(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "promote", help="move @champion to @challenger if the gates pass, or roll back",
+        "promote",
+        help="move @champion to @challenger if the gates pass, or roll back",
         description="Compare champion and challenger side by side (on --data when given, else on "
-                    "the figures recorded at training) and move the champion alias only if the "
-                    "gates pass. --rollback moves it back to the previous champion.",
+        "the figures recorded at training) and move the champion alias only if the "
+        "gates pass. --rollback moves it back to the previous champion.",
     )
     parser.add_argument("name", help="registered model name")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
@@ -204,11 +254,21 @@ def register_promote(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--label-col")
     parser.add_argument("--normal-class")
     parser.add_argument("--labels", dest="labels_path")
-    parser.add_argument("--fill", default="error", choices=["ffill", "interpolate", "drop", "error"])
-    parser.add_argument("--tolerance", type=float, default=0.01,
-                        help="allowed AUROC loss against the champion (default: %(default)s)")
-    parser.add_argument("--max-fpr", type=float, default=0.01,
-                        help="FPR target when the version records none (default: %(default)s)")
+    parser.add_argument(
+        "--fill", default="error", choices=["ffill", "interpolate", "drop", "error"]
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="allowed AUROC loss against the champion (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-fpr",
+        type=float,
+        default=0.01,
+        help="FPR target when the version records none (default: %(default)s)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="compare only; change nothing")
     parser.add_argument("--rollback", action="store_true", help="restore the previous champion")
     parser.add_argument("--json", action="store_true")
@@ -223,19 +283,35 @@ def _run_promote(args: argparse.Namespace) -> int:
     tracking_uri = tracking_uri_from(args)
     if args.rollback:
         current, previous = rollback(args.name, tracking_uri=tracking_uri)
-        print(json.dumps({"from": current, "to": previous}) if args.json else
-              f"{args.name}: @champion moved back from v{current} to v{previous}")
+        print(
+            json.dumps({"from": current, "to": previous})
+            if args.json
+            else f"{args.name}: @champion moved back from v{current} to v{previous}"
+        )
         return 0
     load_data = (lambda detector: load_for(detector, args)) if args.data else None
-    report = compare(args.name, tracking_uri=tracking_uri, load_data=load_data,
-                     tolerance=args.tolerance, max_fpr=args.max_fpr)
+    report = compare(
+        args.name,
+        tracking_uri=tracking_uri,
+        load_data=load_data,
+        tolerance=args.tolerance,
+        max_fpr=args.max_fpr,
+    )
     promoted = False if args.dry_run else apply_promotion(report, tracking_uri=tracking_uri)
     if args.json:
-        print(json.dumps({**report.to_dict(), "promoted": promoted, "dry_run": args.dry_run},
-                         default=str))
+        print(
+            json.dumps(
+                {**report.to_dict(), "promoted": promoted, "dry_run": args.dry_run}, default=str
+            )
+        )
     else:
         print(report.table())
-        verdict = ("dry run: nothing changed" if args.dry_run else
-                   f"@champion -> v{report.challenger}" if promoted else "not promoted")
+        verdict = (
+            "dry run: nothing changed"
+            if args.dry_run
+            else f"@champion -> v{report.challenger}"
+            if promoted
+            else "not promoted"
+        )
         print(verdict, file=sys.stdout)
     return 0 if report.passed else 1

@@ -52,10 +52,7 @@ class DetectorData:
 
     @property
     def normal(self) -> np.ndarray:
-        if self.windows is not None:
-            labelled = self.windows.any_labels
-        else:
-            labelled = self.image_labels
+        labelled = self.windows.any_labels if self.windows is not None else self.image_labels
         return np.ones(len(self.raw), bool) if labelled is None else ~labelled.astype(bool)
 
     def points(self) -> list[SeriesPoints]:
@@ -75,10 +72,12 @@ class DetectorData:
         cut = int(len(self.images) * (1 - holdout))
         labels = self.image_labels
         return (
-            DetectorData(images=self.images[:cut], image_labels=None if labels is None
-                         else labels[:cut]),
-            DetectorData(images=self.images[cut:], image_labels=None if labels is None
-                         else labels[cut:]),
+            DetectorData(
+                images=self.images[:cut], image_labels=None if labels is None else labels[:cut]
+            ),
+            DetectorData(
+                images=self.images[cut:], image_labels=None if labels is None else labels[cut:]
+            ),
         )
 
 
@@ -86,8 +85,12 @@ def _windows(table: SeriesTable, spec) -> DetectorData:
     def groups():
         for key, frame in table.groups():
             labels = frame[table.label_col].to_numpy() if table.label_col else None
-            yield (key, frame[table.time_col].to_numpy(),
-                   frame[list(table.features)].to_numpy(np.float32), labels)
+            yield (
+                key,
+                frame[table.time_col].to_numpy(),
+                frame[list(table.features)].to_numpy(np.float32),
+                labels,
+            )
 
     windows = cut_windows(groups(), spec, source=table.source)
     return DetectorData(windows=windows, table=table, spec=spec)
@@ -115,10 +118,15 @@ def load_for(detector: Detector, args: argparse.Namespace) -> DetectorData:
         if images.labels is None:
             raise DataError(f"{args.data}: --normal-class needs labelled images")
         names = getattr(images, "class_names", None)
-        wanted = list(names).index(normal_class) if names and normal_class in names \
+        wanted = (
+            list(names).index(normal_class)
+            if names and normal_class in names
             else int(normal_class)
+        )
         flags = (images.labels != wanted).astype(np.int64)
     if images.images.shape[1:] != tuple(detector.input.image_shape):
-        raise DataError(f"{args.data}: images are {images.images.shape[1:]}, the detector "
-                        f"expects {tuple(detector.input.image_shape)}")
+        raise DataError(
+            f"{args.data}: images are {images.images.shape[1:]}, the detector "
+            f"expects {tuple(detector.input.image_shape)}"
+        )
     return DetectorData(images=images.images, image_labels=flags)

@@ -113,8 +113,11 @@ def _scored_figures(detector: Detector, data) -> dict:
 
 
 def _recorded_figures(detector: Detector, ref: ModelRef, tags: dict) -> dict:
-    fpr = json.loads(tags[TAG_PREFIX + "fpr_estimate"]) if TAG_PREFIX + "fpr_estimate" in tags \
+    fpr = (
+        json.loads(tags[TAG_PREFIX + "fpr_estimate"])
+        if TAG_PREFIX + "fpr_estimate" in tags
         else None
+    )
     auroc = tags.get(TAG_PREFIX + "test_auroc")
     return {
         "threshold": detector.threshold.value,
@@ -171,18 +174,24 @@ def _gates(report: PromotionReport, tolerance: float, max_fpr: float) -> list[Ga
     if low is None:
         gates.append(Gate("false alarms", False, "no false-positive measurement to judge"))
     else:
-        gates.append(Gate(
-            "false alarms", low <= target,
-            f"FPR {challenger['fpr']:.4f} (95% CI from {low:.4f}) vs target {target:g}",
-        ))
+        gates.append(
+            Gate(
+                "false alarms",
+                low <= target,
+                f"FPR {challenger['fpr']:.4f} (95% CI from {low:.4f}) vs target {target:g}",
+            )
+        )
     champion = report.figures.get("champion")
     if champion and champion.get("auroc") is not None and challenger.get("auroc") is not None:
         ok = challenger["auroc"] >= champion["auroc"] - tolerance
-        gates.append(Gate(
-            "AUROC", ok,
-            f"{challenger['auroc']:.4f} vs champion {champion['auroc']:.4f} "
-            f"(tolerance {tolerance:g})",
-        ))
+        gates.append(
+            Gate(
+                "AUROC",
+                ok,
+                f"{challenger['auroc']:.4f} vs champion {champion['auroc']:.4f} "
+                f"(tolerance {tolerance:g})",
+            )
+        )
     return gates
 
 
@@ -198,10 +207,12 @@ def apply_promotion(report: PromotionReport, *, tracking_uri: str | None) -> boo
     decision = "promoted" if report.passed else "rejected"
     payload = json.dumps(report.to_dict(), default=str)
     for version in filter(None, (report.challenger, report.champion)):
-        client.set_model_version_tag(report.name, version, TAG_PREFIX + "promotion_decision",
-                                     f"{decision} {stamp}")
-        client.set_model_version_tag(report.name, version, TAG_PREFIX + "promotion_report",
-                                     payload[:5000])
+        client.set_model_version_tag(
+            report.name, version, TAG_PREFIX + "promotion_decision", f"{decision} {stamp}"
+        )
+        client.set_model_version_tag(
+            report.name, version, TAG_PREFIX + "promotion_report", payload[:5000]
+        )
     if not report.passed:
         return False
     history = _history(client, report.name)
@@ -229,7 +240,7 @@ def rollback(name: str, *, tracking_uri: str | None) -> tuple[str, str]:
     previous = history[-1]
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    client.set_model_version_tag(name, current, TAG_PREFIX + "rolled_back",
-                                 datetime.now(UTC).isoformat(timespec="seconds"))
+    client.set_model_version_tag(
+        name, current, TAG_PREFIX + "rolled_back", datetime.now(UTC).isoformat(timespec="seconds")
+    )
     return current, previous
-

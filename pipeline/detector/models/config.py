@@ -65,9 +65,7 @@ class ModelConfig:
         _choice("sparsity", self.sparsity, SPARSITY_PENALTIES)
         _choice("vae_score", self.vae_score, VAE_SCORES)
         # An empty input_shape means "taken from the data later" (see with_input_shape).
-        if self.input_shape and (
-            len(self.input_shape) not in (2, 3) or min(self.input_shape) < 1
-        ):
+        if self.input_shape and (len(self.input_shape) not in (2, 3) or min(self.input_shape) < 1):
             raise ConfigError(
                 "input_shape", f"need (window, features) or (C, H, W), got {self.input_shape}"
             )
