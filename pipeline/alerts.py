@@ -1,0 +1,94 @@
+"""`aewatch alerts`: tail an event topic in a readable form, or as JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import orjson
+
+__all__ = ["format_event", "register_alerts"]
+
+
+def format_event(event: dict) -> str:
+    data = event.get("data", {})
+    model = data.get("model", {})
+    features = ",".join(f["name"] for f in data.get("top_features", []))
+    kind = event.get("type", "?")
+    if kind.startswith("aewatch.alarm"):
+        return (
+            f"{event.get('time')}  {kind.rsplit('.', 1)[-1].upper():8s} {event.get('subject')}"
+            f"  peak {data.get('peak_score', 0):.4g}  features {features}  "
+            f"model {model.get('name')} v{model.get('version')}"
+        )
+    return (
+        f"{data.get('window', {}).get('end', event.get('time'))}  ANOMALY  "
+        f"{event.get('subject')}  score {data.get('score', 0):.4g} "
+        f"(x{data.get('severity', 0):.1f} threshold, p={data.get('p_value', 0):.2g})  "
+        f"features {features}  model {model.get('name')} v{model.get('version')}"
+    )
+
+
+def register_alerts(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("alerts", help="tail anomaly events from a Kafka topic")
+    parser.add_argument("--bootstrap-servers", required=True)
+    parser.add_argument("--topic", default="aewatch.anomalies")
+    parser.add_argument("--from-beginning", action="store_true")
+    parser.add_argument("--json", action="store_true", help="one JSON event per line")
+    parser.add_argument("--max", type=int, help="stop after this many events")
+    parser.add_argument("--timeout", type=float, help="stop after this many idle seconds")
+    parser.add_argument("--security-protocol", default="PLAINTEXT")
+    parser.add_argument("--sasl-mechanism")
+    parser.add_argument("--sasl-username")
+    parser.add_argument("--sasl-password")
+    parser.add_argument("--ssl-cafile")
+    parser.set_defaults(handler=_run_alerts)
+
+
+def _run_alerts(args: argparse.Namespace) -> int:
+    from kafka import KafkaConsumer
+
+    security = {
+        k: v
+        for k, v in {
+            "security_protocol": args.security_protocol,
+            "sasl_mechanism": args.sasl_mechanism,
+            "sasl_plain_username": args.sasl_username,
+            "sasl_plain_password": args.sasl_password,
+            "ssl_cafile": args.ssl_cafile,
+        }.items()
+        if v
+    }
+    consumer = KafkaConsumer(
+        args.topic,
+        bootstrap_servers=args.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest" if args.from_beginning else "latest",
+        **security,
+    )
+    seen, last = 0, time.monotonic()
+    try:
+        while args.max is None or seen < args.max:
+            polled = consumer.poll(timeout_ms=500)
+            if not polled and args.timeout and time.monotonic() - last > args.timeout:
+                break
+            for records in polled.values():
+                for record in records:
+                    last = time.monotonic()
+                    seen += 1
+                    try:
+                        event = orjson.loads(record.value)
+                        line = record.value.decode() if args.json else format_event(event)
+                    except (orjson.JSONDecodeError, AttributeError, TypeError):
+                        line = f"(not an aewatch event at offset {record.offset})"
+                    print(line, flush=True)
+                    if args.max is not None and seen >= args.max:
+                        break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,255 @@
+"""Worker settings: one frozen, validated object built at start-up from flags and environment.
+
+Every flag `--some-setting` can also be given as `AEWATCH_SOME_SETTING`; a flag on the command
+line wins. `MLFLOW_TRACKING_URI` is read as MLflow defines it. An invalid value fails at start-up
+with a ConfigError that names the setting. Secrets (the SASL password, the TLS key password) never
+appear in `repr`, logs or metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from pipeline.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "SETTINGS",
+    "Setting",
+    "WorkerSettings",
+    "add_worker_arguments",
+    "settings_from_args",
+]
+
+ENV_PREFIX = "AEWATCH_"
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+ORDER_POLICIES = ("reject", "drop")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One worker setting: its flag, type, default and meaning (the README table comes from
+    this list)."""
+
+    name: str
+    help: str
+    default: object = None
+    type: type = str
+    choices: tuple | None = None
+    repeatable: bool = False
+    secret: bool = False
+    flag_only: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("model", "detector: models:/NAME@ALIAS, models:/NAME/VERSION or a folder"),
+    Setting("bootstrap_servers", "Kafka bootstrap servers, host:port[,host:port]"),
+    Setting("group_id", "consumer group id", "aewatch-worker"),
+    Setting(
+        "input_topic", "topic to consume (repeatable; env: comma-separated)", (), repeatable=True
+    ),
+    Setting("input_pattern", "regular expression of topics to consume instead of --input-topic"),
+    Setting("output_topic", "topic for anomaly events", "aewatch.anomalies"),
+    Setting("dlq_topic", "topic for records that cannot be used", "aewatch.dlq"),
+    Setting("state_topic", "compacted topic for window positions (default: GROUP.aewatch-state)"),
+    Setting("max_batch", "most windows scored in one forward pass", 4096, int),
+    Setting("max_wait_ms", "longest a ready window waits for a fuller batch", 20, int),
+    Setting("max_poll_records", "most records one poll returns", 5000, int),
+    Setting("commit_interval_ms", "how often offsets are committed", 1000, int),
+    Setting("session_timeout_ms", "consumer group session timeout", 10000, int),
+    Setting(
+        "max_poll_interval_ms", "longest gap between polls before the group evicts us", 300000, int
+    ),
+    Setting("max_record_bytes", "larger records go to the DLQ as oversize", 1_048_576, int),
+    Setting(
+        "order_policy",
+        "out-of-order or duplicate timestamps per key: reject (to the DLQ) "
+        "or drop (counted, not forwarded)",
+        "reject",
+        choices=ORDER_POLICIES,
+    ),
+    Setting("device", "auto, cpu or cuda[:N]", "auto"),
+    Setting("emit_all", "also emit events for normal windows", False, bool),
+    Setting("client_id", "Kafka client id", "aewatch-worker"),
+    Setting(
+        "security_protocol",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+        "PLAINTEXT",
+        choices=SECURITY_PROTOCOLS,
+    ),
+    Setting(
+        "sasl_mechanism", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", None, choices=SASL_MECHANISMS
+    ),
+    Setting("sasl_username", "SASL user name"),
+    Setting("sasl_password", "SASL password", secret=True),
+    Setting("ssl_cafile", "CA certificate file (PEM)"),
+    Setting("ssl_certfile", "client certificate file (PEM)"),
+    Setting("ssl_keyfile", "client key file (PEM)"),
+    Setting("ssl_password", "password of the client key", secret=True),
+    Setting("stop_after_idle_s", "exit after this long without input (0: never)", 0.0, float),
+)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    model: str
+    bootstrap_servers: str
+    group_id: str = "aewatch-worker"
+    input_topic: tuple[str, ...] = ()
+    input_pattern: str | None = None
+    output_topic: str = "aewatch.anomalies"
+    dlq_topic: str = "aewatch.dlq"
+    state_topic: str | None = None
+    max_batch: int = 4096
+    max_wait_ms: int = 20
+    max_poll_records: int = 5000
+    commit_interval_ms: int = 1000
+    session_timeout_ms: int = 10000
+    max_poll_interval_ms: int = 300000
+    max_record_bytes: int = 1_048_576
+    order_policy: str = "reject"
+    device: str = "auto"
+    emit_all: bool = False
+    client_id: str = "aewatch-worker"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = field(default=None, repr=False)
+    stop_after_idle_s: float = 0.0
+    tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model", "is required (--model or AEWATCH_MODEL)")
+        if not self.bootstrap_servers:
+            raise ConfigError(
+                "bootstrap_servers",
+                "is required (--bootstrap-servers or AEWATCH_BOOTSTRAP_SERVERS)",
+            )
+        if bool(self.input_topic) == bool(self.input_pattern):
+            raise ConfigError("input_topic", "give --input-topic (repeatable) or --input-pattern")
+        if self.input_pattern:
+            try:
+                re.compile(self.input_pattern)
+            except re.error as exc:
+                raise ConfigError("input_pattern", f"not a regular expression: {exc}") from None
+        for name in (
+            "max_batch",
+            "max_poll_records",
+            "commit_interval_ms",
+            "session_timeout_ms",
+            "max_poll_interval_ms",
+            "max_record_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.stop_after_idle_s < 0:
+            raise ConfigError("max_wait_ms", "max_wait_ms and stop_after_idle_s must be >= 0")
+        if self.output_topic in self.input_topic or self.dlq_topic in self.input_topic:
+            raise ConfigError("output_topic", "output and DLQ topics must differ from the input")
+        sasl_complete = self.sasl_mechanism and self.sasl_username and self.sasl_password
+        if self.security_protocol.startswith("SASL") and not sasl_complete:
+            raise ConfigError(
+                "sasl_mechanism",
+                f"{self.security_protocol} needs "
+                "--sasl-mechanism, --sasl-username and --sasl-password",
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(name, f"no such file: {path}")
+
+    @property
+    def state_topic_name(self) -> str:
+        return self.state_topic or f"{self.group_id}.aewatch-state"
+
+    def kafka_security(self) -> dict:
+        """Security settings for kafka-python clients (empty ones left out)."""
+        config = {"security_protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            config.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password"):
+            if getattr(self, name):
+                config[name] = getattr(self, name)
+        return config
+
+    def redacted(self) -> dict:
+        """The settings for logs: secrets masked."""
+        secret = {s.name for s in SETTINGS if s.secret}
+        return {
+            f.name: ("***" if f.name in secret and getattr(self, f.name) else getattr(self, f.name))
+            for f in fields(self)
+        }
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(text)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    for setting in SETTINGS:
+        kwargs: dict = {"help": f"{setting.help} [env {setting.env}]", "default": None}
+        if setting.type is bool:
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
+        elif setting.repeatable:
+            kwargs["action"] = "append"
+        else:
+            kwargs["type"] = str
+        parser.add_argument(setting.flag, dest=setting.name, **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> WorkerSettings:
+    """Flags first, then AEWATCH_ variables, then defaults; each value converted and checked."""
+    values = {}
+    for setting in SETTINGS:
+        raw = getattr(args, setting.name, None)
+        source = setting.flag
+        if raw is None and setting.env in environ:
+            raw, source = environ[setting.env], setting.env
+            if setting.repeatable:
+                raw = [t.strip() for t in raw.split(",") if t.strip()]
+        if raw is None:
+            values[setting.name] = setting.default
+            continue
+        try:
+            if setting.repeatable:
+                value = tuple(raw)
+            elif setting.type is bool:
+                value = raw if isinstance(raw, bool) else _parse_bool(raw)
+            else:
+                value = setting.type(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(setting.name, f"invalid value {raw!r} from {source}") from None
+        if setting.choices and value not in setting.choices:
+            raise ConfigError(
+                setting.name, f"{value!r} from {source} is not one of {', '.join(setting.choices)}"
+            )
+        values[setting.name] = value
+    return WorkerSettings(**values, tracking_uri=environ.get("MLFLOW_TRACKING_URI"))

@@ -1,0 +1,218 @@
+"""Kafka adapters: the only module that imports kafka-python.
+
+The worker talks to a `Source` (poll, commit, rebalance callbacks) and a `Sink` (send, flush);
+tests use in-memory fakes with the same shape. Records are kafka-python's `ConsumerRecord`s or
+anything with `topic, partition, offset, key, value, headers, timestamp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from pipeline.config import WorkerSettings
+from pipeline.errors import AewatchError
+
+__all__ = [
+    "DeliveryError",
+    "KafkaSink",
+    "KafkaSource",
+    "Partition",
+    "Sink",
+    "Source",
+    "ensure_topics",
+    "read_latest",
+]
+
+log = logging.getLogger(__name__)
+Partition = tuple[str, int]
+
+
+class DeliveryError(AewatchError):
+    """The producer could not deliver a record; offsets are not committed past it."""
+
+
+class Source(Protocol):
+    def poll(self, timeout_ms: int) -> dict[Partition, list]: ...
+    def commit(self, offsets: dict[Partition, int]) -> None: ...
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+    ) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, on_assigned, on_revoked) -> None:
+        self.on_assigned, self.on_revoked = on_assigned, on_revoked
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.on_revoked({(tp.topic, tp.partition) for tp in revoked})
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.on_assigned({(tp.topic, tp.partition) for tp in assigned})
+
+
+class KafkaSource:
+    """A consumer-group member with manual commits; rebalances call back into the worker."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        on_assigned: Callable[[set[Partition]], None],
+        on_revoked: Callable[[set[Partition]], None],
+    ) -> None:
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=settings.group_id,
+            client_id=settings.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=settings.max_poll_records,
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=max(300, settings.session_timeout_ms // 4),
+            max_poll_interval_ms=settings.max_poll_interval_ms,
+            fetch_max_wait_ms=50,
+            **settings.kafka_security(),
+        )
+        listener = _Listener(on_assigned, on_revoked)
+        if settings.input_pattern:
+            self.consumer.subscribe(pattern=settings.input_pattern, listener=listener)
+        else:
+            self.consumer.subscribe(topics=list(settings.input_topic), listener=listener)
+
+    def poll(self, timeout_ms: int) -> dict[Partition, list]:
+        polled = self.consumer.poll(timeout_ms=timeout_ms)
+        return {(tp.topic, tp.partition): records for tp, records in polled.items()}
+
+    def commit(self, offsets: dict[Partition, int]) -> None:
+        if offsets:
+            # Kafka stores the offset of the NEXT record to read; callers pass exactly that.
+            self.consumer.commit(
+                {
+                    TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                    for (t, p), o in offsets.items()
+                }
+            )
+
+    def committed(self, partition: Partition) -> int | None:
+        return self.consumer.committed(TopicPartition(*partition))
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+class KafkaSink:
+    """An idempotent producer (acks=all); `flush` raises if any record was not delivered."""
+
+    def __init__(self, settings: WorkerSettings, *, linger_ms: int = 5) -> None:
+        self.producer = KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id=settings.client_id,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=linger_ms,
+            compression_type="lz4",
+            max_request_size=max(1_048_576, settings.max_record_bytes + 65536),
+            **settings.kafka_security(),
+        )
+        self._pending: list = []
+
+    def send(self, topic, key, value, headers=None, partition=None) -> None:
+        self._pending.append(
+            self.producer.send(
+                topic, key=key, value=value, headers=headers or [], partition=partition
+            )
+        )
+
+    def flush(self) -> None:
+        self.producer.flush()
+        pending, self._pending = self._pending, []
+        for future in pending:
+            if future.failed():
+                raise DeliveryError(f"a record was not delivered: {future.exception!r}")
+
+    def close(self) -> None:
+        self.producer.close()
+
+
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: dict[str, dict],
+    security: dict | None = None,
+) -> None:
+    """Create topics that do not exist yet: {name: {"num_partitions": n, "topic_configs": {}}}."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **(security or {}))
+    try:
+        existing = set(admin.list_topics())
+        wanted = {
+            name: {
+                "num_partitions": spec.get("num_partitions", 1),
+                "replication_factor": spec.get("replication_factor", 1),
+                "topic_configs": spec.get("topic_configs", {}),
+            }
+            for name, spec in topics.items()
+            if name not in existing
+        }
+        if wanted:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                admin.create_topics(wanted)
+    finally:
+        admin.close()
+
+
+def read_latest(
+    bootstrap_servers: str,
+    topic: str,
+    keys: Iterable[bytes] | None = None,
+    security: dict | None = None,
+    timeout_s: float = 30.0,
+) -> dict[bytes, bytes]:
+    """The latest value per key of a (compacted) topic, read from the beginning to its end."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap_servers,
+        enable_auto_commit=False,
+        group_id=None,
+        **(security or {}),
+    )
+    wanted = set(keys) if keys is not None else None
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return {}
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        latest: dict[bytes, bytes] = {}
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise KafkaError(f"reading {topic} did not finish in {timeout_s:.0f}s")
+            for records in consumer.poll(timeout_ms=500).values():
+                for record in records:
+                    if wanted is None or record.key in wanted:
+                        if record.value is None:
+                            latest.pop(record.key, None)
+                        else:
+                            latest[record.key] = record.value
+        return latest
+    finally:
+        consumer.close()

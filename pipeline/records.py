@@ -1,0 +1,158 @@
+"""Decoding input records: sensor readings and pre-cut windows, or a reason to reject them.
+
+Readings: `{"key": "pump-7", "ts": "2026-01-01T00:00:00Z" | 1767225600000, "values": {"s1": 0.3}}`
+with the Kafka message key equal to the entity key (the JSON `key` may be left out then).
+Windows: `{"key": ..., "ts_start": ..., "ts_end": ..., "values": [[...], ...]}`, rows in time order
+and columns in the model's feature order (or named by an optional `"features": [...]`).
+
+Features are matched by name; extra ones are ignored; a missing or non-finite one rejects the
+record. Rejections carry one of the documented DLQ reasons.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import orjson
+
+__all__ = ["REASONS", "Decoded", "Rejection", "RecordDecoder", "parse_timestamp_ms"]
+
+REASONS = (
+    "decode_error",  # not UTF-8 JSON
+    "schema_mismatch",  # JSON, but not the shape of a reading or window
+    "missing_feature",  # a feature the model needs is absent
+    "non_finite",  # NaN, infinity, or beyond float32 range
+    "bad_timestamp",  # timestamp missing or unparseable
+    "oversize",  # record larger than max_record_bytes
+    "window_shape",  # a pre-cut window of the wrong length or width
+    "out_of_order",  # older than the key's latest reading
+    "duplicate_timestamp",  # same timestamp as the key's latest reading
+)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A reading (values has one row) or a pre-cut window (values has W rows)."""
+
+    key: str
+    ts_ms: int
+    values: list
+    is_window: bool = False
+    ts_start_ms: int = 0
+
+
+def parse_timestamp_ms(value) -> int:
+    """Epoch milliseconds from epoch ms (int or float) or an ISO-8601 string (UTC if naive)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a timestamp")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("non-finite timestamp")
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return int(parsed.timestamp() * 1000)
+    raise ValueError(f"unsupported timestamp type {type(value).__name__}")
+
+
+class RecordDecoder:
+    def __init__(self, features: tuple[str, ...], window: int, max_bytes: int) -> None:
+        self.features = features
+        self.window = window
+        self.max_bytes = max_bytes
+
+    def decode(self, message_key: bytes | None, value: bytes | None) -> Decoded | Rejection:
+        if value is None:
+            return Rejection("schema_mismatch", "empty record (tombstone)")
+        if len(value) > self.max_bytes:
+            return Rejection("oversize", f"{len(value)} bytes > {self.max_bytes}")
+        try:
+            data = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            return Rejection("decode_error", str(exc)[:200])
+        if not isinstance(data, dict):
+            return Rejection("schema_mismatch", "not a JSON object")
+        key = data.get("key")
+        if key is None:
+            if not message_key:
+                return Rejection("schema_mismatch", "no entity key (JSON 'key' or message key)")
+            try:
+                key = message_key.decode()
+            except UnicodeDecodeError:
+                return Rejection("schema_mismatch", "message key is not UTF-8")
+        elif not isinstance(key, str | int) or isinstance(key, bool):
+            return Rejection("schema_mismatch", "'key' must be a string")
+        key = str(key)
+        if message_key is not None and message_key != key.encode():
+            return Rejection("schema_mismatch", "JSON 'key' differs from the message key")
+        values = data.get("values")
+        if isinstance(values, dict):
+            return self._reading(key, data, values)
+        if isinstance(values, list):
+            return self._window(key, data, values)
+        return Rejection("schema_mismatch", "'values' must be an object or a list of rows")
+
+    def _reading(self, key: str, data: dict, values: dict) -> Decoded | Rejection:
+        try:
+            ts = parse_timestamp_ms(data["ts"])
+        except KeyError:
+            return Rejection("bad_timestamp", "no 'ts'")
+        except (ValueError, OverflowError, OSError) as exc:
+            return Rejection("bad_timestamp", str(exc)[:200])
+        row = []
+        for name in self.features:
+            try:
+                number = values[name]
+            except KeyError:
+                return Rejection("missing_feature", f"missing feature {name!r}")
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                return Rejection("schema_mismatch", f"feature {name!r} is not a number")
+            if not (math.isfinite(number) and abs(number) <= _FLOAT32_MAX):
+                return Rejection("non_finite", f"feature {name!r} = {number!r}")
+            row.append(number)
+        return Decoded(key, ts, row)
+
+    def _window(self, key: str, data: dict, rows: list) -> Decoded | Rejection:
+        try:
+            ts_end = parse_timestamp_ms(data["ts_end"])
+            ts_start = parse_timestamp_ms(data["ts_start"])
+        except KeyError:
+            return Rejection("bad_timestamp", "a window needs 'ts_start' and 'ts_end'")
+        except (ValueError, OverflowError, OSError) as exc:
+            return Rejection("bad_timestamp", str(exc)[:200])
+        names = data.get("features")
+        try:
+            array = np.asarray(rows, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            return Rejection("window_shape", "rows must be lists of numbers of equal length")
+        if names is not None:
+            if not isinstance(names, list) or array.ndim != 2 or len(names) != array.shape[1]:
+                return Rejection("window_shape", "'features' must name every column")
+            index = {name: i for i, name in enumerate(names)}
+            missing = [f for f in self.features if f not in index]
+            if missing:
+                return Rejection("missing_feature", f"missing feature {missing[0]!r}")
+            array = array[:, [index[f] for f in self.features]]
+        if array.shape != (self.window, len(self.features)):
+            return Rejection(
+                "window_shape",
+                f"shape {list(array.shape)}, expected [{self.window}, {len(self.features)}]",
+            )
+        if not (np.isfinite(array).all() and np.abs(array).max() <= _FLOAT32_MAX):
+            return Rejection("non_finite", "window holds NaN, infinity or out-of-range values")
+        return Decoded(key, ts_end, array.tolist(), is_window=True, ts_start_ms=ts_start)

@@ -1,0 +1,243 @@
+"""`aewatch simulate`: a multi-sensor fleet on Kafka with injected anomalies and a ground truth.
+
+Each key is a machine with correlated sensors (shared seasonal drivers, a slow cycle, a random
+walk, noise); anomalies of the named kinds (spike, level_shift, drift, stuck, noise_burst,
+frequency_change) are injected on one sensor of some keys. Readings are JSON
+`{"key", "ts" (epoch ms), "values": {sensor: number}}` with the Kafka message key = the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from pipeline.errors import ConfigError
+from pipeline.synthetic import ANOMALY_KINDS, Injection, inject, normal_series
+
+__all__ = ["FleetStream", "TruthRow", "register_simulate", "simulate_fleet"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TruthRow:
+    key: str
+    kind: str
+    feature: str
+    start_index: int
+    end_index: int  # inclusive
+    start_ms: int
+    end_ms: int
+
+
+@dataclass
+class FleetStream:
+    """Readings of every key, interleaved in time order, and what was injected where."""
+
+    keys: np.ndarray  # [N] str
+    ts_ms: np.ndarray  # [N] int64
+    values: np.ndarray  # [N, F] float32
+    labels: np.ndarray  # [N] 0/1
+    features: tuple[str, ...]
+    truth: list[TruthRow]
+
+    def payloads(self) -> list[bytes]:
+        names = self.features
+        return [
+            orjson.dumps(
+                {"key": k, "ts": int(t), "values": dict(zip(names, row.tolist(), strict=True))}
+            )
+            for k, t, row in zip(self.keys.tolist(), self.ts_ms, self.values, strict=True)
+        ]
+
+    def key_series(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mask = self.keys == key
+        return self.ts_ms[mask], self.values[mask], self.labels[mask]
+
+
+def simulate_fleet(
+    *,
+    keys: int = 4,
+    readings_per_key: int = 2500,
+    features: int | tuple[str, ...] = 6,
+    anomalies: tuple[str, ...] = ANOMALY_KINDS,
+    anomalous_keys: int | None = None,
+    anomaly_length: int = 40,
+    magnitude: float = 1.5,
+    start_ms: int = 1_767_225_600_000,
+    period_ms: int = 1000,
+    seed: int = 0,
+    warmup: int = 0,
+) -> FleetStream:
+    """A fleet in time order. The first `warmup` readings of every key stay normal; anomalies
+    (one per kind, cycling over the anomalous keys) are placed without overlap after that."""
+    names = (
+        tuple(features)
+        if isinstance(features, tuple | list)
+        else tuple(f"sensor_{i}" for i in range(int(features)))
+    )
+    for kind in anomalies:
+        if kind not in ANOMALY_KINDS:
+            raise ConfigError("anomalies", f"unknown kind {kind!r}; choose from {ANOMALY_KINDS}")
+    rng = np.random.default_rng(seed)
+    key_names = [f"machine-{i:03d}" for i in range(keys)]
+    n_bad = keys if anomalous_keys is None else min(anomalous_keys, keys)
+    per_key_values, per_key_labels, truth = [], [], []
+    plan: dict[int, list[str]] = {i: [] for i in range(n_bad)}
+    for j, kind in enumerate(anomalies):
+        if n_bad:
+            plan[j % n_bad].append(kind)
+    for index, key in enumerate(key_names):
+        values = normal_series(readings_per_key, len(names), seed=seed * 1000 + index)
+        labels = np.zeros(readings_per_key, np.int8)
+        kinds = plan.get(index, [])
+        free = readings_per_key - warmup
+        slot = free // max(1, len(kinds))
+        if kinds and slot < anomaly_length + 10:
+            raise ConfigError("readings_per_key", "too few readings for the anomalies asked for")
+        for k, kind in enumerate(kinds):
+            lo = warmup + k * slot + 5
+            start = int(rng.integers(lo, lo + slot - anomaly_length - 5))
+            feature = int(rng.integers(len(names)))
+            values = inject(
+                values,
+                Injection(kind, start, anomaly_length, feature),
+                rng=rng,
+                magnitude=magnitude,
+            )
+            labels[start : start + anomaly_length] = 1
+            truth.append(
+                TruthRow(
+                    key,
+                    kind,
+                    names[feature],
+                    start,
+                    start + anomaly_length - 1,
+                    start_ms + start * period_ms,
+                    start_ms + (start + anomaly_length - 1) * period_ms,
+                )
+            )
+        per_key_values.append(values)
+        per_key_labels.append(labels)
+    # interleave: reading i of every key, then reading i + 1, ...
+    order_keys = np.tile(np.asarray(key_names, dtype=object), readings_per_key)
+    ts = np.repeat(start_ms + np.arange(readings_per_key, dtype=np.int64) * period_ms, keys)
+    stacked = np.stack(per_key_values, axis=1).reshape(-1, len(names))
+    labels = np.stack(per_key_labels, axis=1).reshape(-1)
+    return FleetStream(order_keys, ts, stacked.astype(np.float32), labels, names, truth)
+
+
+def write_truth(path: Path, truth: list[TruthRow]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(TruthRow.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in truth)
+
+
+def register_simulate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="produce a simulated sensor fleet with injected anomalies to Kafka",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--bootstrap-servers", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--keys", type=int, default=4, help="machines (default: %(default)s)")
+    parser.add_argument("--readings", type=int, default=2500, help="readings per machine")
+    parser.add_argument(
+        "--features",
+        default="6",
+        help="number of sensors, or comma-separated names (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--anomalies",
+        default=",".join(ANOMALY_KINDS),
+        help="kinds to inject, comma-separated ('' for none)",
+    )
+    parser.add_argument("--anomalous-keys", type=int, help="machines that get anomalies")
+    parser.add_argument("--warmup", type=int, default=0, help="normal readings first, per key")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="readings per second in total (0: as fast as possible)",
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="stamp readings with the current time instead of a fixed start",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--truth", help="write the injected anomalies to this CSV")
+    parser.add_argument("--security-protocol", default="PLAINTEXT")
+    parser.add_argument("--sasl-mechanism")
+    parser.add_argument("--sasl-username")
+    parser.add_argument("--sasl-password")
+    parser.add_argument("--ssl-cafile")
+    parser.set_defaults(handler=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from kafka import KafkaProducer
+
+    features = (
+        tuple(args.features.split(",")) if not args.features.isdigit() else int(args.features)
+    )
+    kinds = tuple(k for k in args.anomalies.split(",") if k)
+    start_ms = int(time.time() * 1000) if args.live else 1_767_225_600_000
+    period_ms = int(1000 * args.keys / args.rate) if args.rate else 1000
+    fleet = simulate_fleet(
+        keys=args.keys,
+        readings_per_key=args.readings,
+        features=features,
+        anomalies=kinds,
+        anomalous_keys=args.anomalous_keys,
+        warmup=args.warmup,
+        seed=args.seed,
+        start_ms=start_ms,
+        period_ms=max(1, period_ms),
+    )
+    if args.truth:
+        write_truth(Path(args.truth), fleet.truth)
+    security = {
+        k: v
+        for k, v in {
+            "security_protocol": args.security_protocol,
+            "sasl_mechanism": args.sasl_mechanism,
+            "sasl_plain_username": args.sasl_username,
+            "sasl_plain_password": args.sasl_password,
+            "ssl_cafile": args.ssl_cafile,
+        }.items()
+        if v
+    }
+    producer = KafkaProducer(
+        bootstrap_servers=args.bootstrap_servers, linger_ms=10, compression_type="lz4", **security
+    )
+    started = time.monotonic()
+    for i, (key, payload) in enumerate(zip(fleet.keys.tolist(), fleet.payloads(), strict=True)):
+        if args.rate:
+            delay = started + i / args.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        producer.send(args.topic, key=key.encode(), value=payload)
+    producer.flush()
+    producer.close()
+    print(
+        json.dumps(
+            {
+                "readings": len(fleet.keys),
+                "keys": args.keys,
+                "anomalies": len(fleet.truth),
+                "seconds": time.monotonic() - started,
+            }
+        )
+    )
+    return 0
