@@ -26,7 +26,7 @@ __all__ = [
 
 EVENT_TYPE = "aewatch.anomaly.v1"
 EVENT_SCHEMA = "anomaly-event.v1.schema.json"
-_NAMESPACE = uuid.UUID("6f6e1a52-8b3b-4e1e-9a55-61657761746368")
+_NAMESPACE = uuid.UUID("6f6e1a52-8b3b-4e1e-9a55-616577617463")
 
 
 @dataclass(frozen=True)

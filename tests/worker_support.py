@@ -1,0 +1,135 @@
+"""Shared pieces for worker tests: a fleet detector, fake Kafka source and sink."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import WorkerSettings
+from pipeline.simulate import FleetStream, simulate_fleet
+
+FEATURES = 4
+
+
+def train_fleet_detector(root: Path, *, window: int = 16, stride: int = 4, target_fpr=0.002):
+    """A detector trained on a clean fleet (same generator as the streams, other seeds)."""
+    from pipeline.detector import ModelConfig
+    from training.fit import FitConfig
+    from training.job import CalibrationSettings, TrainSettings, train
+
+    clean = simulate_fleet(keys=4, readings_per_key=6000, features=FEATURES, anomalies=(),
+                           seed=0)
+    frame = pd.DataFrame(clean.values, columns=list(clean.features))
+    frame.insert(0, "key", clean.keys)
+    frame.insert(0, "ts", pd.to_datetime(clean.ts_ms, unit="ms"))
+    frame.to_csv(root / "clean.csv", index=False)
+    settings = TrainSettings(
+        data=str(root / "clean.csv"), time_col="ts", key_col="key", window=window,
+        stride=stride, out=str(root / "detector"), fractions=(0.6, 0.1, 0.25, 0.05),
+        model=ModelConfig(hidden=(64,), code_size=8),
+        fit=FitConfig(epochs=15, batch_size=64, patience=3),
+        calibration=CalibrationSettings(method="quantile", target_fpr=target_fpr), device="cpu",
+    )
+    return train(settings)
+
+
+def fleet(seed: int = 1, **kwargs) -> FleetStream:
+    defaults = dict(keys=4, readings_per_key=2500, features=FEATURES, seed=seed, warmup=100)
+    return simulate_fleet(**{**defaults, **kwargs})
+
+
+@dataclass
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list = field(default_factory=list)
+    timestamp: int = 0
+
+
+def partitioned(stream: FleetStream, topic: str, partitions: int) -> dict:
+    """Records per partition the way Kafka's key hashing would spread keys (stable here)."""
+    out: dict = {(topic, p): [] for p in range(partitions)}
+    names = sorted(set(stream.keys.tolist()))
+    for key, payload in zip(stream.keys.tolist(), stream.payloads(), strict=True):
+        p = names.index(key) % partitions
+        records = out[(topic, p)]
+        records.append(Record(topic, p, len(records), key.encode(), payload))
+    return out
+
+
+class FakeSource:
+    """Serves per-partition record lists in chunks, from committed offsets, and records commits."""
+
+    def __init__(self, records: dict, chunk: int = 500, committed: dict | None = None):
+        self.records = records
+        self.chunk = chunk
+        self.position = dict(committed or {p: 0 for p in records})
+        self.commits: list[dict] = []
+
+    def poll(self, timeout_ms: int) -> dict:
+        out = {}
+        for partition, records in self.records.items():
+            start = self.position[partition]
+            if start < len(records):
+                out[partition] = records[start : start + self.chunk]
+                self.position[partition] = start + len(out[partition])
+        return out
+
+    def commit(self, offsets: dict) -> None:
+        self.commits.append(dict(offsets))
+
+    def latest_commits(self) -> dict:
+        latest: dict = {}
+        for commit in self.commits:
+            latest.update(commit)
+        return latest
+
+    def close(self) -> None:
+        pass
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+        self.flushes = 0
+
+    def send(self, topic, key=None, value=None, headers=None, partition=None) -> None:
+        self.sent.append((topic, key, value, headers or []))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def close(self) -> None:
+        pass
+
+    def values(self, topic: str) -> list[bytes]:
+        return [v for t, _, v, _ in self.sent if t == topic]
+
+
+def settings(**kwargs) -> WorkerSettings:
+    base = dict(model="unused", bootstrap_servers="unused", input_topic=("readings",),
+                output_topic="events", dlq_topic="dlq", max_wait_ms=0, commit_interval_ms=50,
+                stop_after_idle_s=0.2)
+    return WorkerSettings(**{**base, **kwargs})
+
+
+def batch_windows(stream: FleetStream, spec):
+    from pipeline.detector import cut_windows
+
+    groups = []
+    for key in sorted(set(stream.keys.tolist())):
+        ts, values, labels = stream.key_series(key)
+        groups.append((key, ts, values, labels))
+    return cut_windows(groups, spec)
+
+
+def flags_by_window(stream: FleetStream, detector) -> tuple:
+    windows = batch_windows(stream, detector.input.window)
+    scores = detector.score(windows.windows, attribution=False).scores
+    return windows, scores, np.asarray(scores > detector.threshold.value)
