@@ -12,12 +12,20 @@ import pandas as pd
 
 from pipeline.detector import Detector, WindowSet, WindowSpec, cut_windows
 from pipeline.errors import DataError
+from pipeline.events import ModelIdentity, event_id
 
 __all__ = ["score_images", "score_readings", "score_window_set"]
 
 
-def score_window_set(detector: Detector, windows: WindowSet, *, top_k: int = 3) -> pd.DataFrame:
-    """key, window_start, window_end, score, threshold, p_value, is_anomaly, top_features."""
+def score_window_set(
+    detector: Detector,
+    windows: WindowSet,
+    *,
+    top_k: int = 3,
+    model: ModelIdentity | None = None,
+) -> pd.DataFrame:
+    """key, window_start, window_end, score, threshold, p_value, is_anomaly, top_features, and
+    with `model` the event_id the worker gives the same window."""
     scored = detector.score(windows.windows)
     threshold = detector.threshold
     frame = pd.DataFrame(
@@ -31,6 +39,10 @@ def score_window_set(detector: Detector, windows: WindowSet, *, top_k: int = 3) 
     _add_decision(frame, detector)
     top = detector.top_features(scored.per_feature, top_k) if len(frame) else []
     frame["top_features"] = [",".join(names) for names in top]
+    if model is not None:
+        end_ms = pd.to_datetime(frame["window_end"]).to_numpy().astype("datetime64[ms]")
+        frame["event_id"] = [event_id(model, k, int(e)) for k, e in
+                             zip(frame["key"], end_ms.astype(np.int64), strict=True)]
     if windows.end_labels is not None:
         frame["label"] = windows.end_labels.astype(int)
     frame.attrs["threshold"] = threshold.value

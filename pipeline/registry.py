@@ -17,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.detector import Detector, load_detector
+from pipeline.detector import Detector, load_detector, read_manifest
 from pipeline.errors import ArtifactError, RegistryError
+from pipeline.events import ModelIdentity
 
 __all__ = ["TAG_PREFIX", "ModelRef", "load_model", "parse_model_uri", "resolve_model"]
 
@@ -42,6 +43,12 @@ class ModelRef:
     @property
     def label(self) -> str:
         return f"{self.name} v{self.version}" if self.name else str(self.directory)
+
+    def identity(self) -> ModelIdentity:
+        """Name and version as events carry them; a folder is named by its weights' hash."""
+        if self.name:
+            return ModelIdentity(self.name, str(self.version), self.alias)
+        return ModelIdentity(self.directory.resolve().name, f"sha-{self.weights_sha256[:12]}")
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None] | None:
@@ -69,7 +76,8 @@ def resolve_model(
         directory = Path(uri)
         if not directory.is_dir():
             raise RegistryError(f"{uri}: no such detector folder (or use models:/NAME@ALIAS)")
-        return ModelRef(uri, directory)
+        sha = read_manifest(directory)["weights"]["sha256"]
+        return ModelRef(uri, directory, weights_sha256=sha)
     import mlflow
     from mlflow.exceptions import MlflowException
 

@@ -76,9 +76,15 @@ def simulate_fleet(
     period_ms: int = 1000,
     seed: int = 0,
     warmup: int = 0,
+    skip: int = 0,
+    anomaly_seed: int | None = None,
 ) -> FleetStream:
     """A fleet in time order. The first `warmup` readings of every key stay normal; anomalies
-    (one per kind, cycling over the anomalous keys) are placed without overlap after that."""
+    (one per kind, cycling over the anomalous keys) are placed without overlap after that.
+
+    The machines are fixed by `seed`; `skip` continues their series after that many readings
+    (train on the first part of a fleet, stream its future), and `anomaly_seed` varies where
+    anomalies land."""
     names = (
         tuple(features)
         if isinstance(features, tuple | list)
@@ -87,7 +93,7 @@ def simulate_fleet(
     for kind in anomalies:
         if kind not in ANOMALY_KINDS:
             raise ConfigError("anomalies", f"unknown kind {kind!r}; choose from {ANOMALY_KINDS}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if anomaly_seed is None else anomaly_seed)
     key_names = [f"machine-{i:03d}" for i in range(keys)]
     n_bad = keys if anomalous_keys is None else min(anomalous_keys, keys)
     per_key_values, per_key_labels, truth = [], [], []
@@ -96,7 +102,8 @@ def simulate_fleet(
         if n_bad:
             plan[j % n_bad].append(kind)
     for index, key in enumerate(key_names):
-        values = normal_series(readings_per_key, len(names), seed=seed * 1000 + index)
+        values = normal_series(skip + readings_per_key, len(names), seed=seed * 1000 + index)
+        values = values[skip:]
         labels = np.zeros(readings_per_key, np.int8)
         kinds = plan.get(index, [])
         free = readings_per_key - warmup
@@ -121,15 +128,16 @@ def simulate_fleet(
                     names[feature],
                     start,
                     start + anomaly_length - 1,
-                    start_ms + start * period_ms,
-                    start_ms + (start + anomaly_length - 1) * period_ms,
+                    start_ms + (skip + start) * period_ms,
+                    start_ms + (skip + start + anomaly_length - 1) * period_ms,
                 )
             )
         per_key_values.append(values)
         per_key_labels.append(labels)
     # interleave: reading i of every key, then reading i + 1, ...
     order_keys = np.tile(np.asarray(key_names, dtype=object), readings_per_key)
-    ts = np.repeat(start_ms + np.arange(readings_per_key, dtype=np.int64) * period_ms, keys)
+    steps = np.arange(skip, skip + readings_per_key, dtype=np.int64)
+    ts = np.repeat(start_ms + steps * period_ms, keys)
     stacked = np.stack(per_key_values, axis=1).reshape(-1, len(names))
     labels = np.stack(per_key_labels, axis=1).reshape(-1)
     return FleetStream(order_keys, ts, stacked.astype(np.float32), labels, names, truth)

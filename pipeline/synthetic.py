@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.signal import lfilter
 
 __all__ = ["ANOMALY_KINDS", "Injection", "inject", "normal_series"]
 
@@ -20,22 +21,30 @@ ANOMALY_KINDS = ("spike", "level_shift", "drift", "stuck", "noise_burst", "frequ
 def normal_series(
     n: int, n_features: int, *, seed: int = 0, period: int = 50, noise: float = 0.05
 ) -> np.ndarray:
-    """[n, n_features] float32 readings of one machine in normal operation."""
+    """[n, n_features] float32 readings of one machine in normal operation.
+
+    The machine (phases, mixing weights, offsets) is fixed by `seed`, and the random draws are
+    consumed one time step at a time, so `normal_series(n + m, ...)[:n]` equals
+    `normal_series(n, ...)`: a longer series is the same machine's future.
+    """
     rng = np.random.default_rng(seed)
-    t = np.arange(n, dtype=np.float64)
     phase = rng.uniform(0, 2 * np.pi, size=2)
+    mixing = rng.normal(size=(3, n_features))
+    mixing[0] = np.abs(mixing[0]) + 0.5  # every sensor follows the main cycle
+    offsets = rng.uniform(-2, 2, size=n_features)
+    draws = rng.normal(size=(n, 1 + n_features))
+    t = np.arange(n, dtype=np.float64)
+    # a slow mean-reverting wander (AR(1)), shared by all sensors
+    wander = lfilter([0.02], [1.0, -0.995], draws[:, 0])
     drivers = np.stack(
         [
             np.sin(2 * np.pi * t / period + phase[0]),
             0.5 * np.sin(2 * np.pi * t / (period * 3.7) + phase[1]),
-            0.02 * np.cumsum(rng.normal(size=n)) / np.sqrt(max(n, 1)) * 10,
+            wander,
         ],
         axis=1,
     )
-    mixing = rng.normal(size=(3, n_features))
-    mixing[0] = np.abs(mixing[0]) + 0.5  # every sensor follows the main cycle
-    offsets = rng.uniform(-2, 2, size=n_features)
-    values = drivers @ mixing + offsets + noise * rng.normal(size=(n, n_features))
+    values = drivers @ mixing + offsets + noise * draws[:, 1:]
     return values.astype(np.float32)
 
 

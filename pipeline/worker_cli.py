@@ -9,7 +9,7 @@ import signal
 
 from pipeline.config import WorkerSettings, add_worker_arguments, settings_from_args
 
-__all__ = ["build_worker", "model_identity", "register_worker"]
+__all__ = ["build_worker", "register_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +24,6 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
     )
     add_worker_arguments(parser)
     parser.set_defaults(handler=_run_worker)
-
-
-def model_identity(ref) -> object:
-    from pipeline.events import ModelIdentity
-
-    if ref.name:
-        return ModelIdentity(ref.name, str(ref.version), ref.alias)
-    from pipeline.detector import read_manifest
-
-    sha = read_manifest(ref.directory)["weights"]["sha256"]
-    return ModelIdentity(ref.directory.resolve().name, f"sha-{sha[:12]}", None)
 
 
 def build_worker(settings: WorkerSettings):
@@ -66,7 +55,7 @@ def build_worker(settings: WorkerSettings):
         return kafka_io.read_latest(settings.bootstrap_servers, topic, keys, security)
 
     state = KafkaStateStore(sink, read_latest, settings.state_topic_name)
-    worker = Worker(settings, detector, model_identity(ref), sink, state)
+    worker = Worker(settings, detector, ref.identity(), sink, state)
     worker.attach(kafka_io.KafkaSource(settings, worker.on_assigned, worker.on_revoked))
     log.info(
         "worker ready: model %s on %s; settings %s", ref.label, detector.device, settings.redacted()

@@ -12,6 +12,8 @@ from pipeline.config import WorkerSettings
 from pipeline.simulate import FleetStream, simulate_fleet
 
 FEATURES = 4
+FLEET_KEYS = 6
+HISTORY = 6000  # readings per machine the detector is trained on; streams continue after
 
 
 def train_fleet_detector(root: Path, *, window: int = 16, stride: int = 4, target_fpr=0.002):
@@ -20,8 +22,8 @@ def train_fleet_detector(root: Path, *, window: int = 16, stride: int = 4, targe
     from training.fit import FitConfig
     from training.job import CalibrationSettings, TrainSettings, train
 
-    clean = simulate_fleet(keys=4, readings_per_key=6000, features=FEATURES, anomalies=(),
-                           seed=0)
+    clean = simulate_fleet(keys=FLEET_KEYS, readings_per_key=HISTORY, features=FEATURES,
+                           anomalies=(), seed=0)
     frame = pd.DataFrame(clean.values, columns=list(clean.features))
     frame.insert(0, "key", clean.keys)
     frame.insert(0, "ts", pd.to_datetime(clean.ts_ms, unit="ms"))
@@ -37,7 +39,9 @@ def train_fleet_detector(root: Path, *, window: int = 16, stride: int = 4, targe
 
 
 def fleet(seed: int = 1, **kwargs) -> FleetStream:
-    defaults = dict(keys=4, readings_per_key=2500, features=FEATURES, seed=seed, warmup=100)
+    """The trained fleet's next readings, with anomalies placed by `seed`."""
+    defaults = dict(keys=4, readings_per_key=2500, features=FEATURES, seed=0, warmup=100,
+                    skip=HISTORY, anomaly_seed=seed)
     return simulate_fleet(**{**defaults, **kwargs})
 
 

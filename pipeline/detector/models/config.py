@@ -50,8 +50,9 @@ class ModelConfig:
     sparsity_target: float = 0.05
     # contractive: weight of the squared Frobenius norm of the encoder Jacobian
     contractive_weight: float = 1e-3
-    # vae: beta-weighted KL; the anomaly score is reconstruction error or the negative ELBO
-    beta: float = 1.0
+    # vae: KL weighted by beta per input element against the mean reconstruction error; the
+    # anomaly score is reconstruction error or the negative ELBO
+    beta: float = 0.1
     vae_score: str = "reconstruction"
 
     def __post_init__(self) -> None:
