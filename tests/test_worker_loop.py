@@ -90,7 +90,7 @@ def test_malformed_records_go_to_the_dlq_with_their_reason(detector):
     source = FakeSource({("readings", 0): mixed}, chunk=97)
     _, sink, stats = _run(detector, source)
     dead = {}
-    for topic, key, value, headers in sink.sent:
+    for topic, _key, _value, headers in sink.sent:
         if topic == "dlq":
             h = dict(headers)
             dead[int(h["aewatch.source.offset"])] = h["aewatch.dlq.reason"].decode()
