@@ -41,8 +41,10 @@ def score_window_set(
     frame["top_features"] = [",".join(names) for names in top]
     if model is not None:
         end_ms = pd.to_datetime(frame["window_end"]).to_numpy().astype("datetime64[ms]")
-        frame["event_id"] = [event_id(model, k, int(e)) for k, e in
-                             zip(frame["key"], end_ms.astype(np.int64), strict=True)]
+        frame["event_id"] = [
+            event_id(model, k, int(e))
+            for k, e in zip(frame["key"], end_ms.astype(np.int64), strict=True)
+        ]
     if windows.end_labels is not None:
         frame["label"] = windows.end_labels.astype(int)
     frame.attrs["threshold"] = threshold.value

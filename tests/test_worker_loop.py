@@ -44,8 +44,11 @@ def test_every_window_is_scored_and_events_match_batch_scoring(detector):
     windows, scores, flags = flags_by_window(stream, detector)
     assert stats.windows_scored == len(windows)
     events = [orjson.loads(v) for v in sink.values("events")]
-    expected = {event_id(MODEL, str(k), int(e)): s for k, e, s, f in
-                zip(windows.keys, windows.end_times, scores, flags, strict=True) if f}
+    expected = {
+        event_id(MODEL, str(k), int(e)): s
+        for k, e, s, f in zip(windows.keys, windows.end_times, scores, flags, strict=True)
+        if f
+    }
     assert {e["id"]: e["data"]["score"] for e in events} == pytest.approx(expected, rel=1e-6)
     validator = Draft202012Validator(event_schema())
     for event in events:
@@ -63,19 +66,29 @@ def test_malformed_records_go_to_the_dlq_with_their_reason(detector):
         (b"not json", "decode_error"),
         (b"\xff\xfe", "decode_error"),
         (b"[1, 2]", "schema_mismatch"),
-        (orjson.dumps({"key": "machine-000", "ts": 1, "values": {names[0]: 1.0}}),
-         "missing_feature"),
+        (
+            orjson.dumps({"key": "machine-000", "ts": 1, "values": {names[0]: 1.0}}),
+            "missing_feature",
+        ),
         (b'{"key": "machine-000", "ts": 1, "values": {"sensor_0": NaN}}', "decode_error"),
-        (orjson.dumps({"key": "machine-000", "ts": 1, "values": {**values, names[1]: 1e39}}),
-         "non_finite"),
+        (
+            orjson.dumps({"key": "machine-000", "ts": 1, "values": {**values, names[1]: 1e39}}),
+            "non_finite",
+        ),
         (orjson.dumps({"key": "machine-000", "values": values}), "bad_timestamp"),
-        (orjson.dumps({"key": "machine-000", "ts": "yesterday", "values": values}),
-         "bad_timestamp"),
+        (
+            orjson.dumps({"key": "machine-000", "ts": "yesterday", "values": values}),
+            "bad_timestamp",
+        ),
         (orjson.dumps({"key": "machine-000", "ts": 5, "values": values}), "out_of_order"),
-        (orjson.dumps({"key": "machine-000", "ts_start": 0, "values": [[1.0] * 3]}),
-         "bad_timestamp"),
-        (orjson.dumps({"key": "machine-000", "ts_start": 0, "ts_end": 1,
-                       "values": [[1.0] * 3]}), "window_shape"),
+        (
+            orjson.dumps({"key": "machine-000", "ts_start": 0, "values": [[1.0] * 3]}),
+            "bad_timestamp",
+        ),
+        (
+            orjson.dumps({"key": "machine-000", "ts_start": 0, "ts_end": 1, "values": [[1.0] * 3]}),
+            "window_shape",
+        ),
         (b"x" * 2_000_000, "oversize"),
     ]
     mixed, expected = [], {}
@@ -133,8 +146,9 @@ def test_restart_from_commit_and_state_gives_the_same_event_ids(detector):
     first.checkpoint()
     sent_before = {orjson.loads(v)["id"] for v in first.sink.values("events")}
     # work done after the last checkpoint is lost with the process
-    first.process(FakeSource({p: r[len(r) * 2 // 5 : len(r) // 2] for p, r in
-                              records.items()}).poll(0))
+    first.process(
+        FakeSource({p: r[len(r) * 2 // 5 : len(r) // 2] for p, r in records.items()}).poll(0)
+    )
 
     second_source = FakeSource(records, chunk=250, committed=source.latest_commits())
     _, second_sink, _ = _run(detector, second_source, state=state)

@@ -22,26 +22,40 @@ def train_fleet_detector(root: Path, *, window: int = 16, stride: int = 4, targe
     from training.fit import FitConfig
     from training.job import CalibrationSettings, TrainSettings, train
 
-    clean = simulate_fleet(keys=FLEET_KEYS, readings_per_key=HISTORY, features=FEATURES,
-                           anomalies=(), seed=0)
+    clean = simulate_fleet(
+        keys=FLEET_KEYS, readings_per_key=HISTORY, features=FEATURES, anomalies=(), seed=0
+    )
     frame = pd.DataFrame(clean.values, columns=list(clean.features))
     frame.insert(0, "key", clean.keys)
     frame.insert(0, "ts", pd.to_datetime(clean.ts_ms, unit="ms"))
     frame.to_csv(root / "clean.csv", index=False)
     settings = TrainSettings(
-        data=str(root / "clean.csv"), time_col="ts", key_col="key", window=window,
-        stride=stride, out=str(root / "detector"), fractions=(0.6, 0.1, 0.25, 0.05),
+        data=str(root / "clean.csv"),
+        time_col="ts",
+        key_col="key",
+        window=window,
+        stride=stride,
+        out=str(root / "detector"),
+        fractions=(0.6, 0.1, 0.25, 0.05),
         model=ModelConfig(hidden=(64,), code_size=8),
         fit=FitConfig(epochs=15, batch_size=64, patience=3),
-        calibration=CalibrationSettings(method="quantile", target_fpr=target_fpr), device="cpu",
+        calibration=CalibrationSettings(method="quantile", target_fpr=target_fpr),
+        device="cpu",
     )
     return train(settings)
 
 
 def fleet(seed: int = 1, **kwargs) -> FleetStream:
     """The trained fleet's next readings, with anomalies placed by `seed`."""
-    defaults = dict(keys=4, readings_per_key=2500, features=FEATURES, seed=0, warmup=100,
-                    skip=HISTORY, anomaly_seed=seed)
+    defaults = dict(
+        keys=4,
+        readings_per_key=2500,
+        features=FEATURES,
+        seed=0,
+        warmup=100,
+        skip=HISTORY,
+        anomaly_seed=seed,
+    )
     return simulate_fleet(**{**defaults, **kwargs})
 
 
@@ -117,9 +131,16 @@ class FakeSink:
 
 
 def settings(**kwargs) -> WorkerSettings:
-    base = dict(model="unused", bootstrap_servers="unused", input_topic=("readings",),
-                output_topic="events", dlq_topic="dlq", max_wait_ms=0, commit_interval_ms=50,
-                stop_after_idle_s=0.2)
+    base = dict(
+        model="unused",
+        bootstrap_servers="unused",
+        input_topic=("readings",),
+        output_topic="events",
+        dlq_topic="dlq",
+        max_wait_ms=0,
+        commit_interval_ms=50,
+        stop_after_idle_s=0.2,
+    )
     return WorkerSettings(**{**base, **kwargs})
 
 

@@ -91,8 +91,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--sparsity-weight", type=float, default=1e-3)
     model.add_argument("--sparsity-target", type=float, default=0.05)
     model.add_argument("--contractive-weight", type=float, default=1e-3)
-    model.add_argument("--beta", type=float, default=0.1,
-                       help="KL weight per input element (default: %(default)s)")
+    model.add_argument(
+        "--beta", type=float, default=0.1, help="KL weight per input element (default: %(default)s)"
+    )
     model.add_argument("--vae-score", default="reconstruction", choices=["reconstruction", "elbo"])
 
     calib = parser.add_argument_group("calibration and evaluation")

@@ -61,8 +61,7 @@ def _run_score(args: argparse.Namespace) -> int:
     detector, ref = _load(args)
     data = load_for(detector, args)
     if data.windows is not None:
-        frame = score_window_set(detector, data.windows, top_k=args.top_k,
-                                 model=ref.identity())
+        frame = score_window_set(detector, data.windows, top_k=args.top_k, model=ref.identity())
     else:
         frame = score_images(detector, data.images)
     out.parent.mkdir(parents=True, exist_ok=True)

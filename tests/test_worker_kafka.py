@@ -1,0 +1,302 @@
+"""The worker against the real broker: detection, crash recovery, dead letters, batch parity."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+from jsonschema import Draft202012Validator
+from kafka import KafkaConsumer, KafkaProducer
+from scipy import stats
+
+from pipeline.config import WorkerSettings
+from pipeline.events import event_schema
+from pipeline.simulate import FleetStream
+from pipeline.worker_cli import build_worker
+from tests.worker_support import flags_by_window, fleet, train_fleet_detector
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_fleet_detector(tmp_path_factory.mktemp("fleet"))
+
+
+def _names(prefix: str) -> dict:
+    tag = uuid.uuid4().hex[:8]
+    return {
+        "input": f"{prefix}-in-{tag}",
+        "output": f"{prefix}-out-{tag}",
+        "dlq": f"{prefix}-dlq-{tag}",
+        "group": f"{prefix}-g-{tag}",
+    }
+
+
+def _produce(bootstrap: str, topic: str, items) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    for key, value in items:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def _stream_items(stream: FleetStream):
+    return [(k.encode(), v) for k, v in zip(stream.keys.tolist(), stream.payloads(), strict=True)]
+
+
+def _consume(bootstrap: str, topic: str, idle_s: float = 3.0) -> list:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    out, last = [], time.monotonic()
+    while time.monotonic() - last < idle_s:
+        for records in consumer.poll(timeout_ms=300).values():
+            out.extend(records)
+            last = time.monotonic()
+    consumer.close()
+    return out
+
+
+def _settings(bootstrap: str, names: dict, model: Path, **kwargs) -> WorkerSettings:
+    return WorkerSettings(
+        model=str(model),
+        bootstrap_servers=bootstrap,
+        group_id=names["group"],
+        input_topic=(names["input"],),
+        output_topic=names["output"],
+        dlq_topic=names["dlq"],
+        device="cpu",
+        stop_after_idle_s=4.0,
+        session_timeout_ms=6000,
+        commit_interval_ms=500,
+        **kwargs,
+    )
+
+
+def _run(settings: WorkerSettings):
+    worker = build_worker(settings)
+    stats = worker.run()
+    worker.source.close()
+    worker.sink.close()
+    return worker, stats
+
+
+def test_every_injected_anomaly_yields_an_event(kafka_bootstrap, create_topic, trained):
+    names = _names("detect")
+    create_topic(names["input"], partitions=4)
+    stream = fleet(seed=21, keys=6, anomalous_keys=3, readings_per_key=1700)
+    assert len(stream.keys) >= 10_000
+    _produce(kafka_bootstrap, names["input"], _stream_items(stream))
+    worker, stats = _run(_settings(kafka_bootstrap, names, trained.artifact_dir))
+    windows, _, _ = flags_by_window(stream, trained.detector)
+    assert stats.windows_scored == len(windows)
+
+    events = [orjson.loads(r.value) for r in _consume(kafka_bootstrap, names["output"])]
+    validator = Draft202012Validator(event_schema())
+    for event in events:
+        validator.validate(event)
+    spec = trained.detector.input.window
+    for truth in stream.truth:
+        hits = [
+            e
+            for e in events
+            if e["subject"] == truth.key
+            and truth.start_ms
+            <= _ms(e["data"]["window"]["end"])
+            <= truth.end_ms + (spec.length - 1) * 1000
+        ]
+        assert hits, f"no event for {truth.kind} on {truth.key}"
+
+    clean_keys = {f"machine-{i:03d}" for i in range(3, 6)}
+    clean_windows = int(np.isin(windows.keys, list(clean_keys)).sum())
+    false_events = sum(e["subject"] in clean_keys for e in events)
+    target = trained.detector.threshold.params["target_fpr"]
+    assert _ci_low(false_events, clean_windows) <= target, (
+        f"{false_events} false events in {clean_windows} clean windows"
+    )
+
+
+def _ci_low(k: int, n: int) -> float:
+    return float(stats.binomtest(k, n).proportion_ci(0.95, method="exact").low)
+
+
+def _ms(iso: str) -> int:
+    return int(pd.Timestamp(iso).value // 1_000_000)
+
+
+def _worker_process(bootstrap: str, names: dict, model: Path, log: Path) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "--log-format",
+        "json",
+        "worker",
+        "--model",
+        str(model),
+        "--bootstrap-servers",
+        bootstrap,
+        "--group-id",
+        names["group"],
+        "--input-topic",
+        names["input"],
+        "--output-topic",
+        names["output"],
+        "--dlq-topic",
+        names["dlq"],
+        "--device",
+        "cpu",
+        "--stop-after-idle-s",
+        "5",
+        "--session-timeout-ms",
+        "6000",
+        "--commit-interval-ms",
+        "300",
+        "--max-poll-records",
+        "500",
+    ]
+    return subprocess.Popen(
+        args,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+        start_new_session=True,
+    )
+
+
+def test_sigkill_and_restart_scores_every_window(kafka_bootstrap, create_topic, trained, tmp_path):
+    stream = fleet(seed=22, keys=4, readings_per_key=2500)
+    items = _stream_items(stream)
+    half = len(items) // 2
+
+    clean = _names("clean")
+    create_topic(clean["input"], partitions=4)
+    _produce(kafka_bootstrap, clean["input"], items)
+    _run(_settings(kafka_bootstrap, clean, trained.artifact_dir))
+    clean_ids = {orjson.loads(r.value)["id"] for r in _consume(kafka_bootstrap, clean["output"])}
+    assert clean_ids
+
+    crash = _names("crash")
+    create_topic(crash["input"], partitions=4)
+    _produce(kafka_bootstrap, crash["input"], items[:half])
+    log = tmp_path / "worker.log"
+    first = _worker_process(kafka_bootstrap, crash, trained.artifact_dir, log)
+    deadline = time.monotonic() + 90
+    while b'"checkpoint' not in log.read_bytes() and time.monotonic() < deadline:
+        assert first.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    _produce(kafka_bootstrap, crash["input"], items[half:])
+    second = _worker_process(kafka_bootstrap, crash, trained.artifact_dir, log)
+    assert second.wait(timeout=180) == 0, log.read_text()[-3000:]
+    events = [orjson.loads(r.value) for r in _consume(kafka_bootstrap, crash["output"])]
+    ids = [e["id"] for e in events]
+    assert set(ids) == clean_ids
+    by_id = {}
+    for event in events:  # duplicates are replays of the same window: same content
+        by_id.setdefault(event["id"], event["data"]["score"])
+        assert by_id[event["id"]] == pytest.approx(event["data"]["score"], rel=1e-6)
+
+
+def test_malformed_records_land_in_the_dlq(kafka_bootstrap, create_topic, trained):
+    names = _names("dlq")
+    create_topic(names["input"], partitions=2)
+    stream = fleet(seed=23, keys=2, readings_per_key=800, anomalies=())
+    good = _stream_items(stream)
+    features = trained.detector.input.features
+    values = {f: 0.5 for f in features}
+    bad = [
+        (b"machine-000", b"{oops", "decode_error"),
+        (b"machine-001", b"\xc3\x28", "decode_error"),
+        (b"machine-000", orjson.dumps({"ts": 1, "values": {features[0]: 1}}), "missing_feature"),
+        (
+            b"machine-001",
+            orjson.dumps({"ts": 1, "values": {**values, features[2]: "high"}}),
+            "schema_mismatch",
+        ),
+        (
+            b"machine-000",
+            orjson.dumps({"ts": 1, "values": {**values, features[1]: 1e300}}),
+            "non_finite",
+        ),
+        (b"machine-001", orjson.dumps({"values": values}), "bad_timestamp"),
+        (
+            b"machine-000",
+            orjson.dumps({"ts_start": 1, "ts_end": 2, "values": [[1.0]]}),
+            "window_shape",
+        ),
+        (None, orjson.dumps({"ts": 1, "values": values}), "schema_mismatch"),
+    ]
+    items, sent_reasons = [], []
+    for i, item in enumerate(good):
+        items.append(item)
+        if i % 150 == 75 and len(sent_reasons) < len(bad):
+            key, value, reason = bad[len(sent_reasons)]
+            items.append((key, value))
+            sent_reasons.append(reason)
+    assert len(sent_reasons) == len(bad)
+    _produce(kafka_bootstrap, names["input"], items)
+    _, stats = _run(_settings(kafka_bootstrap, names, trained.artifact_dir))
+    dead = _consume(kafka_bootstrap, names["dlq"])
+    reasons = sorted(dict(r.headers)["aewatch.dlq.reason"].decode() for r in dead)
+    assert reasons == sorted(sent_reasons)
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers["aewatch.source.topic"].decode() == names["input"]
+        assert int(headers["aewatch.source.offset"]) >= 0
+    windows, _, _ = flags_by_window(stream, trained.detector)
+    assert stats.windows_scored == len(windows)
+
+
+def test_worker_and_score_command_agree(kafka_bootstrap, create_topic, trained, tmp_path, capsys):
+    from pipeline.cli import main
+
+    names = _names("parity")
+    create_topic(names["input"], partitions=3)
+    stream = fleet(seed=24, keys=3, readings_per_key=700)
+    _produce(kafka_bootstrap, names["input"], _stream_items(stream))
+    _run(_settings(kafka_bootstrap, names, trained.artifact_dir, emit_all=True))
+    events = {}
+    for record in _consume(kafka_bootstrap, names["output"]):
+        event = orjson.loads(record.value)
+        events[event["id"]] = event["data"]["score"]
+
+    frame = pd.DataFrame(stream.values, columns=list(stream.features))
+    frame.insert(0, "key", stream.keys)
+    frame.insert(0, "ts", pd.to_datetime(stream.ts_ms, unit="ms"))
+    frame.to_csv(tmp_path / "readings.csv", index=False)
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(trained.artifact_dir),
+                "--data",
+                str(tmp_path / "readings.csv"),
+                "--key-col",
+                "key",
+                "--out",
+                str(tmp_path / "scores.parquet"),
+            ]
+        )
+        == 0
+    )
+    scored = pd.read_parquet(tmp_path / "scores.parquet")
+    assert len(scored) == len(events)
+    assert dict(zip(scored["event_id"], scored["score"], strict=True)) == pytest.approx(
+        events, rel=1e-6
+    )
