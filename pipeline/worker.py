@@ -31,7 +31,7 @@ import orjson
 from pipeline.config import WorkerSettings
 from pipeline.detector import Detector
 from pipeline.events import EVENT_TYPE, ModelIdentity, dead_letter_headers, event_id, iso_ms
-from pipeline.records import Decoded, RecordDecoder, Rejection
+from pipeline.records import Decoded, RecordDecoder, Rejection, finite_rows
 from pipeline.windowing import ReadyWindows, StreamWindower
 
 __all__ = ["Worker", "WorkerStats"]
@@ -173,13 +173,20 @@ class Worker:
                     offsets.append(record.offset)
                     originals.append(record)
             for key, (ts, values, offsets, originals) in groups.items():
+                ts, values = np.asarray(ts, np.int64), np.asarray(values, np.float64)
+                offsets = np.asarray(offsets, np.int64)
+                finite = finite_rows(values)
+                if not finite.all():
+                    for index in np.flatnonzero(~finite):
+                        self.dead_letter(
+                            originals[index],
+                            Rejection("non_finite", "a value is NaN, infinite or beyond float32"),
+                        )
+                    keep = np.flatnonzero(finite)
+                    ts, values, offsets = ts[keep], values[keep], offsets[keep]
+                    originals = [originals[i] for i in keep]
                 late, duplicate = self.windower.push(
-                    key,
-                    partition,
-                    np.asarray(ts, np.int64),
-                    np.asarray(values, np.float32),
-                    np.asarray(offsets, np.int64),
-                    self.pending,
+                    key, partition, ts, values.astype(np.float32), offsets, self.pending
                 )
                 for index, reason in [(i, "out_of_order") for i in late] + [
                     (i, "duplicate_timestamp") for i in duplicate

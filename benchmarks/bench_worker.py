@@ -1,0 +1,476 @@
+"""Worker throughput and latency on a real broker.
+
+On one pre-filled topic (default 1,000,000 readings: 125 machines x 8,000, 8 sensors, 8 partitions),
+in one run:
+  (a) the kafka-python ceiling: consume every record and produce it again, no model;
+  (b) the aewatch worker (window 64, stride 8, dense autoencoder, CPU);
+  (c) the loop a user writes first: per record decode, window, score that one window, produce
+      (run on a prefix of the topic: it is far slower).
+Then the end-to-end latency from a reading's timestamp to its window's event arriving on the output
+topic, while a separate process produces live readings at half of (b)'s rate (every window emits
+an event here so each reading's window is measured).
+
+    python -m benchmarks.bench_worker --out results [--readings 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing as mp
+import os
+import statistics
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from benchmarks.common import md_table, write_results
+
+WINDOW, STRIDE, FEATURES = 64, 8, 8
+
+
+HISTORY = 1200  # readings per machine for training; the benchmark streams continue after them
+
+
+def _fleet(keys: int, per_key: int, skip: int = HISTORY):
+    """The machines' readings after `skip` (the same machines the model was trained on)."""
+    from pipeline.simulate import simulate_fleet
+
+    return simulate_fleet(
+        keys=keys, readings_per_key=per_key, features=FEATURES, anomalies=(), seed=0, skip=skip
+    )
+
+
+def train_model(root: Path, keys: int) -> Path:
+    import pandas as pd
+
+    from pipeline.detector import ModelConfig
+    from training.fit import FitConfig
+    from training.job import CalibrationSettings, TrainSettings, train
+
+    history = _fleet(keys, HISTORY, skip=0)
+    frame = pd.DataFrame(history.values, columns=list(history.features))
+    frame.insert(0, "key", history.keys)
+    frame.insert(0, "ts", pd.to_datetime(history.ts_ms, unit="ms"))
+    frame.to_csv(root / "history.csv", index=False)
+    settings = TrainSettings(
+        data=str(root / "history.csv"),
+        time_col="ts",
+        key_col="key",
+        window=WINDOW,
+        stride=STRIDE,
+        out=str(root / "detector"),
+        fractions=(0.6, 0.1, 0.25, 0.05),
+        model=ModelConfig(hidden=(128, 64), code_size=16),
+        fit=FitConfig(epochs=5, batch_size=256),
+        device="cpu",
+        calibration=CalibrationSettings(method="quantile", target_fpr=0.01),
+    )
+    train(settings)
+    return root / "detector"
+
+
+def fill(bootstrap: str, topic: str, keys: int, per_key: int) -> float:
+    from kafka import KafkaProducer
+
+    stream = _fleet(keys, per_key)
+    payloads = stream.payloads()
+    key_bytes = [k.encode() for k in stream.keys.tolist()]
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=20, batch_size=262144, compression_type="lz4", acks=1
+    )
+    started = time.perf_counter()
+    for key, payload in zip(key_bytes, payloads, strict=True):
+        producer.send(topic, key=key, value=payload)
+    producer.flush()
+    producer.close()
+    return time.perf_counter() - started
+
+
+def raw_ceiling(bootstrap: str, topic: str, total: int) -> float:
+    """Consume every record and produce it again: the most a kafka-python loop can move."""
+    from kafka import KafkaConsumer, KafkaProducer
+
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"raw-{uuid.uuid4()}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_poll_records=5000,
+        fetch_max_wait_ms=50,
+    )
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap,
+        linger_ms=5,
+        compression_type="lz4",
+        acks="all",
+        enable_idempotence=True,
+    )
+    out = f"{topic}-raw-out"
+    seen, started = 0, None
+    while seen < total:
+        for records in consumer.poll(timeout_ms=200).values():
+            if started is None:
+                started = time.perf_counter()
+            for record in records:
+                producer.send(out, key=record.key, value=record.value)
+            seen += len(records)
+        consumer.commit()
+    producer.flush()
+    elapsed = time.perf_counter() - started
+    producer.close()
+    consumer.close()
+    return total / elapsed
+
+
+def worker_rate(bootstrap: str, topic: str, total: int, model: Path, tag: str) -> tuple:
+    from pipeline.config import WorkerSettings
+    from pipeline.worker_cli import build_worker
+
+    settings = WorkerSettings(
+        model=str(model),
+        bootstrap_servers=bootstrap,
+        group_id=f"bench-{tag}",
+        input_topic=(topic,),
+        output_topic=f"{topic}-events-{tag}",
+        dlq_topic=f"{topic}-dlq",
+        device="cpu",
+        commit_interval_ms=1000,
+        max_poll_records=10000,
+    )
+    worker = build_worker(settings)
+    started = {}
+    process = worker.process
+
+    def timed_process(polled):
+        started.setdefault("t", time.perf_counter())
+        process(polled)
+        if worker.stats.records_in >= total:
+            worker.stop()
+
+    worker.process = timed_process
+    worker.run()  # returns after the final checkpoint: everything scored, produced, committed
+    elapsed = time.perf_counter() - started["t"]
+    worker.source.close()
+    worker.sink.close()
+    return total / elapsed, worker.stats
+
+
+def naive_rate(bootstrap: str, topic: str, limit: int, model: Path) -> float:
+    """The loop a user writes first: per record, decode it, score the window that ends at it
+    with one forward pass, and produce the result."""
+    import json
+
+    import torch
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from pipeline.detector import load_detector
+
+    detector = load_detector(model)
+    names = detector.input.features
+    center = np.asarray(detector.scaler.center, np.float32)
+    scale = np.asarray(detector.scaler.scale, np.float32)
+    buffers: dict = collections.defaultdict(lambda: collections.deque(maxlen=WINDOW))
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"naive-{uuid.uuid4()}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=True,
+    )
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    seen, started = 0, time.perf_counter()
+    for record in consumer:
+        reading = json.loads(record.value)
+        key = reading["key"]
+        buffers[key].append([reading["values"][n] for n in names])
+        if len(buffers[key]) == WINDOW:
+            window = (np.asarray(buffers[key], np.float32) - center) / scale
+            with torch.no_grad():
+                x = torch.from_numpy(window)[None]
+                score = float((detector.model.reconstruct(x) - x).pow(2).mean())
+            result = {
+                "key": key,
+                "ts": reading["ts"],
+                "score": score,
+                "anomaly": score > detector.threshold.value,
+            }
+            producer.send(f"{topic}-naive-out", json.dumps(result).encode())
+        seen += 1
+        if seen >= limit:
+            break
+    producer.flush()
+    elapsed = time.perf_counter() - started
+    producer.close()
+    consumer.close()
+    return seen / elapsed
+
+
+def _live_producer(
+    bootstrap: str, topic: str, rate: float, seconds: float, keys: int, ready, go, achieved
+) -> None:
+    """Send readings stamped with the current time at `rate` per second for `seconds`.
+
+    Payloads are serialised up front with a fixed-width timestamp that is patched at send time,
+    and partitions are computed once per key, so the load generator itself stays cheap."""
+    from kafka import KafkaProducer
+    from kafka.partitioner.default import murmur2
+
+    from pipeline.simulate import simulate_fleet
+
+    stream = simulate_fleet(
+        keys=keys,
+        readings_per_key=int(rate * seconds / keys) + WINDOW,
+        features=FEATURES,
+        seed=0,
+        skip=HISTORY,
+        anomaly_length=64,
+    )
+    placeholder = b"9999999999999"
+    names = stream.features
+    payloads = [
+        orjson.dumps({"key": k, "ts": 0, "values": dict(zip(names, row, strict=True))}).replace(
+            b'"ts":0', b'"ts":' + placeholder
+        )
+        for k, row in zip(stream.keys.tolist(), stream.values.tolist(), strict=True)
+    ]
+    partitions = {k: (murmur2(k.encode()) & 0x7FFFFFFF) % 8 for k in set(stream.keys.tolist())}
+    key_list = stream.keys.tolist()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, batch_size=65536)
+    ready.set()
+    go.wait()
+    started = time.perf_counter()
+    sent = 0
+    for i, key in enumerate(key_list):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        if time.perf_counter() - started > seconds:
+            break
+        now = str(int(time.time() * 1000)).encode()
+        producer.send(
+            topic,
+            key=key.encode(),
+            value=payloads[i].replace(placeholder, now),
+            partition=partitions[key],
+        )
+        sent += 1
+    producer.flush()
+    achieved.value = sent / (time.perf_counter() - started)
+    producer.close()
+
+
+def _collect_arrivals(bootstrap: str, topic: str, ready, stop, out) -> None:
+    """In its own process: arrival time minus window end of every event on `topic`."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=5,
+    )
+    consumer.poll(timeout_ms=500)
+    ready.set()
+    delays = []
+    while not stop.is_set():
+        for records in consumer.poll(timeout_ms=100).values():
+            now = time.time() * 1000
+            delays.extend(now - _iso_ms(orjson.loads(r.value)["time"]) for r in records)
+    consumer.close()
+    out.put(delays)
+
+
+def latency(bootstrap: str, model: Path, rate: float, seconds: float, keys: int) -> dict:
+    """Worker in this process; load generator and event collector in processes of their own."""
+    from pipeline.config import WorkerSettings
+    from pipeline.kafka_io import ensure_topics
+    from pipeline.worker_cli import build_worker
+
+    tag = uuid.uuid4().hex[:6]
+    topic, out = f"live-{tag}", f"live-{tag}-events"
+    ensure_topics(bootstrap, {topic: {"num_partitions": 8}, out: {}})
+    settings = WorkerSettings(
+        model=str(model),
+        bootstrap_servers=bootstrap,
+        group_id=f"live-{tag}",
+        input_topic=(topic,),
+        output_topic=out,
+        dlq_topic=f"{topic}-dlq",
+        device="cpu",
+        max_wait_ms=10,
+        commit_interval_ms=1000,
+        stop_after_idle_s=5,
+    )
+    worker = build_worker(settings)
+    context = mp.get_context("spawn")
+    ready, go, achieved = context.Event(), context.Event(), context.Value("d", 0.0)
+    collector_ready, stop, results = context.Event(), context.Event(), context.Queue()
+    collector = context.Process(
+        target=_collect_arrivals, args=(bootstrap, out, collector_ready, stop, results)
+    )
+    producer = context.Process(
+        target=_live_producer, args=(bootstrap, topic, rate, seconds, keys, ready, go, achieved)
+    )
+    collector.start()
+    producer.start()
+    ready.wait(timeout=300)
+    collector_ready.wait(timeout=120)
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    time.sleep(3.0)  # let the member join the group before the stream starts
+    go.set()
+    producer.join()
+    runner.join(timeout=seconds + 60)
+    time.sleep(1.0)
+    stop.set()
+    arrivals = results.get(timeout=60)
+    collector.join()
+    worker.source.close()
+    worker.sink.close()
+    if not arrivals:
+        raise RuntimeError("no events arrived on the output topic")
+    return {
+        "events": len(arrivals),
+        "rate": rate,
+        "achieved_rate": achieved.value,
+        "p50_ms": float(np.percentile(arrivals, 50)),
+        "p99_ms": float(np.percentile(arrivals, 99)),
+        "max_ms": float(np.max(arrivals)),
+    }
+
+
+def _iso_ms(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--readings", type=int, default=1_000_000)
+    parser.add_argument("--keys", type=int, default=125)
+    parser.add_argument("--naive-readings", type=int, default=30_000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--latency-rates",
+        type=float,
+        nargs="*",
+        default=[20000, 10000, 2000],
+        help="further rates (readings/s) for the latency sweep",
+    )
+    args = parser.parse_args(argv)
+
+    from pipeline.kafka_io import ensure_topics
+    from pipeline.local_broker import LocalKafkaBroker
+
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    broker = None
+    if not bootstrap:
+        broker = LocalKafkaBroker(heap="2g").start()
+        bootstrap = broker.bootstrap_servers
+    root = Path(os.environ.get("TMPDIR", "/tmp")) / f"aewatch-bench-{uuid.uuid4().hex[:6]}"
+    root.mkdir(parents=True)
+    try:
+        model = train_model(root, args.keys)
+        topic = f"bench-{uuid.uuid4().hex[:6]}"
+        ensure_topics(bootstrap, {topic: {"num_partitions": 8}})
+        per_key = args.readings // args.keys
+        total = per_key * args.keys
+        fill_s = fill(bootstrap, topic, args.keys, per_key)
+        print(f"filled {topic} with {total:,} readings in {fill_s:.1f}s")
+        rates = {"raw": [], "worker": []}
+        for repeat in range(args.repeats):
+            rates["raw"].append(raw_ceiling(bootstrap, topic, total))
+            rate, stats = worker_rate(bootstrap, topic, total, model, f"{repeat}")
+            rates["worker"].append(rate)
+            print(
+                f"repeat {repeat + 1}: raw {rates['raw'][-1]:,.0f}/s  worker {rate:,.0f}/s "
+                f"({stats.windows_scored:,} windows, {stats.events_out} events)"
+            )
+        naive = naive_rate(bootstrap, topic, args.naive_readings, model)
+        print(f"naive loop: {naive:,.0f}/s on the first {args.naive_readings:,} readings")
+        raw_rate = statistics.median(rates["raw"])
+        worker_median = statistics.median(rates["worker"])
+        live = latency(bootstrap, model, worker_median / 2, args.latency_seconds, args.keys)
+        sweep = [live] + [
+            latency(bootstrap, model, rate, args.latency_seconds, args.keys)
+            for rate in args.latency_rates
+            if rate < worker_median / 2
+        ]
+        for point in sweep:
+            print(
+                f"latency at {point['achieved_rate']:,.0f}/s (asked {point['rate']:,.0f}/s): "
+                f"p50 {point['p50_ms']:.1f} ms, p99 {point['p99_ms']:.1f} ms over "
+                f"{point['events']:,} events"
+            )
+    finally:
+        if broker:
+            broker.stop()
+
+    ratios = {"worker_vs_raw": worker_median / raw_rate, "worker_vs_naive": worker_median / naive}
+    targets = {
+        "worker_at_least_0.8x_raw": ratios["worker_vs_raw"] >= 0.8,
+        "worker_at_least_20x_naive": ratios["worker_vs_naive"] >= 20,
+        "p99_at_most_100ms": live["p99_ms"] <= 100,
+    }
+    rows = [
+        ["(a) kafka-python consume+produce", raw_rate, "1.00"],
+        ["(b) aewatch worker", worker_median, f"{ratios['worker_vs_raw']:.2f}"],
+        [f"(c) naive loop (first {args.naive_readings:,})", naive, f"{naive / raw_rate:.3f}"],
+    ]
+    markdown = "\n".join(
+        [
+            "## Worker throughput and latency (real broker, CPU)",
+            "",
+            f"{total:,} readings, {args.keys} machines, {FEATURES} sensors, 8 partitions; window "
+            f"{WINDOW}, stride {STRIDE}; medians of {args.repeats} alternating runs of (a) and (b).",
+            "",
+            md_table(["loop", "records/s", "vs (a)"], rows),
+            "",
+            f"(b)/(a) = **{ratios['worker_vs_raw']:.2f}**, (b)/(c) = "
+            f"**{ratios['worker_vs_naive']:.0f}x**. Latency from reading timestamp to event on the "
+            f"output topic at {live['achieved_rate']:,.0f} readings/s (half of (b): "
+            f"{live['rate']:,.0f}/s): p50 **{live['p50_ms']:.1f} ms**, "
+            f"p99 **{live['p99_ms']:.1f} ms** ({live['events']:,} events).",
+            "",
+            md_table(
+                ["asked readings/s", "achieved", "events", "p50 ms", "p99 ms"],
+                [
+                    [p["rate"], p["achieved_rate"], p["events"], p["p50_ms"], p["p99_ms"]]
+                    for p in sweep
+                ],
+            ),
+            "",
+            f"Targets met: {targets}",
+        ]
+    )
+    write_results(
+        args.out,
+        "worker_throughput",
+        {
+            "readings": total,
+            "rates": rates,
+            "raw": raw_rate,
+            "worker": worker_median,
+            "naive": naive,
+            "ratios": ratios,
+            "latency": live,
+            "latency_sweep": sweep,
+            "targets": targets,
+        },
+        markdown,
+    )
+    return 0 if all(targets.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
