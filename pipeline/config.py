@@ -23,6 +23,7 @@ __all__ = [
     "WorkerSettings",
     "add_worker_arguments",
     "settings_from_args",
+    "settings_table",
 ]
 
 ENV_PREFIX = "AEWATCH_"
@@ -253,3 +254,18 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
             )
         values[setting.name] = value
     return WorkerSettings(**values, tracking_uri=environ.get("MLFLOW_TRACKING_URI"))
+
+
+def settings_table() -> str:
+    """The worker settings as a Markdown table (the README's copy is checked against this)."""
+    lines = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        default = setting.default
+        if default in (None, ()):
+            shown = ""
+        elif setting.secret:
+            shown = "(secret)"
+        else:
+            shown = f"`{default}`"
+        lines.append(f"| `{setting.flag}` | `{setting.env}` | {shown} | {setting.help} |")
+    return "\n".join(lines)

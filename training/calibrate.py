@@ -68,9 +68,14 @@ class _Calibrator:
     def scores(self) -> np.ndarray:
         return np.concatenate(self._scores) if self._scores else np.zeros(0)
 
+    margin = 1.0
+
     def compute(self) -> Threshold:
         scores = self.scores
         value, params = self._threshold(scores)
+        if self.margin != 1.0:
+            # a safety factor on top of the method's threshold, recorded with it
+            value, params = value * self.margin, {**params, "margin": self.margin}
         normal = scores[~self.labels] if self._labels else scores
         return Threshold(
             value=float(value),
@@ -199,10 +204,24 @@ class F1Calibrator(_Calibrator):
 
 
 def make_calibrator(
-    method: str, *, target_fpr: float = 0.01, mad_k: float = 3.0, pot_initial_quantile: float = 0.95
+    method: str,
+    *,
+    target_fpr: float = 0.01,
+    mad_k: float = 3.0,
+    pot_initial_quantile: float = 0.95,
+    margin: float = 1.0,
 ) -> _Calibrator:
+    """A calibrator for `method`; `margin` multiplies the threshold it computes (1: none)."""
     if not 0 < target_fpr < 1:
         raise ConfigError("target_fpr", f"must be in (0, 1), got {target_fpr}")
+    if margin <= 0:
+        raise ConfigError("threshold_margin", f"must be > 0, got {margin}")
+    calibrator = _make(method, target_fpr, mad_k, pot_initial_quantile)
+    calibrator.margin = margin
+    return calibrator
+
+
+def _make(method: str, target_fpr: float, mad_k: float, pot_initial_quantile: float):
     if method == "quantile":
         return QuantileCalibrator(target_fpr)
     if method == "pot":

@@ -117,6 +117,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the POT tail starts (default: %(default)s)",
     )
     calib.add_argument(
+        "--threshold-margin",
+        type=float,
+        default=1.0,
+        help="multiply the calibrated threshold by this factor (default: %(default)s)",
+    )
+    calib.add_argument(
         "--point-rule",
         default="end",
         choices=POINT_RULES,
@@ -214,6 +220,7 @@ def settings_from_args(args: argparse.Namespace):
             target_fpr=args.target_fpr,
             mad_k=args.mad_k,
             pot_initial_quantile=args.pot_initial_quantile,
+            margin=args.threshold_margin,
         ),
         point_rule=args.point_rule,
         device=args.device,

@@ -67,6 +67,7 @@ class CalibrationSettings:
     target_fpr: float = 0.01
     mad_k: float = 3.0
     pot_initial_quantile: float = 0.95
+    margin: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,7 @@ def calibrate(detector: Detector, data: PreparedData, settings: CalibrationSetti
         target_fpr=settings.target_fpr,
         mad_k=settings.mad_k,
         pot_initial_quantile=settings.pot_initial_quantile,
+        margin=settings.margin,
     )
     scores = detector.score(data.raw("calibration"), attribution=False).scores
     if settings.method == "f1":
