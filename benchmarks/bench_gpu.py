@@ -60,7 +60,32 @@ def scoring(device: str, batches: list[int], repeats: int) -> list[list]:
     return rows
 
 
-def training(device: str, epochs: int) -> list[list]:
+def model_only(device: str, batches: list[int], repeats: int) -> list[list]:
+    """The forward pass and the error reduction alone, on a batch already on the device."""
+    from pipeline.detector.scoring import score_tensor
+
+    rows = []
+    for name, model in MODELS.items():
+        detector = _detector(model, device)
+        for batch in batches:
+            x = torch.randn(batch, WINDOW, FEATURES, device=device)
+            times = []
+            with torch.inference_mode():
+                for i in range(repeats + 2):
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    for _ in range(10):
+                        score_tensor(detector.model, detector.config, x)
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    if i >= 2:
+                        times.append((time.perf_counter() - started) / 10)
+            rows.append([device, name, batch, batch / statistics.median(times)])
+    return rows
+
+
+def training(device: str, epochs: int, batch_size: int) -> list[list]:
     rows = []
     x = torch.randn(20000, WINDOW, FEATURES, device=device)
     for name, model in MODELS.items():
@@ -68,9 +93,11 @@ def training(device: str, epochs: int) -> list[list]:
         for amp in (False, True) if device.startswith("cuda") else (False,):
             torch.manual_seed(0)
             net = build_model(config).to(device)
-            settings = FitConfig(epochs=epochs, batch_size=256, patience=0, amp=amp)
+            settings = FitConfig(epochs=epochs, batch_size=batch_size, patience=0, amp=amp)
             result = fit(net, config, make_objective(config), x, None, settings)
-            rows.append([device, name, "bf16" if amp else "fp32", result.windows_per_second])
+            rows.append(
+                [device, name, batch_size, "bf16" if amp else "fp32", result.windows_per_second]
+            )
     return rows
 
 
@@ -84,11 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    score_rows, train_rows = [], []
+    score_rows, model_rows, train_rows = [], [], []
     for device in devices:
         batches = args.batches if device == "cuda" else [b for b in args.batches if b <= 4096]
         score_rows += scoring(device, batches, args.repeats)
-        train_rows += training(device, args.epochs)
+        model_rows += model_only(device, batches, args.repeats)
+        for batch_size in (256, 4096):
+            train_rows += training(device, args.epochs, batch_size)
     parity = None
     if "cuda" in devices:
         # the same detector on both devices must give the same scores (float32 kernels differ
@@ -108,13 +137,22 @@ def main(argv: list[str] | None = None) -> int:
             "",
             md_table(["device", "model", "batch", "windows/s"], score_rows),
             "",
-            md_table(["device", "model", "precision", "training windows/s"], train_rows),
+            "Model only (forward pass and error reduction on a batch already on the device):",
+            "",
+            md_table(["device", "model", "batch", "windows/s"], model_rows),
+            "",
+            md_table(["device", "model", "batch", "precision", "training windows/s"], train_rows),
         ]
     )
     write_results(
         args.out,
         "gpu",
-        {"scoring": score_rows, "training": train_rows, "cpu_cuda_max_relative_difference": parity},
+        {
+            "scoring": score_rows,
+            "model_only": model_rows,
+            "training": train_rows,
+            "cpu_cuda_max_relative_difference": parity,
+        },
         markdown,
     )
     return 0
