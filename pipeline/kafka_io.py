@@ -89,7 +89,7 @@ class KafkaSource:
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=max(300, settings.session_timeout_ms // 4),
             max_poll_interval_ms=settings.max_poll_interval_ms,
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=10,
             **settings.kafka_security(),
         )
         listener = _Listener(on_assigned, on_revoked)
