@@ -8,6 +8,8 @@ import time
 
 import orjson
 
+from pipeline.config import add_client_security_arguments, client_security
+
 __all__ = ["format_event", "register_alerts"]
 
 
@@ -38,28 +40,14 @@ def register_alerts(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON event per line")
     parser.add_argument("--max", type=int, help="stop after this many events")
     parser.add_argument("--timeout", type=float, help="stop after this many idle seconds")
-    parser.add_argument("--security-protocol", default="PLAINTEXT")
-    parser.add_argument("--sasl-mechanism")
-    parser.add_argument("--sasl-username")
-    parser.add_argument("--sasl-password")
-    parser.add_argument("--ssl-cafile")
+    add_client_security_arguments(parser)
     parser.set_defaults(handler=_run_alerts)
 
 
 def _run_alerts(args: argparse.Namespace) -> int:
     from kafka import KafkaConsumer
 
-    security = {
-        k: v
-        for k, v in {
-            "security_protocol": args.security_protocol,
-            "sasl_mechanism": args.sasl_mechanism,
-            "sasl_plain_username": args.sasl_username,
-            "sasl_plain_password": args.sasl_password,
-            "ssl_cafile": args.ssl_cafile,
-        }.items()
-        if v
-    }
+    security = client_security(args)
     consumer = KafkaConsumer(
         args.topic,
         bootstrap_servers=args.bootstrap_servers,

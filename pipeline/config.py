@@ -21,6 +21,8 @@ __all__ = [
     "SETTINGS",
     "Setting",
     "WorkerSettings",
+    "add_client_security_arguments",
+    "client_security",
     "add_worker_arguments",
     "settings_from_args",
     "settings_table",
@@ -269,3 +271,24 @@ def settings_table() -> str:
             shown = f"`{default}`"
         lines.append(f"| `{setting.flag}` | `{setting.env}` | {shown} | {setting.help} |")
     return "\n".join(lines)
+
+
+def add_client_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """Kafka security flags of the companion commands (simulate, alerts)."""
+    parser.add_argument("--security-protocol", default="PLAINTEXT", choices=SECURITY_PROTOCOLS)
+    parser.add_argument("--sasl-mechanism", choices=SASL_MECHANISMS)
+    parser.add_argument("--sasl-username")
+    parser.add_argument("--sasl-password")
+    parser.add_argument("--ssl-cafile")
+
+
+def client_security(args: argparse.Namespace) -> dict:
+    """kafka-python keyword arguments from `add_client_security_arguments` flags."""
+    config = {
+        "security_protocol": args.security_protocol,
+        "sasl_mechanism": args.sasl_mechanism,
+        "sasl_plain_username": args.sasl_username,
+        "sasl_plain_password": args.sasl_password,
+        "ssl_cafile": args.ssl_cafile,
+    }
+    return {k: v for k, v in config.items() if v}

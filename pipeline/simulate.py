@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from pipeline.config import add_client_security_arguments, client_security
 from pipeline.errors import ConfigError
 from pipeline.synthetic import ANOMALY_KINDS, Injection, inject, normal_series
 
@@ -185,11 +186,7 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--truth", help="write the injected anomalies to this CSV")
-    parser.add_argument("--security-protocol", default="PLAINTEXT")
-    parser.add_argument("--sasl-mechanism")
-    parser.add_argument("--sasl-username")
-    parser.add_argument("--sasl-password")
-    parser.add_argument("--ssl-cafile")
+    add_client_security_arguments(parser)
     parser.set_defaults(handler=_run_simulate)
 
 
@@ -215,17 +212,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
     )
     if args.truth:
         write_truth(Path(args.truth), fleet.truth)
-    security = {
-        k: v
-        for k, v in {
-            "security_protocol": args.security_protocol,
-            "sasl_mechanism": args.sasl_mechanism,
-            "sasl_plain_username": args.sasl_username,
-            "sasl_plain_password": args.sasl_password,
-            "ssl_cafile": args.ssl_cafile,
-        }.items()
-        if v
-    }
+    security = client_security(args)
     producer = KafkaProducer(
         bootstrap_servers=args.bootstrap_servers, linger_ms=10, compression_type="lz4", **security
     )

@@ -300,3 +300,75 @@ def test_worker_and_score_command_agree(kafka_bootstrap, create_topic, trained, 
     assert dict(zip(scored["event_id"], scored["score"], strict=True)) == pytest.approx(
         events, rel=1e-6
     )
+
+
+def test_simulate_and_alerts_commands(kafka_bootstrap, create_topic, tmp_path, capsys):
+    from pipeline.cli import main
+
+    topic = create_topic(f"sim-{uuid.uuid4().hex[:8]}", partitions=2)
+    truth = tmp_path / "truth.csv"
+    assert (
+        main(
+            [
+                "simulate",
+                "--bootstrap-servers",
+                kafka_bootstrap,
+                "--topic",
+                topic,
+                "--keys",
+                "3",
+                "--readings",
+                "400",
+                "--features",
+                "pressure,flow,temp",
+                "--anomalies",
+                "spike,stuck,drift",
+                "--truth",
+                str(truth),
+            ]
+        )
+        == 0
+    )
+    readings = [orjson.loads(r.value) for r in _consume(kafka_bootstrap, topic, idle_s=2)]
+    assert len(readings) == 1200
+    assert set(readings[0]["values"]) == {"pressure", "flow", "temp"}
+    injected = pd.read_csv(truth)
+    assert sorted(injected["kind"]) == ["drift", "spike", "stuck"]
+    capsys.readouterr()
+
+    events = create_topic(f"ev-{uuid.uuid4().hex[:8]}")
+    event = {
+        "specversion": "1.0",
+        "id": "x",
+        "type": "aewatch.anomaly.v1",
+        "subject": "m-1",
+        "time": "2026-01-01T00:00:00.000Z",
+        "data": {
+            "score": 2.0,
+            "severity": 4.0,
+            "p_value": 0.001,
+            "window": {"end": "2026-01-01T00:00:00.000Z"},
+            "top_features": [{"name": "flow", "error": 3.0}],
+            "model": {"name": "pumps", "version": "3"},
+        },
+    }
+    _produce(kafka_bootstrap, events, [(b"m-1", orjson.dumps(event))] * 2)
+    assert (
+        main(
+            [
+                "alerts",
+                "--bootstrap-servers",
+                kafka_bootstrap,
+                "--topic",
+                events,
+                "--from-beginning",
+                "--max",
+                "2",
+                "--timeout",
+                "20",
+            ]
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "m-1" in lines[0] and "flow" in lines[0] and "pumps v3" in lines[0]

@@ -12,7 +12,7 @@ from pipeline.detector import Detector, WindowSet, WindowSpec, cut_windows
 from pipeline.errors import ConfigError, DataError
 from training.data import SeriesTable, load_images, load_series, split_series
 from training.evaluate import SeriesPoints
-from training.job import is_image_source
+from training.job import is_image_source, series_groups
 
 __all__ = ["DetectorData", "add_data_arguments", "load_for"]
 
@@ -82,17 +82,7 @@ class DetectorData:
 
 
 def _windows(table: SeriesTable, spec) -> DetectorData:
-    def groups():
-        for key, frame in table.groups():
-            labels = frame[table.label_col].to_numpy() if table.label_col else None
-            yield (
-                key,
-                frame[table.time_col].to_numpy(),
-                frame[list(table.features)].to_numpy(np.float32),
-                labels,
-            )
-
-    windows = cut_windows(groups(), spec, source=table.source)
+    windows = cut_windows(series_groups(table), spec, source=table.source)
     return DetectorData(windows=windows, table=table, spec=spec)
 
 

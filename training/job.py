@@ -52,6 +52,7 @@ __all__ = [
     "evaluate_split",
     "is_image_source",
     "prepare",
+    "series_groups",
     "train",
 ]
 
@@ -183,7 +184,8 @@ def _scaler_kind(settings: TrainSettings, image: bool) -> str:
     return "minmax" if image or settings.model.loss == "bce" else "standard"
 
 
-def _series_groups(table: SeriesTable):
+def series_groups(table: SeriesTable):
+    """(key, times, values [T, F], labels or None) per key: the input of `cut_windows`."""
     for key, frame in table.groups():
         labels = frame[table.label_col].to_numpy() if table.label_col else None
         values = frame[list(table.features)].to_numpy(dtype=np.float32)
@@ -217,7 +219,7 @@ def _prepare_series(settings: TrainSettings) -> PreparedData:
         if len(parts[name]) == 0:
             continue
         try:
-            splits[name] = cut_windows(_series_groups(parts[name]), spec, source=f"{name} split")
+            splits[name] = cut_windows(series_groups(parts[name]), spec, source=f"{name} split")
         except DataError:
             if name == "train":
                 raise
