@@ -154,3 +154,26 @@ def test_restart_from_commit_and_state_gives_the_same_event_ids(detector):
     _, second_sink, _ = _run(detector, second_source, state=state)
     after = {orjson.loads(v)["id"] for v in second_sink.values("events")}
     assert sent_before | after == clean_ids
+
+
+def test_pre_cut_windows_are_scored_like_the_same_readings(detector):
+    import numpy as np
+
+    spec = detector.input.window
+    window = np.random.default_rng(0).normal(size=(spec.length, len(detector.input.features)))
+    window[:, 1] += 25.0  # far outside anything normal: an event is certain
+    record = {
+        "key": "machine-009",
+        "ts_start": 1000,
+        "ts_end": 1000 + spec.length - 1,
+        "values": window.tolist(),
+    }
+    source = FakeSource(
+        {("readings", 0): [Record("readings", 0, 0, b"machine-009", orjson.dumps(record))]}
+    )
+    _, sink, stats = _run(detector, source)
+    assert stats.windows_scored == 1
+    (event,) = [orjson.loads(v) for v in sink.values("events")]
+    expected = detector.score(window[None].astype(np.float32)).scores[0]
+    assert event["data"]["score"] == pytest.approx(expected, rel=1e-6)
+    assert event["id"] == event_id(MODEL, "machine-009", 1000 + spec.length - 1)

@@ -1,0 +1,84 @@
+"""Worker settings: flags, AEWATCH_ variables, validation that names the setting, secrets."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+
+from pipeline.config import add_worker_arguments, settings_from_args
+from pipeline.errors import ConfigError
+
+
+def _settings(argv: list[str], environ: dict | None = None):
+    parser = argparse.ArgumentParser()
+    add_worker_arguments(parser)
+    return settings_from_args(parser.parse_args(argv), environ or {})
+
+
+BASE = ["--model", "models:/m@champion", "--bootstrap-servers", "k:9092", "--input-topic", "in"]
+
+
+def test_environment_fills_in_and_flags_win():
+    settings = _settings(
+        ["--max-batch", "128"],
+        {
+            "AEWATCH_MODEL": "models:/m@champion",
+            "AEWATCH_BOOTSTRAP_SERVERS": "k:9092",
+            "AEWATCH_INPUT_TOPIC": "a,b",
+            "AEWATCH_MAX_BATCH": "999",
+            "AEWATCH_EMIT_ALL": "true",
+            "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        },
+    )
+    assert settings.input_topic == ("a", "b")
+    assert settings.max_batch == 128
+    assert settings.emit_all is True
+    assert settings.tracking_uri == "http://mlflow:5000"
+
+
+@pytest.mark.parametrize(
+    "argv,environ,setting",
+    [
+        (["--max-batch", "many"], {}, "max_batch"),
+        (["--max-batch", "0"], {}, "max_batch"),
+        ([], {"AEWATCH_MAX_WAIT_MS": "soon"}, "max_wait_ms"),
+        (["--order-policy", "shuffle"], {}, "order_policy"),
+        (["--input-pattern", "("], {}, "input_pattern"),
+        (["--security-protocol", "SASL_SSL"], {}, "sasl_mechanism"),
+        (["--ssl-cafile", "/no/such/ca.pem"], {}, "ssl_cafile"),
+        (["--output-topic", "in"], {}, "output_topic"),
+    ],
+)
+def test_invalid_settings_fail_at_start_naming_the_setting(argv, environ, setting):
+    base = BASE[:4] if "--input-pattern" in argv else BASE  # a pattern replaces the topic
+    with pytest.raises(ConfigError) as error:
+        _settings(base + argv, environ)
+    assert error.value.setting == setting
+
+
+def test_missing_required_settings_are_named():
+    with pytest.raises(ConfigError, match="model"):
+        _settings(["--bootstrap-servers", "k:9092", "--input-topic", "in"])
+
+
+def test_secrets_never_appear_in_repr_or_logs(caplog):
+    settings = _settings(
+        BASE
+        + [
+            "--security-protocol",
+            "SASL_SSL",
+            "--sasl-mechanism",
+            "SCRAM-SHA-512",
+            "--sasl-username",
+            "svc",
+            "--sasl-password",
+            "hunter2-secret",
+        ]
+    )
+    assert "hunter2-secret" not in repr(settings)
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("test").info("settings %s", settings.redacted())
+    assert "hunter2-secret" not in caplog.text and "***" in caplog.text
+    assert settings.kafka_security()["sasl_plain_password"] == "hunter2-secret"
