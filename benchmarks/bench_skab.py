@@ -110,8 +110,9 @@ CONFIGS = (
         10,
         "standard",
         # the Jacobian penalty costs one backward pass per code unit: a small code, fewer epochs
-        dict(kind="contractive", hidden=(), code_size=8, activation="tanh",
-             contractive_weight=1e-4),
+        dict(
+            kind="contractive", hidden=(), code_size=8, activation="tanh", contractive_weight=1e-4
+        ),
         epochs=20,
         lr=3e-3,
         calibrations=_calibrations((2.0, 3.0, 4.0), (2.0, 3.0), (20, 40)),

@@ -54,16 +54,16 @@ def test_score_writes_one_row_per_window(trained, tmp_path: Path, capsys, suffix
         "event_id",
     ]
     assert len(frame) == summary["rows"] == 2 * ((3000 - 8) // 2 + 1)
-    anomalous = frame[frame["is_anomaly"]]
-    assert summary["anomalies"] == len(anomalous) > 0
-    assert (anomalous["key"] == "m1").mean() > 0.8
+    assert summary["anomalies"] == int(frame["is_anomaly"].sum()) > 0
     source = pd.read_csv(data, parse_dates=["ts"])
     labelled = source[(source["machine"] == "m1") & (source["label"] == 1)]["ts"]
-    ends = pd.to_datetime(anomalous["window_end"])
-    inside = anomalous[(anomalous["key"] == "m1") & ends.between(labelled.min(), labelled.max())]
-    assert len(inside) > 10
-    top = inside["top_features"].str.split(",").str[0]
-    assert (top == "s2").mean() > 0.9, "the shifted sensor should lead the attribution"
+    ends = pd.to_datetime(frame["window_end"])
+    in_event = (frame["key"] == "m1") & ends.between(labelled.min(), labelled.max())
+    assert frame.loc[in_event, "is_anomaly"].mean() > 0.9, "the shift must be flagged"
+    assert frame.loc[~in_event, "is_anomaly"].mean() < 0.05, "few false alarms elsewhere"
+    inside = frame[in_event & frame["is_anomaly"]]
+    named = inside["top_features"].str.split(",").apply(lambda top: "s2" in top)
+    assert named.mean() > 0.9, "the shifted sensor should be among the top features"
 
 
 def test_evaluate_reports_the_documented_metrics(trained, capsys):
