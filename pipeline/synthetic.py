@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import lfilter
 
 __all__ = ["ANOMALY_KINDS", "Injection", "inject", "normal_series"]
 
@@ -27,6 +26,8 @@ def normal_series(
     consumed one time step at a time, so `normal_series(n + m, ...)[:n]` equals
     `normal_series(n, ...)`: a longer series is the same machine's future.
     """
+    from scipy.signal import lfilter
+
     rng = np.random.default_rng(seed)
     phase = rng.uniform(0, 2 * np.pi, size=2)
     mixing = rng.normal(size=(3, n_features))

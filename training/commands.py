@@ -12,9 +12,26 @@ from pathlib import Path
 from pipeline.errors import ConfigError
 from training.calibrate import CALIBRATION_METHODS
 from training.evaluate import POINT_RULES
-from training.inputs import add_data_arguments
 
-__all__ = ["register_evaluate", "register_promote", "register_recalibrate", "register_score"]
+__all__ = [
+    "add_data_arguments",
+    "register_evaluate",
+    "register_promote",
+    "register_recalibrate",
+    "register_score",
+]
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, labels: bool = True) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=True, help="CSV/Parquet series or an image source")
+    group.add_argument("--time-col", default="ts", help="timestamp column (default: %(default)s)")
+    group.add_argument("--key-col", help="entity column")
+    group.add_argument("--fill", default="error", choices=["ffill", "interpolate", "drop", "error"])
+    if labels:
+        group.add_argument("--label-col", help="0/1 anomaly label column (series)")
+        group.add_argument("--normal-class", help="images: the normal class (others anomalous)")
+        group.add_argument("--labels", dest="labels_path", help="images: a labels file")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,19 +14,7 @@ from training.data import SeriesTable, load_images, load_series, split_series
 from training.evaluate import SeriesPoints
 from training.job import is_image_source, series_groups
 
-__all__ = ["DetectorData", "add_data_arguments", "load_for"]
-
-
-def add_data_arguments(parser: argparse.ArgumentParser, *, labels: bool = True) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", required=True, help="CSV/Parquet series or an image source")
-    group.add_argument("--time-col", default="ts", help="timestamp column (default: %(default)s)")
-    group.add_argument("--key-col", help="entity column")
-    group.add_argument("--fill", default="error", choices=["ffill", "interpolate", "drop", "error"])
-    if labels:
-        group.add_argument("--label-col", help="0/1 anomaly label column (series)")
-        group.add_argument("--normal-class", help="images: the normal class (others anomalous)")
-        group.add_argument("--labels", dest="labels_path", help="images: a labels file")
+__all__ = ["DetectorData", "load_for"]
 
 
 @dataclass

@@ -1,48 +1,47 @@
 """The detector core shared by training and scoring: numpy and torch only.
 
 Windows, scalers, models, scoring, thresholds and the pickle-free artifact. Higher score = more
-anomalous.
+anomalous. Names are imported on first use, so that reading a constant does not load torch.
 """
 
-from pipeline.detector.artifact import (
-    FORMAT_VERSION,
-    load_detector,
-    read_manifest,
-    save_detector,
-    sha256_file,
-)
-from pipeline.detector.detector import Detector, InputSpec, resolve_device
-from pipeline.detector.models import MODEL_KINDS, ModelConfig, build_model
-from pipeline.detector.scaler import SCALER_KINDS, Scaler
-from pipeline.detector.scoring import Scores
-from pipeline.detector.threshold import Threshold
-from pipeline.detector.windows import (
-    WindowSet,
-    WindowSpec,
-    cut_windows,
-    sliding_windows,
-    window_starts,
-)
+from __future__ import annotations
 
-__all__ = [
-    "FORMAT_VERSION",
-    "MODEL_KINDS",
-    "SCALER_KINDS",
-    "Detector",
-    "InputSpec",
-    "ModelConfig",
-    "Scaler",
-    "Scores",
-    "Threshold",
-    "WindowSet",
-    "WindowSpec",
-    "cut_windows",
-    "build_model",
-    "load_detector",
-    "read_manifest",
-    "resolve_device",
-    "save_detector",
-    "sha256_file",
-    "sliding_windows",
-    "window_starts",
-]
+import importlib
+
+_EXPORTS = {
+    "FORMAT_VERSION": "artifact",
+    "load_detector": "artifact",
+    "read_manifest": "artifact",
+    "save_detector": "artifact",
+    "sha256_file": "artifact",
+    "Detector": "detector",
+    "InputSpec": "detector",
+    "resolve_device": "detector",
+    "MODEL_KINDS": "models",
+    "ModelConfig": "models",
+    "build_model": "models",
+    "SCALER_KINDS": "scaler",
+    "Scaler": "scaler",
+    "Scores": "scoring",
+    "Threshold": "threshold",
+    "WindowSet": "windows",
+    "WindowSpec": "windows",
+    "cut_windows": "windows",
+    "sliding_windows": "windows",
+    "window_starts": "windows",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

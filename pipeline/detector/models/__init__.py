@@ -1,14 +1,14 @@
 """Autoencoder models, each a pure `nn.Module` built from a frozen `ModelConfig`.
 
 Every model offers `encode(x) -> code`, `decode(code) -> x_hat` and `reconstruct(x) -> x_hat`
-(deterministic in eval mode); training objectives live in `training.objectives`.
+(deterministic in eval mode); training objectives live in `training.objectives`. The config and
+its choices import without torch; the modules load on first use.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
 
-from pipeline.detector.models.autoencoder import Autoencoder
 from pipeline.detector.models.config import (
     ACTIVATIONS,
     BACKBONES,
@@ -17,9 +17,14 @@ from pipeline.detector.models.config import (
     MODEL_KINDS,
     ModelConfig,
 )
-from pipeline.detector.models.pca import PCAModel
-from pipeline.detector.models.vae import VariationalAutoencoder, kl_divergence
 from pipeline.errors import ConfigError
+
+_LAZY = {
+    "Autoencoder": "autoencoder",
+    "PCAModel": "pca",
+    "VariationalAutoencoder": "vae",
+    "kl_divergence": "vae",
+}
 
 __all__ = [
     "ACTIVATIONS",
@@ -36,11 +41,27 @@ __all__ = [
 ]
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def build_model(config: ModelConfig):
+    """The `nn.Module` for `config` (its input shape must be set)."""
     if not config.input_shape:
         raise ConfigError("input_shape", "the model's input shape is not set")
     if config.kind == "pca":
+        from pipeline.detector.models.pca import PCAModel
+
         return PCAModel(config)
     if config.kind == "vae":
+        from pipeline.detector.models.vae import VariationalAutoencoder
+
         return VariationalAutoencoder(config)
+    from pipeline.detector.models.autoencoder import Autoencoder
+
     return Autoencoder(config)
