@@ -96,6 +96,7 @@ class Worker:
         self.processed: dict[Partition, int] = {}
         self.committed: dict[Partition, int] = {}
         self.touched: set[Partition] = set()
+        self.assigned: set[Partition] = set()
         self.stats = WorkerStats()
         self.source = None
         self._stop = False
@@ -110,6 +111,7 @@ class Worker:
         self._stop = True
 
     def on_assigned(self, partitions: set[Partition]) -> None:
+        self.assigned |= partitions
         restored = self.state.load(partitions) if partitions else {}
         for partition, resume in restored.items():
             self.windower.restore(partition, resume)
@@ -119,6 +121,7 @@ class Worker:
         if partitions:
             self.checkpoint(reason="revoke")
         self.windower.forget(partitions)
+        self.assigned -= partitions
         for partition in partitions:
             self.processed.pop(partition, None)
             self.committed.pop(partition, None)
@@ -140,9 +143,10 @@ class Worker:
                     timeout_ms = max(0, int(left * 1000))
                 polled = self.source.poll(timeout_ms)
                 now = self.clock()
+                if polled or not self.assigned:  # idle only counts while partitions are owned
+                    idle_since = now
                 if polled:
                     self.process(polled)
-                    idle_since = now
                 if self.pending_since is not None and (
                     len(self.pending) >= self.settings.max_batch or now - self.pending_since >= wait
                 ):
