@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from pipeline.detector import Detector
 from pipeline.errors import RegistryError
-from pipeline.registry import TAG_PREFIX, ModelRef, load_model
+from pipeline.registry import TAG_PREFIX, load_model
 from training.calibrate import estimate_fpr
 from training.evaluate import decision_metrics, ranking_metrics
 from training.register import CHALLENGER, CHAMPION
@@ -112,7 +112,7 @@ def _scored_figures(detector: Detector, data) -> dict:
     return figures
 
 
-def _recorded_figures(detector: Detector, ref: ModelRef, tags: dict) -> dict:
+def _recorded_figures(detector: Detector, tags: dict) -> dict:
     fpr = (
         json.loads(tags[TAG_PREFIX + "fpr_estimate"])
         if TAG_PREFIX + "fpr_estimate" in tags
@@ -156,11 +156,11 @@ def compare(
     for role, mv in versions.items():
         if mv is None:
             continue
-        detector, ref = load_model(f"models:/{name}/{mv.version}", tracking_uri=tracking_uri)
+        detector, _ = load_model(f"models:/{name}/{mv.version}", tracking_uri=tracking_uri)
         if load_data is not None:
             report.figures[role] = _scored_figures(detector, load_data(detector))
         else:
-            report.figures[role] = _recorded_figures(detector, ref, mv.tags or {})
+            report.figures[role] = _recorded_figures(detector, mv.tags or {})
     report.gates = _gates(report, tolerance, max_fpr)
     return report
 
