@@ -336,6 +336,7 @@ def latency(bootstrap: str, model: Path, rate: float, seconds: float, keys: int)
     worker.sink.close()
     if not arrivals:
         raise RuntimeError("no events arrived on the output topic")
+    handed = worker.stats.latencies_ms  # reading timestamp to the event handed to the producer
     return {
         "events": len(arrivals),
         "rate": rate,
@@ -343,6 +344,8 @@ def latency(bootstrap: str, model: Path, rate: float, seconds: float, keys: int)
         "p50_ms": float(np.percentile(arrivals, 50)),
         "p99_ms": float(np.percentile(arrivals, 99)),
         "max_ms": float(np.max(arrivals)),
+        "worker_p50_ms": float(np.percentile(handed, 50)) if handed else None,
+        "worker_p99_ms": float(np.percentile(handed, 99)) if handed else None,
     }
 
 
