@@ -39,6 +39,9 @@ __all__ = ["Worker", "WorkerStats"]
 
 log = logging.getLogger(__name__)
 Partition = tuple[str, int]
+# Poll timeout while nothing waits to be scored. kafka-python can hold fetched records until a
+# longer timeout runs out (measured: p99 latency 196 ms with 100 ms polls, 78 ms with 20 ms).
+IDLE_POLL_MS = 20
 TOP_FEATURES = 3
 TOP_STEPS = 3
 
@@ -137,7 +140,7 @@ class Worker:
         wait = self.settings.max_wait_ms / 1000.0
         try:
             while not self._stop:
-                timeout_ms = 100
+                timeout_ms = IDLE_POLL_MS
                 if self.pending_since is not None:
                     left = wait - (self.clock() - self.pending_since)
                     timeout_ms = max(0, int(left * 1000))
