@@ -96,6 +96,7 @@ class Detector:
     model: nn.Module
     threshold: Threshold = field(default_factory=Threshold.uncalibrated)
     info: dict = field(default_factory=dict)
+    _scaling_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -117,17 +118,39 @@ class Detector:
             )
         return self.scaler.transform(raw, axis=self.input.feature_axis)
 
+    def _scaling(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaler statistics as tensors on `device`, shaped to broadcast along the feature axis."""
+        key = (self.scaler, device)
+        if self._scaling_cache is None or self._scaling_cache[0] != key:
+            shape = [1] * (len(self.input.sample_shape) + 1)
+            shape[self.input.feature_axis] = self.scaler.n_features
+            tensors = tuple(
+                torch.tensor(values, dtype=torch.float32, device=device).reshape(shape)
+                for values in (self.scaler.center, self.scaler.scale)
+            )
+            self._scaling_cache = (key, tensors)
+        return self._scaling_cache[1]
+
     def score(self, raw: np.ndarray, *, batch_size: int = 8192, attribution: bool = True) -> Scores:
-        """Score raw (unscaled) windows or images in batches of `batch_size`."""
-        scaled = self.prepare(raw)
-        if len(scaled) == 0:
+        """Score raw (unscaled) windows or images in batches of `batch_size`.
+
+        Scaling happens on the model's device, batch by batch: the same float32 arithmetic as
+        `Scaler.transform`, without a scaled copy of the whole input on the host."""
+        raw = np.ascontiguousarray(raw, dtype=np.float32)
+        if raw.shape[1:] != self.input.sample_shape:
+            raise DataError(
+                f"expected inputs of shape {self.input.sample_shape}, got {raw.shape[1:]}"
+            )
+        if len(raw) == 0:
             empty = np.zeros(0)
             return Scores(empty, None, None, None)
         parts: list[tuple] = []
         device = self.device
+        center, scale = self._scaling(device)
         with torch.inference_mode():
-            for start in range(0, len(scaled), batch_size):
-                x = torch.from_numpy(scaled[start : start + batch_size]).to(device)
+            for start in range(0, len(raw), batch_size):
+                batch = torch.from_numpy(raw[start : start + batch_size]).to(device)
+                x = (batch - center) / scale
                 out = score_tensor(self.model, self.config, x, attribution=attribution)
                 parts.append(tuple(None if t is None else t.float().cpu().numpy() for t in out))
         scores = np.concatenate([p[0] for p in parts]).astype(np.float64)
