@@ -129,3 +129,17 @@ def test_threshold_p_values_follow_the_conformal_formula():
     )
     p = threshold.p_values(np.array([0.5, 2.0, 2.5, 9.0]))
     np.testing.assert_allclose(p, [5 / 5, 4 / 5, 3 / 5, 1 / 5])
+
+
+def test_scoring_scales_exactly_like_the_scaler(saved: Path):
+    from pipeline.detector.scoring import score_tensor
+
+    detector = load_detector(saved)
+    raw = np.random.default_rng(3).normal(4, 3, size=(500, 8, 3)).astype(np.float32)
+    with torch.inference_mode():
+        expected = score_tensor(
+            detector.model, detector.config, torch.from_numpy(detector.scaler.transform(raw))
+        )[0]
+    np.testing.assert_array_equal(
+        detector.score(raw, batch_size=97).scores, expected.numpy().astype(np.float64)
+    )
