@@ -100,6 +100,7 @@ class Worker:
         self.committed: dict[Partition, int] = {}
         self.touched: set[Partition] = set()
         self.assigned: set[Partition] = set()
+        self._assigned_at = float("-inf")
         self.stats = WorkerStats()
         self.source = None
         self._stop = False
@@ -115,6 +116,7 @@ class Worker:
 
     def on_assigned(self, partitions: set[Partition]) -> None:
         self.assigned |= partitions
+        self._assigned_at = self.clock()
         restored = self.state.load(partitions) if partitions else {}
         for partition, resume in restored.items():
             self.windower.restore(partition, resume)
@@ -146,7 +148,7 @@ class Worker:
                     timeout_ms = max(0, int(left * 1000))
                 polled = self.source.poll(timeout_ms)
                 now = self.clock()
-                if polled or not self.assigned:  # idle only counts while partitions are owned
+                if polled or self._assigned_at > idle_since:  # input, or a new assignment
                     idle_since = now
                 if polled:
                     self.process(polled)
