@@ -93,10 +93,6 @@ class KafkaSource:
             **settings.kafka_security(),
         )
         listener = _Listener(on_assigned, on_revoked)
-        for topic in settings.input_topic:
-            # Know the topics' partitions before joining: an assignment computed without them
-            # would hand this member nothing until the next metadata refresh.
-            self.consumer.partitions_for_topic(topic)
         if settings.input_pattern:
             self.consumer.subscribe(pattern=settings.input_pattern, listener=listener)
         else:
