@@ -341,8 +341,12 @@ def train(
     }
     detector = Detector(data.input, data.scaler, config, model, info=info)
     detector.threshold = calibrate(detector, data, settings.calibration)
-    fpr = _estimate_fpr(detector, data)
-    evaluation = evaluate_split(detector, data, "test", settings.point_rule)
+    # the test split is scored once, for the FPR estimate and the evaluation alike
+    test_scores = (
+        detector.score(data.raw("test"), attribution=False).scores if data.has("test") else None
+    )
+    fpr = _estimate_fpr(detector, data, test_scores)
+    evaluation = evaluate_split(detector, data, "test", settings.point_rule, test_scores)
     info["calibration"] = {"fpr_estimate": fpr.to_dict() if fpr else None}
     info["evaluation"] = evaluation
     out = Path(settings.out)
@@ -373,25 +377,32 @@ def calibrate(detector: Detector, data: PreparedData, settings: CalibrationSetti
     return calibrator.compute()
 
 
-def _estimate_fpr(detector: Detector, data: PreparedData) -> FprEstimate | None:
-    if not data.has("test"):
+def _estimate_fpr(
+    detector: Detector, data: PreparedData, scores: np.ndarray | None
+) -> FprEstimate | None:
+    """False-positive rate on the test split's normal windows, from that split's scores."""
+    if scores is None:
         log.warning("no test split: the false-positive rate is not estimated")
         return None
     normal = data.normal("test")
     if not normal.any():
         return None
-    scores = detector.score(data.raw("test")[normal], attribution=False).scores
-    return estimate_fpr(scores, detector.threshold.require())
+    return estimate_fpr(scores[normal], detector.threshold.require())
 
 
 def evaluate_split(
-    detector: Detector, data: PreparedData, split: str, rule: str = "end"
+    detector: Detector,
+    data: PreparedData,
+    split: str,
+    rule: str = "end",
+    scores: np.ndarray | None = None,
 ) -> dict | None:
-    """Metrics of a labelled split (None when it has no labels)."""
+    """Metrics of a labelled split (None when it has no labels); `scores` if already known."""
     if not data.has(split) or data.labels(split) is None:
         return None
     part = data.splits[split]
-    scores = detector.score(data.raw(split), attribution=False).scores
+    if scores is None:
+        scores = detector.score(data.raw(split), attribution=False).scores
     threshold = detector.threshold.require()
     if isinstance(part, ImageSet):
         return evaluate_images(part.labels, scores, threshold)

@@ -6,7 +6,7 @@ anomalous. Names are imported on first use, so that reading a constant does not 
 
 from __future__ import annotations
 
-import importlib
+from pipeline.lazy import lazy_getattr
 
 _EXPORTS = {
     "FORMAT_VERSION": "artifact",
@@ -34,13 +34,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
 
 
 def __dir__() -> list[str]:

@@ -7,8 +7,6 @@ its choices import without torch; the modules load on first use.
 
 from __future__ import annotations
 
-import importlib
-
 from pipeline.detector.models.config import (
     ACTIVATIONS,
     BACKBONES,
@@ -18,6 +16,7 @@ from pipeline.detector.models.config import (
     ModelConfig,
 )
 from pipeline.errors import ConfigError
+from pipeline.lazy import lazy_getattr
 
 _LAZY = {
     "Autoencoder": "autoencoder",
@@ -41,13 +40,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 def build_model(config: ModelConfig):
