@@ -130,7 +130,7 @@ def raw_ceiling(bootstrap: str, topic: str, total: int) -> float:
 
 def worker_rate(bootstrap: str, topic: str, total: int, model: Path, tag: str) -> tuple:
     from pipeline.config import WorkerSettings
-    from pipeline.worker_cli import build_worker
+    from pipeline.worker_cli import build_worker, close_worker
 
     settings = WorkerSettings(
         model=str(model),
@@ -140,6 +140,8 @@ def worker_rate(bootstrap: str, topic: str, total: int, model: Path, tag: str) -
         output_topic=f"{topic}-events-{tag}",
         dlq_topic=f"{topic}-dlq",
         device="cpu",
+        events="both",
+        http_port=-1,
         commit_interval_ms=1000,
         max_poll_records=10000,
     )
@@ -156,8 +158,7 @@ def worker_rate(bootstrap: str, topic: str, total: int, model: Path, tag: str) -
     worker.process = timed_process
     worker.run()  # returns after the final checkpoint: everything scored, produced, committed
     elapsed = time.perf_counter() - started["t"]
-    worker.source.close()
-    worker.sink.close()
+    close_worker(worker)
     return total / elapsed, worker.stats
 
 
@@ -291,7 +292,7 @@ def latency(bootstrap: str, model: Path, rate: float, seconds: float, keys: int)
     """Worker in this process; load generator and event collector in processes of their own."""
     from pipeline.config import WorkerSettings
     from pipeline.kafka_io import ensure_topics
-    from pipeline.worker_cli import build_worker
+    from pipeline.worker_cli import build_worker, close_worker
 
     tag = uuid.uuid4().hex[:6]
     topic, out = f"live-{tag}", f"live-{tag}-events"
@@ -304,6 +305,8 @@ def latency(bootstrap: str, model: Path, rate: float, seconds: float, keys: int)
         output_topic=out,
         dlq_topic=f"{topic}-dlq",
         device="cpu",
+        events="both",
+        http_port=-1,
         max_wait_ms=10,
         commit_interval_ms=1000,
         stop_after_idle_s=5,
@@ -332,8 +335,7 @@ def latency(bootstrap: str, model: Path, rate: float, seconds: float, keys: int)
     stop.set()
     arrivals = results.get(timeout=60)
     collector.join()
-    worker.source.close()
-    worker.sink.close()
+    close_worker(worker)
     if not arrivals:
         raise RuntimeError("no events arrived on the output topic")
     handed = worker.stats.latencies_ms  # reading timestamp to the event handed to the producer

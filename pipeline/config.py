@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
@@ -32,6 +33,8 @@ ENV_PREFIX = "AEWATCH_"
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 ORDER_POLICIES = ("reject", "drop")
+EVENT_MODES = ("alarms", "windows", "both")
+ASSIGNORS = ("range", "roundrobin", "cooperative-sticky")
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,46 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ssl_keyfile", "client key file (PEM)"),
     Setting("ssl_password", "password of the client key", secret=True),
     Setting("stop_after_idle_s", "exit after this long without input (0: never)", 0.0, float),
+    Setting(
+        "events",
+        "what goes to the output topic: alarms (episodes), windows (every anomalous window) "
+        "or both",
+        "alarms",
+        choices=EVENT_MODES,
+    ),
+    Setting("alarm_topic", "topic for alarm events (default: --output-topic)"),
+    Setting("alarm_k", "an alarm opens when k of the last n windows are anomalous: k", 3, int),
+    Setting("alarm_n", "... of the last n windows: n", 5, int),
+    Setting("alarm_resolve_after", "consecutive normal windows that resolve an alarm", 10, int),
+    Setting(
+        "alarm_cooldown_s", "after a resolve, seconds before the key can alarm again", 60.0, float
+    ),
+    Setting(
+        "reload_interval_s",
+        "how often the model alias is checked for a new version (0: never)",
+        30.0,
+        float,
+    ),
+    Setting("webhook_secret", "HMAC secret of the MLflow registry webhook", secret=True),
+    Setting("http_host", "address of the metrics, health and webhook endpoint", "0.0.0.0"),
+    Setting(
+        "http_port", "port of /metrics, /healthz, /readyz (0: any free port, -1: off)", 8080, int
+    ),
+    Setting(
+        "exactly_once", "events, dead letters and offsets in one Kafka transaction", False, bool
+    ),
+    Setting(
+        "transactional_id",
+        "producer transactional id with --exactly-once, stable per worker "
+        "(default: GROUP.INSTANCE_ID or GROUP.HOSTNAME)",
+    ),
+    Setting("group_instance_id", "static group membership id, stable per worker"),
+    Setting(
+        "assignor",
+        "partition assignment strategy: range, roundrobin or cooperative-sticky",
+        "cooperative-sticky",
+        choices=ASSIGNORS,
+    ),
 )
 
 
@@ -136,6 +179,20 @@ class WorkerSettings:
     ssl_keyfile: str | None = None
     ssl_password: str | None = field(default=None, repr=False)
     stop_after_idle_s: float = 0.0
+    events: str = "alarms"
+    alarm_topic: str | None = None
+    alarm_k: int = 3
+    alarm_n: int = 5
+    alarm_resolve_after: int = 10
+    alarm_cooldown_s: float = 60.0
+    reload_interval_s: float = 30.0
+    webhook_secret: str | None = field(default=None, repr=False)
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    exactly_once: bool = False
+    transactional_id: str | None = None
+    group_instance_id: str | None = None
+    assignor: str = "cooperative-sticky"
     tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
@@ -165,6 +222,13 @@ class WorkerSettings:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.stop_after_idle_s < 0:
             raise ConfigError("max_wait_ms", "max_wait_ms and stop_after_idle_s must be >= 0")
+        if self.reload_interval_s < 0:
+            raise ConfigError("reload_interval_s", "must be >= 0 (0 turns polling off)")
+        if not -1 <= self.http_port <= 65535:
+            raise ConfigError(
+                "http_port", f"must be a port, 0 (any) or -1 (off), got {self.http_port}"
+            )
+        self.alarm_rules()  # validates the alarm settings, naming the one at fault
         if self.output_topic in self.input_topic or self.dlq_topic in self.input_topic:
             raise ConfigError("output_topic", "output and DLQ topics must differ from the input")
         sasl_complete = self.sasl_mechanism and self.sasl_username and self.sasl_password
@@ -182,6 +246,25 @@ class WorkerSettings:
     @property
     def state_topic_name(self) -> str:
         return self.state_topic or f"{self.group_id}.aewatch-state"
+
+    @property
+    def alarm_topic_name(self) -> str:
+        return self.alarm_topic or self.output_topic
+
+    @property
+    def transactional_id_value(self) -> str:
+        instance = self.group_instance_id or socket.gethostname()
+        return self.transactional_id or f"{self.group_id}.{instance}"
+
+    def alarm_rules(self):
+        from pipeline.alarms import AlarmRules
+
+        return AlarmRules(
+            k=self.alarm_k,
+            n=self.alarm_n,
+            resolve_after=self.alarm_resolve_after,
+            cooldown_ms=int(round(self.alarm_cooldown_s * 1000)),
+        )
 
     def kafka_security(self) -> dict:
         """Security settings for kafka-python clients (empty ones left out)."""

@@ -15,6 +15,9 @@ from typing import Protocol
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.coordinator.assignors.range import RangePartitionAssignor
+from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
@@ -26,6 +29,7 @@ __all__ = [
     "KafkaSink",
     "KafkaSource",
     "Partition",
+    "TransactionalSink",
     "Sink",
     "Source",
     "ensure_topics",
@@ -34,6 +38,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 Partition = tuple[str, int]
+ASSIGNORS = {
+    "range": RangePartitionAssignor,
+    "roundrobin": RoundRobinPartitionAssignor,
+    "cooperative-sticky": CooperativeStickyAssignor,
+}
 
 
 class DeliveryError(AewatchError):
@@ -90,6 +99,9 @@ class KafkaSource:
             heartbeat_interval_ms=max(300, settings.session_timeout_ms // 4),
             max_poll_interval_ms=settings.max_poll_interval_ms,
             fetch_max_wait_ms=10,
+            group_instance_id=settings.group_instance_id,
+            partition_assignment_strategy=(ASSIGNORS[settings.assignor],),
+            isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
             **settings.kafka_security(),
         )
         listener = _Listener(on_assigned, on_revoked)
@@ -115,6 +127,18 @@ class KafkaSource:
     def committed(self, partition: Partition) -> int | None:
         return self.consumer.committed(TopicPartition(*partition))
 
+    def highwaters(self, partitions) -> dict[Partition, int]:
+        """The log-end offsets last seen in fetch responses (no network call)."""
+        out = {}
+        for partition in partitions:
+            highwater = self.consumer.highwater(TopicPartition(*partition))
+            if highwater is not None:
+                out[partition] = highwater
+        return out
+
+    def group_metadata(self):
+        return self.consumer.group_metadata()
+
     def close(self) -> None:
         self.consumer.close(autocommit=False)
 
@@ -122,7 +146,9 @@ class KafkaSource:
 class KafkaSink:
     """An idempotent producer (acks=all); `flush` raises if any record was not delivered."""
 
-    def __init__(self, settings: WorkerSettings, *, linger_ms: int = 5) -> None:
+    transactional = False
+
+    def __init__(self, settings: WorkerSettings, *, linger_ms: int = 5, **extra) -> None:
         self.producer = KafkaProducer(
             bootstrap_servers=settings.bootstrap_servers,
             client_id=settings.client_id,
@@ -132,6 +158,7 @@ class KafkaSink:
             compression_type="lz4",
             max_request_size=max(1_048_576, settings.max_record_bytes + 65536),
             **settings.kafka_security(),
+            **extra,
         )
         self._pending: list = []
 
@@ -151,6 +178,61 @@ class KafkaSink:
 
     def close(self) -> None:
         self.producer.close()
+
+
+class TransactionalSink(KafkaSink):
+    """Exactly-once output: everything sent between two checkpoints, and the offsets that
+    checkpoint commits, form one Kafka transaction.
+
+    The transactional id must be stable per worker: after a crash, the restarted worker's
+    `init_transactions` aborts what its predecessor left open, and the consumer group metadata
+    sent with the offsets fences a member that lost its partitions (KIP-447)."""
+
+    transactional = True
+
+    def __init__(self, settings: WorkerSettings, *, linger_ms: int = 5) -> None:
+        super().__init__(
+            settings,
+            linger_ms=linger_ms,
+            transactional_id=settings.transactional_id_value,
+            transaction_timeout_ms=max(10_000, 4 * settings.commit_interval_ms),
+        )
+        self.producer.init_transactions()
+        self._open = False
+
+    def send(self, topic, key, value, headers=None, partition=None) -> None:
+        if not self._open:
+            self.producer.begin_transaction()
+            self._open = True
+        super().send(topic, key, value, headers, partition)
+
+    def commit(self, offsets: dict[Partition, int], group_metadata) -> None:
+        """Commit what was sent and `offsets` (next offset to read) atomically."""
+        if not self._open and not offsets:
+            return
+        if not self._open:
+            self.producer.begin_transaction()
+            self._open = True
+        if offsets:
+            self.producer.send_offsets_to_transaction(
+                {
+                    TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                    for (t, p), o in offsets.items()
+                },
+                group_metadata,
+            )
+        self.producer.commit_transaction()
+        self._open = False
+        pending, self._pending = self._pending, []
+        for future in pending:
+            if future.failed():
+                raise DeliveryError(f"a record was not delivered: {future.exception!r}")
+
+    def close(self) -> None:
+        if self._open:
+            with contextlib.suppress(KafkaError):
+                self.producer.abort_transaction()
+        super().close()
 
 
 def ensure_topics(
@@ -190,6 +272,7 @@ def read_latest(
         bootstrap_servers=bootstrap_servers,
         enable_auto_commit=False,
         group_id=None,
+        isolation_level="read_committed",
         **(security or {}),
     )
     wanted = set(keys) if keys is not None else None

@@ -14,7 +14,15 @@ A small state machine around one consumer-group membership:
   backwards.
 
 Delivery is at-least-once: after a crash, records since the last commit are read again and
-windows completed since then are emitted again, with the same event ids.
+windows completed since then are emitted again, with the same event ids. With `exactly_once`
+the sink is transactional: what a checkpoint interval produced (events, dead letters, state) and
+the offsets it commits form one transaction, so a `read_committed` consumer sees each event once.
+
+Between two batches the loop may swap in a new model version that the follower (see
+`pipeline.reload`) has downloaded and checked; windows waiting at that moment are scored by the old
+version first, so no batch mixes versions. Scored windows feed the alarm tracker (see
+`pipeline.alarms`), whose state is saved with the window positions at each checkpoint.
+Image detectors take one image per record instead of windows.
 """
 
 from __future__ import annotations
@@ -29,9 +37,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
+from pipeline.alarms import AlarmTracker, AlarmTransition
 from pipeline.config import WorkerSettings
 from pipeline.detector import Detector
-from pipeline.events import EVENT_TYPE, ModelIdentity, dead_letter_headers, event_id, iso_ms
+from pipeline.events import (
+    EVENT_TYPE,
+    ModelIdentity,
+    alarm_event,
+    dead_letter_headers,
+    event_id,
+    iso_ms,
+)
+from pipeline.metrics import WorkerMetrics
 from pipeline.records import Decoded, RecordDecoder, Rejection, finite_rows
 from pipeline.windowing import ReadyWindows, StreamWindower
 
@@ -44,6 +61,25 @@ Partition = tuple[str, int]
 IDLE_POLL_MS = 20
 TOP_FEATURES = 3
 TOP_STEPS = 3
+TOP_REGIONS = 3
+# /healthz fails when the loop has not turned for this long.
+STALL_S = 60.0
+
+
+class _NoWindows:
+    """Image streams: every record is scored on its own; nothing is held between batches."""
+
+    def restore(self, partition, resume) -> None:
+        pass
+
+    def resume_points(self, partition) -> dict:
+        return {}
+
+    def oldest_needed(self, partition) -> None:
+        return None
+
+    def forget(self, partitions) -> None:
+        pass
 
 
 @dataclass
@@ -55,6 +91,8 @@ class WorkerStats:
     commits: int = 0
     dead_letters: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
+    alarms: Counter = field(default_factory=Counter)
+    reloads: int = 0
     latencies_ms: list[float] = field(default_factory=list)
 
     def snapshot(self) -> dict:
@@ -65,6 +103,8 @@ class WorkerStats:
             "dead_letters": dict(self.dead_letters),
             "batches": self.batches,
             "commits": self.commits,
+            "alarms": dict(self.alarms),
+            "reloads": self.reloads,
         }
 
 
@@ -77,23 +117,41 @@ class Worker:
         sink,
         state,
         *,
+        metrics: WorkerMetrics | None = None,
+        follower=None,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], float] = lambda: time.time() * 1000.0,
     ) -> None:
-        if detector.input.kind != "series":
-            raise ValueError("this worker scores series detectors")
         self.settings = settings
         self.detector = detector
         self.model = model
         self.sink = sink
         self.state = state
+        self.metrics = metrics or WorkerMetrics()
+        self.follower = follower
         self.clock = clock
         self.wall_ms = wall_ms
-        spec = detector.input.window
-        self.decoder = RecordDecoder(
-            detector.input.features, spec.length, settings.max_record_bytes
+        self.kind = detector.input.kind
+        if self.kind == "series":
+            spec = detector.input.window
+            self.decoder = RecordDecoder(
+                detector.input.features, spec.length, settings.max_record_bytes
+            )
+            self.windower = StreamWindower(spec, len(detector.input.features))
+        else:
+            from pipeline.images import ImageDecoder
+
+            self.decoder = ImageDecoder(detector.input.image_shape, settings.max_record_bytes)
+            self.windower = _NoWindows()
+        self.emit_windows = settings.events in ("windows", "both")
+        self.alarms = (
+            AlarmTracker(
+                settings.alarm_rules(),
+                tuple(detector.input.features) if self.kind == "series" else None,
+            )
+            if settings.events in ("alarms", "both")
+            else None
         )
-        self.windower = StreamWindower(spec, len(detector.input.features))
         self.pending = ReadyWindows()
         self.pending_since: float | None = None
         self.processed: dict[Partition, int] = {}
@@ -101,10 +159,12 @@ class Worker:
         self.touched: set[Partition] = set()
         self.assigned: set[Partition] = set()
         self._assigned_at = float("-inf")
+        self.joined = False
         self.stats = WorkerStats()
         self.source = None
         self._stop = False
-        self._last_checkpoint = clock()
+        self._last_checkpoint = self.last_turn = clock()
+        self.metrics.set_model(model.name, model.version, model.alias)
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self, source) -> None:
@@ -117,20 +177,52 @@ class Worker:
     def on_assigned(self, partitions: set[Partition]) -> None:
         self.assigned |= partitions
         self._assigned_at = self.clock()
+        self.joined = True
         restored = self.state.load(partitions) if partitions else {}
-        for partition, resume in restored.items():
-            self.windower.restore(partition, resume)
+        for partition, saved in restored.items():
+            self.windower.restore(partition, saved.resume)
+            if self.alarms is not None:
+                self.alarms.restore(partition, saved.alarms)
+        self.metrics.assigned.set(len(self.assigned))
         log.info("assigned %s (state for %d)", sorted(partitions), len(restored))
 
     def on_revoked(self, partitions: set[Partition]) -> None:
         if partitions:
             self.checkpoint(reason="revoke")
         self.windower.forget(partitions)
+        if self.alarms is not None:
+            self.alarms.forget(partitions)
         self.assigned -= partitions
         for partition in partitions:
             self.processed.pop(partition, None)
             self.committed.pop(partition, None)
+        self.metrics.assigned.set(len(self.assigned))
+        self.metrics.alarms_open.set(self.alarms.open_count if self.alarms else 0)
         log.info("revoked %s", sorted(partitions))
+
+    # -- health ----------------------------------------------------------------------------------
+    def liveness(self) -> tuple[bool, dict]:
+        age = self.clock() - self.last_turn
+        return age < STALL_S, {"loop_age_s": round(age, 3)}
+
+    def readiness(self) -> tuple[bool, dict]:
+        live, detail = self.liveness()
+        detail.update(
+            joined=self.joined,
+            partitions=len(self.assigned),
+            model={"name": self.model.name, "version": self.model.version},
+        )
+        return live and self.joined and not self._stop, detail
+
+    # -- model swap ------------------------------------------------------------------------------
+    def swap_model(self, detector: Detector, model: ModelIdentity) -> None:
+        """Serve `detector` from the next batch on; what is pending is scored by the old one."""
+        self.score_pending()
+        previous, self.detector, self.model = self.model, detector, model
+        self.stats.reloads += 1
+        self.metrics.set_model(model.name, model.version, model.alias)
+        self.metrics.reloads.labels("loaded", "").inc()
+        log.info("now serving %s version %s (was %s)", model.name, model.version, previous.version)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> WorkerStats:
@@ -142,12 +234,16 @@ class Worker:
         wait = self.settings.max_wait_ms / 1000.0
         try:
             while not self._stop:
+                if self.follower is not None:
+                    ready = self.follower.take()
+                    if ready is not None:
+                        self.swap_model(ready[0], ready[1].identity())
                 timeout_ms = IDLE_POLL_MS
                 if self.pending_since is not None:
                     left = wait - (self.clock() - self.pending_since)
                     timeout_ms = max(0, int(left * 1000))
                 polled = self.source.poll(timeout_ms)
-                now = self.clock()
+                now = self.last_turn = self.clock()
                 if polled or self._assigned_at > idle_since:  # input, or a new assignment
                     idle_since = now
                 if polled:
@@ -172,6 +268,10 @@ class Worker:
             if not records:
                 continue
             self.stats.records_in += len(records)
+            self.metrics.records.labels(partition[0]).inc(len(records))
+            if self.kind == "image":
+                self._process_images(partition, records)
+                continue
             groups: dict[str, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
             for record in records:
                 decoded = self.decoder.decode(record.key, record.value)
@@ -210,6 +310,27 @@ class Worker:
         if len(self.pending) and self.pending_since is None:
             self.pending_since = self.clock()
 
+    def _process_images(self, partition: Partition, records: list) -> None:
+        for record in records:
+            decoded = self.decoder.decode(
+                record.key, record.value, record.headers, record.timestamp
+            )
+            if isinstance(decoded, Rejection):
+                self.dead_letter(record, decoded)
+                continue
+            ts = np.array([decoded.ts_ms], np.int64)
+            offset = np.array([record.offset], np.int64)
+            self.pending.windows.append(decoded.image[None])
+            self.pending.keys.append(decoded.key)
+            self.pending.start_ts.append(ts)
+            self.pending.end_ts.append(ts)
+            self.pending.partitions.append(partition)
+            self.pending.first_offsets.append(offset)
+            self.pending.last_offsets.append(offset)
+            self.pending.counts.append(1)
+        self.processed[partition] = records[-1].offset + 1
+        self.touched.add(partition)
+
     def _add_window(self, partition: Partition, record, decoded: Decoded) -> None:
         window = np.asarray(decoded.values, np.float32)[None]
         self.pending.windows.append(window)
@@ -224,6 +345,7 @@ class Worker:
     def _reject_order(self, record, reason: str) -> None:
         if self.settings.order_policy == "drop":
             self.stats.dropped[reason] += 1
+            self.metrics.dropped.labels(reason).inc()
         else:
             self.dead_letter(record, Rejection(reason, "timestamp not after the key's latest"))
 
@@ -233,6 +355,7 @@ class Worker:
         )
         self.sink.send(self.settings.dlq_topic, key=record.key, value=record.value, headers=headers)
         self.stats.dead_letters[rejection.reason] += 1
+        self.metrics.dead_letters.labels(rejection.reason).inc()
 
     # -- scoring ---------------------------------------------------------------------------------
     def score_pending(self) -> None:
@@ -242,31 +365,60 @@ class Worker:
             return
         counts = np.asarray(pending.counts)
         windows = np.concatenate(pending.windows)
-        keys = np.repeat(np.asarray(pending.keys, dtype=object), counts)
-        group = np.repeat(np.arange(len(counts)), counts)
         start_ts = np.concatenate(pending.start_ts)
         end_ts = np.concatenate(pending.end_ts)
-        first_offsets = np.concatenate(pending.first_offsets)
-        last_offsets = np.concatenate(pending.last_offsets)
+        started = time.perf_counter()
         scored = self.detector.score(windows, batch_size=self.settings.max_batch)
-        threshold = self.detector.threshold
-        flags = scored.scores > threshold.value
-        chosen = np.arange(n) if self.settings.emit_all else np.flatnonzero(flags)
+        self.metrics.scoring_seconds.observe(time.perf_counter() - started)
+        threshold = self.detector.threshold.value
+        flags = scored.scores > threshold
+        now_ms = self.wall_ms()
         self.stats.batches += 1
         self.stats.windows_scored += n
-        if len(chosen) == 0:
-            return
+        self.metrics.windows.inc(n)
+        self.metrics.batch_windows.observe(n)
+        self.metrics.latency.observe_many((now_ms - end_ts) / 1000.0)
+        if self.follower is not None:
+            self.follower.sample = windows[-64:]
+        if self.emit_windows:
+            chosen = np.arange(n) if self.settings.emit_all else np.flatnonzero(flags)
+            if len(chosen):
+                self._emit_windows(pending, counts, scored, flags, chosen, start_ts, end_ts, now_ms)
+        if self.alarms is not None:
+            self._update_alarms(pending, counts, scored, flags, start_ts, end_ts)
+
+    def _emit_windows(self, pending, counts, scored, flags, chosen, start_ts, end_ts, now_ms):
+        keys = np.repeat(np.asarray(pending.keys, dtype=object), counts)
+        group = np.repeat(np.arange(len(counts)), counts)
+        first_offsets = np.concatenate(pending.first_offsets)
+        last_offsets = np.concatenate(pending.last_offsets)
+        threshold = self.detector.threshold
         p_values = threshold.p_values(scored.scores[chosen])
-        names = self.detector.input.features
-        spec = self.detector.input.window
-        now_ms = self.wall_ms()
+        model = {"name": self.model.name, "version": self.model.version, "alias": self.model.alias}
         for j, i in enumerate(chosen):
             key = str(keys[i])
             topic, part = pending.partitions[group[i]]
-            feature_order = np.argsort(-scored.per_feature[i], kind="stable")[:TOP_FEATURES]
-            step_order = np.argsort(-scored.per_step[i], kind="stable")[:TOP_STEPS]
             score = float(scored.scores[i])
             end_ms = int(end_ts[i])
+            data = {
+                "key": key,
+                "score": score,
+                "threshold": threshold.value,
+                "p_value": float(p_values[j]),
+                "severity": score / threshold.value if threshold.value > 0 else score,
+                "is_anomaly": bool(flags[i]),
+                "model": model,
+            }
+            if self.kind == "series":
+                data.update(self._window_detail(scored, i, int(start_ts[i]), end_ms))
+            else:
+                data["image"] = self._image_detail(scored.pixel_map[i], end_ms)
+            data["source"] = {
+                "topic": topic,
+                "partition": int(part),
+                "offset_start": int(first_offsets[i]),
+                "offset_end": int(last_offsets[i]),
+            }
             event = {
                 "specversion": "1.0",
                 "id": event_id(self.model, key, end_ms),
@@ -275,44 +427,83 @@ class Worker:
                 "subject": key,
                 "time": iso_ms(end_ms),
                 "datacontenttype": "application/json",
-                "data": {
-                    "key": key,
-                    "score": score,
-                    "threshold": threshold.value,
-                    "p_value": float(p_values[j]),
-                    "severity": score / threshold.value if threshold.value > 0 else score,
-                    "is_anomaly": bool(flags[i]),
-                    "model": {
-                        "name": self.model.name,
-                        "version": self.model.version,
-                        "alias": self.model.alias,
-                    },
-                    "window": {
-                        "start": iso_ms(int(start_ts[i])),
-                        "end": iso_ms(end_ms),
-                        "length": spec.length,
-                        "stride": spec.stride,
-                    },
-                    "top_features": [
-                        {"name": names[f], "error": float(scored.per_feature[i, f])}
-                        for f in feature_order
-                    ],
-                    "top_steps": [
-                        {"index": int(t), "error": float(scored.per_step[i, t])} for t in step_order
-                    ],
-                    "source": {
-                        "topic": topic,
-                        "partition": int(part),
-                        "offset_start": int(first_offsets[i]),
-                        "offset_end": int(last_offsets[i]),
-                    },
-                },
+                "data": data,
             }
             self.sink.send(self.settings.output_topic, key=key.encode(), value=orjson.dumps(event))
             self.stats.latencies_ms.append(now_ms - end_ms)
         self.stats.events_out += len(chosen)
+        self.metrics.events.labels("anomaly").inc(len(chosen))
         if len(self.stats.latencies_ms) > 100_000:
             del self.stats.latencies_ms[:50_000]
+
+    def _window_detail(self, scored, i: int, start_ms: int, end_ms: int) -> dict:
+        names = self.detector.input.features
+        spec = self.detector.input.window
+        feature_order = np.argsort(-scored.per_feature[i], kind="stable")[:TOP_FEATURES]
+        step_order = np.argsort(-scored.per_step[i], kind="stable")[:TOP_STEPS]
+        return {
+            "window": {
+                "start": iso_ms(start_ms),
+                "end": iso_ms(end_ms),
+                "length": spec.length,
+                "stride": spec.stride,
+            },
+            "top_features": [
+                {"name": names[f], "error": float(scored.per_feature[i, f])} for f in feature_order
+            ],
+            "top_steps": [
+                {"index": int(t), "error": float(scored.per_step[i, t])} for t in step_order
+            ],
+        }
+
+    def _image_detail(self, pixel_errors: np.ndarray, ts_ms: int) -> dict:
+        from pipeline.images import error_map_png, top_regions
+
+        channels, height, width = self.detector.input.image_shape
+        return {
+            "time": iso_ms(ts_ms),
+            "channels": channels,
+            "height": height,
+            "width": width,
+            "error_map_png": error_map_png(pixel_errors),
+            "top_regions": top_regions(pixel_errors, TOP_REGIONS),
+        }
+
+    def _update_alarms(self, pending, counts, scored, flags, start_ts, end_ts) -> None:
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        per_feature = scored.per_feature if self.kind == "series" else None
+        for g, key in enumerate(pending.keys):
+            lo, hi = int(bounds[g]), int(bounds[g + 1])
+            transitions = self.alarms.update(
+                key,
+                pending.partitions[g],
+                start_ts[lo:hi],
+                end_ts[lo:hi],
+                scored.scores[lo:hi],
+                flags[lo:hi],
+                None if per_feature is None else per_feature[lo:hi],
+            )
+            for transition in transitions:
+                self._emit_alarm(transition)
+        self.metrics.alarms_open.set(self.alarms.open_count)
+
+    def _emit_alarm(self, transition: AlarmTransition) -> None:
+        event = alarm_event(self.model, transition, self.detector.threshold.value)
+        self.sink.send(
+            self.settings.alarm_topic_name,
+            key=transition.key.encode(),
+            value=orjson.dumps(event),
+        )
+        self.stats.alarms[transition.kind] += 1
+        self.metrics.events.labels(f"alarm_{transition.kind}").inc()
+        log.info(
+            "alarm %s: %s (episode %s, peak %.4g)",
+            transition.kind,
+            transition.key,
+            transition.episode_id,
+            transition.peak_score,
+            extra={"fields": {"alarm": transition.kind, "key": transition.key}},
+        )
 
     # -- checkpoint ------------------------------------------------------------------------------
     def commit_offsets(self) -> dict[Partition, int]:
@@ -329,18 +520,37 @@ class Worker:
         started = self._last_checkpoint = self.clock()
         self.score_pending()
         for partition in self.touched:
-            self.state.save(partition, self.windower.resume_points(partition))
+            alarms = self.alarms.state(partition) if self.alarms is not None else None
+            self.state.save(partition, self.windower.resume_points(partition), alarms)
         self.touched.clear()
-        self.sink.flush()
-        offsets = self.commit_offsets()
-        if offsets and self.source is not None:
-            self.source.commit(offsets)
+        offsets = self.commit_offsets() if self.source is not None else {}
+        if getattr(self.sink, "transactional", False):
+            metadata = self.source.group_metadata() if self.source is not None else None
+            self.sink.commit(offsets, metadata)
+        else:
+            self.sink.flush()
+            if offsets:
+                self.source.commit(offsets)
+        if self.source is not None and hasattr(self.source, "highwaters"):
+            highwaters = self.source.highwaters(self.processed)
+            self.metrics.set_lag(
+                {p: max(0, hw - self.processed[p]) for p, hw in highwaters.items()}
+            )
+        if offsets:
             self.committed.update(offsets)
             self.stats.commits += 1
+            self.metrics.commits.inc()
             log.info(
                 "checkpoint (%s, %.0f ms): %s",
                 reason,
                 1000 * (self.clock() - started),
                 self.stats.snapshot(),
-                extra={"fields": {"commit": {f"{t}:{p}": o for (t, p), o in offsets.items()}}},
+                extra={
+                    "fields": {
+                        "checkpoint": reason,
+                        "stats": self.stats.snapshot(),
+                        "model_version": self.model.version,
+                        "commit": {f"{t}:{p}": o for (t, p), o in offsets.items()},
+                    }
+                },
             )

@@ -9,7 +9,7 @@ import signal
 
 from pipeline.config import WorkerSettings, add_worker_arguments, settings_from_args
 
-__all__ = ["build_worker", "register_worker"]
+__all__ = ["build_worker", "close_worker", "register_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,11 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_worker(settings: WorkerSettings):
-    """Load the model, make sure the topics exist, and wire the worker to Kafka."""
+    """Load the model, make sure the topics exist, and wire the worker to Kafka, the registry
+    (hot reload) and its HTTP port. Call `close_worker` when it has stopped."""
     from pipeline import kafka_io
-    from pipeline.registry import load_model
+    from pipeline.metrics import WorkerMetrics
+    from pipeline.registry import load_model, parse_model_uri
     from pipeline.state import KafkaStateStore
     from pipeline.worker import Worker
 
@@ -40,27 +42,71 @@ def build_worker(settings: WorkerSettings):
         require_calibrated=True,
     )
     security = settings.kafka_security()
-    kafka_io.ensure_topics(
-        settings.bootstrap_servers,
-        {
-            settings.output_topic: {},
-            settings.dlq_topic: {},
-            settings.state_topic_name: {"topic_configs": {"cleanup.policy": "compact"}},
-        },
-        security,
+    topics = {
+        settings.output_topic: {},
+        settings.dlq_topic: {},
+        settings.state_topic_name: {"topic_configs": {"cleanup.policy": "compact"}},
+    }
+    topics.setdefault(settings.alarm_topic_name, {})
+    kafka_io.ensure_topics(settings.bootstrap_servers, topics, security)
+    metrics = WorkerMetrics()
+    sink = (
+        kafka_io.TransactionalSink(settings)
+        if settings.exactly_once
+        else kafka_io.KafkaSink(settings)
     )
-    sink = kafka_io.KafkaSink(settings)
 
     def read_latest(topic, keys):
         return kafka_io.read_latest(settings.bootstrap_servers, topic, keys, security)
 
+    follower = None
+    parsed = parse_model_uri(settings.model)
+    if parsed is not None and parsed[1] is not None and settings.reload_interval_s > 0:
+        from pipeline.reload import ModelFollower
+
+        follower = ModelFollower(
+            settings.model,
+            detector,
+            ref,
+            tracking_uri=settings.tracking_uri,
+            device=settings.device,
+            interval_s=settings.reload_interval_s,
+            on_outcome=lambda outcome, reason: metrics.reloads.labels(outcome, reason).inc(),
+        )
     state = KafkaStateStore(sink, read_latest, settings.state_topic_name)
-    worker = Worker(settings, detector, ref.identity(), sink, state)
+    worker = Worker(
+        settings, detector, ref.identity(), sink, state, metrics=metrics, follower=follower
+    )
     worker.attach(kafka_io.KafkaSource(settings, worker.on_assigned, worker.on_revoked))
+    worker.http = None
+    if settings.http_port >= 0:
+        from pipeline.http_server import WorkerHttpServer
+
+        worker.http = WorkerHttpServer(
+            settings.http_host,
+            settings.http_port,
+            metrics=metrics.exposition,
+            live=worker.liveness,
+            ready=worker.readiness,
+            on_alias_created=follower.trigger if follower else None,
+            webhook_secret=settings.webhook_secret,
+        ).start()
+    if follower is not None:
+        follower.start()
     log.info(
         "worker ready: model %s on %s; settings %s", ref.label, detector.device, settings.redacted()
     )
     return worker
+
+
+def close_worker(worker) -> None:
+    """Leave the group and release the producer, the follower thread and the HTTP port."""
+    if worker.follower is not None:
+        worker.follower.close()
+    worker.source.close()
+    worker.sink.close()
+    if getattr(worker, "http", None) is not None:
+        worker.http.close()
 
 
 def _run_worker(args: argparse.Namespace) -> int:
@@ -73,8 +119,9 @@ def _run_worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    stats = worker.run()
-    worker.source.close()
-    worker.sink.close()
+    try:
+        stats = worker.run()
+    finally:
+        close_worker(worker)
     log.info("stopped: %s", stats.snapshot())
     return 0

@@ -21,7 +21,7 @@ from scipy import stats
 from pipeline.config import WorkerSettings
 from pipeline.events import event_schema
 from pipeline.simulate import FleetStream
-from pipeline.worker_cli import build_worker
+from pipeline.worker_cli import build_worker, close_worker
 from tests.worker_support import flags_by_window, fleet, train_fleet_detector
 
 pytestmark = pytest.mark.kafka
@@ -72,6 +72,8 @@ def _consume(bootstrap: str, topic: str, idle_s: float = 3.0) -> list:
 
 
 def _settings(bootstrap: str, names: dict, model: Path, **kwargs) -> WorkerSettings:
+    kwargs.setdefault("events", "windows")
+    kwargs.setdefault("http_port", -1)
     return WorkerSettings(
         model=str(model),
         bootstrap_servers=bootstrap,
@@ -89,9 +91,10 @@ def _settings(bootstrap: str, names: dict, model: Path, **kwargs) -> WorkerSetti
 
 def _run(settings: WorkerSettings):
     worker = build_worker(settings)
-    stats = worker.run()
-    worker.source.close()
-    worker.sink.close()
+    try:
+        stats = worker.run()
+    finally:
+        close_worker(worker)
     return worker, stats
 
 
@@ -168,6 +171,10 @@ def _worker_process(bootstrap: str, names: dict, model: Path, log: Path) -> subp
         "300",
         "--max-poll-records",
         "500",
+        "--events",
+        "windows",
+        "--http-port",
+        "-1",
     ]
     return subprocess.Popen(
         args,

@@ -140,6 +140,8 @@ def settings(**kwargs) -> WorkerSettings:
         max_wait_ms=0,
         commit_interval_ms=50,
         stop_after_idle_s=0.2,
+        events="windows",
+        http_port=-1,
     )
     return WorkerSettings(**{**base, **kwargs})
 

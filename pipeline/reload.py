@@ -1,0 +1,221 @@
+"""Following a registry alias: new model versions load in the background and swap in between
+two batches, without a restart.
+
+A `ModelFollower` thread asks the registry which version the alias (`models:/NAME@champion`)
+points to every `reload_interval_s` seconds, or at once when the MLflow webhook
+`model_version_alias.created` arrives for that name and alias. A new version is:
+
+1. downloaded, and its weights' SHA-256 checked against the version's `aewatch.weights_sha256` tag;
+2. loaded (manifest format version, calibrated threshold) and checked against the serving model:
+   same input kind, the same features in the same order and the same window (or image shape),
+   so the open windows and the input topics stay valid;
+3. warmed up on the latest scored windows (zeros before any), which must give finite scores.
+
+A version that passes waits in a slot until the loop takes it between two batches; one that fails
+is refused, logged with the reason, counted in `aewatch_model_reloads_total{outcome="refused"}`
+and not tried again unless the alias moves away and back. An unreachable registry is retried with
+exponential backoff (1 s doubling up to the interval) while the current model keeps serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.detector import Detector
+from pipeline.errors import AewatchError, RegistryError
+from pipeline.registry import ModelRef, load_model, parse_model_uri
+
+__all__ = ["ModelFollower", "check_compatible"]
+
+log = logging.getLogger(__name__)
+WARMUP_WINDOWS = 64
+
+
+class Refused(AewatchError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def check_compatible(serving: Detector, candidate: Detector) -> None:
+    """Raise `Refused` if the candidate cannot take the serving model's inputs."""
+    old, new = serving.input, candidate.input
+    if old.kind != new.kind:
+        raise Refused("manifest", f"input kind {new.kind!r}, serving {old.kind!r}")
+    if old.kind == "series":
+        if tuple(old.features) != tuple(new.features):
+            raise Refused(
+                "features", f"features {list(new.features)}, serving {list(old.features)}"
+            )
+        if (old.window.length, old.window.stride) != (new.window.length, new.window.stride):
+            raise Refused(
+                "window",
+                f"window {new.window.length}/{new.window.stride}, "
+                f"serving {old.window.length}/{old.window.stride}",
+            )
+    elif tuple(old.image_shape) != tuple(new.image_shape):
+        raise Refused("image_shape", f"image shape {new.image_shape}, serving {old.image_shape}")
+
+
+def warm_up(candidate: Detector, sample: np.ndarray | None) -> None:
+    if sample is None or len(sample) == 0:
+        sample = np.zeros((4, *candidate.input.sample_shape), np.float32)
+    scores = candidate.score(sample[:WARMUP_WINDOWS]).scores
+    threshold = candidate.threshold.value
+    if not np.isfinite(scores).all() or threshold is None or not np.isfinite(threshold):
+        bad = int((~np.isfinite(scores)).sum())
+        raise Refused("warmup", f"{bad} of {len(scores)} warm-up scores are not finite")
+
+
+class ModelFollower:
+    """Watches one registry alias; `take()` hands over a checked new version once."""
+
+    def __init__(
+        self,
+        uri: str,
+        serving: Detector,
+        serving_ref: ModelRef,
+        *,
+        tracking_uri: str | None,
+        device: str,
+        interval_s: float,
+        on_outcome: Callable[[str, str], None] = lambda outcome, reason: None,
+        max_backoff_s: float | None = None,
+    ) -> None:
+        parsed = parse_model_uri(uri)
+        if parsed is None or parsed[1] is None:
+            raise ValueError(f"{uri}: only an alias (models:/NAME@ALIAS) can be followed")
+        self.name, self.alias = parsed[0], parsed[1]
+        self.tracking_uri, self.device = tracking_uri, device
+        self.interval_s = interval_s
+        self.max_backoff_s = max_backoff_s or max(1.0, interval_s)
+        self.on_outcome = on_outcome
+        self.serving = serving
+        self.serving_version = serving_ref.version
+        self.refused: dict[str, str] = {}
+        self.sample: np.ndarray | None = None  # latest scored windows, set by the loop
+        self._ready: tuple[Detector, ModelRef] | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._downloads = Path(tempfile.mkdtemp(prefix="aewatch-reload-"))
+        self._thread = threading.Thread(target=self._run, name="aewatch-reload", daemon=True)
+
+    # -- the loop's side -------------------------------------------------------------------------
+    def start(self) -> ModelFollower:
+        self._thread.start()
+        return self
+
+    def take(self) -> tuple[Detector, ModelRef] | None:
+        if self._ready is None:
+            return None
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is not None:
+            self.serving = ready[0]
+        return ready
+
+    def trigger(self, name: str, alias: str, version: str) -> None:
+        """The webhook's entry: check now if it concerns the alias served."""
+        if name == self.name and alias == self.alias:
+            log.info("webhook: %s@%s moved to version %s", name, alias, version)
+            self._wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+        shutil.rmtree(self._downloads, ignore_errors=True)
+
+    # -- the thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        delay, backoff = self.interval_s, 0.0
+        while not self._stop.is_set():
+            self._wake.wait(timeout=delay if delay > 0 else None)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.check()
+            except RegistryError as exc:
+                backoff = min(self.max_backoff_s, backoff * 2 if backoff else 1.0)
+                delay = backoff
+                self.on_outcome("unreachable", "registry")
+                log.warning(
+                    "registry unreachable (%s); serving %s, retry in %.0fs",
+                    exc,
+                    self.serving_version,
+                    delay,
+                )
+                continue
+            delay, backoff = self.interval_s, 0.0
+
+    def alias_version(self) -> str:
+        from mlflow import MlflowClient
+
+        try:
+            client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            return str(client.get_model_version_by_alias(self.name, self.alias).version)
+        except Exception as exc:  # the client raises MlflowException or requests' errors
+            raise RegistryError(f"{self.name}@{self.alias}: {exc}") from exc
+
+    def check(self) -> str:
+        """One look at the registry; returns what happened (for logs and tests)."""
+        version = self.alias_version()
+        if version == self.serving_version or version in self.refused:
+            return "unchanged"
+        if self._ready is not None and self._ready[1].version == version:
+            return "pending"
+        target = self._downloads / f"v{version}"
+        try:
+            detector, ref = load_model(
+                f"models:/{self.name}/{version}",
+                tracking_uri=self.tracking_uri,
+                device=self.device,
+                require_calibrated=True,
+                download_dir=target,
+            )
+            check_compatible(self.serving, detector)
+            warm_up(detector, self.sample)
+        except RegistryError:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        except (AewatchError, ValueError, RuntimeError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, Refused) else _reason(exc)
+            self.refused[version] = reason
+            shutil.rmtree(target, ignore_errors=True)
+            self.on_outcome("refused", reason)
+            log.warning(
+                "refused %s version %s (%s): %s; still serving version %s",
+                self.name,
+                version,
+                reason,
+                exc,
+                self.serving_version,
+            )
+            return "refused"
+        ref = dataclasses.replace(ref, alias=self.alias)
+        with self._lock:
+            self._ready = (detector, ref)
+        self.serving_version = version
+        log.info("%s version %s checked and ready to serve", self.name, version)
+        return "ready"
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).lower()
+    if "sha-256" in text or "sha256" in text:
+        return "sha256"
+    if "nan or infinite" in text:
+        return "non_finite_weights"
+    if "format" in text or "manifest" in text:
+        return "manifest"
+    return type(exc).__name__

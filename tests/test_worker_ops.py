@@ -1,0 +1,194 @@
+"""Worker operations in memory: alarm episodes, metrics, model swaps between batches, health."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+from jsonschema import Draft202012Validator
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.events import ALARM_SCHEMA, ModelIdentity, event_schema
+from pipeline.registry import ModelRef
+from pipeline.state import MemoryStateStore
+from pipeline.worker import Worker
+from tests.worker_support import (
+    FakeSink,
+    FakeSource,
+    Record,
+    flags_by_window,
+    fleet,
+    partitioned,
+    settings,
+    train_fleet_detector,
+)
+
+MODEL = ModelIdentity("fleet", "1", "champion")
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    return train_fleet_detector(tmp_path_factory.mktemp("fleet")).detector
+
+
+def _worker(detector, source, *, follower=None, state=None, **overrides) -> Worker:
+    worker = Worker(
+        settings(**overrides),
+        detector,
+        MODEL,
+        FakeSink(),
+        state or MemoryStateStore(),
+        follower=follower,
+    )
+    worker.attach(source)
+    worker.on_assigned(set(source.records))
+    return worker
+
+
+def long_anomaly_stream(seed: int = 7):
+    """Four machines; one has a level shift long enough for about 30 windows."""
+    return fleet(
+        seed=seed,
+        keys=4,
+        readings_per_key=1500,
+        anomalies=("level_shift",),
+        anomalous_keys=1,
+        anomaly_length=120,
+        magnitude=3.0,
+    )
+
+
+def metric_values(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_a_long_anomaly_is_one_alarm_episode_not_a_stream_of_alerts(detector):
+    stream = long_anomaly_stream()
+    source = FakeSource(partitioned(stream, "readings", 2), chunk=211)
+    worker = _worker(detector, source, events="both")
+    worker.run()
+    sent = [orjson.loads(v) for v in worker.sink.values("events")]
+    alarms = [e for e in sent if e["type"].startswith("aewatch.alarm.")]
+    windows = [e for e in sent if e["type"] == "aewatch.anomaly.v1"]
+    (bad_key,) = {t.key for t in stream.truth}
+    assert len([e for e in windows if e["subject"] == bad_key]) >= 20, "many anomalous windows"
+    assert [(e["type"], e["subject"]) for e in alarms] == [
+        ("aewatch.alarm.opened", bad_key),
+        ("aewatch.alarm.resolved", bad_key),
+    ]
+    opened, resolved = alarms
+    assert opened["data"]["episode_id"] == resolved["data"]["episode_id"]
+    truth = stream.truth[0]
+    start, end = (np.datetime64(resolved["data"][k].rstrip("Z")) for k in ("start", "end"))
+    truth_start = np.datetime64(truth.start_ms, "ms")
+    truth_end = np.datetime64(truth.end_ms, "ms")
+    assert start <= truth_end and end >= truth_start, "the episode covers the injected anomaly"
+    assert resolved["data"]["anomalous_windows"] >= 20
+    assert resolved["data"]["top_features"], "the sensors that contributed are named"
+    validator = Draft202012Validator(event_schema(ALARM_SCHEMA))
+    for event in alarms:
+        validator.validate(event)
+    assert worker.metrics.alarms_open._value.get() == 0
+
+
+def test_alarm_state_survives_a_restart_without_repeating_the_episode(detector):
+    stream = long_anomaly_stream(seed=8)
+    records = partitioned(stream, "readings", 1)
+    clean = _worker(detector, FakeSource(records, chunk=150), events="alarms")
+    clean.run()
+    clean_ids = [orjson.loads(v)["id"] for v in clean.sink.values("events")]
+    assert len(clean_ids) == 2
+
+    state = MemoryStateStore()
+    (part,) = records
+    truth = stream.truth[0]
+    # cut in the middle of the anomaly: the alarm is open at the checkpoint
+    cut = next(
+        i
+        for i, r in enumerate(records[part])
+        if orjson.loads(r.value)["ts"] > truth.start_ms + 60_000
+    )
+    first = _worker(
+        detector, FakeSource({part: records[part][:cut]}, chunk=150), state=state, events="alarms"
+    )
+    first.run()
+    first_ids = [orjson.loads(v)["id"] for v in first.sink.values("events")]
+    assert len(first_ids) == 1 and first.alarms.open_count == 1
+    restart = FakeSource(records, chunk=150, committed=first.committed)
+    second = _worker(detector, restart, state=state, events="alarms")
+    second.run()
+    second_ids = [orjson.loads(v)["id"] for v in second.sink.values("events")]
+    assert first_ids + second_ids == clean_ids, "the episode resolves once, with the same ids"
+
+
+def test_metrics_count_records_windows_and_dead_letters(detector):
+    stream = fleet(seed=9, readings_per_key=500, anomalies=())
+    records = partitioned(stream, "readings", 1)[("readings", 0)]
+    bad = [b"not json", b"[1]", orjson.dumps({"key": "machine-000", "ts": 1, "values": {}})]
+    mixed = (
+        records[:100] + [Record("readings", 0, 0, b"machine-000", v) for v in bad] + records[100:]
+    )
+    for offset, record in enumerate(mixed):
+        record.offset = offset
+    worker = _worker(detector, FakeSource({("readings", 0): mixed}, chunk=64))
+    stats = worker.run()
+    values = metric_values(worker.metrics.exposition().decode())
+    assert values[("aewatch_records_total", (("topic", "readings"),))] == len(mixed)
+    assert values[("aewatch_windows_scored_total", ())] == stats.windows_scored > 0
+    assert values[("aewatch_dead_letters_total", (("reason", "decode_error"),))] == 1
+    assert values[("aewatch_dead_letters_total", (("reason", "schema_mismatch"),))] == 1
+    assert values[("aewatch_dead_letters_total", (("reason", "missing_feature"),))] == 1
+    assert values[("aewatch_end_to_end_latency_seconds_count", ())] == stats.windows_scored
+    assert values[("aewatch_batch_windows_count", ())] == stats.batches
+    assert (
+        values[("aewatch_model_info", (("alias", "champion"), ("name", "fleet"), ("version", "1")))]
+        == 1
+    )
+
+
+class ScriptedFollower:
+    """Hands over a new version after a number of polls, like a follower whose check passed."""
+
+    def __init__(self, detector, after_takes: int) -> None:
+        self.detector, self.after, self.calls, self.sample = detector, after_takes, 0, None
+
+    def take(self):
+        self.calls += 1
+        if self.calls == self.after:
+            ref = ModelRef("models:/fleet@champion", None, "fleet", "2", "champion", "x")
+            return self.detector, ref
+        return None
+
+
+def test_a_new_version_swaps_in_between_batches_and_no_window_is_lost(detector):
+    stream = fleet(seed=10, readings_per_key=800)
+    records = partitioned(stream, "readings", 2)
+    follower = ScriptedFollower(detector, after_takes=6)
+    worker = _worker(detector, FakeSource(records, chunk=120), follower=follower, emit_all=True)
+    worker.run()
+    windows, _, _ = flags_by_window(stream, detector)
+    events = [orjson.loads(v) for v in worker.sink.values("events")]
+    assert len(events) == len(windows), "every window scored exactly once"
+    versions = [e["data"]["model"]["version"] for e in events]
+    assert "1" in versions and "2" in versions
+    first_new = versions.index("2")
+    assert set(versions[first_new:]) == {"2"}, "no old-version event after the swap"
+    assert worker.stats.reloads == 1
+    assert follower.sample is not None and follower.sample.shape[1:] == (16, 4)
+
+
+def test_readiness_follows_the_group_membership(detector):
+    source = FakeSource({("readings", 0): []})
+    worker = Worker(settings(), detector, MODEL, FakeSink(), MemoryStateStore())
+    worker.attach(source)
+    assert worker.liveness()[0]
+    assert not worker.readiness()[0], "not ready before joining the group"
+    worker.on_assigned({("readings", 0)})
+    ready, detail = worker.readiness()
+    assert ready and detail["partitions"] == 1 and detail["model"]["version"] == "1"
+    worker.stop()
+    assert not worker.readiness()[0], "a stopping worker takes itself out of rotation"
