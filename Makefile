@@ -25,7 +25,7 @@ help:
 
 setup: $(DEPS_STAMP) $(KAFKA_STAMP)
 	@# Point the editable install at this checkout (several clones may share one environment).
-	@if [ "$$($(PY) -c 'import pipeline, pathlib; print(pathlib.Path(pipeline.__file__).resolve().parents[1])' 2>/dev/null)" != "$(CURDIR)" ]; then \
+	@if [ "$$(cd / && $(PY) -c 'import pipeline, pathlib; print(pathlib.Path(pipeline.__file__).resolve().parents[1])' 2>/dev/null)" != "$(CURDIR)" ]; then \
 		$(PY) -m pip install -q --no-deps --no-build-isolation -e . ; fi
 	@# setuptools leaves build metadata in the tree; on sys.path it would shadow the installed one.
 	@rm -rf aewatch.egg-info

@@ -14,13 +14,14 @@ points to every `reload_interval_s` seconds, or at once when the MLflow webhook
 A version that passes waits in a slot until the loop takes it between two batches; one that fails
 is refused, logged with the reason, counted in `aewatch_model_reloads_total{outcome="refused"}`
 and not tried again unless the alias moves away and back. An unreachable registry is retried with
-exponential backoff (1 s doubling up to the interval) while the current model keeps serving.
+exponential backoff (doubling from 1 s, or a quarter of the cap, up to the interval) while the current model keeps serving.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -90,6 +91,10 @@ class ModelFollower:
         on_outcome: Callable[[str, str], None] = lambda outcome, reason: None,
         max_backoff_s: float | None = None,
     ) -> None:
+        # One quick attempt per check: the follower's own backoff paces the retries, and the
+        # client's built-in retries would hold the thread for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         parsed = parse_model_uri(uri)
         if parsed is None or parsed[1] is None:
             raise ValueError(f"{uri}: only an alias (models:/NAME@ALIAS) can be followed")
@@ -146,7 +151,8 @@ class ModelFollower:
             try:
                 self.check()
             except RegistryError as exc:
-                backoff = min(self.max_backoff_s, backoff * 2 if backoff else 1.0)
+                first = min(1.0, self.max_backoff_s / 4)
+                backoff = min(self.max_backoff_s, backoff * 2 if backoff else first)
                 delay = backoff
                 self.on_outcome("unreachable", "registry")
                 log.warning(

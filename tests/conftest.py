@@ -133,7 +133,13 @@ def _start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
     from pipeline.local_broker import free_port
 
     port = free_port()
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    env = dict(
+        os.environ,
+        MLFLOW_DISABLE_TELEMETRY="true",
+        MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https",
+        MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
+        MLFLOW_WEBHOOK_CACHE_TTL="1",
+    )
     log = open(root / "mlflow-server.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import orjson
 import pandas as pd
 import pytest
 from jsonschema import Draft202012Validator
-from kafka import KafkaConsumer, KafkaProducer
 from scipy import stats
 
-from pipeline.config import WorkerSettings
 from pipeline.events import event_schema
-from pipeline.simulate import FleetStream
-from pipeline.worker_cli import build_worker, close_worker
+from tests.kafka_support import (
+    consume,
+    produce,
+    run_worker,
+    stream_items,
+    wait_for_log,
+    worker_process,
+    worker_settings,
+)
+from tests.kafka_support import names as topic_names
 from tests.worker_support import flags_by_window, fleet, train_fleet_detector
 
 pytestmark = pytest.mark.kafka
@@ -32,83 +34,17 @@ def trained(tmp_path_factory):
     return train_fleet_detector(tmp_path_factory.mktemp("fleet"))
 
 
-def _names(prefix: str) -> dict:
-    tag = uuid.uuid4().hex[:8]
-    return {
-        "input": f"{prefix}-in-{tag}",
-        "output": f"{prefix}-out-{tag}",
-        "dlq": f"{prefix}-dlq-{tag}",
-        "group": f"{prefix}-g-{tag}",
-    }
-
-
-def _produce(bootstrap: str, topic: str, items) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    for key, value in items:
-        producer.send(topic, key=key, value=value)
-    producer.flush()
-    producer.close()
-
-
-def _stream_items(stream: FleetStream):
-    return [(k.encode(), v) for k, v in zip(stream.keys.tolist(), stream.payloads(), strict=True)]
-
-
-def _consume(bootstrap: str, topic: str, idle_s: float = 3.0) -> list:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    out, last = [], time.monotonic()
-    while time.monotonic() - last < idle_s:
-        for records in consumer.poll(timeout_ms=300).values():
-            out.extend(records)
-            last = time.monotonic()
-    consumer.close()
-    return out
-
-
-def _settings(bootstrap: str, names: dict, model: Path, **kwargs) -> WorkerSettings:
-    kwargs.setdefault("events", "windows")
-    kwargs.setdefault("http_port", -1)
-    return WorkerSettings(
-        model=str(model),
-        bootstrap_servers=bootstrap,
-        group_id=names["group"],
-        input_topic=(names["input"],),
-        output_topic=names["output"],
-        dlq_topic=names["dlq"],
-        device="cpu",
-        stop_after_idle_s=4.0,
-        session_timeout_ms=6000,
-        commit_interval_ms=500,
-        **kwargs,
-    )
-
-
-def _run(settings: WorkerSettings):
-    worker = build_worker(settings)
-    try:
-        stats = worker.run()
-    finally:
-        close_worker(worker)
-    return worker, stats
-
-
 def test_every_injected_anomaly_yields_an_event(kafka_bootstrap, create_topic, trained):
-    names = _names("detect")
+    names = topic_names("detect")
     create_topic(names["input"], partitions=4)
     stream = fleet(seed=21, keys=6, anomalous_keys=3, readings_per_key=1700)
     assert len(stream.keys) >= 10_000
-    _produce(kafka_bootstrap, names["input"], _stream_items(stream))
-    worker, stats = _run(_settings(kafka_bootstrap, names, trained.artifact_dir))
+    produce(kafka_bootstrap, names["input"], stream_items(stream))
+    worker, stats = run_worker(worker_settings(kafka_bootstrap, names, trained.artifact_dir))
     windows, _, _ = flags_by_window(stream, trained.detector)
     assert stats.windows_scored == len(windows)
 
-    events = [orjson.loads(r.value) for r in _consume(kafka_bootstrap, names["output"])]
+    events = [orjson.loads(r.value) for r in consume(kafka_bootstrap, names["output"])]
     validator = Draft202012Validator(event_schema())
     for event in events:
         validator.validate(event)
@@ -141,76 +77,30 @@ def _ms(iso: str) -> int:
     return int(pd.Timestamp(iso).value // 1_000_000)
 
 
-def _worker_process(bootstrap: str, names: dict, model: Path, log: Path) -> subprocess.Popen:
-    args = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "--log-format",
-        "json",
-        "worker",
-        "--model",
-        str(model),
-        "--bootstrap-servers",
-        bootstrap,
-        "--group-id",
-        names["group"],
-        "--input-topic",
-        names["input"],
-        "--output-topic",
-        names["output"],
-        "--dlq-topic",
-        names["dlq"],
-        "--device",
-        "cpu",
-        "--stop-after-idle-s",
-        "5",
-        "--session-timeout-ms",
-        "6000",
-        "--commit-interval-ms",
-        "300",
-        "--max-poll-records",
-        "500",
-        "--events",
-        "windows",
-        "--http-port",
-        "-1",
-    ]
-    return subprocess.Popen(
-        args,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,  # noqa: SIM115
-        start_new_session=True,
-    )
-
-
 def test_sigkill_and_restart_scores_every_window(kafka_bootstrap, create_topic, trained, tmp_path):
     stream = fleet(seed=22, keys=4, readings_per_key=2500)
-    items = _stream_items(stream)
+    items = stream_items(stream)
     half = len(items) // 2
 
-    clean = _names("clean")
+    clean = topic_names("clean")
     create_topic(clean["input"], partitions=4)
-    _produce(kafka_bootstrap, clean["input"], items)
-    _run(_settings(kafka_bootstrap, clean, trained.artifact_dir))
-    clean_ids = {orjson.loads(r.value)["id"] for r in _consume(kafka_bootstrap, clean["output"])}
+    produce(kafka_bootstrap, clean["input"], items)
+    run_worker(worker_settings(kafka_bootstrap, clean, trained.artifact_dir))
+    clean_ids = {orjson.loads(r.value)["id"] for r in consume(kafka_bootstrap, clean["output"])}
     assert clean_ids
 
-    crash = _names("crash")
+    crash = topic_names("crash")
     create_topic(crash["input"], partitions=4)
-    _produce(kafka_bootstrap, crash["input"], items[:half])
+    produce(kafka_bootstrap, crash["input"], items[:half])
     log = tmp_path / "worker.log"
-    first = _worker_process(kafka_bootstrap, crash, trained.artifact_dir, log)
-    deadline = time.monotonic() + 90
-    while b'"checkpoint' not in log.read_bytes() and time.monotonic() < deadline:
-        assert first.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.1)
+    first = worker_process(kafka_bootstrap, crash, trained.artifact_dir, log)
+    wait_for_log(first, log, b'"checkpoint')
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    _produce(kafka_bootstrap, crash["input"], items[half:])
-    second = _worker_process(kafka_bootstrap, crash, trained.artifact_dir, log)
+    produce(kafka_bootstrap, crash["input"], items[half:])
+    second = worker_process(kafka_bootstrap, crash, trained.artifact_dir, log)
     assert second.wait(timeout=180) == 0, log.read_text()[-3000:]
-    events = [orjson.loads(r.value) for r in _consume(kafka_bootstrap, crash["output"])]
+    events = [orjson.loads(r.value) for r in consume(kafka_bootstrap, crash["output"])]
     ids = [e["id"] for e in events]
     assert set(ids) == clean_ids
     by_id = {}
@@ -220,10 +110,10 @@ def test_sigkill_and_restart_scores_every_window(kafka_bootstrap, create_topic, 
 
 
 def test_malformed_records_land_in_the_dlq(kafka_bootstrap, create_topic, trained):
-    names = _names("dlq")
+    names = topic_names("dlq")
     create_topic(names["input"], partitions=2)
     stream = fleet(seed=23, keys=2, readings_per_key=800, anomalies=())
-    good = _stream_items(stream)
+    good = stream_items(stream)
     features = trained.detector.input.features
     values = {f: 0.5 for f in features}
     bad = [
@@ -256,9 +146,9 @@ def test_malformed_records_land_in_the_dlq(kafka_bootstrap, create_topic, traine
             items.append((key, value))
             sent_reasons.append(reason)
     assert len(sent_reasons) == len(bad)
-    _produce(kafka_bootstrap, names["input"], items)
-    _, stats = _run(_settings(kafka_bootstrap, names, trained.artifact_dir))
-    dead = _consume(kafka_bootstrap, names["dlq"])
+    produce(kafka_bootstrap, names["input"], items)
+    _, stats = run_worker(worker_settings(kafka_bootstrap, names, trained.artifact_dir))
+    dead = consume(kafka_bootstrap, names["dlq"])
     reasons = sorted(dict(r.headers)["aewatch.dlq.reason"].decode() for r in dead)
     assert reasons == sorted(sent_reasons)
     for record in dead:
@@ -272,13 +162,13 @@ def test_malformed_records_land_in_the_dlq(kafka_bootstrap, create_topic, traine
 def test_worker_and_score_command_agree(kafka_bootstrap, create_topic, trained, tmp_path, capsys):
     from pipeline.cli import main
 
-    names = _names("parity")
+    names = topic_names("parity")
     create_topic(names["input"], partitions=3)
     stream = fleet(seed=24, keys=3, readings_per_key=700)
-    _produce(kafka_bootstrap, names["input"], _stream_items(stream))
-    _run(_settings(kafka_bootstrap, names, trained.artifact_dir, emit_all=True))
+    produce(kafka_bootstrap, names["input"], stream_items(stream))
+    run_worker(worker_settings(kafka_bootstrap, names, trained.artifact_dir, emit_all=True))
     events = {}
-    for record in _consume(kafka_bootstrap, names["output"]):
+    for record in consume(kafka_bootstrap, names["output"]):
         event = orjson.loads(record.value)
         events[event["id"]] = event["data"]["score"]
 
@@ -336,7 +226,7 @@ def test_simulate_and_alerts_commands(kafka_bootstrap, create_topic, tmp_path, c
         )
         == 0
     )
-    readings = [orjson.loads(r.value) for r in _consume(kafka_bootstrap, topic, idle_s=2)]
+    readings = [orjson.loads(r.value) for r in consume(kafka_bootstrap, topic, idle_s=2)]
     assert len(readings) == 1200
     assert set(readings[0]["values"]) == {"pressure", "flow", "temp"}
     injected = pd.read_csv(truth)
@@ -359,7 +249,7 @@ def test_simulate_and_alerts_commands(kafka_bootstrap, create_topic, tmp_path, c
             "model": {"name": "pumps", "version": "3"},
         },
     }
-    _produce(kafka_bootstrap, events, [(b"m-1", orjson.dumps(event))] * 2)
+    produce(kafka_bootstrap, events, [(b"m-1", orjson.dumps(event))] * 2)
     assert (
         main(
             [

@@ -1,0 +1,140 @@
+"""Helpers for tests against the real broker: topic names, producing, consuming, worker runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from pipeline.config import WorkerSettings
+from pipeline.simulate import FleetStream
+from pipeline.worker_cli import build_worker, close_worker
+
+
+def names(prefix: str) -> dict:
+    tag = uuid.uuid4().hex[:8]
+    return {
+        "input": f"{prefix}-in-{tag}",
+        "output": f"{prefix}-out-{tag}",
+        "dlq": f"{prefix}-dlq-{tag}",
+        "group": f"{prefix}-g-{tag}",
+    }
+
+
+def produce(bootstrap: str, topic: str, items) -> None:
+    """items: (key, value) or (key, value, headers)."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    for item in items:
+        key, value, *headers = item
+        producer.send(topic, key=key, value=value, headers=headers[0] if headers else None)
+    producer.flush()
+    producer.close()
+
+
+def stream_items(stream: FleetStream) -> list:
+    return [(k.encode(), v) for k, v in zip(stream.keys.tolist(), stream.payloads(), strict=True)]
+
+
+def consume(bootstrap: str, topic: str, idle_s: float = 3.0, *, committed_only=False) -> list:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed" if committed_only else "read_uncommitted",
+    )
+    out, last = [], time.monotonic()
+    while time.monotonic() - last < idle_s:
+        for records in consumer.poll(timeout_ms=300).values():
+            out.extend(records)
+            last = time.monotonic()
+    consumer.close()
+    return out
+
+
+def worker_settings(bootstrap: str, names: dict, model, **kwargs) -> WorkerSettings:
+    kwargs.setdefault("events", "windows")
+    kwargs.setdefault("http_port", -1)
+    kwargs.setdefault("stop_after_idle_s", 4.0)
+    return WorkerSettings(
+        model=str(model),
+        bootstrap_servers=bootstrap,
+        group_id=names["group"],
+        input_topic=(names["input"],),
+        output_topic=names["output"],
+        dlq_topic=names["dlq"],
+        device="cpu",
+        session_timeout_ms=6000,
+        commit_interval_ms=500,
+        **kwargs,
+    )
+
+
+def run_worker(settings: WorkerSettings):
+    worker = build_worker(settings)
+    try:
+        stats = worker.run()
+    finally:
+        close_worker(worker)
+    return worker, stats
+
+
+def worker_process(
+    bootstrap: str, names: dict, model, log: Path, *extra: str, env: dict | None = None
+) -> subprocess.Popen:
+    """`aewatch worker` as a process of its own (JSON logs appended to `log`)."""
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "--log-format",
+        "json",
+        "worker",
+        "--model",
+        str(model),
+        "--bootstrap-servers",
+        bootstrap,
+        "--group-id",
+        names["group"],
+        "--input-topic",
+        names["input"],
+        "--output-topic",
+        names["output"],
+        "--dlq-topic",
+        names["dlq"],
+        "--device",
+        "cpu",
+        "--stop-after-idle-s",
+        "5",
+        "--session-timeout-ms",
+        "6000",
+        "--commit-interval-ms",
+        "300",
+        "--max-poll-records",
+        "500",
+        "--events",
+        "windows",
+        "--http-port",
+        "-1",
+        *extra,
+    ]
+    return subprocess.Popen(
+        args,
+        stdout=open(log, "ab"),  # noqa: SIM115 - the child owns it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+
+
+def wait_for_log(proc: subprocess.Popen, log: Path, needle: bytes, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while needle not in log.read_bytes():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{needle!r} not logged in {timeout_s}s"
+        time.sleep(0.1)

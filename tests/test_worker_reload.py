@@ -1,0 +1,266 @@
+"""Hot reload against a real MLflow server (and the real broker): promotions swap the model
+without a restart; broken versions are refused while the old one keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import orjson
+import pytest
+import requests
+import torch
+from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.detector.artifact import sha256_file
+from pipeline.http_server import WorkerHttpServer
+from pipeline.local_broker import free_port
+from pipeline.registry import load_model
+from pipeline.reload import ModelFollower
+from pipeline.worker_cli import build_worker, close_worker
+from tests.helpers import register_result
+from tests.kafka_support import consume, names, produce, stream_items, worker_settings
+from tests.worker_support import flags_by_window, fleet, train_fleet_detector
+
+pytestmark = pytest.mark.mlflow_server
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_fleet_detector(tmp_path_factory.mktemp("fleet"))
+
+
+def _copy(result, root: Path, name: str) -> Path:
+    target = root / name
+    shutil.copytree(result.artifact_dir, target)
+    return target
+
+
+def renamed_features(result, root: Path) -> Path:
+    target = _copy(result, root, "renamed")
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["input"]["features"] = [f"x_{f}" for f in manifest["input"]["features"]]
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def nan_weights(result, root: Path) -> Path:
+    target = _copy(result, root, "nan")
+    state = torch.load(target / "weights.pt", weights_only=True)
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = torch.full_like(state[first], float("nan"))
+    torch.save(state, target / "weights.pt")
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["weights"]["sha256"] = sha256_file(target / "weights.pt")
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def _register_dir(tracking_uri: str, result, directory: Path, name: str) -> str:
+    return register_result(
+        tracking_uri,
+        SimpleNamespace(detector=result.detector, artifact_dir=directory, data=None),
+        name,
+    )
+
+
+def _metrics(port: int) -> dict:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _wait(condition, timeout_s: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what} did not happen in {timeout_s}s"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+@pytest.mark.kafka
+def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refused(
+    kafka_bootstrap, create_topic, mlflow_server, trained, tmp_path
+):
+    name = f"reload-{tmp_path.name[-8:]}"
+    client = MlflowClient(mlflow_server)
+    v1 = register_result(mlflow_server, trained, name)
+    v2 = register_result(mlflow_server, trained, name)
+    v3 = register_result(mlflow_server, trained, name)
+    client.set_model_version_tag(name, v3, "aewatch.weights_sha256", "0" * 64)
+    v4 = _register_dir(mlflow_server, trained, renamed_features(trained, tmp_path), name)
+    v5 = _register_dir(mlflow_server, trained, nan_weights(trained, tmp_path), name)
+    client.set_registered_model_alias(name, "champion", v1)
+
+    topics = names("reload")
+    create_topic(topics["input"], partitions=2)
+    stream = fleet(seed=31, keys=4, readings_per_key=2500)
+    items = stream_items(stream)
+    port = free_port()
+    settings = worker_settings(
+        kafka_bootstrap,
+        topics,
+        f"models:/{name}@champion",
+        emit_all=True,
+        reload_interval_s=1.0,
+        http_port=port,
+        stop_after_idle_s=6.0,
+        tracking_uri=mlflow_server,
+    )
+    worker = build_worker(settings)
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+
+    def feed():  # ~30 s of readings at ~330 per second
+        for start in range(0, len(items), 100):
+            produce(kafka_bootstrap, topics["input"], items[start : start + 100])
+            time.sleep(0.3)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        _wait(lambda: worker.stats.windows_scored > 50, 60, "scoring with version 1")
+        promoted_at = time.time()
+        client.set_registered_model_alias(name, "champion", v2)
+        swap_s = _wait(lambda: worker.model.version == v2, 15, "the swap to version 2")
+        refusals = {v3: "sha256", v4: "features", v5: "non_finite_weights"}
+        for version, reason in refusals.items():
+            client.set_registered_model_alias(name, "champion", version)
+            key = ("aewatch_model_reloads_total", (("outcome", "refused"), ("reason", reason)))
+            _wait(lambda key=key: _metrics(port).get(key) == 1, 15, f"refusal of {reason}")
+            assert worker.model.version == v2
+        metrics = _metrics(port)
+        info = ("aewatch_model_info", (("alias", "champion"), ("name", name), ("version", v2)))
+        assert metrics[info] == 1
+        assert (
+            metrics[("aewatch_model_reloads_total", (("outcome", "loaded"), ("reason", "")))] == 1
+        )
+        assert feeder.is_alive(), "the promotions happened while the stream was running"
+        feeder.join()
+        runner.join(timeout=120)
+        assert not runner.is_alive()
+    finally:
+        worker.stop()
+        runner.join(timeout=60)
+        close_worker(worker)
+
+    records = consume(kafka_bootstrap, topics["output"])
+    events = [orjson.loads(r.value) for r in records]
+    windows, _, _ = flags_by_window(stream, trained.detector)
+    covered = {(e["subject"], e["data"]["window"]["end"]) for e in events}
+    assert len(covered) == len(windows), "every window scored: nothing dropped across the swap"
+    by_partition: dict[int, list[str]] = {}
+    for record, event in zip(records, events, strict=True):
+        by_partition.setdefault(record.partition, []).append(event["data"]["model"]["version"])
+    for versions in by_partition.values():
+        assert set(versions) == {v1, v2}
+        first_new = versions.index(v2)
+        assert set(versions[first_new:]) == {v2}, "no version-1 event after the swap"
+    first_v2_ms = min(
+        r.timestamp
+        for r, e in zip(records, events, strict=True)
+        if e["data"]["model"]["version"] == v2
+    )
+    assert first_v2_ms / 1000 - promoted_at <= settings.reload_interval_s + 10
+    assert swap_s <= settings.reload_interval_s + 10
+
+
+def test_the_registry_webhook_triggers_a_reload_and_needs_its_signature(
+    mlflow_server, trained, tmp_path
+):
+    name = f"hook-{tmp_path.name[-8:]}"
+    client = MlflowClient(mlflow_server)
+    v1 = register_result(mlflow_server, trained, name)
+    v2 = register_result(mlflow_server, trained, name)
+    client.set_registered_model_alias(name, "champion", v1)
+    detector, ref = load_model(
+        f"models:/{name}@champion", tracking_uri=mlflow_server, download_dir=tmp_path / "dl"
+    )
+    follower = ModelFollower(  # interval 0: the webhook is the only trigger
+        f"models:/{name}@champion",
+        detector,
+        ref,
+        tracking_uri=mlflow_server,
+        device="cpu",
+        interval_s=0,
+    ).start()
+    secret = "webhook-secret"
+    server = WorkerHttpServer(
+        "127.0.0.1",
+        0,
+        metrics=lambda: b"",
+        live=lambda: (True, {}),
+        ready=lambda: (True, {}),
+        on_alias_created=follower.trigger,
+        webhook_secret=secret,
+    ).start()
+    url = f"http://127.0.0.1:{server.port}/webhooks/mlflow"
+    try:
+        body = orjson.dumps(
+            {
+                "entity": "model_version_alias",
+                "action": "created",
+                "data": {"name": name, "alias": "champion", "version": v2},
+            }
+        )
+        unsigned = requests.post(url, data=body, timeout=5)
+        assert unsigned.status_code == 401
+        stamp = str(int(time.time()))
+        forged = hmac.new(b"wrong", f"d.{stamp}.".encode() + body, hashlib.sha256).digest()
+        headers = {
+            "X-MLflow-Delivery-Id": "d",
+            "X-MLflow-Timestamp": stamp,
+            "X-MLflow-Signature": "v1," + base64.b64encode(forged).decode(),
+        }
+        assert requests.post(url, data=body, headers=headers, timeout=5).status_code == 401
+        time.sleep(1.0)
+        assert follower.take() is None, "nothing reloads without a valid delivery"
+
+        client.create_webhook(
+            name=f"aewatch-{name}",
+            url=url,
+            events=["model_version_alias.created"],
+            secret=secret,
+        )
+        time.sleep(1.5)  # the server caches its webhook list (MLFLOW_WEBHOOK_CACHE_TTL=1 here)
+        client.set_registered_model_alias(name, "champion", v2)
+        taken = []
+        _wait(lambda: taken.append(follower.take()) or taken[-1] is not None, 30, "the reload")
+        assert taken[-1][1].version == v2 and taken[-1][1].alias == "champion"
+    finally:
+        server.close()
+        follower.close()
+
+
+def test_an_unreachable_registry_is_retried_with_backoff(trained):
+    outcomes: list[tuple[float, str]] = []
+    follower = ModelFollower(
+        "models:/nowhere@champion",
+        trained.detector,
+        SimpleNamespace(version="1"),
+        tracking_uri=f"http://127.0.0.1:{free_port()}",
+        device="cpu",
+        interval_s=0.05,
+        max_backoff_s=0.8,
+        on_outcome=lambda outcome, reason: outcomes.append((time.monotonic(), outcome)),
+    )
+    follower.start()
+    try:
+        _wait(lambda: len(outcomes) >= 4, 60, "four attempts")
+    finally:
+        follower.close()
+    assert {o for _, o in outcomes} == {"unreachable"}
+    gaps = [b[0] - a[0] for a, b in zip(outcomes, outcomes[1:], strict=False)]
+    assert gaps[1] > gaps[0] * 1.5, f"the wait grows: {gaps}"
+    assert follower.take() is None and follower.serving is trained.detector
