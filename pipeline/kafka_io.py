@@ -18,7 +18,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import WorkerSettings
@@ -131,7 +131,10 @@ class KafkaSource:
         """The log-end offsets last seen in fetch responses (no network call)."""
         out = {}
         for partition in partitions:
-            highwater = self.consumer.highwater(TopicPartition(*partition))
+            try:
+                highwater = self.consumer.highwater(TopicPartition(*partition))
+            except IllegalStateError:  # being revoked: no longer ours to report
+                continue
             if highwater is not None:
                 out[partition] = highwater
         return out

@@ -18,7 +18,7 @@ import orjson
 __all__ = ["KafkaStateStore", "MemoryStateStore", "PartitionState", "StateStore"]
 
 Partition = tuple[str, int]
-Resume = dict[str, tuple[int, int]]
+Resume = dict[str, tuple[int, ...]]  # key -> (position, offset, done)
 
 
 class PartitionState(NamedTuple):
@@ -32,13 +32,13 @@ def _key(partition: Partition) -> bytes:
 
 def encode_state(resume: Resume, alarms: dict[str, dict] | None = None) -> bytes:
     return orjson.dumps(
-        {"v": 1, "resume": {k: [p, o] for k, (p, o) in resume.items()}, "alarms": alarms or {}}
+        {"v": 1, "resume": {k: list(point) for k, point in resume.items()}, "alarms": alarms or {}}
     )
 
 
 def decode_state(value: bytes) -> PartitionState:
     data = orjson.loads(value)
-    resume = {k: (int(p), int(o)) for k, (p, o) in data.get("resume", {}).items()}
+    resume = {k: tuple(int(x) for x in point) for k, point in data.get("resume", {}).items()}
     return PartitionState(resume, data.get("alarms") or {})
 
 

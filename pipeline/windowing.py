@@ -9,7 +9,8 @@ work is limited to grouping by key.
 Ordering policy: per key, timestamps must increase. A reading older than the key's latest is
 `out_of_order`, one with the same timestamp a `duplicate_timestamp`; neither enters a window.
 
-Restart: a key's resume point is the position and offset of the oldest reading it still needs.
+Restart: a key's resume point is the position and offset of the oldest reading it still needs,
+and the position after the latest reading it took (windows ending before it were emitted).
 Stored with each commit (see `pipeline.state`), it lets a restarted worker skip what was already
 processed and continue the same series positions, so windows, and event ids, are the same.
 """
@@ -39,13 +40,16 @@ class KeyTail:
     last_ts: int = -(2**62)
     next_offset: int = 0  # offset after the latest reading taken
     skip_before: int = -1  # offsets below this were processed before a restart
+    replay_until: int = 0  # windows ending before this position were emitted before a restart
 
     @property
-    def resume(self) -> tuple[int, int]:
-        """(position, offset) of the oldest reading still needed, or of the next reading."""
+    def resume(self) -> tuple[int, int, int]:
+        """(position, offset) of the oldest reading still needed (or of the next reading), and
+        the position after the latest reading taken: windows ending before it are done."""
+        done = max(self.count, self.replay_until)
         if len(self.offsets):
-            return self.count - len(self.offsets), int(self.offsets[0])
-        return self.count, self.next_offset
+            return self.count - len(self.offsets), int(self.offsets[0]), done
+        return self.count, self.next_offset, done
 
 
 @dataclass
@@ -70,18 +74,20 @@ class StreamWindower:
         self.spec = spec
         self.n_features = n_features
         self.tails: dict[str, KeyTail] = {}
-        self._restored: dict[str, tuple[TopicPartition, int, int]] = {}
+        self._restored: dict[str, tuple[TopicPartition, int, int, int]] = {}
 
     # -- restart state ---------------------------------------------------------------------------
-    def restore(self, partition: TopicPartition, resume: dict[str, tuple[int, int]]) -> None:
-        """Resume points (position, offset) of a partition's keys, from the state topic."""
-        for key, (position, offset) in resume.items():
+    def restore(self, partition: TopicPartition, resume: dict[str, tuple]) -> None:
+        """Resume points (position, offset, done) of a partition's keys, from the state topic."""
+        for key, point in resume.items():
+            position, offset = int(point[0]), int(point[1])
+            done = int(point[2]) if len(point) > 2 else position
             if key not in self.tails:
-                self._restored[key] = (partition, int(position), int(offset))
+                self._restored[key] = (partition, position, offset, done)
 
-    def resume_points(self, partition: TopicPartition) -> dict[str, tuple[int, int]]:
+    def resume_points(self, partition: TopicPartition) -> dict[str, tuple[int, int, int]]:
         """Every key of `partition` this member knows, including restored keys not seen since."""
-        points = {k: (pos, off) for k, (tp, pos, off) in self._restored.items() if tp == partition}
+        points = {k: tuple(v[1:]) for k, v in self._restored.items() if v[0] == partition}
         points.update({k: t.resume for k, t in self.tails.items() if t.partition == partition})
         return points
 
@@ -104,8 +110,9 @@ class StreamWindower:
         if tail is None:
             tail = KeyTail(partition, values=np.zeros((0, self.n_features), np.float32))
             if key in self._restored:
-                _, position, offset = self._restored.pop(key)
+                _, position, offset, done = self._restored.pop(key)
                 tail.count, tail.skip_before, tail.next_offset = position, offset, offset
+                tail.replay_until = done
             self.tails[key] = tail
         tail.partition = partition
         return tail
@@ -156,7 +163,8 @@ class StreamWindower:
         all_offsets = np.concatenate([tail.offsets, offsets])
         first_new, end = tail.count, tail.count + len(ts)  # new positions [first_new, end)
         # window ends t in [first_new, end) with (t + 1 - W) >= 0 and divisible by S
-        lowest = max(first_new, length - 1)
+        # windows that ended before a restart's state was saved were emitted already
+        lowest = max(first_new, length - 1, tail.replay_until)
         first_end = lowest + (-(lowest + 1 - length)) % stride
         ends = np.arange(first_end, end, stride)
         if len(ends):

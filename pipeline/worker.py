@@ -187,15 +187,20 @@ class Worker:
         log.info("assigned %s (state for %d)", sorted(partitions), len(restored))
 
     def on_revoked(self, partitions: set[Partition]) -> None:
-        if partitions:
-            self.checkpoint(reason="revoke")
-        self.windower.forget(partitions)
-        if self.alarms is not None:
-            self.alarms.forget(partitions)
-        self.assigned -= partitions
-        for partition in partitions:
-            self.processed.pop(partition, None)
-            self.committed.pop(partition, None)
+        try:
+            if partitions:
+                self.checkpoint(reason="revoke")
+        finally:
+            # Whatever the checkpoint did, nothing of these partitions stays: a member that kept
+            # them would write stale state over the new owner's.
+            self.windower.forget(partitions)
+            if self.alarms is not None:
+                self.alarms.forget(partitions)
+            self.assigned -= partitions
+            self.touched -= partitions
+            for partition in partitions:
+                self.processed.pop(partition, None)
+                self.committed.pop(partition, None)
         self.metrics.assigned.set(len(self.assigned))
         self.metrics.alarms_open.set(self.alarms.open_count if self.alarms else 0)
         log.info("revoked %s", sorted(partitions))
@@ -265,7 +270,8 @@ class Worker:
     def process(self, polled: dict[Partition, list]) -> None:
         """Decode and window one poll's records."""
         for partition, records in polled.items():
-            if not records:
+            if not records or partition not in self.assigned:
+                # revoked while this poll ran: the new owner reads them from the commit
                 continue
             self.stats.records_in += len(records)
             self.metrics.records.labels(partition[0]).inc(len(records))
@@ -519,7 +525,7 @@ class Worker:
     def checkpoint(self, reason: str = "interval") -> None:
         started = self._last_checkpoint = self.clock()
         self.score_pending()
-        for partition in self.touched:
+        for partition in self.touched & self.assigned:
             alarms = self.alarms.state(partition) if self.alarms is not None else None
             self.state.save(partition, self.windower.resume_points(partition), alarms)
         self.touched.clear()
