@@ -19,9 +19,21 @@ def format_event(event: dict) -> str:
     features = ",".join(f["name"] for f in data.get("top_features", []))
     kind = event.get("type", "?")
     if kind.startswith("aewatch.alarm"):
+        span = f"since {data.get('start')}"
+        if data.get("end"):
+            span = f"{data.get('start')} .. {data.get('end')}"
         return (
             f"{event.get('time')}  {kind.rsplit('.', 1)[-1].upper():8s} {event.get('subject')}"
-            f"  peak {data.get('peak_score', 0):.4g}  features {features}  "
+            f"  {span}  peak {data.get('peak_score', 0):.4g}"
+            f" (x{data.get('severity', 0):.1f} threshold)  features {features}  "
+            f"model {model.get('name')} v{model.get('version')}"
+        )
+    if "image" in data:
+        regions = data["image"].get("top_regions") or [{}]
+        return (
+            f"{event.get('time')}  ANOMALY  {event.get('subject')}  score "
+            f"{data.get('score', 0):.4g} (x{data.get('severity', 0):.1f} threshold)  "
+            f"hottest region row {regions[0].get('row')} col {regions[0].get('col')}  "
             f"model {model.get('name')} v{model.get('version')}"
         )
     return (
@@ -33,13 +45,18 @@ def format_event(event: dict) -> str:
 
 
 def register_alerts(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("alerts", help="tail anomaly events from a Kafka topic")
+    parser = subparsers.add_parser("alerts", help="tail anomaly and alarm events from a Kafka topic")
     parser.add_argument("--bootstrap-servers", required=True)
     parser.add_argument("--topic", default="aewatch.anomalies")
     parser.add_argument("--from-beginning", action="store_true")
     parser.add_argument("--json", action="store_true", help="one JSON event per line")
     parser.add_argument("--max", type=int, help="stop after this many events")
     parser.add_argument("--timeout", type=float, help="stop after this many idle seconds")
+    parser.add_argument(
+        "--read-committed",
+        action="store_true",
+        help="only events of committed transactions (workers run with --exactly-once)",
+    )
     add_client_security_arguments(parser)
     parser.set_defaults(handler=_run_alerts)
 
@@ -54,6 +71,7 @@ def _run_alerts(args: argparse.Namespace) -> int:
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest" if args.from_beginning else "latest",
+        isolation_level="read_committed" if args.read_committed else "read_uncommitted",
         **security,
     )
     seen, last = 0, time.monotonic()

@@ -142,8 +142,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("group_instance_id", "static group membership id, stable per worker"),
     Setting(
         "assignor",
-        "partition assignment strategy: range, roundrobin or cooperative-sticky",
-        "cooperative-sticky",
+        "partition assignment strategy: range, roundrobin or cooperative-sticky "
+        "(incremental: moves only the partitions that change owner)",
+        "range",
         choices=ASSIGNORS,
     ),
 )
@@ -192,7 +193,7 @@ class WorkerSettings:
     exactly_once: bool = False
     transactional_id: str | None = None
     group_instance_id: str | None = None
-    assignor: str = "cooperative-sticky"
+    assignor: str = "range"
     tracking_uri: str | None = None
 
     def __post_init__(self) -> None:
