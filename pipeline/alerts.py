@@ -45,7 +45,9 @@ def format_event(event: dict) -> str:
 
 
 def register_alerts(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("alerts", help="tail anomaly and alarm events from a Kafka topic")
+    parser = subparsers.add_parser(
+        "alerts", help="tail anomaly and alarm events from a Kafka topic"
+    )
     parser.add_argument("--bootstrap-servers", required=True)
     parser.add_argument("--topic", default="aewatch.anomalies")
     parser.add_argument("--from-beginning", action="store_true")

@@ -115,8 +115,9 @@ def _ids(bootstrap: str, topic: str, **kwargs) -> list[str]:
     return [orjson.loads(r.value)["id"] for r in consume(bootstrap, topic, **kwargs)]
 
 
+@pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
 def test_members_joining_and_leaving_hand_over_without_losing_or_repeating_windows(
-    kafka_bootstrap, create_topic, trained, tmp_path
+    kafka_bootstrap, create_topic, trained, tmp_path, assignor
 ):
     topics = names("handover")
     create_topic(topics["input"], partitions=4)
@@ -124,7 +125,7 @@ def test_members_joining_and_leaving_hand_over_without_losing_or_repeating_windo
     items = stream_items(stream)
     third = len(items) // 3
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    common = ("--emit-all", "--stop-after-idle-s", "12", "--assignor", "cooperative-sticky")
+    common = ("--emit-all", "--stop-after-idle-s", "12", "--assignor", assignor)
     produce(kafka_bootstrap, topics["input"], items[:third])
     first = worker_process(kafka_bootstrap, topics, trained.artifact_dir, log_a, *common)
     wait_for_log(first, log_a, b'"checkpoint')
