@@ -124,6 +124,11 @@ class KafkaSource:
                 }
             )
 
+    def seek(self, offsets: dict[Partition, int]) -> None:
+        """Read these partitions again from these offsets (the next poll starts there)."""
+        for (topic, partition), offset in offsets.items():
+            self.consumer.seek(TopicPartition(topic, partition), offset)
+
     def committed(self, partition: Partition) -> int | None:
         return self.consumer.committed(TopicPartition(*partition))
 

@@ -144,6 +144,19 @@ def simulate_fleet(
     return FleetStream(order_keys, ts, stacked.astype(np.float32), labels, names, truth)
 
 
+def write_csv(path: Path, fleet: FleetStream) -> None:
+    """The readings as a table the training job reads: ts (UTC), key, one column per sensor,
+    label (1 inside an injected anomaly)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(fleet.values, columns=list(fleet.features))
+    frame.insert(0, "key", fleet.keys)
+    frame.insert(0, "ts", pd.to_datetime(fleet.ts_ms, unit="ms", utc=True))
+    frame["label"] = fleet.labels.astype(int)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+
+
 def write_truth(path: Path, truth: list[TruthRow]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(TruthRow.__dataclass_fields__))
@@ -157,8 +170,14 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
         help="produce a simulated sensor fleet with injected anomalies to Kafka",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("--bootstrap-servers", required=True)
-    parser.add_argument("--topic", required=True)
+    parser.add_argument("--bootstrap-servers", help="the broker (not needed with only --csv)")
+    parser.add_argument("--topic", help="topic for the readings (not needed with only --csv)")
+    parser.add_argument(
+        "--csv", help="also write the readings to this CSV (ts, key, sensors, label), e.g. to train"
+    )
+    parser.add_argument(
+        "--skip", type=int, default=0, help="continue each machine after this many readings"
+    )
     parser.add_argument("--keys", type=int, default=4, help="machines (default: %(default)s)")
     parser.add_argument("--readings", type=int, default=2500, help="readings per machine")
     parser.add_argument(
@@ -191,7 +210,8 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from kafka import KafkaProducer
+    if not args.csv and not (args.bootstrap_servers and args.topic):
+        raise ConfigError("topic", "give --bootstrap-servers and --topic, or --csv, or both")
 
     features = (
         tuple(args.features.split(",")) if not args.features.isdigit() else int(args.features)
@@ -209,9 +229,17 @@ def _run_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         start_ms=start_ms,
         period_ms=max(1, period_ms),
+        skip=args.skip,
     )
     if args.truth:
         write_truth(Path(args.truth), fleet.truth)
+    if args.csv:
+        write_csv(Path(args.csv), fleet)
+    if not args.topic:
+        print(json.dumps({"readings": len(fleet.keys), "keys": args.keys, "csv": args.csv}))
+        return 0
+    from kafka import KafkaProducer
+
     security = client_security(args)
     producer = KafkaProducer(
         bootstrap_servers=args.bootstrap_servers, linger_ms=10, compression_type="lz4", **security

@@ -92,12 +92,19 @@ class StreamWindower:
         return points
 
     def oldest_needed(self, partition: TopicPartition) -> int | None:
-        """Smallest offset of any reading a key of `partition` still needs (None if none)."""
-        heads = [
-            int(t.offsets[0])
-            for t in self.tails.values()
-            if t.partition == partition and len(t.offsets)
-        ]
+        """Smallest offset of any reading a key of `partition` still needs (None if none).
+
+        Keys restored from the state topic count too, before their first reading arrives and
+        while they catch up to where the previous owner stopped: until then, everything from
+        their resume offset is still needed."""
+        heads = [off for tp, _, off, _ in self._restored.values() if tp == partition]
+        for tail in self.tails.values():
+            if tail.partition != partition:
+                continue
+            if len(tail.offsets):
+                heads.append(int(tail.offsets[0]))
+            elif tail.replay_until > tail.count:
+                heads.append(tail.next_offset)
         return min(heads) if heads else None
 
     def forget(self, partitions: set[TopicPartition]) -> None:

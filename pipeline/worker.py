@@ -156,6 +156,7 @@ class Worker:
         self.pending_since: float | None = None
         self.processed: dict[Partition, int] = {}
         self.committed: dict[Partition, int] = {}
+        self._last_commit: dict[Partition, int] = {}  # kept across revocations
         self.touched: set[Partition] = set()
         self.assigned: set[Partition] = set()
         self._assigned_at = float("-inf")
@@ -183,6 +184,12 @@ class Worker:
             self.windower.restore(partition, saved.resume)
             if self.alarms is not None:
                 self.alarms.restore(partition, saved.alarms)
+        # A partition revoked and handed straight back (eager rebalancing) may keep the client's
+        # fetch position, past readings the restored windows need: read again from our commit.
+        # (Another owner in between only committed further; the restored state skips the rest.)
+        rewind = {p: self._last_commit[p] for p in partitions if p in self._last_commit}
+        if rewind and hasattr(self.source, "seek"):
+            self.source.seek(rewind)
         self.metrics.assigned.set(len(self.assigned))
         log.info("assigned %s (state for %d)", sorted(partitions), len(restored))
 
@@ -544,6 +551,7 @@ class Worker:
             )
         if offsets:
             self.committed.update(offsets)
+            self._last_commit.update(offsets)
             self.stats.commits += 1
             self.metrics.commits.inc()
             log.info(

@@ -44,3 +44,23 @@ def test_a_restart_at_any_reading_gives_the_uninterrupted_windows(length, stride
                 np.concatenate(after.windows),
                 full_windows[len(full_ends) - len(np.concatenate(after.end_ts)) :],
             )
+
+
+def test_restored_keys_hold_the_commit_until_their_readings_are_read_again():
+    spec = WindowSpec(16, 4)
+    ts = np.arange(200, dtype=np.int64) * 1000
+    values = np.zeros((200, 1), np.float32)
+    first = StreamWindower(spec, 1)
+    for key, base in (("a", 0), ("b", 1)):  # two keys interleaved on one partition
+        first.push(
+            key, PARTITION, ts[:100], values[:100], np.arange(100) * 2 + base, ReadyWindows()
+        )
+    saved = first.resume_points(PARTITION)
+    needed = first.oldest_needed(PARTITION)
+    resumed = StreamWindower(spec, 1)
+    resumed.restore(PARTITION, saved)
+    assert resumed.oldest_needed(PARTITION) == needed, "nothing read yet: the same offset"
+    # only key "a" has been read again: "b" still needs its readings from its resume offset
+    offsets_a = np.arange(100, 200) * 2
+    resumed.push("a", PARTITION, ts[100:], values[100:], offsets_a, ReadyWindows())
+    assert resumed.oldest_needed(PARTITION) == saved["b"][1]

@@ -192,3 +192,31 @@ def test_readiness_follows_the_group_membership(detector):
     assert ready and detail["partitions"] == 1 and detail["model"]["version"] == "1"
     worker.stop()
     assert not worker.readiness()[0], "a stopping worker takes itself out of rotation"
+
+
+class RetainingSource(FakeSource):
+    """Like the Kafka client under eager rebalancing: a partition revoked and handed straight
+    back keeps its fetch position unless the member seeks."""
+
+    def seek(self, offsets: dict) -> None:
+        self.position.update(offsets)
+
+
+def test_a_partition_handed_straight_back_is_read_again_from_the_commit(detector):
+    stream = fleet(seed=11, readings_per_key=600)
+    records = partitioned(stream, "readings", 2)
+    clean = _worker(detector, FakeSource(records, chunk=101), emit_all=True)
+    clean.run()
+    clean_ids = [orjson.loads(v)["id"] for v in clean.sink.values("events")]
+    source = RetainingSource(records, chunk=101)
+    worker = _worker(detector, source, emit_all=True, commit_interval_ms=10**6)
+    for step in range(40):
+        polled = source.poll(0)
+        if polled:
+            worker.process(polled)
+        if step in (3, 9, 15):  # an eager rebalance: everything revoked, then given back
+            worker.on_revoked(set(records))
+            worker.on_assigned(set(records))
+    worker.checkpoint()
+    ids = [orjson.loads(v)["id"] for v in worker.sink.values("events")]
+    assert sorted(set(ids)) == sorted(clean_ids), "no window lost or invented"
