@@ -13,12 +13,14 @@ DEPS_STAMP := $(VENV)/.aewatch-deps-$(DEPS_HASH)
 KAFKA_HOME := deploy/kafka
 KAFKA_STAMP := $(KAFKA_HOME)/.resolved
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 SKAB_DIR  ?= ../shared/datasets/skab
 
-.PHONY: help setup test lint format bench bench-gpu broker clean
+.PHONY: help setup demo test lint format bench bench-gpu broker clean
 
 help:
 	@echo "make setup   create or reuse the cached virtual environment, install aewatch, resolve Kafka jars"
+	@echo "make demo    the whole pipeline end to end on this machine (a few minutes)"
 	@echo "make test    lint and run the whole test suite against a real Kafka broker and MLflow"
 	@echo "make bench   run the benchmarks; results in results/ as JSON and Markdown"
 	@echo "make broker  run a local Kafka broker in the foreground (Ctrl-C stops it)"
@@ -54,6 +56,11 @@ format: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format pipeline training tests benchmarks
 
+# Simulate a fleet, train two autoencoders, promote the better one, stream live readings through
+# the worker and print alarms; starts (and stops) its own broker unless KAFKA_BOOTSTRAP_SERVERS is set.
+demo: setup
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/aewatch demo $(DEMO_ARGS)
+
 # The test session starts (and stops) a Kafka broker and an mlflow server itself, unless
 # KAFKA_BOOTSTRAP_SERVERS names a running broker.
 test: setup lint
@@ -78,4 +85,4 @@ broker: setup
 	$(VENV)/bin/aewatch broker
 
 clean:
-	rm -rf .pytest_cache .ruff_cache results build *.egg-info $(KAFKA_HOME)/libs $(KAFKA_STAMP)
+	rm -rf .pytest_cache .ruff_cache results build aewatch-demo *.egg-info $(KAFKA_HOME)/libs $(KAFKA_STAMP)

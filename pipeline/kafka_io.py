@@ -38,6 +38,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 Partition = tuple[str, int]
+# Poll timeout while the member is (re)joining its group: long enough for the join to complete
+# within one poll.
+REBALANCE_POLL_MS = 1000
 ASSIGNORS = {
     "range": RangePartitionAssignor,
     "roundrobin": RoundRobinPartitionAssignor,
@@ -99,6 +102,9 @@ class KafkaSource:
             heartbeat_interval_ms=max(300, settings.session_timeout_ms // 4),
             max_poll_interval_ms=settings.max_poll_interval_ms,
             fetch_max_wait_ms=10,
+            # A member that joined before its topics' metadata arrived is assigned nothing and
+            # rejoins only when refreshed metadata shows the partitions: refresh often.
+            metadata_max_age_ms=5000,
             group_instance_id=settings.group_instance_id,
             partition_assignment_strategy=(ASSIGNORS[settings.assignor],),
             isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
@@ -111,6 +117,15 @@ class KafkaSource:
             self.consumer.subscribe(topics=list(settings.input_topic), listener=listener)
 
     def poll(self, timeout_ms: int) -> dict[Partition, list]:
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        if coordinator is not None and coordinator.rejoining:
+            if not coordinator.need_rejoin():
+                # kafka-python 3.0 drops a join that completes while no poll is waiting for it:
+                # the member counts as joined, but its assignment is never applied and it would
+                # sit idle. Join again; the long poll below lets this join finish inside it.
+                log.warning("group join finished between polls; joining again")
+                coordinator.request_rejoin()
+            timeout_ms = max(timeout_ms, REBALANCE_POLL_MS)
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         return {(tp.topic, tp.partition): records for tp, records in polled.items()}
 

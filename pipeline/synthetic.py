@@ -78,7 +78,8 @@ def inject(
         column[s:e] += rng.normal(0, 2.0 * m, size=e - s)
     elif injection.kind == "frequency_change":
         local = values[s:e, f] - values[s:e, f].mean()
-        column[s:e] = values[s:e, f].mean() + np.resize(local[::3], e - s) * 1.5
+        # three times the frequency; the swing grows with the magnitude (1.5x at the default)
+        column[s:e] = values[s:e, f].mean() + np.resize(local[::3], e - s) * (1 + magnitude / 3)
     else:
         raise ValueError(f"unknown anomaly kind {injection.kind!r}; choose from {ANOMALY_KINDS}")
     return out
