@@ -127,6 +127,7 @@ def mlflow_embedded(tmp_path: Path) -> Iterator[str]:
             os.environ["MLFLOW_TRACKING_URI"] = previous
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri exports it
 
 
 def _start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:

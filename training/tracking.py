@@ -64,6 +64,8 @@ def tracking_run(
     tracking_uri: str, experiment: str, run_name: str | None, params: dict[str, str]
 ) -> Iterator[mlflow.ActiveRun]:
     mlflow.set_tracking_uri(tracking_uri)
+    # Versions are registered where the run is recorded.
+    mlflow.set_registry_uri(tracking_uri)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.set_tag("aewatch.version", __version__)
