@@ -31,6 +31,34 @@ from benchmarks.bench_worker import fill, train_model
 from benchmarks.common import md_table, write_results
 
 
+def worker_command(bootstrap: str, model: str, group: str, topic: str, out: str) -> list[str]:
+    """`aewatch worker` on the CPU with JSON logs and no HTTP port."""
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "--log-format",
+        "json",
+        "worker",
+        "--model",
+        model,
+        "--bootstrap-servers",
+        bootstrap,
+        "--group-id",
+        group,
+        "--input-topic",
+        topic,
+        "--output-topic",
+        out,
+        "--dlq-topic",
+        f"{topic}-dlq",
+        "--device",
+        "cpu",
+        "--http-port",
+        "-1",
+    ]
+
+
 def _committed(admin, group: str) -> int:
     from kafka.errors import KafkaError
 
@@ -48,36 +76,9 @@ def group_rate(
     from kafka import KafkaAdminClient
 
     group = f"scale-{workers}-{uuid.uuid4().hex[:6]}"
-    args = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "--log-format",
-        "json",
-        "worker",
-        "--model",
-        str(model),
-        "--bootstrap-servers",
-        bootstrap,
-        "--group-id",
-        group,
-        "--input-topic",
-        topic,
-        "--output-topic",
-        f"{topic}-alarms",
-        "--dlq-topic",
-        f"{topic}-dlq",
-        "--device",
-        "cpu",
-        "--max-poll-records",
-        "10000",
-        "--commit-interval-ms",
-        "500",
-        "--stop-after-idle-s",
-        "4",
-        "--http-port",
-        "-1",
-    ]
+    args = worker_command(bootstrap, str(model), group, topic, f"{topic}-alarms")
+    args += ["--max-poll-records", "10000", "--commit-interval-ms", "500"]
+    args += ["--stop-after-idle-s", "4"]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // workers)))
     procs = [
         subprocess.Popen(
@@ -146,36 +147,10 @@ def promotion_latency(bootstrap: str, root: Path, model_dir: Path, rounds: int, 
     topic, out = f"promo-{tag}", f"promo-{tag}-events"
     ensure_topics(bootstrap, {topic: {"num_partitions": 4}, out: {}})
     log = root / "promotion-worker.log"
+    command = worker_command(bootstrap, f"models:/{name}@champion", f"promo-{tag}", topic, out)
+    command += ["--events", "windows", "--emit-all", "--reload-interval-s", str(interval)]
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "--log-format",
-            "json",
-            "worker",
-            "--model",
-            f"models:/{name}@champion",
-            "--bootstrap-servers",
-            bootstrap,
-            "--group-id",
-            f"promo-{tag}",
-            "--input-topic",
-            topic,
-            "--output-topic",
-            out,
-            "--dlq-topic",
-            f"{topic}-dlq",
-            "--device",
-            "cpu",
-            "--events",
-            "windows",
-            "--emit-all",
-            "--reload-interval-s",
-            str(interval),
-            "--http-port",
-            "-1",
-        ],
+        command,
         stdout=open(log, "ab"),  # noqa: SIM115 - the child owns it
         stderr=subprocess.STDOUT,
         env=dict(os.environ, MLFLOW_TRACKING_URI=uri),

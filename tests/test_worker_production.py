@@ -28,6 +28,7 @@ from tests.kafka_support import (
     consume,
     names,
     produce,
+    run_worker,
     stream_items,
     wait_for_log,
     worker_process,
@@ -240,7 +241,7 @@ def test_an_image_stream_of_digits_flags_the_other_digits(kafka_bootstrap, creat
     wrong = encode_image_record(np.zeros((1, 16, 16), np.float32), "npy")
     items += [(b"camera-0", wrong, []), (b"camera-1", b"not an image", [])]
     produce(kafka_bootstrap, topics["input"], items)
-    _, stats = _run_images(kafka_bootstrap, topics, result.artifact_dir)
+    _, stats = run_worker(worker_settings(kafka_bootstrap, topics, result.artifact_dir))
     assert stats.windows_scored == len(images)
 
     events = [orjson.loads(r.value) for r in consume(kafka_bootstrap, topics["output"])]
@@ -261,16 +262,6 @@ def test_an_image_stream_of_digits_flags_the_other_digits(kafka_bootstrap, creat
     dead = consume(kafka_bootstrap, topics["dlq"])
     reasons = sorted(dict(r.headers)["aewatch.dlq.reason"].decode() for r in dead)
     assert reasons == ["decode_error", "image_shape"]
-
-
-def _run_images(bootstrap, topics, model):
-    settings = worker_settings(bootstrap, topics, model, events="windows")
-    worker = build_worker(settings)
-    try:
-        stats = worker.run()
-    finally:
-        close_worker(worker)
-    return worker, stats
 
 
 def _ms(iso: str) -> int:

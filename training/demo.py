@@ -134,19 +134,8 @@ def _series_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
         seed=args.seed,
     )
     write_csv(root / "history.csv", history)
-    review = simulate_fleet(  # labelled data the promotion gates judge both versions on
-        keys=args.keys,
-        readings_per_key=max(600, args.stream),
-        features=sensors,
-        anomalies=kinds,
-        anomalous_keys=min(len(kinds), args.keys),
-        seed=args.seed,
-        skip=args.history,
-        warmup=100,
-        anomaly_seed=args.seed + 100,
-        magnitude=3.5,
-        anomaly_length=60,
-    )
+    # labelled data the promotion gates judge both versions on
+    review = _live_fleet(args, sensors, kinds, max(600, args.stream), anomaly_seed=args.seed + 100)
     write_csv(root / "review.csv", review)
 
     common = ["--data", str(root / "history.csv"), "--time-col", "ts", "--key-col", "key"]
@@ -169,24 +158,31 @@ def _series_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     _say(f"\n   serving {MODEL_NAME} v{champion} (@champion)")
 
     _say(f"\n4. streaming {args.keys * args.stream:,} live readings at {args.rate:,.0f}/s")
-    stream = simulate_fleet(
+    stream = _live_fleet(args, sensors, kinds, args.stream, anomaly_seed=args.seed + 1)
+    live = _stream_through_worker(args, root, bootstrap, tracking_uri, stream)
+    summary = _series_summary(stream, live)
+    _series_report(root / "report.png", stream, live, tracking_uri)
+    _print_summary(summary, root, tracking_uri, live)
+    return summary
+
+
+def _live_fleet(args, sensors, kinds, readings: int, *, anomaly_seed: int):
+    """The same machines after their training history, with one anomaly of each kind."""
+    from pipeline.simulate import simulate_fleet
+
+    return simulate_fleet(
         keys=args.keys,
-        readings_per_key=args.stream,
+        readings_per_key=readings,
         features=sensors,
         anomalies=kinds,
         anomalous_keys=min(len(kinds), args.keys),
         seed=args.seed,
         skip=args.history,
         warmup=150,
-        anomaly_seed=args.seed + 1,
+        anomaly_seed=anomaly_seed,
         magnitude=3.5,
         anomaly_length=60,
     )
-    live = _stream_through_worker(args, root, bootstrap, tracking_uri, stream)
-    summary = _series_summary(stream, live)
-    _series_report(root / "report.png", stream, live, tracking_uri)
-    _print_summary(summary, root, tracking_uri, live)
-    return summary
 
 
 def _champion(tracking_uri: str) -> str:

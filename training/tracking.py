@@ -7,6 +7,7 @@ and handed in; nothing here reads the environment.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -64,13 +65,21 @@ def tracking_run(
     tracking_uri: str, experiment: str, run_name: str | None, params: dict[str, str]
 ) -> Iterator[mlflow.ActiveRun]:
     mlflow.set_tracking_uri(tracking_uri)
-    # Versions are registered where the run is recorded.
+    # Versions are registered where the run is recorded. MLflow exports the registry URI to the
+    # environment, where child processes would inherit it: put back what was there.
+    exported = os.environ.get("MLFLOW_REGISTRY_URI")
     mlflow.set_registry_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.set_tag("aewatch.version", __version__)
-        mlflow.log_params(params)
-        yield run
+    try:
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=run_name) as run:
+            mlflow.set_tag("aewatch.version", __version__)
+            mlflow.log_params(params)
+            yield run
+    finally:
+        if exported is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+        else:
+            os.environ["MLFLOW_REGISTRY_URI"] = exported
 
 
 def log_fit_summary(result: FitResult) -> None:
