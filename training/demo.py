@@ -74,14 +74,26 @@ class Collected:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _quiet_logs() -> None:
+    """Only warnings from aewatch and MLflow, only errors from kafka-python (again after each
+    sub-command, which configures logging afresh)."""
+    for noisy in ("pipeline", "training", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietKafka())
+
+
+class _QuietKafka(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("kafka") or record.levelno >= logging.ERROR
+
+
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    for noisy in ("pipeline", "training", "mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("kafka").setLevel(logging.ERROR)
+    _quiet_logs()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     root = Path(args.dir).resolve()
     shutil.rmtree(root, ignore_errors=True)
@@ -201,6 +213,7 @@ def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
     from pipeline.kafka_io import ensure_topics
     from pipeline.worker_cli import build_worker, close_worker
 
+    _quiet_logs()
     tag = uuid.uuid4().hex[:6]
     topics = {"input": f"demo-readings-{tag}", "output": f"demo-events-{tag}"}
     ensure_topics(bootstrap, {topics["input"]: {"num_partitions": 4}, topics["output"]: {}})
@@ -386,7 +399,8 @@ def _print_summary(summary: dict, root: Path, tracking_uri: str, live: dict) -> 
         _say(f"   {item['kind']:17s} on {item['key']} ({item['sensor']}): {found}")
     _say(
         f"   {summary['detected']}/{summary['injected']} injected anomalies detected, "
-        f"{summary['false_alarms']} false alarms ({summary['episodes']} alarm episodes)"
+        f"{summary['false_alarms']} false alarm{'' if summary['false_alarms'] == 1 else 's'} "
+        f"({summary['episodes']} alarm episodes)"
     )
     delay = summary["detection_delay_s"]
     if delay.get("median") is not None:
@@ -504,6 +518,7 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
         stop_after_idle_s=5.0,
         tracking_uri=tracking_uri,
     )
+    _quiet_logs()
     worker = build_worker(settings)
     from kafka import KafkaConsumer, KafkaProducer
 
