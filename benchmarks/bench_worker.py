@@ -305,7 +305,7 @@ def latency(bootstrap: str, model: Path, rate: float, seconds: float, keys: int)
         output_topic=out,
         dlq_topic=f"{topic}-dlq",
         device="cpu",
-        events="both",
+        events="windows",
         http_port=-1,
         max_wait_ms=10,
         commit_interval_ms=1000,
