@@ -28,7 +28,7 @@ from pathlib import Path
 import orjson
 
 from benchmarks.bench_worker import fill, train_model
-from benchmarks.common import md_table, write_results
+from benchmarks.common import broker_and_workdir, md_table, write_results
 
 
 def worker_command(bootstrap: str, model: str, group: str, topic: str, out: str) -> list[str]:
@@ -223,16 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline.kafka_io import ensure_topics
-    from pipeline.local_broker import LocalKafkaBroker
 
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    broker = None
-    if not bootstrap:
-        broker = LocalKafkaBroker(heap="2g").start()
-        bootstrap = broker.bootstrap_servers
-    root = Path(os.environ.get("TMPDIR", "/tmp")) / f"aewatch-scale-{uuid.uuid4().hex[:6]}"
-    root.mkdir(parents=True)
-    try:
+    with broker_and_workdir("aewatch-scale") as (bootstrap, root):
         model = train_model(root, args.keys)
         topic = f"scale-{uuid.uuid4().hex[:6]}"
         ensure_topics(bootstrap, {topic: {"num_partitions": 8}})
@@ -246,9 +238,6 @@ def main(argv: list[str] | None = None) -> int:
                 runs[workers].append(run)
                 print(f"{workers} worker(s): {run['rate']:,.0f} readings/s")
         waits = promotion_latency(bootstrap, root, model, args.rounds, args.reload_interval)
-    finally:
-        if broker:
-            broker.stop()
 
     one = statistics.median(r["rate"] for r in runs[1])
     two = statistics.median(r["rate"] for r in runs[2])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import multiprocessing as mp
-import os
 import statistics
 import threading
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from benchmarks.common import md_table, write_results
+from benchmarks.common import broker_and_workdir, md_table, write_results
 
 WINDOW, STRIDE, FEATURES = 64, 8, 8
 
@@ -375,16 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline.kafka_io import ensure_topics
-    from pipeline.local_broker import LocalKafkaBroker
 
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    broker = None
-    if not bootstrap:
-        broker = LocalKafkaBroker(heap="2g").start()
-        bootstrap = broker.bootstrap_servers
-    root = Path(os.environ.get("TMPDIR", "/tmp")) / f"aewatch-bench-{uuid.uuid4().hex[:6]}"
-    root.mkdir(parents=True)
-    try:
+    with broker_and_workdir("aewatch-bench") as (bootstrap, root):
         model = train_model(root, args.keys)
         topic = f"bench-{uuid.uuid4().hex[:6]}"
         ensure_topics(bootstrap, {topic: {"num_partitions": 8}})
@@ -417,9 +408,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"p50 {point['p50_ms']:.1f} ms, p99 {point['p99_ms']:.1f} ms over "
                 f"{point['events']:,} events"
             )
-    finally:
-        if broker:
-            broker.stop()
 
     ratios = {"worker_vs_raw": worker_median / raw_rate, "worker_vs_naive": worker_median / naive}
     targets = {

@@ -1,12 +1,15 @@
-"""Shared pieces of the benchmarks: SKAB reading, timing, and result files."""
+"""Shared pieces of the benchmarks: SKAB reading, timing, a broker, and result files."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -83,3 +86,23 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@contextmanager
+def broker_and_workdir(prefix: str) -> Iterator[tuple[str, Path]]:
+    """`KAFKA_BOOTSTRAP_SERVERS`, or a local broker started (and stopped) here; and a fresh
+    working folder under TMPDIR."""
+    from pipeline.local_broker import LocalKafkaBroker
+
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    broker = None
+    if not bootstrap:
+        broker = LocalKafkaBroker(heap="2g").start()
+        bootstrap = broker.bootstrap_servers
+    root = Path(os.environ.get("TMPDIR", "/tmp")) / f"{prefix}-{uuid.uuid4().hex[:6]}"
+    root.mkdir(parents=True)
+    try:
+        yield bootstrap, root
+    finally:
+        if broker:
+            broker.stop()
