@@ -39,3 +39,15 @@ def test_the_demo_detects_every_injected_kind_and_writes_its_report(
     done = subprocess.run(again, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: not every kind caught in 3 epochs
     assert json.loads((root / "summary.json").read_text())["readings"] == 6 * 800
+
+
+def test_the_image_demo_flags_the_other_digits(kafka_bootstrap, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "images"
+    assert main(["demo", "--images", "--dir", str(root)]) == 0
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["images"] == 150
+    assert summary["detected"] >= 0.8 * summary["anomalous_images"]
+    assert summary["false_alarms"] <= 0.1 * (summary["images"] - summary["anomalous_images"])
+    assert "other digits raised an event" in capsys.readouterr().out
