@@ -126,6 +126,12 @@ SETTINGS: tuple[Setting, ...] = (
         30.0,
         float,
     ),
+    Setting(
+        "registry_wait_s",
+        "at start, how long to keep retrying an unreachable registry (0: fail at once)",
+        0.0,
+        float,
+    ),
     Setting("webhook_secret", "HMAC secret of the MLflow registry webhook", secret=True),
     Setting("http_host", "address of the metrics, health and webhook endpoint", "0.0.0.0"),
     Setting(
@@ -187,6 +193,7 @@ class WorkerSettings:
     alarm_resolve_after: int = 10
     alarm_cooldown_s: float = 60.0
     reload_interval_s: float = 30.0
+    registry_wait_s: float = 0.0
     webhook_secret: str | None = field(default=None, repr=False)
     http_host: str = "0.0.0.0"
     http_port: int = 8080
@@ -223,6 +230,8 @@ class WorkerSettings:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.stop_after_idle_s < 0:
             raise ConfigError("max_wait_ms", "max_wait_ms and stop_after_idle_s must be >= 0")
+        if self.registry_wait_s < 0:
+            raise ConfigError("registry_wait_s", "must be >= 0")
         if self.reload_interval_s < 0:
             raise ConfigError("reload_interval_s", "must be >= 0 (0 turns polling off)")
         if not -1 <= self.http_port <= 65535:

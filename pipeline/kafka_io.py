@@ -81,6 +81,11 @@ class _Listener(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned) -> None:
         self.on_assigned({(tp.topic, tp.partition) for tp in assigned})
 
+    def on_partitions_lost(self, lost) -> None:
+        # Evicted from the group: these partitions cannot be committed any more (and the client
+        # cannot block in this callback). Drop them; their new owner re-reads from the last commit.
+        self.on_revoked({(tp.topic, tp.partition) for tp in lost}, lost=True)
+
 
 class KafkaSource:
     """A consumer-group member with manual commits; rebalances call back into the worker."""
@@ -163,7 +168,10 @@ class KafkaSource:
         return self.consumer.group_metadata()
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
+        try:
+            self.consumer.close(autocommit=False)
+        except KafkaError as exc:  # leaving a group we were already evicted from
+            log.warning("closing the consumer: %s", exc)
 
 
 class KafkaSink:

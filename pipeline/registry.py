@@ -21,7 +21,14 @@ from pipeline.detector import Detector, load_detector, read_manifest
 from pipeline.errors import ArtifactError, RegistryError
 from pipeline.events import ModelIdentity
 
-__all__ = ["TAG_PREFIX", "ModelRef", "load_model", "parse_model_uri", "resolve_model"]
+__all__ = [
+    "TAG_PREFIX",
+    "ModelRef",
+    "fail_fast_http",
+    "load_model",
+    "parse_model_uri",
+    "resolve_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,12 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None] | None:
     if not match:
         raise RegistryError(f"{uri}: use models:/NAME@ALIAS or models:/NAME/VERSION")
     return match["name"], match["alias"], match["version"]
+
+
+def fail_fast_http() -> None:
+    """One attempt per registry request: the worker paces its own retries (MLflow's client would
+    otherwise retry for minutes before raising)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
 def _client(tracking_uri: str | None):

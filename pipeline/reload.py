@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -32,7 +31,7 @@ import numpy as np
 
 from pipeline.detector import Detector
 from pipeline.errors import AewatchError, RegistryError
-from pipeline.registry import ModelRef, load_model, parse_model_uri
+from pipeline.registry import ModelRef, fail_fast_http, load_model, parse_model_uri
 
 __all__ = ["ModelFollower", "check_compatible"]
 
@@ -91,10 +90,7 @@ class ModelFollower:
         on_outcome: Callable[[str, str], None] = lambda outcome, reason: None,
         max_backoff_s: float | None = None,
     ) -> None:
-        # One quick attempt per check: the follower's own backoff paces the retries, and the
-        # client's built-in retries would hold the thread for minutes.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        fail_fast_http()  # the follower's own backoff paces the retries
         parsed = parse_model_uri(uri)
         if parsed is None or parsed[1] is None:
             raise ValueError(f"{uri}: only an alias (models:/NAME@ALIAS) can be followed")

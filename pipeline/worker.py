@@ -164,6 +164,7 @@ class Worker:
         self.stats = WorkerStats()
         self.source = None
         self._stop = False
+        self._finished = False
         self._last_checkpoint = self.last_turn = clock()
         self.metrics.set_model(model.name, model.version, model.alias)
 
@@ -193,9 +194,11 @@ class Worker:
         self.metrics.assigned.set(len(self.assigned))
         log.info("assigned %s (state for %d)", sorted(partitions), len(restored))
 
-    def on_revoked(self, partitions: set[Partition]) -> None:
+    def on_revoked(self, partitions: set[Partition], *, lost: bool = False) -> None:
+        """Partitions taken away: checkpoint them first, unless they were lost (the member was
+        evicted and can no longer commit) or the loop already made its final checkpoint."""
         try:
-            if partitions:
+            if partitions and not lost and not self._finished:
                 self.checkpoint(reason="revoke")
         finally:
             # Whatever the checkpoint did, nothing of these partitions stays: a member that kept
@@ -210,7 +213,7 @@ class Worker:
                 self.committed.pop(partition, None)
         self.metrics.assigned.set(len(self.assigned))
         self.metrics.alarms_open.set(self.alarms.open_count if self.alarms else 0)
-        log.info("revoked %s", sorted(partitions))
+        log.info("%s %s", "lost" if lost else "revoked", sorted(partitions))
 
     # -- health ----------------------------------------------------------------------------------
     def liveness(self) -> tuple[bool, dict]:
@@ -272,6 +275,7 @@ class Worker:
                     break
         finally:
             self.checkpoint(reason="shutdown")
+            self._finished = True
         return self.stats
 
     def process(self, polled: dict[Partition, list]) -> None:

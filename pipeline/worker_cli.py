@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import time
 
 from pipeline.config import WorkerSettings, add_worker_arguments, settings_from_args
 
@@ -31,16 +32,11 @@ def build_worker(settings: WorkerSettings):
     (hot reload) and its HTTP port. Call `close_worker` when it has stopped."""
     from pipeline import kafka_io
     from pipeline.metrics import WorkerMetrics
-    from pipeline.registry import load_model, parse_model_uri
+    from pipeline.registry import parse_model_uri
     from pipeline.state import KafkaStateStore
     from pipeline.worker import Worker
 
-    detector, ref = load_model(
-        settings.model,
-        tracking_uri=settings.tracking_uri,
-        device=settings.device,
-        require_calibrated=True,
-    )
+    detector, ref = _load_with_retries(settings)
     security = settings.kafka_security()
     topics = {
         settings.output_topic: {},
@@ -97,6 +93,31 @@ def build_worker(settings: WorkerSettings):
         "worker ready: model %s on %s; settings %s", ref.label, detector.device, settings.redacted()
     )
     return worker
+
+
+def _load_with_retries(settings: WorkerSettings):
+    """The model to serve; an unreachable registry is retried for `registry_wait_s`."""
+    from pipeline.errors import RegistryError
+    from pipeline.registry import fail_fast_http, load_model
+
+    fail_fast_http()
+    deadline = time.monotonic() + settings.registry_wait_s
+    delay = 1.0
+    while True:
+        try:
+            return load_model(
+                settings.model,
+                tracking_uri=settings.tracking_uri,
+                device=settings.device,
+                require_calibrated=True,
+            )
+        except RegistryError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            log.warning("registry not ready (%s); retrying for %.0f s more", exc, left)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
 
 
 def close_worker(worker) -> None:
