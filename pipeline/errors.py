@@ -46,7 +46,14 @@ class ModelError(AewatchError):
 
 
 class ArtifactError(ModelError):
-    """A detector artifact on disk is malformed, tampered with, or from a newer format."""
+    """A detector artifact on disk is malformed, tampered with, or from a newer format.
+
+    `reason` names the failed check for logs and metrics: manifest (the default), sha256,
+    weights, non_finite_weights."""
+
+    def __init__(self, message: str, *, reason: str = "manifest") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class CalibrationError(AewatchError):

@@ -152,7 +152,9 @@ def load_model(
     """Resolve, download and load a detector; a registry version must match its SHA-256 tag."""
     ref = resolve_model(uri, tracking_uri=tracking_uri, download_dir=download_dir)
     if ref.name and not ref.weights_sha256:
-        raise ArtifactError(f"{ref.label}: the version has no weights SHA-256 tag to verify")
+        raise ArtifactError(
+            f"{ref.label}: the version has no weights SHA-256 tag to verify", reason="sha256"
+        )
     detector = load_detector(
         ref.directory,
         device=device,

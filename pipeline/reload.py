@@ -191,7 +191,7 @@ class ModelFollower:
             shutil.rmtree(target, ignore_errors=True)
             raise
         except (AewatchError, ValueError, RuntimeError, OSError) as exc:
-            reason = exc.reason if isinstance(exc, Refused) else _reason(exc)
+            reason = getattr(exc, "reason", type(exc).__name__)
             self.refused[version] = reason
             shutil.rmtree(target, ignore_errors=True)
             self.on_outcome("refused", reason)
@@ -210,14 +210,3 @@ class ModelFollower:
         self.serving_version = version
         log.info("%s version %s checked and ready to serve", self.name, version)
         return "ready"
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).lower()
-    if "sha-256" in text or "sha256" in text:
-        return "sha256"
-    if "nan or infinite" in text:
-        return "non_finite_weights"
-    if "format" in text or "manifest" in text:
-        return "manifest"
-    return type(exc).__name__

@@ -81,3 +81,25 @@ def register_result(tracking_uri: str, result, name: str) -> str:
 
     with tracking_run(tracking_uri, "tests", None, {"kind": result.detector.config.kind}):
         return register_version(result.detector, result.artifact_dir, name, data=result.data)
+
+
+def metric_values(text: str) -> dict:
+    """Prometheus text exposition as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def wait_until(condition, timeout_s: float, what: str, poll_s: float = 0.05) -> float:
+    """Seconds until `condition()` holds; fails the test after `timeout_s`."""
+    import time
+
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what} did not happen in {timeout_s}s"
+        time.sleep(poll_s)
+    return time.monotonic() - started

@@ -14,6 +14,7 @@ from pipeline.errors import RegistryError
 from pipeline.kafka_io import ensure_topics
 from pipeline.local_broker import LocalKafkaBroker, free_port
 from pipeline.worker_cli import build_worker, close_worker
+from tests.helpers import wait_until
 from tests.kafka_support import consume, names, produce, stream_items, worker_settings
 from tests.test_worker_production import all_window_ids
 from tests.worker_support import fleet, train_fleet_detector
@@ -22,14 +23,6 @@ from tests.worker_support import fleet, train_fleet_detector
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     return train_fleet_detector(tmp_path_factory.mktemp("fleet"))
-
-
-def _wait(condition, timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"{what} did not happen in {timeout_s}s"
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 @pytest.mark.kafka
@@ -51,16 +44,16 @@ def test_the_worker_rides_out_a_broker_restart(trained, kafka_bootstrap):
         runner = threading.Thread(target=worker.run, daemon=True)
         runner.start()
         try:
-            _wait(lambda: worker.stats.records_in >= half, 60, "the first half")
+            wait_until(lambda: worker.stats.records_in >= half, 60, "the first half")
             broker.stop(remove_data=False)
             time.sleep(3.0)
             broker.start()
             back = time.monotonic()
             produce(bootstrap, topics["input"], items[half:])
             seen = worker.stats.records_in
-            _wait(lambda: worker.stats.records_in > seen, 60, "reading after the restart")
+            wait_until(lambda: worker.stats.records_in > seen, 60, "reading after the restart")
             recovered_s = time.monotonic() - back
-            _wait(lambda: worker.stats.records_in >= len(items), 60, "the second half")
+            wait_until(lambda: worker.stats.records_in >= len(items), 60, "the second half")
             assert runner.is_alive(), "the worker kept running through the outage"
         finally:
             worker.stop()

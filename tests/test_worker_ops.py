@@ -6,12 +6,12 @@ import numpy as np
 import orjson
 import pytest
 from jsonschema import Draft202012Validator
-from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.events import ALARM_SCHEMA, ModelIdentity, event_schema
 from pipeline.registry import ModelRef
 from pipeline.state import MemoryStateStore
 from pipeline.worker import Worker
+from tests.helpers import metric_values
 from tests.worker_support import (
     FakeSink,
     FakeSource,
@@ -56,14 +56,6 @@ def long_anomaly_stream(seed: int = 7):
         anomaly_length=120,
         magnitude=3.0,
     )
-
-
-def metric_values(text: str) -> dict:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
 
 
 def test_a_long_anomaly_is_one_alarm_episode_not_a_stream_of_alerts(detector):

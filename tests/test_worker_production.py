@@ -17,13 +17,13 @@ import pytest
 import requests
 from jsonschema import Draft202012Validator
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.events import ALARM_SCHEMA, event_id, event_schema
 from pipeline.images import encode_image_record
 from pipeline.local_broker import free_port
 from pipeline.registry import resolve_model
 from pipeline.worker_cli import build_worker, close_worker
+from tests.helpers import metric_values
 from tests.kafka_support import (
     consume,
     names,
@@ -94,11 +94,7 @@ def test_alarm_episodes_and_metrics_over_http(kafka_bootstrap, create_topic, tra
     for event in events:
         validator.validate(event)
 
-    values = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    values = metric_values(text)
     windows, _, _ = flags_by_window(stream, trained.detector)
     assert values[("aewatch_records_total", (("topic", topics["input"]),))] == len(items)
     assert values[("aewatch_windows_scored_total", ())] == len(windows)

@@ -18,7 +18,6 @@ import pytest
 import requests
 import torch
 from mlflow import MlflowClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.detector.artifact import sha256_file
 from pipeline.http_server import WorkerHttpServer
@@ -26,7 +25,7 @@ from pipeline.local_broker import free_port
 from pipeline.registry import load_model
 from pipeline.reload import ModelFollower
 from pipeline.worker_cli import build_worker, close_worker
-from tests.helpers import register_result
+from tests.helpers import metric_values, register_result, wait_until
 from tests.kafka_support import consume, names, produce, stream_items, worker_settings
 from tests.worker_support import flags_by_window, fleet, train_fleet_detector
 
@@ -73,20 +72,7 @@ def _register_dir(tracking_uri: str, result, directory: Path, name: str) -> str:
 
 
 def _metrics(port: int) -> dict:
-    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def _wait(condition, timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"{what} did not happen in {timeout_s}s"
-        time.sleep(0.1)
-    return time.monotonic() - started
+    return metric_values(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
 
 
 @pytest.mark.kafka
@@ -130,15 +116,15 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     try:
-        _wait(lambda: worker.stats.windows_scored > 50, 60, "scoring with version 1")
+        wait_until(lambda: worker.stats.windows_scored > 50, 60, "scoring with version 1")
         promoted_at = time.time()
         client.set_registered_model_alias(name, "champion", v2)
-        swap_s = _wait(lambda: worker.model.version == v2, 15, "the swap to version 2")
+        swap_s = wait_until(lambda: worker.model.version == v2, 15, "the swap to version 2")
         refusals = {v3: "sha256", v4: "features", v5: "non_finite_weights"}
         for version, reason in refusals.items():
             client.set_registered_model_alias(name, "champion", version)
             key = ("aewatch_model_reloads_total", (("outcome", "refused"), ("reason", reason)))
-            _wait(lambda key=key: _metrics(port).get(key) == 1, 15, f"refusal of {reason}")
+            wait_until(lambda key=key: _metrics(port).get(key) == 1, 15, f"refusal of {reason}")
             assert worker.model.version == v2
         metrics = _metrics(port)
         info = ("aewatch_model_info", (("alias", "champion"), ("name", name), ("version", v2)))
@@ -236,7 +222,7 @@ def test_the_registry_webhook_triggers_a_reload_and_needs_its_signature(
         time.sleep(1.5)  # the server caches its webhook list (MLFLOW_WEBHOOK_CACHE_TTL=1 here)
         client.set_registered_model_alias(name, "champion", v2)
         taken = []
-        _wait(lambda: taken.append(follower.take()) or taken[-1] is not None, 30, "the reload")
+        wait_until(lambda: taken.append(follower.take()) or taken[-1] is not None, 30, "the reload")
         assert taken[-1][1].version == v2 and taken[-1][1].alias == "champion"
     finally:
         server.close()
@@ -257,7 +243,7 @@ def test_an_unreachable_registry_is_retried_with_backoff(trained):
     )
     follower.start()
     try:
-        _wait(lambda: len(outcomes) >= 4, 60, "four attempts")
+        wait_until(lambda: len(outcomes) >= 4, 60, "four attempts")
     finally:
         follower.close()
     assert {o for _, o in outcomes} == {"unreachable"}

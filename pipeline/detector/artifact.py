@@ -128,27 +128,36 @@ def load_detector(
         raise ArtifactError(f"{directory}: detector is not calibrated (no threshold)")
     weights = directory / str(weights_meta.get("file", WEIGHTS_FILE))
     if weights.parent.resolve() != directory.resolve() or not weights.is_file():
-        raise ArtifactError(f"{directory}: weights file {weights.name!r} is missing")
+        raise ArtifactError(
+            f"{directory}: weights file {weights.name!r} is missing", reason="weights"
+        )
     actual = sha256_file(weights)
     for expected in (weights_meta.get("sha256"), expected_sha256):
         if expected is not None and actual != expected:
             raise ArtifactError(
                 f"{weights}: SHA-256 {actual[:12]}... does not match the recorded "
-                f"{str(expected)[:12]}...; refusing tampered weights"
+                f"{str(expected)[:12]}...; refusing tampered weights",
+                reason="sha256",
             )
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any refusal by the safe loader is an artifact error
-        raise ArtifactError(f"{weights}: not a plain tensor state_dict ({exc})") from exc
+        raise ArtifactError(
+            f"{weights}: not a plain tensor state_dict ({exc})", reason="weights"
+        ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ArtifactError(f"{weights}: not a state_dict of tensors")
+        raise ArtifactError(f"{weights}: not a state_dict of tensors", reason="weights")
     if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
-        raise ArtifactError(f"{weights}: weights hold NaN or infinite values")
+        raise ArtifactError(
+            f"{weights}: weights hold NaN or infinite values", reason="non_finite_weights"
+        )
     model = build_model(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ArtifactError(f"{weights}: weights do not fit the model config: {exc}") from exc
+        raise ArtifactError(
+            f"{weights}: weights do not fit the model config: {exc}", reason="weights"
+        ) from exc
     if scaler.n_features != input_spec.n_scaled:
         raise ArtifactError(f"{directory}: scaler size does not match the input spec")
     if tuple(config.input_shape) != input_spec.sample_shape:
