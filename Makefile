@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 SKAB_DIR  ?= ../shared/datasets/skab
 
-.PHONY: help setup demo test lint format bench bench-gpu broker clean
+.PHONY: help setup demo test test-faults lint format bench bench-gpu broker clean
 
 help:
 	@echo "make setup   create or reuse the cached virtual environment, install aewatch, resolve Kafka jars"
@@ -65,7 +65,12 @@ demo: setup
 # KAFKA_BOOTSTRAP_SERVERS names a running broker.
 test: setup lint
 	@mkdir -p results
-	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest --junitxml=results/junit.xml $(PYTEST_ARGS)
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -m "not faults" --junitxml=results/junit.xml $(PYTEST_ARGS)
+
+# Fault tests that restart services (a broker of their own); not yet reliable enough for CI.
+test-faults: setup
+	@mkdir -p results
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -m faults --junitxml=results/junit-faults.xml $(PYTEST_ARGS)
 
 # Benchmarks write results/<name>.json and results/<name>.md; SKAB is read in place (GPL-3.0).
 # Every benchmark runs; the exit status is non-zero if any missed its target.

@@ -202,3 +202,9 @@ def _stop_process_group(proc: subprocess.Popen, timeout_s: float = 20) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "faults: restarts services mid-test (make test-faults, not make test)"
+    )

@@ -26,6 +26,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.kafka
+@pytest.mark.faults
 def test_the_worker_rides_out_a_broker_restart(trained, kafka_bootstrap):
     # a broker of this test's own, so that stopping it disturbs nothing else
     broker = LocalKafkaBroker().start()
