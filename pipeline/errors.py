@@ -7,6 +7,7 @@ AewatchError
 │   └── ArtifactError    the artifact on disk is malformed, tampered or from a newer format
 ├── CalibrationError     a threshold cannot be calibrated from the data given
 ├── RegistryError        the MLflow registry refused or lacks what was asked for
+├── CommitRejected       the group refused an offset commit (this member was evicted)
 └── BrokerError          the local Kafka broker could not be resolved, started or stopped
 """
 
@@ -17,6 +18,7 @@ __all__ = [
     "ArtifactError",
     "BrokerError",
     "CalibrationError",
+    "CommitRejected",
     "ConfigError",
     "DataError",
     "ModelError",
@@ -66,3 +68,8 @@ class RegistryError(AewatchError):
 
 class BrokerError(AewatchError):
     """The local Kafka broker could not be resolved, started or stopped."""
+
+
+class CommitRejected(AewatchError):
+    """The group refused an offset commit: the member was evicted or a rebalance is under way.
+    Nothing is lost; the partitions are read again from the last accepted commit."""

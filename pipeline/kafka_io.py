@@ -18,11 +18,17 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
-from kafka.errors import IllegalStateError, KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import WorkerSettings
-from pipeline.errors import AewatchError
+from pipeline.errors import AewatchError, CommitRejected
 
 __all__ = [
     "DeliveryError",
@@ -41,6 +47,9 @@ Partition = tuple[str, int]
 # Poll timeout while the member is (re)joining its group: long enough for the join to complete
 # within one poll.
 REBALANCE_POLL_MS = 1000
+# kafka-python backs off reconnecting exponentially, by default up to 30 s: after a broker
+# restart the worker would sit out most of that. Try again at least every second.
+RECONNECT_BACKOFF_MAX_MS = 1000
 ASSIGNORS = {
     "range": RangePartitionAssignor,
     "roundrobin": RoundRobinPartitionAssignor,
@@ -113,6 +122,7 @@ class KafkaSource:
             group_instance_id=settings.group_instance_id,
             partition_assignment_strategy=(ASSIGNORS[settings.assignor],),
             isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             **settings.kafka_security(),
         )
         listener = _Listener(on_assigned, on_revoked)
@@ -134,8 +144,23 @@ class KafkaSource:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         return {(tp.topic, tp.partition): records for tp, records in polled.items()}
 
+    def keepalive(self) -> None:
+        """Show the group this member is alive while it is busy (a long batch): a poll with every
+        partition paused resets the max.poll.interval.ms clock and runs a pending rebalance,
+        whose callbacks reach the worker, but hands over no records. Partitions assigned by that
+        rebalance are not paused; whatever they return is read again by the next real poll."""
+        paused = self.consumer.assignment()
+        self.consumer.pause(*paused)
+        try:
+            polled = self.poll(0)
+        finally:
+            self.consumer.resume(*(paused & self.consumer.assignment()))
+        self.seek({p: records[0].offset for p, records in polled.items() if records})
+
     def commit(self, offsets: dict[Partition, int]) -> None:
-        if offsets:
+        if not offsets:
+            return
+        try:
             # Kafka stores the offset of the NEXT record to read; callers pass exactly that.
             self.consumer.commit(
                 {
@@ -143,6 +168,8 @@ class KafkaSource:
                     for (t, p), o in offsets.items()
                 }
             )
+        except (CommitFailedError, RebalanceInProgressError) as exc:
+            raise CommitRejected(str(exc)) from exc
 
     def seek(self, offsets: dict[Partition, int]) -> None:
         """Read these partitions again from these offsets (the next poll starts there)."""
@@ -188,6 +215,7 @@ class KafkaSink:
             linger_ms=linger_ms,
             compression_type="lz4",
             max_request_size=max(1_048_576, settings.max_record_bytes + 65536),
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             **settings.kafka_security(),
             **extra,
         )

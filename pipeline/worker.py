@@ -32,6 +32,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,7 @@ import orjson
 from pipeline.alarms import AlarmTracker, AlarmTransition
 from pipeline.config import WorkerSettings
 from pipeline.detector import Detector
+from pipeline.errors import CommitRejected
 from pipeline.events import (
     EVENT_TYPE,
     ModelIdentity,
@@ -64,6 +66,19 @@ TOP_STEPS = 3
 TOP_REGIONS = 3
 # /healthz fails when the loop has not turned for this long.
 STALL_S = 60.0
+# While a batch is scored, the group hears from this member at least this often (as a fraction
+# of max.poll.interval.ms), however slow the device.
+KEEPALIVE_FRACTION = 0.25
+
+
+@dataclass
+class _Batch:
+    """Windows taken from `pending` and being scored (on the scoring thread for a live source)."""
+
+    pending: ReadyWindows
+    windows: np.ndarray
+    future: Future
+    started: float
 
 
 class _NoWindows:
@@ -166,6 +181,8 @@ class Worker:
         self._stop = False
         self._finished = False
         self._last_checkpoint = self.last_turn = clock()
+        self._inflight: _Batch | None = None
+        self._scorer: ThreadPoolExecutor | None = None
         self.metrics.set_model(model.name, model.version, model.alias)
 
     # -- wiring ----------------------------------------------------------------------------------
@@ -274,8 +291,13 @@ class Worker:
                     log.info("no input for %.1fs; stopping", idle_limit)
                     break
         finally:
-            self.checkpoint(reason="shutdown")
-            self._finished = True
+            try:
+                self.checkpoint(reason="shutdown")
+            finally:
+                self._finished = True
+                if self._scorer is not None:
+                    self._scorer.shutdown(wait=False)
+                    self._scorer = None
         return self.stats
 
     def process(self, polled: dict[Partition, list]) -> None:
@@ -376,17 +398,52 @@ class Worker:
 
     # -- scoring ---------------------------------------------------------------------------------
     def score_pending(self) -> None:
-        pending, self.pending, self.pending_since = self.pending, ReadyWindows(), None
-        n = len(pending)
-        if n == 0:
+        """Score what is pending in one forward pass, then emit.
+
+        Against a live group the pass runs on a scoring thread while this thread polls the
+        consumer with every partition paused (`keepalive`) each `KEEPALIVE_FRACTION` of
+        max.poll.interval.ms: a batch slower than that interval (a slow or busy device) neither
+        gets the member evicted nor turns into a CommitFailedError and rebalance loop. A rebalance
+        that such a poll runs calls back here (revoke -> checkpoint): the batch in flight is
+        finished and emitted first, so no commit passes windows that are not yet emitted.
+        """
+        if self._inflight is not None:
+            self._finish(self._inflight)
+        if not len(self.pending):
+            self.pending_since = None
             return
-        counts = np.asarray(pending.counts)
+        batch = self._inflight = self._start(self.pending)
+        self.pending, self.pending_since = ReadyWindows(), None
+        keepalive = getattr(self.source, "keepalive", None)
+        every_s = KEEPALIVE_FRACTION * self.settings.max_poll_interval_ms / 1000.0
+        while self._inflight is batch and not batch.future.done():
+            wait([batch.future], timeout=every_s)
+            if self._inflight is batch and not batch.future.done() and keepalive is not None:
+                keepalive()
+                self.last_turn = self.clock()
+        if self._inflight is batch:
+            self._finish(batch)
+
+    def _start(self, pending: ReadyWindows) -> _Batch:
         windows = np.concatenate(pending.windows)
+        detector, size = self.detector, self.settings.max_batch
+        if hasattr(self.source, "keepalive"):
+            if self._scorer is None:
+                self._scorer = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
+            future = self._scorer.submit(detector.score, windows, batch_size=size)
+        else:  # in-process sources (tests, file replays) have no group to keep
+            future = Future()
+            future.set_result(detector.score(windows, batch_size=size))
+        return _Batch(pending, windows, future, time.perf_counter())
+
+    def _finish(self, batch: _Batch) -> None:
+        self._inflight = None
+        scored = batch.future.result()
+        self.metrics.scoring_seconds.observe(time.perf_counter() - batch.started)
+        pending, windows, n = batch.pending, batch.windows, len(batch.windows)
+        counts = np.asarray(pending.counts)
         start_ts = np.concatenate(pending.start_ts)
         end_ts = np.concatenate(pending.end_ts)
-        started = time.perf_counter()
-        scored = self.detector.score(windows, batch_size=self.settings.max_batch)
-        self.metrics.scoring_seconds.observe(time.perf_counter() - started)
         threshold = self.detector.threshold.value
         flags = scored.scores > threshold
         now_ms = self.wall_ms()
@@ -547,7 +604,13 @@ class Worker:
         else:
             self.sink.flush()
             if offsets:
-                self.source.commit(offsets)
+                try:
+                    self.source.commit(offsets)
+                except CommitRejected as exc:
+                    # evicted (or rebalancing): the next poll rejoins, and whoever owns these
+                    # partitions then reads them again from the last accepted commit
+                    log.warning("commit refused by the group, will rejoin: %s", exc)
+                    offsets = {}
         if self.source is not None and hasattr(self.source, "highwaters"):
             highwaters = self.source.highwaters(self.processed)
             self.metrics.set_lag(

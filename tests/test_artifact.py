@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pipeline.detector import (
     sha256_file,
 )
 from pipeline.errors import ArtifactError
+from tests.helpers import HostilePickle
 
 
 @pytest.fixture
@@ -82,18 +82,10 @@ def test_newer_format_is_refused(saved: Path):
         load_detector(saved)
 
 
-class _Payload:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_where_weights_belong_never_runs(saved: Path, tmp_path: Path):
     marker = tmp_path / "pwned"
     with open(saved / "weights.pt", "wb") as handle:
-        pickle.dump({"encoder.1.weight": _Payload(str(marker))}, handle)
+        pickle.dump({"encoder.1.weight": HostilePickle(marker)}, handle)
     # Even with a matching hash the safe loader must refuse it.
     manifest = json.loads((saved / "manifest.json").read_text())
     manifest["weights"]["sha256"] = sha256_file(saved / "weights.pt")

@@ -4,6 +4,10 @@ MLflow server that is not there when the worker starts."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import random
+import signal
 import threading
 import time
 
@@ -11,13 +15,22 @@ import orjson
 import pytest
 
 from pipeline.errors import RegistryError
+from pipeline.events import event_id
 from pipeline.kafka_io import ensure_topics
 from pipeline.local_broker import LocalKafkaBroker, free_port
+from pipeline.registry import resolve_model
 from pipeline.worker_cli import build_worker, close_worker
 from tests.helpers import wait_until
-from tests.kafka_support import consume, names, produce, stream_items, worker_settings
+from tests.kafka_support import (
+    consume,
+    names,
+    produce,
+    stream_items,
+    worker_process,
+    worker_settings,
+)
 from tests.test_worker_production import all_window_ids
-from tests.worker_support import fleet, train_fleet_detector
+from tests.worker_support import flags_by_window, fleet, train_fleet_detector
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +67,7 @@ def test_the_worker_rides_out_a_broker_restart(trained, kafka_bootstrap):
             seen = worker.stats.records_in
             wait_until(lambda: worker.stats.records_in > seen, 60, "reading after the restart")
             recovered_s = time.monotonic() - back
+            print(f"read again {recovered_s:.1f}s after the broker returned")
             wait_until(lambda: worker.stats.records_in >= len(items), 60, "the second half")
             assert runner.is_alive(), "the worker kept running through the outage"
         finally:
@@ -84,3 +98,106 @@ def test_an_unreachable_registry_at_start_is_a_clear_error_not_a_hang():
     with pytest.raises(RegistryError, match="models:/pumps@champion"):
         build_worker(patient)
     assert 3.0 <= time.monotonic() - started < 30, "retried for registry_wait_s, then failed"
+
+
+class _SlowDevice:
+    """A detector whose every forward pass stalls for `delay_s`, as a slow or busy device would."""
+
+    def __init__(self, detector, delay_s: float) -> None:
+        self._detector, self.delay_s, self.calls = detector, delay_s, 0
+
+    def score(self, windows, **kwargs):
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return self._detector.score(windows, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._detector, name)
+
+
+@pytest.mark.kafka
+@pytest.mark.faults
+def test_batches_slower_than_the_poll_interval_cause_no_rebalance_storm(
+    trained, kafka_bootstrap, caplog
+):
+    topics = names("slow")
+    ensure_topics(kafka_bootstrap, {topics["input"]: {"num_partitions": 2}})
+    stream = fleet(seed=73, keys=4, readings_per_key=600)
+    produce(kafka_bootstrap, topics["input"], stream_items(stream))
+    settings = worker_settings(
+        kafka_bootstrap,
+        topics,
+        trained.artifact_dir,
+        emit_all=True,
+        max_poll_interval_ms=1500,
+        max_poll_records=600,
+        max_batch=150,
+    )
+    worker = build_worker(settings)
+    slow = worker.detector = _SlowDevice(worker.detector, delay_s=2.5)
+    try:
+        with caplog.at_level(logging.INFO):
+            stats = worker.run()
+    finally:
+        close_worker(worker)
+    ids = [orjson.loads(r.value)["id"] for r in consume(kafka_bootstrap, topics["output"])]
+    assert set(ids) == all_window_ids(trained, stream), "every window scored"
+    assert slow.calls >= 2, "several batches each stalled past max.poll.interval.ms"
+    said = [r.getMessage() for r in caplog.records]
+    assignments = [m for m in said if m.startswith("assigned [(")]
+    assert len(assignments) == 1, f"one assignment, no rebalance storm: {assignments}"
+    assert not [m for m in said if "poll timeout has expired" in m or "commit refused" in m]
+    assert len(ids) == len(set(ids)), "no batch was scored twice after an eviction"
+    assert stats.commits >= 1
+
+
+def _count(log, needle: bytes) -> int:
+    return log.read_bytes().count(needle) if log.exists() else 0
+
+
+@pytest.mark.kafka
+@pytest.mark.faults
+def test_ten_sigkills_in_a_stream_of_100k_readings_lose_no_window(
+    trained, kafka_bootstrap, tmp_path
+):
+    topics = names("kills")
+    ensure_topics(kafka_bootstrap, {topics["input"]: {"num_partitions": 4}})
+    stream = fleet(seed=75, keys=8, readings_per_key=12_500)
+    items = stream_items(stream)
+    assert len(items) >= 100_000
+
+    def feed():  # the stream keeps arriving while the worker is killed and restarted
+        for start in range(0, len(items), 2_000):
+            produce(kafka_bootstrap, topics["input"], items[start : start + 2_000])
+            time.sleep(1.0)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    log, rng, kills = tmp_path / "worker.log", random.Random(75), 0
+    while kills < 10:
+        proc = worker_process(kafka_bootstrap, topics, trained.artifact_dir, log, "--emit-all")
+        wait_until(lambda n=kills: _count(log, b"worker ready") > n, 90, "the worker to start")
+        time.sleep(rng.uniform(0.2, 4.0))
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    feeder.join()
+    last = worker_process(kafka_bootstrap, topics, trained.artifact_dir, log, "--emit-all")
+    assert last.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+    events = [orjson.loads(r.value) for r in consume(kafka_bootstrap, topics["output"])]
+    scores: dict[str, float] = {}
+    for event in events:  # a duplicate is a replay of the same window: same id, same score
+        scores.setdefault(event["id"], event["data"]["score"])
+        assert scores[event["id"]] == pytest.approx(event["data"]["score"], rel=1e-6)
+    windows, _, flags = flags_by_window(stream, trained.detector)
+    model = resolve_model(str(trained.artifact_dir)).identity()
+    expected = [
+        event_id(model, str(k), int(e))
+        for k, e in zip(windows.keys, windows.end_times, strict=True)
+    ]
+    anomalous = {i for i, flag in zip(expected, flags, strict=True) if flag}
+    assert anomalous, "the stream has anomalous windows"
+    assert anomalous <= set(scores), "every anomalous window has an event"
+    assert set(scores) == set(expected), "every window of the stream was scored"

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import pickle
 import shutil
 import threading
 import time
@@ -19,13 +20,14 @@ import requests
 import torch
 from mlflow import MlflowClient
 
+from pipeline.detector import artifact
 from pipeline.detector.artifact import sha256_file
 from pipeline.http_server import WorkerHttpServer
 from pipeline.local_broker import free_port
 from pipeline.registry import load_model
 from pipeline.reload import ModelFollower
 from pipeline.worker_cli import build_worker, close_worker
-from tests.helpers import metric_values, register_result, wait_until
+from tests.helpers import HostilePickle, metric_values, register_result, wait_until
 from tests.kafka_support import consume, names, produce, stream_items, worker_settings
 from tests.worker_support import flags_by_window, fleet, train_fleet_detector
 
@@ -63,6 +65,25 @@ def nan_weights(result, root: Path) -> Path:
     return target
 
 
+def newer_format(result, root: Path) -> Path:
+    target = _copy(result, root, "newer")
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def pickled_weights(result, root: Path, marker: Path) -> Path:
+    """A pickle where the state_dict belongs, with a manifest hash that matches it."""
+    target = _copy(result, root, "pickled")
+    with open(target / "weights.pt", "wb") as handle:
+        pickle.dump({"encoder.1.weight": HostilePickle(marker)}, handle)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["weights"]["sha256"] = sha256_file(target / "weights.pt")
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
 def _register_dir(tracking_uri: str, result, directory: Path, name: str) -> str:
     return register_result(
         tracking_uri,
@@ -77,7 +98,7 @@ def _metrics(port: int) -> dict:
 
 @pytest.mark.kafka
 def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refused(
-    kafka_bootstrap, create_topic, mlflow_server, trained, tmp_path
+    kafka_bootstrap, create_topic, mlflow_server, trained, tmp_path, monkeypatch
 ):
     name = f"reload-{tmp_path.name[-8:]}"
     client = MlflowClient(mlflow_server)
@@ -87,11 +108,16 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
     client.set_model_version_tag(name, v3, "aewatch.weights_sha256", "0" * 64)
     v4 = _register_dir(mlflow_server, trained, renamed_features(trained, tmp_path), name)
     v5 = _register_dir(mlflow_server, trained, nan_weights(trained, tmp_path), name)
+    with monkeypatch.context() as newer_aewatch:  # a later release registers format 99
+        newer_aewatch.setattr(artifact, "FORMAT_VERSION", 99)
+        v6 = _register_dir(mlflow_server, trained, newer_format(trained, tmp_path), name)
+    marker = tmp_path / "pickle-ran"
+    v7 = _register_dir(mlflow_server, trained, pickled_weights(trained, tmp_path, marker), name)
     client.set_registered_model_alias(name, "champion", v1)
 
     topics = names("reload")
     create_topic(topics["input"], partitions=2)
-    stream = fleet(seed=31, keys=4, readings_per_key=2500)
+    stream = fleet(seed=31, keys=4, readings_per_key=3500)
     items = stream_items(stream)
     port = free_port()
     settings = worker_settings(
@@ -108,7 +134,7 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
     runner = threading.Thread(target=worker.run, daemon=True)
     runner.start()
 
-    def feed():  # ~30 s of readings at ~330 per second
+    def feed():  # ~42 s of readings at ~330 per second
         for start in range(0, len(items), 100):
             produce(kafka_bootstrap, topics["input"], items[start : start + 100])
             time.sleep(0.3)
@@ -120,12 +146,19 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
         promoted_at = time.time()
         client.set_registered_model_alias(name, "champion", v2)
         swap_s = wait_until(lambda: worker.model.version == v2, 15, "the swap to version 2")
-        refusals = {v3: "sha256", v4: "features", v5: "non_finite_weights"}
+        refusals = {
+            v3: "sha256",
+            v4: "features",
+            v5: "non_finite_weights",
+            v6: "manifest",
+            v7: "weights",
+        }
         for version, reason in refusals.items():
             client.set_registered_model_alias(name, "champion", version)
             key = ("aewatch_model_reloads_total", (("outcome", "refused"), ("reason", reason)))
             wait_until(lambda key=key: _metrics(port).get(key) == 1, 15, f"refusal of {reason}")
             assert worker.model.version == v2
+        assert not marker.exists(), "the pickle was refused before any code in it ran"
         metrics = _metrics(port)
         info = ("aewatch_model_info", (("alias", "champion"), ("name", name), ("version", v2)))
         assert metrics[info] == 1
