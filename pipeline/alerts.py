@@ -66,7 +66,10 @@ def register_alerts(subparsers: argparse._SubParsersAction) -> None:
 def _run_alerts(args: argparse.Namespace) -> int:
     from kafka import KafkaConsumer
 
+    from pipeline.kafka_io import check_connection
+
     security = client_security(args)
+    check_connection(args.bootstrap_servers, security)
     consumer = KafkaConsumer(
         args.topic,
         bootstrap_servers=args.bootstrap_servers,

@@ -32,12 +32,15 @@ from pipeline.errors import AewatchError, CommitRejected
 
 __all__ = [
     "DeliveryError",
+    "KafkaConnectError",
     "KafkaSink",
     "KafkaSource",
     "Partition",
     "TransactionalSink",
     "Sink",
     "Source",
+    "admin_client",
+    "check_connection",
     "ensure_topics",
     "read_latest",
 ]
@@ -50,6 +53,8 @@ REBALANCE_POLL_MS = 1000
 # kafka-python backs off reconnecting exponentially, by default up to 30 s: after a broker
 # restart the worker would sit out most of that. Try again at least every second.
 RECONNECT_BACKOFF_MAX_MS = 1000
+# How long a first connection may take before start-up fails with the reason.
+CONNECT_TIMEOUT_MS = 15_000
 ASSIGNORS = {
     "range": RangePartitionAssignor,
     "roundrobin": RoundRobinPartitionAssignor,
@@ -294,13 +299,77 @@ class TransactionalSink(KafkaSink):
         super().close()
 
 
+class KafkaConnectError(AewatchError):
+    """The cluster cannot be reached or refused us (credentials, TLS); says why."""
+
+
+class _BootstrapFailures(logging.Handler):
+    """Collects why bootstrap connections failed: kafka-python logs each failure (the exception
+    is the second argument) and retries until its timeout, then raises a bare timeout."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) > 1 and isinstance(args[1], BaseException):
+            self.errors.append(args[1])
+
+
+def _describe(bootstrap_servers: str, security: dict) -> str:
+    protocol = security.get("security_protocol", "PLAINTEXT")
+    who = ""
+    if security.get("sasl_mechanism"):
+        who = f", SASL {security['sasl_mechanism']} as {security.get('sasl_plain_username')!r}"
+    return f"Kafka at {bootstrap_servers} ({protocol}{who})"
+
+
+def admin_client(
+    bootstrap_servers: str, security: dict | None = None, timeout_ms: int = CONNECT_TIMEOUT_MS
+) -> KafkaAdminClient:
+    """An admin client, or a `KafkaConnectError` within `timeout_ms` that says why not: wrong
+    credentials, an untrusted certificate or no broker at all (never a silent retry loop)."""
+    security = security or {}
+    logger = logging.getLogger("kafka.net.manager")
+    failures = _BootstrapFailures()
+    level, propagate = logger.level, logger.propagate
+    if logger.getEffectiveLevel() > logging.WARNING:  # collect the failures without showing them
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+    logger.addHandler(failures)
+    try:
+        return KafkaAdminClient(
+            bootstrap_servers=bootstrap_servers,
+            bootstrap_timeout_ms=timeout_ms,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+            **security,
+        )
+    except KafkaError as exc:
+        last = failures.errors[-1] if failures.errors else exc
+        reason = f"{type(last).__name__}: {last}"
+        raise KafkaConnectError(
+            f"cannot connect to {_describe(bootstrap_servers, security)} "
+            f"within {timeout_ms / 1000:.0f}s: {reason}"
+        ) from exc
+    finally:
+        logger.removeHandler(failures)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def check_connection(bootstrap_servers: str, security: dict | None = None) -> None:
+    """Connect once, so that bad credentials or TLS fail at start-up with the reason."""
+    admin_client(bootstrap_servers, security).close()
+
+
 def ensure_topics(
     bootstrap_servers: str,
     topics: dict[str, dict],
     security: dict | None = None,
 ) -> None:
     """Create topics that do not exist yet: {name: {"num_partitions": n, "topic_configs": {}}}."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers, **(security or {}))
+    admin = admin_client(bootstrap_servers, security)
     try:
         existing = set(admin.list_topics())
         wanted = {

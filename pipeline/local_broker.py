@@ -101,10 +101,12 @@ class LocalKafkaBroker:
         jvm_options: tuple[str, ...] = (),
         startup_timeout_s: float = 90.0,
         admin_config: Mapping[str, object] | None = None,
+        scram_users: Mapping[str, str] | None = None,
     ) -> None:
         """`listeners` maps listener names to security protocols for extra listeners, e.g.
         `{"SASL_SSL": "SASL_SSL"}`; each gets its own free port. PLAINTEXT is always present and
-        is the one `bootstrap_servers` names unless `client_listener` is set later."""
+        is the one `bootstrap_servers` names. `scram_users` ({name: password}) are written into
+        the storage as SCRAM-SHA-512 credentials when it is formatted."""
         self.kafka_home = Path(kafka_home)
         self.java = java
         self.heap = heap
@@ -112,6 +114,7 @@ class LocalKafkaBroker:
         self.jvm_options = tuple(jvm_options)
         self.startup_timeout_s = startup_timeout_s
         self.admin_config = dict(admin_config or {})
+        self.scram_users = dict(scram_users or {})
         self._own_dir = work_dir is None
         self.work_dir = (
             Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="aewatch-kafka-"))
@@ -163,6 +166,14 @@ class LocalKafkaBroker:
                     cluster_id,
                     "-c",
                     str(config),
+                    *(
+                        arg
+                        for name, password in self.scram_users.items()
+                        for arg in (
+                            "--add-scram",
+                            f"SCRAM-SHA-512=[name={name},password={password}]",
+                        )
+                    ),
                 ],
                 capture_output=True,
                 text=True,

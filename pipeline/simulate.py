@@ -240,7 +240,10 @@ def _run_simulate(args: argparse.Namespace) -> int:
         return 0
     from kafka import KafkaProducer
 
+    from pipeline.kafka_io import check_connection
+
     security = client_security(args)
+    check_connection(args.bootstrap_servers, security)
     producer = KafkaProducer(
         bootstrap_servers=args.bootstrap_servers, linger_ms=10, compression_type="lz4", **security
     )

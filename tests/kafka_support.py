@@ -39,7 +39,14 @@ def stream_items(stream: FleetStream) -> list:
     return [(k.encode(), v) for k, v in zip(stream.keys.tolist(), stream.payloads(), strict=True)]
 
 
-def consume(bootstrap: str, topic: str, idle_s: float = 3.0, *, committed_only=False) -> list:
+def consume(
+    bootstrap: str,
+    topic: str,
+    idle_s: float = 3.0,
+    *,
+    committed_only: bool = False,
+    security: dict | None = None,
+) -> list:
     consumer = KafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -47,6 +54,7 @@ def consume(bootstrap: str, topic: str, idle_s: float = 3.0, *, committed_only=F
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         isolation_level="read_committed" if committed_only else "read_uncommitted",
+        **(security or {}),
     )
     out, last = [], time.monotonic()
     while time.monotonic() - last < idle_s:

@@ -1,0 +1,234 @@
+"""Credentials, against a real broker with a SASL_SSL listener (SCRAM-SHA-512, a certificate from
+a CA made here): the worker, the simulator and the alerts tail connect with the right
+credentials, fail at once with the reason given wrong ones, and never show the password."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from pipeline.cli import main
+from pipeline.kafka_io import KafkaConnectError, ensure_topics
+from pipeline.local_broker import LocalKafkaBroker, free_port
+from pipeline.worker_cli import build_worker, close_worker
+from tests.helpers import metric_values
+from tests.kafka_support import consume, names, worker_settings
+from tests.worker_support import FEATURES, train_fleet_detector
+
+pytestmark = pytest.mark.kafka
+
+USER, PASSWORD = "aewatch-svc", "Sc3ret-not-for-logs-7f1c"
+
+
+def _certificate_authority(name: str):
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _pem(cert) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_certificates(root: Path) -> dict[str, Path]:
+    """A CA, a broker key and certificate for 127.0.0.1 signed by it, and an unrelated CA."""
+    ca_key, ca = _certificate_authority("aewatch test CA")
+    _, other_ca = _certificate_authority("some other CA")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": root / "ca.pem", "other_ca": root / "other-ca.pem", "broker": root / "b.pem"}
+    paths["ca"].write_bytes(_pem(ca))
+    paths["other_ca"].write_bytes(_pem(other_ca))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    paths["broker"].write_bytes(key_pem + _pem(cert))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tls")
+    certs = make_certificates(root)
+    broker = LocalKafkaBroker(
+        listeners={"SASL_SSL": "SASL_SSL"},
+        scram_users={USER: PASSWORD},
+        extra_properties={
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(certs["broker"]),
+        },
+    ).start()
+    try:
+        yield broker.address("SASL_SSL"), certs
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_fleet_detector(tmp_path_factory.mktemp("fleet"))
+
+
+def _security(cafile: Path, password: str = PASSWORD) -> dict:
+    return dict(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username=USER,
+        sasl_password=password,
+        ssl_cafile=str(cafile),
+    )
+
+
+def _flags(cafile: Path, password: str = PASSWORD) -> list[str]:
+    return [
+        "--security-protocol",
+        "SASL_SSL",
+        "--sasl-mechanism",
+        "SCRAM-SHA-512",
+        "--sasl-username",
+        USER,
+        "--sasl-password",
+        password,
+        "--ssl-cafile",
+        str(cafile),
+    ]
+
+
+def test_the_right_credentials_carry_a_stream_and_the_password_is_never_shown(
+    secure, trained, caplog, capsys
+):
+    address, certs = secure
+    topics = names("sasl")
+    port = free_port()
+    settings = worker_settings(
+        address,
+        topics,
+        trained.artifact_dir,
+        emit_all=True,
+        http_port=port,
+        **_security(certs["ca"]),
+    )
+    kafka = settings.kafka_security()
+    ensure_topics(address, {topics["input"]: {"num_partitions": 2}}, kafka)
+    with caplog.at_level(logging.DEBUG):
+        simulate = [
+            "simulate",
+            "--bootstrap-servers",
+            address,
+            "--topic",
+            topics["input"],
+            "--keys",
+            "2",
+            "--readings",
+            "300",
+            "--features",
+            str(FEATURES),
+            *_flags(certs["ca"]),
+        ]
+        assert main(simulate) == 0
+        worker = build_worker(settings)
+        try:
+            stats = worker.run()
+            exposed = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        finally:
+            close_worker(worker)
+        tail = [
+            "alerts",
+            "--bootstrap-servers",
+            address,
+            "--topic",
+            topics["output"],
+            "--from-beginning",
+            "--json",
+            "--timeout",
+            "5",
+            *_flags(certs["ca"]),
+        ]
+        assert main(tail) == 0
+    printed = capsys.readouterr()
+    lines = [line for line in printed.out.splitlines() if line.startswith("{")]
+    events = [orjson.loads(line) for line in lines if b'"aewatch.anomaly' in line.encode()]
+    assert stats.windows_scored > 0
+    assert len(events) == stats.windows_scored, "every window's event read back over SASL_SSL"
+    assert metric_values(exposed), "metrics were served"
+    produced = consume(address, topics["output"], security=kafka)
+    assert len(produced) == stats.windows_scored
+    for shown in (caplog.text, exposed, printed.out, printed.err):
+        assert PASSWORD not in shown
+
+
+@pytest.mark.parametrize(
+    "wrong, reason",
+    [("password", "SaslAuthenticationFailed"), ("ca", "CERTIFICATE_VERIFY_FAILED")],
+)
+def test_wrong_credentials_fail_fast_with_the_reason(
+    secure, trained, wrong, reason, capsys, caplog
+):
+    address, certs = secure
+    password = "not-the-password" if wrong == "password" else PASSWORD
+    cafile = certs["other_ca"] if wrong == "ca" else certs["ca"]
+    topics = names("badauth")
+    settings = worker_settings(address, topics, trained.artifact_dir, **_security(cafile, password))
+    started = time.monotonic()
+    with pytest.raises(KafkaConnectError, match=reason) as raised:
+        build_worker(settings)
+    assert time.monotonic() - started < 30, "an error, not a hang"
+    assert address in str(raised.value) and PASSWORD not in str(raised.value)
+
+    for command in (
+        ["simulate", "--topic", topics["input"], "--keys", "1", "--readings", "50"],
+        ["alerts", "--topic", topics["output"], "--timeout", "2"],
+    ):
+        started = time.monotonic()
+        code = main([*command, "--bootstrap-servers", address, *_flags(cafile, password)])
+        assert code == 2
+        assert time.monotonic() - started < 30
+        err = capsys.readouterr().err
+        assert reason in err and f"aewatch {command[0]}: error" in err
+        assert PASSWORD not in err
+    assert PASSWORD not in caplog.text
