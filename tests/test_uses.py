@@ -275,8 +275,9 @@ def test_outputs_are_checked_before_any_work(digits, denoiser, tmp_path, capsys)
 
 
 def test_encode_through_the_registry_matches_the_folder(
-    digits, code_models, tmp_path, capsys, mlflow_embedded
+    digits, code_models, tmp_path, capsys, mlflow_embedded, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)  # MLflow puts run artifacts under ./mlruns
     result = code_models["ae"]
     version = register_result(mlflow_embedded, result, "digit-codes")
     held = digits["root"] / "held.npz"

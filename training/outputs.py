@@ -50,11 +50,9 @@ def array_out(out: str | Path, setting: str = "out") -> Path:
 def image_out(out: str | Path, setting: str = "out") -> Path:
     """`out` as an image destination: a `.npy` file, or a folder (no extension) for PNGs."""
     path = Path(out)
-    if path.suffix.lower() != _ARRAY_SUFFIX and (path.suffix and not path.is_dir()):
-        raise ConfigError(
-            setting, f"{out}: write images to a folder of PNG files or to a .npy file"
-        )
-    return path
+    if path.suffix.lower() == _ARRAY_SUFFIX or path.is_dir() or not path.suffix:
+        return path
+    raise ConfigError(setting, f"{out}: write images to a folder of PNG files or to a .npy file")
 
 
 def write_table(frame: pd.DataFrame, out: Path) -> Path:

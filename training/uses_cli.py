@@ -151,7 +151,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     out = array_out(args.out) if series else image_out(args.out)
     if args.interpolate:
         samples = _interpolation(detector, args)
-        how = f"interpolated in {args.steps} steps between inputs {args.interpolate}"
+        first, last = args.interpolate
+        how = f"interpolated in {args.steps} steps between inputs {first} and {last}"
     else:
         samples = prior_samples(detector, args.n, seed=args.seed)
         how = f"drawn from the prior (seed {args.seed})"
