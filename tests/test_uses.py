@@ -262,7 +262,7 @@ def test_interpolation_errors_name_the_setting(digits, vae, tmp_path, capsys):
     )
 
 
-def test_outputs_are_checked_before_any_work(digits, denoiser, tmp_path, capsys):
+def test_an_output_of_the_wrong_kind_is_refused_by_name(digits, denoiser, tmp_path, capsys):
     model, held = str(denoiser.artifact_dir), str(digits["root"] / "held.npz")
     err = _fails(
         ["encode", "--model", model, "--data", held, "--out", str(tmp_path / "c.txt")], capsys

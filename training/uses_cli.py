@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training.commands import add_data_arguments, add_model_arguments, load_from_args
+
+if TYPE_CHECKING:  # the detector module loads torch; the parser is built without it
+    from pipeline.detector import Detector
 
 __all__ = ["register_encode", "register_reconstruct", "register_sample"]
 
@@ -165,7 +169,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interpolation(detector, args: argparse.Namespace) -> np.ndarray:
+def _interpolation(detector: Detector, args: argparse.Namespace) -> np.ndarray:
+    """The decoded line between the two inputs of `--data` that `--interpolate` names."""
     from pipeline.errors import ConfigError
     from training.inputs import load_for
     from training.uses import interpolate

@@ -6,6 +6,7 @@ load it and call `score`, so a window scores the same whichever path it takes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -195,7 +196,9 @@ class Detector:
         scaled = self._apply(self.model.decode, codes, batch_size)
         return self.scaler.inverse_transform(scaled, axis=self.input.feature_axis)
 
-    def _apply(self, step, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    def _apply(
+        self, step: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, batch_size: int
+    ) -> np.ndarray:
         """`step` (a tensor function of the model) over `inputs` in batches on the model's
         device, gathered as float32 on the host."""
         parts = []
