@@ -16,13 +16,14 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 SKAB_DIR  ?= ../shared/datasets/skab
 
-.PHONY: help setup demo test test-faults lint format bench bench-gpu broker clean
+.PHONY: help setup demo test test-faults lint format bench bench-gpu figures broker clean
 
 help:
 	@echo "make setup   create or reuse the cached virtual environment, install aewatch, resolve Kafka jars"
 	@echo "make demo    the whole pipeline end to end on this machine (a few minutes)"
 	@echo "make test    lint and run the whole test suite against a real Kafka broker and MLflow"
 	@echo "make bench   run the benchmarks; results in results/ as JSON and Markdown"
+	@echo "make figures redraw the README pictures of encode, reconstruct and sample in docs/"
 	@echo "make broker  run a local Kafka broker in the foreground (Ctrl-C stops it)"
 
 setup: $(DEPS_STAMP) $(KAFKA_STAMP)
@@ -85,6 +86,11 @@ bench: setup
 # On a CUDA machine: model-only and end-to-end scoring windows/s per batch size, training speed.
 bench-gpu: setup
 	$(PY) -m benchmarks.bench_gpu --out results
+
+# The pictures of the README section "Other uses of a trained model", drawn from what
+# `aewatch encode`, `reconstruct` and `sample` write (a minute or two on a CPU).
+figures: setup
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) docs/make_use_figures.py --out docs
 
 broker: setup
 	$(VENV)/bin/aewatch broker

@@ -15,6 +15,8 @@ from training.evaluate import POINT_RULES
 
 __all__ = [
     "add_data_arguments",
+    "add_model_arguments",
+    "load_from_args",
     "register_evaluate",
     "register_promote",
     "register_recalibrate",
@@ -22,9 +24,12 @@ __all__ = [
 ]
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, labels: bool = True) -> None:
+def add_data_arguments(
+    parser: argparse.ArgumentParser, *, labels: bool = True, required: bool = True
+) -> None:
+    """The flags that say how to read `--data` for a detector (see `training.inputs.load_for`)."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data", required=True, help="CSV/Parquet series or an image source")
+    group.add_argument("--data", required=required, help="CSV/Parquet series or an image source")
     group.add_argument("--time-col", default="ts", help="timestamp column (default: %(default)s)")
     group.add_argument("--key-col", help="entity column")
     group.add_argument("--fill", default="error", choices=["ffill", "interpolate", "drop", "error"])
@@ -34,7 +39,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, labels: bool = True) 
         group.add_argument("--labels", dest="labels_path", help="images: a labels file")
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model` (a folder or a registry URI), where the registry is, and the device."""
     parser.add_argument(
         "--model",
         required=True,
@@ -44,11 +50,17 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda[:N]")
 
 
-def _load(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace, *, require_calibrated: bool = True):
+    """The detector and its `ModelRef` that `--model` names, resolved as the worker does."""
     from pipeline.registry import load_model
     from training.cli import tracking_uri_from
 
-    return load_model(args.model, tracking_uri=tracking_uri_from(args), device=args.device)
+    return load_model(
+        args.model,
+        tracking_uri=tracking_uri_from(args),
+        device=args.device,
+        require_calibrated=require_calibrated,
+    )
 
 
 # -- score ---------------------------------------------------------------------------------------
@@ -60,7 +72,7 @@ def register_score(subparsers: argparse._SubParsersAction) -> None:
         "code as the streaming worker. Writes key, window start and end, score, "
         "threshold, p-value, is_anomaly and the top features per window.",
     )
-    _model_arguments(parser)
+    add_model_arguments(parser)
     add_data_arguments(parser, labels=False)
     parser.add_argument("--out", required=True, help="output .csv or .parquet")
     parser.add_argument("--top-k", type=int, default=3)
@@ -71,21 +83,16 @@ def register_score(subparsers: argparse._SubParsersAction) -> None:
 def _run_score(args: argparse.Namespace) -> int:
     from pipeline.batch import score_images, score_window_set
     from training.inputs import load_for
+    from training.outputs import table_out, write_table
 
-    out = Path(args.out)
-    if out.suffix.lower() not in (".csv", ".parquet"):
-        raise ConfigError("out", "write to a .csv or .parquet file")
-    detector, ref = _load(args)
+    out = table_out(args.out)
+    detector, ref = load_from_args(args)
     data = load_for(detector, args)
     if data.windows is not None:
         frame = score_window_set(detector, data.windows, top_k=args.top_k, model=ref.identity())
     else:
         frame = score_images(detector, data.images)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".csv":
-        frame.to_csv(out, index=False)
-    else:
-        frame.to_parquet(out, index=False)
+    write_table(frame, out)
     summary = {
         "model": ref.label,
         "rows": int(len(frame)),
@@ -110,7 +117,7 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         description="AUROC, AUPRC, precision/recall/F1 at the threshold, point-wise FAR and MAR, "
         "event recall, detection delay and false alarms per day.",
     )
-    _model_arguments(parser)
+    add_model_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--point-rule", default="end", choices=POINT_RULES)
     parser.add_argument("--json", action="store_true")
@@ -121,7 +128,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_images, evaluate_series
     from training.inputs import load_for
 
-    detector, ref = _load(args)
+    detector, ref = load_from_args(args)
     data = load_for(detector, args)
     if data.labels is None:
         raise ConfigError("label_col", "evaluation needs labels: --label-col or --normal-class")
@@ -156,7 +163,7 @@ def register_recalibrate(subparsers: argparse._SubParsersAction) -> None:
         description="Calibrate a registered detector's threshold on new normal data and register "
         "the result as a new version (alias challenger) with identical weights.",
     )
-    _model_arguments(parser)
+    add_model_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--method", default="quantile", choices=CALIBRATION_METHODS)
     parser.add_argument("--target-fpr", type=float, default=0.01)
@@ -187,7 +194,7 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     parsed = parse_model_uri(args.model)
     if parsed is None:
         raise ConfigError("model", "recalibrate registers a version: give models:/NAME@ALIAS")
-    detector, ref = _load(args)
+    detector, ref = load_from_args(args)
     calibration, holdout = load_for(detector, args).split(args.holdout)
     calibrator = make_calibrator(
         args.method,

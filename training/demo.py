@@ -93,6 +93,8 @@ def _say(text: str = "") -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from training.tracking import local_store
+
     _quiet_logs()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     root = Path(args.dir).resolve()
@@ -108,7 +110,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             _say("starting a local Kafka broker (deploy/kafka) ...")
             broker = LocalKafkaBroker().start()
             bootstrap = broker.bootstrap_servers
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or _local_tracking(root)
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or local_store(root, "aewatch-demo")
         _say(f"Kafka at {bootstrap}; MLflow at {tracking_uri}; demo folder {root}")
         run = _image_demo if args.images else _series_demo
         summary = run(args, root, bootstrap, tracking_uri)
@@ -119,15 +121,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _say(f"\nfinished in {summary['wall_seconds']:.0f} s; summary in {root / 'summary.json'}")
     return 0 if summary.get("ok") else 1
-
-
-def _local_tracking(root: Path) -> str:
-    import mlflow
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.create_experiment("aewatch-demo", artifact_location=(root / "artifacts").as_uri())
-    return uri
 
 
 # -- series ---------------------------------------------------------------------------------------

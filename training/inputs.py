@@ -20,13 +20,15 @@ __all__ = ["DetectorData", "load_for"]
 @dataclass
 class DetectorData:
     """Inputs ready for one detector: series windows (with the table they came from) or images
-    with optional anomaly flags."""
+    with optional anomaly flags (`image_labels`) and the class labels the source carries
+    (`classes`)."""
 
     windows: WindowSet | None = None
     table: SeriesTable | None = None
     images: np.ndarray | None = None
     image_labels: np.ndarray | None = None
     spec: WindowSpec | None = None
+    classes: np.ndarray | None = None
 
     @property
     def raw(self) -> np.ndarray:
@@ -58,14 +60,14 @@ class DetectorData:
             parts = split_series(self.table, (1 - holdout, 0.0, 0.0, holdout))
             return (_windows(parts["train"], self.spec), _windows(parts["test"], self.spec))
         cut = int(len(self.images) * (1 - holdout))
-        labels = self.image_labels
-        return (
-            DetectorData(
-                images=self.images[:cut], image_labels=None if labels is None else labels[:cut]
-            ),
-            DetectorData(
-                images=self.images[cut:], image_labels=None if labels is None else labels[cut:]
-            ),
+        return self._image_part(slice(None, cut)), self._image_part(slice(cut, None))
+
+    def _image_part(self, part: slice) -> DetectorData:
+        pick = lambda a: None if a is None else a[part]  # noqa: E731
+        return DetectorData(
+            images=self.images[part],
+            image_labels=pick(self.image_labels),
+            classes=pick(self.classes),
         )
 
 
@@ -107,4 +109,4 @@ def load_for(detector: Detector, args: argparse.Namespace) -> DetectorData:
             f"{args.data}: images are {images.images.shape[1:]}, the detector "
             f"expects {tuple(detector.input.image_shape)}"
         )
-    return DetectorData(images=images.images, image_labels=flags)
+    return DetectorData(images=images.images, image_labels=flags, classes=images.labels)

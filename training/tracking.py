@@ -22,6 +22,7 @@ __all__ = [
     "MlflowEpochLogger",
     "default_tracking_uri",
     "flatten_params",
+    "local_store",
     "log_fit_summary",
     "log_quality",
     "tracking_run",
@@ -33,6 +34,15 @@ log = logging.getLogger(__name__)
 def default_tracking_uri(directory: Path | None = None) -> str:
     """A local sqlite store in `directory` (the working directory by default)."""
     return f"sqlite:///{(directory or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def local_store(root: Path, experiment: str) -> str:
+    """A sqlite store in `root` with `experiment` keeping its artifacts there too (not in an
+    `mlruns` folder of the working directory); its tracking URI."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
+    return uri
 
 
 def flatten_params(settings) -> dict[str, str]:

@@ -6,6 +6,7 @@ load it and call `score`, so a window scores the same whichever path it takes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,11 +174,41 @@ class Detector:
         return names[order].tolist()
 
     def encode(self, raw: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
-        """Bottleneck codes [N, code_size] (a VAE gives its latent mean)."""
-        scaled = self.prepare(raw)
-        codes = []
+        """Bottleneck codes [N, code_size] (a VAE gives its latent mean): a compact, non-linear
+        reduction of each window or image."""
+        return self._apply(self.model.encode, self.prepare(raw), batch_size)
+
+    def reconstruct(self, raw: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
+        """The model's reconstruction of raw windows or images, in the input's units.
+
+        For a denoising model this is the cleaned-up input; a VAE decodes its latent mean."""
+        scaled = self._apply(self.model.reconstruct, self.prepare(raw), batch_size)
+        return self.scaler.inverse_transform(scaled, axis=self.input.feature_axis)
+
+    def decode(self, codes: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
+        """Windows or images, in the input's units, that the decoder makes of `codes`
+        [N, code_size]: the way back from `encode`."""
+        codes = np.ascontiguousarray(codes, dtype=np.float32)
+        if codes.ndim != 2 or codes.shape[1] != self.config.code_size:
+            raise DataError(
+                f"expected codes of shape [N, {self.config.code_size}], got {codes.shape}"
+            )
+        scaled = self._apply(self.model.decode, codes, batch_size)
+        return self.scaler.inverse_transform(scaled, axis=self.input.feature_axis)
+
+    def _apply(
+        self, step: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, batch_size: int
+    ) -> np.ndarray:
+        """`step` (a tensor function of the model) over `inputs` in batches on the model's
+        device, gathered as float32 on the host."""
+        parts = []
         with torch.inference_mode():
-            for start in range(0, len(scaled), batch_size):
-                x = torch.from_numpy(scaled[start : start + batch_size]).to(self.device)
-                codes.append(self.model.encode(x).float().cpu().numpy())
-        return np.concatenate(codes) if codes else np.zeros((0, self.config.code_size))
+            for start in range(0, len(inputs), batch_size):
+                x = torch.from_numpy(inputs[start : start + batch_size]).to(self.device)
+                parts.append(step(x).float().cpu().numpy())
+        if parts:
+            return np.concatenate(parts)
+        # an empty batch still tells the output shape
+        with torch.inference_mode():
+            probe = torch.zeros((1, *inputs.shape[1:]), device=self.device)
+            return np.zeros((0, *step(probe).shape[1:]), dtype=np.float32)

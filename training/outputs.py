@@ -1,0 +1,100 @@
+"""Writing what the commands produce: tables (CSV or Parquet, by extension) and images (a folder
+of PNG files or one `.npy` array).
+
+The file name says the format, so a command checks `--out` before any work is done and a typo in
+the extension fails at once rather than after scoring a large file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.detector import Scaler
+from pipeline.errors import ConfigError
+from pipeline.images import encode_image_record
+
+__all__ = [
+    "TABLE_SUFFIXES",
+    "array_out",
+    "image_out",
+    "png_range",
+    "table_out",
+    "write_array",
+    "write_images",
+    "write_table",
+]
+
+TABLE_SUFFIXES = (".csv", ".parquet")
+_ARRAY_SUFFIX = ".npy"
+
+
+def table_out(out: str | Path, setting: str = "out") -> Path:
+    """`out` as a table path; anything but .csv or .parquet is a setting error."""
+    path = Path(out)
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise ConfigError(setting, f"{out}: write tables to a .csv or .parquet file")
+    return path
+
+
+def array_out(out: str | Path, setting: str = "out") -> Path:
+    """`out` as a table or a `.npy` array (windows as [N, W, F])."""
+    path = Path(out)
+    if path.suffix.lower() not in (*TABLE_SUFFIXES, _ARRAY_SUFFIX):
+        raise ConfigError(setting, f"{out}: write windows to a .csv, .parquet or .npy file")
+    return path
+
+
+def image_out(out: str | Path, setting: str = "out") -> Path:
+    """`out` as an image destination: a `.npy` file, or a folder (no extension) for PNGs."""
+    path = Path(out)
+    if path.suffix.lower() == _ARRAY_SUFFIX or path.is_dir() or not path.suffix:
+        return path
+    raise ConfigError(setting, f"{out}: write images to a folder of PNG files or to a .npy file")
+
+
+def write_table(frame: pd.DataFrame, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        frame.to_csv(out, index=False)
+    else:
+        frame.to_parquet(out, index=False)
+    return out
+
+
+def write_array(array: np.ndarray, out: Path) -> Path:
+    """A plain `.npy` (float32, no pickle), readable back as `--data`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return out
+
+
+def png_range(scaler: Scaler, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel pixel values that PNG black and white stand for.
+
+    A min-max scaler (the default for images) knows the training range, so every file written
+    for one detector uses the same mapping and 0..255 training data stays as it was; with any
+    other scaler the range of the images being written is used."""
+    if scaler.kind == "minmax":
+        low = np.asarray(scaler.center, dtype=np.float64)
+        return low, low + np.asarray(scaler.scale, dtype=np.float64)
+    return images.min(axis=(0, 2, 3)).astype(np.float64), images.max(axis=(0, 2, 3)).astype(
+        np.float64
+    )
+
+
+def write_images(images: np.ndarray, out: Path, value_range: tuple[np.ndarray, np.ndarray]) -> Path:
+    """Images [N, C, H, W] as `.npy` (the input's units, exactly) or as PNG files `00000.png`,
+    ... in the folder `out`, `value_range` stretched to 0..255 and clipped."""
+    if out.suffix.lower() == _ARRAY_SUFFIX:
+        return write_array(images, out)
+    out.mkdir(parents=True, exist_ok=True)
+    low, high = (np.asarray(v, dtype=np.float64)[None, :, None, None] for v in value_range)
+    span = np.where(high > low, high - low, 1.0)
+    pixels = np.rint(np.clip((images - low) / span, 0.0, 1.0) * 255.0).astype(np.uint8)
+    width = max(5, len(str(len(images) - 1)))
+    for index, picture in enumerate(pixels):
+        (out / f"{index:0{width}d}.png").write_bytes(encode_image_record(picture, "png"))
+    return out
