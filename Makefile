@@ -68,7 +68,8 @@ test: setup lint
 	@mkdir -p results
 	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -m "not faults" --junitxml=results/junit.xml $(PYTEST_ARGS)
 
-# Fault tests that restart services (a broker of their own); not yet reliable enough for CI.
+# Fault tests (about 10 minutes): ten SIGKILLs in 100k readings, a broker restart, batches slower
+# than max.poll.interval.ms, a 5-minute soak (AEWATCH_SOAK_S) whose figures go to results/soak.json.
 test-faults: setup
 	@mkdir -p results
 	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -m faults --junitxml=results/junit-faults.xml $(PYTEST_ARGS)

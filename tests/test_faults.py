@@ -4,15 +4,19 @@ MLflow server that is not there when the worker starts."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import random
 import signal
 import threading
 import time
+from pathlib import Path
 
 import orjson
 import pytest
+import requests
+from kafka import KafkaProducer
 
 from pipeline.errors import RegistryError
 from pipeline.events import event_id
@@ -20,7 +24,7 @@ from pipeline.kafka_io import ensure_topics
 from pipeline.local_broker import LocalKafkaBroker, free_port
 from pipeline.registry import resolve_model
 from pipeline.worker_cli import build_worker, close_worker
-from tests.helpers import wait_until
+from tests.helpers import metric_values, wait_until
 from tests.kafka_support import (
     consume,
     names,
@@ -201,3 +205,93 @@ def test_ten_sigkills_in_a_stream_of_100k_readings_lose_no_window(
     assert anomalous, "the stream has anomalous windows"
     assert anomalous <= set(scores), "every anomalous window has an event"
     assert set(scores) == set(expected), "every window of the stream was scored"
+
+
+def _process_sample(pid: int) -> tuple[float, int]:
+    """Resident memory (MiB) and open file descriptors of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+    return rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# Soak bounds: growth after the first minute (model, clients and buffers are warm by then).
+SOAK_RSS_GROWTH_MIB = 64
+SOAK_FD_GROWTH = 8
+SOAK_MAX_LAG_S = 5.0  # records behind the log end, in seconds of input
+
+
+@pytest.mark.kafka
+@pytest.mark.faults
+def test_a_five_minute_soak_at_a_fixed_rate_stays_bounded(trained, kafka_bootstrap, tmp_path):
+    duration_s = float(os.environ.get("AEWATCH_SOAK_S", "300"))
+    rate = 1000  # readings per second
+    topics = names("soak")
+    ensure_topics(kafka_bootstrap, {topics["input"]: {"num_partitions": 4}})
+    stream = fleet(seed=77, keys=10, readings_per_key=int(rate * duration_s / 10) + 1)
+    items = stream_items(stream)
+    port = free_port()
+    log = tmp_path / "worker.log"
+    proc = worker_process(
+        kafka_bootstrap,
+        topics,
+        trained.artifact_dir,
+        log,
+        "--http-port",
+        str(port),
+        "--stop-after-idle-s",
+        "20",
+    )
+    wait_until(lambda: _count(log, b"worker ready") > 0, 90, "the worker to start")
+    stop = threading.Event()
+
+    def feed():  # a fixed rate: every 0.1 s the readings due by then
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+        started, sent = time.monotonic(), 0
+        while sent < len(items) and not stop.is_set():
+            due = min(len(items), int((time.monotonic() - started) * rate))
+            for key, value in items[sent:due]:
+                producer.send(topics["input"], key=key, value=value)
+            sent = due
+            time.sleep(0.1)
+        producer.flush()
+        producer.close()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    started = time.monotonic()
+    feeder.start()
+    samples = []  # (seconds, rss MiB, fds, lag records)
+    try:
+        while True:
+            feeder.join(timeout=5.0)
+            if not feeder.is_alive():
+                break
+            assert proc.poll() is None, log.read_text()[-3000:]
+            rss, fds = _process_sample(proc.pid)
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            lag = sum(
+                v for (name, _), v in metric_values(text).items() if name == "aewatch_consumer_lag"
+            )
+            samples.append((time.monotonic() - started, rss, fds, lag))
+    finally:
+        stop.set()
+        feeder.join()
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+
+    warm = [s for s in samples if s[0] >= min(60.0, duration_s / 5)]
+    first, last = warm[0], warm[-1]
+    summary = {
+        "duration_s": round(samples[-1][0], 1),
+        "samples": len(warm),
+        "rate_per_s": rate,
+        "readings": len(items),
+        "rss_mib": {"start": round(first[1], 1), "end": round(last[1], 1)},
+        "rss_peak_mib": round(max(s[1] for s in warm), 1),
+        "fds": {"start": first[2], "end": last[2]},
+        "max_lag_records": max(s[3] for s in samples),
+    }
+    Path("results").mkdir(exist_ok=True)
+    Path("results/soak.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"soak: {summary}")
+    assert max(s[1] for s in warm) - first[1] <= SOAK_RSS_GROWTH_MIB, summary
+    assert last[2] - first[2] <= SOAK_FD_GROWTH, summary
+    assert summary["max_lag_records"] <= SOAK_MAX_LAG_S * rate, summary
