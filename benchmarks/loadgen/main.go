@@ -1,0 +1,133 @@
+// loadgen replays prepared sensor readings into Kafka at a fixed rate, stamping each with the
+// wall-clock time at send, so that latency benchmarks measure the worker rather than a Python
+// load generator competing with it for the same cores.
+//
+// Input: one reading per line, "PARTITION<TAB>KEY<TAB>JSON", where JSON holds the placeholder
+// 9999999999999 for the timestamp. Output on stdout: one JSON line with the achieved rate.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+var placeholder = []byte("9999999999999")
+
+type reading struct {
+	partition int32
+	key       []byte
+	value     []byte
+	at        int // index of the placeholder in value
+}
+
+func load(path string) ([]reading, error) {
+	file, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer file.Close()
+	var out []reading
+	scanner := bufio.NewScanner(file)
+	scanner.Buffer(make([]byte, 1<<20), 1<<24)
+	for scanner.Scan() {
+		parts := strings.SplitN(scanner.Text(), "\t", 3)
+		if len(parts) != 3 {
+			return nil, fmt.Errorf("%s: line %d is not PARTITION<TAB>KEY<TAB>JSON", path, len(out)+1)
+		}
+		partition, err := strconv.Atoi(parts[0])
+		if err != nil {
+			return nil, fmt.Errorf("%s: line %d: %v", path, len(out)+1, err)
+		}
+		value := []byte(parts[2])
+		at := bytes.Index(value, placeholder)
+		if at < 0 {
+			return nil, fmt.Errorf("%s: line %d has no timestamp placeholder", path, len(out)+1)
+		}
+		out = append(out, reading{int32(partition), []byte(parts[1]), value, at})
+	}
+	return out, scanner.Err()
+}
+
+func main() {
+	brokers := flag.String("bootstrap-servers", "127.0.0.1:9092", "Kafka bootstrap servers")
+	topic := flag.String("topic", "", "topic to produce to")
+	input := flag.String("input", "", "prepared readings")
+	rate := flag.Float64("rate", 1000, "readings per second")
+	seconds := flag.Float64("seconds", 10, "stop after this long")
+	flag.Parse()
+
+	readings, err := load(*input)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "loadgen:", err)
+		os.Exit(2)
+	}
+	client, err := kgo.NewClient(
+		kgo.SeedBrokers(strings.Split(*brokers, ",")...),
+		kgo.DefaultProduceTopic(*topic),
+		kgo.RecordPartitioner(kgo.ManualPartitioner()),
+		kgo.ProducerLinger(2*time.Millisecond),
+		kgo.ProducerBatchCompression(kgo.NoCompression()),
+	)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "loadgen:", err)
+		os.Exit(2)
+	}
+	defer client.Close()
+	ctx := context.Background()
+	if err := client.Ping(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "loadgen:", err)
+		os.Exit(2)
+	}
+	fmt.Fprintln(os.Stderr, "ready")
+	bufio.NewReader(os.Stdin).ReadString('\n') // go: a line on stdin
+
+	interval := time.Duration(float64(time.Second) / *rate)
+	started := time.Now()
+	deadline := started.Add(time.Duration(*seconds * float64(time.Second)))
+	sent := 0
+	var failed atomic.Int64
+	for i := range readings {
+		due := started.Add(time.Duration(i) * interval)
+		if wait := time.Until(due); wait > 0 {
+			time.Sleep(wait)
+		}
+		now := time.Now()
+		if now.After(deadline) {
+			break
+		}
+		r := readings[i]
+		value := make([]byte, len(r.value))
+		copy(value, r.value)
+		copy(value[r.at:], strconv.FormatInt(now.UnixMilli(), 10))
+		client.Produce(ctx, &kgo.Record{Key: r.key, Value: value, Partition: r.partition},
+			func(_ *kgo.Record, err error) {
+				if err != nil {
+					failed.Add(1)
+				}
+			})
+		sent++
+	}
+	if err := client.Flush(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "loadgen:", err)
+		os.Exit(1)
+	}
+	elapsed := time.Since(started).Seconds()
+	summary, _ := json.Marshal(map[string]any{
+		"sent": sent, "failed": failed.Load(), "seconds": elapsed, "achieved_rate": float64(sent) / elapsed,
+	})
+	fmt.Println(string(summary))
+	if failed.Load() > 0 {
+		os.Exit(1)
+	}
+}
