@@ -7,6 +7,7 @@ AewatchError
 │   └── ArtifactError    the artifact on disk is malformed, tampered or from a newer format
 ├── CalibrationError     a threshold cannot be calibrated from the data given
 ├── RegistryError        the MLflow registry refused or lacks what was asked for
+├── DistributedError     a rank of a distributed training job failed; names the rank
 └── BrokerError          the local Kafka broker could not be resolved, started or stopped
 """
 
@@ -19,6 +20,7 @@ __all__ = [
     "CalibrationError",
     "ConfigError",
     "DataError",
+    "DistributedError",
     "ModelError",
     "RegistryError",
 ]
@@ -66,3 +68,14 @@ class RegistryError(AewatchError):
 
 class BrokerError(AewatchError):
     """The local Kafka broker could not be resolved, started or stopped."""
+
+
+class DistributedError(AewatchError):
+    """A rank of a distributed training job failed; the job stopped every rank.
+
+    The message names the rank and carries that rank's own error (`rank`, `error`)."""
+
+    def __init__(self, rank: int, error: str) -> None:
+        super().__init__(f"rank {rank} failed: {error}")
+        self.rank = rank
+        self.error = error
