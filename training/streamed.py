@@ -31,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
 
 from pipeline.detector import STREAMING_KINDS, Scaler, ScalerFit, WindowCarry, WindowSet, WindowSpec
 from pipeline.errors import ConfigError, DataError
 from training.data import (
-    _parse_keys,
     _parse_labels,
     _parse_numeric,
     _parse_times,
@@ -87,7 +88,7 @@ class SplitPlan:
 class _Survey:
     counts: dict[str, int] = field(default_factory=dict)
     until: dict[str, int] = field(default_factory=dict)
-    hashes: dict[str, hashlib._Hash] = field(default_factory=dict)
+    hashes: dict[str, tuple] = field(default_factory=dict)  # key: (times, values) hashes
     first: int = np.iinfo(np.int64).max
     last: int = _NO_TIME
 
@@ -116,6 +117,10 @@ class SeriesStream:
         self.time_col, self.key_col, self.label_col = time_col, key_col, label_col
         self.fill, self.batch_rows = fill, batch_rows
         self._dataset, self._fragments = _open(Path(path), self.source)
+        # Read column chunks as they are decoded rather than whole row groups ahead of time.
+        self._scan_options = ds.ParquetFragmentScanOptions(
+            pre_buffer=False, use_buffered_stream=True, buffer_size=1 << 20
+        )
         empty = self._dataset.schema.empty_table().to_pandas()
         names = _select_columns(empty, self.source, time_col, key_col, features, label_col)
         self.features = tuple(names)
@@ -133,20 +138,19 @@ class SeriesStream:
                 batch_size=self.batch_rows,
                 batch_readahead=1,
                 fragment_readahead=1,
+                fragment_scan_options=self._scan_options,
                 use_threads=False,
             ):
                 where = f"{fragment.path} (rows from {offset + 1})"
                 offset += batch.num_rows
                 if batch.num_rows:
-                    yield self._chunks(batch.to_pandas(date_as_object=False), where, latest)
+                    yield self._chunks(batch, where, latest)
 
-    def _chunks(self, frame: pd.DataFrame, where: str, latest: dict[str, int]) -> list[Chunk]:
+    def _chunks(self, batch, where: str, latest: dict[str, int]) -> list[Chunk]:
+        codes, uniques = self._key_codes(batch, where)
+        others = [c for c in self._columns if c != self.key_col]
+        frame = batch.select(others).to_pandas(date_as_object=False, split_blocks=True)
         times = _parse_times(frame[self.time_col], where, self.time_col)
-        keys = (
-            _parse_keys(frame[self.key_col], where, self.key_col)
-            if self.key_col is not None
-            else np.full(len(frame), "", dtype=object)
-        )
         values = np.column_stack(
             [_parse_numeric(frame[name], where, name) for name in self.features]
         )
@@ -160,15 +164,14 @@ class SeriesStream:
             _refuse_gaps(values, self.features, where)
         else:
             keep = ~np.isnan(values).any(axis=1)
-            times, keys, values = times[keep], keys[keep], values[keep]
+            times, codes, values = times[keep], codes[keep], values[keep]
             labels = labels[keep] if labels is not None else None
-        codes, uniques = pd.factorize(keys)
         order = np.argsort(codes, kind="stable")
         starts = np.flatnonzero(np.diff(codes[order], prepend=-1))
         out = []
         for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
             rows = order[start:stop]
-            key = str(uniques[codes[rows[0]]])
+            key = uniques[codes[rows[0]]]
             ns = times[rows].view(np.int64)
             before = np.concatenate([[latest.get(key, ns[0])], ns[:-1]])
             if (ns < before).any():
@@ -189,6 +192,21 @@ class SeriesStream:
             )
         return out
 
+    def _key_codes(self, batch, where: str) -> tuple[np.ndarray, list[str]]:
+        """Each row's key as a code into the batch's distinct keys (as text, like
+        `load_series`), dictionary-encoded by Arrow rather than row by row."""
+        import pyarrow.compute as pc
+
+        if self.key_col is None:
+            return np.zeros(batch.num_rows, dtype=np.int64), [""]
+        column = batch.column(self.key_col)
+        if column.null_count:
+            row = int(np.argmax(column.is_null().to_numpy(zero_copy_only=False)))
+            raise DataError(f"{where}: column {self.key_col!r}, data row {row + 1}: no key")
+        encoded = column if pa.types.is_dictionary(column.type) else pc.dictionary_encode(column)
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        return codes, [str(k) for k in encoded.dictionary.to_pylist()]
+
     # -- passes --------------------------------------------------------------------------------
     def plan(self, fractions, train_until: str | None = None) -> SplitPlan:
         """Pass one: count each key's rows and cut them into the four parts as `split_series`
@@ -205,11 +223,10 @@ class SeriesStream:
                     survey.until[chunk.key] = survey.until.get(chunk.key, 0) + before
                 survey.first, survey.last = min(survey.first, ns[0]), max(survey.last, ns[-1])
                 if chunk.key not in survey.hashes:
-                    survey.hashes[chunk.key] = hashlib.sha256(chunk.key.encode("utf-8") + b"\0")
-                survey.hashes[chunk.key].update(np.ascontiguousarray(ns, dtype="<i8").tobytes())
-                survey.hashes[chunk.key].update(
-                    np.ascontiguousarray(chunk.values, dtype="<f4").tobytes()
-                )
+                    survey.hashes[chunk.key] = (hashlib.sha256(), hashlib.sha256())
+                times_hash, values_hash = survey.hashes[chunk.key]
+                times_hash.update(np.ascontiguousarray(ns, dtype="<i8").tobytes())
+                values_hash.update(np.ascontiguousarray(chunk.values, dtype="<f4").tobytes())
         if not survey.counts:
             raise DataError(f"{self.source}: the dataset has no data rows")
         bounds = {}
@@ -269,21 +286,20 @@ class SeriesStream:
                 yield cut
 
 
-def _digest(hashes: dict[str, hashlib._Hash]) -> str:
-    """SHA-256 over each key's own hash of its times and values in order, keys sorted: the
-    same however the rows are spread over files and batches (not the in-memory digest, which
-    hashes a whole table at once)."""
+def _digest(hashes: dict[str, tuple]) -> str:
+    """SHA-256 over each key's hashes of its times and of its values in order, keys sorted:
+    the same however the rows are spread over files and batches (not the in-memory digest,
+    which hashes a whole table at once)."""
     h = hashlib.sha256(b"aewatch.series-stream/1\0")
     for key in sorted(hashes):
-        h.update(hashes[key].digest())
+        h.update(key.encode("utf-8") + b"\0")
+        for part in hashes[key]:
+            h.update(part.digest())
     return h.hexdigest()
 
 
 def _open(path: Path, source: str):
     """The pyarrow dataset and its file fragments in sorted path order."""
-    import pyarrow as pa
-    import pyarrow.dataset as ds
-
     if not path.exists():
         raise DataError(f"{source}: no such file or directory")
     if not path.is_dir() and not path.name.lower().endswith((".parquet", ".pq")):
