@@ -82,6 +82,7 @@ bench: setup
 	$(PY) -m benchmarks.bench_skab --skab $(SKAB_DIR) --out results || status=1; \
 	$(PY) -m benchmarks.bench_worker --out results || status=1; \
 	$(PY) -m benchmarks.bench_scaleout --out results || status=1; \
+	$(PY) -m benchmarks.bench_distributed --out results || status=1; \
 	exit $$status
 
 # On a CUDA machine: model-only and end-to-end scoring windows/s per batch size, training speed.

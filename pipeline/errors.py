@@ -8,6 +8,7 @@ AewatchError
 ├── CalibrationError     a threshold cannot be calibrated from the data given
 ├── RegistryError        the MLflow registry refused or lacks what was asked for
 ├── CommitRejected       the group refused an offset commit (this member was evicted)
+├── DistributedError     a rank of a distributed training job failed; names the rank
 └── BrokerError          the local Kafka broker could not be resolved, started or stopped
 """
 
@@ -21,6 +22,7 @@ __all__ = [
     "CommitRejected",
     "ConfigError",
     "DataError",
+    "DistributedError",
     "ModelError",
     "RegistryError",
 ]
@@ -73,3 +75,14 @@ class BrokerError(AewatchError):
 class CommitRejected(AewatchError):
     """The group refused an offset commit: the member was evicted or a rebalance is under way.
     Nothing is lost; the partitions are read again from the last accepted commit."""
+
+
+class DistributedError(AewatchError):
+    """A rank of a distributed training job failed; the job stopped every rank.
+
+    The message names the rank and carries that rank's own error (`rank`, `error`)."""
+
+    def __init__(self, rank: int, error: str) -> None:
+        super().__init__(f"rank {rank} failed: {error}")
+        self.rank = rank
+        self.error = error

@@ -1,7 +1,9 @@
 """`aewatch train`: flags, an optional config file whose keys mirror the flags, and the run.
 
-This is the edge of the training job: it reads the environment (`MLFLOW_TRACKING_URI`), builds one
-frozen `TrainSettings`, and hands it down.
+This is the edge of the training job: it reads the environment (`MLFLOW_TRACKING_URI`, and the
+rank variables a torchrun launcher sets), builds one frozen `TrainSettings`, and hands it down:
+to this process, to ranks it launches itself (`--nproc-per-node`, `--nnodes`), or, under torchrun,
+to this process as one rank.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pipeline.detector.models import (
 from pipeline.detector.scaler import SCALER_KINDS
 from pipeline.errors import ConfigError
 from training.calibrate import CALIBRATION_METHODS
+from training.distributed import BACKENDS
 from training.evaluate import POINT_RULES
 
 __all__ = ["build_train_parser", "register_train", "settings_from_args"]
@@ -155,6 +158,40 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--json", action="store_true", help="print the result as JSON")
     out.add_argument("--no-progress", action="store_true")
 
+    scale = parser.add_argument_group("scale (see README: Training at scale)")
+    scale.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="ranks to start on this machine (default: %(default)s, no process group)",
+    )
+    scale.add_argument("--nnodes", type=int, default=1, help="machines in the job")
+    scale.add_argument("--rdzv-endpoint", help="HOST:PORT where the machines meet (c10d)")
+    scale.add_argument("--rdzv-id", help="job id shared by the machines (default: random)")
+    scale.add_argument(
+        "--dist-backend",
+        default="auto",
+        choices=BACKENDS,
+        help="auto: nccl on CUDA, gloo on CPU (default: %(default)s)",
+    )
+    scale.add_argument(
+        "--out-of-core",
+        action="store_true",
+        help="read a Parquet file or directory in record batches instead of loading it",
+    )
+    scale.add_argument(
+        "--batch-rows",
+        type=int,
+        default=65_536,
+        help="out of core: rows per record batch (default: %(default)s)",
+    )
+    scale.add_argument(
+        "--shuffle-windows",
+        type=int,
+        default=65_536,
+        help="out of core: training windows shuffled together (default: %(default)s)",
+    )
+
 
 def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="aewatch train")
@@ -224,6 +261,21 @@ def settings_from_args(args: argparse.Namespace):
         ),
         point_rule=args.point_rule,
         device=args.device,
+        out_of_core=args.out_of_core,
+        batch_rows=args.batch_rows,
+        shuffle_windows=args.shuffle_windows,
+    )
+
+
+def launch_settings_from_args(args: argparse.Namespace):
+    from training.distributed import LaunchSettings
+
+    return LaunchSettings(
+        nproc_per_node=args.nproc_per_node,
+        nnodes=args.nnodes,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id,
+        backend=args.dist_backend,
     )
 
 
@@ -249,45 +301,42 @@ def tracking_uri_from(args: argparse.Namespace) -> str:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import mlflow
-
-    from training.fit import ProgressBar
-    from training.job import train
-    from training.register import log_run_figures, register_version
-    from training.tracking import (
-        MlflowEpochLogger,
-        flatten_params,
-        log_fit_summary,
-        log_quality,
-        tracking_run,
-    )
+    from training.distributed import RankContext, launch
+    from training.runner import RunOptions, run_rank, run_training
 
     settings = settings_from_args(args)
-    tracking_uri = tracking_uri_from(args)
-    callbacks = [MlflowEpochLogger()]
-    progress = None if (args.no_progress or args.json) else ProgressBar(settings.fit.epochs)
-    if progress:
-        callbacks.append(progress)
-    with tracking_run(
-        tracking_uri, args.experiment, args.run_name, flatten_params(settings)
-    ) as run:
-        result = train(settings, callbacks)
-        if progress and result.fit.stopped_early:
-            progress.close()
-        log_fit_summary(result.fit)
-        log_quality(result)
-        log_run_figures(result)
-        mlflow.log_artifacts(str(result.artifact_dir), artifact_path="detector_files")
-        result.run_id = run.info.run_id
-        if args.register:
-            result.version = register_version(
-                result.detector, result.artifact_dir, args.register, data=result.data
-            )
-    summary = result.summary()
+    scale = launch_settings_from_args(args)
+    joined = RankContext.from_environment(os.environ)
+    if joined is not None and scale.spawns:
+        raise ConfigError(
+            "nproc_per_node",
+            "this process is already a rank of a torchrun job; give the "
+            "process and node counts to torchrun only",
+        )
+    if settings.model.kind == "pca" and (scale.spawns or joined is not None):
+        raise ConfigError("kind", "pca is fitted in closed form in one process")
+    options = RunOptions(
+        tracking_uri=tracking_uri_from(args),
+        experiment=args.experiment,
+        run_name=args.run_name,
+        register=args.register,
+        progress=not (args.no_progress or args.json),
+        backend=args.dist_backend,
+        log_level=getattr(args, "log_level", "INFO"),
+        log_format=getattr(args, "log_format", "text"),
+    )
+    if joined is not None:
+        summary = run_rank(settings, options)
+    elif scale.spawns:
+        summary = launch(scale, run_rank, settings, options)
+    else:
+        summary = run_training(settings, options)
+    if summary is None:  # another rank (or node) holds rank 0
+        return 0
     if args.json:
         print(json.dumps(summary, default=str))
     else:
-        print(_describe(summary, tracking_uri, args.register))
+        print(_describe(summary, options.tracking_uri, args.register))
     return 0
 
 

@@ -38,6 +38,10 @@ __all__ = [
     "SeriesTable",
     "load_images",
     "load_series",
+    "check_fractions",
+    "check_part_sizes",
+    "parse_time_limit",
+    "part_counts",
     "split_images",
     "split_series",
 ]
@@ -256,40 +260,28 @@ def split_series(
     comes back empty only when its fraction is 0; otherwise too little data is a `DataError`.
     """
     source = table.source
-    weights = _check_fractions(fractions, source)
-    limit = _parse_limit(train_until, source) if train_until is not None else None
+    weights = check_fractions(fractions, source)
+    limit = parse_time_limit(train_until, source) if train_until is not None else None
     times = table._times_ns()
     chosen: dict[str, list[np.ndarray]] = {part: [] for part in _PARTS}
     for key, positions in table._group_positions():
-        n = len(positions)
-        if limit is None:
-            counts = _floor_counts(n, weights)
-        else:
+        n_train = None
+        if limit is not None:
             n_train = int(np.searchsorted(times[positions], limit, side="right"))
-            rest = n - n_train
-            if rest and not any(weights[1:]):
-                where = f" for key {key!r}" if table.key_col is not None else ""
-                raise DataError(
-                    f"{source}: {rest} rows{where} come after train_until={train_until} but the "
-                    "validation, calibration and test fractions are all 0"
-                )
-            counts = [n_train, *_largest_remainder(rest, weights[1:])]
+        where = f" for key {key!r}" if table.key_col is not None else ""
+        counts = part_counts(
+            len(positions), weights, n_train, where=where, source=source, train_until=train_until
+        )
         start = 0
         for part, count in zip(_PARTS, counts, strict=True):
             chosen[part].append(positions[start : start + count])
             start += count
 
+    totals = [sum(len(p) for p in chosen[part]) for part in _PARTS]
+    check_part_sizes(totals, weights, len(table), source=source, train_until=train_until)
     parts: dict[str, SeriesTable] = {}
-    for part, weight in zip(_PARTS, weights, strict=True):
+    for part in _PARTS:
         positions = np.concatenate(chosen[part]) if chosen[part] else np.empty(0, np.int64)
-        required = weight > 0 or (part == "train" and limit is not None)
-        if required and len(positions) == 0:
-            why = (
-                f"no row is at or before train_until={train_until}"
-                if part == "train" and limit is not None
-                else f"{len(table)} rows are too few for fraction {weight:g}"
-            )
-            raise DataError(f"{source}: the {part} part would be empty: {why}")
         frame = table.frame.iloc[positions].reset_index(drop=True)
         parts[part] = SeriesTable(
             frame=frame,
@@ -569,7 +561,8 @@ def _fill_gaps(
                 column[:] = np.interp(positions, positions[known], column[known])
 
 
-def _parse_limit(train_until: str, source: str) -> np.int64:
+def parse_time_limit(train_until: str, source: str) -> np.int64:
+    """`train_until` as int64 nanoseconds, naive UTC, comparable with the series' times."""
     try:
         stamp = pd.Timestamp(train_until)
     except (ValueError, TypeError) as exc:
@@ -582,7 +575,54 @@ def _parse_limit(train_until: str, source: str) -> np.int64:
 
 
 # -- splitting -----------------------------------------------------------------------------------
-def _check_fractions(fractions: Sequence[float], source: str) -> list[float]:
+def part_counts(
+    n: int,
+    weights: Sequence[float],
+    n_train: int | None = None,
+    *,
+    where: str = "",
+    source: str = "series",
+    train_until: str | None = None,
+) -> list[int]:
+    """Rows of one key's time-ordered series in train, validation, calibration and test.
+
+    `weights` come from `check_fractions`. Without `n_train` (the rows at or before
+    `train_until`), sizes are floor(n * fraction) with the remainder to train; with it, the rest
+    is shared among the other three parts by largest remainders. `where` names the key in
+    messages. The one rule of `split_series`, also applied by the out-of-core reader.
+    """
+    if n_train is None:
+        return _floor_counts(n, weights)
+    rest = n - n_train
+    if rest and not any(weights[1:]):
+        raise DataError(
+            f"{source}: {rest} rows{where} come after train_until={train_until} but the "
+            "validation, calibration and test fractions are all 0"
+        )
+    return [n_train, *_largest_remainder(rest, weights[1:])]
+
+
+def check_part_sizes(
+    totals: Sequence[int],
+    weights: Sequence[float],
+    n_rows: int,
+    *,
+    source: str,
+    train_until: str | None = None,
+) -> None:
+    """Refuse an empty part whose fraction is not 0 (or an empty train part with train_until)."""
+    for part, weight, total in zip(_PARTS, weights, totals, strict=True):
+        required = weight > 0 or (part == "train" and train_until is not None)
+        if required and total == 0:
+            why = (
+                f"no row is at or before train_until={train_until}"
+                if part == "train" and train_until is not None
+                else f"{n_rows} rows are too few for fraction {weight:g}"
+            )
+            raise DataError(f"{source}: the {part} part would be empty: {why}")
+
+
+def check_fractions(fractions: Sequence[float], source: str) -> list[float]:
     """Four finite, non-negative fractions summing to 1 (within 1e-6), normalised to sum 1."""
     try:
         values = [float(f) for f in fractions]
@@ -737,7 +777,7 @@ def split_images(
     Part sizes are floor(N * fraction), the remainder going to train, as for `split_series`;
     the same seed gives the same parts. A part is empty only when its fraction is 0.
     """
-    weights = _check_fractions(fractions, images.source)
+    weights = check_fractions(fractions, images.source)
     order = np.random.default_rng(seed).permutation(len(images))
     parts: dict[str, ImageSet] = {}
     start = 0

@@ -1,9 +1,15 @@
 """The generic training loop: AdamW, mini-batches, early stopping on validation loss.
 
-It knows nothing of MLflow or files; it reports through callbacks. The whole training split lives
-in one tensor on the device and batches are gathered by index, so an epoch is a tight loop with no
-DataLoader and no per-batch host synchronisation. With the same seed a CPU run is bit-for-bit
-repeatable. On CUDA, bf16 autocast is used when `amp` is on.
+It knows nothing of MLflow or files; it reports through callbacks. In one process the whole
+training split lives in one tensor on the device and batches are gathered by index, so an epoch
+is a tight loop with no DataLoader and no per-batch host synchronisation. With the same seed a CPU
+run is bit-for-bit repeatable. On CUDA, bf16 autocast is used when `amp` is on.
+
+In a distributed job (a `RankContext` with several ranks) the model trains through
+`DistributedDataParallel`: every rank draws the same permutation, takes its share of each global
+batch (`TensorBatches`), and its loss is weighted by that share, so the averaged gradient is the
+global batch's. Data larger than memory arrives as a `BatchSource` instead of a tensor. Train and
+validation losses are summed over ranks, so every rank takes the same early-stopping decision.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,9 +29,23 @@ from pipeline.detector.models import ModelConfig
 from pipeline.detector.scoring import score_tensor
 from pipeline.errors import ConfigError
 from training.dense_step import DenseStep
+from training.distributed import RankContext, all_reduce_sums
 from training.objectives import Objective
 
-__all__ = ["Callback", "FitConfig", "FitResult", "ProgressBar", "fit", "validation_loss"]
+__all__ = [
+    "BatchSource",
+    "Callback",
+    "FitConfig",
+    "FitResult",
+    "ProgressBar",
+    "TensorBatches",
+    "fit",
+    "validation_loss",
+]
+
+Batch = tuple[torch.Tensor, float]
+"""A mini-batch and its loss weight: this rank's share of the global batch times the number of
+ranks (1.0 in one process), so that averaging the ranks' gradients gives the global batch's."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +127,107 @@ def validation_loss(
     return total / max(1, len(x))
 
 
+class BatchSource(Protocol):
+    """Where an epoch's mini-batches come from, on the training device."""
+
+    def epoch(self, epoch: int) -> Iterator[Batch]: ...
+
+
+class TensorBatches:
+    """Shuffled mini-batches of a tensor: a fresh permutation every epoch from one seeded
+    generator. With several ranks every rank draws the same permutation and takes every
+    world-th window of each global batch; a last global batch smaller than the number of ranks
+    is left out of that epoch."""
+
+    def __init__(
+        self, x: torch.Tensor, batch_size: int, seed: int, context: RankContext | None = None
+    ) -> None:
+        self.x, self.batch_size = x, batch_size
+        self.context = context or RankContext()
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        n, size = len(self.x), self.batch_size
+        rank, world = self.context.rank, self.context.world_size
+        order = torch.randperm(n, generator=self.generator).to(self.x.device)
+        for start in range(0, n, size):
+            index = order[start : start + size]
+            if world == 1:
+                yield self.x.index_select(0, index), 1.0
+            elif len(index) >= world:
+                mine = index[rank::world]
+                yield self.x.index_select(0, mine), len(mine) * world / len(index)
+
+
+@torch.no_grad()
+def _score_totals(
+    model: nn.Module, config: ModelConfig, batches: Iterable[torch.Tensor]
+) -> tuple[float, int]:
+    """Sum of clean-input anomaly scores and their count, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        scores, _, _ = score_tensor(model, config, batch, attribution=False)
+        total, count = total + float(scores.sum()), count + len(batch)
+    model.train(was_training)
+    return total, count
+
+
+def _global_validation_loss(
+    model: nn.Module,
+    config: ModelConfig,
+    val: torch.Tensor | Callable[[], Iterable[torch.Tensor]],
+    context: RankContext,
+    device: torch.device,
+) -> float | None:
+    """Validation loss over every rank's share: each rank scores its part, the sums are added."""
+    if isinstance(val, torch.Tensor):
+        shard = val[context.rank :: context.world_size]
+        batches = (shard[i : i + 4096] for i in range(0, len(shard), 4096))
+    else:
+        batches = val()
+    total, count = all_reduce_sums(list(_score_totals(model, config, batches)), device)
+    return total / count if count else None
+
+
+class _ObjectiveModule(nn.Module):
+    """The objective as a module, so `DistributedDataParallel` sees it as the forward pass."""
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.objective(self.model, batch)
+
+
+class _DistributedStep:
+    """A training step through `DistributedDataParallel`: the gradients of the weighted loss are
+    averaged over ranks during backward; then AdamW on every rank alike."""
+
+    def __init__(
+        self, model: nn.Module, objective: Objective, settings: FitConfig, amp: bool
+    ) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        self.device_type, self.amp = device.type, amp
+        ids = [device.index] if device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(_ObjectiveModule(model, objective), device_ids=ids)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True
+        )
+
+    def __call__(self, batch: torch.Tensor, weight: float) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = self.ddp(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        self.optimizer.step()
+        return loss.detach().float()
+
+
 class _AutogradStep:
     """The general step: the kind's objective through autograd and `torch.optim.AdamW`."""
 
@@ -130,34 +251,51 @@ def fit(
     model: nn.Module,
     config: ModelConfig,
     objective: Objective,
-    train: torch.Tensor,
-    val: torch.Tensor | None,
+    train: torch.Tensor | BatchSource,
+    val: torch.Tensor | Callable[[], Iterable[torch.Tensor]] | None,
     settings: FitConfig,
     callbacks: Sequence[Callback] = (),
+    *,
+    context: RankContext | None = None,
+    device: torch.device | None = None,
 ) -> FitResult:
-    """Train `model` in place on the scaled `train` tensor; keeps the best validation weights."""
-    device = train.device
+    """Train `model` in place; keeps the best validation weights.
+
+    `train` is the scaled training split as one tensor, or a `BatchSource` (data larger than
+    memory); `val` a tensor or a function returning an iterable of batches. With a distributed
+    `context` the ranks train one model together (see the module notes).
+    """
+    context = context or RankContext()
+    device = device or (train.device if isinstance(train, torch.Tensor) else torch.device("cpu"))
     torch.manual_seed(settings.seed)
-    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    if isinstance(train, torch.Tensor):
+        train = TensorBatches(train, settings.batch_size, settings.seed, context)
     use_amp = settings.amp and device.type == "cuda"
-    if not use_amp and DenseStep.supports(model, config):
-        step = DenseStep(model, config, lr=settings.lr, weight_decay=settings.weight_decay)
+    joined = context.distributed
+    if joined:
+        step = _DistributedStep(model, objective, settings, use_amp)
+    elif not use_amp and DenseStep.supports(model, config):
+        dense = DenseStep(model, config, lr=settings.lr, weight_decay=settings.weight_decay)
+        step = lambda batch, weight: dense(batch)  # noqa: E731 - one process: weight is 1
     else:
-        step = _AutogradStep(model, objective, settings, use_amp)
+        autograd = _AutogradStep(model, objective, settings, use_amp)
+        step = lambda batch, weight: autograd(batch)  # noqa: E731
     result = FitResult()
     best, best_state, waited = math.inf, None, 0
-    n, size = len(train), settings.batch_size
     started = time.perf_counter()
     model.train()
     for epoch in range(settings.epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        running = torch.zeros((), device=device)
-        for start in range(0, n, size):
-            batch = train.index_select(0, order[start : start + size])
-            running += step(batch) * len(batch)
-        result.windows_seen += n
-        train_loss = float(running) / n
-        val_loss = validation_loss(model, config, val) if val is not None and len(val) else None
+        running, seen = _train_epoch(step, train.epoch(epoch), device, joined)
+        if joined:
+            running, seen = all_reduce_sums([float(running), float(seen)], device)
+        if isinstance(val, torch.Tensor) and not joined:
+            val_loss = validation_loss(model, config, val) if len(val) else None
+        elif val is not None:
+            val_loss = _global_validation_loss(model, config, val, context, device)
+        else:
+            val_loss = None
+        result.windows_seen += int(seen)
+        train_loss = float(running) / seen if seen else math.nan
         result.train_losses.append(train_loss)
         if val_loss is not None:
             result.val_losses.append(val_loss)
@@ -179,3 +317,27 @@ def fit(
         model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def _train_epoch(
+    step: Callable[[torch.Tensor, float], torch.Tensor],
+    batches: Iterator[Batch],
+    device: torch.device,
+    joined: bool,
+) -> tuple[torch.Tensor, int]:
+    """One pass over the batches: the summed batch losses (on the device) and the window count.
+    Ranks whose share runs out early stay in step with the others through `Join`."""
+    running = torch.zeros((), device=device)
+    seen = 0
+    if joined:
+        from torch.distributed.algorithms.join import Join
+
+        with Join([step.ddp]):
+            for batch, weight in batches:
+                running += step(batch, weight) * len(batch)
+                seen += len(batch)
+    else:
+        for batch, weight in batches:
+            running += step(batch, weight) * len(batch)
+            seen += len(batch)
+    return running, seen

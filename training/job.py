@@ -3,6 +3,10 @@
 `train(settings)` is what `aewatch train` runs. Everything it needs arrives in one frozen
 `TrainSettings`; it reports progress through callbacks and returns the trained detector with the
 prepared splits, so calibration and registration can follow without reading the data again.
+
+With `out_of_core` a Parquet dataset is read in record batches instead (`training.out_of_core`);
+in a distributed job every rank trains and rank 0 alone calibrates, evaluates and writes the
+artifact (the other ranks' `train` returns None).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from pipeline.detector import (
     WindowSpec,
     build_model,
     cut_windows,
-    resolve_device,
     save_detector,
 )
 from pipeline.detector.threshold import Threshold
@@ -39,9 +42,19 @@ from training.data import (
     split_images,
     split_series,
 )
+from training.distributed import RankContext
 from training.evaluate import SeriesPoints, evaluate_images, evaluate_series
 from training.fit import Callback, FitConfig, FitResult, fit, validation_loss
 from training.objectives import make_objective
+from training.out_of_core import (
+    ShuffledWindows,
+    SplitScores,
+    StreamBatches,
+    StreamedData,
+    prepare_streamed,
+    validation_batches,
+)
+from training.streamed import STREAM_FILL_POLICIES
 
 __all__ = [
     "CalibrationSettings",
@@ -96,6 +109,36 @@ class TrainSettings:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     point_rule: str = "end"
     device: str = "auto"
+    # data larger than memory
+    out_of_core: bool = False
+    batch_rows: int = 65_536
+    shuffle_windows: int = 65_536
+
+    def __post_init__(self) -> None:
+        for name in ("batch_rows", "shuffle_windows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.out_of_core:
+            self._check_out_of_core()
+
+    def _check_out_of_core(self) -> None:
+        """What the out-of-core reader cannot do is refused before any data is read."""
+        if self.input_kind == "image" or is_image_source(self.data):
+            raise ConfigError("out_of_core", "reads series from Parquet, not images")
+        path = Path(self.data)
+        if not (path.is_dir() or path.suffix.lower() in (".parquet", ".pq")):
+            raise ConfigError("out_of_core", f"{self.data}: needs a Parquet file or directory")
+        if self.fill not in STREAM_FILL_POLICIES:
+            raise ConfigError(
+                "fill",
+                f"out-of-core data takes {' or '.join(STREAM_FILL_POLICIES)}, not {self.fill}",
+            )
+        if self.scaler == "robust":
+            raise ConfigError("scaler", "robust needs every training row; out of core use standard")
+        if self.model.kind == "pca":
+            raise ConfigError("kind", "pca is fitted in closed form on data in memory")
+        if self.model.loss == "bce" and _scaler_kind(self, image=False) != "minmax":
+            raise ConfigError("loss", "bce needs inputs in [0, 1]: use --scaler minmax")
 
 
 @dataclass
@@ -112,6 +155,17 @@ class PreparedData:
     def raw(self, split: str) -> np.ndarray:
         part = self.splits[split]
         return part.windows if isinstance(part, WindowSet) else part.images
+
+    def window_counts(self) -> dict[str, int]:
+        return {name: len(part) for name, part in self.splits.items()}
+
+    def first_window(self, split: str) -> np.ndarray | None:
+        return self.raw(split)[0] if self.has(split) else None
+
+    def split_scores(self, detector: Detector, split: str) -> SplitScores:
+        """Scores of a whole split with its labels and normal mask."""
+        scores = detector.score(self.raw(split), attribution=False).scores
+        return SplitScores(scores, self.labels(split), self.normal(split))
 
     def has(self, split: str) -> bool:
         return split in self.splits and len(self.splits[split]) > 0
@@ -138,7 +192,7 @@ class PreparedData:
 class TrainResult:
     detector: Detector
     fit: FitResult
-    data: PreparedData
+    data: PreparedData | StreamedData
     artifact_dir: Path
     run_id: str | None = None
     fpr_estimate: FprEstimate | None = None
@@ -192,7 +246,11 @@ def series_groups(table: SeriesTable):
         yield key, frame[table.time_col].to_numpy(), values, labels
 
 
-def prepare(settings: TrainSettings) -> PreparedData:
+def prepare(settings: TrainSettings) -> PreparedData | StreamedData:
+    if settings.out_of_core:
+        if not settings.time_col:
+            raise ConfigError("time_col", "series data needs --time-col")
+        return prepare_streamed(settings, _scaler_kind(settings, image=False))
     image = (
         is_image_source(settings.data)
         if settings.input_kind == "auto"
@@ -297,38 +355,49 @@ def _scaled_tensor(data: PreparedData, split: str, device: torch.device) -> torc
 def train(
     settings: TrainSettings,
     callbacks: Sequence[Callback] = (),
-    data: PreparedData | None = None,
-) -> TrainResult:
-    """Fit a detector and write its artifact to `settings.out`."""
+    data: PreparedData | StreamedData | None = None,
+    context: RankContext | None = None,
+) -> TrainResult | None:
+    """Fit a detector and write its artifact to `settings.out`.
+
+    In a distributed `context` every rank fits; rank 0 alone calibrates on the full calibration
+    split, evaluates and writes the artifact, and the other ranks return None.
+    """
+    context = context or RankContext()
     data = data or prepare(settings)
-    device = resolve_device(settings.device)
+    device = context.device(settings.device)
     config = settings.model.with_input_shape(data.input.sample_shape)
-    x_train = _scaled_tensor(data, "train", device)
-    x_val = _scaled_tensor(data, "validation", device)
-    if config.loss == "bce":
-        low, high = float(x_train.min()), float(x_train.max())
-        if low < 0.0 or high > 1.0:
-            raise ConfigError(
-                "loss",
-                f"bce needs inputs in [0, 1] but the scaled training data spans "
-                f"[{low:.3g}, {high:.3g}]; use --scaler minmax",
-            )
+    train_source, val_source = _fit_inputs(settings, data, config, context, device)
     torch.manual_seed(settings.fit.seed)
     model = build_model(config).to(device)
     if config.kind == "pca":
-        model.fit(x_train)
+        if context.distributed:
+            raise ConfigError("kind", "pca is fitted in closed form in one process")
+        model.fit(train_source)
         result = FitResult(best_epoch=0)
-        result.train_losses.append(validation_loss(model, config, x_train))
-        if x_val is not None:
-            result.val_losses.append(validation_loss(model, config, x_val))
+        result.train_losses.append(validation_loss(model, config, train_source))
+        if val_source is not None:
+            result.val_losses.append(validation_loss(model, config, val_source))
     else:
-        result = fit(model, config, make_objective(config), x_train, x_val, settings.fit, callbacks)
+        result = fit(
+            model,
+            config,
+            make_objective(config),
+            train_source,
+            val_source,
+            settings.fit,
+            callbacks,
+            context=context,
+            device=device,
+        )
+    if not context.is_main:
+        return None
     info = {
         "data": {
             "source": str(settings.data),
             "digest": data.digest,
             "time_range": list(data.time_range) if data.time_range else None,
-            "windows": {name: len(part) for name, part in data.splits.items()},
+            "windows": data.window_counts(),
         },
         "fit": {
             **asdict(settings.fit),
@@ -339,14 +408,20 @@ def train(
             "val_losses": result.val_losses,
         },
     }
+    if context.distributed:
+        info["fit"]["world_size"] = context.world_size
     detector = Detector(data.input, data.scaler, config, model, info=info)
     detector.threshold = calibrate(detector, data, settings.calibration)
     # the test split is scored once, for the FPR estimate and the evaluation alike
-    test_scores = (
-        detector.score(data.raw("test"), attribution=False).scores if data.has("test") else None
+    test = data.split_scores(detector, "test") if data.has("test") else None
+    fpr = _estimate_fpr(detector, test)
+    evaluation = (
+        evaluate_split(detector, data, "test", settings.point_rule, test.scores)
+        if isinstance(data, PreparedData) and test is not None
+        else None
     )
-    fpr = _estimate_fpr(detector, data, test_scores)
-    evaluation = evaluate_split(detector, data, "test", settings.point_rule, test_scores)
+    if isinstance(data, StreamedData) and data.stream.label_col:
+        log.info("out of core, the test split is not evaluated point by point: aewatch evaluate")
     info["calibration"] = {"fpr_estimate": fpr.to_dict() if fpr else None}
     info["evaluation"] = evaluation
     out = Path(settings.out)
@@ -354,7 +429,41 @@ def train(
     return TrainResult(detector, result, data, out, fpr_estimate=fpr, evaluation=evaluation)
 
 
-def calibrate(detector: Detector, data: PreparedData, settings: CalibrationSettings) -> Threshold:
+def _fit_inputs(
+    settings: TrainSettings,
+    data: PreparedData | StreamedData,
+    config: ModelConfig,
+    context: RankContext,
+    device: torch.device,
+):
+    """The training and validation inputs of `fit`: tensors in memory, or streams."""
+    if isinstance(data, StreamedData):
+        shuffled = ShuffledWindows(
+            data,
+            "train",
+            batch_size=max(1, settings.fit.batch_size // context.world_size),
+            buffer_windows=settings.shuffle_windows,
+            seed=settings.fit.seed,
+            context=context,
+        )
+        val = validation_batches(data, context, device) if data.has("validation") else None
+        return StreamBatches(shuffled, device), val
+    x_train = _scaled_tensor(data, "train", device)
+    x_val = _scaled_tensor(data, "validation", device)
+    if config.loss == "bce":
+        low, high = float(x_train.min()), float(x_train.max())
+        if low < 0.0 or high > 1.0:
+            raise ConfigError(
+                "loss",
+                f"bce needs inputs in [0, 1] but the scaled training data spans "
+                f"[{low:.3g}, {high:.3g}]; use --scaler minmax",
+            )
+    return x_train, x_val
+
+
+def calibrate(
+    detector: Detector, data: PreparedData | StreamedData, settings: CalibrationSettings
+) -> Threshold:
     """A threshold from the calibration split: normal windows only, or every window with its
     label for the f1 method."""
     if not data.has("calibration"):
@@ -368,26 +477,25 @@ def calibrate(detector: Detector, data: PreparedData, settings: CalibrationSetti
         pot_initial_quantile=settings.pot_initial_quantile,
         margin=settings.margin,
     )
-    scores = detector.score(data.raw("calibration"), attribution=False).scores
+    scored = data.split_scores(detector, "calibration")
     if settings.method == "f1":
-        labels = data.labels("calibration")
-        calibrator.update(scores, labels if labels is not None else np.zeros(len(scores), bool))
+        labels = scored.labels
+        calibrator.update(
+            scored.scores, labels if labels is not None else np.zeros(len(scored.scores), bool)
+        )
     else:
-        calibrator.update(scores[data.normal("calibration")])
+        calibrator.update(scored.scores[scored.normal])
     return calibrator.compute()
 
 
-def _estimate_fpr(
-    detector: Detector, data: PreparedData, scores: np.ndarray | None
-) -> FprEstimate | None:
+def _estimate_fpr(detector: Detector, test: SplitScores | None) -> FprEstimate | None:
     """False-positive rate on the test split's normal windows, from that split's scores."""
-    if scores is None:
+    if test is None:
         log.warning("no test split: the false-positive rate is not estimated")
         return None
-    normal = data.normal("test")
-    if not normal.any():
+    if not test.normal.any():
         return None
-    return estimate_fpr(scores[normal], detector.threshold.require())
+    return estimate_fpr(test.scores[test.normal], detector.threshold.require())
 
 
 def evaluate_split(

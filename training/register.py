@@ -24,6 +24,7 @@ from pipeline.detector import Detector, read_manifest
 from pipeline.registry import TAG_PREFIX
 from training import plots
 from training.job import PreparedData, TrainResult
+from training.out_of_core import StreamedData
 
 __all__ = [
     "CHALLENGER",
@@ -82,14 +83,14 @@ def version_tags(detector: Detector, artifact_dir: Path) -> dict[str, str]:
     return {TAG_PREFIX + k: v for k, v in tags.items()}
 
 
-def _input_example(detector: Detector, data: PreparedData | None) -> pd.DataFrame | None:
-    if detector.input.kind == "image":
-        if data is None or not data.has("calibration"):
-            return None
-        return pd.DataFrame({"image": [data.raw("calibration")[0].ravel().tolist()]})
-    if data is None or not data.has("calibration"):
+def _input_example(
+    detector: Detector, data: PreparedData | StreamedData | None
+) -> pd.DataFrame | None:
+    window = data.first_window("calibration") if data is not None else None
+    if window is None:
         return None
-    window = data.raw("calibration")[0]
+    if detector.input.kind == "image":
+        return pd.DataFrame({"image": [window.ravel().tolist()]})
     frame = pd.DataFrame(window, columns=list(detector.input.features))
     frame.insert(0, "ts", pd.date_range("2026-01-01", periods=len(frame), freq="s").astype(str))
     frame.insert(0, "key", "example")
@@ -103,9 +104,8 @@ def log_run_figures(result: TrainResult) -> None:
         plots.loss_curves(result.fit.train_losses, result.fit.val_losses), "figures/loss_curves.png"
     )
     split = "test" if data.has("test") else "calibration"
-    scores = detector.score(data.raw(split), attribution=False).scores
-    labels = data.labels(split)
-    normal_mask = data.normal(split)
+    scored = data.split_scores(detector, split)
+    scores, labels, normal_mask = scored.scores, scored.labels, scored.normal
     anomalous = scores[labels.astype(bool)] if labels is not None else None
     mlflow.log_figure(
         plots.score_histogram(scores[normal_mask], detector.threshold.require(), anomalous),
@@ -129,7 +129,7 @@ def register_version(
     artifact_dir: Path,
     name: str,
     *,
-    data: PreparedData | None = None,
+    data: PreparedData | StreamedData | None = None,
     alias: str | None = CHALLENGER,
     extra_tags: dict[str, str] | None = None,
 ) -> str:

@@ -2,6 +2,12 @@
 
 `transform(x) = (x - center) / scale` along the feature axis. A feature whose spread is zero in the
 training data keeps scale 1, so it neither divides by zero nor amplifies later noise.
+
+`ScalerFit` is the one fitting rule, an accumulator: `update(samples)` as often as needed, then
+`compute()`. Fitted in one `update`, it gives exactly what the in-memory `Scaler.fit` always gave;
+fed in chunks (data larger than memory), `standard` merges chunk statistics (Chan et al.) and
+`minmax` keeps running extremes, in constant memory. `robust` needs every sample for its
+percentiles, so it keeps them: `STREAMING_KINDS` names the kinds that fit in constant memory.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ import numpy as np
 
 from pipeline.errors import ConfigError, DataError
 
-__all__ = ["SCALER_KINDS", "Scaler"]
+__all__ = ["SCALER_KINDS", "STREAMING_KINDS", "Scaler", "ScalerFit"]
 
 SCALER_KINDS = ("standard", "minmax", "robust", "none")
+STREAMING_KINDS = ("standard", "minmax", "none")
+"""The kinds `ScalerFit` fits in constant memory, whatever the number of samples."""
 _TINY = 1e-12
 
 
@@ -27,26 +35,7 @@ class Scaler:
     @classmethod
     def fit(cls, kind: str, samples: np.ndarray) -> Scaler:
         """Fit on `samples` [M, F]: one row per reading (series) or per pixel (images)."""
-        if kind not in SCALER_KINDS:
-            raise ConfigError("scaler", f"unknown kind {kind!r}; choose one of {SCALER_KINDS}")
-        samples = np.asarray(samples, dtype=np.float64)
-        if samples.ndim != 2 or len(samples) == 0:
-            raise DataError(f"scaler: need a non-empty [rows, features] array, got {samples.shape}")
-        if not np.isfinite(samples).all():
-            raise DataError("scaler: training data holds NaN or infinite values")
-        n_features = samples.shape[1]
-        if kind == "standard":
-            center, scale = samples.mean(axis=0), samples.std(axis=0)
-        elif kind == "minmax":
-            low, high = samples.min(axis=0), samples.max(axis=0)
-            center, scale = low, high - low
-        elif kind == "robust":
-            q25, q50, q75 = np.percentile(samples, [25, 50, 75], axis=0)
-            center, scale = q50, q75 - q25
-        else:
-            center, scale = np.zeros(n_features), np.ones(n_features)
-        scale = np.where(scale > _TINY, scale, 1.0)
-        return cls(kind, tuple(map(float, center)), tuple(map(float, scale)))
+        return ScalerFit(kind).update(samples).compute()
 
     @property
     def n_features(self) -> int:
@@ -78,3 +67,76 @@ class Scaler:
         if len(center) != len(scale):
             raise ConfigError("scaler", "center and scale differ in length")
         return cls(data["kind"], center, scale)
+
+
+class ScalerFit:
+    """Accumulates scaler statistics over chunks of samples [M, F]; `compute()` gives the Scaler.
+
+    `standard` keeps the count, mean and variance per feature and merges each chunk's own with
+    the pairwise rule of Chan, Golub and LeVeque, so one chunk gives numpy's mean and std exactly
+    and many chunks agree with them to rounding. `minmax` keeps running extremes; `none` only
+    counts; `robust` keeps the samples (its percentiles need them all).
+    """
+
+    def __init__(self, kind: str) -> None:
+        if kind not in SCALER_KINDS:
+            raise ConfigError("scaler", f"unknown kind {kind!r}; choose one of {SCALER_KINDS}")
+        self.kind = kind
+        self.count = 0
+        self._first: np.ndarray | None = None  # mean (standard) or minimum (minmax)
+        self._second: np.ndarray | None = None  # variance (standard) or maximum (minmax)
+        self._kept: list[np.ndarray] = []
+
+    def update(self, samples: np.ndarray) -> ScalerFit:
+        """Add a chunk of samples [M, F]; an empty chunk is ignored. Returns self."""
+        samples = np.asarray(samples, dtype=np.float64)
+        if samples.ndim != 2:
+            raise DataError(f"scaler: need a [rows, features] array, got {samples.shape}")
+        if len(samples) == 0:
+            return self
+        if not np.isfinite(samples).all():
+            raise DataError("scaler: training data holds NaN or infinite values")
+        if self.count and samples.shape[1] != len(self._first):
+            raise DataError(
+                f"scaler: chunk has {samples.shape[1]} features, earlier ones {len(self._first)}"
+            )
+        if self.kind == "standard":
+            self._merge_moments(len(samples), samples.mean(axis=0), samples.var(axis=0))
+        elif self.kind == "minmax":
+            low, high = samples.min(axis=0), samples.max(axis=0)
+            if self.count:
+                low, high = np.minimum(self._first, low), np.maximum(self._second, high)
+            self._first, self._second = low, high
+        else:
+            if self.kind == "robust":
+                self._kept.append(samples)
+            self._first = np.zeros(samples.shape[1])
+        self.count += len(samples)
+        return self
+
+    def _merge_moments(self, n: int, mean: np.ndarray, var: np.ndarray) -> None:
+        if not self.count:
+            self._first, self._second = mean, var
+            return
+        total = self.count + n
+        delta = mean - self._first
+        m2 = self._second * self.count + var * n + delta**2 * (self.count * n / total)
+        self._first = self._first + delta * (n / total)
+        self._second = m2 / total
+
+    def compute(self) -> Scaler:
+        if not self.count:
+            raise DataError("scaler: need a non-empty [rows, features] array, got no samples")
+        n_features = len(self._first)
+        if self.kind == "standard":
+            center, scale = self._first, np.sqrt(self._second)
+        elif self.kind == "minmax":
+            center, scale = self._first, self._second - self._first
+        elif self.kind == "robust":
+            samples = np.concatenate(self._kept) if len(self._kept) > 1 else self._kept[0]
+            q25, q50, q75 = np.percentile(samples, [25, 50, 75], axis=0)
+            center, scale = q50, q75 - q25
+        else:
+            center, scale = np.zeros(n_features), np.ones(n_features)
+        scale = np.where(scale > _TINY, scale, 1.0)
+        return Scaler(self.kind, tuple(map(float, center)), tuple(map(float, scale)))

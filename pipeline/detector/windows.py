@@ -3,6 +3,10 @@
 A series of T readings gives windows starting at 0, S, 2S, ... while a full window of length W
 fits: window i covers readings [i*S, i*S + W). The worker applies the same rule to a stream, so a
 window that ends at reading t exists exactly when t + 1 >= W and (t + 1 - W) % S == 0.
+
+`WindowCarry` applies the same rule to series that arrive in chunks (files, record batches): each
+key carries over only the readings a later window still needs, so the windows are exactly those
+`cut_windows` gives for the whole series.
 """
 
 from __future__ import annotations
@@ -13,7 +17,14 @@ import numpy as np
 
 from pipeline.errors import ConfigError, DataError
 
-__all__ = ["WindowSet", "WindowSpec", "cut_windows", "sliding_windows", "window_starts"]
+__all__ = [
+    "WindowCarry",
+    "WindowSet",
+    "WindowSpec",
+    "cut_windows",
+    "sliding_windows",
+    "window_starts",
+]
 
 
 @dataclass(frozen=True)
@@ -133,3 +144,64 @@ def cut_windows(groups, spec: WindowSpec, *, source: str = "series") -> WindowSe
         np.concatenate(parts["el"]) if has_labels else None,
         np.concatenate(parts["al"]) if has_labels else None,
     )
+
+
+@dataclass
+class _Tail:
+    """The readings of one key a later window may still need, and the series position of the
+    first of them."""
+
+    position: int
+    times: np.ndarray
+    values: np.ndarray
+    labels: np.ndarray | None
+
+
+class WindowCarry:
+    """Windows of per-key series that arrive in chunks, in time order within each key.
+
+    `push(key, times, values, labels)` returns the windows the chunk completes (or None): those
+    `cut_windows` would give for the key's whole series, including windows that span chunks.
+    Each key carries at most W - 1 readings between chunks.
+    """
+
+    def __init__(self, spec: WindowSpec) -> None:
+        self.spec = spec
+        self._tails: dict[str, _Tail] = {}
+
+    def push(
+        self,
+        key: str,
+        times: np.ndarray,
+        values: np.ndarray,
+        labels: np.ndarray | None = None,
+    ) -> WindowSet | None:
+        tail = self._tails.get(key)
+        position = 0
+        if tail is not None:
+            position = tail.position
+            times = np.concatenate([tail.times, times])
+            values = np.concatenate([tail.values, values])
+            if labels is not None:
+                labels = np.concatenate([tail.labels, labels])
+        stride = self.spec.stride
+        # Windows start at series positions 0, S, 2S, ...: the first one at or after `position`.
+        first = -position % stride
+        count = self.spec.count(len(values) - first) if len(values) > first else 0
+        out = None
+        if count:
+            segment = (
+                key,
+                times[first:],
+                values[first:],
+                None if labels is None else labels[first:],
+            )
+            out = cut_windows([segment], self.spec, source=f"key {key!r}")
+        keep = min(first + count * stride, len(values))  # where the next window starts
+        self._tails[key] = _Tail(
+            position + keep,
+            times[keep:].copy(),
+            values[keep:].copy(),
+            None if labels is None else labels[keep:].copy(),
+        )
+        return out

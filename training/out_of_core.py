@@ -1,0 +1,217 @@
+"""Training on series larger than memory: prepared splits that are read again on every pass.
+
+`prepare_streamed` makes the two preparatory passes of `SeriesStream` (split plan, scaler) and
+returns `StreamedData`, the out-of-core counterpart of `PreparedData`. Training then reads the
+data once per epoch for the training windows and once for the validation loss; calibration and
+the false-positive estimate read their splits once, on rank 0.
+
+Training windows are shuffled within a buffer of `shuffle_windows` windows (not over the whole
+split, which is never in memory), and with several ranks window i of the stream goes to rank
+i mod world size. Peak memory is the record batch, the per-key carry-over and that buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from pipeline.detector import InputSpec, Scaler, WindowSet, WindowSpec
+from pipeline.errors import DataError
+from training.distributed import RankContext
+from training.streamed import SeriesStream, SplitPlan
+
+__all__ = [
+    "ShuffledWindows",
+    "SplitScores",
+    "StreamBatches",
+    "StreamedData",
+    "prepare_streamed",
+    "rank_windows",
+    "validation_batches",
+]
+
+_PARTS = ("train", "validation", "calibration", "test")
+_SCORE_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """Anomaly scores of every window of a split, with its labels (or None) and normal mask."""
+
+    scores: np.ndarray
+    labels: np.ndarray | None
+    normal: np.ndarray
+
+
+@dataclass
+class StreamedData:
+    """Out-of-core splits: the stream, its split plan, the window spec and the fitted scaler."""
+
+    input: InputSpec
+    scaler: Scaler
+    stream: SeriesStream
+    plan: SplitPlan
+    _scored: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def spec(self) -> WindowSpec:
+        return self.input.window
+
+    @property
+    def digest(self) -> str:
+        return self.plan.digest
+
+    @property
+    def time_range(self) -> tuple[str, str]:
+        return self.plan.time_range
+
+    def window_counts(self) -> dict[str, int]:
+        return {part: self.plan.windows(part, self.spec) for part in _PARTS}
+
+    def has(self, split: str) -> bool:
+        return self.plan.windows(split, self.spec) > 0
+
+    def windows(self, split: str) -> Iterator[WindowSet]:
+        """The split's raw windows, chunk by chunk."""
+        return self.stream.windows(self.plan, split, self.spec)
+
+    def first_window(self, split: str) -> np.ndarray | None:
+        return next((ws.windows[0] for ws in self.windows(split)), None)
+
+    def split_scores(self, detector, split: str) -> SplitScores:
+        """Scores of a whole split, read once per detector and split (one float a window)."""
+        cached = self._scored.get(split)
+        if cached is not None and cached[0] is detector:
+            return cached[1]
+        scores, ends, anys = [], [], []
+        for ws in self.windows(split):
+            for start in range(0, len(ws), _SCORE_BATCH):
+                chunk = ws.windows[start : start + _SCORE_BATCH]
+                scores.append(detector.score(chunk, attribution=False).scores)
+            if ws.end_labels is not None:
+                ends.append(ws.end_labels)
+                anys.append(ws.any_labels)
+        joined = np.concatenate(scores) if scores else np.zeros(0)
+        labels = np.concatenate(ends) if ends else None
+        normal = ~np.concatenate(anys) if anys else np.ones(len(joined), dtype=bool)
+        result = SplitScores(joined, labels, normal)
+        self._scored[split] = (detector, result)
+        return result
+
+
+def prepare_streamed(settings, scaler_kind: str) -> StreamedData:
+    """The split plan (pass one) and the scaler of the training rows (pass two)."""
+    stream = SeriesStream(
+        settings.data,
+        time_col=settings.time_col,
+        key_col=settings.key_col,
+        features=settings.features,
+        label_col=settings.label_col,
+        fill=settings.fill,
+        batch_rows=settings.batch_rows,
+    )
+    spec = WindowSpec(settings.window, settings.stride)
+    plan = stream.plan(settings.fractions, settings.train_until)
+    if plan.windows("train", spec) == 0:
+        raise DataError(
+            f"{settings.data}: the train split of every key is shorter than one window of "
+            f"{spec.length}"
+        )
+    scaler = stream.fit_scaler(plan, scaler_kind)
+    input_spec = InputSpec("series", features=stream.features, window=spec)
+    return StreamedData(input_spec, scaler, stream, plan)
+
+
+class ShuffledWindows(IterableDataset):
+    """Scaled training windows of this rank as float32 batches [B, W, F].
+
+    Windows holding a labelled anomaly are left out (as in memory). Each epoch shuffles within
+    a buffer of `buffer_windows`, seeded by (seed, epoch); the last batch may be short.
+    """
+
+    def __init__(
+        self,
+        data: StreamedData,
+        split: str,
+        *,
+        batch_size: int,
+        buffer_windows: int,
+        seed: int,
+        context: RankContext,
+        drop_labelled: bool = True,
+    ) -> None:
+        super().__init__()
+        self.data, self.split = data, split
+        self.batch_size, self.buffer_windows = batch_size, max(buffer_windows, batch_size)
+        self.seed, self.context, self.drop_labelled = seed, context, drop_labelled
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        pending: list[np.ndarray] = []
+        held = 0
+        for windows in rank_windows(self.data, self.split, self.context, self.drop_labelled):
+            pending.append(self.data.scaler.transform(windows))
+            held += len(windows)
+            if held >= self.buffer_windows:
+                rest = yield from self._batches(np.concatenate(pending), rng, keep_rest=True)
+                pending, held = [rest], len(rest)
+        if held:
+            yield from self._batches(np.concatenate(pending), rng, keep_rest=False)
+
+    def _batches(self, buffer: np.ndarray, rng, *, keep_rest: bool):
+        shuffled = buffer[rng.permutation(len(buffer))]
+        full = len(shuffled) - len(shuffled) % self.batch_size if keep_rest else len(shuffled)
+        for start in range(0, full, self.batch_size):
+            yield torch.from_numpy(shuffled[start : start + self.batch_size])
+        return shuffled[full:]
+
+
+def rank_windows(
+    data: StreamedData, split: str, context: RankContext, drop_labelled: bool
+) -> Iterator[np.ndarray]:
+    """This rank's raw windows of a split: stream window i belongs to rank i mod world size.
+    `drop_labelled` leaves out windows holding a labelled anomaly."""
+    rank, world = context.rank, context.world_size
+    index = 0
+    for ws in data.windows(split):
+        windows = ws.windows
+        if drop_labelled and ws.any_labels is not None:
+            windows = windows[~ws.any_labels]
+        if world > 1:
+            first = (rank - index) % world
+            index += len(windows)
+            windows = windows[first::world]
+        if len(windows):
+            yield windows
+
+
+class StreamBatches:
+    """A `BatchSource` over `ShuffledWindows`, moved to the training device."""
+
+    def __init__(self, dataset: ShuffledWindows, device: torch.device) -> None:
+        self.dataset, self.device = dataset, device
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, float]]:
+        self.dataset.set_epoch(epoch)
+        for batch in self.dataset:
+            yield batch.to(self.device, non_blocking=True), 1.0
+
+
+def validation_batches(data: StreamedData, context: RankContext, device: torch.device):
+    """A function giving this rank's scaled validation windows in batches, for `fit`."""
+
+    def batches() -> Iterator[torch.Tensor]:
+        for windows in rank_windows(data, "validation", context, drop_labelled=False):
+            scaled = data.scaler.transform(windows)
+            for start in range(0, len(scaled), _SCORE_BATCH):
+                yield torch.from_numpy(scaled[start : start + _SCORE_BATCH]).to(device)
+
+    return batches
