@@ -96,6 +96,7 @@ func main() {
 	started := time.Now()
 	deadline := started.Add(time.Duration(*seconds * float64(time.Second)))
 	sent := 0
+	last := map[string]int64{}
 	var failed atomic.Int64
 	for i := range readings {
 		due := started.Add(time.Duration(i) * interval)
@@ -107,9 +108,15 @@ func main() {
 			break
 		}
 		r := readings[i]
+		// Readings of one key are a time series: never two with the same millisecond.
+		stamp := now.UnixMilli()
+		if previous, ok := last[string(r.key)]; ok && stamp <= previous {
+			stamp = previous + 1
+		}
+		last[string(r.key)] = stamp
 		value := make([]byte, len(r.value))
 		copy(value, r.value)
-		copy(value[r.at:], strconv.FormatInt(now.UnixMilli(), 10))
+		copy(value[r.at:], strconv.FormatInt(stamp, 10))
 		client.Produce(ctx, &kgo.Record{Key: r.key, Value: value, Partition: r.partition},
 			func(_ *kgo.Record, err error) {
 				if err != nil {
