@@ -23,40 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from benchmarks.common import md_table, write_results
+from pipeline.synthetic import write_parquet_series
+from training.streamed import parquet_decoded_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
-
-
-def write_dataset(root: Path, *, n_keys: int, n: int, n_features: int, days: int) -> Path:
-    """Sines plus noise, `root/date=.../mK.parquet`, each key spread over `days` files."""
-    rng = np.random.default_rng(0)
-    bounds = np.linspace(0, n, days + 1).astype(int)
-    phase = np.arange(n)[:, None] * (2 * np.pi / np.linspace(50, 400, n_features))
-    for k in range(n_keys):
-        values = np.sin(phase + k) + 0.1 * rng.standard_normal((n, n_features))
-        times = pd.date_range("2026-01-01", periods=n, freq="s").to_numpy()
-        for day, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            columns = {"ts": times[lo:hi], "machine": np.full(hi - lo, f"m{k}")}
-            columns.update({f"s{i}": values[lo:hi, i] for i in range(n_features)})
-            folder = root / f"date=2026-01-{day + 1:02d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.table(columns), folder / f"m{k}.parquet", row_group_size=16_384)
-    return root
-
-
-def decoded_bytes(root: Path) -> int:
-    total = 0
-    for file in root.rglob("*.parquet"):
-        meta = pq.ParquetFile(file).metadata
-        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-    return total
 
 
 def train_rate(data: Path, work: Path, nproc: int, epochs: int) -> float:
@@ -141,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="aewatch-bench-dist-") as tmp:
         work = Path(tmp)
-        series = write_dataset(work / "series", n_keys=4, n=args.readings, n_features=8, days=4)
+        series = write_parquet_series(
+            work / "series", n_keys=4, n=args.readings, n_features=8, days=4
+        )
         rates: dict[int, list[float]] = {1: [], 2: []}
         for repeat in range(args.repeats):
             for nproc in (1, 2):
@@ -149,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"repeat {repeat + 1}, {nproc} process(es): {rates[nproc][-1]:,.0f} windows/s"
                 )
-        big = write_dataset(work / "big", n_keys=5, n=args.rows, n_features=16, days=8)
-        warm = write_dataset(work / "warm", n_keys=5, n=args.rows // 12, n_features=16, days=8)
-        size_mib = decoded_bytes(big) / MIB
+        big = write_parquet_series(work / "big", n_keys=5, n=args.rows, n_features=16, days=8)
+        warm = write_parquet_series(
+            work / "warm", n_keys=5, n=args.rows // 12, n_features=16, days=8
+        )
+        size_mib = parquet_decoded_bytes(big) / MIB
         memory = {
             "in_memory": peak_memory(big, warm, work, out_of_core=False),
             "out_of_core": peak_memory(big, warm, work, out_of_core=True),

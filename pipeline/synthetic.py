@@ -9,10 +9,11 @@ Used by tests, benchmarks, `aewatch simulate` and the demo.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ANOMALY_KINDS", "Injection", "inject", "normal_series"]
+__all__ = ["ANOMALY_KINDS", "Injection", "inject", "normal_series", "write_parquet_series"]
 
 ANOMALY_KINDS = ("spike", "level_shift", "drift", "stuck", "noise_burst", "frequency_change")
 
@@ -83,3 +84,40 @@ def inject(
     else:
         raise ValueError(f"unknown anomaly kind {injection.kind!r}; choose from {ANOMALY_KINDS}")
     return out
+
+
+def write_parquet_series(
+    root: Path,
+    *,
+    n_keys: int = 3,
+    n: int = 2000,
+    n_features: int = 6,
+    days: int = 4,
+    row_group_size: int = 16_384,
+    label_every: int = 0,
+    seed: int = 0,
+) -> Path:
+    """A hive-partitioned Parquet series dataset, `root/date=YYYY-MM-DD/mK.parquet`: each key's
+    `n` readings (one a second, sines plus noise) spread over `days` partitions, so every key's
+    series crosses file boundaries. With `label_every`, every such reading is labelled 1."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    bounds = np.linspace(0, n, days + 1).astype(int)
+    phase = np.arange(n)[:, None] * (2 * np.pi / np.linspace(50, 400, n_features))
+    for k in range(n_keys):
+        values = np.sin(phase + k) + 0.1 * rng.standard_normal((n, n_features))
+        times = pd.date_range("2026-01-01", periods=n, freq="s").to_numpy()
+        for day, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            columns = {"ts": times[lo:hi], "machine": np.full(hi - lo, f"m{k}")}
+            columns.update({f"s{i}": values[lo:hi, i] for i in range(n_features)})
+            if label_every:
+                columns["label"] = (np.arange(lo, hi) % label_every == label_every - 1).astype(int)
+            folder = root / f"date=2026-01-{day + 1:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(
+                pa.table(columns), folder / f"m{k}.parquet", row_group_size=row_group_size
+            )
+    return root

@@ -14,10 +14,10 @@ import pytest
 
 from pipeline.detector import Scaler, ScalerFit, WindowSpec, cut_windows
 from pipeline.errors import ConfigError, DataError
-from tests.helpers import write_parquet_series
+from pipeline.synthetic import write_parquet_series
 from training.data import load_series, split_series
 from training.job import TrainSettings, series_groups
-from training.streamed import SeriesStream
+from training.streamed import SeriesStream, parquet_decoded_bytes
 
 FRACTIONS = (0.6, 0.15, 0.15, 0.1)
 REPO = Path(__file__).resolve().parents[1]
@@ -129,20 +129,11 @@ _MEASURE = textwrap.dedent(
 )
 
 
-def _decoded_bytes(root: Path) -> int:
-    """The dataset's size once decoded into memory (Parquet's uncompressed sizes)."""
-    total = 0
-    for file in root.rglob("*.parquet"):
-        meta = pq.ParquetFile(file).metadata
-        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-    return total
-
-
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_out_of_core_training_memory_does_not_grow_with_the_dataset(tmp_path: Path):
     big = write_parquet_series(tmp_path / "big", n_keys=5, n=500_000, n_features=16, days=8)
     warm = write_parquet_series(tmp_path / "warm", n_keys=5, n=40_000, n_features=16, days=8)
-    size = _decoded_bytes(big)
+    size = parquet_decoded_bytes(big)
     assert size > 3 * BOUND_MIB * 2**20, f"the dataset ({size / 2**20:.0f} MiB) is too small"
     run = subprocess.run(
         [sys.executable, "-c", _MEASURE, str(big), str(warm), str(tmp_path / "det")],

@@ -48,7 +48,7 @@ from training.data import (
     part_counts,
 )
 
-__all__ = ["STREAM_FILL_POLICIES", "Chunk", "SeriesStream", "SplitPlan"]
+__all__ = ["STREAM_FILL_POLICIES", "Chunk", "SeriesStream", "SplitPlan", "parquet_decoded_bytes"]
 
 STREAM_FILL_POLICIES = ("error", "drop")
 _PARTS = ("train", "validation", "calibration", "test")
@@ -318,3 +318,14 @@ def _open(path: Path, source: str):
     if not fragments:
         raise DataError(f"{source}: the directory holds no Parquet files")
     return dataset, fragments
+
+
+def parquet_decoded_bytes(root: Path) -> int:
+    """A Parquet dataset's size once decoded into memory (the row groups' uncompressed sizes)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for file in Path(root).rglob("*.parquet"):
+        meta = pq.ParquetFile(file).metadata
+        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return total
