@@ -317,6 +317,36 @@ class _BootstrapFailures(logging.Handler):
             self.errors.append(args[1])
 
 
+class _AdminClient(KafkaAdminClient):
+    """kafka-python leaves the client's IO thread running (retrying) when the first bootstrap
+    fails in the constructor; stop it before passing the failure on."""
+
+    def __init__(self, **configs) -> None:
+        try:
+            super().__init__(**configs)
+        except BaseException:
+            if hasattr(self, "_net"):
+                self._closed = False
+                with contextlib.suppress(Exception):
+                    self.close()
+            raise
+
+
+def _most_telling(errors: list[BaseException]) -> str | None:
+    """The failure that explains the most: a refused login or certificate over a bare disconnect
+    (after a failed login the broker may just close the socket); the latest among equals."""
+
+    def rank(text: str) -> int:
+        if "Authentication" in text or "Authorization" in text:
+            return 0
+        if "CERTIFICATE" in text or "SSL" in text:
+            return 1
+        return 2
+
+    texts = [f"{type(e).__name__}: {e}" for e in errors]
+    return min(reversed(texts), key=rank) if texts else None
+
+
 def _describe(bootstrap_servers: str, security: dict) -> str:
     protocol = security.get("security_protocol", "PLAINTEXT")
     who = ""
@@ -339,15 +369,14 @@ def admin_client(
         logger.propagate = False
     logger.addHandler(failures)
     try:
-        return KafkaAdminClient(
+        return _AdminClient(
             bootstrap_servers=bootstrap_servers,
             bootstrap_timeout_ms=timeout_ms,
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
             **security,
         )
     except KafkaError as exc:
-        last = failures.errors[-1] if failures.errors else exc
-        reason = f"{type(last).__name__}: {last}"
+        reason = _most_telling(failures.errors) or f"{type(exc).__name__}: {exc}"
         raise KafkaConnectError(
             f"cannot connect to {_describe(bootstrap_servers, security)} "
             f"within {timeout_ms / 1000:.0f}s: {reason}"

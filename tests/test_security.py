@@ -221,7 +221,7 @@ def test_wrong_credentials_fail_fast_with_the_reason(
     assert address in str(raised.value) and PASSWORD not in str(raised.value)
 
     for command in (
-        ["simulate", "--topic", topics["input"], "--keys", "1", "--readings", "50"],
+        ["simulate", "--topic", topics["input"], "--keys", "1", "--readings", "400"],
         ["alerts", "--topic", topics["output"], "--timeout", "2"],
     ):
         started = time.monotonic()
