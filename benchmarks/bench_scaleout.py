@@ -33,30 +33,21 @@ from benchmarks.common import broker_and_workdir, md_table, write_results
 
 def worker_command(bootstrap: str, model: str, group: str, topic: str, out: str) -> list[str]:
     """`aewatch worker` on the CPU with JSON logs and no HTTP port."""
-    return [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "--log-format",
-        "json",
-        "worker",
-        "--model",
-        model,
-        "--bootstrap-servers",
-        bootstrap,
-        "--group-id",
-        group,
-        "--input-topic",
-        topic,
-        "--output-topic",
-        out,
-        "--dlq-topic",
-        f"{topic}-dlq",
-        "--device",
-        "cpu",
-        "--http-port",
-        "-1",
-    ]
+    from pipeline.config import WorkerSettings
+
+    settings = WorkerSettings(
+        model=model,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        input_topic=(topic,),
+        output_topic=out,
+        dlq_topic=f"{topic}-dlq",
+        device="cpu",
+        http_port=-1,
+    )
+    return [sys.executable, "-m", "pipeline.cli", "--log-format", "json", "worker"] + (
+        settings.to_argv()
+    )
 
 
 def _committed(admin, group: str) -> int:

@@ -290,6 +290,24 @@ class WorkerSettings:
                 config[name] = getattr(self, name)
         return config
 
+    def to_argv(self) -> list[str]:
+        """`aewatch worker` flags that give these settings (defaults left out). Secrets are never
+        put on a command line, where any process could read them: pass them as AEWATCH_
+        variables; `tracking_uri` is MLFLOW_TRACKING_URI."""
+        argv: list[str] = []
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if setting.secret or value is None or value == setting.default:
+                continue
+            if setting.type is bool:
+                argv.append(setting.flag)  # a bool that differs from its default (False)
+            elif setting.repeatable:
+                for item in value:
+                    argv += [setting.flag, str(item)]
+            else:
+                argv += [setting.flag, str(value)]
+        return argv
+
     def redacted(self) -> dict:
         """The settings for logs: secrets masked."""
         secret = {s.name for s in SETTINGS if s.secret}

@@ -69,6 +69,8 @@ def worker_settings(bootstrap: str, names: dict, model, **kwargs) -> WorkerSetti
     kwargs.setdefault("events", "windows")
     kwargs.setdefault("http_port", -1)
     kwargs.setdefault("stop_after_idle_s", 4.0)
+    kwargs.setdefault("session_timeout_ms", 6000)
+    kwargs.setdefault("commit_interval_ms", 500)
     return WorkerSettings(
         model=str(model),
         bootstrap_servers=bootstrap,
@@ -77,8 +79,6 @@ def worker_settings(bootstrap: str, names: dict, model, **kwargs) -> WorkerSetti
         output_topic=names["output"],
         dlq_topic=names["dlq"],
         device="cpu",
-        session_timeout_ms=6000,
-        commit_interval_ms=500,
         **kwargs,
     )
 
@@ -96,6 +96,14 @@ def worker_process(
     bootstrap: str, names: dict, model, log: Path, *extra: str, env: dict | None = None
 ) -> subprocess.Popen:
     """`aewatch worker` as a process of its own (JSON logs appended to `log`)."""
+    settings = worker_settings(
+        bootstrap,
+        names,
+        model,
+        stop_after_idle_s=5.0,
+        commit_interval_ms=300,
+        max_poll_records=500,
+    )
     args = [
         sys.executable,
         "-m",
@@ -103,32 +111,7 @@ def worker_process(
         "--log-format",
         "json",
         "worker",
-        "--model",
-        str(model),
-        "--bootstrap-servers",
-        bootstrap,
-        "--group-id",
-        names["group"],
-        "--input-topic",
-        names["input"],
-        "--output-topic",
-        names["output"],
-        "--dlq-topic",
-        names["dlq"],
-        "--device",
-        "cpu",
-        "--stop-after-idle-s",
-        "5",
-        "--session-timeout-ms",
-        "6000",
-        "--commit-interval-ms",
-        "300",
-        "--max-poll-records",
-        "500",
-        "--events",
-        "windows",
-        "--http-port",
-        "-1",
+        *settings.to_argv(),
         *extra,
     ]
     return subprocess.Popen(

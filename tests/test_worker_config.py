@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from pipeline.config import add_worker_arguments, settings_from_args
+from pipeline.config import WorkerSettings, add_worker_arguments, settings_from_args
 from pipeline.errors import ConfigError
 
 
@@ -82,3 +82,30 @@ def test_secrets_never_appear_in_repr_or_logs(caplog):
         logging.getLogger("test").info("settings %s", settings.redacted())
     assert "hunter2-secret" not in caplog.text and "***" in caplog.text
     assert settings.kafka_security()["sasl_plain_password"] == "hunter2-secret"
+
+
+def test_settings_survive_a_trip_through_the_command_line():
+    settings = WorkerSettings(
+        model="models:/pumps@champion",
+        bootstrap_servers="k1:9092,k2:9092",
+        group_id="g",
+        input_topic=("a", "b"),
+        output_topic="out",
+        dlq_topic="dlq",
+        emit_all=True,
+        http_port=-1,
+        max_batch=100,
+        alarm_cooldown_s=1.5,
+        sasl_password="kept-out-of-argv",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="svc",
+    )
+    argv = settings.to_argv()
+    assert "kept-out-of-argv" not in argv
+    parser = argparse.ArgumentParser()
+    add_worker_arguments(parser)
+    back = settings_from_args(
+        parser.parse_args(argv), {"AEWATCH_SASL_PASSWORD": "kept-out-of-argv"}
+    )
+    assert back == settings
