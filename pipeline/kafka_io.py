@@ -55,6 +55,7 @@ REBALANCE_POLL_MS = 1000
 RECONNECT_BACKOFF_MAX_MS = 1000
 # How long a first connection may take before start-up fails with the reason.
 CONNECT_TIMEOUT_MS = 15_000
+CONNECT_ATTEMPT_MS = 3_000
 ASSIGNORS = {
     "range": RangePartitionAssignor,
     "roundrobin": RoundRobinPartitionAssignor,
@@ -332,19 +333,20 @@ class _AdminClient(KafkaAdminClient):
             raise
 
 
+def _telling(text: str) -> int:
+    """0 for a refused login, 1 for a refused certificate: failures no retry will mend; 2 else."""
+    if "Authentication" in text or "Authorization" in text:
+        return 0
+    if "CERTIFICATE" in text or "SSL" in text:
+        return 1
+    return 2
+
+
 def _most_telling(errors: list[BaseException]) -> str | None:
     """The failure that explains the most: a refused login or certificate over a bare disconnect
     (after a failed login the broker may just close the socket); the latest among equals."""
-
-    def rank(text: str) -> int:
-        if "Authentication" in text or "Authorization" in text:
-            return 0
-        if "CERTIFICATE" in text or "SSL" in text:
-            return 1
-        return 2
-
     texts = [f"{type(e).__name__}: {e}" for e in errors]
-    return min(reversed(texts), key=rank) if texts else None
+    return min(reversed(texts), key=_telling) if texts else None
 
 
 def _describe(bootstrap_servers: str, security: dict) -> str:
@@ -358,8 +360,8 @@ def _describe(bootstrap_servers: str, security: dict) -> str:
 def admin_client(
     bootstrap_servers: str, security: dict | None = None, timeout_ms: int = CONNECT_TIMEOUT_MS
 ) -> KafkaAdminClient:
-    """An admin client, or a `KafkaConnectError` within `timeout_ms` that says why not: wrong
-    credentials, an untrusted certificate or no broker at all (never a silent retry loop)."""
+    """An admin client, or a `KafkaConnectError` that says why not: at once for wrong credentials
+    or an untrusted certificate, after `timeout_ms` for a broker that does not answer."""
     security = security or {}
     logger = logging.getLogger("kafka.net.manager")
     failures = _BootstrapFailures()
@@ -368,19 +370,23 @@ def admin_client(
         logger.setLevel(logging.WARNING)
         logger.propagate = False
     logger.addHandler(failures)
+    deadline = time.monotonic() + timeout_ms / 1000
     try:
-        return _AdminClient(
-            bootstrap_servers=bootstrap_servers,
-            bootstrap_timeout_ms=timeout_ms,
-            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
-            **security,
-        )
-    except KafkaError as exc:
-        reason = _most_telling(failures.errors) or f"{type(exc).__name__}: {exc}"
-        raise KafkaConnectError(
-            f"cannot connect to {_describe(bootstrap_servers, security)} "
-            f"within {timeout_ms / 1000:.0f}s: {reason}"
-        ) from exc
+        while True:  # short attempts, so that a refusal no retry can mend ends the wait
+            attempt_ms = max(1, min(CONNECT_ATTEMPT_MS, int((deadline - time.monotonic()) * 1000)))
+            try:
+                return _AdminClient(
+                    bootstrap_servers=bootstrap_servers,
+                    bootstrap_timeout_ms=attempt_ms,
+                    reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
+                    **security,
+                )
+            except KafkaError as exc:
+                reason = _most_telling(failures.errors) or f"{type(exc).__name__}: {exc}"
+                if _telling(reason) < 2 or time.monotonic() >= deadline:
+                    raise KafkaConnectError(
+                        f"cannot connect to {_describe(bootstrap_servers, security)}: {reason}"
+                    ) from exc
     finally:
         logger.removeHandler(failures)
         logger.setLevel(level)
