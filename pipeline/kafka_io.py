@@ -337,7 +337,7 @@ def _telling(text: str) -> int:
     """0 for a refused login, 1 for a refused certificate: failures no retry will mend; 2 else."""
     if "Authentication" in text or "Authorization" in text:
         return 0
-    if "CERTIFICATE" in text or "SSL" in text:
+    if "CERTIFICATE" in text.upper():  # not any SSL error: a broker still starting can cut TLS
         return 1
     return 2
 
