@@ -182,12 +182,15 @@ class Worker:
         self._finished = False
         self._last_checkpoint = self.last_turn = clock()
         self._inflight: _Batch | None = None
+        self._keepalive = None
         self._scorer: ThreadPoolExecutor | None = None
         self.metrics.set_model(model.name, model.version, model.alias)
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self, source) -> None:
         self.source = source
+        # a consumer-group source can show the group it is alive while a long batch is scored
+        self._keepalive = getattr(source, "keepalive", None)
 
     def stop(self) -> None:
         """Ask the loop to finish its batch, checkpoint and leave (signal-handler safe)."""
@@ -414,12 +417,11 @@ class Worker:
             return
         batch = self._inflight = self._start(self.pending)
         self.pending, self.pending_since = ReadyWindows(), None
-        keepalive = getattr(self.source, "keepalive", None)
         every_s = KEEPALIVE_FRACTION * self.settings.max_poll_interval_ms / 1000.0
         while self._inflight is batch and not batch.future.done():
             wait([batch.future], timeout=every_s)
-            if self._inflight is batch and not batch.future.done() and keepalive is not None:
-                keepalive()
+            if self._inflight is batch and not batch.future.done():
+                self._keepalive()
                 self.last_turn = self.clock()
         if self._inflight is batch:
             self._finish(batch)
@@ -427,7 +429,7 @@ class Worker:
     def _start(self, pending: ReadyWindows) -> _Batch:
         windows = np.concatenate(pending.windows)
         detector, size = self.detector, self.settings.max_batch
-        if hasattr(self.source, "keepalive"):
+        if self._keepalive is not None:
             if self._scorer is None:
                 self._scorer = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
             future = self._scorer.submit(detector.score, windows, batch_size=size)

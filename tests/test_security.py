@@ -31,22 +31,30 @@ pytestmark = pytest.mark.kafka
 USER, PASSWORD = "aewatch-svc", "Sc3ret-not-for-logs-7f1c"
 
 
-def _certificate_authority(name: str):
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(subject: x509.Name, key, issuer: x509.Name, signer, extension, critical: bool):
+    """A certificate for `key`, valid from five minutes ago for a day, signed by `signer`."""
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+        .add_extension(extension, critical=critical)
+        .sign(signer, hashes.SHA256())
     )
-    return key, cert
+
+
+def _certificate_authority(common_name: str):
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca = x509.BasicConstraints(ca=True, path_length=None)
+    return key, _certificate(_name(common_name), key, _name(common_name), key, ca, True)
 
 
 def _pem(cert) -> bytes:
@@ -58,23 +66,10 @@ def make_certificates(root: Path) -> dict[str, Path]:
     ca_key, ca = _certificate_authority("aewatch test CA")
     _, other_ca = _certificate_authority("some other CA")
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+    names = x509.SubjectAlternativeName(
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     )
+    cert = _certificate(_name("localhost"), key, ca.subject, ca_key, names, False)
     paths = {"ca": root / "ca.pem", "other_ca": root / "other-ca.pem", "broker": root / "b.pem"}
     paths["ca"].write_bytes(_pem(ca))
     paths["other_ca"].write_bytes(_pem(other_ca))

@@ -121,6 +121,16 @@ class TrainSettings:
         if self.out_of_core:
             self._check_out_of_core()
 
+    def series_columns(self) -> dict:
+        """How the series' columns are read, the same in memory and out of core."""
+        return dict(
+            time_col=self.time_col,
+            key_col=self.key_col,
+            features=self.features,
+            label_col=self.label_col,
+            fill=self.fill,
+        )
+
     def _check_out_of_core(self) -> None:
         """What the out-of-core reader cannot do is refused before any data is read."""
         if self.input_kind == "image" or is_image_source(self.data):
@@ -262,14 +272,7 @@ def prepare(settings: TrainSettings) -> PreparedData | StreamedData:
 def _prepare_series(settings: TrainSettings) -> PreparedData:
     if not settings.time_col:
         raise ConfigError("time_col", "series data needs --time-col")
-    table = load_series(
-        settings.data,
-        time_col=settings.time_col,
-        key_col=settings.key_col,
-        features=settings.features,
-        label_col=settings.label_col,
-        fill=settings.fill,
-    )
+    table = load_series(settings.data, **settings.series_columns())
     spec = WindowSpec(settings.window, settings.stride)
     parts = split_series(table, settings.fractions, train_until=settings.train_until)
     splits: dict[str, WindowSet] = {}

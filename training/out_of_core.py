@@ -106,13 +106,7 @@ class StreamedData:
 def prepare_streamed(settings, scaler_kind: str) -> StreamedData:
     """The split plan (pass one) and the scaler of the training rows (pass two)."""
     stream = SeriesStream(
-        settings.data,
-        time_col=settings.time_col,
-        key_col=settings.key_col,
-        features=settings.features,
-        label_col=settings.label_col,
-        fill=settings.fill,
-        batch_rows=settings.batch_rows,
+        settings.data, **settings.series_columns(), batch_rows=settings.batch_rows
     )
     spec = WindowSpec(settings.window, settings.stride)
     plan = stream.plan(settings.fractions, settings.train_until)
