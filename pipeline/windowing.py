@@ -1,10 +1,10 @@
 """Per-key stream windows: the training job's window rule applied to readings as they arrive.
 
 Each key keeps only the readings a future window still needs (its "tail"), with their positions
-in the key's series and their Kafka offsets. A batch of readings is processed per key with numpy:
-order checks, the window ends it completes (position t ends a window when t + 1 >= W and
-(t + 1 - W) % S == 0, exactly as `pipeline.detector.windows`), and the new tail. Per-record Python
-work is limited to grouping by key.
+in the key's series and their Kafka offsets. A partition's batch of readings is processed for all
+its keys at once with numpy: order checks, the window ends it completes (position t ends a window
+when t + 1 >= W and (t + 1 - W) % S == 0, exactly as `pipeline.detector.windows`), and the new
+tails. Python work per reading is limited to numbering its key.
 
 Ordering policy: per key, timestamps must increase. A reading older than the key's latest is
 `out_of_order`, one with the same timestamp a `duplicate_timestamp`; neither enters a window.
@@ -17,6 +17,7 @@ processed and continue the same series positions, so windows, and event ids, are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ from pipeline.detector import WindowSpec
 __all__ = ["KeyTail", "ReadyWindows", "StreamWindower"]
 
 TopicPartition = tuple[str, int]
+_NONE = np.zeros(0, np.int64)
 
 
 @dataclass
@@ -127,69 +129,134 @@ class StreamWindower:
     # -- the batch step --------------------------------------------------------------------------
     def push(
         self,
-        key: str,
         partition: TopicPartition,
+        keys: Sequence[str],
         ts: np.ndarray,
         values: np.ndarray,
         offsets: np.ndarray,
         out: ReadyWindows,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Add one key's readings (arrival order) and collect the windows they complete.
+        """Add one partition's readings (arrival order; reading i belongs to `keys[i]`) and
+        collect the windows they complete, grouped by key.
 
-        Returns (index of readings rejected as out of order, index rejected as duplicates),
-        into the arrays given. Readings before the key's resume offset are skipped silently.
+        Every key is handled at once: the readings are grouped by key, each key's tail is placed
+        before its new readings in one combined array, and the windows are gathered from it in
+        one indexing step, so the cost per batch does not grow with a Python loop per reading
+        and little with the number of keys.
+
+        Returns (index of readings rejected as out of order, index rejected as duplicates), into
+        the arrays given. Readings before a restored key's resume offset are skipped silently.
         """
-        tail = self._tail(key, partition)
-        if tail.skip_before > 0:
-            fresh = offsets >= tail.skip_before
+        n = len(ts)
+        if n == 0:
+            return _NONE, _NONE
+        ids: dict[str, int] = {}
+        code = np.array([ids.setdefault(k, len(ids)) for k in keys], np.int64)
+        names = list(ids)
+        tails = [self._tail(name, partition) for name in names]
+        index = np.argsort(code, kind="stable") if len(names) > 1 else np.arange(n)
+        code, ts, offsets = code[index], ts[index], offsets[index]
+        values = values[index].astype(np.float32, copy=False)
+
+        skip = np.array([t.skip_before for t in tails], np.int64)
+        if (skip > 0).any():  # read again after a restart: what was processed before is skipped
+            fresh = offsets >= skip[code]
             if not fresh.all():
                 keep = np.flatnonzero(fresh)
-                ts, values, offsets = ts[keep], values[keep], offsets[keep]
-                base_index = keep
-            else:
-                base_index = np.arange(len(ts))
-        else:
-            base_index = np.arange(len(ts))
-        if len(ts) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        previous = np.maximum.accumulate(np.concatenate([[tail.last_ts], ts]))[:-1]
-        ok = ts > previous
-        late = base_index[ts < previous]
-        duplicate = base_index[ts == previous]
-        if not ok.all():
-            ts, values, offsets = ts[ok], values[ok], offsets[ok]
+                index, code, ts, values, offsets = (
+                    a[keep] for a in (index, code, ts, values, offsets)
+                )
+        late, duplicate, ok = self._order(tails, code, ts)
+        late, duplicate = np.sort(index[late]), np.sort(index[duplicate])
+        if ok is not None:
+            code, ts, values, offsets = code[ok], ts[ok], values[ok], offsets[ok]
         if len(ts) == 0:
             return late, duplicate
-        tail.last_ts = int(ts[-1])
-        tail.next_offset = int(offsets[-1]) + 1
 
         length, stride = self.spec.length, self.spec.stride
-        base = tail.count - len(tail.offsets)  # position of the first reading in `combined`
-        all_values = np.concatenate([tail.values, values.astype(np.float32, copy=False)])
-        all_ts = np.concatenate([tail.ts, ts])
-        all_offsets = np.concatenate([tail.offsets, offsets])
-        first_new, end = tail.count, tail.count + len(ts)  # new positions [first_new, end)
-        # window ends t in [first_new, end) with (t + 1 - W) >= 0 and divisible by S
+        k = len(tails)
+        fresh_n = np.bincount(code, minlength=k)
+        tail_n = np.array([len(t.offsets) for t in tails], np.int64)
+        count = np.array([t.count for t in tails], np.int64)
+        replay = np.array([t.replay_until for t in tails], np.int64)
+        # combined rows, key by key: the key's tail, then its new readings
+        seg_n = tail_n + fresh_n
+        seg_start = np.cumsum(seg_n) - seg_n
+        fresh_start = np.cumsum(fresh_n) - fresh_n
+        tail_start = np.cumsum(tail_n) - tail_n
+        rows = np.arange(len(ts))
+        fresh_rows = (seg_start + tail_n - fresh_start)[code] + rows
+        tail_rows = np.repeat(seg_start - tail_start, tail_n) + np.arange(int(tail_n.sum()))
+        all_values = np.empty((len(tail_rows) + len(ts), self.n_features), np.float32)
+        all_ts = np.empty(len(all_values), np.int64)
+        all_offsets = np.empty(len(all_values), np.int64)
+        all_values[fresh_rows], all_ts[fresh_rows], all_offsets[fresh_rows] = values, ts, offsets
+        if len(tail_rows):
+            all_values[tail_rows] = np.concatenate([t.values for t in tails])
+            all_ts[tail_rows] = np.concatenate([t.ts for t in tails])
+            all_offsets[tail_rows] = np.concatenate([t.offsets for t in tails])
+
+        # a reading at series position t ends a window when t + 1 >= W and (t + 1 - W) % S == 0;
         # windows that ended before a restart's state was saved were emitted already
-        lowest = max(first_new, length - 1, tail.replay_until)
-        first_end = lowest + (-(lowest + 1 - length)) % stride
-        ends = np.arange(first_end, end, stride)
+        position = (count - fresh_start)[code] + rows
+        ends = np.flatnonzero(
+            (position + 1 >= length)
+            & ((position + 1 - length) % stride == 0)
+            & (position >= replay[code])
+        )
         if len(ends):
-            starts = ends - length + 1 - base
+            end_rows = fresh_rows[ends]
+            starts = end_rows - (length - 1)
             view = np.lib.stride_tricks.sliding_window_view(all_values, length, axis=0)
             out.windows.append(view[starts].transpose(0, 2, 1))
-            out.keys.append(key)
             out.start_ts.append(all_ts[starts])
-            out.end_ts.append(all_ts[ends - base])
-            out.partitions.append(partition)
+            out.end_ts.append(all_ts[end_rows])
             out.first_offsets.append(all_offsets[starts])
-            out.last_offsets.append(all_offsets[ends - base])
-            out.counts.append(len(ends))
-        tail.count = end
-        next_end = max(end, length - 1)
+            out.last_offsets.append(all_offsets[end_rows])
+            per_key = np.bincount(code[ends], minlength=k)
+            with_windows = np.flatnonzero(per_key)
+            out.keys.extend(names[j] for j in with_windows)
+            out.counts.extend(per_key[with_windows].tolist())
+            out.partitions.extend([partition] * len(with_windows))
+
+        # each key keeps the readings from the start of its next window on
+        end = count + fresh_n
+        next_end = np.maximum(end, length - 1)
         next_end += (-(next_end + 1 - length)) % stride
-        keep_from = max(0, next_end - length + 1 - base)
-        tail.values = all_values[keep_from:].copy()
-        tail.ts = all_ts[keep_from:].copy()
-        tail.offsets = all_offsets[keep_from:].copy()
+        base = count - tail_n  # series position of each key's first combined row
+        keep_from = seg_start + np.maximum(0, next_end - length + 1 - base)
+        seg_end = (seg_start + seg_n).tolist()
+        for j, (tail, a, b, taken) in enumerate(
+            zip(tails, keep_from.tolist(), seg_end, fresh_n.tolist(), strict=True)
+        ):
+            if not taken:
+                continue
+            tail.values = all_values[a:b].copy()
+            tail.ts = all_ts[a:b].copy()
+            tail.offsets = all_offsets[a:b].copy()
+            tail.count = int(end[j])
+            tail.last_ts = int(all_ts[b - 1])
+            tail.next_offset = int(all_offsets[b - 1]) + 1
         return late, duplicate
+
+    @staticmethod
+    def _order(tails: list[KeyTail], code: np.ndarray, ts: np.ndarray):
+        """Readings (grouped by key) that are not later than everything before them of their
+        key: (late, duplicate, mask of the good ones or None when all are good)."""
+        previous = np.empty_like(ts)
+        last = np.array([t.last_ts for t in tails], np.int64)
+        first = np.ones(len(ts), bool)
+        first[1:] = code[1:] != code[:-1]
+        previous[first] = last[code[first]]
+        previous[~first] = ts[:-1][~first[1:]]
+        bad = ts <= previous
+        if not bad.any():
+            return _NONE, _NONE, None
+        # keys with a reading out of place: compare against the running maximum
+        for key in np.unique(code[bad]):
+            rows = np.flatnonzero(code == key)
+            seen = np.maximum.accumulate(np.concatenate([[last[key]], ts[rows]]))[:-1]
+            previous[rows] = seen
+        late = np.flatnonzero(ts < previous)
+        duplicate = np.flatnonzero(ts == previous)
+        return late, duplicate, ts > previous

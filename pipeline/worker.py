@@ -30,7 +30,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -314,43 +314,49 @@ class Worker:
             if self.kind == "image":
                 self._process_images(partition, records)
                 continue
-            groups: dict[str, tuple[list, list, list, list]] = defaultdict(lambda: ([], [], [], []))
-            for record in records:
-                decoded = self.decoder.decode(record.key, record.value)
-                if isinstance(decoded, Rejection):
-                    self.dead_letter(record, decoded)
-                elif decoded.is_window:
-                    self._add_window(partition, record, decoded)
-                else:
-                    ts, values, offsets, originals = groups[decoded.key]
-                    ts.append(decoded.ts_ms)
-                    values.append(decoded.values)
-                    offsets.append(record.offset)
-                    originals.append(record)
-            for key, (ts, values, offsets, originals) in groups.items():
-                ts, values = np.asarray(ts, np.int64), np.asarray(values, np.float64)
-                offsets = np.asarray(offsets, np.int64)
-                finite = finite_rows(values)
-                if not finite.all():
-                    for index in np.flatnonzero(~finite):
-                        self.dead_letter(
-                            originals[index],
-                            Rejection("non_finite", "a value is NaN, infinite or beyond float32"),
-                        )
-                    keep = np.flatnonzero(finite)
-                    ts, values, offsets = ts[keep], values[keep], offsets[keep]
-                    originals = [originals[i] for i in keep]
-                late, duplicate = self.windower.push(
-                    key, partition, ts, values.astype(np.float32), offsets, self.pending
-                )
-                for index, reason in [(i, "out_of_order") for i in late] + [
-                    (i, "duplicate_timestamp") for i in duplicate
-                ]:
-                    self._reject_order(originals[index], reason)
+            self._process_readings(partition, records)
             self.processed[partition] = records[-1].offset + 1
             self.touched.add(partition)
         if len(self.pending) and self.pending_since is None:
             self.pending_since = self.clock()
+
+    def _process_readings(self, partition: Partition, records: list) -> None:
+        """Decode a partition's records one by one (the only per-record Python work), then
+        check and window the good readings of every key together."""
+        decode = self.decoder.decode
+        readings: list[Decoded] = []
+        taken: list[int] = []
+        for i, record in enumerate(records):
+            decoded = decode(record.key, record.value)
+            if isinstance(decoded, Rejection):
+                self.dead_letter(record, decoded)
+            elif decoded.is_window:
+                self._add_window(partition, record, decoded)
+            else:
+                readings.append(decoded)
+                taken.append(i)
+        if not readings:
+            return
+        keys = [r.key for r in readings]
+        ts = np.array([r.ts_ms for r in readings], np.int64)
+        values = np.array([r.values for r in readings], np.float64)
+        offsets = np.array([records[i].offset for i in taken], np.int64)
+        finite = finite_rows(values)
+        if not finite.all():
+            for index in np.flatnonzero(~finite):
+                self.dead_letter(
+                    records[taken[index]],
+                    Rejection("non_finite", "a value is NaN, infinite or beyond float32"),
+                )
+            keep = np.flatnonzero(finite)
+            keys = [keys[i] for i in keep]
+            taken = [taken[i] for i in keep]
+            ts, values, offsets = ts[keep], values[keep], offsets[keep]
+        late, duplicate = self.windower.push(partition, keys, ts, values, offsets, self.pending)
+        for index in late:
+            self._reject_order(records[taken[index]], "out_of_order")
+        for index in duplicate:
+            self._reject_order(records[taken[index]], "duplicate_timestamp")
 
     def _process_images(self, partition: Partition, records: list) -> None:
         for record in records:
