@@ -91,6 +91,17 @@ class RecordDecoder:
             data = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
             return Rejection("decode_error", str(exc)[:200])
+        if data.__class__ is dict:
+            # the common reading, {"key": str, "ts": epoch ms, "values": {...}}, in few steps;
+            # any other shape takes the field-by-field checks below, with the same outcome
+            key, values, ts = data.get("key"), data.get("values"), data.get("ts")
+            if (
+                key.__class__ is str
+                and values.__class__ is dict
+                and ts.__class__ is int
+                and (message_key is None or message_key == key.encode())
+            ):
+                return self._row(key, ts, values)
         if not isinstance(data, dict):
             return Rejection("schema_mismatch", "not a JSON object")
         key = data.get("key")
@@ -122,12 +133,15 @@ class RecordDecoder:
                 ts = parse_timestamp_ms(ts)
             except (ValueError, OverflowError, OSError) as exc:
                 return Rejection("bad_timestamp", str(exc)[:200])
+        return self._row(key, ts, values)
+
+    def _row(self, key: str, ts: int, values: dict) -> Decoded | Rejection:
         try:
             row = [values[name] for name in self.features]
         except KeyError as exc:
             return Rejection("missing_feature", f"missing feature {exc.args[0]!r}")
         for number in row:
-            kind = type(number)
+            kind = number.__class__
             if kind is not float and kind is not int:  # bool is neither
                 return Rejection("schema_mismatch", f"a feature value is {kind.__name__}")
         # finiteness and float32 range are checked per batch (see `finite_rows`)

@@ -1,10 +1,13 @@
 """Per-key stream windows: the training job's window rule applied to readings as they arrive.
 
-Each key keeps only the readings a future window still needs (its "tail"), with their positions
-in the key's series and their Kafka offsets. A partition's batch of readings is processed for all
-its keys at once with numpy: order checks, the window ends it completes (position t ends a window
-when t + 1 >= W and (t + 1 - W) % S == 0, exactly as `pipeline.detector.windows`), and the new
-tails. Python work per reading is limited to numbering its key.
+Each key keeps the readings a future window still needs (its "tail"), with their positions in the
+key's series and their Kafka offsets, in its own row of one shared store ([keys, capacity, F]).
+A partition's batch of readings is processed for all its keys at once with numpy: order checks,
+one scatter of the new readings into their keys' rows, the window ends they complete (position t
+ends a window when t + 1 >= W and (t + 1 - W) % S == 0, exactly as `pipeline.detector.windows`),
+and one gather of those windows. A key's row is compacted (the readings no window needs any more
+dropped) only when it is full, so kept readings are not copied on every batch. Python work per
+reading is limited to numbering its key.
 
 Ordering policy: per key, timestamps must increase. A reading older than the key's latest is
 `out_of_order`, one with the same timestamp a `duplicate_timestamp`; neither enters a window.
@@ -24,39 +27,19 @@ import numpy as np
 
 from pipeline.detector import WindowSpec
 
-__all__ = ["KeyTail", "ReadyWindows", "StreamWindower"]
+__all__ = ["ReadyWindows", "StreamWindower"]
 
 TopicPartition = tuple[str, int]
 _NONE = np.zeros(0, np.int64)
-
-
-@dataclass
-class KeyTail:
-    """What one key keeps between batches."""
-
-    partition: TopicPartition
-    count: int = 0  # position the next reading gets
-    values: np.ndarray | None = None  # [k, F] readings still needed
-    ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    last_ts: int = -(2**62)
-    next_offset: int = 0  # offset after the latest reading taken
-    skip_before: int = -1  # offsets below this were processed before a restart
-    replay_until: int = 0  # windows ending before this position were emitted before a restart
-
-    @property
-    def resume(self) -> tuple[int, int, int]:
-        """(position, offset) of the oldest reading still needed (or of the next reading), and
-        the position after the latest reading taken: windows ending before it are done."""
-        done = max(self.count, self.replay_until)
-        if len(self.offsets):
-            return self.count - len(self.offsets), int(self.offsets[0]), done
-        return self.count, self.next_offset, done
+_NO_TS = -(2**62)
+# New readings a key's row takes at least between two compactions (more come in rounds).
+ROOM = 128
 
 
 @dataclass
 class ReadyWindows:
-    """Windows completed by a batch, with where they came from."""
+    """Windows completed by a batch, with where they came from. `keys`, `partitions` and
+    `counts` describe groups of consecutive windows of one key; the arrays hold the windows."""
 
     windows: list[np.ndarray] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
@@ -72,11 +55,76 @@ class ReadyWindows:
 
 
 class StreamWindower:
+    """Every key's kept readings and series state, one slot (row of the store) per key."""
+
     def __init__(self, spec: WindowSpec, n_features: int) -> None:
         self.spec = spec
         self.n_features = n_features
-        self.tails: dict[str, KeyTail] = {}
+        # a key keeps at most W - 1 readings after compaction; the rest of its row takes new ones
+        self.capacity = spec.length - 1 + max(spec.length + spec.stride + 1, ROOM)
+        self.slots: dict[str, int] = {}
+        self._keys: list[str | None] = []
+        self._partitions: list[TopicPartition | None] = []
+        self._free: list[int] = []
         self._restored: dict[str, tuple[TopicPartition, int, int, int]] = {}
+        self._grow(0)
+
+    def _grow(self, size: int) -> None:
+        """Room for `size` slots (existing ones keep their contents)."""
+        old = len(self._keys)
+        if size <= old and old:
+            return
+
+        def extend(array, fill):
+            shape = (size - old, *array.shape[1:])
+            return np.concatenate([array, np.full(shape, fill, array.dtype)])
+
+        if not old:
+            c, f = self.capacity, self.n_features
+            self.values = np.zeros((0, c, f), np.float32)
+            self.ts = np.zeros((0, c), np.int64)
+            self.offsets = np.zeros((0, c), np.int64)
+            for name in ("fill", "count", "next_offset", "skip_before", "replay_until"):
+                setattr(self, name, np.zeros(0, np.int64))
+            self.last_ts = np.zeros(0, np.int64)
+        self.values = extend(self.values, 0)
+        self.ts = extend(self.ts, 0)
+        self.offsets = extend(self.offsets, 0)
+        self.fill = extend(self.fill, 0)  # readings held in the slot's row
+        self.count = extend(self.count, 0)  # series position the next reading gets
+        self.next_offset = extend(self.next_offset, 0)  # offset after the latest reading taken
+        self.skip_before = extend(self.skip_before, -1)  # processed before a restart
+        self.replay_until = extend(self.replay_until, 0)  # windows ending before: emitted
+        self.last_ts = extend(self.last_ts, _NO_TS)
+        self._free.extend(range(size - 1, old - 1, -1))
+        self._keys.extend([None] * (size - old))
+        self._partitions.extend([None] * (size - old))
+
+    def _slot(self, key: str, partition: TopicPartition) -> int:
+        slot = self.slots.get(key)
+        if slot is None:
+            if not self._free:
+                self._grow(max(16, 2 * len(self._keys)))
+            slot = self.slots[key] = self._free.pop()
+            self._keys[slot] = key
+            self.fill[slot] = self.count[slot] = self.next_offset[slot] = 0
+            self.skip_before[slot], self.replay_until[slot] = -1, 0
+            self.last_ts[slot] = _NO_TS
+            if key in self._restored:
+                _, position, offset, done = self._restored.pop(key)
+                self.count[slot], self.skip_before[slot] = position, offset
+                self.next_offset[slot], self.replay_until[slot] = offset, done
+        self._partitions[slot] = partition
+        return slot
+
+    def _needed(self, slots: np.ndarray) -> np.ndarray:
+        """Per slot, the first column of its row a future window needs (may equal its fill)."""
+        length, stride = self.spec.length, self.spec.stride
+        count = self.count[slots]
+        next_end = np.maximum(count, length - 1)
+        next_end += (-(next_end + 1 - length)) % stride
+        first = count - self.fill[slots]  # series position of column 0
+        return np.clip(next_end - length + 1 - first, 0, self.fill[slots])
 
     # -- restart state ---------------------------------------------------------------------------
     def restore(self, partition: TopicPartition, resume: dict[str, tuple]) -> None:
@@ -84,13 +132,33 @@ class StreamWindower:
         for key, point in resume.items():
             position, offset = int(point[0]), int(point[1])
             done = int(point[2]) if len(point) > 2 else position
-            if key not in self.tails:
+            if key not in self.slots:
                 self._restored[key] = (partition, position, offset, done)
 
+    def _of(self, partition: TopicPartition) -> np.ndarray:
+        return np.array(
+            [s for s, p in enumerate(self._partitions) if p == partition and self._keys[s]],
+            np.int64,
+        )
+
     def resume_points(self, partition: TopicPartition) -> dict[str, tuple[int, int, int]]:
-        """Every key of `partition` this member knows, including restored keys not seen since."""
+        """Every key of `partition` this member knows, including restored keys not seen since:
+        (position, offset) of the oldest reading still needed (or of the next reading), and the
+        position after the latest reading taken (windows ending before it are done)."""
         points = {k: tuple(v[1:]) for k, v in self._restored.items() if v[0] == partition}
-        points.update({k: t.resume for k, t in self.tails.items() if t.partition == partition})
+        slots = self._of(partition)
+        if not len(slots):
+            return points
+        needed, fill, count = self._needed(slots), self.fill[slots], self.count[slots]
+        held = needed < fill
+        position = np.where(held, count - fill + needed, count)
+        offset = np.where(held, self.offsets[slots, np.minimum(needed, self.capacity - 1)], 0)
+        offset = np.where(held, offset, self.next_offset[slots])
+        done = np.maximum(count, self.replay_until[slots])
+        for slot, p, o, d in zip(
+            slots.tolist(), position.tolist(), offset.tolist(), done.tolist(), strict=True
+        ):
+            points[self._keys[slot]] = (p, o, d)
         return points
 
     def oldest_needed(self, partition: TopicPartition) -> int | None:
@@ -100,31 +168,23 @@ class StreamWindower:
         while they catch up to where the previous owner stopped: until then, everything from
         their resume offset is still needed."""
         heads = [off for tp, _, off, _ in self._restored.values() if tp == partition]
-        for tail in self.tails.values():
-            if tail.partition != partition:
-                continue
-            if len(tail.offsets):
-                heads.append(int(tail.offsets[0]))
-            elif tail.replay_until > tail.count:
-                heads.append(tail.next_offset)
+        slots = self._of(partition)
+        if len(slots):
+            needed, fill = self._needed(slots), self.fill[slots]
+            held = needed < fill
+            heads += self.offsets[slots[held], needed[held]].tolist()
+            replaying = ~held & (self.replay_until[slots] > self.count[slots])
+            heads += self.next_offset[slots[replaying]].tolist()
         return min(heads) if heads else None
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         """Drop keys of partitions this member no longer owns."""
-        self.tails = {k: t for k, t in self.tails.items() if t.partition not in partitions}
+        for slot, partition in enumerate(self._partitions):
+            if partition in partitions and self._keys[slot] is not None:
+                del self.slots[self._keys[slot]]
+                self._keys[slot] = self._partitions[slot] = None
+                self._free.append(slot)
         self._restored = {k: v for k, v in self._restored.items() if v[0] not in partitions}
-
-    def _tail(self, key: str, partition: TopicPartition) -> KeyTail:
-        tail = self.tails.get(key)
-        if tail is None:
-            tail = KeyTail(partition, values=np.zeros((0, self.n_features), np.float32))
-            if key in self._restored:
-                _, position, offset, done = self._restored.pop(key)
-                tail.count, tail.skip_before, tail.next_offset = position, offset, offset
-                tail.replay_until = done
-            self.tails[key] = tail
-        tail.partition = partition
-        return tail
 
     # -- the batch step --------------------------------------------------------------------------
     def push(
@@ -139,11 +199,6 @@ class StreamWindower:
         """Add one partition's readings (arrival order; reading i belongs to `keys[i]`) and
         collect the windows they complete, grouped by key.
 
-        Every key is handled at once: the readings are grouped by key, each key's tail is placed
-        before its new readings in one combined array, and the windows are gathered from it in
-        one indexing step, so the cost per batch does not grow with a Python loop per reading
-        and little with the number of keys.
-
         Returns (index of readings rejected as out of order, index rejected as duplicates), into
         the arrays given. Readings before a restored key's resume offset are skipped silently.
         """
@@ -153,12 +208,12 @@ class StreamWindower:
         ids: dict[str, int] = {}
         code = np.array([ids.setdefault(k, len(ids)) for k in keys], np.int64)
         names = list(ids)
-        tails = [self._tail(name, partition) for name in names]
+        slots = np.array([self._slot(name, partition) for name in names], np.int64)
         index = np.argsort(code, kind="stable") if len(names) > 1 else np.arange(n)
         code, ts, offsets = code[index], ts[index], offsets[index]
         values = values[index].astype(np.float32, copy=False)
 
-        skip = np.array([t.skip_before for t in tails], np.int64)
+        skip = self.skip_before[slots]
         if (skip > 0).any():  # read again after a restart: what was processed before is skipped
             fresh = offsets >= skip[code]
             if not fresh.all():
@@ -166,97 +221,97 @@ class StreamWindower:
                 index, code, ts, values, offsets = (
                     a[keep] for a in (index, code, ts, values, offsets)
                 )
-        late, duplicate, ok = self._order(tails, code, ts)
+        late, duplicate, ok = _order(self.last_ts[slots], code, ts)
         late, duplicate = np.sort(index[late]), np.sort(index[duplicate])
         if ok is not None:
             code, ts, values, offsets = code[ok], ts[ok], values[ok], offsets[ok]
-        if len(ts) == 0:
-            return late, duplicate
+        if len(ts):
+            taken = np.bincount(code, minlength=len(slots))
+            rank = np.arange(len(ts)) - (np.cumsum(taken) - taken)[code]
+            # a row takes at most `room` new readings at a time: more come in further rounds
+            room = self.capacity - self.spec.length + 1
+            for low in range(0, int(taken.max()), room):
+                part = np.flatnonzero((rank >= low) & (rank < low + room))
+                self._take(
+                    partition,
+                    names,
+                    slots,
+                    code[part],
+                    rank[part] - low,
+                    ts[part],
+                    values[part],
+                    offsets[part],
+                    out,
+                )
+        return late, duplicate
 
+    def _take(self, partition, names, slots, code, rank, ts, values, offsets, out) -> None:
+        """At most `capacity - W + 1` new readings per key, grouped by key, in time order."""
         length, stride = self.spec.length, self.spec.stride
-        k = len(tails)
-        fresh_n = np.bincount(code, minlength=k)
-        tail_n = np.array([len(t.offsets) for t in tails], np.int64)
-        count = np.array([t.count for t in tails], np.int64)
-        replay = np.array([t.replay_until for t in tails], np.int64)
-        # combined rows, key by key: the key's tail, then its new readings
-        seg_n = tail_n + fresh_n
-        seg_start = np.cumsum(seg_n) - seg_n
-        fresh_start = np.cumsum(fresh_n) - fresh_n
-        tail_start = np.cumsum(tail_n) - tail_n
-        rows = np.arange(len(ts))
-        fresh_rows = (seg_start + tail_n - fresh_start)[code] + rows
-        tail_rows = np.repeat(seg_start - tail_start, tail_n) + np.arange(int(tail_n.sum()))
-        all_values = np.empty((len(tail_rows) + len(ts), self.n_features), np.float32)
-        all_ts = np.empty(len(all_values), np.int64)
-        all_offsets = np.empty(len(all_values), np.int64)
-        all_values[fresh_rows], all_ts[fresh_rows], all_offsets[fresh_rows] = values, ts, offsets
-        if len(tail_rows):
-            all_values[tail_rows] = np.concatenate([t.values for t in tails])
-            all_ts[tail_rows] = np.concatenate([t.ts for t in tails])
-            all_offsets[tail_rows] = np.concatenate([t.offsets for t in tails])
-
-        # a reading at series position t ends a window when t + 1 >= W and (t + 1 - W) % S == 0;
+        taken = np.bincount(code, minlength=len(slots))
+        full = np.flatnonzero(self.fill[slots] + taken > self.capacity)
+        if len(full):
+            self._compact(slots[full])
+        slot = slots[code]
+        column = self.fill[slot] + rank
+        self.values[slot, column] = values
+        self.ts[slot, column] = ts
+        self.offsets[slot, column] = offsets
+        position = self.count[slot] + rank
         # windows that ended before a restart's state was saved were emitted already
-        position = (count - fresh_start)[code] + rows
         ends = np.flatnonzero(
             (position + 1 >= length)
             & ((position + 1 - length) % stride == 0)
-            & (position >= replay[code])
+            & (position >= self.replay_until[slot])
         )
         if len(ends):
-            end_rows = fresh_rows[ends]
-            starts = end_rows - (length - 1)
-            view = np.lib.stride_tricks.sliding_window_view(all_values, length, axis=0)
-            out.windows.append(view[starts].transpose(0, 2, 1))
-            out.start_ts.append(all_ts[starts])
-            out.end_ts.append(all_ts[end_rows])
-            out.first_offsets.append(all_offsets[starts])
-            out.last_offsets.append(all_offsets[end_rows])
-            per_key = np.bincount(code[ends], minlength=k)
+            at, end = slot[ends], column[ends]
+            start = end - (length - 1)
+            view = np.lib.stride_tricks.sliding_window_view(self.values, length, axis=1)
+            out.windows.append(view[at, start].transpose(0, 2, 1))
+            out.start_ts.append(self.ts[at, start])
+            out.end_ts.append(self.ts[at, end])
+            out.first_offsets.append(self.offsets[at, start])
+            out.last_offsets.append(self.offsets[at, end])
+            per_key = np.bincount(code[ends], minlength=len(slots))
             with_windows = np.flatnonzero(per_key)
             out.keys.extend(names[j] for j in with_windows)
             out.counts.extend(per_key[with_windows].tolist())
             out.partitions.extend([partition] * len(with_windows))
+        last = np.cumsum(taken) - 1  # each key's latest reading (rows are grouped by key)
+        touched = np.flatnonzero(taken)
+        at = slots[touched]
+        self.fill[at] += taken[touched]
+        self.count[at] += taken[touched]
+        self.last_ts[at] = ts[last[touched]]
+        self.next_offset[at] = offsets[last[touched]] + 1
 
-        # each key keeps the readings from the start of its next window on
-        end = count + fresh_n
-        next_end = np.maximum(end, length - 1)
-        next_end += (-(next_end + 1 - length)) % stride
-        base = count - tail_n  # series position of each key's first combined row
-        keep_from = seg_start + np.maximum(0, next_end - length + 1 - base)
-        seg_end = (seg_start + seg_n).tolist()
-        for j, (tail, a, b, taken) in enumerate(
-            zip(tails, keep_from.tolist(), seg_end, fresh_n.tolist(), strict=True)
-        ):
-            if not taken:
-                continue
-            tail.values = all_values[a:b].copy()
-            tail.ts = all_ts[a:b].copy()
-            tail.offsets = all_offsets[a:b].copy()
-            tail.count = int(end[j])
-            tail.last_ts = int(all_ts[b - 1])
-            tail.next_offset = int(all_offsets[b - 1]) + 1
-        return late, duplicate
+    def _compact(self, slots: np.ndarray) -> None:
+        """Drop from these rows the readings no future window needs."""
+        drop = self._needed(slots)
+        columns = np.minimum(np.arange(self.capacity)[None, :] + drop[:, None], self.capacity - 1)
+        rows = slots[:, None]
+        self.values[slots] = self.values[rows, columns]
+        self.ts[slots] = self.ts[rows, columns]
+        self.offsets[slots] = self.offsets[rows, columns]
+        self.fill[slots] -= drop
 
-    @staticmethod
-    def _order(tails: list[KeyTail], code: np.ndarray, ts: np.ndarray):
-        """Readings (grouped by key) that are not later than everything before them of their
-        key: (late, duplicate, mask of the good ones or None when all are good)."""
-        previous = np.empty_like(ts)
-        last = np.array([t.last_ts for t in tails], np.int64)
-        first = np.ones(len(ts), bool)
-        first[1:] = code[1:] != code[:-1]
-        previous[first] = last[code[first]]
-        previous[~first] = ts[:-1][~first[1:]]
-        bad = ts <= previous
-        if not bad.any():
-            return _NONE, _NONE, None
-        # keys with a reading out of place: compare against the running maximum
-        for key in np.unique(code[bad]):
-            rows = np.flatnonzero(code == key)
-            seen = np.maximum.accumulate(np.concatenate([[last[key]], ts[rows]]))[:-1]
-            previous[rows] = seen
-        late = np.flatnonzero(ts < previous)
-        duplicate = np.flatnonzero(ts == previous)
-        return late, duplicate, ts > previous
+
+def _order(last_ts: np.ndarray, code: np.ndarray, ts: np.ndarray):
+    """Readings (grouped by key) that are not later than everything before them of their key:
+    (late, duplicate, mask of the good ones or None when all are good)."""
+    previous = np.empty_like(ts)
+    first = np.ones(len(ts), bool)
+    first[1:] = code[1:] != code[:-1]
+    previous[first] = last_ts[code[first]]
+    previous[~first] = ts[:-1][~first[1:]]
+    bad = ts <= previous
+    if not bad.any():
+        return _NONE, _NONE, None
+    # keys with a reading out of place: compare against the running maximum
+    for key in np.unique(code[bad]):
+        rows = np.flatnonzero(code == key)
+        previous[rows] = np.maximum.accumulate(np.concatenate([[last_ts[key]], ts[rows]]))[:-1]
+    late = np.flatnonzero(ts < previous)
+    duplicate = np.flatnonzero(ts == previous)
+    return late, duplicate, ts > previous

@@ -108,7 +108,6 @@ class WorkerStats:
     dropped: Counter = field(default_factory=Counter)
     alarms: Counter = field(default_factory=Counter)
     reloads: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
 
     def snapshot(self) -> dict:
         return {
@@ -465,11 +464,11 @@ class Worker:
         if self.emit_windows:
             chosen = np.arange(n) if self.settings.emit_all else np.flatnonzero(flags)
             if len(chosen):
-                self._emit_windows(pending, counts, scored, flags, chosen, start_ts, end_ts, now_ms)
+                self._emit_windows(pending, counts, scored, flags, chosen, start_ts, end_ts)
         if self.alarms is not None:
             self._update_alarms(pending, counts, scored, flags, start_ts, end_ts)
 
-    def _emit_windows(self, pending, counts, scored, flags, chosen, start_ts, end_ts, now_ms):
+    def _emit_windows(self, pending, counts, scored, flags, chosen, start_ts, end_ts):
         keys = np.repeat(np.asarray(pending.keys, dtype=object), counts)
         group = np.repeat(np.arange(len(counts)), counts)
         first_offsets = np.concatenate(pending.first_offsets)
@@ -512,11 +511,8 @@ class Worker:
                 "data": data,
             }
             self.sink.send(self.settings.output_topic, key=key.encode(), value=orjson.dumps(event))
-            self.stats.latencies_ms.append(now_ms - end_ms)
         self.stats.events_out += len(chosen)
         self.metrics.events.labels("anomaly").inc(len(chosen))
-        if len(self.stats.latencies_ms) > 100_000:
-            del self.stats.latencies_ms[:50_000]
 
     def _window_detail(self, scored, i: int, start_ms: int, end_ms: int) -> dict:
         names = self.detector.input.features
