@@ -177,3 +177,46 @@ def test_pre_cut_windows_are_scored_like_the_same_readings(detector):
     expected = detector.score(window[None].astype(np.float32)).scores[0]
     assert event["data"]["score"] == pytest.approx(expected, rel=1e-6)
     assert event["id"] == event_id(MODEL, "machine-009", 1000 + spec.length - 1)
+
+
+def test_windows_are_scored_before_another_turn_would_take_them_past_max_wait(detector):
+    """A turn of the loop (poll and decode) takes 8 ms of a fake clock here; with a 10 ms wait,
+    windows that became ready must not sit through a second turn (16 ms) before they are scored."""
+    stream = fleet(seed=3, readings_per_key=1500, anomalies=())
+    inner = FakeSource(partitioned(stream, "readings", 2), chunk=40)
+    clock = [0.0]
+
+    class SlowTurns:
+        records = inner.records
+
+        def poll(self, timeout_ms):
+            clock[0] += 0.008
+            return inner.poll(timeout_ms)
+
+        def commit(self, offsets):
+            inner.commit(offsets)
+
+    worker = Worker(
+        settings(max_wait_ms=10, commit_interval_ms=10**6, stop_after_idle_s=0.05),
+        detector,
+        MODEL,
+        FakeSink(),
+        MemoryStateStore(),
+        clock=lambda: clock[0],
+    )
+    waited = []
+    score = worker.score_pending
+
+    def timed_score():
+        if worker.pending_since is not None:
+            waited.append(clock[0] - worker.pending_since)
+        score()
+
+    worker.score_pending = timed_score
+    worker.attach(SlowTurns())
+    worker.on_assigned(set(inner.records))
+    stats = worker.run()
+    assert stats.windows_scored == len(flags_by_window(stream, detector)[0])
+    settled = waited[10:]  # once the loop has measured its turns
+    assert len(settled) > 20
+    assert max(settled) <= 0.010 + 1e-9, f"windows waited {max(settled) * 1000:.1f} ms"

@@ -6,6 +6,7 @@ load it and call `score`, so a window scores the same whichever path it takes.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -104,7 +105,9 @@ class Detector:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.model.state_dict().values())).device
+        # the first parameter or buffer (some baselines hold buffers only); asked once per batch,
+        # so without building a state dict
+        return next(itertools.chain(self.model.parameters(), self.model.buffers())).device
 
     def to(self, device: str | torch.device) -> Detector:
         self.model.to(resolve_device(device) if isinstance(device, str) else device)
