@@ -53,6 +53,9 @@ REBALANCE_POLL_MS = 1000
 # kafka-python backs off reconnecting exponentially, by default up to 30 s: after a broker
 # restart the worker would sit out most of that. Try again at least every second.
 RECONNECT_BACKOFF_MAX_MS = 1000
+# Producer linger: events are few and each one is awaited by someone; records that arrive while
+# a request is in flight are batched anyway.
+LINGER_MS = 1
 # How long a first connection may take before start-up fails with the reason.
 CONNECT_TIMEOUT_MS = 15_000
 CONNECT_ATTEMPT_MS = 3_000
@@ -212,7 +215,7 @@ class KafkaSink:
 
     transactional = False
 
-    def __init__(self, settings: WorkerSettings, *, linger_ms: int = 5, **extra) -> None:
+    def __init__(self, settings: WorkerSettings, *, linger_ms: int = LINGER_MS, **extra) -> None:
         self.producer = KafkaProducer(
             bootstrap_servers=settings.bootstrap_servers,
             client_id=settings.client_id,
@@ -255,7 +258,7 @@ class TransactionalSink(KafkaSink):
 
     transactional = True
 
-    def __init__(self, settings: WorkerSettings, *, linger_ms: int = 5) -> None:
+    def __init__(self, settings: WorkerSettings, *, linger_ms: int = LINGER_MS) -> None:
         super().__init__(
             settings,
             linger_ms=linger_ms,
