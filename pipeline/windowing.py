@@ -67,35 +67,36 @@ class StreamWindower:
         self._partitions: list[TopicPartition | None] = []
         self._free: list[int] = []
         self._restored: dict[str, tuple[TopicPartition, int, int, int]] = {}
-        self._grow(0)
+        # per slot: its row of readings, and (filled in when a key takes the slot) its state
+        self.values = np.zeros((0, self.capacity, n_features), np.float32)
+        self.ts = np.zeros((0, self.capacity), np.int64)
+        self.offsets = np.zeros((0, self.capacity), np.int64)
+        self.fill = np.zeros(0, np.int64)  # readings held in the row
+        self.count = np.zeros(0, np.int64)  # series position the next reading gets
+        self.next_offset = np.zeros(0, np.int64)  # offset after the latest reading taken
+        self.skip_before = np.zeros(0, np.int64)  # offsets below were processed before a restart
+        self.replay_until = np.zeros(0, np.int64)  # windows ending before it were emitted
+        self.last_ts = np.zeros(0, np.int64)
+
+    _PER_SLOT = (
+        "values",
+        "ts",
+        "offsets",
+        "fill",
+        "count",
+        "next_offset",
+        "skip_before",
+        "replay_until",
+        "last_ts",
+    )
 
     def _grow(self, size: int) -> None:
-        """Room for `size` slots (existing ones keep their contents)."""
+        """Room for `size` slots; existing ones keep their contents."""
         old = len(self._keys)
-        if size <= old and old:
-            return
-
-        def extend(array, fill):
-            shape = (size - old, *array.shape[1:])
-            return np.concatenate([array, np.full(shape, fill, array.dtype)])
-
-        if not old:
-            c, f = self.capacity, self.n_features
-            self.values = np.zeros((0, c, f), np.float32)
-            self.ts = np.zeros((0, c), np.int64)
-            self.offsets = np.zeros((0, c), np.int64)
-            for name in ("fill", "count", "next_offset", "skip_before", "replay_until"):
-                setattr(self, name, np.zeros(0, np.int64))
-            self.last_ts = np.zeros(0, np.int64)
-        self.values = extend(self.values, 0)
-        self.ts = extend(self.ts, 0)
-        self.offsets = extend(self.offsets, 0)
-        self.fill = extend(self.fill, 0)  # readings held in the slot's row
-        self.count = extend(self.count, 0)  # series position the next reading gets
-        self.next_offset = extend(self.next_offset, 0)  # offset after the latest reading taken
-        self.skip_before = extend(self.skip_before, -1)  # processed before a restart
-        self.replay_until = extend(self.replay_until, 0)  # windows ending before: emitted
-        self.last_ts = extend(self.last_ts, _NO_TS)
+        for name in self._PER_SLOT:
+            array = getattr(self, name)
+            more = np.zeros((size - old, *array.shape[1:]), array.dtype)
+            setattr(self, name, np.concatenate([array, more]))
         self._free.extend(range(size - 1, old - 1, -1))
         self._keys.extend([None] * (size - old))
         self._partitions.extend([None] * (size - old))

@@ -120,7 +120,7 @@ def _by_key(out: ReadyWindows) -> dict[str, list]:
 def test_many_keys_in_any_chunks_give_the_reading_by_reading_windows(length, stride, disorder):
     spec = WindowSpec(length, stride)
     rng = np.random.default_rng(length + stride)
-    keys, ts, values, offsets = _stream(rng, 3000, 13, disorder)
+    keys, ts, values, offsets = _stream(rng, 4000, 40, disorder)
     expected, late_ref, duplicate_ref = _reference(spec, keys, ts, values)
     windower, out = StreamWindower(spec, 3), ReadyWindows()
     late, duplicate, start = [], [], 0
@@ -179,3 +179,24 @@ def test_many_keys_restart_at_any_cut_without_losing_or_repeating_a_window():
             np.testing.assert_array_equal(
                 np.stack([r[3] for r in got[key]]), np.stack([r[3] for r in rows])
             )
+
+
+def test_forgotten_partitions_free_their_keys_and_others_keep_their_windows():
+    spec = WindowSpec(4, 2)
+    other = ("readings", 1)
+    rng = np.random.default_rng(3)
+    keys, ts, values, offsets = _stream(rng, 400, 20, 0.0)
+    windower = StreamWindower(spec, 3)
+    windower.push(PARTITION, keys, ts, values, offsets, ReadyWindows())
+    windower.push(other, ["b"] * 5, ts[:5], values[:5], offsets[:5], ReadyWindows())
+    windower.forget({PARTITION})
+    assert windower.resume_points(PARTITION) == {} and windower.oldest_needed(PARTITION) is None
+    # a key of the forgotten partition starts afresh (a slot freed by another key may serve it)
+    again = ReadyWindows()
+    windower.push(PARTITION, ["k0"] * 4, ts[:4], values[:4], offsets[:4], again)
+    assert again.counts == [1] and np.array_equal(again.windows[0][0], values[:4])
+    # the other partition's key continues where it was: position 5 ends its next window
+    more = ReadyWindows()
+    windower.push(other, ["b"] * 2, ts[5:7], values[5:7], offsets[5:7], more)
+    assert more.counts == [1]
+    np.testing.assert_array_equal(more.windows[0][0], values[2:6])
