@@ -19,7 +19,6 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -34,6 +33,7 @@ from benchmarks.common import broker_and_workdir, md_table, write_results
 def worker_command(bootstrap: str, model: str, group: str, topic: str, out: str) -> list[str]:
     """`aewatch worker` on the CPU with JSON logs and no HTTP port."""
     from pipeline.config import WorkerSettings
+    from pipeline.worker_cli import worker_command
 
     settings = WorkerSettings(
         model=model,
@@ -45,9 +45,7 @@ def worker_command(bootstrap: str, model: str, group: str, topic: str, out: str)
         device="cpu",
         http_port=-1,
     )
-    return [sys.executable, "-m", "pipeline.cli", "--log-format", "json", "worker"] + (
-        settings.to_argv()
-    )
+    return worker_command(settings)
 
 
 def _committed(admin, group: str) -> int:

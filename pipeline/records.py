@@ -91,51 +91,47 @@ class RecordDecoder:
             data = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
             return Rejection("decode_error", str(exc)[:200])
-        if data.__class__ is dict:
-            # the common reading, {"key": str, "ts": epoch ms, "values": {...}}, in few steps;
-            # any other shape takes the field-by-field checks below, with the same outcome
-            key, values, ts = data.get("key"), data.get("values"), data.get("ts")
-            if (
-                key.__class__ is str
-                and values.__class__ is dict
-                and ts.__class__ is int
-                and (message_key is None or message_key == key.encode())
-            ):
-                return self._row(key, ts, values)
-        if not isinstance(data, dict):
+        if data.__class__ is not dict:
             return Rejection("schema_mismatch", "not a JSON object")
+        # the common reading ({"key": str, "ts": epoch ms, "values": {...}}) passes each check
+        # with one class comparison; anything else is looked at more closely
         key = data.get("key")
+        if key.__class__ is not str:
+            key = self._entity_key(key, message_key)
+            if key.__class__ is Rejection:
+                return key
+        if message_key is not None and message_key != key.encode():
+            return Rejection("schema_mismatch", "JSON 'key' differs from the message key")
+        values = data.get("values")
+        if values.__class__ is dict:
+            return self._reading(key, data, values)
+        if values.__class__ is list:
+            return self._window(key, data, values)
+        return Rejection("schema_mismatch", "'values' must be an object or a list of rows")
+
+    @staticmethod
+    def _entity_key(key, message_key: bytes | None) -> str | Rejection:
+        """A JSON key that is not a string: absent (the message key stands in) or a number."""
         if key is None:
             if not message_key:
                 return Rejection("schema_mismatch", "no entity key (JSON 'key' or message key)")
             try:
-                key = message_key.decode()
+                return message_key.decode()
             except UnicodeDecodeError:
                 return Rejection("schema_mismatch", "message key is not UTF-8")
-        elif not isinstance(key, str | int) or isinstance(key, bool):
+        if not isinstance(key, int) or isinstance(key, bool):
             return Rejection("schema_mismatch", "'key' must be a string")
-        key = str(key)
-        if message_key is not None and message_key != key.encode():
-            return Rejection("schema_mismatch", "JSON 'key' differs from the message key")
-        values = data.get("values")
-        if isinstance(values, dict):
-            return self._reading(key, data, values)
-        if isinstance(values, list):
-            return self._window(key, data, values)
-        return Rejection("schema_mismatch", "'values' must be an object or a list of rows")
+        return str(key)
 
     def _reading(self, key: str, data: dict, values: dict) -> Decoded | Rejection:
         ts = data.get("ts")
-        if type(ts) is not int:  # epoch ms is the fast path; anything else is parsed
+        if ts.__class__ is not int:  # epoch ms is the common case; anything else is parsed
             if ts is None:
                 return Rejection("bad_timestamp", "no 'ts'")
             try:
                 ts = parse_timestamp_ms(ts)
             except (ValueError, OverflowError, OSError) as exc:
                 return Rejection("bad_timestamp", str(exc)[:200])
-        return self._row(key, ts, values)
-
-    def _row(self, key: str, ts: int, values: dict) -> Decoded | Rejection:
         try:
             row = [values[name] for name in self.features]
         except KeyError as exc:

@@ -127,6 +127,16 @@ class StreamWindower:
         first = count - self.fill[slots]  # series position of column 0
         return np.clip(next_end - length + 1 - first, 0, self.fill[slots])
 
+    def _oldest(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per slot: whether it holds a reading a future window needs, the position and the
+        offset of the oldest such reading (else of the next reading to come)."""
+        needed, fill, count = self._needed(slots), self.fill[slots], self.count[slots]
+        held = needed < fill
+        position = np.where(held, count - fill + needed, count)
+        column = np.minimum(needed, self.capacity - 1)
+        offset = np.where(held, self.offsets[slots, column], self.next_offset[slots])
+        return held, position, offset
+
     # -- restart state ---------------------------------------------------------------------------
     def restore(self, partition: TopicPartition, resume: dict[str, tuple]) -> None:
         """Resume points (position, offset, done) of a partition's keys, from the state topic."""
@@ -150,12 +160,8 @@ class StreamWindower:
         slots = self._of(partition)
         if not len(slots):
             return points
-        needed, fill, count = self._needed(slots), self.fill[slots], self.count[slots]
-        held = needed < fill
-        position = np.where(held, count - fill + needed, count)
-        offset = np.where(held, self.offsets[slots, np.minimum(needed, self.capacity - 1)], 0)
-        offset = np.where(held, offset, self.next_offset[slots])
-        done = np.maximum(count, self.replay_until[slots])
+        _, position, offset = self._oldest(slots)
+        done = np.maximum(self.count[slots], self.replay_until[slots])
         for slot, p, o, d in zip(
             slots.tolist(), position.tolist(), offset.tolist(), done.tolist(), strict=True
         ):
@@ -171,11 +177,9 @@ class StreamWindower:
         heads = [off for tp, _, off, _ in self._restored.values() if tp == partition]
         slots = self._of(partition)
         if len(slots):
-            needed, fill = self._needed(slots), self.fill[slots]
-            held = needed < fill
-            heads += self.offsets[slots[held], needed[held]].tolist()
-            replaying = ~held & (self.replay_until[slots] > self.count[slots])
-            heads += self.next_offset[slots[replaying]].tolist()
+            held, _, offset = self._oldest(slots)
+            replaying = self.replay_until[slots] > self.count[slots]
+            heads += offset[held | replaying].tolist()
         return min(heads) if heads else None
 
     def forget(self, partitions: set[TopicPartition]) -> None:

@@ -270,7 +270,6 @@ class Worker:
         gc.freeze()
         idle_since = self.clock()
         interval = self.settings.commit_interval_ms / 1000.0
-        wait = self.settings.max_wait_ms / 1000.0
         try:
             while not self._stop:
                 if self.follower is not None:
@@ -280,8 +279,7 @@ class Worker:
                 started = self.clock()
                 timeout_ms = IDLE_POLL_MS
                 if self.pending_since is not None:
-                    left = wait - (started - self.pending_since) - self._turn_s
-                    timeout_ms = max(0, int(left * 1000))
+                    timeout_ms = max(0, int(self._left_s(started) * 1000))
                 polled = self.source.poll(timeout_ms)
                 now = self.last_turn = self.clock()
                 if polled or self._assigned_at > idle_since:  # input, or a new assignment
@@ -290,8 +288,7 @@ class Worker:
                     self.process(polled)
                     self._turn_s += TURN_SMOOTHING * (self.clock() - started - self._turn_s)
                 if self.pending_since is not None and (
-                    len(self.pending) >= self.settings.max_batch
-                    or self.clock() - self.pending_since + self._turn_s >= wait
+                    len(self.pending) >= self.settings.max_batch or self._left_s(self.clock()) <= 0
                 ):
                     self.score_pending()
                 if now - self._last_checkpoint >= interval:
@@ -309,6 +306,11 @@ class Worker:
                     self._scorer.shutdown(wait=False)
                     self._scorer = None
         return self.stats
+
+    def _left_s(self, now: float) -> float:
+        """How long the pending windows may still wait for more to join their batch: their
+        `max_wait_ms`, less one more turn of the loop."""
+        return self.settings.max_wait_ms / 1000.0 - (now - self.pending_since) - self._turn_s
 
     def process(self, polled: dict[Partition, list]) -> None:
         """Decode and window one poll's records."""

@@ -6,11 +6,12 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import time
 
 from pipeline.config import WorkerSettings, add_worker_arguments, settings_from_args
 
-__all__ = ["build_worker", "close_worker", "register_worker"]
+__all__ = ["build_worker", "close_worker", "register_worker", "worker_command"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,14 @@ def register_worker(subparsers: argparse._SubParsersAction) -> None:
     )
     add_worker_arguments(parser)
     parser.set_defaults(handler=_run_worker)
+
+
+def worker_command(settings: WorkerSettings, *, log_format: str = "json") -> list[str]:
+    """The command line of `aewatch worker` with these settings, in this Python (secrets are
+    left to AEWATCH_ variables, see `WorkerSettings.to_argv`)."""
+    return [sys.executable, "-m", "pipeline.cli", "--log-format", log_format, "worker"] + (
+        settings.to_argv()
+    )
 
 
 def build_worker(settings: WorkerSettings):

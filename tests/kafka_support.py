@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -12,7 +11,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from pipeline.config import WorkerSettings
 from pipeline.simulate import FleetStream
-from pipeline.worker_cli import build_worker, close_worker
+from pipeline.worker_cli import build_worker, close_worker, worker_command
 
 
 def names(prefix: str) -> dict:
@@ -104,18 +103,8 @@ def worker_process(
         commit_interval_ms=300,
         max_poll_records=500,
     )
-    args = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "--log-format",
-        "json",
-        "worker",
-        *settings.to_argv(),
-        *extra,
-    ]
     return subprocess.Popen(
-        args,
+        [*worker_command(settings), *extra],
         stdout=open(log, "ab"),  # noqa: SIM115 - the child owns it
         stderr=subprocess.STDOUT,
         start_new_session=True,
