@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import md_table, write_results
-from pipeline.synthetic import write_parquet_series
+from pipeline.tools.synthetic import write_parquet_series
 from training.streamed import parquet_decoded_bytes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ WARMUP_S = 3.0
 
 def _fleet(keys: int, per_key: int, skip: int = HISTORY):
     """The machines' readings after `skip` (the same machines the model was trained on)."""
-    from pipeline.simulate import simulate_fleet
+    from pipeline.tools.simulate import simulate_fleet
 
     return simulate_fleet(
         keys=keys, readings_per_key=per_key, features=FEATURES, anomalies=(), seed=0, skip=skip
@@ -136,8 +136,8 @@ def raw_ceiling(bootstrap: str, topic: str, total: int) -> float:
 
 
 def worker_rate(bootstrap: str, topic: str, total: int, model: Path, tag: str) -> tuple:
-    from pipeline.config import WorkerSettings
-    from pipeline.worker_cli import build_worker, close_worker
+    from pipeline.worker.cli import build_worker, close_worker
+    from pipeline.worker.settings import WorkerSettings
 
     settings = WorkerSettings(
         model=str(model),
@@ -224,7 +224,7 @@ def _live_readings(rate: float, seconds: float, keys: int):
     is patched at send time, and each key's partition (computed once)."""
     from kafka.partitioner.default import murmur2
 
-    from pipeline.simulate import simulate_fleet
+    from pipeline.tools.simulate import simulate_fleet
 
     stream = simulate_fleet(
         keys=keys,
@@ -460,9 +460,9 @@ def latency(
 ) -> dict:
     """Worker in this process; the load generator, which also times the events, in a process of
     its own. The stream runs `warmup` seconds before the `seconds` whose events are measured."""
-    from pipeline.config import WorkerSettings
-    from pipeline.kafka_io import ensure_topics
-    from pipeline.worker_cli import build_worker, close_worker
+    from pipeline.kafka_io.kafka_python import ensure_topics
+    from pipeline.worker.cli import build_worker, close_worker
+    from pipeline.worker.settings import WorkerSettings
 
     tag = uuid.uuid4().hex[:6]
     topic, out = f"live-{tag}", f"live-{tag}-events"
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from pipeline.kafka_io import ensure_topics
+    from pipeline.kafka_io.kafka_python import ensure_topics
 
     with broker_and_workdir("aewatch-bench") as (bootstrap, root):
         model = train_model(root, args.keys)

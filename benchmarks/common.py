@@ -92,7 +92,7 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 def broker_and_workdir(prefix: str) -> Iterator[tuple[str, Path]]:
     """`KAFKA_BOOTSTRAP_SERVERS`, or a local broker started (and stopped) here; and a fresh
     working folder under TMPDIR."""
-    from pipeline.local_broker import LocalKafkaBroker
+    from pipeline.tools.local_broker import LocalKafkaBroker
 
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     broker = None

@@ -64,7 +64,7 @@ def kafka_bootstrap() -> Iterator[str]:
             yield container.get_bootstrap_server()
         return
     from pipeline.errors import BrokerError
-    from pipeline.local_broker import LocalKafkaBroker
+    from pipeline.tools.local_broker import LocalKafkaBroker
 
     broker = LocalKafkaBroker()
     try:
@@ -131,7 +131,7 @@ def mlflow_embedded(tmp_path: Path) -> Iterator[str]:
 
 
 def _start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
-    from pipeline.local_broker import free_port
+    from pipeline.tools.local_broker import free_port
 
     port = free_port()
     env = dict(

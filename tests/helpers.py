@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.synthetic import Injection, inject, normal_series
+from pipeline.tools.synthetic import Injection, inject, normal_series
 
 
 def series_frame(

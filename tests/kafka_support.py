@@ -9,9 +9,9 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from pipeline.config import WorkerSettings
-from pipeline.simulate import FleetStream
-from pipeline.worker_cli import build_worker, close_worker, worker_command
+from pipeline.tools.simulate import FleetStream
+from pipeline.worker.cli import build_worker, close_worker, worker_command
+from pipeline.worker.settings import WorkerSettings
 
 
 def names(prefix: str) -> dict:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from pipeline.alarms import ALARM_NAMESPACE, AlarmRules, AlarmTracker
 from pipeline.errors import ConfigError
+from pipeline.worker.alarms import ALARM_NAMESPACE, AlarmRules, AlarmTracker
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 SPAN = 63_000  # 64 one-second readings per window

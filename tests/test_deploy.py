@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser
-from pipeline.config import SETTINGS, settings_from_args
+from pipeline.worker.settings import SETTINGS, settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"

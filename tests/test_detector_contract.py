@@ -20,7 +20,7 @@ from pipeline.detector import (
     save_detector,
     sliding_windows,
 )
-from pipeline.synthetic import normal_series
+from pipeline.tools.synthetic import normal_series
 from tests.helpers import anomalous_windows
 from training.fit import FitConfig, fit
 from training.objectives import make_objective

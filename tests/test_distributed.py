@@ -11,7 +11,7 @@ import torch
 from pipeline.cli import main
 from pipeline.detector import load_detector
 from pipeline.errors import ConfigError, DistributedError
-from pipeline.synthetic import write_parquet_series
+from pipeline.tools.synthetic import write_parquet_series
 from tests.helpers import write_series_csv
 from training.cli import build_train_parser, launch_settings_from_args, settings_from_args
 from training.distributed import LaunchSettings, RankContext, launch

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.events import ModelIdentity
-from pipeline.images import encode_image_record
-from pipeline.records import REASONS
-from pipeline.state import MemoryStateStore
-from pipeline.worker import Worker
+from pipeline.modalities.images import encode_image_record
+from pipeline.modalities.readings import REASONS
+from pipeline.worker.loop import Worker
+from pipeline.worker.state import MemoryStateStore
 from tests.worker_support import (
     FEATURES,
     FakeSink,
@@ -123,7 +123,7 @@ def _not_json(text: str) -> bool:
 
 
 def _not_a_time(text: str) -> bool:
-    from pipeline.records import parse_timestamp_ms
+    from pipeline.modalities.readings import parse_timestamp_ms
 
     try:
         parse_timestamp_ms(text)

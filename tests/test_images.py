@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline.images import (
+from pipeline.modalities.images import (
     IMAGE_REASONS,
     DecodedImage,
     ImageDecoder,
@@ -19,7 +19,7 @@ from pipeline.images import (
     error_map_png,
     top_regions,
 )
-from pipeline.records import REASONS, Rejection
+from pipeline.modalities.readings import REASONS, Rejection
 
 GREY = (1, 8, 8)
 RGB = (3, 8, 8)

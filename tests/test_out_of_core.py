@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.detector import Scaler, ScalerFit, WindowSpec, cut_windows
 from pipeline.errors import ConfigError, DataError
-from pipeline.synthetic import write_parquet_series
+from pipeline.tools.synthetic import write_parquet_series
 from training.data import load_series, split_series
 from training.job import TrainSettings, series_groups
 from training.streamed import SeriesStream, parquet_decoded_bytes

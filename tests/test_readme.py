@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import settings_table
+from pipeline.worker.settings import settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

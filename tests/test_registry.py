@@ -17,8 +17,8 @@ import pytest
 import requests
 
 from pipeline.errors import ArtifactError
-from pipeline.local_broker import free_port
-from pipeline.registry import TAG_PREFIX, load_model
+from pipeline.registry.client import TAG_PREFIX, load_model
+from pipeline.tools.local_broker import free_port
 from tests.helpers import labelled_series_csv, register_result, train_series_detector
 from training.inputs import load_for
 from training.promote import apply_promotion, compare, rollback

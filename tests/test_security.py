@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pipeline.cli import main
-from pipeline.kafka_io import KafkaConnectError, ensure_topics
-from pipeline.local_broker import LocalKafkaBroker, free_port
-from pipeline.worker_cli import build_worker, close_worker
+from pipeline.kafka_io.kafka_python import KafkaConnectError, ensure_topics
+from pipeline.tools.local_broker import LocalKafkaBroker, free_port
+from pipeline.worker.cli import build_worker, close_worker
 from tests.helpers import metric_values
 from tests.kafka_support import consume, names, worker_settings
 from tests.worker_support import FEATURES, train_fleet_detector

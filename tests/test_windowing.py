@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.detector import WindowSpec
-from pipeline.state import decode_state, encode_state
-from pipeline.windowing import ReadyWindows, StreamWindower
+from pipeline.modalities.windowing import ReadyWindows, StreamWindower
+from pipeline.worker.state import decode_state, encode_state
 
 PARTITION = ("readings", 0)
 

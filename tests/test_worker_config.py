@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from pipeline.config import WorkerSettings, add_worker_arguments, settings_from_args
 from pipeline.errors import ConfigError
+from pipeline.worker.settings import WorkerSettings, add_worker_arguments, settings_from_args
 
 
 def _settings(argv: list[str], environ: dict | None = None):

@@ -7,8 +7,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from pipeline.events import ModelIdentity, event_id, event_schema
-from pipeline.state import MemoryStateStore
-from pipeline.worker import Worker
+from pipeline.worker.loop import Worker
+from pipeline.worker.state import MemoryStateStore
 from tests.worker_support import (
     FakeSink,
     FakeSource,

@@ -8,9 +8,9 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from pipeline.events import ALARM_SCHEMA, ModelIdentity, event_schema
-from pipeline.registry import ModelRef
-from pipeline.state import MemoryStateStore
-from pipeline.worker import Worker
+from pipeline.registry.client import ModelRef
+from pipeline.worker.loop import Worker
+from pipeline.worker.state import MemoryStateStore
 from tests.helpers import metric_values
 from tests.worker_support import (
     FakeSink,

@@ -19,10 +19,10 @@ from jsonschema import Draft202012Validator
 from PIL import Image
 
 from pipeline.events import ALARM_SCHEMA, event_id, event_schema
-from pipeline.images import encode_image_record
-from pipeline.local_broker import free_port
-from pipeline.registry import resolve_model
-from pipeline.worker_cli import build_worker, close_worker
+from pipeline.modalities.images import encode_image_record
+from pipeline.registry.client import resolve_model
+from pipeline.tools.local_broker import free_port
+from pipeline.worker.cli import build_worker, close_worker
 from tests.helpers import metric_values
 from tests.kafka_support import (
     consume,

@@ -22,11 +22,11 @@ from mlflow import MlflowClient
 
 from pipeline.detector import artifact
 from pipeline.detector.artifact import sha256_file
-from pipeline.http_server import WorkerHttpServer
-from pipeline.local_broker import free_port
-from pipeline.registry import load_model
-from pipeline.reload import ModelFollower
-from pipeline.worker_cli import build_worker, close_worker
+from pipeline.registry.client import load_model
+from pipeline.registry.follower import ModelFollower
+from pipeline.tools.local_broker import free_port
+from pipeline.worker.cli import build_worker, close_worker
+from pipeline.worker.http_server import WorkerHttpServer
 from tests.helpers import HostilePickle, metric_values, register_result, wait_until
 from tests.kafka_support import consume, names, produce, stream_items, worker_settings
 from tests.worker_support import flags_by_window, fleet, train_fleet_detector

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import WorkerSettings
-from pipeline.simulate import FleetStream, simulate_fleet
+from pipeline.tools.simulate import FleetStream, simulate_fleet
+from pipeline.worker.settings import WorkerSettings
 
 FEATURES = 4
 FLEET_KEYS = 6

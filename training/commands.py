@@ -52,7 +52,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_from_args(args: argparse.Namespace, *, require_calibrated: bool = True):
     """The detector and its `ModelRef` that `--model` names, resolved as the worker does."""
-    from pipeline.registry import load_model
+    from pipeline.registry.client import load_model
     from training.cli import tracking_uri_from
 
     return load_model(
@@ -184,7 +184,7 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
     import mlflow
 
     from pipeline.detector import save_detector
-    from pipeline.registry import TAG_PREFIX, parse_model_uri
+    from pipeline.registry.client import TAG_PREFIX, parse_model_uri
     from training.calibrate import estimate_fpr, make_calibrator
     from training.cli import tracking_uri_from
     from training.inputs import load_for

@@ -105,7 +105,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         if not bootstrap:
-            from pipeline.local_broker import LocalKafkaBroker
+            from pipeline.tools.local_broker import LocalKafkaBroker
 
             _say("starting a local Kafka broker (deploy/kafka) ...")
             broker = LocalKafkaBroker().start()
@@ -126,7 +126,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 # -- series ---------------------------------------------------------------------------------------
 def _series_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     from pipeline.cli import main as cli
-    from pipeline.simulate import simulate_fleet, write_csv
+    from pipeline.tools.simulate import simulate_fleet, write_csv
 
     sensors = SENSORS[: args.sensors]
     kinds = tuple(k for k in args.anomalies.split(",") if k)
@@ -173,7 +173,7 @@ def _series_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
 
 def _live_fleet(args, sensors, kinds, readings: int, *, anomaly_seed: int):
     """The same machines after their training history, with one anomaly of each kind."""
-    from pipeline.simulate import simulate_fleet
+    from pipeline.tools.simulate import simulate_fleet
 
     return simulate_fleet(
         keys=args.keys,
@@ -201,10 +201,10 @@ def _champion(tracking_uri: str) -> str:
 
 
 def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
-    from pipeline.alerts import format_event
-    from pipeline.config import WorkerSettings
-    from pipeline.kafka_io import ensure_topics
-    from pipeline.worker_cli import build_worker, close_worker
+    from pipeline.kafka_io.kafka_python import ensure_topics
+    from pipeline.tools.alerts import format_event
+    from pipeline.worker.cli import build_worker, close_worker
+    from pipeline.worker.settings import WorkerSettings
 
     _quiet_logs()
     tag = uuid.uuid4().hex[:6]
@@ -425,7 +425,7 @@ def _series_report(path: Path, stream, live, tracking_uri: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.registry import load_model
+    from pipeline.registry.client import load_model
 
     detector, _ = load_model(f"models:/{MODEL_NAME}@champion", tracking_uri=tracking_uri)
     sent = live["sent_ts"]
@@ -471,10 +471,10 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     from sklearn.datasets import load_digits
 
     from pipeline.cli import main as cli
-    from pipeline.config import WorkerSettings
-    from pipeline.images import encode_image_record
-    from pipeline.kafka_io import ensure_topics
-    from pipeline.worker_cli import build_worker, close_worker
+    from pipeline.kafka_io.kafka_python import ensure_topics
+    from pipeline.modalities.images import encode_image_record
+    from pipeline.worker.cli import build_worker, close_worker
+    from pipeline.worker.settings import WorkerSettings
 
     name = "demo-digits"
     _say("\n1. training a convolutional autoencoder on scikit-learn digits: 0 is normal")

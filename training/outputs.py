@@ -14,7 +14,7 @@ import pandas as pd
 
 from pipeline.detector import Scaler
 from pipeline.errors import ConfigError
-from pipeline.images import encode_image_record
+from pipeline.modalities.images import encode_image_record
 
 __all__ = [
     "TABLE_SUFFIXES",

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from pipeline.detector import Detector
 from pipeline.errors import RegistryError
-from pipeline.registry import TAG_PREFIX, load_model
+from pipeline.registry.client import TAG_PREFIX, load_model
 from training.calibrate import estimate_fpr
 from training.evaluate import decision_metrics, ranking_metrics
 from training.register import CHALLENGER, CHAMPION

@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 
 from pipeline import __version__
-from pipeline import mlflow_model as _model_code
 from pipeline.detector import Detector, read_manifest
-from pipeline.registry import TAG_PREFIX
+from pipeline.registry import pyfunc as _model_code
+from pipeline.registry.client import TAG_PREFIX
 from training import plots
 from training.job import PreparedData, TrainResult
 from training.out_of_core import StreamedData

@@ -21,9 +21,9 @@ the sink is transactional: what a checkpoint interval produced (events, dead let
 the offsets it commits form one transaction, so a `read_committed` consumer sees each event once.
 
 Between two batches the loop may swap in a new model version that the follower (see
-`pipeline.reload`) has downloaded and checked; windows waiting at that moment are scored by the old
+`pipeline.registry.follower`) has downloaded and checked; windows waiting at that moment are scored by the old
 version first, so no batch mixes versions. Scored windows feed the alarm tracker (see
-`pipeline.alarms`), whose state is saved with the window positions at each checkpoint.
+`pipeline.worker.alarms`), whose state is saved with the window positions at each checkpoint.
 Image detectors take one image per record instead of windows.
 """
 
@@ -40,8 +40,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from pipeline.alarms import AlarmTracker, AlarmTransition
-from pipeline.config import WorkerSettings
 from pipeline.detector import Detector
 from pipeline.errors import CommitRejected
 from pipeline.events import (
@@ -52,9 +50,11 @@ from pipeline.events import (
     event_id,
     iso_ms,
 )
-from pipeline.metrics import WorkerMetrics
-from pipeline.records import Decoded, RecordDecoder, Rejection, finite_rows
-from pipeline.windowing import ReadyWindows, StreamWindower
+from pipeline.modalities.readings import Decoded, RecordDecoder, Rejection, finite_rows
+from pipeline.modalities.windowing import ReadyWindows, StreamWindower
+from pipeline.worker.alarms import AlarmTracker, AlarmTransition
+from pipeline.worker.metrics import WorkerMetrics
+from pipeline.worker.settings import WorkerSettings
 
 __all__ = ["Worker", "WorkerStats"]
 
@@ -157,7 +157,7 @@ class Worker:
             )
             self.windower = StreamWindower(spec, len(detector.input.features))
         else:
-            from pipeline.images import ImageDecoder
+            from pipeline.modalities.images import ImageDecoder
 
             self.decoder = ImageDecoder(detector.input.image_shape, settings.max_record_bytes)
             self.windower = _NoWindows()
@@ -545,7 +545,7 @@ class Worker:
         }
 
     def _image_detail(self, pixel_errors: np.ndarray, ts_ms: int) -> dict:
-        from pipeline.images import error_map_png, top_regions
+        from pipeline.modalities.images import error_map_png, top_regions
 
         channels, height, width = self.detector.input.image_shape
         return {

@@ -27,8 +27,8 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.config import WorkerSettings
 from pipeline.errors import AewatchError, CommitRejected
+from pipeline.worker.settings import WorkerSettings
 
 __all__ = [
     "DeliveryError",

@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.detector import Detector
 from pipeline.errors import AewatchError, RegistryError
-from pipeline.registry import ModelRef, fail_fast_http, load_model, parse_model_uri
+from pipeline.registry.client import ModelRef, fail_fast_http, load_model, parse_model_uri
 
 __all__ = ["ModelFollower", "check_compatible"]
 

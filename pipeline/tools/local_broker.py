@@ -34,7 +34,7 @@ __all__ = ["DEFAULT_KAFKA_HOME", "LocalKafkaBroker", "free_port", "resolve_jars"
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KAFKA_HOME = Path(__file__).resolve().parents[1] / "deploy" / "kafka"
+DEFAULT_KAFKA_HOME = Path(__file__).resolve().parents[2] / "deploy" / "kafka"
 _STAMP = ".resolved"
 
 

@@ -14,7 +14,7 @@ Ordering policy: per key, timestamps must increase. A reading older than the key
 
 Restart: a key's resume point is the position and offset of the oldest reading it still needs,
 and the position after the latest reading it took (windows ending before it were emitted).
-Stored with each commit (see `pipeline.state`), it lets a restarted worker skip what was already
+Stored with each commit (see `pipeline.worker.state`), it lets a restarted worker skip what was already
 processed and continue the same series positions, so windows, and event ids, are the same.
 """
 

@@ -267,7 +267,7 @@ class WorkerSettings:
         return self.transactional_id or f"{self.group_id}.{instance}"
 
     def alarm_rules(self):
-        from pipeline.alarms import AlarmRules
+        from pipeline.worker.alarms import AlarmRules
 
         return AlarmRules(
             k=self.alarm_k,

@@ -47,7 +47,7 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from pipeline.records import REASONS, Rejection, parse_timestamp_ms
+from pipeline.modalities.readings import REASONS, Rejection, parse_timestamp_ms
 
 __all__ = [
     "IMAGE_REASONS",

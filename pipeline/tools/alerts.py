@@ -8,7 +8,7 @@ import time
 
 import orjson
 
-from pipeline.config import add_client_security_arguments, client_security
+from pipeline.worker.settings import add_client_security_arguments, client_security
 
 __all__ = ["format_event", "register_alerts"]
 
@@ -66,7 +66,7 @@ def register_alerts(subparsers: argparse._SubParsersAction) -> None:
 def _run_alerts(args: argparse.Namespace) -> int:
     from kafka import KafkaConsumer
 
-    from pipeline.kafka_io import check_connection
+    from pipeline.kafka_io.kafka_python import check_connection
 
     security = client_security(args)
     check_connection(args.bootstrap_servers, security)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from pipeline.config import add_client_security_arguments, client_security
 from pipeline.errors import ConfigError
-from pipeline.synthetic import ANOMALY_KINDS, Injection, inject, normal_series
+from pipeline.tools.synthetic import ANOMALY_KINDS, Injection, inject, normal_series
+from pipeline.worker.settings import add_client_security_arguments, client_security
 
 __all__ = ["FleetStream", "TruthRow", "register_simulate", "simulate_fleet"]
 
@@ -240,7 +240,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         return 0
     from kafka import KafkaProducer
 
-    from pipeline.kafka_io import check_connection
+    from pipeline.kafka_io.kafka_python import check_connection
 
     security = client_security(args)
     check_connection(args.bootstrap_servers, security)

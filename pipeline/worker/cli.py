@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from pipeline.config import WorkerSettings, add_worker_arguments, settings_from_args
+from pipeline.worker.settings import WorkerSettings, add_worker_arguments, settings_from_args
 
 __all__ = ["build_worker", "close_worker", "register_worker", "worker_command"]
 
@@ -39,11 +39,11 @@ def worker_command(settings: WorkerSettings, *, log_format: str = "json") -> lis
 def build_worker(settings: WorkerSettings):
     """Load the model, make sure the topics exist, and wire the worker to Kafka, the registry
     (hot reload) and its HTTP port. Call `close_worker` when it has stopped."""
-    from pipeline import kafka_io
-    from pipeline.metrics import WorkerMetrics
-    from pipeline.registry import parse_model_uri
-    from pipeline.state import KafkaStateStore
-    from pipeline.worker import Worker
+    from pipeline.kafka_io import kafka_python as kafka_io
+    from pipeline.registry.client import parse_model_uri
+    from pipeline.worker.loop import Worker
+    from pipeline.worker.metrics import WorkerMetrics
+    from pipeline.worker.state import KafkaStateStore
 
     detector, ref = _load_with_retries(settings)
     security = settings.kafka_security()
@@ -67,7 +67,7 @@ def build_worker(settings: WorkerSettings):
     follower = None
     parsed = parse_model_uri(settings.model)
     if parsed is not None and parsed[1] is not None and settings.reload_interval_s > 0:
-        from pipeline.reload import ModelFollower
+        from pipeline.registry.follower import ModelFollower
 
         follower = ModelFollower(
             settings.model,
@@ -85,7 +85,7 @@ def build_worker(settings: WorkerSettings):
     worker.attach(kafka_io.KafkaSource(settings, worker.on_assigned, worker.on_revoked))
     worker.http = None
     if settings.http_port >= 0:
-        from pipeline.http_server import WorkerHttpServer
+        from pipeline.worker.http_server import WorkerHttpServer
 
         worker.http = WorkerHttpServer(
             settings.http_host,
@@ -107,7 +107,7 @@ def build_worker(settings: WorkerSettings):
 def _load_with_retries(settings: WorkerSettings):
     """The model to serve; an unreachable registry is retried for `registry_wait_s`."""
     from pipeline.errors import RegistryError
-    from pipeline.registry import fail_fast_http, load_model
+    from pipeline.registry.client import fail_fast_http, load_model
 
     fail_fast_http()
     deadline = time.monotonic() + settings.registry_wait_s

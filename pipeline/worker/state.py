@@ -6,7 +6,7 @@ before the offsets are committed (same flush), so the state is never older than 
 member that is assigned a partition reads the latest record for it, then skips readings before
 each key's resume offset and continues its positions, giving the same windows and event ids as
 an uninterrupted run. The same record carries the alarm state of the partition's keys (see
-`pipeline.alarms`), so open episodes continue across a restart or a rebalance.
+`pipeline.worker.alarms`), so open episodes continue across a restart or a rebalance.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Where detectors come from: the MLflow registry (read side), the alias follower, the pyfunc."""

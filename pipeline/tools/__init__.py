@@ -1,0 +1,1 @@
+"""Companions of the worker: a simulated fleet, an event tail, a local Kafka broker."""
