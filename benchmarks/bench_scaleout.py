@@ -35,7 +35,7 @@ def worker_command(bootstrap: str, model: str, group: str, topic: str, out: str)
     from pipeline.worker.cli import worker_command
     from pipeline.worker.settings import WorkerSettings
 
-    settings = WorkerSettings(
+    settings = WorkerSettings.build(
         model=model,
         bootstrap_servers=bootstrap,
         group_id=group,
@@ -109,9 +109,9 @@ def promotion_latency(bootstrap: str, root: Path, model_dir: Path, rounds: int, 
     import mlflow
     from kafka import KafkaConsumer
 
+    from benchmarks.common import ensure_topics
     from pipeline.cli import main as cli
     from pipeline.detector import load_detector
-    from pipeline.kafka_io.kafka_python import ensure_topics
     from pipeline.tools.simulate import simulate_fleet
     from training.register import register_version
     from training.tracking import tracking_run
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reload-interval", type=float, default=5.0)
     args = parser.parse_args(argv)
 
-    from pipeline.kafka_io.kafka_python import ensure_topics
+    from benchmarks.common import ensure_topics
 
     with broker_and_workdir("aewatch-scale") as (bootstrap, root):
         model = train_model(root, args.keys)

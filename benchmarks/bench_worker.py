@@ -139,7 +139,7 @@ def worker_rate(bootstrap: str, topic: str, total: int, model: Path, tag: str) -
     from pipeline.worker.cli import build_worker, close_worker
     from pipeline.worker.settings import WorkerSettings
 
-    settings = WorkerSettings(
+    settings = WorkerSettings.build(
         model=str(model),
         bootstrap_servers=bootstrap,
         group_id=f"bench-{tag}",
@@ -460,14 +460,14 @@ def latency(
 ) -> dict:
     """Worker in this process; the load generator, which also times the events, in a process of
     its own. The stream runs `warmup` seconds before the `seconds` whose events are measured."""
-    from pipeline.kafka_io.kafka_python import ensure_topics
+    from benchmarks.common import ensure_topics
     from pipeline.worker.cli import build_worker, close_worker
     from pipeline.worker.settings import WorkerSettings
 
     tag = uuid.uuid4().hex[:6]
     topic, out = f"live-{tag}", f"live-{tag}-events"
     ensure_topics(bootstrap, {topic: {"num_partitions": 8}, out: {}})
-    settings = WorkerSettings(
+    settings = WorkerSettings.build(
         model=str(model),
         bootstrap_servers=bootstrap,
         group_id=f"live-{tag}",
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from pipeline.kafka_io.kafka_python import ensure_topics
+    from benchmarks.common import ensure_topics
 
     with broker_and_workdir("aewatch-bench") as (bootstrap, root):
         model = train_model(root, args.keys)

@@ -106,3 +106,11 @@ def broker_and_workdir(prefix: str) -> Iterator[tuple[str, Path]]:
     finally:
         if broker:
             broker.stop()
+
+
+def ensure_topics(bootstrap: str, topics: dict) -> None:
+    """Create the topics (a spec per name) through the worker's own Kafka client."""
+    from pipeline.kafka_io import open_client
+    from pipeline.kafka_io.settings import KafkaConnection
+
+    open_client(KafkaConnection(bootstrap)).ensure_topics(topics)

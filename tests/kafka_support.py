@@ -9,6 +9,8 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
+from pipeline.kafka_io import open_client
+from pipeline.kafka_io.settings import KafkaConnection
 from pipeline.tools.simulate import FleetStream
 from pipeline.worker.cli import build_worker, close_worker, worker_command
 from pipeline.worker.settings import WorkerSettings
@@ -70,7 +72,7 @@ def worker_settings(bootstrap: str, names: dict, model, **kwargs) -> WorkerSetti
     kwargs.setdefault("stop_after_idle_s", 4.0)
     kwargs.setdefault("session_timeout_ms", 6000)
     kwargs.setdefault("commit_interval_ms", 500)
-    return WorkerSettings(
+    return WorkerSettings.build(
         model=str(model),
         bootstrap_servers=bootstrap,
         group_id=names["group"],
@@ -80,6 +82,11 @@ def worker_settings(bootstrap: str, names: dict, model, **kwargs) -> WorkerSetti
         device="cpu",
         **kwargs,
     )
+
+
+def ensure_topics(bootstrap: str, topics: dict, connection: KafkaConnection | None = None) -> None:
+    """Create the topics (a spec per name) through the worker's own Kafka client."""
+    open_client(connection or KafkaConnection(bootstrap)).ensure_topics(topics)
 
 
 def run_worker(settings: WorkerSettings):

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.worker.alarms import ALARM_NAMESPACE, AlarmRules, AlarmTracker
+from pipeline.worker.settings import AlarmSettings
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 SPAN = 63_000  # 64 one-second readings per window
@@ -272,18 +273,18 @@ def test_many_normal_keys_take_the_fast_path_and_keep_compact_state(monkeypatch)
 @pytest.mark.parametrize(
     ("rules", "setting"),
     [
-        ({"k": 0}, "alarm_k"),
-        ({"k": 6, "n": 5}, "alarm_k"),
-        ({"n": 0, "k": 0}, "alarm_n"),
-        ({"n": 65}, "alarm_n"),
-        ({"k": 2.5}, "alarm_k"),
-        ({"resolve_after": 0}, "alarm_resolve_after"),
-        ({"cooldown_ms": -1_000}, "alarm_cooldown_s"),
+        ({"alarm_k": 0}, "alarm_k"),
+        ({"alarm_k": 6, "alarm_n": 5}, "alarm_k"),
+        ({"alarm_n": 0, "alarm_k": 0}, "alarm_n"),
+        ({"alarm_n": 65}, "alarm_n"),
+        ({"alarm_k": 2.5}, "alarm_k"),
+        ({"alarm_resolve_after": 0}, "alarm_resolve_after"),
+        ({"alarm_cooldown_s": -1.0}, "alarm_cooldown_s"),
     ],
 )
 def test_invalid_rules_name_the_setting(rules, setting):
     with pytest.raises(ConfigError) as caught:
-        AlarmRules(**rules)
+        AlarmSettings(**rules)
     assert caught.value.setting == setting
     assert str(caught.value).startswith(f"{setting}: ")
 
@@ -291,6 +292,9 @@ def test_invalid_rules_name_the_setting(rules, setting):
 def test_edge_rules_are_accepted():
     assert AlarmRules(k=1, n=1, resolve_after=1, cooldown_ms=0).n == 1
     assert AlarmRules(k=64, n=64).k == 64
+    edge = AlarmSettings(alarm_k=1, alarm_n=1, alarm_resolve_after=1, alarm_cooldown_s=0.0)
+    assert edge.rules() == AlarmRules(k=1, n=1, resolve_after=1, cooldown_ms=0)
+    assert AlarmSettings(alarm_k=64, alarm_n=64).rules().k == 64
 
 
 def test_forget_drops_only_the_given_partitions():

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser
-from pipeline.worker.settings import SETTINGS, settings_from_args
+from pipeline.settings import declared
+from pipeline.worker.settings import WorkerSettings, settings_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -26,6 +27,7 @@ K8S = ROOT / "deploy" / "k8s"
 DOCKERFILES = [ROOT / "deploy" / "Dockerfile", ROOT / "deploy" / "Dockerfile.cuda"]
 DOCKERIGNORE = ROOT / ".dockerignore"
 
+SETTINGS = [s for s in declared(WorkerSettings) if s.listed]
 SETTING_ENVS = {s.env for s in SETTINGS}
 DEFAULTS = {s.name: s.default for s in SETTINGS}
 WORKER_ENVS = SETTING_ENVS | {"MLFLOW_TRACKING_URI"}
@@ -274,9 +276,9 @@ def test_compose_worker_settings_are_valid(services):
         argv = compose_aewatch_argvs(services[name])
         assert argv == [["worker"]], name
         settings = settings_from_args(parse(argv[0]), env)
-        assert settings.model == "models:/fleet@champion"
-        assert settings.input_topic == ("readings",)
-        assert settings.tracking_uri == "http://mlflow:5000"
+        assert settings.registry.model == "models:/fleet@champion"
+        assert settings.topics.input_topic == ("readings",)
+        assert settings.registry.tracking_uri == "http://mlflow:5000"
     assert env_map(services["worker"])["AEWATCH_DEVICE"] == "cpu"
     assert env_map(services["worker-gpu"])["AEWATCH_DEVICE"] == "cuda"
 
@@ -471,9 +473,9 @@ def test_k8s_worker_settings_are_valid(k8s):
         assert args.command == "worker"
         env = effective_env(container, configmaps)
         settings = settings_from_args(args, env)
-        assert settings.group_instance_id, "static membership from the pod name"
-        assert settings.http_port == HTTP_PORT
-        assert settings.tracking_uri
+        assert settings.kafka.group_instance_id, "static membership from the pod name"
+        assert settings.http.http_port == HTTP_PORT
+        assert settings.registry.tracking_uri
     assert (
         effective_env(worker_container(cpu_deployment(k8s)), configmaps)["AEWATCH_DEVICE"] == "cpu"
     )

@@ -20,13 +20,13 @@ from kafka import KafkaProducer
 
 from pipeline.errors import RegistryError
 from pipeline.events import event_id
-from pipeline.kafka_io.kafka_python import ensure_topics
 from pipeline.registry.client import resolve_model
 from pipeline.tools.local_broker import LocalKafkaBroker, free_port
 from pipeline.worker.cli import build_worker, close_worker
 from tests.helpers import metric_values, wait_until
 from tests.kafka_support import (
     consume,
+    ensure_topics,
     names,
     produce,
     stream_items,

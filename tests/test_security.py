@@ -19,11 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from pipeline.cli import main
-from pipeline.kafka_io.kafka_python import KafkaConnectError, ensure_topics
+from pipeline.kafka_io.errors import KafkaConnectError
+from pipeline.kafka_io.kafka_python import security_config
 from pipeline.tools.local_broker import LocalKafkaBroker, free_port
 from pipeline.worker.cli import build_worker, close_worker
 from tests.helpers import metric_values
-from tests.kafka_support import consume, names, worker_settings
+from tests.kafka_support import consume, ensure_topics, names, worker_settings
 from tests.worker_support import FEATURES, train_fleet_detector
 
 pytestmark = pytest.mark.kafka
@@ -148,8 +149,8 @@ def test_the_right_credentials_carry_a_stream_and_the_password_is_never_shown(
         http_port=port,
         **_security(certs["ca"]),
     )
-    kafka = settings.kafka_security()
-    ensure_topics(address, {topics["input"]: {"num_partitions": 2}}, kafka)
+    kafka = security_config(settings.kafka.connection)
+    ensure_topics(address, {topics["input"]: {"num_partitions": 2}}, settings.kafka.connection)
     with caplog.at_level(logging.DEBUG):
         simulate = [
             "simulate",

@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from pipeline.errors import ConfigError
+from pipeline.kafka_io.kafka_python import security_config
 from pipeline.worker.settings import WorkerSettings, add_worker_arguments, settings_from_args
 
 
@@ -32,10 +33,10 @@ def test_environment_fills_in_and_flags_win():
             "MLFLOW_TRACKING_URI": "http://mlflow:5000",
         },
     )
-    assert settings.input_topic == ("a", "b")
-    assert settings.max_batch == 128
-    assert settings.emit_all is True
-    assert settings.tracking_uri == "http://mlflow:5000"
+    assert settings.topics.input_topic == ("a", "b")
+    assert settings.batching.max_batch == 128
+    assert settings.events.emit_all is True
+    assert settings.registry.tracking_uri == "http://mlflow:5000"
 
 
 @pytest.mark.parametrize(
@@ -81,11 +82,11 @@ def test_secrets_never_appear_in_repr_or_logs(caplog):
     with caplog.at_level(logging.INFO):
         logging.getLogger("test").info("settings %s", settings.redacted())
     assert "hunter2-secret" not in caplog.text and "***" in caplog.text
-    assert settings.kafka_security()["sasl_plain_password"] == "hunter2-secret"
+    assert security_config(settings.kafka.connection)["sasl_plain_password"] == "hunter2-secret"
 
 
 def test_settings_survive_a_trip_through_the_command_line():
-    settings = WorkerSettings(
+    settings = WorkerSettings.build(
         model="models:/pumps@champion",
         bootstrap_servers="k1:9092,k2:9092",
         group_id="g",

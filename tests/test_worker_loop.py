@@ -183,18 +183,14 @@ def test_windows_are_scored_before_another_turn_would_take_them_past_max_wait(de
     """A turn of the loop (poll and decode) takes 8 ms of a fake clock here; with a 10 ms wait,
     windows that became ready must not sit through a second turn (16 ms) before they are scored."""
     stream = fleet(seed=3, readings_per_key=1500, anomalies=())
-    inner = FakeSource(partitioned(stream, "readings", 2), chunk=40)
     clock = [0.0]
 
-    class SlowTurns:
-        records = inner.records
-
+    class SlowTurns(FakeSource):
         def poll(self, timeout_ms):
             clock[0] += 0.008
-            return inner.poll(timeout_ms)
+            return super().poll(timeout_ms)
 
-        def commit(self, offsets):
-            inner.commit(offsets)
+    inner = SlowTurns(partitioned(stream, "readings", 2), chunk=40)
 
     worker = Worker(
         settings(max_wait_ms=10, commit_interval_ms=10**6, stop_after_idle_s=0.05),
@@ -213,7 +209,7 @@ def test_windows_are_scored_before_another_turn_would_take_them_past_max_wait(de
         score()
 
     worker.score_pending = timed_score
-    worker.attach(SlowTurns())
+    worker.attach(inner)
     worker.on_assigned(set(inner.records))
     stats = worker.run()
     assert stats.windows_scored == len(flags_by_window(stream, detector)[0])

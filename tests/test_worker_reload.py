@@ -191,8 +191,8 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
         for r, e in zip(records, events, strict=True)
         if e["data"]["model"]["version"] == v2
     )
-    assert first_v2_ms / 1000 - promoted_at <= settings.reload_interval_s + 10
-    assert swap_s <= settings.reload_interval_s + 10
+    assert first_v2_ms / 1000 - promoted_at <= settings.registry.reload_interval_s + 10
+    assert swap_s <= settings.registry.reload_interval_s + 10
 
 
 def test_the_registry_webhook_triggers_a_reload_and_needs_its_signature(

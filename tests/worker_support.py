@@ -82,7 +82,8 @@ def partitioned(stream: FleetStream, topic: str, partitions: int) -> dict:
 
 
 class FakeSource:
-    """Serves per-partition record lists in chunks, from committed offsets, and records commits."""
+    """Serves per-partition record lists in chunks, from committed offsets, and records commits
+    (a `pipeline.kafka_io.protocols.Source` without a group)."""
 
     def __init__(self, records: dict, chunk: int = 500, committed: dict | None = None):
         self.records = records
@@ -99,8 +100,20 @@ class FakeSource:
                 self.position[partition] = start + len(out[partition])
         return out
 
+    def keepalive(self) -> None:
+        pass
+
+    def seek(self, offsets: dict) -> None:
+        self.position.update(offsets)
+
     def commit(self, offsets: dict) -> None:
         self.commits.append(dict(offsets))
+
+    def highwaters(self, partitions) -> dict:
+        return {p: len(self.records[p]) for p in partitions if p in self.records}
+
+    def group_metadata(self) -> None:
+        return None
 
     def latest_commits(self) -> dict:
         latest: dict = {}
@@ -113,6 +126,10 @@ class FakeSource:
 
 
 class FakeSink:
+    """A `pipeline.kafka_io.protocols.Sink` that keeps what it is sent."""
+
+    transactional = False
+
     def __init__(self) -> None:
         self.sent: list[tuple] = []
         self.flushes = 0
@@ -143,7 +160,7 @@ def settings(**kwargs) -> WorkerSettings:
         events="windows",
         http_port=-1,
     )
-    return WorkerSettings(**{**base, **kwargs})
+    return WorkerSettings.build(**{**base, **kwargs})
 
 
 def batch_windows(stream: FleetStream, spec):

@@ -201,7 +201,8 @@ def _champion(tracking_uri: str) -> str:
 
 
 def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
-    from pipeline.kafka_io.kafka_python import ensure_topics
+    from pipeline.kafka_io import open_client
+    from pipeline.kafka_io.settings import KafkaConnection
     from pipeline.tools.alerts import format_event
     from pipeline.worker.cli import build_worker, close_worker
     from pipeline.worker.settings import WorkerSettings
@@ -209,8 +210,9 @@ def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
     _quiet_logs()
     tag = uuid.uuid4().hex[:6]
     topics = {"input": f"demo-readings-{tag}", "output": f"demo-events-{tag}"}
-    ensure_topics(bootstrap, {topics["input"]: {"num_partitions": 4}, topics["output"]: {}})
-    settings = WorkerSettings(
+    kafka = open_client(KafkaConnection(bootstrap))
+    kafka.ensure_topics({topics["input"]: {"num_partitions": 4}, topics["output"]: {}})
+    settings = WorkerSettings.build(
         model=f"models:/{MODEL_NAME}@champion",
         bootstrap_servers=bootstrap,
         group_id=f"demo-{tag}",
@@ -228,13 +230,9 @@ def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
     stop = threading.Event()
 
     def collect() -> None:
-        from kafka import KafkaConsumer
-
-        consumer = KafkaConsumer(
-            topics["output"], bootstrap_servers=bootstrap, auto_offset_reset="earliest"
-        )
+        consumer = kafka.tail([topics["output"]], from_beginning=True)
         while not stop.is_set():
-            for records in consumer.poll(timeout_ms=100).values():
+            for records in consumer.poll(100).values():
                 now_ms = time.time() * 1000
                 for record in records:
                     event = orjson.loads(record.value)
@@ -257,7 +255,7 @@ def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
     for thread in threads:
         thread.start()
     _say(f"   worker metrics at http://127.0.0.1:{worker.http.port}/metrics while it runs")
-    sent_ts = _produce_live(bootstrap, topics["input"], stream, args.rate, worker, collected)
+    sent_ts = _produce_live(kafka, topics["input"], stream, args.rate, worker, collected)
     deadline = time.monotonic() + 60
     while worker.stats.records_in < len(stream.keys) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -278,11 +276,9 @@ def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
     }
 
 
-def _produce_live(bootstrap, topic, stream, rate, worker, collected) -> np.ndarray:
+def _produce_live(kafka, topic, stream, rate, worker, collected) -> np.ndarray:
     """Send the readings at `rate`, each stamped with the time it is sent; show progress."""
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, compression_type="lz4")
+    producer = kafka.sink(linger_ms=5)
     names = stream.features
     keys = stream.keys.tolist()
     key_bytes = [k.encode() for k in keys]
@@ -471,7 +467,8 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     from sklearn.datasets import load_digits
 
     from pipeline.cli import main as cli
-    from pipeline.kafka_io.kafka_python import ensure_topics
+    from pipeline.kafka_io import open_client
+    from pipeline.kafka_io.settings import KafkaConnection
     from pipeline.modalities.images import encode_image_record
     from pipeline.worker.cli import build_worker, close_worker
     from pipeline.worker.settings import WorkerSettings
@@ -498,8 +495,9 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     rng.shuffle(order)
     tag = uuid.uuid4().hex[:6]
     topic, out = f"demo-images-{tag}", f"demo-image-events-{tag}"
-    ensure_topics(bootstrap, {topic: {"num_partitions": 2}, out: {}})
-    settings = WorkerSettings(
+    kafka = open_client(KafkaConnection(bootstrap))
+    kafka.ensure_topics({topic: {"num_partitions": 2}, out: {}})
+    settings = WorkerSettings.build(
         model=f"models:/{name}@champion",
         bootstrap_servers=bootstrap,
         group_id=f"demo-{tag}",
@@ -513,9 +511,7 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     )
     _quiet_logs()
     worker = build_worker(settings)
-    from kafka import KafkaConsumer, KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    producer = kafka.sink(linger_ms=5)
     _say(f"\n3. streaming {len(order)} images from 3 cameras as .npy records")
     start_ms = int(time.time() * 1000)
     for i, index in enumerate(order):
@@ -533,10 +529,10 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
         stats = worker.run()
     finally:
         close_worker(worker)
-    consumer = KafkaConsumer(out, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    consumer = kafka.tail([out], from_beginning=True)
     events, quiet = [], time.monotonic()
     while time.monotonic() - quiet < 3:
-        for records in consumer.poll(timeout_ms=300).values():
+        for records in consumer.poll(300).values():
             events.extend(orjson.loads(r.value) for r in records)
             quiet = time.monotonic()
     consumer.close()

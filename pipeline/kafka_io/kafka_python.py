@@ -1,8 +1,10 @@
-"""Kafka adapters: the only module that imports kafka-python.
+"""The Kafka client on kafka-python: the only module of aewatch that imports kafka-python.
 
-The worker talks to a `Source` (poll, commit, rebalance callbacks) and a `Sink` (send, flush);
-tests use in-memory fakes with the same shape. Records are kafka-python's `ConsumerRecord`s or
-anything with `topic, partition, offset, key, value, headers, timestamp`.
+`KafkaPythonClient(settings)` makes the sources, sinks and tails of `pipeline.kafka_io.protocols`
+for the cluster that a `KafkaSettings` group describes, creates topics and checks the connection.
+Everything kafka-python specific lives here: its configuration names, the rebalance listener, its
+error types (turned into `CommitRejected`, `DeliveryError` and `KafkaConnectError`), and the
+workarounds its version 3.0 needs.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Protocol
+from collections.abc import Iterable, Mapping, Sequence
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -27,35 +28,26 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata
 
-from pipeline.errors import AewatchError, CommitRejected
-from pipeline.worker.settings import WorkerSettings
+from pipeline.errors import CommitRejected
+from pipeline.kafka_io.errors import (
+    DeliveryError,
+    KafkaConnectError,
+    describe,
+    most_telling,
+    telling,
+)
+from pipeline.kafka_io.protocols import Partition, Rebalance, TopicSpec
+from pipeline.kafka_io.settings import KafkaConnection, KafkaSettings
 
-__all__ = [
-    "DeliveryError",
-    "KafkaConnectError",
-    "KafkaSink",
-    "KafkaSource",
-    "Partition",
-    "TransactionalSink",
-    "Sink",
-    "Source",
-    "admin_client",
-    "check_connection",
-    "ensure_topics",
-    "read_latest",
-]
+__all__ = ["KafkaPythonClient", "client_config", "security_config"]
 
 log = logging.getLogger(__name__)
-Partition = tuple[str, int]
 # Poll timeout while the member is (re)joining its group: long enough for the join to complete
 # within one poll.
 REBALANCE_POLL_MS = 1000
 # kafka-python backs off reconnecting exponentially, by default up to 30 s: after a broker
 # restart the worker would sit out most of that. Try again at least every second.
 RECONNECT_BACKOFF_MAX_MS = 1000
-# Producer linger: events are few and each one is awaited by someone; records that arrive while
-# a request is in flight are batched anyway.
-LINGER_MS = 1
 # How long a first connection may take before start-up fails with the reason.
 CONNECT_TIMEOUT_MS = 15_000
 CONNECT_ATTEMPT_MS = 3_000
@@ -66,43 +58,49 @@ ASSIGNORS = {
 }
 
 
-class DeliveryError(AewatchError):
-    """The producer could not deliver a record; offsets are not committed past it."""
+def client_config(connection: KafkaConnection) -> dict:
+    """kafka-python keyword arguments of a connection (empty settings left out)."""
+    return {"bootstrap_servers": connection.bootstrap_servers, **security_config(connection)}
 
 
-class Source(Protocol):
-    def poll(self, timeout_ms: int) -> dict[Partition, list]: ...
-    def commit(self, offsets: dict[Partition, int]) -> None: ...
-    def close(self) -> None: ...
+def security_config(connection: KafkaConnection) -> dict:
+    """kafka-python keyword arguments of how to log in (empty settings left out)."""
+    config = {"security_protocol": connection.security_protocol}
+    if connection.sasl_mechanism:
+        config.update(
+            sasl_mechanism=connection.sasl_mechanism,
+            sasl_plain_username=connection.sasl_username,
+            sasl_plain_password=connection.sasl_password,
+        )
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password"):
+        if getattr(connection, name):
+            config[name] = getattr(connection, name)
+    return config
 
 
-class Sink(Protocol):
-    def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes]] | None = None,
-        partition: int | None = None,
-    ) -> None: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
+def _offsets(offsets: Mapping[Partition, int]) -> dict:
+    # Kafka stores the offset of the NEXT record to read; callers pass exactly that.
+    return {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+
+
+def _by_partition(polled) -> dict[Partition, list]:
+    return {(tp.topic, tp.partition): records for tp, records in polled.items()}
 
 
 class _Listener(ConsumerRebalanceListener):
-    def __init__(self, on_assigned, on_revoked) -> None:
-        self.on_assigned, self.on_revoked = on_assigned, on_revoked
+    def __init__(self, rebalance: Rebalance) -> None:
+        self.rebalance = rebalance
 
     def on_partitions_revoked(self, revoked) -> None:
-        self.on_revoked({(tp.topic, tp.partition) for tp in revoked})
+        self.rebalance.on_revoked({(tp.topic, tp.partition) for tp in revoked})
 
     def on_partitions_assigned(self, assigned) -> None:
-        self.on_assigned({(tp.topic, tp.partition) for tp in assigned})
+        self.rebalance.on_assigned({(tp.topic, tp.partition) for tp in assigned})
 
     def on_partitions_lost(self, lost) -> None:
         # Evicted from the group: these partitions cannot be committed any more (and the client
         # cannot block in this callback). Drop them; their new owner re-reads from the last commit.
-        self.on_revoked({(tp.topic, tp.partition) for tp in lost}, lost=True)
+        self.rebalance.on_revoked({(tp.topic, tp.partition) for tp in lost}, lost=True)
 
 
 class KafkaSource:
@@ -110,12 +108,12 @@ class KafkaSource:
 
     def __init__(
         self,
-        settings: WorkerSettings,
-        on_assigned: Callable[[set[Partition]], None],
-        on_revoked: Callable[[set[Partition]], None],
+        settings: KafkaSettings,
+        topics: Sequence[str],
+        pattern: str | None,
+        rebalance: Rebalance,
     ) -> None:
         self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
             group_id=settings.group_id,
             client_id=settings.client_id,
             enable_auto_commit=False,
@@ -132,13 +130,13 @@ class KafkaSource:
             partition_assignment_strategy=(ASSIGNORS[settings.assignor],),
             isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
-            **settings.kafka_security(),
+            **client_config(settings.connection),
         )
-        listener = _Listener(on_assigned, on_revoked)
-        if settings.input_pattern:
-            self.consumer.subscribe(pattern=settings.input_pattern, listener=listener)
+        listener = _Listener(rebalance)
+        if pattern:
+            self.consumer.subscribe(pattern=pattern, listener=listener)
         else:
-            self.consumer.subscribe(topics=list(settings.input_topic), listener=listener)
+            self.consumer.subscribe(topics=list(topics), listener=listener)
 
     def poll(self, timeout_ms: int) -> dict[Partition, list]:
         coordinator = getattr(self.consumer, "_coordinator", None)
@@ -150,14 +148,13 @@ class KafkaSource:
                 log.warning("group join finished between polls; joining again")
                 coordinator.request_rejoin()
             timeout_ms = max(timeout_ms, REBALANCE_POLL_MS)
-        polled = self.consumer.poll(timeout_ms=timeout_ms)
-        return {(tp.topic, tp.partition): records for tp, records in polled.items()}
+        return _by_partition(self.consumer.poll(timeout_ms=timeout_ms))
 
     def keepalive(self) -> None:
-        """Show the group this member is alive while it is busy (a long batch): a poll with every
-        partition paused resets the max.poll.interval.ms clock and runs a pending rebalance,
-        whose callbacks reach the worker, but hands over no records. Partitions assigned by that
-        rebalance are not paused; whatever they return is read again by the next real poll."""
+        """A poll with every partition paused: it resets the max.poll.interval.ms clock and runs
+        a pending rebalance, whose callbacks reach the worker, but hands over no records.
+        Partitions assigned by that rebalance are not paused; whatever they return is read
+        again by the next real poll."""
         paused = self.consumer.assignment()
         self.consumer.pause(*paused)
         try:
@@ -166,29 +163,19 @@ class KafkaSource:
             self.consumer.resume(*(paused & self.consumer.assignment()))
         self.seek({p: records[0].offset for p, records in polled.items() if records})
 
-    def commit(self, offsets: dict[Partition, int]) -> None:
-        if not offsets:
-            return
-        try:
-            # Kafka stores the offset of the NEXT record to read; callers pass exactly that.
-            self.consumer.commit(
-                {
-                    TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                    for (t, p), o in offsets.items()
-                }
-            )
-        except (CommitFailedError, RebalanceInProgressError) as exc:
-            raise CommitRejected(str(exc)) from exc
-
-    def seek(self, offsets: dict[Partition, int]) -> None:
-        """Read these partitions again from these offsets (the next poll starts there)."""
+    def seek(self, offsets: Mapping[Partition, int]) -> None:
         for (topic, partition), offset in offsets.items():
             self.consumer.seek(TopicPartition(topic, partition), offset)
 
-    def committed(self, partition: Partition) -> int | None:
-        return self.consumer.committed(TopicPartition(*partition))
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(_offsets(offsets))
+        except (CommitFailedError, RebalanceInProgressError) as exc:
+            raise CommitRejected(str(exc)) from exc
 
-    def highwaters(self, partitions) -> dict[Partition, int]:
+    def highwaters(self, partitions: Iterable[Partition]) -> dict[Partition, int]:
         """The log-end offsets last seen in fetch responses (no network call)."""
         out = {}
         for partition in partitions:
@@ -200,7 +187,7 @@ class KafkaSource:
                 out[partition] = highwater
         return out
 
-    def group_metadata(self):
+    def group_metadata(self) -> object:
         return self.consumer.group_metadata()
 
     def close(self) -> None:
@@ -215,17 +202,18 @@ class KafkaSink:
 
     transactional = False
 
-    def __init__(self, settings: WorkerSettings, *, linger_ms: int = LINGER_MS, **extra) -> None:
+    def __init__(
+        self, settings: KafkaSettings, *, max_record_bytes: int, linger_ms: int, **extra
+    ) -> None:
         self.producer = KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
             client_id=settings.client_id,
             acks="all",
             enable_idempotence=True,
             linger_ms=linger_ms,
             compression_type="lz4",
-            max_request_size=max(1_048_576, settings.max_record_bytes + 65536),
+            max_request_size=max(1_048_576, max_record_bytes + 65536),
             reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
-            **settings.kafka_security(),
+            **client_config(settings.connection),
             **extra,
         )
         self._pending: list = []
@@ -239,6 +227,12 @@ class KafkaSink:
 
     def flush(self) -> None:
         self.producer.flush()
+        self._raise_undelivered()
+
+    def commit(self, offsets: Mapping[Partition, int], group_metadata: object) -> None:
+        raise TypeError("a plain sink commits no transaction: flush, then commit the source")
+
+    def _raise_undelivered(self) -> None:
         pending, self._pending = self._pending, []
         for future in pending:
             if future.failed():
@@ -258,43 +252,43 @@ class TransactionalSink(KafkaSink):
 
     transactional = True
 
-    def __init__(self, settings: WorkerSettings, *, linger_ms: int = LINGER_MS) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        max_record_bytes: int,
+        linger_ms: int,
+        transaction_timeout_ms: int,
+    ) -> None:
         super().__init__(
             settings,
+            max_record_bytes=max_record_bytes,
             linger_ms=linger_ms,
             transactional_id=settings.transactional_id_value,
-            transaction_timeout_ms=max(10_000, 4 * settings.commit_interval_ms),
+            transaction_timeout_ms=transaction_timeout_ms,
         )
         self.producer.init_transactions()
         self._open = False
 
-    def send(self, topic, key, value, headers=None, partition=None) -> None:
+    def _begin(self) -> None:
         if not self._open:
             self.producer.begin_transaction()
             self._open = True
+
+    def send(self, topic, key, value, headers=None, partition=None) -> None:
+        self._begin()
         super().send(topic, key, value, headers, partition)
 
-    def commit(self, offsets: dict[Partition, int], group_metadata) -> None:
+    def commit(self, offsets: Mapping[Partition, int], group_metadata: object) -> None:
         """Commit what was sent and `offsets` (next offset to read) atomically."""
         if not self._open and not offsets:
             return
-        if not self._open:
-            self.producer.begin_transaction()
-            self._open = True
+        self._begin()
         if offsets:
-            self.producer.send_offsets_to_transaction(
-                {
-                    TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                    for (t, p), o in offsets.items()
-                },
-                group_metadata,
-            )
+            self.producer.send_offsets_to_transaction(_offsets(offsets), group_metadata)
         self.producer.commit_transaction()
         self._open = False
-        pending, self._pending = self._pending, []
-        for future in pending:
-            if future.failed():
-                raise DeliveryError(f"a record was not delivered: {future.exception!r}")
+        self._raise_undelivered()
 
     def close(self) -> None:
         if self._open:
@@ -303,8 +297,31 @@ class TransactionalSink(KafkaSink):
         super().close()
 
 
-class KafkaConnectError(AewatchError):
-    """The cluster cannot be reached or refused us (credentials, TLS); says why."""
+class KafkaTail:
+    """Reads topics outside any consumer group, from their start or their end."""
+
+    def __init__(
+        self,
+        connection: KafkaConnection,
+        topics: Sequence[str],
+        *,
+        from_beginning: bool,
+        read_committed: bool,
+    ) -> None:
+        self.consumer = KafkaConsumer(
+            *topics,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            isolation_level="read_committed" if read_committed else "read_uncommitted",
+            **client_config(connection),
+        )
+
+    def poll(self, timeout_ms: int) -> dict[Partition, list]:
+        return _by_partition(self.consumer.poll(timeout_ms=timeout_ms))
+
+    def close(self) -> None:
+        self.consumer.close()
 
 
 class _BootstrapFailures(logging.Handler):
@@ -336,36 +353,9 @@ class _AdminClient(KafkaAdminClient):
             raise
 
 
-def _telling(text: str) -> int:
-    """0 for a refused login, 1 for a refused certificate: failures no retry will mend; 2 else."""
-    if "Authentication" in text or "Authorization" in text:
-        return 0
-    if "CERTIFICATE" in text.upper():  # not any SSL error: a broker still starting can cut TLS
-        return 1
-    return 2
-
-
-def _most_telling(errors: list[BaseException]) -> str | None:
-    """The failure that explains the most: a refused login or certificate over a bare disconnect
-    (after a failed login the broker may just close the socket); the latest among equals."""
-    texts = [f"{type(e).__name__}: {e}" for e in errors]
-    return min(reversed(texts), key=_telling) if texts else None
-
-
-def _describe(bootstrap_servers: str, security: dict) -> str:
-    protocol = security.get("security_protocol", "PLAINTEXT")
-    who = ""
-    if security.get("sasl_mechanism"):
-        who = f", SASL {security['sasl_mechanism']} as {security.get('sasl_plain_username')!r}"
-    return f"Kafka at {bootstrap_servers} ({protocol}{who})"
-
-
-def admin_client(
-    bootstrap_servers: str, security: dict | None = None, timeout_ms: int = CONNECT_TIMEOUT_MS
-) -> KafkaAdminClient:
+def _admin(connection: KafkaConnection, timeout_ms: int = CONNECT_TIMEOUT_MS) -> KafkaAdminClient:
     """An admin client, or a `KafkaConnectError` that says why not: at once for wrong credentials
     or an untrusted certificate, after `timeout_ms` for a broker that does not answer."""
-    security = security or {}
     logger = logging.getLogger("kafka.net.manager")
     failures = _BootstrapFailures()
     level, propagate = logger.level, logger.propagate
@@ -379,16 +369,15 @@ def admin_client(
             attempt_ms = max(1, min(CONNECT_ATTEMPT_MS, int((deadline - time.monotonic()) * 1000)))
             try:
                 return _AdminClient(
-                    bootstrap_servers=bootstrap_servers,
                     bootstrap_timeout_ms=attempt_ms,
                     reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
-                    **security,
+                    **client_config(connection),
                 )
             except KafkaError as exc:
-                reason = _most_telling(failures.errors) or f"{type(exc).__name__}: {exc}"
-                if _telling(reason) < 2 or time.monotonic() >= deadline:
+                reason = most_telling(failures.errors) or f"{type(exc).__name__}: {exc}"
+                if telling(reason) < 2 or time.monotonic() >= deadline:
                     raise KafkaConnectError(
-                        f"cannot connect to {_describe(bootstrap_servers, security)}: {reason}"
+                        f"cannot connect to {describe(connection)}: {reason}"
                     ) from exc
     finally:
         logger.removeHandler(failures)
@@ -396,72 +385,102 @@ def admin_client(
         logger.propagate = propagate
 
 
-def check_connection(bootstrap_servers: str, security: dict | None = None) -> None:
-    """Connect once, so that bad credentials or TLS fail at start-up with the reason."""
-    admin_client(bootstrap_servers, security).close()
+class KafkaPythonClient:
+    """The `KafkaClient` of one cluster on kafka-python."""
 
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self.connection = settings.connection
 
-def ensure_topics(
-    bootstrap_servers: str,
-    topics: dict[str, dict],
-    security: dict | None = None,
-) -> None:
-    """Create topics that do not exist yet: {name: {"num_partitions": n, "topic_configs": {}}}."""
-    admin = admin_client(bootstrap_servers, security)
-    try:
-        existing = set(admin.list_topics())
-        wanted = {
-            name: {
-                "num_partitions": spec.get("num_partitions", 1),
-                "replication_factor": spec.get("replication_factor", 1),
-                "topic_configs": spec.get("topic_configs", {}),
+    def check(self) -> None:
+        _admin(self.connection).close()
+
+    def ping(self, request_timeout_ms: int = 5000) -> None:
+        admin = KafkaAdminClient(
+            request_timeout_ms=request_timeout_ms, **client_config(self.connection)
+        )
+        try:
+            admin.describe_cluster()
+            admin.list_topics()
+        finally:
+            admin.close()
+
+    def ensure_topics(self, topics: Mapping[str, TopicSpec]) -> None:
+        """Create topics that do not exist yet."""
+        admin = _admin(self.connection)
+        try:
+            existing = set(admin.list_topics())
+            wanted = {
+                name: {
+                    "num_partitions": spec.get("num_partitions", 1),
+                    "replication_factor": spec.get("replication_factor", 1),
+                    "topic_configs": spec.get("topic_configs", {}),
+                }
+                for name, spec in topics.items()
+                if name not in existing
             }
-            for name, spec in topics.items()
-            if name not in existing
-        }
-        if wanted:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics(wanted)
-    finally:
-        admin.close()
+            if wanted:
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    admin.create_topics(wanted)
+        finally:
+            admin.close()
 
+    def source(self, topics: Sequence[str], pattern: str | None, rebalance: Rebalance):
+        return KafkaSource(self.settings, topics, pattern, rebalance)
 
-def read_latest(
-    bootstrap_servers: str,
-    topic: str,
-    keys: Iterable[bytes] | None = None,
-    security: dict | None = None,
-    timeout_s: float = 30.0,
-) -> dict[bytes, bytes]:
-    """The latest value per key of a (compacted) topic, read from the beginning to its end."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        enable_auto_commit=False,
-        group_id=None,
-        isolation_level="read_committed",
-        **(security or {}),
-    )
-    wanted = set(keys) if keys is not None else None
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return {}
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        latest: dict[bytes, bytes] = {}
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise KafkaError(f"reading {topic} did not finish in {timeout_s:.0f}s")
-            for records in consumer.poll(timeout_ms=500).values():
-                for record in records:
-                    if wanted is None or record.key in wanted:
-                        if record.value is None:
-                            latest.pop(record.key, None)
-                        else:
-                            latest[record.key] = record.value
-        return latest
-    finally:
-        consumer.close()
+    def sink(
+        self,
+        *,
+        max_record_bytes: int = 1_048_576,
+        linger_ms: int = 1,
+        transaction_timeout_ms: int | None = None,
+    ):
+        if transaction_timeout_ms is None:
+            return KafkaSink(self.settings, max_record_bytes=max_record_bytes, linger_ms=linger_ms)
+        return TransactionalSink(
+            self.settings,
+            max_record_bytes=max_record_bytes,
+            linger_ms=linger_ms,
+            transaction_timeout_ms=transaction_timeout_ms,
+        )
+
+    def tail(self, topics: Sequence[str], *, from_beginning: bool, read_committed: bool = False):
+        return KafkaTail(
+            self.connection, topics, from_beginning=from_beginning, read_committed=read_committed
+        )
+
+    def read_latest(
+        self, topic: str, keys: Iterable[bytes] | None = None, timeout_s: float = 30.0
+    ) -> dict[bytes, bytes]:
+        """The latest value per key of a (compacted) topic, read from the beginning to its end."""
+        consumer = KafkaConsumer(
+            enable_auto_commit=False,
+            group_id=None,
+            isolation_level="read_committed",
+            **client_config(self.connection),
+        )
+        wanted = set(keys) if keys is not None else None
+        try:
+            tps = [
+                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+            ]
+            if not tps:
+                return {}
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            end = consumer.end_offsets(tps)
+            latest: dict[bytes, bytes] = {}
+            deadline = time.monotonic() + timeout_s
+            while any(consumer.position(tp) < end[tp] for tp in tps):
+                if time.monotonic() > deadline:
+                    raise KafkaError(f"reading {topic} did not finish in {timeout_s:.0f}s")
+                for records in consumer.poll(timeout_ms=500).values():
+                    for record in records:
+                        if wanted is None or record.key in wanted:
+                            if record.value is None:
+                                latest.pop(record.key, None)
+                            else:
+                                latest[record.key] = record.value
+            return latest
+        finally:
+            consumer.close()

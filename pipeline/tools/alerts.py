@@ -8,7 +8,7 @@ import time
 
 import orjson
 
-from pipeline.worker.settings import add_client_security_arguments, client_security
+from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args
 
 __all__ = ["format_event", "register_alerts"]
 
@@ -59,30 +59,22 @@ def register_alerts(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="only events of committed transactions (workers run with --exactly-once)",
     )
-    add_client_security_arguments(parser)
+    add_connection_arguments(parser)
     parser.set_defaults(handler=_run_alerts)
 
 
 def _run_alerts(args: argparse.Namespace) -> int:
-    from kafka import KafkaConsumer
+    from pipeline.kafka_io import open_client
 
-    from pipeline.kafka_io.kafka_python import check_connection
-
-    security = client_security(args)
-    check_connection(args.bootstrap_servers, security)
-    consumer = KafkaConsumer(
-        args.topic,
-        bootstrap_servers=args.bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest" if args.from_beginning else "latest",
-        isolation_level="read_committed" if args.read_committed else "read_uncommitted",
-        **security,
+    kafka = open_client(connection_from_args(args, args.bootstrap_servers))
+    kafka.check()
+    consumer = kafka.tail(
+        [args.topic], from_beginning=args.from_beginning, read_committed=args.read_committed
     )
     seen, last = 0, time.monotonic()
     try:
         while args.max is None or seen < args.max:
-            polled = consumer.poll(timeout_ms=500)
+            polled = consumer.poll(500)
             if not polled and args.timeout and time.monotonic() - last > args.timeout:
                 break
             for records in polled.values():

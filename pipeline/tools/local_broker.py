@@ -100,7 +100,6 @@ class LocalKafkaBroker:
         extra_properties: Mapping[str, str] | None = None,
         jvm_options: tuple[str, ...] = (),
         startup_timeout_s: float = 90.0,
-        admin_config: Mapping[str, object] | None = None,
         scram_users: Mapping[str, str] | None = None,
     ) -> None:
         """`listeners` maps listener names to security protocols for extra listeners, e.g.
@@ -113,7 +112,6 @@ class LocalKafkaBroker:
         self.extra_properties = dict(extra_properties or {})
         self.jvm_options = tuple(jvm_options)
         self.startup_timeout_s = startup_timeout_s
-        self.admin_config = dict(admin_config or {})
         self.scram_users = dict(scram_users or {})
         self._own_dir = work_dir is None
         self.work_dir = (
@@ -278,8 +276,10 @@ class LocalKafkaBroker:
             return "(no broker log)"
 
     def _wait_ready(self) -> None:
-        from kafka import KafkaAdminClient  # local import: the broker tool is usable without it
+        from pipeline.kafka_io import open_client
+        from pipeline.kafka_io.settings import KafkaConnection
 
+        kafka = open_client(KafkaConnection(self.bootstrap_servers))
         deadline = time.monotonic() + self.startup_timeout_s
         last_error: Exception | None = None
         while time.monotonic() < deadline:
@@ -294,17 +294,8 @@ class LocalKafkaBroker:
                 time.sleep(0.1)
                 continue
             try:
-                admin = KafkaAdminClient(
-                    bootstrap_servers=self.bootstrap_servers,
-                    request_timeout_ms=5000,
-                    **self.admin_config,
-                )
-                try:
-                    admin.describe_cluster()
-                    admin.list_topics()
-                    return
-                finally:
-                    admin.close()
+                kafka.ping()  # cluster and topics described
+                return
             except Exception as exc:  # noqa: BLE001 - any failure here means "not ready yet"
                 last_error = exc
                 time.sleep(0.25)

@@ -20,8 +20,8 @@ import numpy as np
 import orjson
 
 from pipeline.errors import ConfigError
+from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args
 from pipeline.tools.synthetic import ANOMALY_KINDS, Injection, inject, normal_series
-from pipeline.worker.settings import add_client_security_arguments, client_security
 
 __all__ = ["FleetStream", "TruthRow", "register_simulate", "simulate_fleet"]
 
@@ -205,7 +205,7 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--truth", help="write the injected anomalies to this CSV")
-    add_client_security_arguments(parser)
+    add_connection_arguments(parser)
     parser.set_defaults(handler=_run_simulate)
 
 
@@ -238,24 +238,20 @@ def _run_simulate(args: argparse.Namespace) -> int:
     if not args.topic:
         print(json.dumps({"readings": len(fleet.keys), "keys": args.keys, "csv": args.csv}))
         return 0
-    from kafka import KafkaProducer
+    from pipeline.kafka_io import open_client
 
-    from pipeline.kafka_io.kafka_python import check_connection
-
-    security = client_security(args)
-    check_connection(args.bootstrap_servers, security)
-    producer = KafkaProducer(
-        bootstrap_servers=args.bootstrap_servers, linger_ms=10, compression_type="lz4", **security
-    )
+    kafka = open_client(connection_from_args(args, args.bootstrap_servers))
+    kafka.check()
+    sink = kafka.sink(linger_ms=10)
     started = time.monotonic()
     for i, (key, payload) in enumerate(zip(fleet.keys.tolist(), fleet.payloads(), strict=True)):
         if args.rate:
             delay = started + i / args.rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        producer.send(args.topic, key=key.encode(), value=payload)
-    producer.flush()
-    producer.close()
+        sink.send(args.topic, key=key.encode(), value=payload)
+    sink.flush()
+    sink.close()
     print(
         json.dumps(
             {

@@ -53,13 +53,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.errors import ConfigError
-
 __all__ = ["ALARM_NAMESPACE", "AlarmRules", "AlarmTracker", "AlarmTransition"]
 
 ALARM_NAMESPACE = uuid.UUID("0b7d4c1e-4a0f-4f3e-9a63-616c61726d73")
 
-MAX_WINDOWS = 64
+MAX_WINDOWS = 64  # the longest history a key keeps (its flags are bits of an int)
 TOP_FEATURES = 3
 
 Partition = tuple[str, int]
@@ -67,7 +65,8 @@ Partition = tuple[str, int]
 
 @dataclass(frozen=True)
 class AlarmRules:
-    """When an alarm opens, resolves and may open again."""
+    """When an alarm opens, resolves and may open again. The worker builds them from its alarm
+    settings, which name a bad value by its setting (see `pipeline.worker.settings`)."""
 
     k: int = 3  # anomalous windows among the last n that open an alarm
     n: int = 5
@@ -75,28 +74,10 @@ class AlarmRules:
     cooldown_ms: int = 60_000  # after a resolve, no new alarm for this key until then
 
     def __post_init__(self) -> None:
-        for name, setting in (
-            ("k", "alarm_k"),
-            ("n", "alarm_n"),
-            ("resolve_after", "alarm_resolve_after"),
-            ("cooldown_ms", "alarm_cooldown_s"),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise ConfigError(setting, f"must be an integer, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        if not 1 <= self.n <= MAX_WINDOWS:
-            raise ConfigError("alarm_n", f"must be between 1 and {MAX_WINDOWS}, got {self.n}")
-        if not 1 <= self.k <= self.n:
-            raise ConfigError("alarm_k", f"must be between 1 and alarm_n ({self.n}), got {self.k}")
-        if self.resolve_after < 1:
-            raise ConfigError(
-                "alarm_resolve_after", f"must be at least 1, got {self.resolve_after}"
-            )
+        if not 1 <= self.k <= self.n <= MAX_WINDOWS or self.resolve_after < 1:
+            raise ValueError(f"alarm rules out of range: {self}")
         if self.cooldown_ms < 0:
-            raise ConfigError(
-                "alarm_cooldown_s", f"must not be negative, got {self.cooldown_ms / 1000:g} s"
-            )
+            raise ValueError(f"alarm cooldown must not be negative: {self}")
 
 
 @dataclass(frozen=True)

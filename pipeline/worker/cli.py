@@ -39,62 +39,61 @@ def worker_command(settings: WorkerSettings, *, log_format: str = "json") -> lis
 def build_worker(settings: WorkerSettings):
     """Load the model, make sure the topics exist, and wire the worker to Kafka, the registry
     (hot reload) and its HTTP port. Call `close_worker` when it has stopped."""
-    from pipeline.kafka_io import kafka_python as kafka_io
+    from pipeline.kafka_io import open_client
     from pipeline.registry.client import parse_model_uri
     from pipeline.worker.loop import Worker
     from pipeline.worker.metrics import WorkerMetrics
     from pipeline.worker.state import KafkaStateStore
 
     detector, ref = _load_with_retries(settings)
-    security = settings.kafka_security()
-    topics = {
-        settings.output_topic: {},
-        settings.dlq_topic: {},
+    registry, topics = settings.registry, settings.topics
+    kafka = open_client(settings.kafka)
+    wanted = {
+        topics.output_topic: {},
+        topics.dlq_topic: {},
         settings.state_topic_name: {"topic_configs": {"cleanup.policy": "compact"}},
     }
-    topics.setdefault(settings.alarm_topic_name, {})
-    kafka_io.ensure_topics(settings.bootstrap_servers, topics, security)
+    wanted.setdefault(topics.alarm_topic_name, {})
+    kafka.ensure_topics(wanted)
     metrics = WorkerMetrics()
-    sink = (
-        kafka_io.TransactionalSink(settings)
-        if settings.exactly_once
-        else kafka_io.KafkaSink(settings)
+    max_bytes = settings.records.max_record_bytes
+    transaction_timeout_ms = max(10_000, 4 * settings.loop.commit_interval_ms)
+    sink = kafka.sink(
+        max_record_bytes=max_bytes,
+        transaction_timeout_ms=transaction_timeout_ms if settings.kafka.exactly_once else None,
     )
 
-    def read_latest(topic, keys):
-        return kafka_io.read_latest(settings.bootstrap_servers, topic, keys, security)
-
     follower = None
-    parsed = parse_model_uri(settings.model)
-    if parsed is not None and parsed[1] is not None and settings.reload_interval_s > 0:
+    parsed = parse_model_uri(registry.model)
+    if parsed is not None and parsed[1] is not None and registry.reload_interval_s > 0:
         from pipeline.registry.follower import ModelFollower
 
         follower = ModelFollower(
-            settings.model,
+            registry.model,
             detector,
             ref,
-            tracking_uri=settings.tracking_uri,
-            device=settings.device,
-            interval_s=settings.reload_interval_s,
+            tracking_uri=registry.tracking_uri,
+            device=settings.batching.device,
+            interval_s=registry.reload_interval_s,
             on_outcome=lambda outcome, reason: metrics.reloads.labels(outcome, reason).inc(),
         )
-    state = KafkaStateStore(sink, read_latest, settings.state_topic_name)
+    state = KafkaStateStore(sink, kafka.read_latest, settings.state_topic_name)
     worker = Worker(
         settings, detector, ref.identity(), sink, state, metrics=metrics, follower=follower
     )
-    worker.attach(kafka_io.KafkaSource(settings, worker.on_assigned, worker.on_revoked))
+    worker.attach(kafka.source(topics.input_topic, topics.input_pattern, worker))
     worker.http = None
-    if settings.http_port >= 0:
+    if settings.http.http_port >= 0:
         from pipeline.worker.http_server import WorkerHttpServer
 
         worker.http = WorkerHttpServer(
-            settings.http_host,
-            settings.http_port,
+            settings.http.http_host,
+            settings.http.http_port,
             metrics=metrics.exposition,
             live=worker.liveness,
             ready=worker.readiness,
             on_alias_created=follower.trigger if follower else None,
-            webhook_secret=settings.webhook_secret,
+            webhook_secret=settings.http.webhook_secret,
         ).start()
     if follower is not None:
         follower.start()
@@ -110,14 +109,14 @@ def _load_with_retries(settings: WorkerSettings):
     from pipeline.registry.client import fail_fast_http, load_model
 
     fail_fast_http()
-    deadline = time.monotonic() + settings.registry_wait_s
+    deadline = time.monotonic() + settings.registry.registry_wait_s
     delay = 1.0
     while True:
         try:
             return load_model(
-                settings.model,
-                tracking_uri=settings.tracking_uri,
-                device=settings.device,
+                settings.registry.model,
+                tracking_uri=settings.registry.tracking_uri,
+                device=settings.batching.device,
                 require_calibrated=True,
             )
         except RegistryError as exc:

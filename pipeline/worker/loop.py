@@ -50,6 +50,7 @@ from pipeline.events import (
     event_id,
     iso_ms,
 )
+from pipeline.kafka_io.protocols import Sink, Source
 from pipeline.modalities.readings import Decoded, RecordDecoder, Rejection, finite_rows
 from pipeline.modalities.windowing import ReadyWindows, StreamWindower
 from pipeline.worker.alarms import AlarmTracker, AlarmTransition
@@ -132,7 +133,7 @@ class Worker:
         settings: WorkerSettings,
         detector: Detector,
         model: ModelIdentity,
-        sink,
+        sink: Sink,
         state,
         *,
         metrics: WorkerMetrics | None = None,
@@ -153,21 +154,23 @@ class Worker:
         if self.kind == "series":
             spec = detector.input.window
             self.decoder = RecordDecoder(
-                detector.input.features, spec.length, settings.max_record_bytes
+                detector.input.features, spec.length, settings.records.max_record_bytes
             )
             self.windower = StreamWindower(spec, len(detector.input.features))
         else:
             from pipeline.modalities.images import ImageDecoder
 
-            self.decoder = ImageDecoder(detector.input.image_shape, settings.max_record_bytes)
+            self.decoder = ImageDecoder(
+                detector.input.image_shape, settings.records.max_record_bytes
+            )
             self.windower = _NoWindows()
-        self.emit_windows = settings.events in ("windows", "both")
+        self.emit_windows = settings.events.windows
         self.alarms = (
             AlarmTracker(
-                settings.alarm_rules(),
+                settings.alarms.rules(),
                 tuple(detector.input.features) if self.kind == "series" else None,
             )
-            if settings.events in ("alarms", "both")
+            if settings.events.alarms
             else None
         )
         self.pending = ReadyWindows()
@@ -186,15 +189,12 @@ class Worker:
         self._last_checkpoint = self.last_turn = clock()
         self._inflight: _Batch | None = None
         self._turn_s = 0.0  # running estimate of a turn (poll and process) that brought records
-        self._keepalive = None
         self._scorer: ThreadPoolExecutor | None = None
         self.metrics.set_model(model.name, model.version, model.alias)
 
     # -- wiring ----------------------------------------------------------------------------------
-    def attach(self, source) -> None:
+    def attach(self, source: Source) -> None:
         self.source = source
-        # a consumer-group source can show the group it is alive while a long batch is scored
-        self._keepalive = getattr(source, "keepalive", None)
 
     def stop(self) -> None:
         """Ask the loop to finish its batch, checkpoint and leave (signal-handler safe)."""
@@ -213,7 +213,7 @@ class Worker:
         # fetch position, past readings the restored windows need: read again from our commit.
         # (Another owner in between only committed further; the restored state skips the rest.)
         rewind = {p: self._last_commit[p] for p in partitions if p in self._last_commit}
-        if rewind and hasattr(self.source, "seek"):
+        if rewind:
             self.source.seek(rewind)
         self.metrics.assigned.set(len(self.assigned))
         log.info("assigned %s (state for %d)", sorted(partitions), len(restored))
@@ -269,7 +269,7 @@ class Worker:
         # the collector's generations so its pauses stay short on the hot path.
         gc.freeze()
         idle_since = self.clock()
-        interval = self.settings.commit_interval_ms / 1000.0
+        interval = self.settings.loop.commit_interval_ms / 1000.0
         try:
             while not self._stop:
                 if self.follower is not None:
@@ -288,12 +288,13 @@ class Worker:
                     self.process(polled)
                     self._turn_s += TURN_SMOOTHING * (self.clock() - started - self._turn_s)
                 if self.pending_since is not None and (
-                    len(self.pending) >= self.settings.max_batch or self._left_s(self.clock()) <= 0
+                    len(self.pending) >= self.settings.batching.max_batch
+                    or self._left_s(self.clock()) <= 0
                 ):
                     self.score_pending()
                 if now - self._last_checkpoint >= interval:
                     self.checkpoint()
-                idle_limit = self.settings.stop_after_idle_s
+                idle_limit = self.settings.loop.stop_after_idle_s
                 if idle_limit and now - idle_since >= idle_limit:
                     log.info("no input for %.1fs; stopping", idle_limit)
                     break
@@ -310,7 +311,9 @@ class Worker:
     def _left_s(self, now: float) -> float:
         """How long the pending windows may still wait for more to join their batch: their
         `max_wait_ms`, less one more turn of the loop."""
-        return self.settings.max_wait_ms / 1000.0 - (now - self.pending_since) - self._turn_s
+        return (
+            self.settings.batching.max_wait_ms / 1000.0 - (now - self.pending_since) - self._turn_s
+        )
 
     def process(self, polled: dict[Partition, list]) -> None:
         """Decode and window one poll's records."""
@@ -400,7 +403,7 @@ class Worker:
         self.pending.counts.append(1)
 
     def _reject_order(self, record, reason: str) -> None:
-        if self.settings.order_policy == "drop":
+        if self.settings.records.order_policy == "drop":
             self.stats.dropped[reason] += 1
             self.metrics.dropped.labels(reason).inc()
         else:
@@ -410,7 +413,9 @@ class Worker:
         headers = list(record.headers or []) + dead_letter_headers(
             rejection.reason, rejection.detail, record.topic, record.partition, record.offset
         )
-        self.sink.send(self.settings.dlq_topic, key=record.key, value=record.value, headers=headers)
+        self.sink.send(
+            self.settings.topics.dlq_topic, key=record.key, value=record.value, headers=headers
+        )
         self.stats.dead_letters[rejection.reason] += 1
         self.metrics.dead_letters.labels(rejection.reason).inc()
 
@@ -432,25 +437,21 @@ class Worker:
             return
         batch = self._inflight = self._start(self.pending)
         self.pending, self.pending_since = ReadyWindows(), None
-        every_s = KEEPALIVE_FRACTION * self.settings.max_poll_interval_ms / 1000.0
+        every_s = KEEPALIVE_FRACTION * self.settings.kafka.max_poll_interval_ms / 1000.0
         while self._inflight is batch and not batch.future.done():
             wait([batch.future], timeout=every_s)
             if self._inflight is batch and not batch.future.done():
-                self._keepalive()
+                self.source.keepalive()
                 self.last_turn = self.clock()
         if self._inflight is batch:
             self._finish(batch)
 
     def _start(self, pending: ReadyWindows) -> _Batch:
         windows = np.concatenate(pending.windows)
-        detector, size = self.detector, self.settings.max_batch
-        if self._keepalive is not None:
-            if self._scorer is None:
-                self._scorer = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
-            future = self._scorer.submit(detector.score, windows, batch_size=size)
-        else:  # in-process sources (tests, file replays) have no group to keep
-            future = Future()
-            future.set_result(detector.score(windows, batch_size=size))
+        detector, size = self.detector, self.settings.batching.max_batch
+        if self._scorer is None:
+            self._scorer = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
+        future = self._scorer.submit(detector.score, windows, batch_size=size)
         return _Batch(pending, windows, future, time.perf_counter())
 
     def _finish(self, batch: _Batch) -> None:
@@ -472,7 +473,7 @@ class Worker:
         if self.follower is not None:
             self.follower.sample = windows[-64:]
         if self.emit_windows:
-            chosen = np.arange(n) if self.settings.emit_all else np.flatnonzero(flags)
+            chosen = np.arange(n) if self.settings.events.emit_all else np.flatnonzero(flags)
             if len(chosen):
                 self._emit_windows(pending, counts, scored, flags, chosen, start_ts, end_ts)
         if self.alarms is not None:
@@ -520,7 +521,9 @@ class Worker:
                 "datacontenttype": "application/json",
                 "data": data,
             }
-            self.sink.send(self.settings.output_topic, key=key.encode(), value=orjson.dumps(event))
+            self.sink.send(
+                self.settings.topics.output_topic, key=key.encode(), value=orjson.dumps(event)
+            )
         self.stats.events_out += len(chosen)
         self.metrics.events.labels("anomaly").inc(len(chosen))
 
@@ -578,7 +581,7 @@ class Worker:
     def _emit_alarm(self, transition: AlarmTransition) -> None:
         event = alarm_event(self.model, transition, self.detector.threshold.value)
         self.sink.send(
-            self.settings.alarm_topic_name,
+            self.settings.topics.alarm_topic_name,
             key=transition.key.encode(),
             value=orjson.dumps(event),
         )
@@ -612,7 +615,7 @@ class Worker:
             self.state.save(partition, self.windower.resume_points(partition), alarms)
         self.touched.clear()
         offsets = self.commit_offsets() if self.source is not None else {}
-        if getattr(self.sink, "transactional", False):
+        if self.sink.transactional:
             metadata = self.source.group_metadata() if self.source is not None else None
             self.sink.commit(offsets, metadata)
         else:
@@ -625,7 +628,7 @@ class Worker:
                     # partitions then reads them again from the last accepted commit
                     log.warning("commit refused by the group, will rejoin: %s", exc)
                     offsets = {}
-        if self.source is not None and hasattr(self.source, "highwaters"):
+        if self.source is not None:
             highwaters = self.source.highwaters(self.processed)
             self.metrics.set_lag(
                 {p: max(0, hw - self.processed[p]) for p, hw in highwaters.items()}

@@ -1,0 +1,40 @@
+"""Errors of the Kafka clients, and which connection failure explains the most."""
+
+from __future__ import annotations
+
+from pipeline.errors import AewatchError
+from pipeline.kafka_io.settings import KafkaConnection
+
+__all__ = ["DeliveryError", "KafkaConnectError", "describe", "most_telling", "telling"]
+
+
+class DeliveryError(AewatchError):
+    """The producer could not deliver a record; offsets are not committed past it."""
+
+
+class KafkaConnectError(AewatchError):
+    """The cluster cannot be reached or refused us (credentials, TLS); says why."""
+
+
+def telling(text: str) -> int:
+    """0 for a refused login, 1 for a refused certificate: failures no retry will mend; 2 else."""
+    if "Authentication" in text or "Authorization" in text:
+        return 0
+    if "CERTIFICATE" in text.upper():  # not any SSL error: a broker still starting can cut TLS
+        return 1
+    return 2
+
+
+def most_telling(errors: list[BaseException]) -> str | None:
+    """The failure that explains the most: a refused login or certificate over a bare disconnect
+    (after a failed login the broker may just close the socket); the latest among equals."""
+    texts = [f"{type(e).__name__}: {e}" for e in errors]
+    return min(reversed(texts), key=telling) if texts else None
+
+
+def describe(connection: KafkaConnection) -> str:
+    """The cluster and how we log in to it, for messages (never the password)."""
+    who = ""
+    if connection.sasl_mechanism:
+        who = f", SASL {connection.sasl_mechanism} as {connection.sasl_username!r}"
+    return f"Kafka at {connection.bootstrap_servers} ({connection.security_protocol}{who})"

@@ -1,0 +1,111 @@
+"""The Kafka settings group: where the cluster is, how to log in, and the consumer group.
+
+Declared once (see `pipeline.settings`); the Kafka adapter gets this group and nothing else of
+the worker's settings. The companion tools (`simulate`, `alerts`) take the connection part only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass
+
+from pipeline.errors import ConfigError
+from pipeline.settings import add_arguments, check, read, setting
+
+__all__ = [
+    "ASSIGNORS",
+    "SASL_MECHANISMS",
+    "SECURITY_PROTOCOLS",
+    "KafkaConnection",
+    "KafkaSettings",
+    "add_connection_arguments",
+    "connection_from_args",
+]
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+ASSIGNORS = ("range", "roundrobin", "cooperative-sticky")
+# The connection flags of the companion commands (`simulate`, `alerts`).
+TOOL_FLAGS = ("security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile")
+
+
+@dataclass(frozen=True)
+class KafkaConnection:
+    """Where the cluster is and how to log in to it."""
+
+    bootstrap_servers: str = setting(
+        "Kafka bootstrap servers, host:port[,host:port]", required=True
+    )
+    security_protocol: str = setting(
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL", "PLAINTEXT", choices=SECURITY_PROTOCOLS
+    )
+    sasl_mechanism: str | None = setting(
+        "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", choices=SASL_MECHANISMS
+    )
+    sasl_username: str | None = setting("SASL user name")
+    sasl_password: str | None = setting("SASL password", secret=True)
+    ssl_cafile: str | None = setting("CA certificate file (PEM)")
+    ssl_certfile: str | None = setting("client certificate file (PEM)")
+    ssl_keyfile: str | None = setting("client key file (PEM)")
+    ssl_password: str | None = setting("password of the client key", secret=True)
+
+    def __post_init__(self) -> None:
+        check(self)
+        complete = self.sasl_mechanism and self.sasl_username and self.sasl_password
+        if self.security_protocol.startswith("SASL") and not complete:
+            raise ConfigError(
+                "sasl_mechanism",
+                f"{self.security_protocol} needs "
+                "--sasl-mechanism, --sasl-username and --sasl-password",
+            )
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(name, f"no such file: {path}")
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """The connection, and this member's client id, consumer group and transactions."""
+
+    connection: KafkaConnection
+    client_id: str = setting("Kafka client id", "aewatch-worker")
+    group_id: str = setting("consumer group id", "aewatch-worker")
+    max_poll_records: int = setting("most records one poll returns", 5000, minimum=1)
+    session_timeout_ms: int = setting("consumer group session timeout", 10000, minimum=1)
+    max_poll_interval_ms: int = setting(
+        "longest gap between polls before the group evicts us", 300000, minimum=1
+    )
+    exactly_once: bool = setting("events, dead letters and offsets in one Kafka transaction", False)
+    transactional_id: str | None = setting(
+        "producer transactional id with --exactly-once, stable per worker "
+        "(default: GROUP.INSTANCE_ID or GROUP.HOSTNAME)"
+    )
+    group_instance_id: str | None = setting("static group membership id, stable per worker")
+    assignor: str = setting(
+        "partition assignment strategy: range, roundrobin or cooperative-sticky "
+        "(incremental: moves only the partitions that change owner)",
+        "range",
+        choices=ASSIGNORS,
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    @property
+    def transactional_id_value(self) -> str:
+        instance = self.group_instance_id or socket.gethostname()
+        return self.transactional_id or f"{self.group_id}.{instance}"
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Kafka security flags of the companion commands (`simulate`, `alerts`)."""
+    add_arguments(parser, KafkaConnection, names=TOOL_FLAGS, env=False)
+
+
+def connection_from_args(args: argparse.Namespace, bootstrap_servers: str) -> KafkaConnection:
+    """The connection those flags describe (no environment: the tools take flags only)."""
+    values = read(KafkaConnection, args, {}, names=TOOL_FLAGS)
+    return KafkaConnection(bootstrap_servers=bootstrap_servers, **values)
