@@ -136,7 +136,7 @@ def raw_ceiling(bootstrap: str, topic: str, total: int) -> float:
 
 
 def worker_rate(bootstrap: str, topic: str, total: int, model: Path, tag: str) -> tuple:
-    from pipeline.worker.cli import build_worker, close_worker
+    from pipeline.worker.app import WorkerApp
     from pipeline.worker.settings import WorkerSettings
 
     settings = WorkerSettings.build(
@@ -152,21 +152,21 @@ def worker_rate(bootstrap: str, topic: str, total: int, model: Path, tag: str) -
         commit_interval_ms=1000,
         max_poll_records=10000,
     )
-    worker = build_worker(settings)
+    app = WorkerApp.build(settings)
     started = {}
-    process = worker.process
+    process = app.worker.process
 
     def timed_process(polled):
         started.setdefault("t", time.perf_counter())
         process(polled)
-        if worker.stats.records_in >= total:
-            worker.stop()
+        if app.worker.stats.records_in >= total:
+            app.stop()
 
-    worker.process = timed_process
-    worker.run()  # returns after the final checkpoint: everything scored, produced, committed
+    app.worker.process = timed_process
+    app.run()  # returns after the final checkpoint: everything scored, produced, committed
     elapsed = time.perf_counter() - started["t"]
-    close_worker(worker)
-    return total / elapsed, worker.stats
+    app.close()
+    return total / elapsed, app.worker.stats
 
 
 def naive_rate(bootstrap: str, topic: str, limit: int, model: Path) -> float:
@@ -461,7 +461,7 @@ def latency(
     """Worker in this process; the load generator, which also times the events, in a process of
     its own. The stream runs `warmup` seconds before the `seconds` whose events are measured."""
     from benchmarks.common import ensure_topics
-    from pipeline.worker.cli import build_worker, close_worker
+    from pipeline.worker.app import WorkerApp
     from pipeline.worker.settings import WorkerSettings
 
     tag = uuid.uuid4().hex[:6]
@@ -481,7 +481,7 @@ def latency(
         commit_interval_ms=1000,
         stop_after_idle_s=5,
     )
-    worker = build_worker(settings)
+    app = WorkerApp.build(settings)
     binary = loadgen_binary()
     load = (
         GoLoad(binary, bootstrap, topic, out, rate, seconds, warmup, keys, workdir)
@@ -489,7 +489,7 @@ def latency(
         else PythonLoad(bootstrap, topic, out, rate, seconds, warmup, keys)
     )
     load.wait_ready()
-    runner = threading.Thread(target=worker.run, daemon=True)
+    runner = threading.Thread(target=app.run, daemon=True)
     runner.start()
     time.sleep(3.0)  # let the member join the group before the stream starts
     load.go()
@@ -497,7 +497,7 @@ def latency(
     runner.join(timeout=warmup + seconds + 60)
     time.sleep(1.0)
     arrivals = load.arrivals()
-    close_worker(worker)
+    app.close()
     delays = [delay for end, delay in arrivals if end >= measured_from]
     if not delays:
         raise RuntimeError("no events arrived on the output topic")

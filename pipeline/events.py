@@ -1,8 +1,10 @@
-"""Anomaly events (CloudEvents 1.0, structured JSON) and dead-letter records.
+"""What events are called and how they are identified, shared by the worker and batch scoring.
 
-Event ids are deterministic, uuid5 of (model name, model version, key, window end), so a replay
-after a restart or rebalance produces the same ids and consumers can deduplicate. The event schema
-ships as `pipeline/schemas/anomaly-event.v1.schema.json`.
+Event types and their JSON Schemas (`pipeline/schemas/`), the model identity events carry,
+deterministic event ids, timestamps, and the headers of a dead letter. Event ids are uuid5 of
+(model name, model version, key, window end), so a replay after a restart or rebalance produces
+the same ids and consumers can deduplicate; `aewatch score` writes the same id for a window. The
+worker builds and sends every event in `pipeline.worker.writer`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ __all__ = [
     "ALARM_TYPES",
     "EVENT_SCHEMA",
     "EVENT_TYPE",
-    "alarm_event",
     "ModelIdentity",
     "dead_letter_headers",
     "event_id",
@@ -61,39 +62,6 @@ def iso_ms(epoch_ms: int) -> str:
 
 def event_schema(name: str = EVENT_SCHEMA) -> dict:
     return orjson.loads(files("pipeline.schemas").joinpath(name).read_bytes())
-
-
-def alarm_event(model: ModelIdentity, transition, threshold: float) -> dict:
-    """A CloudEvent for an alarm that opened or resolved (an `AlarmTransition`)."""
-    return {
-        "specversion": "1.0",
-        "id": transition.event_id,
-        "source": model.source,
-        "type": ALARM_TYPES[transition.kind],
-        "subject": transition.key,
-        "time": iso_ms(transition.time_ms),
-        "datacontenttype": "application/json",
-        "data": {
-            "key": transition.key,
-            "episode_id": transition.episode_id,
-            "state": transition.kind,
-            "start": iso_ms(transition.start_ms),
-            "end": None if transition.end_ms is None else iso_ms(transition.end_ms),
-            "peak_score": transition.peak_score,
-            "peak_time": iso_ms(transition.peak_ms),
-            "threshold": threshold,
-            "severity": transition.peak_score / threshold
-            if threshold > 0
-            else transition.peak_score,
-            "windows": transition.windows,
-            "anomalous_windows": transition.anomalous_windows,
-            "top_features": [
-                {"name": name, "error": float(error)} for name, error in transition.top_features
-            ],
-            "model": {"name": model.name, "version": model.version, "alias": model.alias},
-            "source": {"topic": transition.partition[0], "partition": int(transition.partition[1])},
-        },
-    }
 
 
 def dead_letter_headers(

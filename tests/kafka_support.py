@@ -12,7 +12,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from pipeline.kafka_io import open_client
 from pipeline.kafka_io.settings import KafkaConnection
 from pipeline.tools.simulate import FleetStream
-from pipeline.worker.cli import build_worker, close_worker, worker_command
+from pipeline.worker.app import WorkerApp
+from pipeline.worker.cli import worker_command, worker_environment
 from pipeline.worker.settings import WorkerSettings
 
 
@@ -89,13 +90,16 @@ def ensure_topics(bootstrap: str, topics: dict, connection: KafkaConnection | No
     open_client(connection or KafkaConnection(bootstrap)).ensure_topics(topics)
 
 
+def build_app(settings: WorkerSettings) -> WorkerApp:
+    """The worker as `aewatch worker` builds it, in the environment that command sets."""
+    worker_environment()
+    return WorkerApp.build(settings)
+
+
 def run_worker(settings: WorkerSettings):
-    worker = build_worker(settings)
-    try:
-        stats = worker.run()
-    finally:
-        close_worker(worker)
-    return worker, stats
+    with build_app(settings) as app:
+        stats = app.run()
+    return app.worker, stats
 
 
 def worker_process(

@@ -22,9 +22,9 @@ from pipeline.errors import RegistryError
 from pipeline.events import event_id
 from pipeline.registry.client import resolve_model
 from pipeline.tools.local_broker import LocalKafkaBroker, free_port
-from pipeline.worker.cli import build_worker, close_worker
 from tests.helpers import metric_values, wait_until
 from tests.kafka_support import (
+    build_app,
     consume,
     ensure_topics,
     names,
@@ -58,26 +58,26 @@ def test_the_worker_rides_out_a_broker_restart(trained, kafka_bootstrap):
         settings = worker_settings(
             bootstrap, topics, trained.artifact_dir, emit_all=True, stop_after_idle_s=0
         )
-        worker = build_worker(settings)
-        runner = threading.Thread(target=worker.run, daemon=True)
+        app = build_app(settings)
+        runner = threading.Thread(target=app.run, daemon=True)
         runner.start()
         try:
-            wait_until(lambda: worker.stats.records_in >= half, 60, "the first half")
+            wait_until(lambda: app.worker.stats.records_in >= half, 60, "the first half")
             broker.stop(remove_data=False)
             time.sleep(3.0)
             broker.start()
             back = time.monotonic()
             produce(bootstrap, topics["input"], items[half:])
-            seen = worker.stats.records_in
-            wait_until(lambda: worker.stats.records_in > seen, 60, "reading after the restart")
+            seen = app.worker.stats.records_in
+            wait_until(lambda: app.worker.stats.records_in > seen, 60, "reading after the restart")
             recovered_s = time.monotonic() - back
             print(f"read again {recovered_s:.1f}s after the broker returned")
-            wait_until(lambda: worker.stats.records_in >= len(items), 60, "the second half")
+            wait_until(lambda: app.worker.stats.records_in >= len(items), 60, "the second half")
             assert runner.is_alive(), "the worker kept running through the outage"
         finally:
-            worker.stop()
+            app.stop()
             runner.join(timeout=60)
-            close_worker(worker)
+            app.close()
         assert recovered_s <= 30, f"took {recovered_s:.1f}s to read again after the restart"
         ids = {orjson.loads(r.value)["id"] for r in consume(bootstrap, topics["output"])}
         assert ids == all_window_ids(trained, stream), "nothing lost across the restart"
@@ -94,13 +94,13 @@ def test_an_unreachable_registry_at_start_is_a_clear_error_not_a_hang():
     )
     started = time.monotonic()
     with pytest.raises(RegistryError, match="models:/pumps@champion"):
-        build_worker(settings)
+        build_app(settings)
     assert time.monotonic() - started < 20, "fails at once by default"
 
     patient = dataclasses.replace(settings, registry_wait_s=3.0)
     started = time.monotonic()
     with pytest.raises(RegistryError, match="models:/pumps@champion"):
-        build_worker(patient)
+        build_app(patient)
     assert 3.0 <= time.monotonic() - started < 30, "retried for registry_wait_s, then failed"
 
 
@@ -137,13 +137,13 @@ def test_batches_slower_than_the_poll_interval_cause_no_rebalance_storm(
         max_poll_records=600,
         max_batch=150,
     )
-    worker = build_worker(settings)
-    slow = worker.detector = _SlowDevice(worker.detector, delay_s=2.5)
+    app = build_app(settings)
+    slow = app.worker.detector = _SlowDevice(app.worker.detector, delay_s=2.5)
     try:
         with caplog.at_level(logging.INFO):
-            stats = worker.run()
+            stats = app.run()
     finally:
-        close_worker(worker)
+        app.close()
     ids = [orjson.loads(r.value)["id"] for r in consume(kafka_bootstrap, topics["output"])]
     assert set(ids) == all_window_ids(trained, stream), "every window scored"
     assert slow.calls >= 2, "several batches each stalled past max.poll.interval.ms"

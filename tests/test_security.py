@@ -22,9 +22,8 @@ from pipeline.cli import main
 from pipeline.kafka_io.errors import KafkaConnectError
 from pipeline.kafka_io.kafka_python import security_config
 from pipeline.tools.local_broker import LocalKafkaBroker, free_port
-from pipeline.worker.cli import build_worker, close_worker
 from tests.helpers import metric_values
-from tests.kafka_support import consume, ensure_topics, names, worker_settings
+from tests.kafka_support import build_app, consume, ensure_topics, names, worker_settings
 from tests.worker_support import FEATURES, train_fleet_detector
 
 pytestmark = pytest.mark.kafka
@@ -167,12 +166,12 @@ def test_the_right_credentials_carry_a_stream_and_the_password_is_never_shown(
             *_flags(certs["ca"]),
         ]
         assert main(simulate) == 0
-        worker = build_worker(settings)
+        app = build_app(settings)
         try:
-            stats = worker.run()
+            stats = app.run()
             exposed = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         finally:
-            close_worker(worker)
+            app.close()
         tail = [
             "alerts",
             "--bootstrap-servers",
@@ -212,7 +211,7 @@ def test_wrong_credentials_fail_fast_with_the_reason(
     settings = worker_settings(address, topics, trained.artifact_dir, **_security(cafile, password))
     started = time.monotonic()
     with pytest.raises(KafkaConnectError, match=reason) as raised:
-        build_worker(settings)
+        build_app(settings)
     assert time.monotonic() - started < 30, "an error, not a hang"
     assert address in str(raised.value) and PASSWORD not in str(raised.value)
 

@@ -31,7 +31,7 @@ def test_a_restart_at_any_reading_gives_the_uninterrupted_windows(length, stride
     for cut in range(1, n):
         first = StreamWindower(spec, 2)
         before = _push(first, ts[:cut], values[:cut], offsets[:cut])
-        saved = decode_state(encode_state(first.resume_points(PARTITION))).resume
+        saved = decode_state(encode_state({"resume": first.resume_points(PARTITION)}))["resume"]
         resumed = StreamWindower(spec, 2)
         resumed.restore(PARTITION, saved)
         # a restarted member re-reads from the committed offset: the oldest reading still needed
@@ -163,7 +163,7 @@ def test_many_keys_restart_at_any_cut_without_losing_or_repeating_a_window():
         first, before = StreamWindower(spec, 3), ReadyWindows()
         first.push(PARTITION, keys[:cut], ts[:cut], values[:cut], offsets[:cut], before)
         committed = first.oldest_needed(PARTITION)
-        saved = decode_state(encode_state(first.resume_points(PARTITION))).resume
+        saved = decode_state(encode_state({"resume": first.resume_points(PARTITION)}))["resume"]
         resumed, after = StreamWindower(spec, 3), ReadyWindows()
         resumed.restore(PARTITION, saved)
         start = int(np.searchsorted(offsets, committed))  # re-read from the commit, in chunks

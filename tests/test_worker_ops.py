@@ -110,7 +110,7 @@ def test_alarm_state_survives_a_restart_without_repeating_the_episode(detector):
     first.run()
     first_ids = [orjson.loads(v)["id"] for v in first.sink.values("events")]
     assert len(first_ids) == 1 and first.alarms.open_count == 1
-    restart = FakeSource(records, chunk=150, committed=first.committed)
+    restart = FakeSource(records, chunk=150, committed=first.checkpoints.committed)
     second = _worker(detector, restart, state=state, events="alarms")
     second.run()
     second_ids = [orjson.loads(v)["id"] for v in second.sink.values("events")]

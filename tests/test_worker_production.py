@@ -22,9 +22,9 @@ from pipeline.events import ALARM_SCHEMA, event_id, event_schema
 from pipeline.modalities.images import encode_image_record
 from pipeline.registry.client import resolve_model
 from pipeline.tools.local_broker import free_port
-from pipeline.worker.cli import build_worker, close_worker
 from tests.helpers import metric_values
 from tests.kafka_support import (
+    build_app,
     consume,
     names,
     produce,
@@ -67,11 +67,11 @@ def test_alarm_episodes_and_metrics_over_http(kafka_bootstrap, create_topic, tra
     settings = worker_settings(
         kafka_bootstrap, topics, trained.artifact_dir, events="alarms", http_port=port
     )
-    worker = build_worker(settings)
+    app = build_app(settings)
     try:
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
         assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 503
-        runner = threading.Thread(target=worker.run, daemon=True)
+        runner = threading.Thread(target=app.run, daemon=True)
         runner.start()
         deadline = time.monotonic() + 60
         while requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code != 200:
@@ -81,8 +81,8 @@ def test_alarm_episodes_and_metrics_over_http(kafka_bootstrap, create_topic, tra
         assert not runner.is_alive()
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     finally:
-        worker.stop()
-        close_worker(worker)
+        app.stop()
+        app.close()
 
     events = [orjson.loads(r.value) for r in consume(kafka_bootstrap, topics["output"])]
     (bad_key,) = {t.key for t in stream.truth}

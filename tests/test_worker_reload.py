@@ -25,10 +25,10 @@ from pipeline.detector.artifact import sha256_file
 from pipeline.registry.client import load_model
 from pipeline.registry.follower import ModelFollower
 from pipeline.tools.local_broker import free_port
-from pipeline.worker.cli import build_worker, close_worker
+from pipeline.worker.cli import worker_environment
 from pipeline.worker.http_server import WorkerHttpServer
 from tests.helpers import HostilePickle, metric_values, register_result, wait_until
-from tests.kafka_support import consume, names, produce, stream_items, worker_settings
+from tests.kafka_support import build_app, consume, names, produce, stream_items, worker_settings
 from tests.worker_support import flags_by_window, fleet, train_fleet_detector
 
 pytestmark = pytest.mark.mlflow_server
@@ -130,8 +130,8 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
         stop_after_idle_s=6.0,
         tracking_uri=mlflow_server,
     )
-    worker = build_worker(settings)
-    runner = threading.Thread(target=worker.run, daemon=True)
+    app = build_app(settings)
+    runner = threading.Thread(target=app.run, daemon=True)
     runner.start()
 
     def feed():  # ~42 s of readings at ~330 per second
@@ -142,10 +142,10 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     try:
-        wait_until(lambda: worker.stats.windows_scored > 50, 60, "scoring with version 1")
+        wait_until(lambda: app.worker.stats.windows_scored > 50, 60, "scoring with version 1")
         promoted_at = time.time()
         client.set_registered_model_alias(name, "champion", v2)
-        swap_s = wait_until(lambda: worker.model.version == v2, 15, "the swap to version 2")
+        swap_s = wait_until(lambda: app.worker.model.version == v2, 15, "the swap to version 2")
         refusals = {
             v3: "sha256",
             v4: "features",
@@ -157,7 +157,7 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
             client.set_registered_model_alias(name, "champion", version)
             key = ("aewatch_model_reloads_total", (("outcome", "refused"), ("reason", reason)))
             wait_until(lambda key=key: _metrics(port).get(key) == 1, 15, f"refusal of {reason}")
-            assert worker.model.version == v2
+            assert app.worker.model.version == v2
         assert not marker.exists(), "the pickle was refused before any code in it ran"
         metrics = _metrics(port)
         info = ("aewatch_model_info", (("alias", "champion"), ("name", name), ("version", v2)))
@@ -170,9 +170,9 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
         runner.join(timeout=120)
         assert not runner.is_alive()
     finally:
-        worker.stop()
+        app.stop()
         runner.join(timeout=60)
-        close_worker(worker)
+        app.close()
 
     records = consume(kafka_bootstrap, topics["output"])
     events = [orjson.loads(r.value) for r in records]
@@ -263,6 +263,7 @@ def test_the_registry_webhook_triggers_a_reload_and_needs_its_signature(
 
 
 def test_an_unreachable_registry_is_retried_with_backoff(trained):
+    worker_environment()  # as in the worker's process: the follower paces the retries
     outcomes: list[tuple[float, str]] = []
     follower = ModelFollower(
         "models:/nowhere@champion",

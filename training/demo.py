@@ -93,10 +93,11 @@ def _say(text: str = "") -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from pipeline.worker.cli import worker_environment
     from training.tracking import local_store
 
     _quiet_logs()
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    worker_environment()
     root = Path(args.dir).resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -204,7 +205,7 @@ def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
     from pipeline.kafka_io import open_client
     from pipeline.kafka_io.settings import KafkaConnection
     from pipeline.tools.alerts import format_event
-    from pipeline.worker.cli import build_worker, close_worker
+    from pipeline.worker.app import WorkerApp
     from pipeline.worker.settings import WorkerSettings
 
     _quiet_logs()
@@ -225,7 +226,7 @@ def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
         commit_interval_ms=500,
         tracking_uri=tracking_uri,
     )
-    worker = build_worker(settings)
+    app = WorkerApp.build(settings)
     collected = Collected()
     stop = threading.Event()
 
@@ -250,20 +251,20 @@ def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
 
     threads = [
         threading.Thread(target=collect, daemon=True),
-        threading.Thread(target=worker.run, daemon=True),
+        threading.Thread(target=app.run, daemon=True),
     ]
     for thread in threads:
         thread.start()
-    _say(f"   worker metrics at http://127.0.0.1:{worker.http.port}/metrics while it runs")
-    sent_ts = _produce_live(kafka, topics["input"], stream, args.rate, worker, collected)
+    _say(f"   worker metrics at http://127.0.0.1:{app.http.port}/metrics while it runs")
+    sent_ts = _produce_live(kafka, topics["input"], stream, args.rate, app.worker, collected)
     deadline = time.monotonic() + 60
-    while worker.stats.records_in < len(stream.keys) and time.monotonic() < deadline:
+    while app.worker.stats.records_in < len(stream.keys) and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(2.0)  # the last checkpoint and the last events reach the output topic
-    stats = worker.stats.snapshot()
-    worker.stop()
+    stats = app.worker.stats.snapshot()
+    app.stop()
     threads[1].join(timeout=60)
-    close_worker(worker)
+    app.close()
     stop.set()
     threads[0].join(timeout=10)
     return {
@@ -271,8 +272,8 @@ def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
         "sent_ts": sent_ts,
         "collected": collected,
         "stats": stats,
-        "threshold": worker.detector.threshold.value,
-        "model_version": worker.model.version,
+        "threshold": app.worker.detector.threshold.value,
+        "model_version": app.worker.model.version,
     }
 
 
@@ -470,7 +471,7 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     from pipeline.kafka_io import open_client
     from pipeline.kafka_io.settings import KafkaConnection
     from pipeline.modalities.images import encode_image_record
-    from pipeline.worker.cli import build_worker, close_worker
+    from pipeline.worker.app import WorkerApp
     from pipeline.worker.settings import WorkerSettings
 
     name = "demo-digits"
@@ -510,7 +511,7 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
         tracking_uri=tracking_uri,
     )
     _quiet_logs()
-    worker = build_worker(settings)
+    app = WorkerApp.build(settings)
     producer = kafka.sink(linger_ms=5)
     _say(f"\n3. streaming {len(order)} images from 3 cameras as .npy records")
     start_ms = int(time.time() * 1000)
@@ -526,9 +527,9 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     producer.flush()
     producer.close()
     try:
-        stats = worker.run()
+        stats = app.run()
     finally:
-        close_worker(worker)
+        app.close()
     consumer = kafka.tail([out], from_beginning=True)
     events, quiet = [], time.monotonic()
     while time.monotonic() - quiet < 3:

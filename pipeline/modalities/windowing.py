@@ -53,6 +53,18 @@ class ReadyWindows:
     def __len__(self) -> int:
         return sum(self.counts)
 
+    def add(self, window: np.ndarray, key: str, start_ms: int, end_ms: int, partition, offset):
+        """One window (or image) that a single record holds."""
+        self.windows.append(window[None])
+        self.keys.append(key)
+        self.start_ts.append(np.array([start_ms], np.int64))
+        self.end_ts.append(np.array([end_ms], np.int64))
+        self.partitions.append(partition)
+        first = last = np.array([offset], np.int64)
+        self.first_offsets.append(first)
+        self.last_offsets.append(last)
+        self.counts.append(1)
+
 
 class StreamWindower:
     """Every key's kept readings and series state, one slot (row of the store) per key."""
@@ -167,6 +179,10 @@ class StreamWindower:
         ):
             points[self._keys[slot]] = (p, o, d)
         return points
+
+    def state(self, partition: TopicPartition) -> dict[str, tuple[int, int, int]]:
+        """The partition's resume points, as the state topic keeps them."""
+        return self.resume_points(partition)
 
     def oldest_needed(self, partition: TopicPartition) -> int | None:
         """Smallest offset of any reading a key of `partition` still needs (None if none).

@@ -9,7 +9,6 @@ with its weights' SHA-256 checked against the version tag that registration wrot
 from __future__ import annotations
 
 import logging
-import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pipeline.events import ModelIdentity
 __all__ = [
     "TAG_PREFIX",
     "ModelRef",
-    "fail_fast_http",
+    "alias_version",
     "load_model",
     "parse_model_uri",
     "resolve_model",
@@ -68,16 +67,18 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None] | None:
     return match["name"], match["alias"], match["version"]
 
 
-def fail_fast_http() -> None:
-    """One attempt per registry request: the worker paces its own retries (MLflow's client would
-    otherwise retry for minutes before raising)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-
-
 def _client(tracking_uri: str | None):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def alias_version(name: str, alias: str, *, tracking_uri: str | None) -> str:
+    """The version an alias points to now; `RegistryError` if the registry cannot say."""
+    try:
+        return str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
+    except Exception as exc:  # the client raises MlflowException or requests' errors
+        raise RegistryError(f"{name}@{alias}: {exc}") from exc
 
 
 def resolve_model(
@@ -94,7 +95,6 @@ def resolve_model(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     name, alias, version = parsed
     client = _client(tracking_uri)
     try:

@@ -31,7 +31,8 @@ import numpy as np
 
 from pipeline.detector import Detector
 from pipeline.errors import AewatchError, RegistryError
-from pipeline.registry.client import ModelRef, fail_fast_http, load_model, parse_model_uri
+from pipeline.modalities import modality_of
+from pipeline.registry.client import ModelRef, alias_version, load_model, parse_model_uri
 
 __all__ = ["ModelFollower", "check_compatible"]
 
@@ -46,23 +47,14 @@ class Refused(AewatchError):
 
 
 def check_compatible(serving: Detector, candidate: Detector) -> None:
-    """Raise `Refused` if the candidate cannot take the serving model's inputs."""
+    """Raise `Refused` if the candidate cannot take the serving model's inputs: the same kind of
+    input, and what its modality requires to stay the same (features and window, image shape)."""
     old, new = serving.input, candidate.input
     if old.kind != new.kind:
         raise Refused("manifest", f"input kind {new.kind!r}, serving {old.kind!r}")
-    if old.kind == "series":
-        if tuple(old.features) != tuple(new.features):
-            raise Refused(
-                "features", f"features {list(new.features)}, serving {list(old.features)}"
-            )
-        if (old.window.length, old.window.stride) != (new.window.length, new.window.stride):
-            raise Refused(
-                "window",
-                f"window {new.window.length}/{new.window.stride}, "
-                f"serving {old.window.length}/{old.window.stride}",
-            )
-    elif tuple(old.image_shape) != tuple(new.image_shape):
-        raise Refused("image_shape", f"image shape {new.image_shape}, serving {old.image_shape}")
+    mismatch = modality_of(old).mismatch(new)
+    if mismatch is not None:
+        raise Refused(*mismatch)
 
 
 def warm_up(candidate: Detector, sample: np.ndarray | None) -> None:
@@ -90,7 +82,6 @@ class ModelFollower:
         on_outcome: Callable[[str, str], None] = lambda outcome, reason: None,
         max_backoff_s: float | None = None,
     ) -> None:
-        fail_fast_http()  # the follower's own backoff paces the retries
         parsed = parse_model_uri(uri)
         if parsed is None or parsed[1] is None:
             raise ValueError(f"{uri}: only an alias (models:/NAME@ALIAS) can be followed")
@@ -160,18 +151,9 @@ class ModelFollower:
                 continue
             delay, backoff = self.interval_s, 0.0
 
-    def alias_version(self) -> str:
-        from mlflow import MlflowClient
-
-        try:
-            client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-            return str(client.get_model_version_by_alias(self.name, self.alias).version)
-        except Exception as exc:  # the client raises MlflowException or requests' errors
-            raise RegistryError(f"{self.name}@{self.alias}: {exc}") from exc
-
     def check(self) -> str:
         """One look at the registry; returns what happened (for logs and tests)."""
-        version = self.alias_version()
+        version = alias_version(self.name, self.alias, tracking_uri=self.tracking_uri)
         if version == self.serving_version or version in self.refused:
             return "unchanged"
         if self._ready is not None and self._ready[1].version == version:

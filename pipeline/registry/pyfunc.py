@@ -13,12 +13,11 @@ Output per row: score, threshold, p_value, is_anomaly.
 from __future__ import annotations
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from pipeline.batch import score_images, score_readings
 from pipeline.detector import load_detector
+from pipeline.modalities import modality_of
 
 
 class DetectorModel(PythonModel):
@@ -26,14 +25,7 @@ class DetectorModel(PythonModel):
         self.detector = load_detector(context.artifacts["detector"], require_calibrated=True)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        detector = self.detector
-        if detector.input.kind == "image":
-            shape = detector.input.image_shape
-            images = np.stack(
-                [np.asarray(v, dtype=np.float32).reshape(shape) for v in model_input["image"]]
-            )
-            return score_images(detector, images)[["score", "threshold", "p_value", "is_anomaly"]]
-        return score_readings(detector, model_input)
+        return modality_of(self.detector.input).score_rows(self.detector, model_input)
 
 
 mlflow.models.set_model(DetectorModel())

@@ -24,12 +24,15 @@ observed for every scored window with one numpy call per batch through `BulkHist
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["BulkHistogram", "WorkerMetrics"]
+__all__ = ["BulkHistogram", "WorkerMetrics", "WorkerStats"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
@@ -116,3 +119,30 @@ class WorkerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass
+class WorkerStats:
+    """What the worker did since it started, for its logs and for whoever runs it in-process."""
+
+    records_in: int = 0
+    windows_scored: int = 0
+    events_out: int = 0
+    batches: int = 0
+    commits: int = 0
+    dead_letters: Tally = field(default_factory=Tally)
+    dropped: Tally = field(default_factory=Tally)
+    alarms: Tally = field(default_factory=Tally)
+    reloads: int = 0
+
+    def snapshot(self) -> dict:
+        return {
+            "records_in": self.records_in,
+            "windows_scored": self.windows_scored,
+            "events_out": self.events_out,
+            "dead_letters": dict(self.dead_letters),
+            "batches": self.batches,
+            "commits": self.commits,
+            "alarms": dict(self.alarms),
+            "reloads": self.reloads,
+        }

@@ -1,0 +1,157 @@
+"""The worker application: the loop with everything that lives as long as it.
+
+`WorkerApp.build(settings)` loads the detector (retrying an unreachable registry for
+`registry_wait_s`), opens the Kafka client the settings select and makes sure the topics exist,
+then wires the loop to a source, a sink and the state topic, starts the model follower (for an
+alias) and the HTTP server (unless `http_port` is -1). `run` runs the loop until it stops; `close`
+releases, once and in order, what `build` made: the follower's thread, the consumer (leaving the
+group), the producer and the HTTP port.
+
+    with WorkerApp.build(settings) as app:
+        app.run()
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline.detector import Detector
+from pipeline.errors import RegistryError
+from pipeline.kafka_io import open_client
+from pipeline.registry.client import ModelRef, load_model, parse_model_uri
+from pipeline.registry.follower import ModelFollower
+from pipeline.worker.http_server import WorkerHttpServer
+from pipeline.worker.loop import Worker
+from pipeline.worker.metrics import WorkerMetrics, WorkerStats
+from pipeline.worker.settings import RegistrySettings, WorkerSettings
+from pipeline.worker.state import KafkaStateStore
+
+__all__ = ["WorkerApp", "load_with_retries"]
+
+log = logging.getLogger(__name__)
+
+
+def load_with_retries(registry: RegistrySettings, device: str) -> tuple[Detector, ModelRef]:
+    """The model to serve; an unreachable registry is retried for `registry_wait_s`."""
+    deadline = time.monotonic() + registry.registry_wait_s
+    delay = 1.0
+    while True:
+        try:
+            return load_model(
+                registry.model,
+                tracking_uri=registry.tracking_uri,
+                device=device,
+                require_calibrated=True,
+            )
+        except RegistryError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            log.warning("registry not ready (%s); retrying for %.0f s more", exc, left)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
+
+
+class WorkerApp:
+    def __init__(
+        self,
+        worker: Worker,
+        *,
+        follower: ModelFollower | None = None,
+        http: WorkerHttpServer | None = None,
+    ) -> None:
+        self.worker, self.follower, self.http = worker, follower, http
+        self._closed = False
+
+    @classmethod
+    def build(cls, settings: WorkerSettings) -> WorkerApp:
+        detector, ref = load_with_retries(settings.registry, settings.batching.device)
+        topics = settings.topics
+        kafka = open_client(settings.kafka)
+        kafka.ensure_topics(
+            {
+                topics.output_topic: {},
+                topics.dlq_topic: {},
+                topics.alarm_topic_name: {},
+                settings.state_topic_name: {"topic_configs": {"cleanup.policy": "compact"}},
+            }
+        )
+        metrics = WorkerMetrics()
+        exactly_once = settings.kafka.exactly_once
+        sink = kafka.sink(
+            max_record_bytes=settings.records.max_record_bytes,
+            transaction_timeout_ms=(
+                max(10_000, 4 * settings.loop.commit_interval_ms) if exactly_once else None
+            ),
+        )
+        follower = cls._follower(settings.registry, settings.batching.device, detector, ref)
+        if follower is not None:
+            follower.on_outcome = lambda outcome, why: metrics.reloads.labels(outcome, why).inc()
+        state = KafkaStateStore(sink, kafka.read_latest, settings.state_topic_name)
+        worker = Worker(
+            settings, detector, ref.identity(), sink, state, metrics=metrics, follower=follower
+        )
+        worker.attach(kafka.source(topics.input_topic, topics.input_pattern, worker))
+        http = None
+        if settings.http.http_port >= 0:
+            http = WorkerHttpServer(
+                settings.http.http_host,
+                settings.http.http_port,
+                metrics=metrics.exposition,
+                live=worker.liveness,
+                ready=worker.readiness,
+                on_alias_created=follower.trigger if follower else None,
+                webhook_secret=settings.http.webhook_secret,
+            ).start()
+        if follower is not None:
+            follower.start()
+        log.info(
+            "worker ready: model %s on %s; settings %s",
+            ref.label,
+            detector.device,
+            settings.redacted(),
+        )
+        return cls(worker, follower=follower, http=http)
+
+    @staticmethod
+    def _follower(
+        registry: RegistrySettings, device: str, detector: Detector, ref: ModelRef
+    ) -> ModelFollower | None:
+        """A follower for a registry alias that is polled (none for a folder or a version)."""
+        parsed = parse_model_uri(registry.model)
+        if parsed is None or parsed[1] is None or registry.reload_interval_s <= 0:
+            return None
+        return ModelFollower(
+            registry.model,
+            detector,
+            ref,
+            tracking_uri=registry.tracking_uri,
+            device=device,
+            interval_s=registry.reload_interval_s,
+        )
+
+    def run(self) -> WorkerStats:
+        return self.worker.run()
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, checkpoint and leave (signal-handler safe)."""
+        self.worker.stop()
+
+    def close(self) -> None:
+        """Stop the follower, leave the group, release the producer and the HTTP port."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.follower is not None:
+            self.follower.close()
+        self.worker.source.close()
+        self.worker.sink.close()
+        if self.http is not None:
+            self.http.close()
+
+    def __enter__(self) -> WorkerApp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

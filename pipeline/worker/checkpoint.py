@@ -1,0 +1,142 @@
+"""Checkpoints: what was processed becomes durable, then committed, in one written-down order.
+
+A checkpoint (every `commit_interval_ms`, on partition revoke, on shutdown) goes:
+
+1. score what is pending and emit its events (the loop does this before calling `save`);
+2. write each touched partition's state to the compacted state topic: the keys' window positions
+   and whatever else keeps per-key state (alarm episodes), one record per partition;
+3. make everything sent durable: flush the producer (every event, dead letter and state record
+   acknowledged), or, exactly-once, commit the transaction that holds them and the offsets;
+4. commit, per partition, the offset of the oldest reading an unfinished window still needs (or of
+   the next record): Kafka stores the offset of the next record to read. Offsets never go back.
+
+State is therefore never older than the commit, and a member that takes a partition over reads
+from the commit, skips what the state says was used, and continues the same windows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from pipeline.errors import CommitRejected
+from pipeline.kafka_io.protocols import Sink, Source
+from pipeline.modalities.base import StreamWindows
+from pipeline.worker.metrics import WorkerMetrics, WorkerStats
+from pipeline.worker.state import KeyedState, StateStore
+
+__all__ = ["Checkpointer"]
+
+log = logging.getLogger(__name__)
+Partition = tuple[str, int]
+
+
+class Checkpointer:
+    """Offsets processed and committed per partition, and the checkpoint that moves them."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        store: StateStore,
+        windows: StreamWindows,
+        stages: Mapping[str, KeyedState],
+        metrics: WorkerMetrics,
+        stats: WorkerStats,
+        clock: Callable[[], float],
+    ) -> None:
+        self.sink, self.store, self.windows = sink, store, windows
+        self.stages = stages  # every holder of per-key state, by its name in the state record
+        self.metrics, self.stats, self.clock = metrics, stats, clock
+        self.processed: dict[Partition, int] = {}  # next offset after what was processed
+        self.committed: dict[Partition, int] = {}
+        self._last_commit: dict[Partition, int] = {}  # kept across revocations
+        self.touched: set[Partition] = set()
+
+    def took(self, partition: Partition, next_offset: int) -> None:
+        """Records of `partition` before `next_offset` were processed."""
+        self.processed[partition] = next_offset
+        self.touched.add(partition)
+
+    def restore(self, partitions: set[Partition]) -> tuple[int, dict[Partition, int]]:
+        """Load the saved state of newly assigned partitions into every stage. Returns for how
+        many there was state, and where to read again from those this member committed before
+        (see `Worker.on_assigned`)."""
+        restored = self.store.load(partitions) if partitions else {}
+        for partition, saved in restored.items():
+            for name, stage in self.stages.items():
+                stage.restore(partition, saved.get(name) or {})
+        rewind = {p: self._last_commit[p] for p in partitions if p in self._last_commit}
+        return len(restored), rewind
+
+    def forget(self, partitions: set[Partition]) -> None:
+        """Nothing of these partitions stays: a member that kept them would write stale state
+        over the new owner's."""
+        for stage in self.stages.values():
+            stage.forget(partitions)
+        self.touched -= partitions
+        for partition in partitions:
+            self.processed.pop(partition, None)
+            self.committed.pop(partition, None)
+
+    def commit_offsets(self) -> dict[Partition, int]:
+        """Per partition: the oldest reading still needed, else the next record; never back."""
+        offsets = {}
+        for partition, next_offset in self.processed.items():
+            oldest = self.windows.oldest_needed(partition)
+            offset = next_offset if oldest is None else min(next_offset, oldest)
+            if offset > self.committed.get(partition, -1):
+                offsets[partition] = offset
+        return offsets
+
+    def save(
+        self,
+        source: Source | None,
+        assigned: set[Partition],
+        *,
+        reason: str,
+        model_version: str,
+        started: float,
+    ) -> None:
+        """Steps 2 to 4 of the module notes (step 1, begun at `started`, is done)."""
+        for partition in self.touched & assigned:
+            state = {name: stage.state(partition) for name, stage in self.stages.items()}
+            self.store.save(partition, state)
+        self.touched.clear()
+        offsets = self.commit_offsets() if source is not None else {}
+        if self.sink.transactional:
+            metadata = source.group_metadata() if source is not None else None
+            self.sink.commit(offsets, metadata)
+        else:
+            self.sink.flush()
+            if offsets:
+                try:
+                    source.commit(offsets)
+                except CommitRejected as exc:
+                    # evicted (or rebalancing): the next poll rejoins, and whoever owns these
+                    # partitions then reads them again from the last accepted commit
+                    log.warning("commit refused by the group, will rejoin: %s", exc)
+                    offsets = {}
+        if source is not None:
+            highwaters = source.highwaters(self.processed)
+            self.metrics.set_lag(
+                {p: max(0, hw - self.processed[p]) for p, hw in highwaters.items()}
+            )
+        if offsets:
+            self.committed.update(offsets)
+            self._last_commit.update(offsets)
+            self.stats.commits += 1
+            self.metrics.commits.inc()
+            log.info(
+                "checkpoint (%s, %.0f ms): %s",
+                reason,
+                1000 * (self.clock() - started),
+                self.stats.snapshot(),
+                extra={
+                    "fields": {
+                        "checkpoint": reason,
+                        "stats": self.stats.snapshot(),
+                        "model_version": model_version,
+                        "commit": {f"{t}:{p}": o for (t, p), o in offsets.items()},
+                    }
+                },
+            )

@@ -1,0 +1,134 @@
+"""The batch scorer: ready windows through the model in one forward pass, off the loop's thread.
+
+The forward pass runs on a scoring thread while the loop's thread keeps the consumer-group
+membership alive: every `KEEPALIVE_FRACTION` of max.poll.interval.ms it polls with every
+partition paused (`Source.keepalive`). A batch slower than that interval (a slow or busy device)
+then neither gets the member evicted nor turns into a CommitFailedError and rebalance loop. A
+rebalance that such a poll runs calls back into the loop (revoke -> checkpoint -> score): the batch
+in flight is finished first, so no commit passes windows that are not yet emitted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.detector import Detector, Scores
+from pipeline.modalities.windowing import ReadyWindows
+
+__all__ = ["BatchScorer", "ScoredBatch"]
+
+# While a batch is scored, the group hears from this member at least this often (as a fraction
+# of max.poll.interval.ms), however slow the device.
+KEEPALIVE_FRACTION = 0.25
+
+Partition = tuple[str, int]
+
+
+@dataclass
+class ScoredBatch:
+    """Windows scored together, with where each came from. Windows come in groups of one key
+    and partition (`pending.keys`, `pending.partitions`, `pending.counts`)."""
+
+    pending: ReadyWindows
+    windows: np.ndarray  # [N, ...] raw
+    scored: Scores
+    start_ts: np.ndarray  # [N] epoch ms
+    end_ts: np.ndarray
+    seconds: float  # of the forward pass, as the loop waited for it
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def groups(self) -> Iterator[tuple[str, Partition, slice]]:
+        """(key, partition, rows) of each group of consecutive windows."""
+        start = 0
+        for key, partition, count in zip(
+            self.pending.keys, self.pending.partitions, self.pending.counts, strict=True
+        ):
+            yield key, partition, slice(start, start + count)
+            start += count
+
+    def keys(self) -> np.ndarray:
+        """The key of every window."""
+        return np.repeat(np.asarray(self.pending.keys, dtype=object), self.pending.counts)
+
+    def sources(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per window: the index of its group, and its first and last record's offsets."""
+        group = np.repeat(np.arange(len(self.pending.counts)), self.pending.counts)
+        first = np.concatenate(self.pending.first_offsets)
+        last = np.concatenate(self.pending.last_offsets)
+        return group, first, last
+
+
+@dataclass
+class _InFlight:
+    pending: ReadyWindows
+    windows: np.ndarray
+    future: Future
+    started: float
+
+
+class BatchScorer:
+    """Scores one batch at a time on its own thread; `keepalive` runs on the caller's thread
+    while it waits, every `keepalive_every_s` (and `on_wait` after each keep-alive)."""
+
+    def __init__(
+        self,
+        max_batch: int,
+        keepalive_every_s: float,
+        keepalive: Callable[[], None],
+        on_wait: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.max_batch = max_batch
+        self.keepalive_every_s = keepalive_every_s
+        self.keepalive = keepalive
+        self.on_wait = on_wait
+        self._inflight: _InFlight | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def score(self, pending: ReadyWindows, detector: Detector) -> Iterator[ScoredBatch]:
+        """Score `pending` (empty: nothing to score) and yield the scored batches: first a batch
+        still in flight from an interrupted call, then this one, unless a keep-alive's rebalance
+        finished it already."""
+        if self._inflight is not None:
+            yield self._finish(self._inflight)
+        if not len(pending):
+            return
+        batch = self._inflight = self._start(pending, detector)
+        while self._inflight is batch and not batch.future.done():
+            wait([batch.future], timeout=self.keepalive_every_s)
+            if self._inflight is batch and not batch.future.done():
+                self.keepalive()
+                self.on_wait()
+        if self._inflight is batch:
+            yield self._finish(batch)
+
+    def _start(self, pending: ReadyWindows, detector: Detector) -> _InFlight:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
+        windows = np.concatenate(pending.windows)
+        future = self._pool.submit(detector.score, windows, batch_size=self.max_batch)
+        return _InFlight(pending, windows, future, time.perf_counter())
+
+    def _finish(self, batch: _InFlight) -> ScoredBatch:
+        self._inflight = None
+        scored = batch.future.result()
+        pending = batch.pending
+        return ScoredBatch(
+            pending,
+            batch.windows,
+            scored,
+            np.concatenate(pending.start_ts),
+            np.concatenate(pending.end_ts),
+            time.perf_counter() - batch.started,
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
