@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks.common import md_table, write_results
 from pipeline.tools.synthetic import write_parquet_series
-from training.streamed import parquet_decoded_bytes
+from training.data.streamed import parquet_decoded_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

@@ -13,15 +13,9 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import DataError
-from training.data import (
-    FILL_POLICIES,
-    ImageSet,
-    SeriesTable,
-    load_images,
-    load_series,
-    split_images,
-    split_series,
-)
+from training.data.columns import FILL_POLICIES
+from training.data.images import ImageSet, load_images, split_images
+from training.data.series import SeriesTable, load_series, split_series
 
 PARTS = ("train", "validation", "calibration", "test")
 

@@ -13,7 +13,7 @@ from pipeline.detector import load_detector
 from pipeline.errors import ConfigError, DistributedError
 from pipeline.tools.synthetic import write_parquet_series
 from tests.helpers import write_series_csv
-from training.cli import build_train_parser, launch_settings_from_args, settings_from_args
+from training.cli.train import build_train_parser, launch_settings_from_args, settings_from_args
 from training.distributed import LaunchSettings, RankContext, launch
 from training.job import prepare, train
 

@@ -11,13 +11,12 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from pipeline.modalities.image import error_map_png, top_regions
 from pipeline.modalities.images import (
     IMAGE_REASONS,
     DecodedImage,
     ImageDecoder,
     encode_image_record,
-    error_map_png,
-    top_regions,
 )
 from pipeline.modalities.readings import REASONS, Rejection
 

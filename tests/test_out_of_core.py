@@ -15,9 +15,9 @@ import pytest
 from pipeline.detector import Scaler, ScalerFit, WindowSpec, cut_windows
 from pipeline.errors import ConfigError, DataError
 from pipeline.tools.synthetic import write_parquet_series
-from training.data import load_series, split_series
-from training.job import TrainSettings, series_groups
-from training.streamed import SeriesStream, parquet_decoded_bytes
+from training.data.series import load_series, series_groups, split_series
+from training.data.streamed import SeriesStream, parquet_decoded_bytes
+from training.job import TrainSettings
 
 FRACTIONS = (0.6, 0.15, 0.15, 0.1)
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@ recalibration, and serving the pyfunc over HTTP."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ from pipeline.errors import ArtifactError
 from pipeline.registry.client import TAG_PREFIX, load_model
 from pipeline.tools.local_broker import free_port
 from tests.helpers import labelled_series_csv, register_result, train_series_detector
-from training.inputs import load_for
+from training.data.for_detector import DataSource, load_for
 from training.promote import apply_promotion, compare, rollback
 
 pytestmark = pytest.mark.mlflow_server
@@ -41,16 +40,8 @@ def _name() -> str:
 
 
 def _data_loader(data: Path):
-    args = argparse.Namespace(
-        data=str(data),
-        time_col="ts",
-        key_col="machine",
-        label_col="label",
-        fill="error",
-        labels_path=None,
-        normal_class=None,
-    )
-    return lambda detector: load_for(detector, args)
+    source = DataSource(str(data), time_col="ts", key_col="machine", label_col="label")
+    return lambda detector: load_for(detector, source)
 
 
 def test_register_promote_resolve_load_gives_identical_scores(mlflow_server, good, tmp_path):

@@ -16,7 +16,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from pipeline.cli import main
 from pipeline.detector import ModelConfig, load_detector
 from tests.helpers import register_result, series_frame, train_series_detector
-from training.data import load_images
+from training.data.images import load_images
 from training.fit import FitConfig
 from training.job import CalibrationSettings, TrainSettings, train
 from training.uses import overlap_average

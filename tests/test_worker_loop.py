@@ -123,7 +123,7 @@ def test_commits_never_go_back_and_keep_what_open_windows_need(detector):
     total = len(source.records[("readings", 0)])
     spec = detector.input.window
     assert total - last <= 4 * (spec.length - 1), "only readings of open windows are re-read"
-    assert last == worker.windower.oldest_needed(("readings", 0))
+    assert last == worker.intake.windows.oldest_needed(("readings", 0))
 
 
 def test_restart_from_commit_and_state_gives_the_same_event_ids(detector):

@@ -2,7 +2,10 @@
 
 Each calibrator is an accumulator: `update(scores[, labels])` as often as needed, then `compute()`
 returns a calibrated `Threshold` that keeps a sorted sample of the calibration scores for conformal
-p-values. Too little data for a method is an error, never a silent fallback.
+p-values. Too little data for a method is an error, never a silent fallback. Given a split's scores
+with its labels (`update_split`), a calibrator takes what its method needs: the scores of normal
+windows only, or (`f1`) every window with its label. `calibrate` is the training job's and
+`aewatch recalibrate`'s one way to a threshold.
 
 - `quantile`: the conformal (1 - target_fpr) quantile: the ceil((n + 1)(1 - a))-th smallest score,
   which bounds the false-positive rate of a new normal window by a (needs n >= 1/a - 1).
@@ -26,14 +29,25 @@ from pipeline.errors import CalibrationError, ConfigError
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "CalibrationSettings",
     "FprEstimate",
     "MAX_STORED_SCORES",
-    "make_calibrator",
+    "calibrate",
     "estimate_fpr",
+    "make_calibrator",
 ]
 
 CALIBRATION_METHODS = ("quantile", "pot", "mad", "f1")
 MAX_STORED_SCORES = 20_000
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    method: str = "quantile"
+    target_fpr: float = 0.01
+    mad_k: float = 3.0
+    pot_initial_quantile: float = 0.95
+    margin: float = 1.0
 
 
 def _digest(scores: np.ndarray) -> str:
@@ -63,6 +77,11 @@ class _Calibrator:
         self._scores.append(scores)
         if labels is not None:
             self._labels.append(np.asarray(labels, dtype=bool).ravel())
+
+    def update_split(self, scored) -> None:
+        """A split's `SplitScores`: the scores of its normal windows (those holding no labelled
+        anomaly) are what a false-positive target is calibrated on."""
+        self.update(scored.scores[scored.normal])
 
     @property
     def scores(self) -> np.ndarray:
@@ -177,6 +196,11 @@ class MadCalibrator(_Calibrator):
 class F1Calibrator(_Calibrator):
     method = "f1"
 
+    def update_split(self, scored) -> None:
+        """Every window, with its label (all normal when the split has none)."""
+        labels = scored.labels
+        self.update(scored.scores, labels if labels is not None else np.zeros(len(scored.scores)))
+
     def _threshold(self, scores: np.ndarray) -> tuple[float, dict]:
         from sklearn.metrics import precision_recall_curve
 
@@ -231,6 +255,23 @@ def _make(method: str, target_fpr: float, mad_k: float, pot_initial_quantile: fl
     if method == "f1":
         return F1Calibrator()
     raise ConfigError("calibration", f"unknown method {method!r}; use one of {CALIBRATION_METHODS}")
+
+
+def calibrate(detector, data, settings: CalibrationSettings) -> Threshold:
+    """A threshold from the calibration split of `data` (any `Splits`)."""
+    if not data.has("calibration"):
+        raise CalibrationError(
+            "the calibration split is empty: give it a share in --fractions or more data"
+        )
+    calibrator = make_calibrator(
+        settings.method,
+        target_fpr=settings.target_fpr,
+        mad_k=settings.mad_k,
+        pot_initial_quantile=settings.pot_initial_quantile,
+        margin=settings.margin,
+    )
+    calibrator.update_split(data.split_scores(detector, "calibration"))
+    return calibrator.compute()
 
 
 @dataclass(frozen=True)

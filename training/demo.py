@@ -6,29 +6,26 @@ the promotion gates; then starts the scoring worker, streams live readings with 
 anomaly of every kind, prints alarms as they open and resolve, and ends with a summary (injected vs
 detected, false alarms, detection delay, throughput, latency) and a report (`report.png`).
 
-Uses `KAFKA_BOOTSTRAP_SERVERS` if set, else starts the local broker; `MLFLOW_TRACKING_URI` if set,
-else a sqlite store in the demo folder. Everything it starts is stopped at the end; each run
-starts from an empty demo folder and uses topics of its own.
+It scripts the other commands as a user would (`aewatch train`, `aewatch promote`); the
+streaming half is `pipeline.tools.demo_stream`. A broker given is used, else the local one is
+started; a tracking URI given is used, else a sqlite store in the demo folder. Everything it
+starts is stopped at the end; each run starts from an empty demo folder and uses topics of its own.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import shutil
-import sys
-import threading
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import orjson
 
-__all__ = ["register_demo"]
+from pipeline.tools.demo_stream import iso_ms, stream_images, stream_readings
+
+__all__ = ["DEMO_KINDS", "DemoSettings", "run_demo"]
 
 log = logging.getLogger(__name__)
 SENSORS = ("pressure", "flow", "temperature", "vibration", "current", "speed", "torque", "level")
@@ -41,37 +38,20 @@ DEMO_KINDS = ("spike", "level_shift", "drift", "noise_burst")
 WINDOW, STRIDE = 32, 4
 
 
-def register_demo(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo",
-        help="run the whole pipeline on this machine: simulate, train, promote, stream, alarm",
-        description=__doc__.splitlines()[0],
-    )
-    parser.add_argument("--dir", default="aewatch-demo", help="demo folder (emptied first)")
-    parser.add_argument("--keys", type=int, default=8, help="machines (default: %(default)s)")
-    parser.add_argument("--sensors", type=int, default=6, help="sensors per machine")
-    parser.add_argument("--history", type=int, default=3000, help="training readings per machine")
-    parser.add_argument("--stream", type=int, default=1500, help="live readings per machine")
-    parser.add_argument("--rate", type=float, default=400.0, help="live readings per second")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument(
-        "--anomalies",
-        default=",".join(DEMO_KINDS),
-        help="kinds to inject into the live stream (default: %(default)s)",
-    )
-    parser.add_argument("--images", action="store_true", help="an image stream of digits instead")
-    parser.add_argument("--seed", type=int, default=7)
-    parser.set_defaults(handler=_run_demo)
-
-
-@dataclass
-class Collected:
-    """What the demo's consumer saw on the output topic."""
-
-    alarms: list[dict] = field(default_factory=list)
-    anomalies: list[dict] = field(default_factory=list)
-    latencies_ms: list[float] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+@dataclass(frozen=True)
+class DemoSettings:
+    dir: str = "aewatch-demo"  # emptied first
+    keys: int = 8
+    sensors: int = 6
+    history: int = 3000  # training readings per machine
+    stream: int = 1500  # live readings per machine
+    rate: float = 400.0  # live readings per second
+    epochs: int = 15
+    anomalies: tuple[str, ...] = DEMO_KINDS
+    images: bool = False  # an image stream of digits instead
+    seed: int = 7
+    bootstrap_servers: str | None = None  # else a local broker is started
+    tracking_uri: str | None = None  # else a sqlite store in the demo folder
 
 
 def _quiet_logs() -> None:
@@ -92,17 +72,16 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from pipeline.worker.cli import worker_environment
+def run_demo(args: DemoSettings) -> dict:
+    """The whole demo; returns its summary (`ok`: every injected anomaly was detected)."""
     from training.tracking import local_store
 
     _quiet_logs()
-    worker_environment()
     root = Path(args.dir).resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    bootstrap = args.bootstrap_servers
     started = time.monotonic()
     try:
         if not bootstrap:
@@ -111,7 +90,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             _say("starting a local Kafka broker (deploy/kafka) ...")
             broker = LocalKafkaBroker().start()
             bootstrap = broker.bootstrap_servers
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or local_store(root, "aewatch-demo")
+        tracking_uri = args.tracking_uri or local_store(root, "aewatch-demo")
         _say(f"Kafka at {bootstrap}; MLflow at {tracking_uri}; demo folder {root}")
         run = _image_demo if args.images else _series_demo
         summary = run(args, root, bootstrap, tracking_uri)
@@ -121,7 +100,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _say(f"\nfinished in {summary['wall_seconds']:.0f} s; summary in {root / 'summary.json'}")
-    return 0 if summary.get("ok") else 1
+    return summary
 
 
 # -- series ---------------------------------------------------------------------------------------
@@ -130,7 +109,7 @@ def _series_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     from pipeline.tools.simulate import simulate_fleet, write_csv
 
     sensors = SENSORS[: args.sensors]
-    kinds = tuple(k for k in args.anomalies.split(",") if k)
+    kinds = args.anomalies
     _say(f"\n1. simulating {args.keys} machines x {len(sensors)} sensors: normal history")
     history = simulate_fleet(
         keys=args.keys,
@@ -165,7 +144,10 @@ def _series_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
 
     _say(f"\n4. streaming {args.keys * args.stream:,} live readings at {args.rate:,.0f}/s")
     stream = _live_fleet(args, sensors, kinds, args.stream, anomaly_seed=args.seed + 1)
-    live = _stream_through_worker(args, root, bootstrap, tracking_uri, stream)
+    _quiet_logs()
+    live = stream_readings(
+        bootstrap, f"models:/{MODEL_NAME}@champion", tracking_uri, stream, args.rate
+    )
     summary = _series_summary(stream, live)
     _series_report(root / "report.png", stream, live, tracking_uri)
     _print_summary(summary, root, tracking_uri, live)
@@ -192,129 +174,13 @@ def _live_fleet(args, sensors, kinds, readings: int, *, anomaly_seed: int):
 
 
 def _champion(tracking_uri: str) -> str:
-    from mlflow import MlflowClient
+    from pipeline.errors import RegistryError
+    from pipeline.registry.client import alias_version
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
-        return str(client.get_model_version_by_alias(MODEL_NAME, "champion").version)
-    except Exception as exc:  # the registry's not-found error
+        return alias_version(MODEL_NAME, "champion", tracking_uri=tracking_uri)
+    except RegistryError as exc:
         raise RuntimeError("no version passed the promotion gates; nothing to serve") from exc
-
-
-def _stream_through_worker(args, root, bootstrap, tracking_uri, stream) -> dict:
-    from pipeline.kafka_io import open_client
-    from pipeline.kafka_io.settings import KafkaConnection
-    from pipeline.tools.alerts import format_event
-    from pipeline.worker.app import WorkerApp
-    from pipeline.worker.settings import WorkerSettings
-
-    _quiet_logs()
-    tag = uuid.uuid4().hex[:6]
-    topics = {"input": f"demo-readings-{tag}", "output": f"demo-events-{tag}"}
-    kafka = open_client(KafkaConnection(bootstrap))
-    kafka.ensure_topics({topics["input"]: {"num_partitions": 4}, topics["output"]: {}})
-    settings = WorkerSettings.build(
-        model=f"models:/{MODEL_NAME}@champion",
-        bootstrap_servers=bootstrap,
-        group_id=f"demo-{tag}",
-        input_topic=(topics["input"],),
-        output_topic=topics["output"],
-        dlq_topic=f"demo-dlq-{tag}",
-        events="both",
-        http_port=0,
-        reload_interval_s=5.0,
-        commit_interval_ms=500,
-        tracking_uri=tracking_uri,
-    )
-    app = WorkerApp.build(settings)
-    collected = Collected()
-    stop = threading.Event()
-
-    def collect() -> None:
-        consumer = kafka.tail([topics["output"]], from_beginning=True)
-        while not stop.is_set():
-            for records in consumer.poll(100).values():
-                now_ms = time.time() * 1000
-                for record in records:
-                    event = orjson.loads(record.value)
-                    data = event["data"]
-                    end = data["window"]["end"] if "window" in data else event["time"]
-                    with collected.lock:
-                        if event["type"].startswith("aewatch.alarm"):
-                            collected.alarms.append(event)
-                            clear = "\r" + " " * 100 + "\r" if sys.stdout.isatty() else ""
-                            print(f"{clear}   {format_event(event)}", flush=True)
-                        else:
-                            collected.anomalies.append(event)
-                            collected.latencies_ms.append(now_ms - _iso_ms(end))
-        consumer.close()
-
-    threads = [
-        threading.Thread(target=collect, daemon=True),
-        threading.Thread(target=app.run, daemon=True),
-    ]
-    for thread in threads:
-        thread.start()
-    _say(f"   worker metrics at http://127.0.0.1:{app.http.port}/metrics while it runs")
-    sent_ts = _produce_live(kafka, topics["input"], stream, args.rate, app.worker, collected)
-    deadline = time.monotonic() + 60
-    while app.worker.stats.records_in < len(stream.keys) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(2.0)  # the last checkpoint and the last events reach the output topic
-    stats = app.worker.stats.snapshot()
-    app.stop()
-    threads[1].join(timeout=60)
-    app.close()
-    stop.set()
-    threads[0].join(timeout=10)
-    return {
-        "topics": topics,
-        "sent_ts": sent_ts,
-        "collected": collected,
-        "stats": stats,
-        "threshold": app.worker.detector.threshold.value,
-        "model_version": app.worker.model.version,
-    }
-
-
-def _produce_live(kafka, topic, stream, rate, worker, collected) -> np.ndarray:
-    """Send the readings at `rate`, each stamped with the time it is sent; show progress."""
-    producer = kafka.sink(linger_ms=5)
-    names = stream.features
-    keys = stream.keys.tolist()
-    key_bytes = [k.encode() for k in keys]
-    sent = np.zeros(len(keys), np.int64)
-    last_ts: dict[str, int] = {}
-    started = time.monotonic()
-    shown = 0.0
-    tty = sys.stdout.isatty()
-    for i, (key, row) in enumerate(zip(keys, stream.values.tolist(), strict=True)):
-        delay = started + i / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        ts = max(int(time.time() * 1000), last_ts.get(key, 0) + 1)
-        last_ts[key] = sent[i] = ts
-        value = orjson.dumps({"key": key, "ts": ts, "values": dict(zip(names, row, strict=True))})
-        producer.send(topic, key=key_bytes[i], value=value)
-        now = time.monotonic()
-        if now - shown > (0.5 if tty else 5.0) or i == len(keys) - 1:
-            shown = now
-            with collected.lock:
-                alarms = len(collected.alarms)
-            line = (
-                f"   sent {i + 1:,}/{len(keys):,} readings, scored "
-                f"{worker.stats.windows_scored:,} windows, {alarms} alarm events"
-            )
-            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-    producer.flush()
-    producer.close()
-    if tty:
-        print()
-    return sent
-
-
-def _iso_ms(text: str) -> float:
-    return float(np.datetime64(text.rstrip("Z"), "ms").astype(np.int64))
 
 
 def _series_summary(stream, live) -> dict:
@@ -324,10 +190,10 @@ def _series_summary(stream, live) -> dict:
     for event in collected.alarms:
         data = event["data"]
         episode = episodes.setdefault(data["episode_id"], {"key": data["key"]})
-        episode[data["state"]] = _iso_ms(event["time"])
-        episode["start"] = _iso_ms(data["start"])
+        episode[data["state"]] = iso_ms(event["time"])
+        episode["start"] = iso_ms(data["start"])
         if data.get("end"):
-            episode["end"] = _iso_ms(data["end"])
+            episode["end"] = iso_ms(data["end"])
     slack_ms = 2 * WINDOW * float(np.median(np.diff(np.sort(sent[keys == keys[0]]))))
     per_kind, matched = [], set()
     for truth in stream.truth:
@@ -450,8 +316,8 @@ def _series_report(path: Path, stream, live, tracking_uri: str) -> None:
         for event in live["collected"].alarms:
             data = event["data"]
             if data["key"] == truth.key:  # resolved: start..end; still open: start..now
-                end = _iso_ms(data["end"]) if data.get("end") else sent.max()
-                spans[data["episode_id"]] = (_iso_ms(data["start"]), end)
+                end = iso_ms(data["end"]) if data.get("end") else sent.max()
+                spans[data["episode_id"]] = (iso_ms(data["start"]), end)
         for start, end in spans.values():
             bottom.axvspan((start - t0) / 1000, (end - t0) / 1000, color="purple", alpha=0.2)
         bottom.set_ylabel("score")
@@ -468,11 +334,7 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     from sklearn.datasets import load_digits
 
     from pipeline.cli import main as cli
-    from pipeline.kafka_io import open_client
-    from pipeline.kafka_io.settings import KafkaConnection
     from pipeline.modalities.images import encode_image_record
-    from pipeline.worker.app import WorkerApp
-    from pipeline.worker.settings import WorkerSettings
 
     name = "demo-digits"
     _say("\n1. training a convolutional autoencoder on scikit-learn digits: 0 is normal")
@@ -494,53 +356,22 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     other = np.flatnonzero(digits.target != 0)
     order = np.concatenate([rng.choice(normal, 120, replace=False), rng.choice(other, 30)])
     rng.shuffle(order)
-    tag = uuid.uuid4().hex[:6]
-    topic, out = f"demo-images-{tag}", f"demo-image-events-{tag}"
-    kafka = open_client(KafkaConnection(bootstrap))
-    kafka.ensure_topics({topic: {"num_partitions": 2}, out: {}})
-    settings = WorkerSettings.build(
-        model=f"models:/{name}@champion",
-        bootstrap_servers=bootstrap,
-        group_id=f"demo-{tag}",
-        input_topic=(topic,),
-        output_topic=out,
-        dlq_topic=f"demo-dlq-{tag}",
-        events="windows",
-        http_port=-1,
-        stop_after_idle_s=5.0,
-        tracking_uri=tracking_uri,
-    )
     _quiet_logs()
-    app = WorkerApp.build(settings)
-    producer = kafka.sink(linger_ms=5)
     _say(f"\n3. streaming {len(order)} images from 3 cameras as .npy records")
     start_ms = int(time.time() * 1000)
-    for i, index in enumerate(order):
-        image = digits.images[index][None].astype(np.float32)
-        headers = [("aewatch.ts", str(start_ms + i).encode())]
-        producer.send(
-            topic,
-            key=f"camera-{i % 3}".encode(),
-            value=encode_image_record(image),
-            headers=headers,
+    records = [
+        (
+            f"camera-{i % 3}".encode(),
+            encode_image_record(digits.images[index][None].astype(np.float32)),
+            start_ms + i,
         )
-    producer.flush()
-    producer.close()
-    try:
-        stats = app.run()
-    finally:
-        app.close()
-    consumer = kafka.tail([out], from_beginning=True)
-    events, quiet = [], time.monotonic()
-    while time.monotonic() - quiet < 3:
-        for records in consumer.poll(300).values():
-            events.extend(orjson.loads(r.value) for r in records)
-            quiet = time.monotonic()
-    consumer.close()
-    flagged = {int(_iso_ms(e["data"]["image"]["time"]) - start_ms) for e in events}
+        for i, index in enumerate(order)
+    ]
+    stats, events = stream_images(bootstrap, f"models:/{name}@champion", tracking_uri, records)
+    flagged = {int(iso_ms(e["data"]["image"]["time"]) - start_ms) for e in events}
     anomalous = {i for i, index in enumerate(order) if digits.target[index] != 0}
     summary = {
-        "images": int(stats.windows_scored),
+        "images": int(stats["windows_scored"]),
         "anomalous_images": len(anomalous),
         "detected": len(flagged & anomalous),
         "false_alarms": len(flagged - anomalous),

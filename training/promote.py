@@ -21,10 +21,20 @@ from pipeline.detector import Detector
 from pipeline.errors import RegistryError
 from pipeline.registry.client import TAG_PREFIX, load_model
 from training.calibrate import estimate_fpr
+from training.data.for_detector import ALL, DataSource, load_for
 from training.evaluate import decision_metrics, ranking_metrics
 from training.register import CHALLENGER, CHAMPION
+from training.tracking import Registry
 
-__all__ = ["Gate", "PromotionReport", "apply_promotion", "compare", "rollback"]
+__all__ = [
+    "Gate",
+    "PromoteSettings",
+    "PromotionReport",
+    "apply_promotion",
+    "compare",
+    "promote",
+    "rollback",
+]
 
 log = logging.getLogger(__name__)
 HISTORY_TAG = TAG_PREFIX + "champion_history"
@@ -84,16 +94,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _client(tracking_uri: str | None):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
 def _scored_figures(detector: Detector, data) -> dict:
-    scores = detector.score(data.raw, attribution=False).scores
+    scored = data.split_scores(detector, ALL)
+    scores, normal = scored.scores, scored.normal
     threshold = detector.threshold.require()
-    normal = data.normal
     fpr = estimate_fpr(scores[normal], threshold) if normal.any() else None
     figures = {
         "threshold": threshold,
@@ -104,7 +108,7 @@ def _scored_figures(detector: Detector, data) -> dict:
         "fpr_ci_low": fpr.ci_low if fpr else None,
         "fpr_ci_high": fpr.ci_high if fpr else None,
     }
-    labels = data.labels
+    labels = scored.labels
     if labels is not None:
         labels = labels.astype(bool)
         figures.update(ranking_metrics(labels, scores))
@@ -139,13 +143,11 @@ def compare(
 ) -> PromotionReport:
     """Score champion and challenger (`load_data(detector)` gives each its windows) and judge
     the gates. Nothing is changed in the registry."""
-    client = _client(tracking_uri)
-    versions = {}
-    for role, alias in (("challenger", CHALLENGER), ("champion", CHAMPION)):
-        try:
-            versions[role] = client.get_model_version_by_alias(name, alias)
-        except Exception:  # noqa: BLE001 - MlflowException when the alias is not set
-            versions[role] = None
+    registry = Registry(tracking_uri)
+    versions = {
+        role: registry.version(name, alias)
+        for role, alias in (("challenger", CHALLENGER), ("champion", CHAMPION))
+    }
     if versions["challenger"] is None:
         raise RegistryError(f"{name} has no @{CHALLENGER} version to promote")
     report = PromotionReport(
@@ -195,52 +197,77 @@ def _gates(report: PromotionReport, tolerance: float, max_fpr: float) -> list[Ga
     return gates
 
 
-def _history(client, name: str) -> list[str]:
-    tags = client.get_registered_model(name).tags or {}
-    return json.loads(tags.get(HISTORY_TAG, "[]"))
+def _history(registry: Registry, name: str) -> list[str]:
+    return json.loads(registry.model_tags(name).get(HISTORY_TAG, "[]"))
 
 
 def apply_promotion(report: PromotionReport, *, tracking_uri: str | None) -> bool:
     """Record the decision on both versions and move `champion` if every gate passed."""
-    client = _client(tracking_uri)
+    registry = Registry(tracking_uri)
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     decision = "promoted" if report.passed else "rejected"
     payload = json.dumps(report.to_dict(), default=str)
     for version in filter(None, (report.challenger, report.champion)):
-        client.set_model_version_tag(
+        registry.set_version_tag(
             report.name, version, TAG_PREFIX + "promotion_decision", f"{decision} {stamp}"
         )
-        client.set_model_version_tag(
+        registry.set_version_tag(
             report.name, version, TAG_PREFIX + "promotion_report", payload[:5000]
         )
     if not report.passed:
         return False
-    history = _history(client, report.name)
+    history = _history(registry, report.name)
     if report.champion and (not history or history[-1] != report.champion):
         history.append(report.champion)
     history.append(report.challenger)
-    client.set_registered_model_alias(report.name, CHAMPION, report.challenger)
-    client.set_registered_model_tag(report.name, HISTORY_TAG, json.dumps(history[-50:]))
+    registry.set_alias(report.name, CHAMPION, report.challenger)
+    registry.set_model_tag(report.name, HISTORY_TAG, json.dumps(history[-50:]))
     log.info("%s: champion is now version %s", report.name, report.challenger)
     return True
 
 
 def rollback(name: str, *, tracking_uri: str | None) -> tuple[str, str]:
     """Move `champion` back to the version that held it before; returns (from, to)."""
-    client = _client(tracking_uri)
-    history = _history(client, name)
-    try:
-        current = str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except Exception as exc:  # noqa: BLE001
-        raise RegistryError(f"{name} has no @{CHAMPION} to roll back") from exc
+    registry = Registry(tracking_uri)
+    history = _history(registry, name)
+    champion = registry.version(name, CHAMPION)
+    if champion is None:
+        raise RegistryError(f"{name} has no @{CHAMPION} to roll back")
+    current = str(champion.version)
     while history and history[-1] == current:
         history.pop()
     if not history:
         raise RegistryError(f"{name}: no previous champion to roll back to")
     previous = history[-1]
-    client.set_registered_model_alias(name, CHAMPION, previous)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    client.set_model_version_tag(
+    registry.set_alias(name, CHAMPION, previous)
+    registry.set_model_tag(name, HISTORY_TAG, json.dumps(history))
+    registry.set_version_tag(
         name, current, TAG_PREFIX + "rolled_back", datetime.now(UTC).isoformat(timespec="seconds")
     )
     return current, previous
+
+
+@dataclass(frozen=True)
+class PromoteSettings:
+    name: str
+    tracking_uri: str | None
+    data: DataSource | None = None  # score both versions on it, else use recorded figures
+    tolerance: float = 0.01  # allowed AUROC loss against the champion
+    max_fpr: float = 0.01  # FPR target when a version records none
+    dry_run: bool = False
+
+
+def promote(settings: PromoteSettings) -> tuple[PromotionReport, bool]:
+    """Compare and, unless a dry run, move the champion alias if the gates pass."""
+    source = settings.data
+    load_data = (lambda detector: load_for(detector, source)) if source else None
+    report = compare(
+        settings.name,
+        tracking_uri=settings.tracking_uri,
+        load_data=load_data,
+        tolerance=settings.tolerance,
+        max_fpr=settings.max_fpr,
+    )
+    if settings.dry_run:
+        return report, False
+    return report, apply_promotion(report, tracking_uri=settings.tracking_uri)

@@ -2,20 +2,21 @@
 
 `run_training` is what `aewatch train` does in every process: fit through `train` and, on rank 0
 alone, the MLflow run (parameters, per-epoch losses, figures, the artifact) and the registered
-version. `run_rank` is the entry of a rank started by `training.distributed.launch` or by an
-external torchrun: it reads its place from the environment the launcher set (this is the edge of
-a rank's process), joins the process group, runs the job and leaves.
+version. `run_job` runs it the way the command line asks: here, as this process's rank of a
+torchrun job, or on ranks it launches (whose entry, `training.cli.train.run_rank`, reads its
+place from the environment the launcher set).
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from training.distributed import RankContext
-from training.job import TrainSettings, train
+from pipeline.errors import ConfigError
+from training.distributed import LaunchSettings, RankContext, launch
+from training.job import TrainSettings, check_scale, train
 
-__all__ = ["RunOptions", "run_rank", "run_training"]
+__all__ = ["RunOptions", "TrainJob", "run_job", "run_training"]
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,12 @@ def run_training(
     settings: TrainSettings, options: RunOptions, context: RankContext | None = None
 ) -> dict | None:
     """Train, record and register; returns the summary on rank 0 and None on the others."""
-    import mlflow
-
     from training.fit import ProgressBar
     from training.register import log_run_figures, register_version
     from training.tracking import (
         MlflowEpochLogger,
         flatten_params,
+        log_artifacts,
         log_fit_summary,
         log_quality,
         tracking_run,
@@ -66,7 +66,7 @@ def run_training(
         log_fit_summary(result.fit)
         log_quality(result)
         log_run_figures(result)
-        mlflow.log_artifacts(str(result.artifact_dir), artifact_path="detector_files")
+        log_artifacts(result.artifact_dir, "detector_files")
         result.run_id = run.info.run_id
         if options.register:
             result.version = register_version(
@@ -75,14 +75,38 @@ def run_training(
     return result.summary()
 
 
-def run_rank(settings: TrainSettings, options: RunOptions) -> dict | None:
-    """One rank of a distributed job, from joining the process group to leaving it."""
-    from pipeline.cli import configure_logging
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything `aewatch train` was asked: what to train, where to record it, on how many
+    ranks."""
 
-    configure_logging(options.log_level, options.log_format)
-    context = RankContext.from_environment(os.environ)
-    if context is None:
-        raise RuntimeError("run_rank needs the environment of a torch.distributed launcher")
+    train: TrainSettings
+    options: RunOptions
+    launch: LaunchSettings = LaunchSettings()
+
+
+def run_job(
+    job: TrainJob, joined: RankContext | None, rank_entry: Callable | None = None
+) -> dict | None:
+    """Train as the job asks: in this process, as `joined` (this process's place in a job an
+    external launcher started), or on ranks launched here that enter at `rank_entry`. Returns
+    the summary where rank 0 ran, else None."""
+    if joined is not None and job.launch.spawns:
+        raise ConfigError(
+            "nproc_per_node",
+            "this process is already a rank of a torchrun job; give the "
+            "process and node counts to torchrun only",
+        )
+    check_scale(job.train, distributed=job.launch.spawns or joined is not None)
+    if joined is not None:
+        return run_rank(job.train, job.options, joined)
+    if job.launch.spawns:
+        return launch(job.launch, rank_entry, job.train, job.options)
+    return run_training(job.train, job.options)
+
+
+def run_rank(settings: TrainSettings, options: RunOptions, context: RankContext) -> dict | None:
+    """One rank of a distributed job, from joining the process group to leaving it."""
     context.join(options.backend, context.device(settings.device))
     try:
         return run_training(settings, options, context)

@@ -1,7 +1,11 @@
-"""MLflow tracking for training runs: parameters, per-epoch losses, the detector artifact.
+"""MLflow for the training side: the only module of `training` that imports mlflow.
 
-The tracking URI is chosen at the CLI (flag, then `MLFLOW_TRACKING_URI`, then a local sqlite file)
-and handed in; nothing here reads the environment.
+Runs (parameters, per-epoch losses, metrics, figures, artifacts), the registration of a detector
+as a pyfunc model version ("models from code", see `pipeline.registry.pyfunc`), and what
+promotion changes in the registry (aliases, tags). The tracking URI is chosen at the CLI (flag,
+then `MLFLOW_TRACKING_URI`, then a local sqlite file) and handed in; nothing here reads the
+environment. (MLflow itself exports the registry URI to the environment when it is set;
+`tracking_run` puts back what was there, so that child processes do not inherit it.)
 """
 
 from __future__ import annotations
@@ -14,16 +18,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
+import torch
 
 from pipeline import __version__
 from training.fit import FitResult
 
 __all__ = [
     "MlflowEpochLogger",
+    "Registry",
     "default_tracking_uri",
     "flatten_params",
     "local_store",
+    "log_artifacts",
+    "log_figure",
     "log_fit_summary",
+    "log_metrics",
+    "log_model_version",
     "log_quality",
     "tracking_run",
 ]
@@ -92,6 +102,18 @@ def tracking_run(
             os.environ["MLFLOW_REGISTRY_URI"] = exported
 
 
+def log_metrics(metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(metrics)
+
+
+def log_figure(figure, path: str) -> None:
+    mlflow.log_figure(figure, path)
+
+
+def log_artifacts(directory: Path, artifact_path: str) -> None:
+    mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
+
+
 def log_fit_summary(result: FitResult) -> None:
     summary = {
         "epochs_run": float(result.epochs_run),
@@ -123,3 +145,66 @@ def log_quality(result) -> None:
                     metrics[f"test_{key}_{sub}"] = float(inner)
     mlflow.set_tag("aewatch.calibration", threshold.method)
     mlflow.log_metrics(metrics)
+
+
+def log_model_version(
+    name: str,
+    model_code: Path,
+    artifact_dir: Path,
+    *,
+    input_example,
+    tags: dict[str, str],
+    alias: str | None,
+) -> str:
+    """Log a detector folder as a pyfunc model ("models from code": `model_code` is the file
+    MLflow runs, the folder its `detector` artifact) in the active run, register it as a new
+    version of `name` with `tags` (also set on the run) and point `alias` at it."""
+    info = mlflow.pyfunc.log_model(
+        name="detector",
+        python_model=str(model_code),
+        artifacts={"detector": str(Path(artifact_dir).resolve())},
+        input_example=input_example,
+        pip_requirements=[
+            f"mlflow=={mlflow.__version__}",
+            f"torch=={torch.__version__.split('+')[0]}",
+            "numpy",
+            "pandas",
+            "pyyaml",
+            f"aewatch=={__version__}",
+        ],
+    )
+    version = str(mlflow.register_model(info.model_uri, name).version)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    mlflow.set_tags(tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    log.info("registered %s version %s%s", name, version, f" as @{alias}" if alias else "")
+    return version
+
+
+class Registry:
+    """What promotion reads and changes in the model registry: aliases and tags."""
+
+    def __init__(self, tracking_uri: str | None) -> None:
+        self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def version(self, name: str, alias: str):
+        """The model version `alias` points to, or None when it points nowhere."""
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except Exception:  # noqa: BLE001 - MlflowException when the alias is not set
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        return self.client.get_registered_model(name).tags or {}
+
+    def set_model_tag(self, name: str, key: str, value: str) -> None:
+        self.client.set_registered_model_tag(name, key, value)
+
+    def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
+        self.client.set_model_version_tag(name, version, key, value)

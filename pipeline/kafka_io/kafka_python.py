@@ -5,6 +5,9 @@ for the cluster that a `KafkaSettings` group describes, creates topics and check
 Everything kafka-python specific lives here: its configuration names, the rebalance listener, its
 error types (turned into `CommitRejected`, `DeliveryError` and `KafkaConnectError`), and the
 workarounds its version 3.0 needs.
+
+Size: over 400 lines because every kafka-python call of aewatch is here, by design; the classes
+(source, sinks, tail, the connection check, the client) are independent of each other.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Decoding image records for an image detector, and compact summaries of where an image is off.
+"""Decoding image records for an image detector (the summaries of its errors are in `image`).
 
 Accepted record values (the model's input shape is (C, H, W)):
 
@@ -55,8 +55,6 @@ __all__ = [
     "DecodedImage",
     "ImageDecoder",
     "encode_image_record",
-    "error_map_png",
-    "top_regions",
 ]
 
 TIMESTAMP_HEADER = "aewatch.ts"
@@ -319,76 +317,6 @@ def _conform_mode(picture: Image.Image, channels: int) -> Image.Image:
     if mode == "RGBA":
         return picture.convert("RGB") if channels == 3 else picture
     return picture.convert("RGB")  # CMYK, YCbCr and other colour modes
-
-
-# -- summaries of a per-pixel error map ---------------------------------------------------------
-def _error_plane(pixel_errors: np.ndarray) -> np.ndarray:
-    """A per-pixel error map as float64 [H, W]; [C, H, W] is averaged over channels."""
-    plane = np.asarray(pixel_errors, dtype=np.float64)
-    if plane.ndim == 3:
-        plane = plane.mean(axis=0)
-    if plane.ndim != 2 or plane.size == 0:
-        raise ValueError(f"expected a non-empty [H, W] or [C, H, W] map, got {plane.shape}")
-    return plane
-
-
-def error_map_png(pixel_errors: np.ndarray, max_side: int = 32) -> str:
-    """A compact picture of where an image's reconstruction error lies, for an event.
-
-    The map ([H, W], or [C, H, W] averaged over channels) is box-downscaled when a side exceeds
-    `max_side`, normalised so its maximum is 255 (an all-zero map stays zero; +inf counts as the
-    maximum, NaN and negatives as zero), and returned as a base64 greyscale PNG."""
-    if max_side < 1:
-        raise ValueError("max_side must be at least 1")
-    plane = _error_plane(pixel_errors)
-    hot = np.isposinf(plane)
-    plane = np.where(np.isfinite(plane), np.maximum(plane, 0.0), 0.0)
-    if hot.any():
-        peak = plane.max()
-        plane[hot] = peak if peak > 0 else 1.0
-    height, width = plane.shape
-    if max(height, width) > max_side:
-        ratio = max_side / max(height, width)
-        size = (max(1, round(width * ratio)), max(1, round(height * ratio)))
-        small = Image.fromarray(plane.astype(np.float32)).resize(size, Image.Resampling.BOX)
-        plane = np.asarray(small, dtype=np.float64)
-    peak = plane.max()
-    if peak > 0:
-        grey = np.rint(np.clip(plane / peak, 0.0, 1.0) * 255.0).astype(np.uint8)
-    else:
-        grey = np.zeros(plane.shape, dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(grey).save(buffer, format="PNG", optimize=True)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def top_regions(pixel_errors: np.ndarray, k: int = 3, cell: int = 4) -> list[dict]:
-    """The `k` cell x cell blocks of the (channel-averaged) error map with the highest mean
-    error, largest first (ties in row-major order). Edge blocks may be smaller than a cell."""
-    if cell < 1:
-        raise ValueError("cell must be at least 1")
-    plane = _error_plane(pixel_errors)
-    if k <= 0:
-        return []
-    height, width = plane.shape
-    rows = np.arange(0, height, cell)
-    cols = np.arange(0, width, cell)
-    sums = np.add.reduceat(np.add.reduceat(plane, rows, axis=0), cols, axis=1)
-    heights = np.minimum(cell, height - rows)
-    widths = np.minimum(cell, width - cols)
-    means = (sums / np.outer(heights, widths)).ravel()
-    order = np.argsort(-means, kind="stable")[:k]
-    block_rows, block_cols = np.divmod(order, len(cols))
-    return [
-        {
-            "row": int(rows[r]),
-            "col": int(cols[c]),
-            "height": int(heights[r]),
-            "width": int(widths[c]),
-            "error": float(means[i]),
-        }
-        for i, r, c in zip(order, block_rows, block_cols, strict=True)
-    ]
 
 
 # -- encoding (simulators and tests) ------------------------------------------------------------

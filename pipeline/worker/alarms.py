@@ -56,10 +56,8 @@ import numpy as np
 __all__ = ["ALARM_NAMESPACE", "AlarmRules", "AlarmTracker", "AlarmTransition"]
 
 ALARM_NAMESPACE = uuid.UUID("0b7d4c1e-4a0f-4f3e-9a63-616c61726d73")
-
 MAX_WINDOWS = 64  # the longest history a key keeps (its flags are bits of an int)
 TOP_FEATURES = 3
-
 Partition = tuple[str, int]
 
 
@@ -190,15 +188,13 @@ class AlarmTracker:
                 raise ValueError(
                     f"per_feature must have shape ({count}, features), got {per_feature.shape}"
                 )
-            if self.feature_names is not None and per_feature.shape[1] != len(self.feature_names):
+            names = self.feature_names
+            if names is not None and per_feature.shape[1] != len(names):
                 raise ValueError(
-                    f"per_feature has {per_feature.shape[1]} columns for "
-                    f"{len(self.feature_names)} feature names"
+                    f"per_feature has {per_feature.shape[1]} columns, {len(names)} names"
                 )
         flags = np.asarray(flags, dtype=bool)
-        keys = self._keys.get(partition)
-        if keys is None:
-            keys = self._keys[partition] = {}
+        keys = self._keys.setdefault(partition, {})
         st = keys.get(key)
         if st is None:
             st = keys[key] = _KeyState()

@@ -83,20 +83,16 @@ class Worker:
         self.sink, self.follower, self.clock, self.wall_ms = sink, follower, clock, wall_ms
         self.metrics = metrics or WorkerMetrics()
         self.stats = WorkerStats()
-        modality = modality_of(detector.input)
+        self.modality = modality = modality_of(detector.input)
         self.intake = modality.intake(settings.records.max_record_bytes)
-        self.alarms = (
-            AlarmTracker(settings.alarms.rules(), modality.alarm_features)
-            if settings.events.alarms
-            else None
-        )
-        self.modality = modality
+        stages = {"resume": self.intake.windows}  # per-key state, by its name in the state record
+        self.alarms = None
+        if settings.events.alarms:
+            self.alarms = AlarmTracker(settings.alarms.rules(), modality.alarm_features)
+            stages["alarms"] = self.alarms
         self.writer = EventWriter(
             sink, settings.topics, settings.events, modality, self.metrics, self.stats
         )
-        stages = {"resume": self.intake.windows}
-        if self.alarms is not None:
-            stages["alarms"] = self.alarms
         self.checkpoints = Checkpointer(
             sink, state, self.intake.windows, stages, self.metrics, self.stats, clock
         )
@@ -117,11 +113,6 @@ class Worker:
         self._last_checkpoint = self.last_turn = clock()
         self._turn_s = 0.0  # running estimate of a turn (poll and take) that brought records
         self.metrics.set_model(model.name, model.version, model.alias)
-
-    @property
-    def windower(self):
-        """The per-key stream windows of the partitions this member owns."""
-        return self.intake.windows
 
     # -- wiring and the group's callbacks ----------------------------------------------------------
     def attach(self, source: Source) -> None:

@@ -2,7 +2,7 @@
 
 `SeriesStream` reads a Parquet file or a directory of Parquet files (hive-partitioned or not,
 e.g. `date=2026-01-01/part-0.parquet` or `machine=m1/...`) one record batch at a time, with the
-same column rules and checks as `load_series`. Windows, the split and the scaler follow the
+same column rules and checks as `load_series` (`training.data.columns`). Windows, the split and the scaler follow the
 in-memory job's rules exactly:
 
 * **Order.** Files are read in sorted path order; within each key, readings must be in time
@@ -36,12 +36,15 @@ import pyarrow.dataset as ds
 
 from pipeline.detector import STREAMING_KINDS, Scaler, ScalerFit, WindowCarry, WindowSet, WindowSpec
 from pipeline.errors import ConfigError, DataError
-from training.data import (
-    _parse_labels,
-    _parse_numeric,
-    _parse_times,
-    _refuse_gaps,
-    _select_columns,
+from training.data.columns import (
+    parse_labels,
+    parse_numeric,
+    parse_times,
+    refuse_gaps,
+    select_columns,
+)
+from training.data.splits import (
+    PARTS,
     check_fractions,
     check_part_sizes,
     parse_time_limit,
@@ -51,7 +54,6 @@ from training.data import (
 __all__ = ["STREAM_FILL_POLICIES", "Chunk", "SeriesStream", "SplitPlan", "parquet_decoded_bytes"]
 
 STREAM_FILL_POLICIES = ("error", "drop")
-_PARTS = ("train", "validation", "calibration", "test")
 _NO_TIME = np.iinfo(np.int64).min
 
 
@@ -75,12 +77,12 @@ class SplitPlan:
     time_range: tuple[str, str]
 
     def rows(self, part: str) -> int:
-        i = _PARTS.index(part)
+        i = PARTS.index(part)
         return int(sum(b[i + 1] - b[i] for b in self.bounds.values()))
 
     def windows(self, part: str, spec: WindowSpec) -> int:
         """How many windows the part gives (before labelled training windows are left out)."""
-        i = _PARTS.index(part)
+        i = PARTS.index(part)
         return sum(spec.count(int(b[i + 1] - b[i])) for b in self.bounds.values())
 
 
@@ -122,7 +124,7 @@ class SeriesStream:
             pre_buffer=False, use_buffered_stream=True, buffer_size=1 << 20
         )
         empty = self._dataset.schema.empty_table().to_pandas()
-        names = _select_columns(empty, self.source, time_col, key_col, features, label_col)
+        names = select_columns(empty, self.source, time_col, key_col, features, label_col)
         self.features = tuple(names)
         self._columns = [c for c in (time_col, key_col, label_col) if c is not None] + names
 
@@ -150,18 +152,18 @@ class SeriesStream:
         codes, uniques = self._key_codes(batch, where)
         others = [c for c in self._columns if c != self.key_col]
         frame = batch.select(others).to_pandas(date_as_object=False, split_blocks=True)
-        times = _parse_times(frame[self.time_col], where, self.time_col)
+        times = parse_times(frame[self.time_col], where, self.time_col)
         values = np.column_stack(
-            [_parse_numeric(frame[name], where, name) for name in self.features]
+            [parse_numeric(frame[name], where, name) for name in self.features]
         )
         values[~np.isfinite(values)] = np.nan
         labels = (
-            _parse_labels(frame[self.label_col], where, self.label_col)
+            parse_labels(frame[self.label_col], where, self.label_col)
             if self.label_col is not None
             else None
         )
         if self.fill == "error":
-            _refuse_gaps(values, self.features, where)
+            refuse_gaps(values, self.features, where)
         else:
             keep = ~np.isnan(values).any(axis=1)
             times, codes, values = times[keep], codes[keep], values[keep]
@@ -254,7 +256,7 @@ class SeriesStream:
 
     def part(self, plan: SplitPlan, part: str) -> Iterator[Chunk]:
         """The chunks of one part: each key's rows at positions within the part's bounds."""
-        i = _PARTS.index(part)
+        i = PARTS.index(part)
         seen: dict[str, int] = {}
         for chunks in self.chunks():
             for chunk in chunks:

@@ -1,9 +1,10 @@
 """`aewatch train`: flags, an optional config file whose keys mirror the flags, and the run.
 
 This is the edge of the training job: it reads the environment (`MLFLOW_TRACKING_URI`, and the
-rank variables a torchrun launcher sets), builds one frozen `TrainSettings`, and hands it down:
-to this process, to ranks it launches itself (`--nproc-per-node`, `--nnodes`), or, under torchrun,
-to this process as one rank.
+rank variables a torchrun launcher sets), builds one frozen `TrainJob` (what to train, where to
+record it, on how many ranks) and hands it to `training.runner.run_job`: to this process, to ranks
+it launches itself (`--nproc-per-node`, `--nnodes`), or, under torchrun, to this process as one
+rank. `run_rank_process` is where a launched rank's process begins.
 """
 
 from __future__ import annotations
@@ -23,10 +24,18 @@ from pipeline.detector.models import (
 from pipeline.detector.scaler import SCALER_KINDS
 from pipeline.errors import ConfigError
 from training.calibrate import CALIBRATION_METHODS
+from training.cli.args import tracking_uri_from
+from training.data.columns import FILL_POLICIES
 from training.distributed import BACKENDS
 from training.evaluate import POINT_RULES
 
-__all__ = ["build_train_parser", "register_train", "settings_from_args"]
+__all__ = [
+    "build_train_parser",
+    "launch_settings_from_args",
+    "register_train",
+    "run_rank_process",
+    "settings_from_args",
+]
 
 
 def _csv(value) -> tuple[str, ...]:
@@ -53,7 +62,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--fill",
         default="error",
-        choices=["ffill", "interpolate", "drop", "error"],
+        choices=FILL_POLICIES,
         help="what to do with NaN gaps (default: %(default)s)",
     )
     data.add_argument(
@@ -290,53 +299,45 @@ def register_train(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_train, config_parser=parser)
 
 
-def tracking_uri_from(args: argparse.Namespace) -> str:
-    from training.tracking import default_tracking_uri
+def run_rank_process(settings, options) -> dict | None:
+    """Where a rank launched by `aewatch train --nproc-per-node` begins: a process of its own,
+    which reads its place in the job from the environment the launcher set."""
+    from pipeline.cli import configure_logging
+    from training.distributed import RankContext
+    from training.runner import run_rank
 
-    return (
-        getattr(args, "tracking_uri", None)
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or default_tracking_uri()
-    )
+    configure_logging(options.log_level, options.log_format)
+    context = RankContext.from_environment(os.environ)
+    if context is None:
+        raise RuntimeError("a rank needs the environment of a torch.distributed launcher")
+    return run_rank(settings, options, context)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from training.distributed import RankContext, launch
-    from training.runner import RunOptions, run_rank, run_training
+    from training.distributed import RankContext
+    from training.runner import RunOptions, TrainJob, run_job
 
-    settings = settings_from_args(args)
-    scale = launch_settings_from_args(args)
-    joined = RankContext.from_environment(os.environ)
-    if joined is not None and scale.spawns:
-        raise ConfigError(
-            "nproc_per_node",
-            "this process is already a rank of a torchrun job; give the "
-            "process and node counts to torchrun only",
-        )
-    if settings.model.kind == "pca" and (scale.spawns or joined is not None):
-        raise ConfigError("kind", "pca is fitted in closed form in one process")
-    options = RunOptions(
-        tracking_uri=tracking_uri_from(args),
-        experiment=args.experiment,
-        run_name=args.run_name,
-        register=args.register,
-        progress=not (args.no_progress or args.json),
-        backend=args.dist_backend,
-        log_level=getattr(args, "log_level", "INFO"),
-        log_format=getattr(args, "log_format", "text"),
+    job = TrainJob(
+        train=settings_from_args(args),
+        options=RunOptions(
+            tracking_uri=tracking_uri_from(args),
+            experiment=args.experiment,
+            run_name=args.run_name,
+            register=args.register,
+            progress=not (args.no_progress or args.json),
+            backend=args.dist_backend,
+            log_level=getattr(args, "log_level", "INFO"),
+            log_format=getattr(args, "log_format", "text"),
+        ),
+        launch=launch_settings_from_args(args),
     )
-    if joined is not None:
-        summary = run_rank(settings, options)
-    elif scale.spawns:
-        summary = launch(scale, run_rank, settings, options)
-    else:
-        summary = run_training(settings, options)
+    summary = run_job(job, RankContext.from_environment(os.environ), run_rank_process)
     if summary is None:  # another rank (or node) holds rank 0
         return 0
     if args.json:
         print(json.dumps(summary, default=str))
     else:
-        print(_describe(summary, options.tracking_uri, args.register))
+        print(_describe(summary, job.options.tracking_uri, args.register))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Training on series larger than memory: prepared splits that are read again on every pass.
 
 `prepare_streamed` makes the two preparatory passes of `SeriesStream` (split plan, scaler) and
-returns `StreamedData`, the out-of-core counterpart of `PreparedData`. Training then reads the
+returns `StreamedSplits`, the out-of-core `Splits` (the in-memory ones are in
+`training.data.prepared`). Training then reads the
 data once per epoch for the training windows and once for the validation loss; calibration and
 the false-positive estimate read their splits once, on rank 0.
 
@@ -12,6 +13,7 @@ i mod world size. Peak memory is the record batch, the per-key carry-over and th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -21,34 +23,25 @@ from torch.utils.data import IterableDataset
 
 from pipeline.detector import InputSpec, Scaler, WindowSet, WindowSpec
 from pipeline.errors import DataError
+from training.data.splits import PARTS, SplitScores
+from training.data.streamed import SeriesStream, SplitPlan
 from training.distributed import RankContext
-from training.streamed import SeriesStream, SplitPlan
 
 __all__ = [
     "ShuffledWindows",
-    "SplitScores",
     "StreamBatches",
-    "StreamedData",
+    "StreamedSplits",
     "prepare_streamed",
     "rank_windows",
     "validation_batches",
 ]
 
-_PARTS = ("train", "validation", "calibration", "test")
+log = logging.getLogger(__name__)
 _SCORE_BATCH = 4096
 
 
-@dataclass(frozen=True)
-class SplitScores:
-    """Anomaly scores of every window of a split, with its labels (or None) and normal mask."""
-
-    scores: np.ndarray
-    labels: np.ndarray | None
-    normal: np.ndarray
-
-
 @dataclass
-class StreamedData:
+class StreamedSplits:
     """Out-of-core splits: the stream, its split plan, the window spec and the fitted scaler."""
 
     input: InputSpec
@@ -70,7 +63,7 @@ class StreamedData:
         return self.plan.time_range
 
     def window_counts(self) -> dict[str, int]:
-        return {part: self.plan.windows(part, self.spec) for part in _PARTS}
+        return {part: self.plan.windows(part, self.spec) for part in PARTS}
 
     def has(self, split: str) -> bool:
         return self.plan.windows(split, self.spec) > 0
@@ -79,8 +72,32 @@ class StreamedData:
         """The split's raw windows, chunk by chunk."""
         return self.stream.windows(self.plan, split, self.spec)
 
-    def first_window(self, split: str) -> np.ndarray | None:
+    def first_sample(self, split: str) -> np.ndarray | None:
         return next((ws.windows[0] for ws in self.windows(split)), None)
+
+    def fit_inputs(self, config, *, batch_size, shuffle_windows, seed, context, device):
+        """The training and validation inputs of `fit`: streams of this rank's windows."""
+        shuffled = ShuffledWindows(
+            self,
+            "train",
+            batch_size=max(1, batch_size // context.world_size),
+            buffer_windows=shuffle_windows,
+            seed=seed,
+            context=context,
+        )
+        val = validation_batches(self, context, device) if self.has("validation") else None
+        return StreamBatches(shuffled, device), val
+
+    def evaluate(self, detector, split: str, rule: str = "end", scores=None) -> None:
+        """Not point by point: that needs every reading of the split (`aewatch evaluate`)."""
+        if self.stream.label_col:
+            log.info(
+                "out of core, the %s split is not evaluated point by point: aewatch evaluate", split
+            )
+        return None
+
+    def figures(self, detector, split: str, scores: np.ndarray) -> dict:
+        return {}
 
     def split_scores(self, detector, split: str) -> SplitScores:
         """Scores of a whole split, read once per detector and split (one float a window)."""
@@ -103,7 +120,7 @@ class StreamedData:
         return result
 
 
-def prepare_streamed(settings, scaler_kind: str) -> StreamedData:
+def prepare_streamed(settings, scaler_kind: str) -> StreamedSplits:
     """The split plan (pass one) and the scaler of the training rows (pass two)."""
     stream = SeriesStream(
         settings.data, **settings.series_columns(), batch_rows=settings.batch_rows
@@ -117,7 +134,7 @@ def prepare_streamed(settings, scaler_kind: str) -> StreamedData:
         )
     scaler = stream.fit_scaler(plan, scaler_kind)
     input_spec = InputSpec("series", features=stream.features, window=spec)
-    return StreamedData(input_spec, scaler, stream, plan)
+    return StreamedSplits(input_spec, scaler, stream, plan)
 
 
 class ShuffledWindows(IterableDataset):
@@ -129,7 +146,7 @@ class ShuffledWindows(IterableDataset):
 
     def __init__(
         self,
-        data: StreamedData,
+        data: StreamedSplits,
         split: str,
         *,
         batch_size: int,
@@ -169,7 +186,7 @@ class ShuffledWindows(IterableDataset):
 
 
 def rank_windows(
-    data: StreamedData, split: str, context: RankContext, drop_labelled: bool
+    data: StreamedSplits, split: str, context: RankContext, drop_labelled: bool
 ) -> Iterator[np.ndarray]:
     """This rank's raw windows of a split: stream window i belongs to rank i mod world size.
     `drop_labelled` leaves out windows holding a labelled anomaly."""
@@ -199,7 +216,7 @@ class StreamBatches:
             yield batch.to(self.device, non_blocking=True), 1.0
 
 
-def validation_batches(data: StreamedData, context: RankContext, device: torch.device):
+def validation_batches(data: StreamedSplits, context: RankContext, device: torch.device):
     """A function giving this rank's scaled validation windows in batches, for `fit`."""
 
     def batches() -> Iterator[torch.Tensor]:

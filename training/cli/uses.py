@@ -2,22 +2,16 @@
 denoiser and (VAE) a generator.
 
 They take `--model` like `score` (a detector folder or a registry URI) and read `--data` with the
-detector's own features and window, so a row of their output lines up with a row of `score`.
+detector's own features and window, so a row of their output lines up with a row of `score`. Each
+builds its settings and calls one function of `training.uses`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-
-from training.commands import add_data_arguments, add_model_arguments, load_from_args
-
-if TYPE_CHECKING:  # the detector module loads torch; the parser is built without it
-    from pipeline.detector import Detector
+from training.cli.args import add_data_arguments, add_model_arguments, data_source, model_source
 
 __all__ = ["register_encode", "register_reconstruct", "register_sample"]
 
@@ -51,17 +45,11 @@ def register_encode(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_encode(args: argparse.Namespace) -> int:
-    from training.inputs import load_for
-    from training.outputs import table_out, write_table
-    from training.uses import code_table
+    from training.uses import EncodeSettings, encode_file
 
-    out = table_out(args.out)
-    detector, ref = load_from_args(args, require_calibrated=False)
-    frame = code_table(detector, load_for(detector, args))
-    write_table(frame, out)
-    size = detector.config.code_size
-    summary = {"model": ref.label, "rows": len(frame), "code_size": size, "out": str(out)}
-    _report(args, summary, f"{len(frame)} codes of size {size} from {ref.label}; written to {out}")
+    s = encode_file(EncodeSettings(model_source(args), data_source(args), args.out))
+    line = f"{s['rows']} codes of size {s['code_size']} from {s['model']}; written to {s['out']}"
+    _report(args, s, line)
     return 0
 
 
@@ -85,24 +73,12 @@ def register_reconstruct(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
-    from training.inputs import load_for
-    from training.outputs import image_out, png_range, table_out, write_images, write_table
-    from training.uses import reconstructed_series
+    from training.uses import ReconstructSettings, reconstruct_file
 
-    detector, ref = load_from_args(args, require_calibrated=False)
-    series = detector.input.kind == "series"
-    out = table_out(args.out) if series else image_out(args.out)
-    data = load_for(detector, args)
-    if series:
-        frame = reconstructed_series(detector, data)
-        write_table(frame, out)
-        rows, what = len(frame), "readings"
-    else:
-        images = detector.reconstruct(data.images)
-        write_images(images, out, png_range(detector.scaler, data.images))
-        rows, what = len(images), "images"
-    summary = {"model": ref.label, "rows": rows, "kind": detector.config.kind, "out": str(out)}
-    _report(args, summary, f"{rows} {what} reconstructed by {ref.label}; written to {out}")
+    s = reconstruct_file(ReconstructSettings(model_source(args), data_source(args), args.out))
+    what = s.pop("what")
+    line = f"{s['rows']} {what} reconstructed by {s['model']}; written to {s['out']}"
+    _report(args, s, line)
     return 0
 
 
@@ -146,52 +122,18 @@ def register_sample(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from training.outputs import array_out, image_out, png_range, write_images
-    from training.uses import prior_samples, require_generative
+    from training.uses import SampleSettings, sample_file
 
-    detector, ref = load_from_args(args, require_calibrated=False)
-    require_generative(detector, ref.label)
-    series = detector.input.kind == "series"
-    out = array_out(args.out) if series else image_out(args.out)
-    if args.interpolate:
-        samples = _interpolation(detector, args)
-        first, last = args.interpolate
-        how = f"interpolated in {args.steps} steps between inputs {first} and {last}"
-    else:
-        samples = prior_samples(detector, args.n, seed=args.seed)
-        how = f"drawn from the prior (seed {args.seed})"
-    if series:
-        _write_windows(samples, out, detector.input.features)
-    else:
-        write_images(samples, out, png_range(detector.scaler, samples))
-    summary = {"model": ref.label, "samples": len(samples), "out": str(out)}
-    _report(args, summary, f"{len(samples)} samples from {ref.label} {how}; written to {out}")
+    settings = SampleSettings(
+        model_source(args),
+        args.out,
+        n=args.n,
+        interpolate=tuple(args.interpolate) if args.interpolate else None,
+        steps=args.steps,
+        seed=args.seed,
+        data=data_source(args),
+    )
+    s = sample_file(settings)
+    how = s.pop("how")
+    _report(args, s, f"{s['samples']} samples from {s['model']} {how}; written to {s['out']}")
     return 0
-
-
-def _interpolation(detector: Detector, args: argparse.Namespace) -> np.ndarray:
-    """The decoded line between the two inputs of `--data` that `--interpolate` names."""
-    from pipeline.errors import ConfigError
-    from training.inputs import load_for
-    from training.uses import interpolate
-
-    if not args.data:
-        raise ConfigError("data", "--interpolate picks its two inputs from --data; give it")
-    raw = load_for(detector, args).raw
-    for index in args.interpolate:
-        if not 0 <= index < len(raw):
-            raise ConfigError(
-                "interpolate", f"{index} is not a position in {args.data} (0 .. {len(raw) - 1})"
-            )
-    first, last = args.interpolate
-    return interpolate(detector, raw[first], raw[last], args.steps)
-
-
-def _write_windows(windows: np.ndarray, out: Path, features: tuple[str, ...]) -> None:
-    from training.outputs import write_array, write_table
-    from training.uses import window_table
-
-    if out.suffix.lower() == ".npy":
-        write_array(windows, out)
-    else:
-        write_table(window_table(windows, features), out)

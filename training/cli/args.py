@@ -1,0 +1,79 @@
+"""Flags several training commands share, and the settings objects they become.
+
+`--model` with its registry and device (`ModelSource`), `--data` with how to read it
+(`DataSource`), and the tracking URI: the flag, else `MLFLOW_TRACKING_URI`, else a sqlite store in
+the working directory. This is the command line: the one place of `training` that reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from training.data.columns import FILL_POLICIES
+from training.data.for_detector import DataSource
+from training.sources import ModelSource
+
+__all__ = [
+    "add_data_arguments",
+    "add_model_arguments",
+    "data_source",
+    "model_source",
+    "tracking_uri_from",
+]
+
+
+def add_data_arguments(
+    parser: argparse.ArgumentParser, *, labels: bool = True, required: bool = True
+) -> None:
+    """The flags that say how to read `--data` for a detector (see `DataSource`)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=required, help="CSV/Parquet series or an image source")
+    group.add_argument("--time-col", default="ts", help="timestamp column (default: %(default)s)")
+    group.add_argument("--key-col", help="entity column")
+    group.add_argument("--fill", default="error", choices=FILL_POLICIES)
+    if labels:
+        group.add_argument("--label-col", help="0/1 anomaly label column (series)")
+        group.add_argument("--normal-class", help="images: the normal class (others anomalous)")
+        group.add_argument("--labels", dest="labels_path", help="images: a labels file")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model` (a folder or a registry URI), where the registry is, and the device."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a detector folder, or models:/NAME@ALIAS or models:/NAME/VERSION",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    parser.add_argument("--device", default="cpu", help="auto, cpu or cuda[:N]")
+
+
+def tracking_uri_from(args: argparse.Namespace) -> str:
+    from training.tracking import default_tracking_uri
+
+    return (
+        getattr(args, "tracking_uri", None)
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or default_tracking_uri()
+    )
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    return ModelSource(args.model, tracking_uri_from(args), args.device)
+
+
+def data_source(args: argparse.Namespace) -> DataSource | None:
+    """The `--data` flags as a `DataSource` (None without `--data`)."""
+    if not getattr(args, "data", None):
+        return None
+    return DataSource(
+        path=args.data,
+        time_col=args.time_col,
+        key_col=args.key_col,
+        fill=args.fill,
+        label_col=getattr(args, "label_col", None),
+        normal_class=getattr(args, "normal_class", None),
+        labels_path=getattr(args, "labels_path", None),
+    )

@@ -1,0 +1,308 @@
+"""Reading a table's columns: CSV and Parquet readers, the column roles, values checked row by row.
+
+Shared by the in-memory reader (`training.data.series.load_series`) and the out-of-core one
+(`training.data.streamed.SeriesStream`), so that both read a series the same way: times as
+ISO-8601 text or epoch milliseconds (naive UTC), keys as text, features and labels as numbers, a
+bad value named by its column and 1-based data row, gaps filled or refused by one policy.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import DataError
+
+__all__ = [
+    "FILL_POLICIES",
+    "fill_gaps",
+    "first_true",
+    "parse_keys",
+    "parse_labels",
+    "parse_numeric",
+    "parse_times",
+    "read_table",
+    "refuse_gaps",
+    "select_columns",
+]
+
+FILL_POLICIES = ("ffill", "interpolate", "drop", "error")
+"""How `load_series` treats missing or non-finite feature values."""
+
+_CSV_SUFFIXES = (".csv", ".csv.gz", ".txt", ".txt.gz", ".tsv", ".tsv.gz")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_SNIFF_SEPARATORS = (",", ";", "\t")
+_UNNAMED = re.compile(r"^Unnamed: \d+$")
+
+
+def read_table(
+    file: Path, source: str, *, time_col: str, key_col: str | None, sep: str | None
+) -> pd.DataFrame:
+    """The file's rows as read, in file order, with the index 0..n-1."""
+    name = file.name.lower()
+    if file.is_dir():
+        return _read_parquet(file, source, directory=True)
+    if name.endswith(_PARQUET_SUFFIXES):
+        return _read_parquet(file, source, directory=False)
+    if name.endswith(_CSV_SUFFIXES):
+        return _read_csv(file, source, time_col=time_col, key_col=key_col, sep=sep)
+    raise DataError(
+        f"{source}: unsupported file type; expected one of {', '.join(_CSV_SUFFIXES)}, "
+        f"{', '.join(_PARQUET_SUFFIXES)} or a directory of Parquet files"
+    )
+
+
+def _read_csv(
+    file: Path, source: str, *, time_col: str, key_col: str | None, sep: str | None
+) -> pd.DataFrame:
+    header: list[str] = []
+    if sep is None:
+        sep, header = _sniff_separator(file, source, time_col)
+        if sep is None and not _header_fields(file, source, ","):
+            raise DataError(f"{source}: the file is empty")
+    elif len(sep) == 1:
+        header = _header_fields(file, source, sep)
+    options: dict[str, object] = {"encoding": "utf-8-sig", "sep": sep}
+    if sep is None or len(sep) > 1:
+        options["engine"] = "python"
+    else:
+        options["low_memory"] = False
+    if key_col is not None and key_col in header:
+        # Read keys as text so identifiers such as "007" keep their leading zeros.
+        options["dtype"] = {key_col: str}
+    try:
+        frame = pd.read_csv(file, **options)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{source}: the file is empty") from exc
+    except (
+        pd.errors.ParserError,
+        csv.Error,
+        UnicodeDecodeError,
+        OSError,
+        EOFError,
+        ValueError,
+    ) as exc:
+        raise DataError(f"{source}: cannot be read as CSV: {exc}") from exc
+    return frame.reset_index(drop=True)
+
+
+def _header_fields(file: Path, source: str, sep: str) -> list[str]:
+    try:
+        opener = gzip.open if file.name.lower().endswith(".gz") else open
+        with opener(file, "rt", encoding="utf-8-sig", newline="") as handle:
+            line = handle.readline()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise DataError(f"{source}: cannot read the header: {exc}") from exc
+    if not line.strip():
+        return []
+    return [field.strip() for field in next(csv.reader([line], delimiter=sep))]
+
+
+def _sniff_separator(file: Path, source: str, time_col: str) -> tuple[str | None, list[str]]:
+    """The first of `,` `;` tab whose header holds `time_col`; None leaves it to pandas."""
+    for candidate in _SNIFF_SEPARATORS:
+        fields = _header_fields(file, source, candidate)
+        if time_col in fields:
+            return candidate, fields
+    return None, []
+
+
+def _read_parquet(file: Path, source: str, *, directory: bool) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    try:
+        if directory:
+            dataset = ds.dataset(
+                file,
+                format="parquet",
+                partitioning="hive",
+                ignore_prefixes=[".", "_"],
+                exclude_invalid_files=True,
+            )
+            if not dataset.files:
+                raise DataError(f"{source}: the directory holds no Parquet files")
+            table = dataset.to_table()
+        else:
+            table = pq.read_table(file)
+        frame = table.to_pandas(date_as_object=False)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{source}: cannot be read as Parquet: {exc}") from exc
+    return frame.reset_index(drop=True)
+
+
+def select_columns(
+    raw: pd.DataFrame,
+    source: str,
+    time_col: str,
+    key_col: str | None,
+    features: Sequence[str] | None,
+    label_col: str | None,
+) -> list[str]:
+    """Check the named columns exist and return the feature columns, in order."""
+    available = [str(c) for c in raw.columns]
+
+    def missing(column: str, role: str) -> DataError:
+        listed = ", ".join(map(repr, available)) or "none"
+        return DataError(f"{source}: no {role} column {column!r}; the columns are {listed}")
+
+    roles = [("time", time_col), ("key", key_col), ("label", label_col)]
+    special = [column for _, column in roles if column is not None]
+    if len(set(special)) != len(special):
+        raise DataError(f"{source}: the time, key and label columns must differ: {special}")
+    for role, column in roles:
+        if column is not None and column not in raw.columns:
+            raise missing(column, role)
+
+    if features is None:
+        names = [
+            str(c)
+            for c in raw.columns
+            if c not in special
+            and not _UNNAMED.match(str(c))
+            and pd.api.types.is_numeric_dtype(raw[c])
+            and not pd.api.types.is_complex_dtype(raw[c])
+        ]
+        if not names:
+            raise DataError(
+                f"{source}: no numeric feature columns besides time, key and label; "
+                f"the columns are {', '.join(map(repr, available))}"
+            )
+        return names
+
+    names = [features] if isinstance(features, str) else list(features)
+    if not names:
+        raise DataError(f"{source}: the feature list is empty")
+    for name in names:
+        if name in special:
+            role = next(role for role, column in roles if column == name)
+            raise DataError(f"{source}: column {name!r} is the {role} column, not a feature")
+        if name not in raw.columns:
+            raise missing(name, "feature")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{source}: feature(s) named more than once: {', '.join(repeated)}")
+    return names
+
+
+def first_true(mask: np.ndarray) -> int:
+    """Position of the first True in `mask`."""
+    return int(np.argmax(mask))
+
+
+def parse_times(series: pd.Series, source: str, column: str) -> np.ndarray:
+    """The column as datetime64[ns] (naive UTC); a row that is not a time is a DataError."""
+    kind = pd.api.types
+    try:
+        if kind.is_bool_dtype(series):
+            raise DataError(f"{source}: column {column!r} holds booleans, not times")
+        if kind.is_datetime64_any_dtype(series):
+            parsed = series
+            if getattr(series.dt, "tz", None) is not None:
+                parsed = series.dt.tz_convert("UTC").dt.tz_localize(None)
+        elif kind.is_numeric_dtype(series):
+            parsed = pd.to_datetime(series, unit="ms", errors="coerce")
+        else:
+            parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")
+            parsed = parsed.dt.tz_localize(None)
+        bad = parsed.isna().to_numpy()
+        if bad.any():
+            row = first_true(bad)
+            raise DataError(
+                f"{source}: column {column!r}, data row {row + 1}: {series.iloc[row]!r} is not a "
+                f"time (ISO-8601 text or numeric epoch milliseconds); {int(bad.sum())} such rows"
+            )
+        return parsed.to_numpy(dtype="datetime64[ns]")
+    except (ValueError, TypeError, OverflowError, pd.errors.OutOfBoundsDatetime) as exc:
+        raise DataError(f"{source}: column {column!r} cannot be read as times: {exc}") from exc
+
+
+def parse_keys(series: pd.Series, source: str, column: str) -> np.ndarray:
+    missing = series.isna().to_numpy()
+    if missing.any():
+        raise DataError(f"{source}: column {column!r}, data row {first_true(missing) + 1}: no key")
+    return np.asarray([str(k) for k in series], dtype=object)
+
+
+def parse_numeric(series: pd.Series, source: str, column: str) -> np.ndarray:
+    """The column as float64; a value that is not a number is a DataError naming its row."""
+    kind = pd.api.types
+    if kind.is_complex_dtype(series):
+        raise DataError(f"{source}: column {column!r} holds complex numbers")
+    if kind.is_bool_dtype(series) or kind.is_numeric_dtype(series):
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    coerced = pd.to_numeric(series, errors="coerce")
+    bad = (coerced.isna() & series.notna()).to_numpy()
+    if bad.any():
+        row = first_true(bad)
+        raise DataError(
+            f"{source}: column {column!r} is not numeric: data row {row + 1} holds "
+            f"{series.iloc[row]!r}"
+        )
+    return coerced.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def parse_labels(series: pd.Series, source: str, column: str) -> np.ndarray:
+    """The label column as int64 0/1: every non-zero value is 1, a missing one is an error."""
+    values = parse_numeric(series, source, column)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = first_true(bad)
+        raise DataError(
+            f"{source}: label column {column!r}, data row {row + 1}: {series.iloc[row]!r} is "
+            "not a label (0 for normal, non-zero for anomalous)"
+        )
+    return (values != 0).astype(np.int64)
+
+
+def refuse_gaps(values: np.ndarray, names: Sequence[str], source: str) -> None:
+    """fill='error': refuse the first feature column with a missing value."""
+    for j, name in enumerate(names):
+        gaps = np.isnan(values[:, j])
+        if gaps.any():
+            raise DataError(
+                f"{source}: column {name!r} has {int(gaps.sum())} missing or non-finite "
+                f"value(s), the first at data row {first_true(gaps) + 1}; fill='error' refuses "
+                f"them (other policies: {', '.join(p for p in FILL_POLICIES if p != 'error')})"
+            )
+
+
+def fill_gaps(
+    values: np.ndarray,
+    bounds: Sequence[tuple[int, int]],
+    keys: Sequence[str],
+    names: Sequence[str],
+    policy: str,
+    source: str,
+    *,
+    keyed: bool,
+) -> None:
+    """Fill NaNs in place, each key's rows `values[start:stop]` on their own."""
+    for (start, stop), key in zip(bounds, keys, strict=True):
+        block = values[start:stop]
+        positions = np.arange(stop - start)
+        for j, name in enumerate(names):
+            column = block[:, j]
+            known = ~np.isnan(column)
+            if known.all():
+                continue
+            if not known.any():
+                where = f" for key {key!r}" if keyed else ""
+                raise DataError(
+                    f"{source}: column {name!r} has no finite value{where}; "
+                    f"fill={policy!r} has nothing to fill from"
+                )
+            if policy == "ffill":
+                last = np.where(known, positions, -1)
+                np.maximum.accumulate(last, out=last)
+                last[last < 0] = first_true(known)
+                column[:] = column[last]
+            else:
+                column[:] = np.interp(positions, positions[known], column[known])

@@ -1,0 +1,29 @@
+"""Where a command's detector comes from: a folder, or a version in the MLflow registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.detector import Detector
+from pipeline.registry.client import ModelRef, load_model
+
+__all__ = ["ModelSource"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """`--model` (a detector folder, models:/NAME@ALIAS or models:/NAME/VERSION), the registry
+    it is in and the device to load it on."""
+
+    uri: str
+    tracking_uri: str | None = None
+    device: str = "cpu"
+
+    def load(self, *, require_calibrated: bool = True) -> tuple[Detector, ModelRef]:
+        """The detector and where it came from, resolved and verified as the worker does."""
+        return load_model(
+            self.uri,
+            tracking_uri=self.tracking_uri,
+            device=self.device,
+            require_calibrated=require_calibrated,
+        )
