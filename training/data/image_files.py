@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,40 +42,40 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, None, str]:
     return images, np.asarray(digits.target, dtype=np.int64), None, "sklearn:digits"
 
 
-def _load_npy(path: Path, source: str) -> np.ndarray:
+@contextmanager
+def _numpy_file(source: str, what: str) -> Iterator[None]:
+    """numpy's read errors as `DataError`s; a pickled array is refused, never loaded."""
     try:
-        array = np.load(path, allow_pickle=False)
+        yield
     except ValueError as exc:
         if "allow_pickle" in str(exc) or "pickled" in str(exc):
             raise DataError(f"{source}: pickled (object) arrays are refused") from exc
-        raise DataError(f"{source}: cannot be read as a .npy array: {exc}") from exc
+        raise DataError(f"{source}: cannot be read as a {what}: {exc}") from exc
     except (OSError, EOFError) as exc:
-        raise DataError(f"{source}: cannot be read as a .npy array: {exc}") from exc
+        raise DataError(f"{source}: cannot be read as a {what}: {exc}") from exc
+
+
+def _load_npy(path: Path, source: str) -> np.ndarray:
+    with _numpy_file(source, ".npy array"):
+        array = np.load(path, allow_pickle=False)
     if not isinstance(array, np.ndarray):
         raise DataError(f"{source}: holds an archive, not a single .npy array")
     return array
 
 
 def _load_npz(path: Path, source: str) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DataError(f"{source}: is not a .npz archive")
-            names = list(archive.files)
-            image_key = next((k for k in _IMAGE_KEYS if k in names), None)
-            if image_key is None:
-                image_key = next((k for k in names if k not in _LABEL_KEYS), None)
-            if image_key is None:
-                raise DataError(f"{source}: holds no image array; its arrays are {names}")
-            label_key = next((k for k in _LABEL_KEYS if k in names), None)
-            images = archive[image_key]
-            labels = archive[label_key] if label_key is not None else None
-    except ValueError as exc:
-        if "allow_pickle" in str(exc) or "pickled" in str(exc):
-            raise DataError(f"{source}: pickled (object) arrays are refused") from exc
-        raise DataError(f"{source}: cannot be read as a .npz archive: {exc}") from exc
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{source}: cannot be read as a .npz archive: {exc}") from exc
+    with _numpy_file(source, ".npz archive"), np.load(path, allow_pickle=False) as archive:
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"{source}: is not a .npz archive")
+        names = list(archive.files)
+        image_key = next((k for k in _IMAGE_KEYS if k in names), None)
+        if image_key is None:
+            image_key = next((k for k in names if k not in _LABEL_KEYS), None)
+        if image_key is None:
+            raise DataError(f"{source}: holds no image array; its arrays are {names}")
+        label_key = next((k for k in _LABEL_KEYS if k in names), None)
+        images = archive[image_key]
+        labels = archive[label_key] if label_key is not None else None
     return images, labels
 
 

@@ -97,6 +97,19 @@ class _InMemory:
         scaled = self.scaler.transform(self.raw(split), axis=self.input.feature_axis)
         return torch.from_numpy(scaled).to(device)
 
+    def evaluate(
+        self, detector: Detector, split: str, rule: str = "end", scores: np.ndarray | None = None
+    ) -> dict | None:
+        """Metrics of a labelled split (None when it has no labels); `scores` if known."""
+        if not self.has(split) or self.labels(split) is None:
+            return None
+        if scores is None:
+            scores = detector.score(self.raw(split), attribution=False).scores
+        return self._metrics(detector, split, rule, scores)
+
+    def _metrics(self, detector: Detector, split: str, rule: str, scores: np.ndarray) -> dict:
+        raise NotImplementedError
+
     def figures(self, detector: Detector, split: str, scores: np.ndarray) -> dict:
         """Figures of this kind of data for the training run (none but for images)."""
         return {}
@@ -130,15 +143,9 @@ class SeriesSplits(_InMemory):
         labelled = self.parts[split].any_labels
         return np.ones(len(self.parts[split]), bool) if labelled is None else ~labelled
 
-    def evaluate(
-        self, detector: Detector, split: str, rule: str = "end", scores: np.ndarray | None = None
-    ) -> dict | None:
-        """Point-wise and event metrics of a labelled split (None when it has no labels)."""
-        if not self.has(split) or self.labels(split) is None:
-            return None
+    def _metrics(self, detector: Detector, split: str, rule: str, scores: np.ndarray) -> dict:
+        """Point-wise and event metrics, as a stream decides window by window."""
         part, table = self.parts[split], self.tables[split]
-        if scores is None:
-            scores = detector.score(part.windows, attribution=False).scores
         points = [
             SeriesPoints(key, frame[table.time_col].to_numpy(), frame[table.label_col].to_numpy())
             for key, frame in table.groups()
@@ -219,14 +226,8 @@ class ImageSplits(_InMemory):
         labels = self.labels(split)
         return np.ones(len(self.parts[split]), bool) if labels is None else ~labels
 
-    def evaluate(
-        self, detector: Detector, split: str, rule: str = "end", scores: np.ndarray | None = None
-    ) -> dict | None:
-        """Ranking and decision metrics of a labelled split (None when it has no labels)."""
-        if not self.has(split) or self.labels(split) is None:
-            return None
-        if scores is None:
-            scores = detector.score(self.raw(split), attribution=False).scores
+    def _metrics(self, detector: Detector, split: str, rule: str, scores: np.ndarray) -> dict:
+        """Ranking and decision metrics of the images."""
         return evaluate_images(self.parts[split].labels, scores, detector.threshold.require())
 
     def holdout(self, fraction: float) -> ImageSplits:
