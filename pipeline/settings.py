@@ -9,7 +9,7 @@ name is unique across all of them. Everything else comes from these declarations
 
 - `add_arguments`: the command-line flags (`[env ...]` in their help);
 - `read`: flag first, then environment variable, then default, each value converted and checked;
-- `build`: the nested object from flat `{name: value}`;
+- `build`, `replace`: the nested object from flat `{name: value}`, or a copy with some changed;
 - `check`: required, type, choices and bounds of a group's own fields (groups call it first in
   `__post_init__`, then check what involves several of their fields); a `ConfigError` names the
   setting;
@@ -41,6 +41,7 @@ __all__ = [
     "declared",
     "read",
     "redacted",
+    "replace",
     "setting",
     "table",
     "to_argv",
@@ -187,6 +188,12 @@ def build(cls: type, values: Mapping[str, object]):
     if unknown:
         raise TypeError(f"{cls.__name__}: unknown settings {sorted(unknown)}")
     return _build(cls, values)
+
+
+def replace(obj, **values):
+    """A copy of settings object `obj` with these settings (by name) changed, checked again."""
+    current = {s.name: _value(obj, s) for s in declared(type(obj))}
+    return build(type(obj), {**current, **values})
 
 
 def _build(cls: type, values: Mapping[str, object]):

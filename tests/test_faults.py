@@ -3,7 +3,6 @@ MLflow server that is not there when the worker starts."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -97,7 +96,7 @@ def test_an_unreachable_registry_at_start_is_a_clear_error_not_a_hang():
         build_app(settings)
     assert time.monotonic() - started < 20, "fails at once by default"
 
-    patient = dataclasses.replace(settings, registry_wait_s=3.0)
+    patient = settings.replace(registry_wait_s=3.0)
     started = time.monotonic()
     with pytest.raises(RegistryError, match="models:/pumps@champion"):
         build_app(patient)

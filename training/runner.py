@@ -3,8 +3,8 @@
 `run_training` is what `aewatch train` does in every process: fit through `train` and, on rank 0
 alone, the MLflow run (parameters, per-epoch losses, figures, the artifact) and the registered
 version. `run_job` runs it the way the command line asks: here, as this process's rank of a
-torchrun job, or on ranks it launches (whose entry, `training.cli.train.run_rank`, reads its
-place from the environment the launcher set).
+torchrun job, or on ranks it launches (whose entry, `training.cli.train.run_rank_process`, reads
+its place from the environment the launcher set).
 """
 
 from __future__ import annotations

@@ -239,6 +239,10 @@ class WorkerSettings:
         """From flat values by setting name (`model=...`, `max_batch=...`); the rest default."""
         return declared.build(cls, values)
 
+    def replace(self, **values) -> WorkerSettings:
+        """A copy with these settings (by name, as for `build`) changed."""
+        return declared.replace(self, **values)
+
     @property
     def state_topic_name(self) -> str:
         return self.topics.state_topic or f"{self.kafka.group_id}.aewatch-state"
