@@ -103,6 +103,7 @@ class WorkerApp:
                 ready=worker.readiness,
                 on_alias_created=follower.trigger if follower else None,
                 webhook_secret=settings.http.webhook_secret,
+                webhook_insecure=settings.http.webhook_insecure,
             ).start()
         if follower is not None:
             follower.start()

@@ -3,12 +3,17 @@
 - `GET /metrics`: Prometheus text format.
 - `GET /healthz`: 200 while the scoring loop turns (it polled within `stall_s`), else 503.
 - `GET /readyz`: 200 once a model serves and the member has joined its group and polls, else 503.
-- `POST /webhooks/mlflow`: an MLflow webhook delivery. With a secret configured, the
-  `X-MLflow-Signature` header must be `v1,<base64 HMAC-SHA256 of "id.timestamp.body">` and the
-  timestamp within five minutes; `model_version_alias.created` for the served name and alias asks
-  the model follower to check the registry now. Anything else is acknowledged and ignored.
+- `POST /webhooks/mlflow`: an MLflow webhook delivery, served only with a secret configured (or,
+  unsigned, with `webhook_insecure`, which is warned about at start). The `X-MLflow-Signature`
+  header must be `v1,<base64 HMAC-SHA256 of "id.timestamp.body">` and the timestamp within five
+  minutes; a delivery id seen within that window is acknowledged and ignored (a replay).
+  `model_version_alias.created` for the served name and alias asks the model follower to check
+  the registry now. Anything else is acknowledged and ignored.
 
-The server runs on daemon threads; handlers only read state the loop publishes and call
+What a hostile client can make it do is bounded: a missing, negative or non-numeric
+`Content-Length` on a POST is a 411/400, a body over `MAX_BODY` a 413 before anything is read,
+every connection has a socket timeout (`timeout_s`), and at most `max_connections` are served at
+once (others get a 503 and are closed). Handlers only read state the loop publishes and call
 thread-safe methods.
 """
 
@@ -18,19 +23,28 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 
-__all__ = ["WorkerHttpServer", "verify_mlflow_signature"]
+__all__ = ["MAX_BODY", "WorkerHttpServer", "verify_mlflow_signature"]
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20
 SIGNATURE_TOLERANCE_S = 300
+TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 32
+_DIGITS = re.compile(r"[0-9]{1,9}")
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 16\r\nConnection: close\r\n\r\n{"error":"busy"}'
+)
 
 
 def verify_mlflow_signature(
@@ -39,13 +53,78 @@ def verify_mlflow_signature(
     try:
         version, encoded = signature.split(",", 1)
         age = abs(now - int(timestamp))
-    except (ValueError, AttributeError):
+        given = encoded.strip().encode("ascii")
+        signed = f"{delivery_id}.{timestamp}.".encode() + body
+    except (ValueError, AttributeError, UnicodeError):
         return False
     if version != "v1" or age > SIGNATURE_TOLERANCE_S:
         return False
-    signed = f"{delivery_id}.{timestamp}.".encode() + body
     expected = base64.b64encode(hmac.new(secret.encode(), signed, hashlib.sha256).digest())
-    return hmac.compare_digest(expected.decode(), encoded.strip())
+    return hmac.compare_digest(expected, given)
+
+
+class _Deliveries:
+    """Delivery ids seen within the signature's tolerance: a second one is a replay."""
+
+    def __init__(self, window_s: float = SIGNATURE_TOLERANCE_S, limit: int = 10_000) -> None:
+        self.window_s, self.limit = window_s, limit
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first(self, delivery_id: str, now: float) -> bool:
+        with self._lock:
+            while self._seen and (
+                len(self._seen) >= self.limit
+                or next(iter(self._seen.values())) < now - 2 * self.window_s
+            ):
+                self._seen.popitem(last=False)
+            if delivery_id in self._seen:
+                return False
+            self._seen[delivery_id] = now
+            return True
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading server that serves at most `limit` connections at once."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+        self._active = 0
+        self._count = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        with self._count:
+            self._active += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._count:
+            self._active -= 1
+        self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("http: request from %s failed", client_address[0], exc_info=True)
 
 
 class WorkerHttpServer:
@@ -59,8 +138,19 @@ class WorkerHttpServer:
         ready: Callable[[], tuple[bool, dict]],
         on_alias_created: Callable[[str, str, str], None] | None = None,
         webhook_secret: str | None = None,
+        webhook_insecure: bool = False,
+        timeout_s: float = TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
+        hook = on_alias_created if (webhook_secret or webhook_insecure) else None
+        self.webhook = (
+            "off" if hook is None else "signed" if webhook_secret else "unsigned (insecure)"
+        )
+        deliveries = _Deliveries()
+
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s
+
             def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name)
                 log.debug("http: " + format, *args)
 
@@ -68,6 +158,9 @@ class WorkerHttpServer:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
+                if status >= 400 and self.command == "POST":
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -84,22 +177,45 @@ class WorkerHttpServer:
                 else:
                     self._json(404, {"error": f"no such path {path}"})
 
+            def _body(self) -> bytes | None:
+                """The request's body, or None once a 4xx has been sent."""
+                length = self.headers.get("Content-Length")
+                if length is None:
+                    self._json(411, {"error": "Content-Length required"})
+                    return None
+                if not _DIGITS.fullmatch(length.strip()):
+                    big = length.strip().isdigit()
+                    self._json(413 if big else 400, {"error": "bad Content-Length"})
+                    return None
+                if int(length) > MAX_BODY:
+                    self._json(413, {"error": "body too large"})
+                    return None
+                try:
+                    body = self.rfile.read(int(length))
+                except TimeoutError:
+                    self._json(408, {"error": "request timed out"})
+                    return None
+                if len(body) < int(length):
+                    self.close_connection = True
+                    return None
+                return body
+
             def do_POST(self) -> None:  # noqa: N802
-                if self.path.split("?", 1)[0] != "/webhooks/mlflow" or on_alias_created is None:
+                if self.path.split("?", 1)[0] != "/webhooks/mlflow" or hook is None:
                     self._json(404, {"error": "no such path"})
                     return
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    self._json(413, {"error": "body too large"})
+                body = self._body()
+                if body is None:
                     return
-                body = self.rfile.read(length)
+                now = time.time()
+                delivery = self.headers.get("X-MLflow-Delivery-Id", "")
                 if webhook_secret and not verify_mlflow_signature(
                     webhook_secret,
-                    self.headers.get("X-MLflow-Delivery-Id", ""),
+                    delivery,
                     self.headers.get("X-MLflow-Timestamp", ""),
                     body,
                     self.headers.get("X-MLflow-Signature", ""),
-                    now=time.time(),
+                    now=now,
                 ):
                     log.warning("webhook delivery refused: bad or missing signature")
                     self._json(401, {"error": "bad signature"})
@@ -108,25 +224,40 @@ class WorkerHttpServer:
                     payload = orjson.loads(body)
                     entity, action = payload.get("entity"), payload.get("action")
                     data = payload.get("data") or {}
+                    name, alias = str(data.get("name")), str(data.get("alias"))
+                    version = str(data.get("version"))
                 except (orjson.JSONDecodeError, AttributeError):
                     self._json(400, {"error": "not a JSON webhook payload"})
                     return
+                if delivery and not deliveries.first(delivery, now):
+                    log.info("webhook delivery %r seen before: ignored", delivery[:64])
+                    self._json(200, {"ok": True, "duplicate": True})
+                    return
                 if (entity, action) == ("model_version_alias", "created"):
-                    on_alias_created(
-                        str(data.get("name")), str(data.get("alias")), str(data.get("version"))
-                    )
+                    hook(name, alias, version)
                 self._json(200, {"ok": True})
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _BoundedServer((host, port), Handler, max_connections)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, name="aewatch-http", daemon=True
         )
+        if webhook_insecure and not webhook_secret and on_alias_created is not None:
+            log.warning(
+                "the registry webhook accepts unsigned deliveries (webhook_insecure): anyone "
+                "who reaches port %d can make the worker check the registry",
+                self.port,
+            )
+
+    def active_connections(self) -> int:
+        """Connections being served now (at most `max_connections`)."""
+        return self.httpd._active
 
     def start(self) -> WorkerHttpServer:
         self._thread.start()
-        log.info("metrics, health and webhook endpoint on port %d", self.port)
+        log.info(
+            "metrics, health and webhook endpoint on port %d (webhook %s)", self.port, self.webhook
+        )
         return self
 
     def close(self) -> None:

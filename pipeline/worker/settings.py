@@ -210,10 +210,19 @@ class HttpSettings:
     http_port: int = setting(
         "port of /metrics, /healthz, /readyz (0: any free port, -1: off)", 8080, minimum=-1
     )
-    webhook_secret: str | None = setting("HMAC secret of the MLflow registry webhook", secret=True)
+    webhook_secret: str | None = setting(
+        "HMAC secret of the MLflow registry webhook (without one the webhook is off)", secret=True
+    )
+    webhook_insecure: bool = setting(
+        "serve the registry webhook without a secret, accepting unsigned deliveries", False
+    )
 
     def __post_init__(self) -> None:
         check(self)
+        if self.webhook_insecure and self.webhook_secret:
+            raise ConfigError(
+                "webhook_insecure", "set either a webhook secret or webhook_insecure, not both"
+            )
         if self.http_port > 65535:
             raise ConfigError(
                 "http_port", f"must be a port, 0 (any) or -1 (off), got {self.http_port}"
