@@ -9,8 +9,11 @@ A small state machine. Each turn:
   `max_batch` are ready, then go through the model in one forward pass (`BatchScorer`). A turn of
   the loop (poll and take) takes time too: windows are scored as soon as waiting for one more
   turn would take them past `max_wait_ms`, so under load each poll's windows form a batch;
-- emit: the decision (score above the calibrated threshold), an event for each anomalous window
-  (every window with `emit_all`) and the alarm episodes the decisions open or resolve;
+- emit: each key's adaptive stage turns the scores into a surprise relative to the key's own
+  history (see `pipeline.detector.adaptive_stage`); the decision (score above the calibrated
+  threshold, or with `alarm_on` adaptive surprise at or above its threshold), an event for each
+  anomalous window (every window with `emit_all`) and the alarm episodes the decisions open or
+  resolve;
 - checkpoint every `commit_interval_ms`, on revoke and on shutdown, in the order
   `pipeline.worker.checkpoint` writes down: score and emit what is pending, save per-key state,
   make everything sent durable, commit offsets that never go back.
@@ -35,6 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from pipeline.detector import Detector
+from pipeline.detector.adaptive import AdaptiveScores
+from pipeline.detector.adaptive_stage import AdaptiveStage, score_reference
 from pipeline.events import ModelIdentity
 from pipeline.kafka_io.protocols import Record, Sink, Source
 from pipeline.modalities import modality_of
@@ -65,6 +70,10 @@ WARMUP_SAMPLE = 64
 ORDER_REASONS = ("out_of_order", "duplicate_timestamp")
 
 
+def _version(model: ModelIdentity) -> str:
+    return f"{model.name}/{model.version}"
+
+
 class Worker:
     def __init__(
         self,
@@ -86,6 +95,15 @@ class Worker:
         self.modality = modality = modality_of(detector.input)
         self.intake = modality.intake(settings.records.max_record_bytes)
         stages = {"resume": self.intake.windows}  # per-key state, by its name in the state record
+        self.adaptive = None
+        if settings.adaptive.enabled:
+            self.adaptive = AdaptiveStage(
+                settings.adaptive.stage(),
+                settings.adaptive.rule(),
+                [score_reference(detector.threshold)],
+                _version(model),
+            )
+            stages["adaptive"] = self.adaptive
         self.alarms = None
         if settings.events.alarms:
             self.alarms = AlarmTracker(settings.alarms.rules(), modality.alarm_features)
@@ -170,6 +188,8 @@ class Worker:
         """Serve `detector` from the next batch on; what is pending is scored by the old one."""
         self.score_pending()
         previous, self.detector, self.model = self.model, detector, model
+        if self.adaptive is not None:  # scores of another version: every key warms up again
+            self.adaptive.reset([score_reference(detector.threshold)], _version(model))
         self.stats.reloads += 1
         self.metrics.set_model(model.name, model.version, model.alias)
         self.metrics.reloads.labels("loaded", "").inc()
@@ -264,11 +284,21 @@ class Worker:
         if self.follower is not None:
             self.follower.sample = batch.windows[-WARMUP_SAMPLE:]
         threshold = self.detector.threshold
-        flags = batch.scored.scores > threshold.value
+        adaptive = self.adapt(batch)
+        if self.settings.adaptive.alarm_on == "adaptive":
+            flags = adaptive.surprise >= self.settings.adaptive.adaptive_threshold
+        else:
+            flags = batch.scored.scores > threshold.value
         if self.settings.events.windows:
-            self.writer.windows(batch, flags, threshold, self.model)
+            self.writer.windows(batch, flags, threshold, self.model, adaptive)
         if self.alarms is not None:
             self._update_alarms(batch, flags, threshold.value)
+
+    def adapt(self, batch: ScoredBatch) -> AdaptiveScores | None:
+        """The adaptive stage's surprise, likelihood and detections of the batch's windows."""
+        if self.adaptive is None:
+            return None
+        return self.adaptive.update(batch.groups(), batch.end_ts, batch.scored.scores)
 
     def _update_alarms(self, batch: ScoredBatch, flags: np.ndarray, threshold: float) -> None:
         scores, errors = batch.scored.scores, self.modality.alarm_errors(batch.scored)

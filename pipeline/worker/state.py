@@ -5,7 +5,9 @@ At every checkpoint the worker writes one record per input partition it touched,
 
 - `resume`: each key's resume point, the series position and offset of the oldest reading a
   future window still needs (see `pipeline.modalities.windowing`);
-- `alarms`: each key's alarm history and open episode (see `pipeline.worker.alarms`).
+- `alarms`: each key's alarm history and open episode (see `pipeline.worker.alarms`);
+- `adaptive`: each key's adaptive likelihood and detection rule, packed, with the model version
+  they were learnt under (see `pipeline.detector.adaptive_stage`).
 
 The record is produced before the offsets are committed (same flush, or same transaction), so
 the state is never older than the commit. A member that is assigned a partition reads the latest

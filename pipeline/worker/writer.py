@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 
 from pipeline.detector import Threshold
+from pipeline.detector.adaptive import AdaptiveScores
 from pipeline.events import (
     ALARM_TYPES,
     EVENT_TYPE,
@@ -59,6 +60,16 @@ def _model(model: ModelIdentity) -> dict:
 
 def _severity(score: float, threshold: float) -> float:
     return score / threshold if threshold > 0 else score
+
+
+def _adaptive_fields(adaptive: AdaptiveScores | None, i: int) -> dict:
+    if adaptive is None or not np.isfinite(adaptive.surprise[i]):
+        return {}  # stage off, or a replayed window the stage took before
+    return {
+        "surprise": float(adaptive.surprise[i]),
+        "likelihood": float(adaptive.likelihood[i]),
+        "detection": bool(adaptive.detection[i]),
+    }
 
 
 def alarm_event(model: ModelIdentity, transition: AlarmTransition, threshold: float) -> dict:
@@ -105,9 +116,15 @@ class EventWriter:
         self.metrics.dead_letters.labels(rejection.reason).inc()
 
     def windows(
-        self, batch: ScoredBatch, flags: np.ndarray, threshold: Threshold, model: ModelIdentity
+        self,
+        batch: ScoredBatch,
+        flags: np.ndarray,
+        threshold: Threshold,
+        model: ModelIdentity,
+        adaptive: AdaptiveScores | None = None,
     ) -> None:
-        """An event for each anomalous window of the batch (each window with `emit_all`)."""
+        """An event for each anomalous window of the batch (each window with `emit_all`), with
+        the adaptive stage's surprise, likelihood and detection when it ran on the window."""
         chosen = np.arange(len(batch)) if self.events.emit_all else np.flatnonzero(flags)
         if not len(chosen):
             return
@@ -127,6 +144,7 @@ class EventWriter:
                 "p_value": float(p_values[j]),
                 "severity": _severity(score, threshold.value),
                 "is_anomaly": bool(flags[i]),
+                **_adaptive_fields(adaptive, i),
                 "model": _model(model),
                 **self.modality.event_detail(batch.scored, i, int(batch.start_ts[i]), end_ms),
                 "source": {

@@ -1,0 +1,274 @@
+"""Adaptive scoring per key: raw scores -> an anomaly probability relative to the key's own history.
+
+Stage 1, `AdaptiveLikelihood` (an anomaly likelihood in the manner of HTM, with bounded memory).
+A key's input is a row of C channels per window (C = 1: the window score; more columns, such as
+per-feature errors, are channels of their own). For each key, for each row x_t in the key's order
+(n = the key's count so far, this row included), per channel c with reference scale ref_c:
+
+    x    = max(s, 0) / ref_c                        ref: the serving model's typical score
+    a_s  = max(2 / (short + 1), 1 / n)              short horizon (a plain mean at first)
+    m_t  = m + a_s (x - m)                          short-term mean of the scores
+    z_t  = (m_t - mu) / max(sd, min_std)            against the long-term estimate before m_t
+    Q_t  = Phi(-z_t)                                Gaussian upper tail (log via log_ndtr)
+
+then the long-term estimate takes m_t, winsorised so that one excursion moves it only slowly:
+
+    m'   = min(m_t, mu + clip * sd)                 (not clipped during the warm-up)
+    a_l  = max(2 / (long + 1), 1 / n)
+    d    = m' - mu;  mu += a_l d;  var = (1 - a_l) (var + a_l d^2)
+
+Channels combine by their most surprising one: Q = min_c Q_c. Reported per window: the surprise
+S = -log10 Q (5 <=> p = 1 - 1e-5), the anomaly likelihood p = 1 - Q, and HTM's log-likelihood
+L = log(Q + 1e-10) / log(1e-10). During a key's first `warmup` rows: p = 0.5, S = 0, L = 0.
+
+Stage 2, `DetectionRule`: a detection fires when S >= threshold and the key is armed; firing
+disarms it. It re-arms once S has stayed below rearm * threshold for `quiet` consecutive rows and
+more than `cooldown` rows have passed since the last detection: one detection per excursion.
+
+Both take batches of (slot, row) in arrival order, possibly several rows per slot: the k-th row of
+every slot is one vectorised step (`rounds`), so a batch gives exactly what feeding the rows one
+at a time would, in any interleaving of keys. Slots are small integers the caller gives keys. The
+state of a slot packs into 8 + 24 C bytes (stage) and 17 bytes (rule), bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "AdaptiveLikelihood",
+    "AdaptiveScores",
+    "AdaptiveSettings",
+    "DetectionRule",
+    "RuleSettings",
+    "rounds",
+    "scores_from",
+    "surprise_of",
+]
+
+_LN10 = math.log(10.0)
+_LOG_1E10 = math.log(1e-10)
+_LOG_HALF = math.log(0.5)
+_BIG = 1e12  # bound on a scaled score, so that the variance stays finite
+
+
+def rounds(slots: np.ndarray) -> list[np.ndarray]:
+    """Positions of a batch in groups with at most one row per slot, a slot's rows in arrival
+    order: group k holds the k-th row of every slot."""
+    slots = np.asarray(slots, dtype=np.int64)
+    if len(slots) == 0:
+        return []
+    order = np.argsort(slots, kind="stable")
+    s = slots[order]
+    if len(s) == 1 or (s[1:] != s[:-1]).all():
+        return [np.arange(len(slots))]
+    starts = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1]
+    run_start = np.repeat(starts, np.diff(np.r_[starts, len(s)]))
+    rank = np.empty(len(s), np.int64)
+    rank[order] = np.arange(len(s)) - run_start
+    by_rank = np.argsort(rank, kind="stable")
+    cuts = np.searchsorted(rank[by_rank], np.arange(1, rank.max() + 1))
+    return np.split(by_rank, cuts)
+
+
+def _log_ndtr(z: np.ndarray) -> np.ndarray:
+    """log Phi(z), exact far into the tail."""
+    return torch.special.log_ndtr(torch.from_numpy(np.ascontiguousarray(z))).numpy()
+
+
+@dataclass(frozen=True)
+class AdaptiveSettings:
+    short: int = 30  # rows: span of the short-term mean
+    long: int = 1000  # rows: span of the long-term mean and variance
+    warmup: int = 200  # rows of a key before it reports (it never detects before)
+    clip: float = 3.0  # winsorise the long-term update at mu + clip * sd
+    min_std: float = 0.1  # floor on the long-term sd, in units of ref
+
+    def __post_init__(self) -> None:
+        if self.short < 1 or self.long < 1 or self.warmup < 0:
+            raise ValueError(f"adaptive horizons out of range: {self}")
+        if not (self.clip > 0 and self.min_std > 0):
+            raise ValueError(f"adaptive clip and min_std must be > 0: {self}")
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    threshold: float = 5.0  # on the surprise S = -log10 Q
+    rearm: float = 0.9  # re-arm after S < rearm * threshold ...
+    quiet: int = 10  # ... for this many consecutive rows ...
+    cooldown: int = 100  # ... and more than this many rows after the last detection
+
+    def __post_init__(self) -> None:
+        if not (self.threshold > 0 and 0 < self.rearm <= 1) or self.quiet < 1 or self.cooldown < 0:
+            raise ValueError(f"detection rule out of range: {self}")
+
+
+@dataclass
+class AdaptiveScores:
+    """Per window: likelihood p, log-likelihood L, surprise S and the rule's detection."""
+
+    likelihood: np.ndarray
+    log_likelihood: np.ndarray
+    surprise: np.ndarray
+    detection: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int) -> AdaptiveScores:
+        nan = np.full(n, np.nan)
+        return cls(nan, nan.copy(), nan.copy(), np.zeros(n, bool))
+
+
+def _grow(array: np.ndarray, size: int, fill) -> np.ndarray:
+    new = np.full((size, *array.shape[1:]), fill, array.dtype)
+    new[: len(array)] = array
+    return new
+
+
+class AdaptiveLikelihood:
+    """The likelihood of every slot, for rows of `len(refs)` channels."""
+
+    def __init__(self, settings: AdaptiveSettings, refs, capacity: int = 16) -> None:
+        self.settings = settings
+        self.refs = np.asarray(refs, dtype=np.float64).reshape(-1)
+        if not len(self.refs) or not (self.refs > 0).all():
+            raise ValueError(f"adaptive reference scales must be > 0, got {self.refs}")
+        self.channels = len(self.refs)
+        self.a_short = 2.0 / (settings.short + 1)
+        self.a_long = 2.0 / (settings.long + 1)
+        self.pack_format = struct.Struct(f"<q{3 * self.channels}d")
+        self.n = np.zeros(capacity, np.int64)
+        self.m = np.zeros((capacity, self.channels))
+        self.mu = np.zeros((capacity, self.channels))
+        self.var = np.zeros((capacity, self.channels))
+
+    def ensure(self, size: int) -> None:
+        if size > len(self.n):
+            size = max(size, 2 * len(self.n))
+            self.n = _grow(self.n, size, 0)
+            self.m, self.mu, self.var = (_grow(a, size, 0.0) for a in (self.m, self.mu, self.var))
+
+    def reset(self, slots) -> None:
+        """These slots start again from nothing."""
+        self.n[slots] = 0
+        self.m[slots] = self.mu[slots] = self.var[slots] = 0.0
+
+    def update(self, slots, rows) -> tuple[np.ndarray, np.ndarray]:
+        """log Q per row of a batch of (slot, [C] row) in arrival order, and whether the row's
+        key was past its warm-up."""
+        slots = np.asarray(slots, np.int64)
+        rows = np.asarray(rows, np.float64).reshape(len(slots), self.channels)
+        logq = np.full(len(slots), _LOG_HALF)
+        live = np.zeros(len(slots), bool)
+        if len(slots):
+            self.ensure(int(slots.max()) + 1)
+            for pos in rounds(slots):
+                logq[pos], live[pos] = self.step(slots[pos], rows[pos])
+        return logq, live
+
+    def step(self, k: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One row for each of the distinct slots `k`: log Q and whether it is past warm-up."""
+        x = np.maximum(rows, 0.0) / self.refs
+        x = np.minimum(np.where(np.isfinite(x), x, _BIG), _BIG)
+        n = self.n[k] + 1
+        m_old, mu, var = self.m[k], self.mu[k], self.var[k]
+        m = m_old + np.maximum(self.a_short, 1.0 / n)[:, None] * (x - m_old)
+        sd = np.maximum(np.sqrt(var), self.settings.min_std)
+        live = n > self.settings.warmup
+        logq = np.where(live, _log_ndtr(-((m - mu) / sd)).min(axis=1), _LOG_HALF)
+        clipped = np.where(live[:, None], np.minimum(m, mu + self.settings.clip * sd), m)
+        a = np.maximum(self.a_long, 1.0 / n)[:, None]
+        d = clipped - mu
+        self.mu[k] = mu + a * d
+        self.var[k] = (1.0 - a) * (var + a * d * d)
+        self.m[k], self.n[k] = m, n
+        return logq, live
+
+    def pack(self, slot: int) -> bytes:
+        fields = np.concatenate([self.m[slot], self.mu[slot], self.var[slot]]).tolist()
+        return self.pack_format.pack(int(self.n[slot]), *fields)
+
+    def unpack(self, slot: int, blob: bytes) -> None:
+        self.ensure(slot + 1)
+        n, *fields = self.pack_format.unpack(blob)
+        c = self.channels
+        self.n[slot] = n
+        self.m[slot], self.mu[slot], self.var[slot] = (
+            fields[:c],
+            fields[c : 2 * c],
+            fields[2 * c :],
+        )
+
+
+class DetectionRule:
+    """One detection per excursion of the surprise, per slot."""
+
+    pack_format = struct.Struct("<?qq")
+    _NEVER = np.iinfo(np.int64).max // 2
+
+    def __init__(self, settings: RuleSettings, capacity: int = 16) -> None:
+        self.settings = settings
+        self.armed = np.ones(capacity, bool)
+        self.since = np.full(capacity, self._NEVER, np.int64)
+        self.below = np.zeros(capacity, np.int64)
+
+    def ensure(self, size: int) -> None:
+        if size > len(self.armed):
+            size = max(size, 2 * len(self.armed))
+            self.armed = _grow(self.armed, size, True)
+            self.since = _grow(self.since, size, self._NEVER)
+            self.below = _grow(self.below, size, 0)
+
+    def reset(self, slots) -> None:
+        self.armed[slots], self.since[slots], self.below[slots] = True, self._NEVER, 0
+
+    def update(self, slots, surprise) -> np.ndarray:
+        """Detections (bool per row) for a batch of (slot, S) in arrival order."""
+        slots = np.asarray(slots, np.int64)
+        surprise = np.asarray(surprise, np.float64)
+        out = np.zeros(len(slots), bool)
+        if len(slots):
+            self.ensure(int(slots.max()) + 1)
+            for pos in rounds(slots):
+                out[pos] = self.step(slots[pos], surprise[pos])
+        return out
+
+    def step(self, k: np.ndarray, s: np.ndarray) -> np.ndarray:
+        rule = self.settings
+        since = np.minimum(self.since[k] + 1, self._NEVER)
+        below = np.where(s < rule.rearm * rule.threshold, self.below[k] + 1, 0)
+        armed = self.armed[k] | ((below >= rule.quiet) & (since > rule.cooldown))
+        fire = armed & (s >= rule.threshold)
+        self.armed[k] = armed & ~fire
+        self.since[k] = np.where(fire, 0, since)
+        self.below[k] = below
+        return fire
+
+    def pack(self, slot: int) -> bytes:
+        return self.pack_format.pack(
+            bool(self.armed[slot]), int(self.since[slot]), int(self.below[slot])
+        )
+
+    def unpack(self, slot: int, blob: bytes) -> None:
+        self.ensure(slot + 1)
+        self.armed[slot], self.since[slot], self.below[slot] = self.pack_format.unpack(blob)
+
+
+def surprise_of(logq: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """S = -log10 Q past the warm-up, 0 during it."""
+    return np.where(live, -logq / _LN10, 0.0)
+
+
+def scores_from(logq: np.ndarray, live: np.ndarray, detection: np.ndarray) -> AdaptiveScores:
+    """The reported values of a batch from its log Q (0.5, 0 and 0 during warm-up)."""
+    q = np.exp(logq)
+    return AdaptiveScores(
+        likelihood=np.where(live, 1.0 - q, 0.5),
+        log_likelihood=np.where(live, np.log(q + 1e-10) / _LOG_1E10, 0.0),
+        surprise=surprise_of(logq, live),
+        detection=detection,
+    )

@@ -1,0 +1,168 @@
+"""The adaptive stage per key of a stream: likelihood and detection rule, keyed and checkpointed.
+
+The worker runs it on every scored batch between the scores and the decision, and
+`aewatch score --stream` runs the same object over a file's windows in order, so both report the
+same surprise, likelihood and detections (see `pipeline.detector.adaptive` for the arithmetic).
+
+Keys live in partitions (a topic and partition of the input; a file is one partition). The stage
+keeps the per-key state of the `KeyedState` protocol of `pipeline.worker.state`: `state`,
+`restore` and `forget` per partition. A partition's saved state is
+
+    {"v": model version, "c": channels, "keys": {key: base64 of the key's packed state}}
+
+where a key's state is the likelihood (8 + 24 C bytes), the rule (17 bytes) and the end time of
+the latest window it took (8 bytes): 57 bytes for one channel, 76 base64 characters. State saved
+under another model version or channel count is not restored: raw scores of different versions
+are not on one scale, so the keys warm up again, as they do when the worker loads a new version
+(`reset`). A window that ends no later than its key's latest is a replay of one already taken
+and is skipped (it reports nothing), so a replay never counts a window twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import Iterable
+
+import numpy as np
+
+from pipeline.detector.adaptive import (
+    AdaptiveLikelihood,
+    AdaptiveScores,
+    AdaptiveSettings,
+    DetectionRule,
+    RuleSettings,
+    scores_from,
+    surprise_of,
+)
+
+__all__ = ["AdaptiveStage", "score_reference"]
+
+Partition = tuple[str, int]
+_END = struct.Struct("<q")
+_NONE = np.iinfo(np.int64).min
+
+
+def score_reference(threshold) -> float:
+    """The reference scale of a model's window score: the median of its calibration scores (a
+    typical normal score), else its threshold, else 1."""
+    scores = np.asarray(threshold.calibration_scores, dtype=np.float64)
+    if len(scores) and np.median(scores) > 0:
+        return float(np.median(scores))
+    if threshold.value is not None and threshold.value > 0:
+        return float(threshold.value)
+    return 1.0
+
+
+class AdaptiveStage:
+    """Adaptive likelihood and detection rule of every key of the partitions one member owns."""
+
+    def __init__(
+        self, settings: AdaptiveSettings, rule: RuleSettings, refs, version: str | None
+    ) -> None:
+        self.settings, self.rule_settings = settings, rule
+        self._slots: dict[Partition, dict[str, int]] = {}
+        self._free: list[int] = []
+        self._next = 0
+        self.last_end = np.full(16, _NONE, np.int64)
+        self.reset(refs, version)
+
+    def reset(self, refs, version: str | None) -> None:
+        """Every key starts again from nothing (a new model version): its scores are on a new
+        scale. `refs`: the version's reference scale of each channel."""
+        self.version = None if version is None else str(version)
+        self.likelihood = AdaptiveLikelihood(self.settings, refs, len(self.last_end))
+        self.rule = DetectionRule(self.rule_settings, len(self.last_end))
+        self.channels = self.likelihood.channels
+
+    @property
+    def keys(self) -> int:
+        return sum(len(keys) for keys in self._slots.values())
+
+    def _slot(self, partition: Partition, key: str) -> int:
+        keys = self._slots.setdefault(partition, {})
+        slot = keys.get(key)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+            else:
+                slot, self._next = self._next, self._next + 1
+                if slot >= len(self.last_end):
+                    self.last_end = np.concatenate(
+                        [self.last_end, np.full(len(self.last_end), _NONE, np.int64)]
+                    )
+                    self.likelihood.ensure(len(self.last_end))
+                    self.rule.ensure(len(self.last_end))
+            keys[key] = slot
+        return slot
+
+    def update(
+        self, groups: Iterable[tuple[str, Partition, slice]], end_ts: np.ndarray, rows: np.ndarray
+    ) -> AdaptiveScores:
+        """Windows of a batch in groups of one key (each group's windows in time order, as the
+        worker's batches hold them): `end_ts` [N] epoch ms, `rows` [N, C] (or [N] for C = 1)."""
+        n = len(end_ts)
+        slot_of, counts = [], []
+        for key, partition, span in groups:
+            slot_of.append(self._slot(partition, key))
+            counts.append(span.stop - span.start)
+        if not n:
+            return AdaptiveScores.empty(0)
+        slots = np.repeat(np.asarray(slot_of, np.int64), counts)
+        end_ts = np.asarray(end_ts, np.int64)
+        rows = np.asarray(rows, np.float64).reshape(n, self.channels)
+        keep = end_ts > self.last_end[slots]
+        if keep.all():
+            logq, live = self.likelihood.update(slots, rows)
+            detection = self.rule.update(slots, surprise_of(logq, live))
+            out = scores_from(logq, live, detection)
+        else:
+            out = AdaptiveScores.empty(n)
+            slots, end_ts = slots[keep], end_ts[keep]
+            logq, live = self.likelihood.update(slots, rows[keep])
+            taken = scores_from(logq, live, self.rule.update(slots, surprise_of(logq, live)))
+            for name in ("likelihood", "log_likelihood", "surprise", "detection"):
+                getattr(out, name)[keep] = getattr(taken, name)
+        np.maximum.at(self.last_end, slots, end_ts)
+        return out
+
+    # -- per-key state (the KeyedState protocol) --------------------------------------------------
+    def _pack(self, slot: int) -> str:
+        blob = self.likelihood.pack(slot) + self.rule.pack(slot)
+        return base64.b64encode(blob + _END.pack(int(self.last_end[slot]))).decode()
+
+    def _unpack(self, slot: int, text: str) -> None:
+        blob = base64.b64decode(text)
+        size = self.likelihood.pack_format.size
+        rule_end = size + self.rule.pack_format.size
+        self.likelihood.unpack(slot, blob[:size])
+        self.rule.unpack(slot, blob[size:rule_end])
+        (self.last_end[slot],) = _END.unpack(blob[rule_end:])
+
+    @property
+    def bytes_per_key(self) -> int:
+        return self.likelihood.pack_format.size + self.rule.pack_format.size + _END.size
+
+    def state(self, partition: Partition) -> dict:
+        keys = self._slots.get(partition, {})
+        return {
+            "v": self.version,
+            "c": self.channels,
+            "keys": {key: self._pack(slot) for key, slot in keys.items()},
+        }
+
+    def restore(self, partition: Partition, saved: dict) -> None:
+        self.forget({partition})
+        if not saved or saved.get("v") != self.version or saved.get("c") != self.channels:
+            return
+        for key, text in (saved.get("keys") or {}).items():
+            if len(text) == 4 * -(-self.bytes_per_key // 3):  # base64 of one key's state
+                self._unpack(self._slot(partition, key), text)
+
+    def forget(self, partitions: set[Partition]) -> None:
+        for partition in partitions:
+            for slot in (self._slots.pop(partition, None) or {}).values():
+                self.likelihood.reset(slot)
+                self.rule.reset(slot)
+                self.last_end[slot] = _NONE
+                self._free.append(slot)

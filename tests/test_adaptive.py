@@ -1,0 +1,129 @@
+"""The adaptive stage: batches equal one-at-a-time processing in any interleaving of keys, state
+survives a JSON round trip mid-stream bit for bit, the warm-up never reports, channels combine by
+their most surprising one, replays are skipped and another model version's state is not taken."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from pipeline.detector.adaptive import (
+    AdaptiveLikelihood,
+    AdaptiveSettings,
+    DetectionRule,
+    RuleSettings,
+    rounds,
+    surprise_of,
+)
+from pipeline.detector.adaptive_stage import AdaptiveStage
+
+SMALL = AdaptiveSettings(short=5, long=200, warmup=50)
+P = ("in", 0)
+
+
+def _stream(seed=0, keys=7, n=3000, channels=1):
+    rng = np.random.default_rng(seed)
+    slots = rng.integers(0, keys, n)
+    scores = rng.lognormal(0, 0.5, (n, channels)) * (1 + 20 * (rng.random((n, 1)) < 0.01))
+    return slots, scores
+
+
+def _groups(slots):
+    """A batch of windows in the worker's layout: one group of consecutive rows per key."""
+    order = np.argsort(slots, kind="stable")
+    s = slots[order]
+    out, start = [], 0
+    for key in np.unique(s):
+        count = int((s == key).sum())
+        out.append((f"k{key}", P, slice(start, start + count)))
+        start += count
+    return order, out
+
+
+def test_rounds_keep_per_key_order():
+    got = rounds(np.array([3, 1, 3, 3, 0, 1]))
+    assert [set(g.tolist()) for g in got] == [{0, 1, 4}, {2, 5}, {3}]
+
+
+def test_batch_equals_one_at_a_time_and_the_rule_fires_once_per_excursion():
+    slots, scores = _stream()
+    a, b = AdaptiveLikelihood(SMALL, [1.0]), AdaptiveLikelihood(SMALL, [1.0])
+    q1, live1 = a.update(slots, scores)
+    parts = [b.update(slots[i : i + 1], scores[i : i + 1]) for i in range(len(slots))]
+    np.testing.assert_array_equal(q1, np.concatenate([p[0] for p in parts]))
+    np.testing.assert_array_equal(live1, np.concatenate([p[1] for p in parts]))
+    s = surprise_of(q1, live1)
+    rule = RuleSettings(threshold=1.0, quiet=3, cooldown=20)
+    d1 = DetectionRule(rule).update(slots, s)
+    r2 = DetectionRule(rule)
+    d2 = np.concatenate([r2.update(slots[i : i + 1], s[i : i + 1]) for i in range(len(slots))])
+    assert (d1 == d2).all() and d1.any()
+    assert d1.sum() < (s >= 1.0).sum()  # one detection per excursion, not per window
+
+
+def test_warmup_reports_nothing():
+    stage = AdaptiveStage(AdaptiveSettings(warmup=100), RuleSettings(), [1.0], "m/1")
+    scores = np.r_[np.ones(99), 1e6, np.ones(50)]
+    out = stage.update([("k", P, slice(0, 150))], np.arange(150), scores)
+    assert (out.likelihood[:100] == 0.5).all() and (out.surprise[:100] == 0).all()
+    assert not out.detection[:100].any()
+    assert (out.surprise[100:] > 0).all()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_state_round_trip_mid_stream_is_bit_identical(channels):
+    slots, scores = _stream(1, channels=channels)
+    ends = np.arange(len(slots)) * 1000
+    refs = np.linspace(1, 2, channels)
+    whole = AdaptiveStage(SMALL, RuleSettings(threshold=2.0), refs, "m/1")
+    order, groups = _groups(slots)
+    expected = whole.update(groups, ends[order], scores[order])
+    cut = 1700
+    first = AdaptiveStage(SMALL, RuleSettings(threshold=2.0), refs, "m/1")
+    order1, groups1 = _groups(slots[:cut])
+    first.update(groups1, ends[:cut][order1], scores[:cut][order1])
+    saved = orjson.loads(orjson.dumps(first.state(P)))
+    assert all(len(v) == 4 * -(-first.bytes_per_key // 3) for v in saved["keys"].values())
+    assert first.bytes_per_key == 8 + 24 * channels + 17 + 8
+    second = AdaptiveStage(SMALL, RuleSettings(threshold=2.0), refs, "m/1")
+    second.update([("other", ("x", 1), slice(0, 3))], np.arange(3), np.ones((3, channels)))
+    second.restore(P, saved)  # a new owner, other slot numbers
+    order2, groups2 = _groups(slots[cut:])
+    rest = second.update(groups2, ends[cut:][order2], scores[cut:][order2])
+    by_row = np.empty(len(slots))
+    by_row[order] = expected.surprise
+    got = np.empty(len(slots) - cut)
+    got[order2] = rest.surprise
+    np.testing.assert_array_equal(got, by_row[cut:])
+    assert (by_row > 2.0).any()
+
+
+def test_channels_combine_by_the_most_surprising():
+    rng = np.random.default_rng(3)
+    quiet, loud = rng.lognormal(0, 0.2, 600), rng.lognormal(0, 0.2, 600)
+    loud[500:] *= 30
+    one = AdaptiveStage(SMALL, RuleSettings(), [1.0], "m")
+    two = AdaptiveStage(SMALL, RuleSettings(), [1.0, 1.0], "m")
+    ends = np.arange(600)
+    s_loud = one.update([("k", P, slice(0, 600))], ends, loud).surprise
+    s_both = two.update([("k", P, slice(0, 600))], ends, np.c_[quiet, loud]).surprise
+    assert s_both[520] >= s_loud[520] > 5
+    assert s_both[520] == pytest.approx(s_loud[520], rel=0.05)
+
+
+def test_replayed_windows_are_skipped_and_other_versions_state_is_not_restored():
+    stage = AdaptiveStage(SMALL, RuleSettings(), [1.0], "m/1")
+    stage.update([("k", P, slice(0, 100))], np.arange(100), np.ones(100))
+    replay = stage.update([("k", P, slice(0, 10))], np.arange(95, 105), np.full(10, 50.0))
+    assert np.isnan(replay.surprise[:5]).all() and np.isfinite(replay.surprise[5:]).all()
+    saved = stage.state(P)
+    other = AdaptiveStage(SMALL, RuleSettings(), [1.0], "m/2")
+    other.restore(P, saved)
+    assert other.keys == 0
+    same = AdaptiveStage(SMALL, RuleSettings(), [1.0], "m/1")
+    same.restore(P, saved)
+    assert same.keys == 1 and same.state(P) == saved
+    same.reset([2.0], "m/2")  # a new version: every key warms up again
+    out = same.update([("k", P, slice(0, 1))], np.array([200]), np.array([1e3]))
+    assert out.surprise[0] == 0 and out.likelihood[0] == 0.5
