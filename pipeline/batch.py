@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.detector import Detector, WindowSet, WindowSpec, cut_windows
+from pipeline.detector import Detector, Scores, WindowSet, WindowSpec, cut_windows
+from pipeline.detector.key_baselines import BaselineConfig, KeyBaselines
 from pipeline.errors import DataError
 from pipeline.events import ModelIdentity, event_id
 
-__all__ = ["score_images", "score_readings", "score_window_set"]
+__all__ = ["score_images", "score_keyed", "score_readings", "score_window_set"]
 
 
 def score_window_set(
@@ -23,10 +24,14 @@ def score_window_set(
     *,
     top_k: int = 3,
     model: ModelIdentity | None = None,
+    baselines: BaselineConfig | None = None,
 ) -> pd.DataFrame:
     """key, window_start, window_end, score, threshold, p_value, is_anomaly, top_features, and
-    with `model` the event_id the worker gives the same window."""
-    scored = detector.score(windows.windows)
+    with `model` the event_id the worker gives the same window. Keys with their own baselines
+    are scored as the worker scores them (`score_keyed`); warm-up windows get no row."""
+    scored_rows, scored = score_keyed(detector, windows, baselines or BaselineConfig())
+    if scored_rows is not None:
+        windows = windows.subset(scored_rows)
     threshold = detector.threshold
     frame = pd.DataFrame(
         {
@@ -49,6 +54,61 @@ def score_window_set(
         frame["label"] = windows.end_labels.astype(int)
     frame.attrs["threshold"] = threshold.value
     return frame
+
+
+def score_keyed(
+    detector: Detector, windows: WindowSet, config: BaselineConfig
+) -> tuple[np.ndarray | None, Scores]:
+    """Windows scored with per-key baselines as the worker scores them: each key's windows in
+    time order through its `KeyBaselines` (warm-up windows left out; with level following, one
+    block of each key per pass, folded with the decisions of the pass). Returns the indices of
+    the windows scored (None: all, without per-key baselines) and their scores."""
+    keys = windows.keys.astype(str)
+    plain = (detector.baselines is None or not detector.baselines.keys) and not config.warmup
+    if plain or detector.input.kind != "series":
+        return None, detector.score(windows.windows)
+    part = KeyBaselines(config, detector)
+    order = np.argsort(keys, kind="stable")  # each key's windows stay in time order
+    edges = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1], True])
+    active = [(keys[order[a]], order[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    threshold = detector.threshold.value
+    chosen, parts = [], []
+    while active:
+        plan, later = [], []
+        for key, rows in active:
+            warm, take = part.take(key, windows.windows[rows])
+            now = rows[warm : warm + take]
+            if len(now):
+                plan.append((key, now))
+            if warm + take < len(rows):
+                later.append((key, rows[warm + take :]))
+        if plan:
+            index = np.concatenate([rows for _, rows in plan])
+            centers = np.concatenate(
+                [np.broadcast_to(part.scaling(k)[0], (len(r), len(part.c))) for k, r in plan]
+            )
+            scales = np.concatenate(
+                [np.broadcast_to(part.scaling(k)[1], (len(r), len(part.c))) for k, r in plan]
+            )
+            scored = detector.score(windows.windows[index], scaling=(centers, scales))
+            flags = scored.scores > threshold if threshold is not None else scored.scores < 0
+            at = 0
+            for key, rows in plan:
+                part.follow(key, windows.windows[rows], ~flags[at : at + len(rows)])
+                at += len(rows)
+            chosen.append(index)
+            parts.append(scored)
+        active = later
+    if not parts:
+        empty = np.zeros(0)
+        return np.zeros(0, np.int64), Scores(empty, np.zeros((0, len(part.c))), None)
+    index = np.concatenate(chosen)
+    back = np.argsort(index, kind="stable")
+    per_feature = np.concatenate([p.per_feature for p in parts])[back]
+    per_step = np.concatenate([p.per_step for p in parts])[back]
+    return index[back], Scores(
+        np.concatenate([p.scores for p in parts])[back], per_feature, per_step
+    )
 
 
 def score_images(detector: Detector, images: np.ndarray) -> pd.DataFrame:
@@ -106,7 +166,8 @@ def score_readings(
         windows = cut_windows(groups, spec, source="input rows")
     except DataError:
         return out
-    scores = detector.score(windows.windows, attribution=False).scores
+    scaling = detector.key_scaling(windows.keys)
+    scores = detector.score(windows.windows, attribution=False, scaling=scaling).scores
     end_rows = windows.end_times.astype(np.int64)  # the row positions stood in for times
     out.loc[end_rows, "score"] = pd.Series(scores.tolist(), index=end_rows, dtype=object)
     if detector.threshold.calibrated:

@@ -58,6 +58,7 @@ class TrainSettings:
     fill: str = "error"
     window: int = 32
     stride: int = 1
+    key_baselines: bool = False
     train_until: str | None = None
     # images
     normal_class: str | None = None
@@ -109,6 +110,8 @@ class TrainSettings:
             )
         if self.scaler == "robust":
             raise ConfigError("scaler", "robust needs every training row; out of core use standard")
+        if self.key_baselines:
+            raise ConfigError("key_baselines", "per-key baselines are trained on data in memory")
         if self.model.loss == "bce" and scaler_kind(self, image=False) != "minmax":
             raise ConfigError("loss", "bce needs inputs in [0, 1]: use --scaler minmax")
 
@@ -232,7 +235,8 @@ def train(
     }
     if context.distributed:
         info["fit"]["world_size"] = context.world_size
-    detector = Detector(data.input, data.scaler, config, model, info=info)
+    baselines = getattr(data, "baselines", None)
+    detector = Detector(data.input, data.scaler, config, model, info=info, baselines=baselines)
     detector.threshold = calibrate(detector, data, settings.calibration)
     # the test split is scored once, for the FPR estimate and the evaluation alike
     test = data.split_scores(detector, "test") if data.has("test") else None

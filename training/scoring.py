@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.detector.key_baselines import BaselineConfig
 from pipeline.errors import ConfigError
 from training.data.for_detector import ALL, DataSource, load_for
 from training.outputs import table_out, write_table
@@ -24,6 +25,7 @@ class ScoreSettings:
     data: DataSource
     out: str
     top_k: int = 3
+    baselines: BaselineConfig | None = None  # per-key baselines, as the worker's
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ def score_file(settings: ScoreSettings) -> dict:
     out = table_out(settings.out)
     detector, ref = settings.model.load()
     data = load_for(detector, settings.data)
-    frame = data.score_table(detector, ALL, settings.top_k, ref.identity())
+    frame = data.score_table(detector, ALL, settings.top_k, ref.identity(), settings.baselines)
     write_table(frame, out)
     return {
         "model": ref.label,

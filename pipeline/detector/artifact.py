@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline import __version__
+from pipeline.detector.baselines import KeyStats
 from pipeline.detector.detector import Detector, InputSpec
 from pipeline.detector.models import ModelConfig, build_model
 from pipeline.detector.scaler import Scaler
@@ -66,6 +67,7 @@ def save_detector(detector: Detector, directory: str | Path) -> Path:
         "model": detector.config.to_dict(),
         "threshold": detector.threshold.to_dict(),
         "training": detector.info,
+        **({"baselines": detector.baselines.to_dict()} if detector.baselines else {}),
         "libraries": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -162,5 +164,13 @@ def load_detector(
         raise ArtifactError(f"{directory}: scaler size does not match the input spec")
     if tuple(config.input_shape) != input_spec.sample_shape:
         raise ArtifactError(f"{directory}: model input shape does not match the input spec")
-    detector = Detector(input_spec, scaler, config, model, threshold, manifest.get("training", {}))
+    baselines = None
+    if manifest.get("baselines") is not None:
+        try:
+            baselines = KeyStats.from_dict(manifest["baselines"], input_spec.n_scaled)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{directory}: {exc}", reason=exc.reason) from exc
+    detector = Detector(
+        input_spec, scaler, config, model, threshold, manifest.get("training", {}), baselines
+    )
     return detector.to(device)

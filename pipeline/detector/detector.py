@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.detector.baselines import KeyStats, window_scaling
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scaler import Scaler
 from pipeline.detector.scoring import Scores, score_tensor
@@ -98,6 +99,7 @@ class Detector:
     model: nn.Module
     threshold: Threshold = field(default_factory=Threshold.uncalibrated)
     info: dict = field(default_factory=dict)
+    baselines: KeyStats | None = None  # per-key statistics (`pipeline.detector.baselines`)
     _scaling_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -135,11 +137,25 @@ class Detector:
             self._scaling_cache = (key, tensors)
         return self._scaling_cache[1]
 
-    def score(self, raw: np.ndarray, *, batch_size: int = 8192, attribution: bool = True) -> Scores:
+    def key_scaling(self, keys) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per window of `keys`: the (center, scale) [N, F] its key was trained with (the
+        detector's scaler for keys not seen in training); None when no key has its own."""
+        return window_scaling(self.baselines, self.scaler.center, self.scaler.scale, keys)
+
+    def score(
+        self,
+        raw: np.ndarray,
+        *,
+        batch_size: int = 8192,
+        attribution: bool = True,
+        scaling: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> Scores:
         """Score raw (unscaled) windows or images in batches of `batch_size`.
 
         Scaling happens on the model's device, batch by batch: the same float32 arithmetic as
-        `Scaler.transform`, without a scaled copy of the whole input on the host."""
+        `Scaler.transform`, without a scaled copy of the whole input on the host. `scaling`,
+        per-window (center, scale) [N, F] of series windows, replaces the detector's scaler
+        (per-key baselines); with the scaler's own values it gives the same scores bit for bit."""
         raw = np.ascontiguousarray(raw, dtype=np.float32)
         if raw.shape[1:] != self.input.sample_shape:
             raise DataError(
@@ -151,9 +167,20 @@ class Detector:
         parts: list[tuple] = []
         device = self.device
         center, scale = self._scaling(device)
+        if scaling is not None:
+            rows = tuple(np.ascontiguousarray(a, dtype=np.float32) for a in scaling)
+            if self.input.kind != "series" or any(
+                a.shape != (len(raw), raw.shape[2]) for a in rows
+            ):
+                raise DataError("per-window scaling needs [N, F] centers and scales of windows")
         with torch.inference_mode():
             for start in range(0, len(raw), batch_size):
                 batch = torch.from_numpy(raw[start : start + batch_size]).to(device)
+                if scaling is not None:
+                    center, scale = (
+                        torch.from_numpy(a[start : start + batch_size]).to(device)[:, None, :]
+                        for a in rows
+                    )
                 x = (batch - center) / scale
                 out = score_tensor(self.model, self.config, x, attribution=attribution)
                 parts.append(tuple(None if t is None else t.float().cpu().numpy() for t in out))

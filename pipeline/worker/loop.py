@@ -46,6 +46,7 @@ from pipeline.modalities import modality_of
 from pipeline.modalities.readings import Rejection
 from pipeline.modalities.windowing import ReadyWindows
 from pipeline.worker.alarms import AlarmTracker
+from pipeline.worker.baselines import BaselineStage
 from pipeline.worker.checkpoint import Checkpointer
 from pipeline.worker.metrics import WorkerMetrics, WorkerStats
 from pipeline.worker.scorer import KEEPALIVE_FRACTION, BatchScorer, ScoredBatch
@@ -108,6 +109,9 @@ class Worker:
         if settings.events.alarms:
             self.alarms = AlarmTracker(settings.alarms.rules(), modality.alarm_features)
             stages["alarms"] = self.alarms
+        self.stages = stages
+        self.baselines: BaselineStage | None = None
+        self._use_baselines(detector)
         self.writer = EventWriter(
             sink, settings.topics, settings.events, modality, self.metrics, self.stats
         )
@@ -190,6 +194,7 @@ class Worker:
         previous, self.detector, self.model = self.model, detector, model
         if self.adaptive is not None:  # scores of another version: every key warms up again
             self.adaptive.reset([score_reference(detector.threshold)], _version(model))
+        self._use_baselines(detector)
         self.stats.reloads += 1
         self.metrics.set_model(model.name, model.version, model.alias)
         self.metrics.reloads.labels("loaded", "").inc()
@@ -267,11 +272,33 @@ class Worker:
             self.writer.dead_letter(record, rejection)
 
     # -- scoring and emitting --------------------------------------------------------------------
+    def _use_baselines(self, detector: Detector) -> None:
+        """Per-key baselines for `detector`, when any key is scored with its own."""
+        config = self.settings.baselines.config()
+        if self.baselines is not None:
+            self.baselines.use(detector)
+        elif BaselineStage.needed(config, detector):
+            self.baselines = self.stages["baselines"] = BaselineStage(config, detector)
+
     def score_pending(self) -> None:
-        """Score what is pending in one forward pass (see `BatchScorer`), then emit."""
-        pending, self.pending, self.pending_since = self.pending, ReadyWindows(), None
-        for batch in self.scorer.score(pending, self.detector):
+        """Score what is pending in one forward pass (see `BatchScorer`), then emit. With
+        per-key baselines, warm-up windows are taken out first, and windows that level following
+        holds back for a key's next block are scored in a further pass."""
+        if self.baselines is None:
+            pending, self.pending, self.pending_since = self.pending, ReadyWindows(), None
+            for batch in self.scorer.score(pending, self.detector):
+                self.emit(batch)
+            return
+        for batch in self.scorer.score(ReadyWindows(), self.detector):  # one still in flight
             self.emit(batch)
+        while len(self.pending):
+            pending, since = self.pending, self.pending_since
+            self.pending, self.pending_since = ReadyWindows(), None
+            now, scaling, later = self.baselines.take(pending)
+            if len(later):
+                self.pending, self.pending_since = later, since
+            for batch in self.scorer.score(now, self.detector, scaling):
+                self.emit(batch)
 
     def emit(self, batch: ScoredBatch) -> None:
         n = len(batch)
@@ -293,6 +320,8 @@ class Worker:
             self.writer.windows(batch, flags, threshold, self.model, adaptive)
         if self.alarms is not None:
             self._update_alarms(batch, flags, threshold.value)
+        if self.baselines is not None:
+            self.baselines.follow(batch, ~flags)
 
     def adapt(self, batch: ScoredBatch) -> AdaptiveScores | None:
         """The adaptive stage's surprise, likelihood and detections of the batch's windows."""

@@ -91,15 +91,17 @@ class BatchScorer:
         self._inflight: _InFlight | None = None
         self._pool: ThreadPoolExecutor | None = None
 
-    def score(self, pending: ReadyWindows, detector: Detector) -> Iterator[ScoredBatch]:
+    def score(
+        self, pending: ReadyWindows, detector: Detector, scaling: tuple | None = None
+    ) -> Iterator[ScoredBatch]:
         """Score `pending` (empty: nothing to score) and yield the scored batches: first a batch
         still in flight from an interrupted call, then this one, unless a keep-alive's rebalance
-        finished it already."""
+        finished it already. `scaling`: per-window (center, scale) of per-key baselines."""
         if self._inflight is not None:
             yield self._finish(self._inflight)
         if not len(pending):
             return
-        batch = self._inflight = self._start(pending, detector)
+        batch = self._inflight = self._start(pending, detector, scaling)
         while self._inflight is batch and not batch.future.done():
             wait([batch.future], timeout=self.keepalive_every_s)
             if self._inflight is batch and not batch.future.done():
@@ -108,11 +110,13 @@ class BatchScorer:
         if self._inflight is batch:
             yield self._finish(batch)
 
-    def _start(self, pending: ReadyWindows, detector: Detector) -> _InFlight:
+    def _start(self, pending: ReadyWindows, detector: Detector, scaling) -> _InFlight:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
         windows = np.concatenate(pending.windows)
-        future = self._pool.submit(detector.score, windows, batch_size=self.max_batch)
+        future = self._pool.submit(
+            detector.score, windows, batch_size=self.max_batch, scaling=scaling
+        )
         return _InFlight(pending, windows, future, time.perf_counter())
 
     def _finish(self, batch: _InFlight) -> ScoredBatch:

@@ -26,10 +26,12 @@ from pipeline.errors import ConfigError
 from pipeline.kafka_io.settings import KafkaSettings
 from pipeline.settings import check, setting
 from pipeline.worker.alarms import MAX_WINDOWS, AlarmRules
+from pipeline.worker.baselines import BaselineSettings
 
 __all__ = [
     "AdaptiveStageSettings",
     "AlarmSettings",
+    "BaselineSettings",
     "BatchSettings",
     "EventSettings",
     "HttpSettings",
@@ -322,6 +324,7 @@ class WorkerSettings:
     events: EventSettings
     alarms: AlarmSettings
     adaptive: AdaptiveStageSettings
+    baselines: BaselineSettings
     http: HttpSettings
 
     @classmethod

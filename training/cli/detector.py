@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
+from pipeline.settings import add_arguments, build, read
+from pipeline.worker.settings import BaselineSettings
 from training.calibrate import CALIBRATION_METHODS, CalibrationSettings
 from training.cli.args import (
     add_data_arguments,
@@ -42,13 +45,17 @@ def register_score(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output .csv or .parquet")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_arguments(
+        parser.add_argument_group("per-key baselines (as the worker's)"), BaselineSettings
+    )
     parser.set_defaults(handler=_run_score)
 
 
 def _run_score(args: argparse.Namespace) -> int:
     from training.scoring import ScoreSettings, score_file
 
-    settings = ScoreSettings(model_source(args), data_source(args), args.out, args.top_k)
+    baselines = build(BaselineSettings, read(BaselineSettings, args, os.environ)).config()
+    settings = ScoreSettings(model_source(args), data_source(args), args.out, args.top_k, baselines)
     s = score_file(settings)
     line = (
         f"{s['rows']} windows scored with {s['model']}: {s['anomalies']} above the "

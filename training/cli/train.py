@@ -71,6 +71,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--stride", type=int, default=1, help="window stride S (default: %(default)s)"
     )
+    data.add_argument(
+        "--key-baselines",
+        action="store_true",
+        help="with --key-col: standardise each key by its own train statistics, kept in the "
+        "detector (a fleet whose machines each have their own normal level)",
+    )
     data.add_argument("--train-until", help="timestamp: training data ends here")
     data.add_argument(
         "--fractions",
@@ -254,6 +260,7 @@ def settings_from_args(args: argparse.Namespace):
         fill=args.fill,
         window=args.window,
         stride=args.stride,
+        key_baselines=args.key_baselines,
         train_until=args.train_until,
         normal_class=args.normal_class,
         labels_path=args.labels_path,

@@ -22,8 +22,10 @@ import pandas as pd
 import torch
 
 from pipeline.detector import Detector, InputSpec, Scaler, WindowSet, WindowSpec, cut_windows
+from pipeline.detector.baselines import KeyStats, window_scaling
 from pipeline.errors import ConfigError, DataError
 from pipeline.events import ModelIdentity
+from training.data.baselines import key_baselines
 from training.data.images import ImageSet, load_images, split_images
 from training.data.series import SeriesTable, load_series, series_groups, split_series
 from training.data.splits import PARTS, SplitScores
@@ -73,9 +75,14 @@ class _InMemory:
     def first_sample(self, split: str) -> np.ndarray | None:
         return self.raw(split)[0] if self.has(split) else None
 
+    def scaling(self, detector: Detector | None, split: str) -> tuple | None:
+        """Per-sample (center, scale) of keys with their own baselines (series only)."""
+        return None
+
     def split_scores(self, detector: Detector, split: str) -> SplitScores:
         """Scores of a whole split with its labels and normal mask."""
-        scores = detector.score(self.raw(split), attribution=False).scores
+        scaling = self.scaling(detector, split)
+        scores = detector.score(self.raw(split), attribution=False, scaling=scaling).scores
         return SplitScores(scores, self.labels(split), self.normal(split))
 
     def fit_inputs(self, config, *, batch_size, shuffle_windows, seed, context, device):
@@ -94,7 +101,12 @@ class _InMemory:
     def _scaled(self, split: str, device: torch.device) -> torch.Tensor | None:
         if not self.has(split):
             return None
-        scaled = self.scaler.transform(self.raw(split), axis=self.input.feature_axis)
+        scaling = self.scaling(None, split)
+        if scaling is None:
+            scaled = self.scaler.transform(self.raw(split), axis=self.input.feature_axis)
+        else:  # each key by its own statistics: the arithmetic of Detector.score
+            center, scale = (a[:, None, :] for a in scaling)
+            scaled = ((self.raw(split).astype(np.float32) - center) / scale).astype(np.float32)
         return torch.from_numpy(scaled).to(device)
 
     def evaluate(
@@ -104,7 +116,8 @@ class _InMemory:
         if not self.has(split) or self.labels(split) is None:
             return None
         if scores is None:
-            scores = detector.score(self.raw(split), attribution=False).scores
+            scaling = self.scaling(detector, split)
+            scores = detector.score(self.raw(split), attribution=False, scaling=scaling).scores
         return self._metrics(detector, split, rule, scores)
 
     def _metrics(self, detector: Detector, split: str, rule: str, scores: np.ndarray) -> dict:
@@ -124,10 +137,24 @@ class SeriesSplits(_InMemory):
     parts: dict[str, WindowSet]
     tables: dict[str, SeriesTable]
     table: SeriesTable
+    baselines: KeyStats | None = None  # per-key statistics of the train part (training only)
 
     @property
     def digest(self) -> str:
         return self.table.digest()
+
+    def scaling(self, detector: Detector | None, split: str) -> tuple | None:
+        """Per window: its key's own (center, scale), from the detector or, while training,
+        from the train part."""
+        stats, scaler = (
+            (self.baselines, self.scaler)
+            if detector is None
+            else (
+                detector.baselines,
+                detector.scaler,
+            )
+        )
+        return window_scaling(stats, scaler.center, scaler.scale, self.parts[split].keys)
 
     @property
     def time_range(self) -> tuple[str, str]:
@@ -163,7 +190,7 @@ class SeriesSplits(_InMemory):
         tables = {"calibration": cut["train"], "test": cut["test"]}
         spec = self.input.window
         parts = {name: table_windows(table, spec) for name, table in tables.items()}
-        return SeriesSplits(self.input, self.scaler, parts, tables, self.table)
+        return SeriesSplits(self.input, self.scaler, parts, tables, self.table, self.baselines)
 
     def index_frame(self, split: str) -> pd.DataFrame:
         """Which window each row of a per-window table is: key, window start and end."""
@@ -177,11 +204,13 @@ class SeriesSplits(_InMemory):
         )
 
     def score_table(
-        self, detector: Detector, split: str, top_k: int, model: ModelIdentity
+        self, detector: Detector, split: str, top_k: int, model: ModelIdentity, baselines=None
     ) -> pd.DataFrame:
         from pipeline.batch import score_window_set
 
-        return score_window_set(detector, self.parts[split], top_k=top_k, model=model)
+        return score_window_set(
+            detector, self.parts[split], top_k=top_k, model=model, baselines=baselines
+        )
 
 
 @dataclass
@@ -247,7 +276,7 @@ class ImageSplits(_InMemory):
         return frame
 
     def score_table(
-        self, detector: Detector, split: str, top_k: int, model: ModelIdentity
+        self, detector: Detector, split: str, top_k: int, model: ModelIdentity, baselines=None
     ) -> pd.DataFrame:
         from pipeline.batch import score_images
 
@@ -309,9 +338,11 @@ def prepare_series(settings) -> SeriesSplits:
         if not keep.any():
             raise DataError(f"{settings.data}: every training window holds a labelled anomaly")
         parts["train"] = train.subset(np.flatnonzero(keep))
-    scaler = Scaler.fit(scaler_kind(settings, image=False), tables["train"].values())
+    kind = scaler_kind(settings, image=False)
+    scaler = Scaler.fit(kind, tables["train"].values())
+    scaler, baselines = key_baselines(settings, kind, tables["train"], scaler)
     spec_in = InputSpec("series", features=tuple(table.features), window=spec)
-    return SeriesSplits(spec_in, scaler, parts, tables, table)
+    return SeriesSplits(spec_in, scaler, parts, tables, table, baselines)
 
 
 def prepare_images(settings) -> ImageSplits:

@@ -1,0 +1,189 @@
+"""Per-key baselines: training statistics per key, warm-up of unseen keys, level following,
+their state, and the artifact's check of them."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import orjson
+import pytest
+
+from pipeline.batch import score_window_set
+from pipeline.detector import Scaler, WindowSpec, cut_windows, load_detector, sliding_windows
+from pipeline.detector.baselines import KeyStats, short_span_ratio
+from pipeline.detector.key_baselines import FOLLOW_BLOCK, BaselineConfig, KeyBaselines
+from pipeline.errors import ArtifactError, ConfigError
+from tests.fleet_support import fleet_frame, machine, train_on
+
+W, S, F = 8, 2, 3
+
+
+def _stub(rho=None, keys=None, scale=(1.0, 2.0, 4.0)):
+    stats = KeyStats({10 * W: tuple(rho)} if rho else {}, keys or {})
+    return SimpleNamespace(
+        input=SimpleNamespace(kind="series", window=WindowSpec(W, S)),
+        scaler=Scaler("standard", (0.0,) * F, tuple(scale)),
+        baselines=stats,
+    )
+
+
+def _series(n, seed=0, level=(5.0, -3.0, 100.0), sd=(1.0, 0.5, 2.0)):
+    rng = np.random.default_rng(seed)
+    return (np.asarray(level) + rng.normal(size=(n, F)) * np.asarray(sd)).astype(np.float32)
+
+
+def _windows(values):
+    return sliding_windows(values, WindowSpec(W, S))
+
+
+def test_warm_up_takes_ten_windows_of_readings_then_learns_level_and_ratio_scale():
+    rho = (0.5, 1.0, 0.25)
+    part = KeyBaselines(BaselineConfig(warmup=True), _stub(rho))
+    values = _series(400)
+    windows = _windows(values)
+    warm, now = part.take("k", windows)
+    # the first window brings W readings, each next one S: 10 W readings need 1 + (80 - 8) / 2
+    assert warm == 1 + (10 * W - W) // S and now == len(windows) - warm
+    center, scale = part.scaling("k")
+    first = values[: 10 * W].astype(np.float64)
+    np.testing.assert_allclose(center, first.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(scale, first.std(axis=0) / np.asarray(rho), rtol=1e-5)
+    center_rule = KeyBaselines(BaselineConfig(warmup=True, scale_rule="center"), _stub(rho))
+    center_rule.take("k", windows)
+    np.testing.assert_array_equal(center_rule.scaling("k")[1], [1.0, 2.0, 4.0])
+
+
+def test_keys_seen_in_training_skip_the_warm_up_and_others_keep_the_scaler_when_it_is_off():
+    trained = {"seen": ((1.0, 2.0, 3.0), (0.5, 0.5, 0.5), 100)}
+    on = KeyBaselines(BaselineConfig(warmup=True), _stub(keys=trained))
+    off = KeyBaselines(BaselineConfig(warmup=False), _stub(keys=trained))
+    windows = _windows(_series(200))
+    assert on.take("seen", windows) == (0, len(windows))
+    np.testing.assert_array_equal(on.scaling("seen")[0], [1.0, 2.0, 3.0])
+    assert off.take("unseen", windows) == (0, len(windows))
+    np.testing.assert_array_equal(off.scaling("unseen")[1], [1.0, 2.0, 4.0])
+
+
+def _replay(make, windows, chunk, normal, restart_at=None):
+    """Windows fed `chunk` at a time as a stream takes them (what `take` holds back comes first
+    in the next pass); with `restart_at`, the state goes through JSON after that many passes into
+    a new object. Returns the center each scored window was scaled with, and the object."""
+    part, centers, at, passes = make(), [], 0, 0
+    while at < len(windows):
+        hi = min(at + chunk, len(windows))
+        warm, take = part.take("k", windows[at:hi])
+        rows = np.arange(at + warm, at + warm + take)
+        centers += [part.scaling("k")[0].copy() for _ in rows]
+        part.follow("k", windows[rows], normal[rows])
+        at += warm + take
+        passes += 1
+        if passes == restart_at:
+            saved = orjson.loads(orjson.dumps(part.state("k")))
+            part = make()
+            part.restore("k", saved)
+    return np.asarray(centers), part
+
+
+def test_level_following_does_not_depend_on_batching_and_restarts_exactly():
+    values = _series(3000)
+    values[1500:] += np.array([2.0, 0.0, 0.0], np.float32)  # the level moves
+    windows = _windows(values)
+    normal = (np.arange(len(windows)) % 7) != 0  # some windows judged anomalous
+    config = BaselineConfig(warmup=True, half_life=200.0)
+
+    def make():
+        return KeyBaselines(config, _stub((0.5, 1.0, 0.5)))
+
+    a, pa = _replay(make, windows, 5000, normal)
+    b, pb = _replay(make, windows, 7, normal)
+    c, pc = _replay(make, windows, 50, normal, restart_at=13)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    assert pa.state("k") == pb.state("k") == pc.state("k")
+    # the level was followed: the last baseline is near the new level, the first near the old
+    assert abs(a[-1][0] - (5.0 + 2.0)) < 0.5 and abs(a[0][0] - 5.0) < 0.5
+    # and it moved only at block ends
+    changes = np.flatnonzero(np.any(np.diff(a, axis=0) != 0, axis=1)) + 1
+    assert len(changes) and np.all(changes % FOLLOW_BLOCK == 0)
+
+
+def test_state_is_small_and_packed():
+    part = KeyBaselines(BaselineConfig(warmup=True, half_life=500.0), _stub((0.5, 1.0, 0.5)))
+    windows = _windows(_series(600))
+    warm, take = part.take("k", windows)
+    part.follow("k", windows[warm : warm + take][:10], np.ones(10, bool))
+    text = orjson.dumps(part.state("k"))
+    assert len(text) < 200, text
+
+
+def test_rho_is_short_span_over_long_run_spread():
+    rng = np.random.default_rng(0)
+    slow = np.cumsum(rng.normal(size=(5000, 1)), axis=0)  # a random walk: short spans see little
+    white = rng.normal(size=(5000, 1))
+    rho = short_span_ratio([np.hstack([slow, white])], 50)
+    assert rho[0] < 0.3 and 0.9 < rho[1] <= 1.0
+
+
+# -- training and the artifact ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keyed")
+    levels = {"low": -8.0, "mid": 0.0, "high": 12.0}
+    frame = fleet_frame({k: machine(i, 2500, level=lv) for i, (k, lv) in enumerate(levels.items())})
+    return train_on(frame, root, "keyed", keyed=True), levels, root
+
+
+def test_one_key_with_key_baselines_scores_bit_for_bit_as_without(tmp_path):
+    frame = fleet_frame({"only": machine(0, 1500, level=0.0)})
+    plain = train_on(frame.drop(columns="machine"), tmp_path, "plain", keyed=False)
+    own = train_on(frame, tmp_path, "own", keyed=True)
+    assert plain.detector.threshold.value == own.detector.threshold.value
+    assert plain.detector.scaler == own.detector.scaler
+    windows = plain.data.raw("test")
+    scaling = own.detector.key_scaling(["only"] * len(windows))
+    assert scaling is not None
+    np.testing.assert_array_equal(
+        plain.detector.score(windows).scores, own.detector.score(windows, scaling=scaling).scores
+    )
+
+
+def test_keys_at_their_own_levels_are_scored_with_their_own_statistics(keyed):
+    result, levels, root = keyed
+    detector = load_detector(root / "keyed")
+    assert set(detector.baselines.keys) == set(levels)
+    fresh = {k: machine(i, 600, level=lv, skip=2500) for i, (k, lv) in enumerate(levels.items())}
+    windows = cut_windows(
+        [(k, np.arange(len(v)), v, None) for k, v in fresh.items()], detector.input.window
+    )
+    own = score_window_set(detector, windows)
+    shared = detector.score(windows.windows).scores > detector.threshold.value
+    for key in levels:
+        rows = own["key"] == key
+        assert own.loc[rows, "is_anomaly"].mean() < 0.3, key
+    # the same windows under the one shared scaler: the extreme keys look anomalous throughout
+    assert shared[windows.keys == "high"].mean() > 0.9
+    assert shared[windows.keys == "low"].mean() > 0.9
+
+
+def test_edited_baselines_are_refused(keyed, tmp_path):
+    _, _, root = keyed
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "keyed", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["baselines"]["keys"]["high"]["mean"][0] += 1.0
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="SHA-256") as info:
+        load_detector(copy)
+    assert info.value.reason == "sha256"
+
+
+def test_key_baselines_need_a_key_column_and_the_standard_scaler(tmp_path):
+    frame = fleet_frame({"a": machine(0, 600, level=0.0)})
+    with pytest.raises(ConfigError, match="key-col"):
+        train_on(frame.drop(columns="machine"), tmp_path, "x", keyed=True)
+    with pytest.raises(ConfigError, match="standard"):
+        train_on(frame, tmp_path, "y", keyed=True, scaler="minmax")
