@@ -3,7 +3,10 @@
 Sub-commands are plugins found through the `aewatch.commands` entry-point group, so the scoring
 side never imports the training side. Each plugin is a function `register(subparsers)` that adds
 one parser and sets `handler` to a function taking the parsed namespace and returning an exit code.
-Logging is configured here, once; nothing below the CLI reads the environment.
+Logging is configured here, once; nothing below the CLI reads the environment. So is how long a
+command keeps trying an unreachable tracking server (`--registry-retry-s`, default 15 s): the
+probe of `pipeline.registry.reach` and MLflow's own retry variables get the same budget (the
+worker paces its own retries and keeps one attempt per request).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from importlib.metadata import entry_points
 
 from pipeline import __version__
 from pipeline.config_file import load_config_file
-from pipeline.errors import AewatchError
+from pipeline.errors import AewatchError, ConfigError
 
 __all__ = ["build_parser", "configure_logging", "main"]
 
@@ -63,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument(
+        "--registry-retry-s",
+        default=None,
+        help="how long a command keeps trying an unreachable MLflow tracking server "
+        "(default: AEWATCH_REGISTRY_RETRY_S or 15)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in sorted(entry_points(group="aewatch.commands"), key=lambda e: e.name):
         ep.load()(subparsers)
@@ -79,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
+        _registry_budget(args)
         if getattr(args, "config", None) and getattr(args, "config_parser", None):
             # A config file sets the command's defaults; flags given on the command line win.
             args.config_parser.set_defaults(**load_config_file(args.config, args.config_parser))
@@ -89,6 +99,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _registry_budget(args: argparse.Namespace) -> None:
+    """The retry budget for an unreachable tracking server, from the flag or the variable."""
+    from pipeline.registry.reach import DEFAULT_RETRY_BUDGET_S, client_environment, set_retry_budget
+
+    given = args.registry_retry_s or os.environ.get("AEWATCH_REGISTRY_RETRY_S")
+    try:
+        budget = DEFAULT_RETRY_BUDGET_S if given in (None, "") else float(given)
+    except ValueError:
+        budget = float("nan")
+    if not budget >= 0 or budget == float("inf"):
+        raise ConfigError("registry_retry_s", f"must be a number of seconds >= 0, got {given!r}")
+    if args.command == "worker":  # paces its own retries: one attempt per request
+        set_retry_budget(0.0)
+        return
+    set_retry_budget(budget)
+    for key, value in client_environment(budget).items():
+        os.environ.setdefault(key, value)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,7 @@ AewatchError
 │   └── ArtifactError    the artifact on disk is malformed, tampered or from a newer format
 ├── CalibrationError     a threshold cannot be calibrated from the data given
 ├── RegistryError        the MLflow registry refused or lacks what was asked for
+│   └── RegistryUnreachable  the tracking server could not be reached (not a missing version)
 ├── CommitRejected       the group refused an offset commit (this member was evicted)
 ├── DistributedError     a rank of a distributed training job failed; names the rank
 └── BrokerError          the local Kafka broker could not be resolved, started or stopped
@@ -25,6 +26,7 @@ __all__ = [
     "DistributedError",
     "ModelError",
     "RegistryError",
+    "RegistryUnreachable",
 ]
 
 
@@ -66,6 +68,16 @@ class CalibrationError(AewatchError):
 
 class RegistryError(AewatchError):
     """The model registry refused a request or lacks the model, version or alias asked for."""
+
+
+class RegistryUnreachable(RegistryError):
+    """The tracking server did not answer within the retry budget: says where and why, in one
+    line, and is never taken for a missing model, version or alias."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        super().__init__(f"MLflow at {uri} is unreachable: {reason}")
+        self.uri = uri
+        self.reason = reason
 
 
 class BrokerError(AewatchError):

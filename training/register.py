@@ -4,7 +4,8 @@ A version holds the detector as a pyfunc built from `pipeline/registry/pyfunc.py
 code") with the artifact folder attached; nothing is pickled (MLflow is reached through
 `training.tracking`). Version tags carry what operators
 and the worker need without downloading anything: threshold, method, target FPR, window,
-features, model kind and the SHA-256 of the weights (which the worker verifies on load).
+features, model kind, the SHA-256 of the weights and the digest of the whole artifact (which
+every loader verifies: the worker, the CLI and the pyfunc, which gets it as its model config).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.detector import Detector, read_manifest
+from pipeline.detector import Detector, artifact_digest, read_manifest
 from pipeline.modalities import modality_of
 from pipeline.registry.client import TAG_PREFIX
 from training import plots
@@ -66,6 +67,7 @@ def version_tags(detector: Detector, artifact_dir: Path) -> dict[str, str]:
         "backbone": detector.config.backbone,
         "input": detector.input.kind,
         "weights_sha256": manifest["weights"]["sha256"],
+        "artifact_sha256": artifact_digest(artifact_dir),
         "format_version": str(manifest["format_version"]),
         "data_digest": str(detector.info.get("data", {}).get("digest", "")),
     }
@@ -129,4 +131,5 @@ def register_version(
         input_example=_input_example(detector, data),
         tags=tags,
         alias=alias,
+        model_config={"artifact_sha256": tags[TAG_PREFIX + "artifact_sha256"]},
     )

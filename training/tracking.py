@@ -6,6 +6,10 @@ promotion changes in the registry (aliases, tags). The tracking URI is chosen at
 then `MLFLOW_TRACKING_URI`, then a local sqlite file) and handed in; nothing here reads the
 environment. (MLflow itself exports the registry URI to the environment when it is set;
 `tracking_run` puts back what was there, so that child processes do not inherit it.)
+
+A tracking server is probed before a run opens or the registry is read
+(`pipeline.registry.reach`): a server that does not answer is a one-line `RegistryUnreachable`
+within the retry budget, never a missing alias or version.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import mlflow
 import torch
 
 from pipeline import __version__
+from pipeline.errors import RegistryError, RegistryUnreachable
+from pipeline.registry.reach import probe, unreachable_error
 from training.fit import FitResult
 
 __all__ = [
@@ -84,6 +90,7 @@ class MlflowEpochLogger:
 def tracking_run(
     tracking_uri: str, experiment: str, run_name: str | None, params: dict[str, str]
 ) -> Iterator[mlflow.ActiveRun]:
+    probe(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     # Versions are registered where the run is recorded. MLflow exports the registry URI to the
     # environment, where child processes would inherit it: put back what was there.
@@ -155,6 +162,7 @@ def log_model_version(
     input_example,
     tags: dict[str, str],
     alias: str | None,
+    model_config: dict | None = None,
 ) -> str:
     """Log a detector folder as a pyfunc model ("models from code": `model_code` is the file
     MLflow runs, the folder its `detector` artifact) in the active run, register it as a new
@@ -164,6 +172,7 @@ def log_model_version(
         python_model=str(model_code),
         artifacts={"detector": str(Path(artifact_dir).resolve())},
         input_example=input_example,
+        model_config=model_config,
         pip_requirements=[
             f"mlflow=={mlflow.__version__}",
             f"torch=={torch.__version__.split('+')[0]}",
@@ -188,23 +197,45 @@ class Registry:
     """What promotion reads and changes in the model registry: aliases and tags."""
 
     def __init__(self, tracking_uri: str | None) -> None:
+        probe(tracking_uri)
+        self.uri = tracking_uri
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
-    def version(self, name: str, alias: str):
-        """The model version `alias` points to, or None when it points nowhere."""
+    def _call(self, what: str, request, *args):
+        """`request(*args)`; a network error is `RegistryUnreachable`, a refusal `RegistryError`."""
         try:
-            return self.client.get_model_version_by_alias(name, alias)
-        except Exception:  # noqa: BLE001 - MlflowException when the alias is not set
+            return request(*args)
+        except mlflow.MlflowException as exc:
+            error = unreachable_error(self.uri, exc) or RegistryError(f"{what}: {exc.message}")
+            raise error from exc
+        except Exception as exc:
+            unreachable = unreachable_error(self.uri, exc)
+            if unreachable is None:
+                raise
+            raise unreachable from exc
+
+    def version(self, name: str, alias: str):
+        """The model version `alias` points to, or None when it points nowhere (a model or
+        alias that does not exist); an unreachable server is an error, not None."""
+        try:
+            return self._call(
+                f"{name}@{alias}", self.client.get_model_version_by_alias, name, alias
+            )
+        except RegistryError as exc:
+            if isinstance(exc, RegistryUnreachable):
+                raise
             return None
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(name, alias, version)
+        self._call(f"{name}@{alias}", self.client.set_registered_model_alias, name, alias, version)
 
     def model_tags(self, name: str) -> dict[str, str]:
-        return self.client.get_registered_model(name).tags or {}
+        return self._call(name, self.client.get_registered_model, name).tags or {}
 
     def set_model_tag(self, name: str, key: str, value: str) -> None:
-        self.client.set_registered_model_tag(name, key, value)
+        self._call(name, self.client.set_registered_model_tag, name, key, value)
 
     def set_version_tag(self, name: str, version: str, key: str, value: str) -> None:
-        self.client.set_model_version_tag(name, version, key, value)
+        self._call(
+            f"{name} v{version}", self.client.set_model_version_tag, name, version, key, value
+        )

@@ -10,6 +10,7 @@ from pipeline.lazy import lazy_getattr
 
 _EXPORTS = {
     "FORMAT_VERSION": "artifact",
+    "artifact_digest": "artifact",
     "load_detector": "artifact",
     "read_manifest": "artifact",
     "save_detector": "artifact",

@@ -3,7 +3,13 @@
 The manifest describes everything needed to rebuild and trust the detector: format version,
 input spec, scaler statistics, model config, threshold, training provenance, library versions,
 and the SHA-256 of the weights. Loading checks format and hash before the weights file is opened,
-then reads it with `torch.load(weights_only=True)`, which refuses anything but tensors.
+then reads it with `torch.load(weights_only=True)`, which refuses anything but tensors. A weights
+hash that is missing, null or not 64 hex digits is refused like one that differs.
+
+`artifact_digest` covers the whole artifact: the manifest in canonical JSON (sorted keys, no
+whitespace, so reformatting does not change it, any value does) and the weights' bytes. A
+registered version carries it as a tag (`aewatch.artifact_sha256`) and every registry loader
+passes it as `expected_digest`, so an edited threshold or scaler is refused as tampered weights are.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_FILE",
     "WEIGHTS_FILE",
+    "artifact_digest",
     "load_detector",
     "read_manifest",
     "save_detector",
@@ -48,6 +55,36 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _canonical(manifest: dict) -> bytes:
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _digest(manifest: dict, weights_sha256: str) -> str:
+    digest = hashlib.sha256(b"aewatch.artifact/1\0")
+    digest.update(_canonical(manifest))
+    digest.update(b"\0" + weights_sha256.encode())
+    return digest.hexdigest()
+
+
+def artifact_digest(directory: str | Path) -> str:
+    """SHA-256 of the whole artifact: the manifest's canonical JSON and the weights' bytes."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = directory / str((manifest.get("weights") or {}).get("file", WEIGHTS_FILE))
+    if not weights.is_file():
+        raise ArtifactError(
+            f"{directory}: weights file {weights.name!r} is missing", reason="weights"
+        )
+    return _digest(manifest, sha256_file(weights))
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in _HEX for c in value)
+
+
+_HEX = frozenset("0123456789abcdef")
 
 
 def save_detector(detector: Detector, directory: str | Path) -> Path:
@@ -108,11 +145,13 @@ def load_detector(
     device: str | torch.device = "cpu",
     require_calibrated: bool = False,
     expected_sha256: str | None = None,
+    expected_digest: str | None = None,
 ) -> Detector:
     """Load and verify a detector artifact.
 
-    Refused with ArtifactError: a newer format, a weights hash that differs from the manifest
-    (or from `expected_sha256`, e.g. a registry tag), a weights file that is not a plain tensor
+    Refused with ArtifactError: a newer format, a weights hash that is missing or differs from
+    the manifest (or from `expected_sha256`, e.g. a registry tag), a whole-artifact digest that
+    differs from `expected_digest`, a weights file that is not a plain tensor
     state_dict, a state_dict that does not fit the model config, non-finite weights; and, when
     `require_calibrated`, a detector without a threshold.
     """
@@ -123,7 +162,7 @@ def load_detector(
         scaler = Scaler.from_dict(manifest["scaler"])
         config = ModelConfig.from_dict(manifest["model"])
         threshold = Threshold.from_dict(manifest.get("threshold") or {})
-        weights_meta = manifest["weights"]
+        weights_meta = dict(manifest["weights"])
     except (KeyError, TypeError, ValueError, ConfigError, ModelError) as exc:
         raise ArtifactError(f"{directory}: manifest is incomplete or invalid: {exc}") from exc
     if require_calibrated and not threshold.calibrated:
@@ -133,14 +172,27 @@ def load_detector(
         raise ArtifactError(
             f"{directory}: weights file {weights.name!r} is missing", reason="weights"
         )
+    recorded = weights_meta.get("sha256")
+    if not _is_sha256(recorded):
+        raise ArtifactError(
+            f"{directory}: the manifest records no valid weights SHA-256 ({recorded!r}); "
+            "refusing unverifiable weights",
+            reason="sha256",
+        )
     actual = sha256_file(weights)
-    for expected in (weights_meta.get("sha256"), expected_sha256):
+    for expected in (recorded, expected_sha256):
         if expected is not None and actual != expected:
             raise ArtifactError(
                 f"{weights}: SHA-256 {actual[:12]}... does not match the recorded "
                 f"{str(expected)[:12]}...; refusing tampered weights",
                 reason="sha256",
             )
+    if expected_digest is not None and _digest(manifest, actual) != expected_digest:
+        raise ArtifactError(
+            f"{directory}: artifact digest {_digest(manifest, actual)[:12]}... does not match "
+            f"the recorded {str(expected_digest)[:12]}...; refusing a tampered manifest or weights",
+            reason="artifact_digest",
+        )
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any refusal by the safe loader is an artifact error

@@ -3,7 +3,8 @@ job is the only writer).
 
 A model reference is either a local artifact folder or `models:/NAME@ALIAS` / `models:/NAME/VERSION`.
 A registered version is downloaded, its detector folder found through the MLmodel file, and loaded
-with its weights' SHA-256 checked against the version tag that registration wrote.
+with its weights' SHA-256 and the digest of the whole artifact (manifest and weights) checked
+against the version tags that registration wrote; a version without them is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from pipeline.detector import Detector, load_detector, read_manifest
 from pipeline.errors import ArtifactError, RegistryError
 from pipeline.events import ModelIdentity
+from pipeline.registry.reach import probe, unreachable_error
 
 __all__ = [
     "TAG_PREFIX",
@@ -32,6 +34,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TAG_PREFIX = "aewatch."
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -45,6 +48,7 @@ class ModelRef:
     version: str | None = None
     alias: str | None = None
     weights_sha256: str | None = None
+    artifact_sha256: str | None = None
 
     @property
     def label(self) -> str:
@@ -73,12 +77,28 @@ def _client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+def _registry_error(uri: str | None, what: str, exc: Exception) -> RegistryError:
+    """A network error as `RegistryUnreachable`, MLflow's refusals as `RegistryError` on
+    `what`; anything else is raised as it is."""
+    from mlflow.exceptions import MlflowException
+
+    unreachable = unreachable_error(uri, exc)
+    if unreachable is not None:
+        return unreachable
+    if not isinstance(exc, MlflowException):
+        raise exc
+    return RegistryError(f"{what}: {exc.message}")
+
+
 def alias_version(name: str, alias: str, *, tracking_uri: str | None) -> str:
-    """The version an alias points to now; `RegistryError` if the registry cannot say."""
+    """The version an alias points to now; `RegistryUnreachable` if the server cannot be
+    reached, `RegistryError` if it cannot say."""
+    probe(tracking_uri)
     try:
         return str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
     except Exception as exc:  # the client raises MlflowException or requests' errors
-        raise RegistryError(f"{name}@{alias}: {exc}") from exc
+        unreachable = unreachable_error(tracking_uri, exc)
+        raise (unreachable or RegistryError(f"{name}@{alias}: {exc}")) from exc
 
 
 def resolve_model(
@@ -90,12 +110,18 @@ def resolve_model(
         directory = Path(uri)
         if not directory.is_dir():
             raise RegistryError(f"{uri}: no such detector folder (or use models:/NAME@ALIAS)")
-        sha = read_manifest(directory)["weights"]["sha256"]
+        sha = (read_manifest(directory).get("weights") or {}).get("sha256")
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise ArtifactError(
+                f"{directory}: the manifest records no weights SHA-256 ({sha!r}); refusing "
+                "unverifiable weights",
+                reason="sha256",
+            )
         return ModelRef(uri, directory, weights_sha256=sha)
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     name, alias, version = parsed
+    probe(tracking_uri)
     client = _client(tracking_uri)
     try:
         mv = (
@@ -103,8 +129,8 @@ def resolve_model(
             if alias
             else client.get_model_version(name, version)
         )
-    except MlflowException as exc:
-        raise RegistryError(f"{uri}: {exc.message}") from exc
+    except Exception as exc:  # MlflowException, or requests' errors once its retries are spent
+        raise _registry_error(tracking_uri, uri, exc) from exc
     target = Path(download_dir or tempfile.mkdtemp(prefix="aewatch-model-"))
     target = target / f"{name}-v{mv.version}"
     try:
@@ -113,8 +139,8 @@ def resolve_model(
             dst_path=str(target),
             tracking_uri=tracking_uri,
         )
-    except MlflowException as exc:
-        raise RegistryError(f"{uri}: download failed: {exc.message}") from exc
+    except Exception as exc:  # as above
+        raise _registry_error(tracking_uri, f"{uri}: download failed", exc) from exc
     return ModelRef(
         uri=uri,
         directory=_detector_dir(Path(local)),
@@ -122,6 +148,7 @@ def resolve_model(
         version=str(mv.version),
         alias=alias,
         weights_sha256=(mv.tags or {}).get(f"{TAG_PREFIX}weights_sha256"),
+        artifact_sha256=(mv.tags or {}).get(f"{TAG_PREFIX}artifact_sha256"),
     )
 
 
@@ -149,16 +176,24 @@ def load_model(
     require_calibrated: bool = True,
     download_dir: str | Path | None = None,
 ) -> tuple[Detector, ModelRef]:
-    """Resolve, download and load a detector; a registry version must match its SHA-256 tag."""
+    """Resolve, download and load a detector; a registry version must match its weights'
+    SHA-256 tag and its whole-artifact digest tag."""
     ref = resolve_model(uri, tracking_uri=tracking_uri, download_dir=download_dir)
     if ref.name and not ref.weights_sha256:
         raise ArtifactError(
             f"{ref.label}: the version has no weights SHA-256 tag to verify", reason="sha256"
+        )
+    if ref.name and not ref.artifact_sha256:
+        raise ArtifactError(
+            f"{ref.label}: the version has no artifact digest tag ({TAG_PREFIX}artifact_sha256) "
+            "to verify; register it again",
+            reason="artifact_digest",
         )
     detector = load_detector(
         ref.directory,
         device=device,
         require_calibrated=require_calibrated,
         expected_sha256=ref.weights_sha256,
+        expected_digest=ref.artifact_sha256,
     )
     return detector, ref
