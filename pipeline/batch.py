@@ -148,7 +148,17 @@ def score_readings(
         times = pd.Series(order, index=frame.index)
     work = pd.DataFrame({"key": keys.to_numpy(), "time": times.to_numpy(), "row": order})
     work = work.sort_values(["key", "time"], kind="stable")
-    values = frame[features].to_numpy(dtype=np.float32)
+    wide = frame[features].to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(wide) & (np.abs(wide) <= np.finfo(np.float32).max)
+    if not usable.all():
+        row, column = np.argwhere(~usable)[0]
+        raise DataError(
+            f"input row {row}: feature {features[column]!r} is {wide[row, column]!r}, NaN, "
+            "infinite or beyond float32; refusing to score it (the worker dead-letters such a "
+            "reading as non_finite)"
+        )
+    values = wide.astype(np.float32)
     # object columns so that readings without a window serialise as null, not NaN
     out = pd.DataFrame(
         {

@@ -193,8 +193,9 @@ class Detector:
         return Scores(scores, per_feature=first, per_step=np.concatenate([p[2] for p in parts]))
 
     def is_anomaly(self, scores: np.ndarray) -> np.ndarray:
-        """The decision: score strictly above the calibrated threshold."""
-        return np.asarray(scores) > self.threshold.require()
+        """The decision: score strictly above the calibrated threshold; a score that is not
+        finite (an input the model could not hold) is never taken for normal."""
+        return ~(np.asarray(scores) <= self.threshold.require())
 
     def top_features(self, per_feature: np.ndarray, k: int = 3) -> list[list[str]]:
         """Names of the `k` features with the largest reconstruction error, per window."""

@@ -95,7 +95,11 @@ class ScalerFit:
         if len(samples) == 0:
             return self
         if not np.isfinite(samples).all():
-            raise DataError("scaler: training data holds NaN or infinite values")
+            row, column = np.argwhere(~np.isfinite(samples))[0]
+            raise DataError(
+                f"scaler: training data holds NaN or infinite values (feature {column}, sample "
+                f"{row + self.count} of the fit: {samples[row, column]!r})"
+            )
         if self.count and samples.shape[1] != len(self._first):
             raise DataError(
                 f"scaler: chunk has {samples.shape[1]} features, earlier ones {len(self._first)}"

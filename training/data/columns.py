@@ -23,6 +23,7 @@ __all__ = [
     "FILL_POLICIES",
     "fill_gaps",
     "first_true",
+    "in_float32_range",
     "parse_keys",
     "parse_labels",
     "parse_numeric",
@@ -192,6 +193,16 @@ def select_columns(
     return names
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def in_float32_range(values: np.ndarray) -> np.ndarray:
+    """Where `values` are finite and within float32's range (what the model can hold); the
+    worker dead-letters a reading outside it as `non_finite`."""
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(values) & (np.abs(values) <= FLOAT32_MAX)
+
+
 def first_true(mask: np.ndarray) -> int:
     """Position of the first True in `mask`."""
     return int(np.argmax(mask))
@@ -269,7 +280,7 @@ def refuse_gaps(values: np.ndarray, names: Sequence[str], source: str) -> None:
         if gaps.any():
             raise DataError(
                 f"{source}: column {name!r} has {int(gaps.sum())} missing or non-finite "
-                f"value(s), the first at data row {first_true(gaps) + 1}; fill='error' refuses "
+                f"value(s) (empty, NaN, infinite or beyond float32), the first at data row {first_true(gaps) + 1}; fill='error' refuses "
                 f"them (other policies: {', '.join(p for p in FILL_POLICIES if p != 'error')})"
             )
 

@@ -23,6 +23,7 @@ from pipeline.errors import DataError
 from training.data.columns import (
     FILL_POLICIES,
     fill_gaps,
+    in_float32_range,
     parse_keys,
     parse_labels,
     parse_numeric,
@@ -150,7 +151,7 @@ def load_series(
     Times are ISO-8601 strings (converted to naive UTC) or, in a numeric column, epoch
     milliseconds. `features` defaults to every numeric column other than the time, key and label
     columns (and pandas' `Unnamed: i` placeholders for headerless columns). Infinite feature
-    values count as missing, and `fill` (one of `FILL_POLICIES`) decides what happens to missing
+    values, and values beyond float32's range (which the model cannot hold), count as missing, and `fill` (one of `FILL_POLICIES`) decides what happens to missing
     values: `error` refuses them, `ffill` carries the last value forward within each key (and
     the first one back over a leading gap), `interpolate` interpolates linearly by position within
     each key (holding the end values at the edges), `drop` drops the rows. Labels become 0/1.
@@ -173,7 +174,7 @@ def load_series(
     values = np.empty((len(raw), len(names)), dtype=np.float64)
     for j, name in enumerate(names):
         values[:, j] = parse_numeric(raw[name], source, name)
-    values[~np.isfinite(values)] = np.nan
+    values[~in_float32_range(values)] = np.nan
     labels = parse_labels(raw[label_col], source, label_col) if label_col is not None else None
     if fill == "error":
         refuse_gaps(values, names, source)

@@ -37,6 +37,7 @@ import pyarrow.dataset as ds
 from pipeline.detector import STREAMING_KINDS, Scaler, ScalerFit, WindowCarry, WindowSet, WindowSpec
 from pipeline.errors import ConfigError, DataError
 from training.data.columns import (
+    in_float32_range,
     parse_labels,
     parse_numeric,
     parse_times,
@@ -156,7 +157,7 @@ class SeriesStream:
         values = np.column_stack(
             [parse_numeric(frame[name], where, name) for name in self.features]
         )
-        values[~np.isfinite(values)] = np.nan
+        values[~in_float32_range(values)] = np.nan
         labels = (
             parse_labels(frame[self.label_col], where, self.label_col)
             if self.label_col is not None
