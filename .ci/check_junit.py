@@ -1,11 +1,12 @@
-"""Fail when a test that needs a real service (Kafka broker, mlflow server) was skipped or absent."""
+"""Fail when a test that needs a real service (Kafka broker, mlflow server, Prometheus) was skipped
+or absent."""
 
 from __future__ import annotations
 
 import sys
 import xml.etree.ElementTree as ET
 
-SERVICES = ("kafka", "mlflow_server")
+SERVICES = ("kafka", "mlflow_server", "prometheus")
 
 
 def main(path: str, services: tuple[str, ...] = SERVICES) -> int:

@@ -19,10 +19,13 @@ import orjson
 __all__ = [
     "ALARM_SCHEMA",
     "ALARM_TYPES",
+    "DRIFT_SCHEMA",
+    "DRIFT_TYPE",
     "EVENT_SCHEMA",
     "EVENT_TYPE",
     "ModelIdentity",
     "dead_letter_headers",
+    "drift_event_id",
     "event_id",
     "event_schema",
     "iso_ms",
@@ -32,6 +35,8 @@ EVENT_TYPE = "aewatch.anomaly.v1"
 EVENT_SCHEMA = "anomaly-event.v1.schema.json"
 ALARM_TYPES = {"opened": "aewatch.alarm.opened", "resolved": "aewatch.alarm.resolved"}
 ALARM_SCHEMA = "alarm-event.v1.schema.json"
+DRIFT_TYPE = "aewatch.drift.v1"
+DRIFT_SCHEMA = "drift-event.v1.schema.json"
 _NAMESPACE = uuid.UUID("6f6e1a52-8b3b-4e1e-9a55-616577617463")
 
 
@@ -49,6 +54,12 @@ class ModelIdentity:
 def event_id(model: ModelIdentity, key: str, window_end_ms: int) -> str:
     return str(
         uuid.uuid5(_NAMESPACE, f"{model.name}\x1f{model.version}\x1f{key}\x1f{window_end_ms}")
+    )
+
+
+def drift_event_id(model: ModelIdentity, key: str, time_ms: int) -> str:
+    return str(
+        uuid.uuid5(_NAMESPACE, f"drift\x1f{model.name}\x1f{model.version}\x1f{key}\x1f{time_ms}")
     )
 
 

@@ -22,7 +22,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 IN_CI = bool(os.environ.get("CI"))
-NEEDS_SERVICE = ("kafka", "mlflow_server")
+NEEDS_SERVICE = ("kafka", "mlflow_server", "prometheus")
+# Where `make prometheus` builds Prometheus and promtool (AEWATCH_PROMETHEUS_DIR overrides).
+PROMETHEUS_VERSION = "v0.316.0"
 
 
 def _unavailable(what: str, why: str) -> None:
@@ -105,6 +107,18 @@ def create_topic(kafka_bootstrap: str) -> Iterator:
 
     yield _create
     admin.close()
+
+
+# -- Prometheus ----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def prometheus_bin() -> Path:
+    """The folder holding the `prometheus` and `promtool` binaries `make prometheus` builds."""
+    default = Path.home() / ".cache" / "aewatch" / f"prometheus-{PROMETHEUS_VERSION}"
+    folder = Path(os.environ.get("AEWATCH_PROMETHEUS_DIR") or default)
+    missing = [n for n in ("prometheus", "promtool") if not os.access(folder / n, os.X_OK)]
+    if missing:
+        _unavailable("prometheus", f"no {', '.join(missing)} in {folder} (run `make prometheus`)")
+    return folder
 
 
 # -- MLflow --------------------------------------------------------------------------------------

@@ -452,6 +452,36 @@ class KafkaPythonClient:
             self.connection, topics, from_beginning=from_beginning, read_committed=read_committed
         )
 
+    def read_all(self, topic: str, timeout_s: float = 60.0) -> list:
+        """Every record of a topic, from its start to its end when called (partition order)."""
+        consumer = KafkaConsumer(
+            enable_auto_commit=False,
+            group_id=None,
+            isolation_level="read_committed",
+            **client_config(self.connection),
+        )
+        try:
+            tps = [
+                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+            ]
+            if not tps:
+                return []
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            end = consumer.end_offsets(tps)
+            records: list = []
+            deadline = time.monotonic() + timeout_s
+            while any(consumer.position(tp) < end[tp] for tp in tps):
+                if time.monotonic() > deadline:
+                    raise KafkaError(f"reading {topic} did not finish in {timeout_s:.0f}s")
+                for batch in consumer.poll(timeout_ms=500).values():
+                    records.extend(
+                        r for r in batch if r.offset < end[TopicPartition(r.topic, r.partition)]
+                    )
+            return records
+        finally:
+            consumer.close()
+
     def read_latest(
         self, topic: str, keys: Iterable[bytes] | None = None, timeout_s: float = 30.0
     ) -> dict[bytes, bytes]:

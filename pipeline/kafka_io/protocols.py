@@ -133,6 +133,9 @@ class KafkaClient(Protocol):
         self, topics: Sequence[str], *, from_beginning: bool, read_committed: bool = False
     ) -> Tail: ...
 
+    def read_all(self, topic: str) -> list[Record]:
+        """Every record of a topic, from its start to its end when called."""
+
     def read_latest(self, topic: str, keys: Iterable[bytes] | None = None) -> dict[bytes, bytes]:
         """The latest value per key of a (compacted) topic, read from its start to its end."""
 

@@ -27,8 +27,10 @@ __all__ = [
     "ModelRef",
     "alias_version",
     "load_model",
+    "log_run_metrics",
     "parse_model_uri",
     "resolve_model",
+    "version_run_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -197,3 +199,32 @@ def load_model(
         expected_digest=ref.artifact_sha256,
     )
     return detector, ref
+
+
+def version_run_id(name: str, version: str, *, tracking_uri: str | None) -> str | None:
+    """The MLflow run that produced a registered version (None if it names none)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client(tracking_uri).get_model_version(name, version).run_id or None
+    except MlflowException as exc:
+        raise RegistryError(f"models:/{name}/{version}: {exc.message}") from exc
+
+
+def log_run_metrics(
+    run_id: str,
+    metrics: dict[str, float],
+    *,
+    step: int,
+    timestamp_ms: int,
+    tracking_uri: str | None,
+) -> None:
+    """Append one point to each metric's history on a run (the run may be finished)."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    points = [Metric(k, float(v), timestamp_ms, step) for k, v in sorted(metrics.items())]
+    try:
+        _client(tracking_uri).log_batch(run_id, metrics=points)
+    except MlflowException as exc:
+        raise RegistryError(f"run {run_id}: {exc.message}") from exc

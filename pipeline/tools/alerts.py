@@ -1,8 +1,15 @@
-"""`aewatch alerts`: tail an event topic in a readable form, or as JSON lines."""
+"""`aewatch alerts`: tail an event topic in a readable form, or as JSON lines.
+
+With `--interactive`, each alarm that opens (and each anomalous window event) is followed by a
+prompt on the terminal; the answer (`t` true positive, `f` false positive, `u` unsure, then an
+optional note; an empty line skips) goes to the feedback topic as an `aewatch.feedback.v1` record
+(see `pipeline.quality.feedback`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 import time
 
@@ -10,7 +17,39 @@ import orjson
 
 from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args
 
-__all__ = ["format_event", "register_alerts"]
+__all__ = ["ANSWERS", "answer_feedback", "format_event", "register_alerts"]
+
+ANSWERS = {"t": "true_positive", "f": "false_positive", "u": "unsure"}
+PROMPT = "  verdict? t(rue) / f(alse) / u(nsure) [note], empty skips: "
+
+
+def answer_feedback(event: dict, answer: str, who: str, now_ms: int):
+    """The feedback record an operator's answer to an event gives (None: skipped or not an
+    answer)."""
+    from pipeline.quality.feedback import Feedback
+
+    word, _, note = answer.strip().partition(" ")
+    verdict = ANSWERS.get(word[:1].lower()) if word else None
+    if verdict is None:
+        return None
+    data = event.get("data") or {}
+    episode = data.get("episode_id")
+    return Feedback(
+        verdict=verdict,
+        who=who,
+        time_ms=now_ms,
+        episode_id=episode,
+        event_id=None if episode else event.get("id"),
+        key=data.get("key"),
+        note=note.strip() or None,
+    )
+
+
+def _judgeable(event: dict) -> bool:
+    kind = event.get("type")
+    return kind == "aewatch.alarm.opened" or (
+        kind == "aewatch.anomaly.v1" and bool((event.get("data") or {}).get("is_anomaly"))
+    )
 
 
 def format_event(event: dict) -> str:
@@ -59,6 +98,13 @@ def register_alerts(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="only events of committed transactions (workers run with --exactly-once)",
     )
+    parser.add_argument(
+        "--interactive",
+        action="store_true",
+        help="after each alarm, ask for a verdict and write it to --feedback-topic",
+    )
+    parser.add_argument("--feedback-topic", default="aewatch.feedback")
+    parser.add_argument("--who", help="who answers (default: the user name)")
     add_connection_arguments(parser)
     parser.set_defaults(handler=_run_alerts)
 
@@ -68,6 +114,9 @@ def _run_alerts(args: argparse.Namespace) -> int:
 
     kafka = open_client(connection_from_args(args, args.bootstrap_servers))
     kafka.check()
+    ask = None
+    if args.interactive:
+        ask = _Asker(kafka, args.feedback_topic, args.who or getpass.getuser())
     consumer = kafka.tail(
         [args.topic], from_beginning=args.from_beginning, read_committed=args.read_committed
     )
@@ -81,17 +130,48 @@ def _run_alerts(args: argparse.Namespace) -> int:
                 for record in records:
                     last = time.monotonic()
                     seen += 1
+                    event = None
                     try:
                         event = orjson.loads(record.value)
                         line = record.value.decode() if args.json else format_event(event)
                     except (orjson.JSONDecodeError, AttributeError, TypeError):
                         line = f"(not an aewatch event at offset {record.offset})"
                     print(line, flush=True)
+                    if ask is not None and isinstance(event, dict) and _judgeable(event):
+                        ask(event)
                     if args.max is not None and seen >= args.max:
                         break
     except KeyboardInterrupt:
         pass
     finally:
         consumer.close()
+        if ask is not None:
+            ask.close()
     sys.stdout.flush()
     return 0
+
+
+class _Asker:
+    """Asks for a verdict on the terminal and writes it to the feedback topic."""
+
+    def __init__(self, kafka, topic: str, who: str) -> None:
+        from pipeline.quality.cli import FEEDBACK_TOPIC_CONFIG
+
+        kafka.ensure_topics({topic: FEEDBACK_TOPIC_CONFIG})
+        self.sink, self.topic, self.who = kafka.sink(), topic, who
+
+    def __call__(self, event: dict) -> None:
+        from pipeline.quality.feedback import feedback_record
+
+        print(PROMPT, end="", file=sys.stderr, flush=True)
+        answer = sys.stdin.readline()
+        feedback = answer_feedback(event, answer, self.who, int(time.time() * 1000))
+        if feedback is None:
+            return
+        key, value = feedback_record(feedback)
+        self.sink.send(self.topic, key=key, value=value)
+        self.sink.flush()
+        print(f"  {feedback.verdict} -> {self.topic}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.sink.close()

@@ -48,6 +48,7 @@ from pipeline.modalities.windowing import ReadyWindows
 from pipeline.worker.alarms import AlarmTracker
 from pipeline.worker.baselines import BaselineStage
 from pipeline.worker.checkpoint import Checkpointer
+from pipeline.worker.drift import DriftStage
 from pipeline.worker.metrics import WorkerMetrics, WorkerStats
 from pipeline.worker.scorer import KEEPALIVE_FRACTION, BatchScorer, ScoredBatch
 from pipeline.worker.settings import WorkerSettings
@@ -109,6 +110,17 @@ class Worker:
         if settings.events.alarms:
             self.alarms = AlarmTracker(settings.alarms.rules(), modality.alarm_features)
             stages["alarms"] = self.alarms
+        self.drift = None
+        if settings.drift.drift_window:
+            self.drift = DriftStage(
+                detector.threshold.calibration_scores,
+                settings.drift.drift_window,
+                settings.drift.drift_psi,
+                settings.drift.drift_key_psi,
+            )
+            stages["drift"] = self.drift
+            if not self.drift.enabled:
+                log.warning("the detector holds no calibration scores: no drift statistic")
         self.stages = stages
         self.baselines: BaselineStage | None = None
         self._use_baselines(detector)
@@ -196,6 +208,9 @@ class Worker:
             self.adaptive.reset([score_reference(detector.threshold)], _version(model))
         self._use_baselines(detector)
         self.stats.reloads += 1
+        if self.drift is not None:  # the new version's calibration deciles, fresh reservoirs
+            self.drift.recalibrate(detector.threshold.calibration_scores)
+            self.metrics.drift_psi.clear()
         self.metrics.set_model(model.name, model.version, model.alias)
         self.metrics.reloads.labels("loaded", "").inc()
         log.info("now serving %s version %s (was %s)", model.name, model.version, previous.version)
@@ -322,6 +337,8 @@ class Worker:
             self._update_alarms(batch, flags, threshold.value)
         if self.baselines is not None:
             self.baselines.follow(batch, ~flags)
+        if self.drift is not None and self.drift.enabled:
+            self._update_drift(batch)
 
     def adapt(self, batch: ScoredBatch) -> AdaptiveScores | None:
         """The adaptive stage's surprise, likelihood and detections of the batch's windows."""
@@ -343,6 +360,15 @@ class Worker:
             ):
                 self.writer.alarm(transition, threshold, self.model)
         self.metrics.alarms_open.set(self.alarms.open_count)
+
+    def _update_drift(self, batch: ScoredBatch) -> None:
+        values, pooled, crossings = self.drift.take(batch)
+        for key, value in values.items():
+            self.metrics.drift_psi.labels(key).set(value)
+        if pooled is not None:
+            self.metrics.drift_psi.labels("*").set(pooled)
+        for crossing in crossings:
+            self.writer.drift(crossing, self.drift.limit_of(crossing.key), self.model)
 
     # -- checkpoint ------------------------------------------------------------------------------
     def checkpoint(self, reason: str = "interval") -> None:

@@ -8,7 +8,7 @@ observed for every scored window with one numpy call per batch through `BulkHist
 |---|---|---|
 | `aewatch_records_total` | counter | `topic` |
 | `aewatch_windows_scored_total` | counter | |
-| `aewatch_events_total` | counter | `type` (anomaly, alarm_opened, alarm_resolved) |
+| `aewatch_events_total` | counter | `type` (anomaly, alarm_opened, alarm_resolved, drift) |
 | `aewatch_dead_letters_total` | counter | `reason` |
 | `aewatch_dropped_total` | counter | `reason` |
 | `aewatch_batch_windows` | histogram | |
@@ -20,6 +20,7 @@ observed for every scored window with one numpy call per batch through `BulkHist
 | `aewatch_commits_total` | counter | |
 | `aewatch_model_info` | gauge (1) | `name`, `version`, `alias` |
 | `aewatch_model_reloads_total` | counter | `outcome` (loaded, refused, unreachable), `reason` |
+| `aewatch_drift_psi` | gauge | `key` (`*`: every key this member holds, pooled) |
 """
 
 from __future__ import annotations
@@ -106,6 +107,13 @@ class WorkerMetrics:
         )
         self.reloads = Counter(
             "aewatch_model_reloads", "model reload attempts", ["outcome", "reason"], registry=r
+        )
+
+        self.drift_psi = Gauge(
+            "aewatch_drift_psi",
+            "population stability index of recent scores against the calibration deciles",
+            ["key"],
+            registry=r,
         )
 
     def set_model(self, name: str, version: str, alias: str | None) -> None:

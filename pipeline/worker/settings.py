@@ -10,7 +10,7 @@ setting. Secrets (the SASL password, the TLS key password, the webhook secret) n
 Each part of the worker gets its own group: the registry and the model follower `registry`, the
 Kafka adapter `kafka`, the event writer `events` and `topics`, the alarm tracker `alarms`, the
 HTTP server `http`, the record decoders `records`, the scorer `batching`, the loop `loop`, the
-per-key adaptive stage `adaptive`.
+per-key adaptive stage `adaptive`, the drift statistic `drift`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = [
     "AlarmSettings",
     "BaselineSettings",
     "BatchSettings",
+    "DriftSettings",
     "EventSettings",
     "HttpSettings",
     "LoopSettings",
@@ -285,6 +286,34 @@ class AdaptiveStageSettings:
 
 
 @dataclass(frozen=True)
+class DriftSettings:
+    """Score drift against the calibration distribution (see `pipeline.worker.drift`)."""
+
+    drift_window: int = setting(
+        "recent windows per key whose scores are compared with the calibration scores "
+        "(0: no drift statistic)",
+        0,
+        minimum=0,
+    )
+    drift_psi: float = setting(
+        "pooled population stability index at which a drift event is emitted", 0.25, minimum=0.001
+    )
+    drift_key_psi: float = setting(
+        "a key's population stability index at which its drift event is emitted "
+        "(0: events for the pooled statistic only)",
+        0.0,
+        minimum=0,
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
+        if 0 < self.drift_window < 50:
+            raise ConfigError(
+                "drift_window", f"must be 0 (off) or at least 50, got {self.drift_window}"
+            )
+
+
+@dataclass(frozen=True)
 class HttpSettings:
     """The metrics, health and webhook endpoint."""
 
@@ -325,6 +354,7 @@ class WorkerSettings:
     alarms: AlarmSettings
     adaptive: AdaptiveStageSettings
     baselines: BaselineSettings
+    drift: DriftSettings
     http: HttpSettings
 
     @classmethod

@@ -5,7 +5,9 @@
 - window events (`aewatch.anomaly.v1`, CloudEvents 1.0 in structured JSON mode): one per
   anomalous window (every window with `emit_all`), keyed by the entity key; the modality adds what
   it knows about the window (its span and top features, or an image's error map);
-- alarm events (`aewatch.alarm.opened` / `aewatch.alarm.resolved`): one per alarm transition.
+- alarm events (`aewatch.alarm.opened` / `aewatch.alarm.resolved`): one per alarm transition;
+- drift events (`aewatch.drift.v1`, to the alarm topic): a key's (or, key `*`, the pooled) score
+  distribution moved away from the calibration distribution (see `pipeline.worker.drift`).
 
 Event ids are deterministic (see `pipeline.events`), so a replay after a restart sends the same
 ids again. Counts go to the worker's stats and metrics here, once per batch.
@@ -22,9 +24,11 @@ from pipeline.detector import Threshold
 from pipeline.detector.adaptive import AdaptiveScores
 from pipeline.events import (
     ALARM_TYPES,
+    DRIFT_TYPE,
     EVENT_TYPE,
     ModelIdentity,
     dead_letter_headers,
+    drift_event_id,
     event_id,
     iso_ms,
 )
@@ -32,6 +36,7 @@ from pipeline.kafka_io.protocols import Record, Sink
 from pipeline.modalities.base import Modality
 from pipeline.modalities.readings import Rejection
 from pipeline.worker.alarms import AlarmTransition
+from pipeline.worker.drift import BINS, OVERALL, DriftCrossing
 from pipeline.worker.metrics import WorkerMetrics, WorkerStats
 from pipeline.worker.scorer import ScoredBatch
 from pipeline.worker.settings import EventSettings, TopicSettings
@@ -175,4 +180,30 @@ class EventWriter:
             transition.episode_id,
             transition.peak_score,
             extra={"fields": {"alarm": transition.kind, "key": transition.key}},
+        )
+
+    def drift(self, crossing: DriftCrossing, limit: float, model: ModelIdentity) -> None:
+        c = crossing
+        data = {
+            "key": c.key,
+            "scope": "overall" if c.key == OVERALL else "key",
+            "statistic": "psi",
+            "value": c.psi,
+            "limit": limit,
+            "windows": c.windows,
+            "shares": list(c.shares),
+            "expected_share": 1.0 / BINS,
+            "model": _model(model),
+        }
+        event_id_ = drift_event_id(model, c.key, c.time_ms)
+        event = _cloud_event(DRIFT_TYPE, event_id_, model, c.key, c.time_ms, data)
+        self.sink.send(self.topics.alarm_topic_name, key=c.key.encode(), value=orjson.dumps(event))
+        self.metrics.events.labels("drift").inc()
+        log.warning(
+            "score drift: %s PSI %.3f >= %.3g over %d windows",
+            "overall" if c.key == OVERALL else c.key,
+            c.psi,
+            limit,
+            c.windows,
+            extra={"fields": {"drift": c.key, "psi": c.psi}},
         )

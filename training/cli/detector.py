@@ -113,6 +113,20 @@ def register_recalibrate(subparsers: argparse._SubParsersAction) -> None:
         help="last share of the data kept to measure the FPR (default: %(default)s)",
     )
     parser.add_argument("--experiment", default="aewatch")
+    parser.add_argument(
+        "--feedback",
+        metavar="TOPIC|FILE",
+        help="operator verdicts that move the threshold: a feedback topic (with "
+        "--bootstrap-servers and --alarm-topic) or a JSON-lines file of alarm events and "
+        "feedback records",
+    )
+    parser.add_argument("--alarm-topic", help="with a feedback topic: the workers' alarm topic")
+    parser.add_argument("--bootstrap-servers", help="with a feedback topic: the Kafka cluster")
+    parser.add_argument(
+        "--allow-below-calibration",
+        action="store_true",
+        help="let the verdicts put the threshold below the one calibrated for --target-fpr",
+    )
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_recalibrate)
 
@@ -126,8 +140,19 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         mad_k=args.mad_k,
         pot_initial_quantile=args.pot_initial_quantile,
     )
+    from training.feedback import FeedbackSource
+
+    feedback = None
+    if args.feedback:
+        feedback = FeedbackSource(args.feedback, args.alarm_topic, args.bootstrap_servers)
     settings = RecalibrateSettings(
-        model_source(args), data_source(args), calibration, args.holdout, args.experiment
+        model_source(args),
+        data_source(args),
+        calibration,
+        args.holdout,
+        args.experiment,
+        feedback=feedback,
+        allow_below_calibration=args.allow_below_calibration,
     )
     s = recalibrate(settings)
     fpr = s["fpr_estimate"]
@@ -136,6 +161,8 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         f"{s['threshold']:.5g} by {s['method']}; held-out FPR {fpr['rate']:.4f} "
         f"(95% CI {fpr['ci_low']:.4f}-{fpr['ci_high']:.4f}); alias @challenger"
     )
+    if "feedback" in s:
+        line += f"\n  feedback: {s['feedback']['note']}"
     _print(args, s, line)
     return 0
 

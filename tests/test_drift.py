@@ -1,0 +1,124 @@
+"""Score drift: the PSI statistic and its reservoirs, and drift events from the worker on the real
+broker (a shifted stream raises them, a stationary one does not), continued across a restart."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jsonschema
+import numpy as np
+import orjson
+import pytest
+
+from pipeline.events import DRIFT_SCHEMA, event_schema
+from pipeline.worker.drift import BINS, DriftStage, _Reservoir, psi
+
+P = ("in", 0)
+
+
+def test_psi_is_small_for_calibration_shares_and_large_for_a_shift():
+    assert psi(np.full(BINS, 50)) == pytest.approx(0.0)
+    shifted = np.array([0, 0, 0, 0, 0, 50, 50, 100, 150, 150])
+    assert psi(shifted) > 1.0
+    rng = np.random.default_rng(0)
+    cal = rng.normal(size=5000)
+    stage = DriftStage(cal, window=500, limit=0.25)
+    assert np.bincount(stage.bins(cal), minlength=BINS) == pytest.approx(np.full(BINS, 500), abs=2)
+
+
+def test_a_reservoir_holds_exactly_the_last_window_of_bins():
+    rng = np.random.default_rng(1)
+    reservoir, seen = _Reservoir(64), []
+    for size in rng.integers(1, 90, size=60):
+        bins = rng.integers(0, BINS, size=size).astype(np.uint8)
+        reservoir.push(bins)
+        seen.extend(bins.tolist())
+        last = np.asarray(seen[-64:], dtype=np.uint8)
+        assert reservoir.ordered().tolist() == last.tolist()
+        assert reservoir.counts.tolist() == np.bincount(last, minlength=BINS).tolist()
+
+
+def test_the_state_round_trips_and_pooled_counts_follow_forget():
+    rng = np.random.default_rng(2)
+    stage = DriftStage(rng.normal(size=1000), window=100, limit=0.25)
+    for key in ("a", "b"):
+        stage.update(key, P, stage.bins(rng.normal(size=150)), 0)
+    stage.update("c", ("in", 1), stage.bins(rng.normal(2.0, size=120)), 0)
+    saved = orjson.loads(orjson.dumps(stage.state(P)))
+    other = DriftStage(rng.normal(size=1000), window=100, limit=0.25)
+    other.edges = stage.edges
+    other.restore(P, saved)
+    assert other.state(P) == stage.state(P)
+    assert other.pooled.sum() == 200
+    stage.forget({("in", 1)})
+    assert stage.pooled.tolist() == other.pooled.tolist()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tests.worker_support import train_fleet_detector
+
+    return train_fleet_detector(tmp_path_factory.mktemp("fleet"))
+
+
+def _stream(shift: float, seed: int):
+    """Four machines' next readings, no injected anomaly; after the first third, every sensor
+    moves by `shift` (in units of its spread over that third)."""
+    from tests.worker_support import fleet
+
+    stream = fleet(seed=seed, keys=4, readings_per_key=3000, anomalies=())
+    values = stream.values.copy()
+    third = len(values) // 3
+    values[third:] += shift * values[:third].std(axis=0)
+    return dataclasses.replace(stream, values=values)
+
+
+def _drift_events(bootstrap: str, topic: str) -> list[dict]:
+    from tests.kafka_support import consume
+
+    events = [orjson.loads(r.value) for r in consume(bootstrap, topic, idle_s=2.0)]
+    return [e for e in events if e["type"] == "aewatch.drift.v1"]
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("shift", [0.0, 1.5], ids=["stationary", "shifted"])
+def test_drift_events_fire_on_a_shifted_stream_and_not_on_a_stationary_one(
+    kafka_bootstrap, create_topic, trained, shift
+):
+    from tests.helpers import metric_values
+    from tests.kafka_support import build_app, names, produce, stream_items, worker_settings
+
+    topics = names("drift")
+    create_topic(topics["input"], partitions=2)
+    settings = worker_settings(
+        kafka_bootstrap,
+        topics,
+        trained.artifact_dir,
+        events="alarms",
+        drift_window=500,
+        drift_psi=0.25,
+        drift_key_psi=3.0,
+    )
+    items = stream_items(_stream(shift, seed=4))
+    half = len(items) // 2
+    # two lives of the worker: the reservoirs continue from the state topic
+    for part in (items[:half], items[half:]):
+        produce(kafka_bootstrap, topics["input"], part)
+        with build_app(settings) as app:
+            app.run()
+            figures = metric_values(app.worker.metrics.exposition().decode())
+    drift = _drift_events(kafka_bootstrap, topics["output"])
+    validator = jsonschema.Draft202012Validator(event_schema(DRIFT_SCHEMA))
+    for event in drift:
+        validator.validate(event)
+    pooled = figures[("aewatch_drift_psi", (("key", "*"),))]
+    if shift == 0:
+        assert drift == []
+        assert pooled < 0.25
+    else:
+        keys = [e["data"]["key"] for e in drift]
+        assert sorted(keys) == ["*", *(f"machine-00{i}" for i in range(4))]  # once each
+        for event in drift:
+            limit = 0.25 if event["data"]["key"] == "*" else 3.0
+            assert event["data"]["limit"] == limit <= event["data"]["value"]
+        assert pooled >= 0.25

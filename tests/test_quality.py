@@ -1,0 +1,416 @@
+"""Operator feedback: the schema, the join to emitted alarms on the real broker, exact live
+figures, dead letters, and the join rebuilt after the worker and the join restart, with the
+figures in the serving version's MLflow run (real MLflow server)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import jsonschema
+import orjson
+import pytest
+
+from pipeline.events import ModelIdentity, event_schema
+from pipeline.kafka_io import open_client
+from pipeline.kafka_io.settings import KafkaConnection
+from pipeline.quality.cli import send_feedback
+from pipeline.quality.feedback import FEEDBACK_SCHEMA, Feedback, FeedbackError, parse_feedback
+from pipeline.quality.service import QualityService, QualitySettings
+from pipeline.worker.alarms import AlarmTransition
+from pipeline.worker.writer import alarm_event
+from tests.helpers import metric_values, wait_until
+from tests.kafka_support import consume, ensure_topics, produce
+
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+HOUR = 3_600_000
+GOOD = {
+    "schema": "aewatch.feedback.v1",
+    "episode_id": "ep-1",
+    "verdict": "true_positive",
+    "who": "alice",
+    "time": "2026-01-01T01:00:00Z",
+}
+BAD = [
+    ("malformed_json", b"{not json"),
+    ("malformed_json", b"[1, 2]"),
+    ("invalid_feedback", {**GOOD, "verdict": "maybe"}),
+    ("invalid_feedback", {k: v for k, v in GOOD.items() if k != "episode_id"}),
+    ("invalid_feedback", {**GOOD, "who": ""}),
+    ("invalid_feedback", {**GOOD, "time": "yesterday"}),
+    ("invalid_feedback", {**GOOD, "time": "2026-01-01T01:00:00"}),  # no zone
+    ("invalid_feedback", {**GOOD, "schema": "aewatch.feedback.v2"}),
+    ("invalid_feedback", {**GOOD, "colour": "red"}),
+    ("invalid_feedback", {**GOOD, "span": {"start": "2026-01-01T01:00:00Z"}}),
+]
+
+
+def _bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else orjson.dumps(value)
+
+
+def test_the_parser_and_the_json_schema_agree():
+    schema = event_schema(FEEDBACK_SCHEMA)
+    validator = jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+    full = {**GOOD, "event_id": "e", "key": "pump-1", "note": "seal leak"}
+    full["span"] = {"start": "2026-01-01T00:10:00Z", "end": "2026-01-01T00:40:00+00:00"}
+    for good in (GOOD, full):
+        validator.validate(good)
+        parsed = parse_feedback(_bytes(good))
+        assert parse_feedback(orjson.dumps(parsed.to_json())) == parsed
+    for reason, bad in BAD:
+        with pytest.raises(FeedbackError) as caught:
+            parse_feedback(_bytes(bad))
+        assert caught.value.reason == reason
+        if not isinstance(bad, bytes):
+            assert not validator.is_valid(bad), bad
+
+
+def _opened(model: ModelIdentity, key: str, start_ms: int) -> tuple[dict, str]:
+    episode = f"{key}-{start_ms}"
+    transition = AlarmTransition(
+        kind="opened",
+        key=key,
+        partition=("in", 0),
+        episode_id=episode,
+        event_id=str(uuid.uuid5(uuid.NAMESPACE_URL, episode)),
+        time_ms=start_ms + 1000,
+        start_ms=start_ms,
+        end_ms=None,
+        peak_score=2.0,
+        peak_ms=start_ms + 1000,
+        windows=3,
+        anomalous_windows=3,
+        top_features=[("x", 1.0)],
+    )
+    return alarm_event(model, transition, 1.0), episode
+
+
+def _verdict(target: str, verdict: str, at_ms: int, *, by_event: bool = False) -> Feedback:
+    kind = "event_id" if by_event else "episode_id"
+    return Feedback(verdict=verdict, who="op", time_ms=at_ms, **{kind: target})
+
+
+class _Running:
+    """A `QualityService` on the real broker, in a thread; `figures()` scrapes its metrics."""
+
+    def __init__(self, bootstrap: str, topics: dict, now_ms: int, **hooks) -> None:
+        settings = QualitySettings(
+            alarm_topic=(topics["alarms"],),
+            feedback_topic=topics["feedback"],
+            dlq_topic=topics["dlq"],
+            period_s=24 * 3600.0,
+            log_interval_s=0.2 if hooks else 0.0,
+            http_port=-1,
+        )
+        kafka = open_client(KafkaConnection(bootstrap))
+        tail = kafka.tail([topics["alarms"], topics["feedback"]], from_beginning=True)
+        self.service = QualityService(settings, tail, kafka.sink(), wall_ms=lambda: now_ms, **hooks)
+        self.thread = threading.Thread(target=self.service.run, daemon=True)
+        self.thread.start()
+
+    def figures(self) -> dict:
+        return metric_values(self.service.metrics.exposition().decode())
+
+    def close(self) -> None:
+        self.service.stop()
+        self.thread.join(30)
+        self.service.tail.close()
+        self.service.sink.close()
+
+
+def _topics(_create_topic, bootstrap: str) -> dict:
+    tag = uuid.uuid4().hex[:8]
+    topics = {"alarms": f"q-alarms-{tag}", "feedback": f"q-fb-{tag}", "dlq": f"q-dlq-{tag}"}
+    ensure_topics(bootstrap, {topics["alarms"]: {}, topics["dlq"]: {}})
+    ensure_topics(bootstrap, {topics["feedback"]: {"topic_configs": {"cleanup.policy": "compact"}}})
+    return topics
+
+
+@pytest.mark.kafka
+def test_precision_and_counts_are_exact_on_a_scripted_sequence(kafka_bootstrap, create_topic):
+    topics = _topics(create_topic, kafka_bootstrap)
+    v1, v2 = ModelIdentity("pumps", "1", "champion"), ModelIdentity("pumps", "2", "champion")
+    now = T0 + 30 * HOUR
+    # v1: 4 alarms long ago (outside the 24 h period) and 3 recent; v2: 2 recent
+    plan = [
+        (v1, "a", T0, "true_positive"),
+        (v1, "a", T0 + HOUR, "false_positive"),
+        (v1, "b", T0 + 2 * HOUR, "false_positive"),
+        (v1, "b", T0 + 3 * HOUR, "unsure"),
+        (v1, "a", T0 + 10 * HOUR, "true_positive"),
+        (v1, "b", T0 + 11 * HOUR, "true_positive"),
+        (v1, "b", T0 + 12 * HOUR, "false_positive"),
+        (v2, "a", T0 + 20 * HOUR, "true_positive"),
+        (v2, "b", T0 + 21 * HOUR, None),  # not judged
+    ]
+    opened = [
+        (model, key, start, verdict, *_opened(model, key, start))
+        for model, key, start, verdict in plan
+    ]
+    kafka = open_client(KafkaConnection(kafka_bootstrap))
+    # the alarm events carry their emission time as the Kafka timestamp
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for _, key, start, _, event, _ in opened:
+        producer.send(
+            topics["alarms"], key=key.encode(), value=orjson.dumps(event), timestamp_ms=start + 2000
+        )
+    producer.flush()
+    producer.close()
+    verdicts = [
+        _verdict(
+            ep if i % 2 else event["id"], verdict, start + 600_000 * (i + 1), by_event=not i % 2
+        )
+        for i, (_, _, start, verdict, event, ep) in enumerate(opened)
+        if verdict
+    ]
+    # a changed mind: the first alarm is later refuted (the later verdict wins)
+    verdicts.append(_verdict(opened[0][5], "false_positive", T0 + 29 * HOUR))
+    # feedback on an alarm nobody emitted waits; bad records go to the DLQ
+    verdicts.append(_verdict("no-such-episode", "true_positive", T0))
+    send_feedback(kafka, topics["feedback"], verdicts)
+    produce(
+        kafka_bootstrap,
+        topics["feedback"],
+        [(b"x", b"{broken"), (b"y", orjson.dumps({**GOOD, "verdict": "maybe"}))],
+    )
+    running = _Running(kafka_bootstrap, topics, now)
+    try:
+        wait_until(lambda: running.service.caught_up, 60, "the join reading both topics")
+        figures = running.figures()
+    finally:
+        running.close()
+
+    def value(name, **labels):
+        return figures.get((name, tuple(sorted(labels.items()))))
+
+    one, two = {"model": "pumps", "version": "1"}, {"model": "pumps", "version": "2"}
+    # v1 recent (emitted after now - 24 h = T0 + 6 h): 2 confirmed, 1 refuted
+    assert value("aewatch_feedback_precision", **one) == pytest.approx(2 / 3)
+    assert value("aewatch_feedback_precision", **two) == pytest.approx(1.0)
+    assert value("aewatch_feedback_alarms_confirmed", **one, key="a") == 1  # T0 was refuted later
+    assert value("aewatch_feedback_alarms_refuted", **one, key="a") == 2
+    assert value("aewatch_feedback_alarms_confirmed", **one, key="b") == 1
+    assert value("aewatch_feedback_alarms_refuted", **one, key="b") == 2
+    assert value("aewatch_feedback_alarms_unsure", **one, key="b") == 1
+    assert value("aewatch_feedback_key_precision", **one, key="b") == pytest.approx(0.5)
+    assert value("aewatch_feedback_alarms_confirmed", **two, key="b") is None  # none judged
+    # time to acknowledge: the first verdict's time less the emission (start + 2 s)
+    acks = [600 * (i + 1) - 2 for i in range(7)]
+    assert value("aewatch_feedback_ack_seconds_count", **one) == 7
+    assert value("aewatch_feedback_ack_seconds_sum", **one) == pytest.approx(sum(acks))
+    assert value("aewatch_feedback_ack_seconds_bucket", **one, le="900.0") == 1
+    assert value("aewatch_feedback_waiting") == 1
+    assert value("aewatch_feedback_records_total", outcome="dead_letter") == 2
+    dead = consume(kafka_bootstrap, topics["dlq"], idle_s=2.0)
+    reasons = sorted(dict(r.headers)["aewatch.dlq.reason"].decode() for r in dead)
+    assert reasons == ["invalid_feedback", "malformed_json"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tests.worker_support import train_fleet_detector
+
+    return train_fleet_detector(tmp_path_factory.mktemp("fleet"))
+
+
+def _alarms(bootstrap: str, topic: str) -> list[dict]:
+    events = [orjson.loads(r.value) for r in consume(bootstrap, topic, idle_s=2.0)]
+    return [e for e in events if e["type"] == "aewatch.alarm.opened"]
+
+
+@pytest.mark.kafka
+@pytest.mark.mlflow_server
+def test_feedback_joins_alarms_across_worker_and_join_restarts_and_reaches_mlflow(
+    kafka_bootstrap, create_topic, mlflow_server, trained
+):
+    from mlflow import MlflowClient
+
+    from pipeline.registry.client import log_run_metrics, version_run_id
+    from tests.helpers import register_result
+    from tests.kafka_support import names, run_worker, stream_items, worker_settings
+    from tests.worker_support import fleet
+
+    name = f"quality-{uuid.uuid4().hex[:6]}"
+    version = register_result(mlflow_server, trained, name)
+    topics = names("quality")
+    topics.update(alarms=topics["output"], feedback=f"{topics['output']}-fb")
+    create_topic(topics["input"], partitions=2)
+    ensure_topics(kafka_bootstrap, {topics["feedback"]: {}, topics["alarms"]: {}})
+    settings = worker_settings(
+        kafka_bootstrap,
+        topics,
+        f"models:/{name}/{version}",
+        events="alarms",
+        tracking_uri=mlflow_server,
+        reload_interval_s=0,
+    )
+    items = stream_items(fleet(seed=3, keys=4, readings_per_key=3000))
+    half = len(items) // 2
+    kafka = open_client(KafkaConnection(kafka_bootstrap))
+    hooks = dict(
+        run_of=lambda model, v: version_run_id(model, v, tracking_uri=mlflow_server),
+        log_metrics=lambda run, figures, step, ms: log_run_metrics(
+            run, figures, step=step, timestamp_ms=ms, tracking_uri=mlflow_server
+        ),
+    )
+    import time
+
+    # the first join runs while the worker's first life emits alarms and operators judge them
+    first = _Running(kafka_bootstrap, topics, int(time.time() * 1000), **hooks)
+    try:
+        produce(kafka_bootstrap, topics["input"], items[:half])
+        run_worker(settings)
+        before = _alarms(kafka_bootstrap, topics["alarms"])
+        assert before, "the first half of the stream raised no alarm"
+        send_feedback(
+            kafka,
+            topics["feedback"],
+            [_verdict(before[0]["data"]["episode_id"], "true_positive", int(time.time() * 1000))],
+        )
+        wait_until(
+            lambda: first.figures().get(
+                ("aewatch_feedback_records_total", (("outcome", "joined"),))
+            ),
+            30,
+            "the first verdict joined",
+        )
+    finally:
+        first.close()
+    # the worker restarts (its alarm state comes back from the state topic) and goes on
+    produce(kafka_bootstrap, topics["input"], items[half:])
+    run_worker(settings)
+    alarms = _alarms(kafka_bootstrap, topics["alarms"])
+    assert len(alarms) > len(before), "the second half of the stream raised no alarm"
+    # verdicts after both restarts, on alarms of both lives: every third confirmed, by event id
+    now = int(time.time() * 1000)
+    verdicts = [
+        _verdict(e["id"], "true_positive" if i % 3 == 0 else "false_positive", now, by_event=True)
+        for i, e in enumerate(alarms)
+    ]
+    send_feedback(kafka, topics["feedback"], verdicts)
+    confirmed = sum(1 for i in range(len(alarms)) if i % 3 == 0)
+    expected = confirmed / len(alarms)
+    second = _Running(kafka_bootstrap, topics, now, **hooks)
+    labels = (("model", name), ("version", version))
+    try:
+        wait_until(
+            lambda: (
+                second.figures().get(("aewatch_feedback_precision", labels))
+                == pytest.approx(expected)
+            ),
+            60,
+            "the join rebuilt after its restart",
+        )
+        figures = second.figures()
+    finally:
+        second.close()
+    assert figures[("aewatch_feedback_ack_seconds_count", labels)] == len(alarms)
+    assert figures.get(("aewatch_feedback_waiting", ())) == 0
+    run_id = MlflowClient(mlflow_server).get_model_version(name, version).run_id
+    history = MlflowClient(mlflow_server).get_metric_history(run_id, "live_precision")
+    assert history[-1].value == pytest.approx(expected)
+    assert history[-1].step == len(alarms)
+    assert history[0].value == pytest.approx(1.0) and history[0].step == 1  # the first life's
+
+
+@pytest.mark.kafka
+def test_operators_answer_alarms_as_they_arrive_and_from_the_command_line(
+    kafka_bootstrap, tmp_path
+):
+    import subprocess
+    import sys
+
+    topics = _topics(None, kafka_bootstrap)
+    model = ModelIdentity("pumps", "1")
+    first, first_episode = _opened(model, "a", T0)
+    second, _ = _opened(model, "b", T0 + HOUR)
+    produce(
+        kafka_bootstrap,
+        topics["alarms"],
+        [(b"a", orjson.dumps(first)), (b"b", orjson.dumps(second))],
+    )
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    alerts = subprocess.run(
+        [
+            *cli,
+            "alerts",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--topic",
+            topics["alarms"],
+            "--from-beginning",
+            "--max",
+            "2",
+            "--timeout",
+            "20",
+            "--interactive",
+            "--feedback-topic",
+            topics["feedback"],
+            "--who",
+            "carol",
+        ],
+        input="f  valve maintenance\n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert alerts.returncode == 0, alerts.stderr
+    assert alerts.stdout.count("OPENED") == 2
+    written = subprocess.run(
+        [
+            *cli,
+            "feedback",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--topic",
+            topics["feedback"],
+            "--event-id",
+            second["id"],
+            "--verdict",
+            "true_positive",
+            "--who",
+            "dan",
+            "--time",
+            "2026-01-01T02:00:00Z",
+            "--span-start",
+            "2026-01-01T01:00:00Z",
+            "--span-end",
+            "2026-01-01T01:30:00Z",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert written.returncode == 0, written.stderr
+    refused = subprocess.run(
+        [
+            *cli,
+            "feedback",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--topic",
+            topics["feedback"],
+            "--episode-id",
+            "x",
+            "--verdict",
+            "unsure",
+            "--time",
+            "tomorrow",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("aewatch feedback: error:")
+    records = [parse_feedback(r.value) for r in consume(kafka_bootstrap, topics["feedback"])]
+    assert [(r.verdict, r.who, r.episode_id, r.event_id, r.note) for r in records] == [
+        ("false_positive", "carol", first_episode, None, "valve maintenance"),
+        ("true_positive", "dan", None, second["id"], None),
+    ]
+    assert records[1].span == (T0 + HOUR, T0 + HOUR + 1_800_000)

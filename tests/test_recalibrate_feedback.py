@@ -1,0 +1,113 @@
+"""Operator verdicts move the threshold (`aewatch recalibrate --feedback`), against the real
+broker and a real MLflow server: up past refuted alarms and below every confirmed one, from a
+topic or a file alike; never below the calibrated FPR bound unless asked, and then said."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import orjson
+import pytest
+
+from pipeline.events import ModelIdentity
+from pipeline.kafka_io import open_client
+from pipeline.kafka_io.settings import KafkaConnection
+from pipeline.quality.cli import send_feedback
+from pipeline.quality.feedback import Feedback
+from tests.helpers import labelled_series_csv, register_result, train_series_detector
+from tests.kafka_support import ensure_topics, produce
+from tests.test_quality import T0, _opened
+
+pytestmark = [pytest.mark.kafka, pytest.mark.mlflow_server]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return labelled_series_csv(tmp_path_factory.mktemp("data") / "series.csv")
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, data):
+    return train_series_detector(data, tmp_path_factory.mktemp("good") / "det")
+
+
+def _judged(model: ModelIdentity, peaks: dict[str, list[float]]):
+    """Alarm events with these peak scores, and a verdict on each."""
+    events, verdicts = [], []
+    for verdict, values in peaks.items():
+        for i, peak in enumerate(values):
+            event, episode = _opened(model, f"{verdict}-{i}", T0 + len(events) * 60_000)
+            event["data"]["peak_score"] = peak
+            events.append(event)
+            verdicts.append(Feedback(verdict, "op", T0 + 3_600_000, episode_id=episode))
+    return events, verdicts
+
+
+def _recalibrate(mlflow_server, name, data, *feedback_flags, allow=False) -> dict:
+    from pipeline.cli import main
+
+    argv = ["recalibrate", "--model", f"models:/{name}@challenger", "--data", str(data)]
+    argv += ["--key-col", "machine", "--label-col", "label", "--target-fpr", "0.01"]
+    argv += ["--tracking-uri", mlflow_server, "--json", *feedback_flags]
+    if allow:
+        argv.append("--allow-below-calibration")
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def test_verdicts_move_the_threshold_up_and_never_below_the_calibrated_bound_unasked(
+    kafka_bootstrap, mlflow_server, good, data, tmp_path
+):
+    from pipeline.registry.client import load_model
+
+    name = f"recal-{uuid.uuid4().hex[:6]}"
+    version = register_result(mlflow_server, good, name)
+    t0 = good.detector.threshold.value
+    model = ModelIdentity(name, version)
+    tag = uuid.uuid4().hex[:6]
+    kafka = open_client(KafkaConnection(kafka_bootstrap))
+
+    def topics_with(peaks):
+        alarms, feedback = f"recal-alarms-{tag}-{len(peaks['false_positive'])}", f"recal-fb-{tag}"
+        feedback += f"-{len(peaks['false_positive'])}"
+        ensure_topics(kafka_bootstrap, {alarms: {}})
+        events, verdicts = _judged(model, peaks)
+        produce(kafka_bootstrap, alarms, [(b"k", orjson.dumps(e)) for e in events])
+        send_feedback(kafka, feedback, verdicts)
+        flags = ["--feedback", feedback, "--alarm-topic", alarms]
+        return flags + ["--bootstrap-servers", kafka_bootstrap], events, verdicts
+
+    # refuted alarms below every confirmed one: the threshold goes up, halfway between
+    up = {"false_positive": [30 * t0, 40 * t0], "true_positive": [100 * t0, 120 * t0]}
+    flags, events, verdicts = topics_with(up)
+    raised = _recalibrate(mlflow_server, name, data, *flags)
+    assert raised["threshold"] == pytest.approx(70 * t0)
+    assert raised["threshold"] > raised["feedback"]["calibrated_threshold"]
+    assert raised["feedback"]["removed_refuted"] == 2
+    assert raised["feedback"]["removed_confirmed"] == 0
+    served, _ = load_model(f"models:/{name}/{raised['version']}", tracking_uri=mlflow_server)
+    assert served.threshold.value == pytest.approx(70 * t0)
+    # the same verdicts from a file of alarm events and feedback records
+    lines = [orjson.dumps(e) for e in events] + [orjson.dumps(v.to_json()) for v in verdicts]
+    (tmp_path / "verdicts.jsonl").write_bytes(b"\n".join(lines))
+    from_file = _recalibrate(
+        mlflow_server, name, data, "--feedback", str(tmp_path / "verdicts.jsonl")
+    )
+    assert from_file["threshold"] == pytest.approx(raised["threshold"])
+
+    # verdicts that would put it below the calibrated bound: kept there, unless allowed
+    down = {"false_positive": [0.01 * t0], "true_positive": [0.02 * t0]}
+    flags, _, _ = topics_with(down)
+    kept = _recalibrate(mlflow_server, name, data, *flags)
+    calibrated = kept["feedback"]["calibrated_threshold"]
+    assert kept["threshold"] == calibrated
+    assert "below the threshold calibrated for the target FPR" in kept["feedback"]["note"]
+    lowered = _recalibrate(mlflow_server, name, data, *flags, allow=True)
+    assert lowered["threshold"] == pytest.approx(0.015 * t0) < calibrated
+    assert "BELOW the calibrated FPR bound" in lowered["feedback"]["note"]
