@@ -299,11 +299,16 @@ def to_argv(obj) -> list[str]:
 
 
 def redacted(obj) -> dict[str, object]:
-    """Every setting by name, for logs: secrets that are set show as `***`."""
+    """Every setting by name, for logs: secrets that are set show as `***`, and the password
+    and query-string secrets of any URI are masked (`pipeline.uris.mask_uri`)."""
+    from pipeline.uris import mask_uri
+
     out = {}
     for s in declared(type(obj)):
         value = _value(obj, s)
-        out[s.name] = "***" if s.secret and value else value
+        if isinstance(value, tuple):
+            value = tuple(mask_uri(v) for v in value)
+        out[s.name] = "***" if s.secret and value else mask_uri(value)
     return out
 
 

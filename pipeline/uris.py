@@ -27,6 +27,9 @@ def mask_uri(value: str) -> str:
     except ValueError:
         return re.sub(r"//[^/@]*@", f"//{MASK}@", value)
     netloc = parts.netloc
+    secret_query = any(_SECRET_NAME.search(k) for k, _ in parse_qsl(parts.query))
+    if "@" not in netloc and not secret_query:
+        return value
     if "@" in netloc:
         user = parts.username or ""
         where = netloc.rsplit("@", 1)[1]
