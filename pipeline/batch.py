@@ -2,7 +2,9 @@
 
 `score_window_set` turns windows cut by the shared window rule into one row per window; the worker
 scores the windows it builds with `Detector.score` exactly the same way, so a file scored here and
-the same readings streamed through Kafka give identical scores.
+the same readings streamed through Kafka give identical scores. With a `StreamReplay` the windows
+also go through the worker's per-key streaming stages in each key's time order (`replay`): the
+adaptive stage's surprise, likelihood and detections, and the decision the worker would make.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.detector import Detector, Scores, WindowSet, WindowSpec, cut_windows
+from pipeline.detector.adaptive_stage import StreamReplay, replay
+from pipeline.detector.calendar import calendar_columns
 from pipeline.detector.key_baselines import BaselineConfig, KeyBaselines
 from pipeline.errors import DataError
 from pipeline.events import ModelIdentity, event_id
@@ -25,10 +29,13 @@ def score_window_set(
     top_k: int = 3,
     model: ModelIdentity | None = None,
     baselines: BaselineConfig | None = None,
+    stream: StreamReplay | None = None,
 ) -> pd.DataFrame:
     """key, window_start, window_end, score, threshold, p_value, is_anomaly, top_features, and
     with `model` the event_id the worker gives the same window. Keys with their own baselines
-    are scored as the worker scores them (`score_keyed`); warm-up windows get no row."""
+    are scored as the worker scores them (`score_keyed`); warm-up windows get no row. With
+    `stream` the windows go through the worker's adaptive stage too: surprise, likelihood,
+    detection, and is_anomaly as the worker decides it."""
     scored_rows, scored = score_keyed(detector, windows, baselines or BaselineConfig())
     if scored_rows is not None:
         windows = windows.subset(scored_rows)
@@ -42,6 +49,13 @@ def score_window_set(
         }
     )
     _add_decision(frame, detector)
+    if stream is not None and stream.stage is not None:
+        adaptive = replay(stream.stage, windows, scored.scores)
+        frame["surprise"] = adaptive.surprise
+        frame["likelihood"] = adaptive.likelihood
+        frame["detection"] = adaptive.detection
+        if stream.alarm_on == "adaptive":
+            frame["is_anomaly"] = adaptive.surprise >= stream.threshold
     top = detector.top_features(scored.per_feature, top_k) if len(frame) else []
     frame["top_features"] = [",".join(names) for names in top]
     if model is not None:
@@ -135,10 +149,13 @@ def score_readings(
 ) -> pd.DataFrame:
     """One output row per input reading: the score of the window that ends at that reading
     (null where none ends there), in the input's row order. Used by the MLflow pyfunc."""
-    features = list(detector.input.features)
+    spec_in = detector.input
+    features = list(spec_in.data_features)
     missing = [f for f in features if f not in frame.columns]
     if missing:
         raise DataError(f"input rows lack the feature columns {missing}")
+    if spec_in.calendar and time_col not in frame.columns:
+        raise DataError(f"input rows lack the time column {time_col!r} (calendar inputs)")
     spec: WindowSpec = detector.input.window
     keys = frame[key_col].astype(str) if key_col in frame.columns else pd.Series("", frame.index)
     order = np.arange(len(frame))
@@ -158,6 +175,9 @@ def score_readings(
             "infinite or beyond float32; refusing to score it (the worker dead-letters such a "
             "reading as non_finite)"
         )
+    if spec_in.calendar:
+        stamps = times.to_numpy().astype("datetime64[ms]").astype(np.int64)
+        wide = np.hstack([wide, calendar_columns(stamps, spec_in.calendar)])
     values = wide.astype(np.float32)
     # object columns so that readings without a window serialise as null, not NaN
     out = pd.DataFrame(

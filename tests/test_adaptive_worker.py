@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import orjson
+import pandas as pd
 import pytest
 from jsonschema import Draft202012Validator
 
@@ -156,3 +157,45 @@ def test_adaptive_state_survives_a_restart_over_the_broker(kafka_bootstrap, crea
     # windows after it; with the state restored every window reports what one run reports
     assert sum(s > 0 for s in second.values()) == sum(expected[i] > 0 for i in second)
     assert both == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.kafka
+def test_the_worker_and_score_stream_agree_on_a_drifting_file(
+    kafka_bootstrap, create_topic, trained, tmp_path, capsys
+):
+    from pipeline.cli import main
+
+    names = topic_names("adaptive-parity")
+    create_topic(names["input"], partitions=3)
+    stream = drifting_fleet(seed=7)
+    produce(kafka_bootstrap, names["input"], stream_items(stream))
+    settings = worker_settings(
+        kafka_bootstrap, names, trained.artifact_dir, emit_all=True, alarm_on="adaptive"
+    )
+    run_worker(settings)
+    events = {}
+    for record in consume(kafka_bootstrap, names["output"]):
+        event = orjson.loads(record.value)
+        events[event["id"]] = event["data"]
+
+    frame = pd.DataFrame(stream.values, columns=list(stream.features))
+    frame.insert(0, "label", stream.labels)
+    frame.insert(0, "key", stream.keys)
+    frame.insert(0, "ts", pd.to_datetime(stream.ts_ms, unit="ms"))
+    frame.to_csv(tmp_path / "drift.csv", index=False)
+    common = ["--model", str(trained.artifact_dir), "--data", str(tmp_path / "drift.csv")]
+    common += ["--key-col", "key", "--stream", "--alarm-on", "adaptive"]
+    out = tmp_path / "replayed.parquet"
+    assert main(["score", *common, "--out", str(out)]) == 0
+    scored = pd.read_parquet(out).set_index("event_id")
+    assert set(scored.index) == set(events)
+    worker = pd.DataFrame.from_dict(events, orient="index").loc[scored.index]
+    np.testing.assert_allclose(scored["surprise"], worker["surprise"], rtol=1e-6, atol=1e-9)
+    assert (scored["detection"] == worker["detection"]).all()
+    assert (scored["is_anomaly"] == worker["is_anomaly"]).all()
+    assert scored["detection"].sum() >= 2 and (scored["surprise"] > 5).any()
+
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--label-col", "label", "--json"]) == 0
+    result = orjson.loads(capsys.readouterr().out)
+    assert result["decided_by"] == "adaptive" and result["threshold"] < 5.0

@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+CALENDAR_MODES = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class TrainSettings:
     stride: int = 1
     key_baselines: bool = False
     train_until: str | None = None
+    calendar: str = "off"  # "auto": time of day / day of week inputs the training span supports
     # images
     normal_class: str | None = None
     labels_path: str | None = None
@@ -82,6 +84,8 @@ class TrainSettings:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.fill not in FILL_POLICIES:
             raise ConfigError("fill", f"{self.fill!r} is not one of {', '.join(FILL_POLICIES)}")
+        if self.calendar not in CALENDAR_MODES:
+            raise ConfigError("calendar", f"{self.calendar!r} is not one of auto, off")
         if self.out_of_core:
             self._check_out_of_core()
         check_scale(self, distributed=False)
@@ -112,6 +116,8 @@ class TrainSettings:
             raise ConfigError("scaler", "robust needs every training row; out of core use standard")
         if self.key_baselines:
             raise ConfigError("key_baselines", "per-key baselines are trained on data in memory")
+        if self.calendar != "off":
+            raise ConfigError("calendar", "calendar inputs need the series in memory")
         if self.model.loss == "bce" and scaler_kind(self, image=False) != "minmax":
             raise ConfigError("loss", "bce needs inputs in [0, 1]: use --scaler minmax")
 

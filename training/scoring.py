@@ -2,7 +2,9 @@
 
 Windows are cut with the detector's own features and window and scored on the worker's code path
 (`pipeline.batch`), so a file scored here and the same readings streamed through Kafka give the
-same scores and event ids.
+same scores and event ids. With `stream` (`--stream`) the windows are replayed through the
+worker's per-key streaming stages in each key's time order, with the worker's adaptive settings:
+the surprise, likelihood and detections the worker would report, and its decisions.
 """
 
 from __future__ import annotations
@@ -10,8 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from pipeline.detector.adaptive_stage import (
+    AdaptiveStage,
+    StreamReplay,
+    replay,
+    score_reference,
+)
 from pipeline.detector.key_baselines import BaselineConfig
 from pipeline.errors import ConfigError
+from pipeline.worker.settings import AdaptiveStageSettings
 from training.data.for_detector import ALL, DataSource, load_for
 from training.outputs import table_out, write_table
 from training.sources import ModelSource
@@ -26,6 +37,7 @@ class ScoreSettings:
     out: str
     top_k: int = 3
     baselines: BaselineConfig | None = None  # per-key baselines, as the worker's
+    stream: AdaptiveStageSettings | None = None  # replay through the streaming stages
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,7 @@ class EvaluateSettings:
     model: ModelSource
     data: DataSource
     point_rule: str = "end"
+    stream: AdaptiveStageSettings | None = None
 
 
 def score_file(settings: ScoreSettings) -> dict:
@@ -41,7 +54,10 @@ def score_file(settings: ScoreSettings) -> dict:
     out = table_out(settings.out)
     detector, ref = settings.model.load()
     data = load_for(detector, settings.data)
-    frame = data.score_table(detector, ALL, settings.top_k, ref.identity(), settings.baselines)
+    stream = _replay(detector, ref.label, settings.stream)
+    frame = data.score_table(
+        detector, ALL, settings.top_k, ref.identity(), baselines=settings.baselines, stream=stream
+    )
     write_table(frame, out)
     return {
         "model": ref.label,
@@ -57,7 +73,31 @@ def evaluate_file(settings: EvaluateSettings) -> dict:
     FAR and MAR, event recall, detection delay and false alarms per day."""
     detector, ref = settings.model.load()
     data = load_for(detector, settings.data)
-    result = data.evaluate(detector, ALL, settings.point_rule)
+    stream = _replay(detector, ref.label, settings.stream)
+    scores, threshold, decided_by = None, detector.threshold.require(), "raw"
+    if stream is not None and stream.alarm_on == "adaptive" and data.has(ALL):
+        scaling = data.scaling(detector, ALL)
+        raw = detector.score(data.raw(ALL), attribution=False, scaling=scaling).scores
+        scores = replay(stream.stage, data.parts[ALL], raw).surprise
+        # the worker's decision is surprise >= threshold; the metrics decide score > threshold
+        threshold, decided_by = float(np.nextafter(stream.threshold, -np.inf)), "adaptive"
+    result = data.evaluate(detector, ALL, settings.point_rule, scores, threshold)
     if result is None:
         raise ConfigError("label_col", "evaluation needs labels: --label-col or --normal-class")
-    return {"model": ref.label, "threshold": detector.threshold.require(), **result}
+    summary = {"model": ref.label, "threshold": threshold, **result}
+    if stream is not None:
+        summary["decided_by"] = decided_by
+    return summary
+
+
+def _replay(detector, label: str, settings: AdaptiveStageSettings | None) -> StreamReplay | None:
+    """The worker's streaming stages, fresh, for a replay of a file (None: no replay)."""
+    if settings is None:
+        return None
+    if detector.input.kind != "series":
+        raise ConfigError("stream", "a replay through the streaming stages needs series data")
+    stage = None
+    if settings.enabled:
+        refs = [score_reference(detector.threshold)]
+        stage = AdaptiveStage(settings.stage(), settings.rule(), refs, label)
+    return StreamReplay(stage, settings.alarm_on, settings.adaptive_threshold)

@@ -212,6 +212,8 @@ class DetectionRule:
 
     def __init__(self, settings: RuleSettings, capacity: int = 16) -> None:
         self.settings = settings
+        # per slot, so that one rule can try many thresholds at once (the NAB benchmark's sweep)
+        self.threshold = np.full(capacity, float(settings.threshold))
         self.armed = np.ones(capacity, bool)
         self.since = np.full(capacity, self._NEVER, np.int64)
         self.below = np.zeros(capacity, np.int64)
@@ -219,6 +221,7 @@ class DetectionRule:
     def ensure(self, size: int) -> None:
         if size > len(self.armed):
             size = max(size, 2 * len(self.armed))
+            self.threshold = _grow(self.threshold, size, float(self.settings.threshold))
             self.armed = _grow(self.armed, size, True)
             self.since = _grow(self.since, size, self._NEVER)
             self.below = _grow(self.below, size, 0)
@@ -238,11 +241,11 @@ class DetectionRule:
         return out
 
     def step(self, k: np.ndarray, s: np.ndarray) -> np.ndarray:
-        rule = self.settings
+        rule, threshold = self.settings, self.threshold[k]
         since = np.minimum(self.since[k] + 1, self._NEVER)
-        below = np.where(s < rule.rearm * rule.threshold, self.below[k] + 1, 0)
+        below = np.where(s < rule.rearm * threshold, self.below[k] + 1, 0)
         armed = self.armed[k] | ((below >= rule.quiet) & (since > rule.cooldown))
-        fire = armed & (s >= rule.threshold)
+        fire = armed & (s >= threshold)
         self.armed[k] = armed & ~fire
         self.since[k] = np.where(fire, 0, since)
         self.below[k] = below

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import struct
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,9 +37,10 @@ from pipeline.detector.adaptive import (
     surprise_of,
 )
 
-__all__ = ["AdaptiveStage", "score_reference"]
+__all__ = ["AdaptiveStage", "StreamReplay", "replay", "score_reference"]
 
 Partition = tuple[str, int]
+FILE_PARTITION = ("file", 0)
 _END = struct.Struct("<q")
 _NONE = np.iinfo(np.int64).min
 
@@ -166,3 +168,42 @@ class AdaptiveStage:
                 self.rule.reset(slot)
                 self.last_end[slot] = _NONE
                 self._free.append(slot)
+
+
+@dataclass
+class StreamReplay:
+    """The worker's streaming stages for a replay of a file (`aewatch score --stream`): a fresh
+    adaptive stage (None: off) and what makes a window anomalous (`alarm_on` raw or adaptive,
+    with the surprise threshold)."""
+
+    stage: AdaptiveStage | None
+    alarm_on: str = "raw"
+    threshold: float = 5.0
+
+
+def _epoch_ms(times: np.ndarray) -> np.ndarray:
+    times = np.asarray(times)
+    if np.issubdtype(times.dtype, np.datetime64):
+        return times.astype("datetime64[ms]").astype(np.int64)
+    return times.astype(np.int64)
+
+
+def replay(stage: AdaptiveStage, windows, scores: np.ndarray) -> AdaptiveScores:
+    """The stage over a file's windows (a `WindowSet`), each key's in time order, as the worker
+    feeds it (the result does not depend on how keys interleave or batches are cut). Results
+    come back in the order of `windows`."""
+    keys = windows.keys.astype(str)
+    end_ms = _epoch_ms(windows.end_times)
+    order = np.lexsort((end_ms, keys))
+    sorted_keys = keys[order]
+    starts = np.r_[0, np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1, len(order)]
+    groups = [
+        (str(sorted_keys[a]), FILE_PARTITION, slice(int(a), int(b)))
+        for a, b in zip(starts[:-1], starts[1:], strict=True)
+        if b > a
+    ]
+    got = stage.update(groups, end_ms[order], np.asarray(scores)[order])
+    out = AdaptiveScores.empty(len(order))
+    for name in ("likelihood", "log_likelihood", "surprise", "detection"):
+        getattr(out, name)[order] = getattr(got, name)
+    return out

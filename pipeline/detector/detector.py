@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.detector.baselines import KeyStats, window_scaling
+from pipeline.detector.calendar import CALENDAR_KINDS, calendar_names
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scaler import Scaler
 from pipeline.detector.scoring import Scores, score_tensor
@@ -46,14 +47,28 @@ class InputSpec:
     features: tuple[str, ...] = ()
     window: WindowSpec | None = None
     image_shape: tuple[int, int, int] | None = None
+    calendar: tuple[str, ...] = ()  # calendar inputs: the last features, made from timestamps
 
     def __post_init__(self) -> None:
         if self.kind not in INPUT_KINDS:
             raise ConfigError("input.kind", f"unknown {self.kind!r}; use one of {INPUT_KINDS}")
+        if self.calendar:
+            names = calendar_names(self.calendar)
+            if (
+                any(k not in CALENDAR_KINDS for k in self.calendar)
+                or self.features[len(self.features) - len(names) :] != names
+                or len(self.features) <= len(names)
+            ):
+                raise ConfigError("input.calendar", f"{self.calendar} do not end the features")
         if self.kind == "series" and (self.window is None or not self.features):
             raise ConfigError("input", "a series detector needs features and a window")
         if self.kind == "image" and (self.image_shape is None or len(self.image_shape) != 3):
             raise ConfigError("input", "an image detector needs an image shape (C, H, W)")
+
+    @property
+    def data_features(self) -> tuple[str, ...]:
+        """The features readings carry (all but the calendar inputs)."""
+        return self.features[: len(self.features) - 2 * len(self.calendar)]
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -77,6 +92,7 @@ class InputSpec:
             "features": list(self.features),
             "window": self.window.to_dict() if self.window else None,
             "image_shape": list(self.image_shape) if self.image_shape else None,
+            **({"calendar": list(self.calendar)} if self.calendar else {}),
         }
 
     @classmethod
@@ -88,6 +104,7 @@ class InputSpec:
             features=tuple(data.get("features") or ()),
             window=WindowSpec.from_dict(window) if window else None,
             image_shape=tuple(shape) if shape else None,
+            calendar=tuple(data.get("calendar") or ()),
         )
 
 

@@ -77,8 +77,17 @@ def parse_timestamp_ms(value) -> int:
 
 
 class RecordDecoder:
-    def __init__(self, features: tuple[str, ...], window: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        features: tuple[str, ...],
+        window: int,
+        max_bytes: int,
+        reading_features: tuple[str, ...] | None = None,
+    ) -> None:
+        """`features`: the columns of a pre-cut window; `reading_features` those a reading
+        carries (default the same; fewer when calendar inputs are made from its timestamp)."""
         self.features = features
+        self.reading_features = features if reading_features is None else reading_features
         self.window = window
         self.max_bytes = max_bytes
 
@@ -133,7 +142,7 @@ class RecordDecoder:
             except (ValueError, OverflowError, OSError) as exc:
                 return Rejection("bad_timestamp", str(exc)[:200])
         try:
-            row = [values[name] for name in self.features]
+            row = [values[name] for name in self.reading_features]
         except KeyError as exc:
             return Rejection("missing_feature", f"missing feature {exc.args[0]!r}")
         for number in row:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.detector.calendar import calendar_columns
 from pipeline.events import iso_ms
 from pipeline.modalities.base import Partition, Reject
 from pipeline.modalities.readings import Decoded, RecordDecoder, Rejection, finite_rows
@@ -35,8 +36,11 @@ class SeriesIntake:
     and windows the good readings of every key together; pre-cut windows pass straight on."""
 
     def __init__(self, spec: InputSpec, max_record_bytes: int) -> None:
-        self.decoder = RecordDecoder(spec.features, spec.window.length, max_record_bytes)
+        self.decoder = RecordDecoder(
+            spec.features, spec.window.length, max_record_bytes, spec.data_features
+        )
         self.windows = StreamWindower(spec.window, len(spec.features))
+        self.calendar = spec.calendar
 
     def take(
         self, partition: Partition, records: Sequence, pending: ReadyWindows, reject: Reject
@@ -69,6 +73,8 @@ class SeriesIntake:
             keys = [keys[i] for i in keep]
             taken = [taken[i] for i in keep]
             ts, values, offsets = ts[keep], values[keep], offsets[keep]
+        if self.calendar:  # calendar inputs from each reading's timestamp, as in training
+            values = np.hstack([values, calendar_columns(ts, self.calendar)])
         late, duplicate = self.windows.push(partition, keys, ts, values, offsets, pending)
         for index, reason in [(i, "out_of_order") for i in late] + [
             (i, "duplicate_timestamp") for i in duplicate
@@ -138,7 +144,8 @@ class SeriesModality:
         """A window as the pyfunc takes it: one reading per row, with a key and a time."""
         import pandas as pd
 
-        frame = pd.DataFrame(sample, columns=list(self.spec.features))
+        names = list(self.spec.data_features)  # calendar inputs come from the times
+        frame = pd.DataFrame(sample[:, : len(names)], columns=names)
         times = pd.date_range("2026-01-01", periods=len(frame), freq="s").astype(str)
         frame.insert(0, "ts", times)
         frame.insert(0, "key", "example")

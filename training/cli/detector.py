@@ -12,7 +12,7 @@ import json
 import os
 
 from pipeline.settings import add_arguments, build, read
-from pipeline.worker.settings import BaselineSettings
+from pipeline.worker.settings import AdaptiveStageSettings, BaselineSettings
 from training.calibrate import CALIBRATION_METHODS, CalibrationSettings
 from training.cli.args import (
     add_data_arguments,
@@ -29,6 +29,24 @@ __all__ = ["register_evaluate", "register_promote", "register_recalibrate", "reg
 
 def _print(args: argparse.Namespace, summary: dict, line: str) -> None:
     print(json.dumps(summary, default=str) if args.json else line)
+
+
+def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("streaming stages")
+    group.add_argument(
+        "--stream",
+        action="store_true",
+        help="replay the windows through the worker's streaming stages in each key's time order: "
+        "the adaptive stage's surprise, likelihood and detections, and the worker's decision",
+    )
+    add_arguments(group, AdaptiveStageSettings, env=False)
+
+
+def _stream_settings(args: argparse.Namespace) -> AdaptiveStageSettings | None:
+    """The worker's adaptive settings from the same flags (defaults as the worker's)."""
+    if not args.stream:
+        return None
+    return build(AdaptiveStageSettings, read(AdaptiveStageSettings, args, {}))
 
 
 # -- score ---------------------------------------------------------------------------------------
@@ -48,6 +66,7 @@ def register_score(subparsers: argparse._SubParsersAction) -> None:
     add_arguments(
         parser.add_argument_group("per-key baselines (as the worker's)"), BaselineSettings
     )
+    _add_stream_arguments(parser)
     parser.set_defaults(handler=_run_score)
 
 
@@ -55,7 +74,14 @@ def _run_score(args: argparse.Namespace) -> int:
     from training.scoring import ScoreSettings, score_file
 
     baselines = build(BaselineSettings, read(BaselineSettings, args, os.environ)).config()
-    settings = ScoreSettings(model_source(args), data_source(args), args.out, args.top_k, baselines)
+    settings = ScoreSettings(
+        model_source(args),
+        data_source(args),
+        args.out,
+        args.top_k,
+        baselines,
+        _stream_settings(args),
+    )
     s = score_file(settings)
     line = (
         f"{s['rows']} windows scored with {s['model']}: {s['anomalies']} above the "
@@ -77,13 +103,17 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(parser)
     parser.add_argument("--point-rule", default="end", choices=POINT_RULES)
     parser.add_argument("--json", action="store_true")
+    _add_stream_arguments(parser)
     parser.set_defaults(handler=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from training.scoring import EvaluateSettings, evaluate_file
 
-    result = evaluate_file(EvaluateSettings(model_source(args), data_source(args), args.point_rule))
+    settings = EvaluateSettings(
+        model_source(args), data_source(args), args.point_rule, _stream_settings(args)
+    )
+    result = evaluate_file(settings)
     if args.json:
         print(json.dumps(result, default=str))
     else:

@@ -79,6 +79,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--train-until", help="timestamp: training data ends here")
     data.add_argument(
+        "--calendar",
+        default="off",
+        choices=("auto", "off"),
+        help="auto: time of day (sin, cos) as inputs when the training rows span 2 days or more, "
+        "day of week when 14 days or more; made from timestamps by the worker too "
+        "(default: %(default)s)",
+    )
+    data.add_argument(
         "--fractions",
         default="0.6,0.15,0.15,0.1",
         help="train,validation,calibration,test fractions (default: %(default)s)",
@@ -262,6 +270,7 @@ def settings_from_args(args: argparse.Namespace):
         stride=args.stride,
         key_baselines=args.key_baselines,
         train_until=args.train_until,
+        calendar=args.calendar,
         normal_class=args.normal_class,
         labels_path=args.labels_path,
         fractions=fractions,

@@ -15,7 +15,7 @@ from pipeline.detector import Detector
 from pipeline.errors import DataError
 from training.data.images import is_image_source, load_images
 from training.data.prepared import ALL, ImagePart, ImageSplits, SeriesSplits, table_windows
-from training.data.series import load_series
+from training.data.series import load_series, with_calendar
 
 __all__ = ["ALL", "DataSource", "load_for"]
 
@@ -46,10 +46,11 @@ def _series_for(detector: Detector, source: DataSource) -> SeriesSplits:
         source.path,
         time_col=source.time_col,
         key_col=source.key_col,
-        features=spec.features,
+        features=spec.data_features,
         label_col=source.label_col,
         fill=source.fill,
     )
+    table = with_calendar(table, spec.calendar)  # made from the times, as the worker does
     return SeriesSplits(
         spec, detector.scaler, {ALL: table_windows(table, spec.window)}, {ALL: table}, table
     )

@@ -88,7 +88,7 @@ class StreamedSplits:
         val = validation_batches(self, context, device) if self.has("validation") else None
         return StreamBatches(shuffled, device), val
 
-    def evaluate(self, detector, split: str, rule: str = "end", scores=None) -> None:
+    def evaluate(self, detector, split: str, rule="end", scores=None, threshold=None) -> None:
         """Not point by point: that needs every reading of the split (`aewatch evaluate`)."""
         if self.stream.label_col:
             log.info(

@@ -27,7 +27,13 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.events import ModelIdentity
 from training.data.baselines import key_baselines
 from training.data.images import ImageSet, load_images, split_images
-from training.data.series import SeriesTable, load_series, series_groups, split_series
+from training.data.series import (
+    SeriesTable,
+    auto_calendar_table,
+    load_series,
+    series_groups,
+    split_series,
+)
 from training.data.splits import PARTS, SplitScores
 from training.evaluate import SeriesPoints, evaluate_images, evaluate_series
 
@@ -110,17 +116,25 @@ class _InMemory:
         return torch.from_numpy(scaled).to(device)
 
     def evaluate(
-        self, detector: Detector, split: str, rule: str = "end", scores: np.ndarray | None = None
+        self,
+        detector: Detector,
+        split: str,
+        rule: str = "end",
+        scores: np.ndarray | None = None,
+        threshold: float | None = None,
     ) -> dict | None:
-        """Metrics of a labelled split (None when it has no labels); `scores` if known."""
+        """Metrics of a labelled split (None when it has no labels); `scores` if known, decided
+        against `threshold` (default: the detector's)."""
         if not self.has(split) or self.labels(split) is None:
             return None
         if scores is None:
             scaling = self.scaling(detector, split)
             scores = detector.score(self.raw(split), attribution=False, scaling=scaling).scores
-        return self._metrics(detector, split, rule, scores)
+        if threshold is None:
+            threshold = detector.threshold.require()
+        return self._metrics(split, rule, scores, threshold)
 
-    def _metrics(self, detector: Detector, split: str, rule: str, scores: np.ndarray) -> dict:
+    def _metrics(self, split: str, rule: str, scores: np.ndarray, threshold: float) -> dict:
         raise NotImplementedError
 
     def figures(self, detector: Detector, split: str, scores: np.ndarray) -> dict:
@@ -170,14 +184,13 @@ class SeriesSplits(_InMemory):
         labelled = self.parts[split].any_labels
         return np.ones(len(self.parts[split]), bool) if labelled is None else ~labelled
 
-    def _metrics(self, detector: Detector, split: str, rule: str, scores: np.ndarray) -> dict:
+    def _metrics(self, split: str, rule: str, scores: np.ndarray, threshold: float) -> dict:
         """Point-wise and event metrics, as a stream decides window by window."""
         part, table = self.parts[split], self.tables[split]
         points = [
             SeriesPoints(key, frame[table.time_col].to_numpy(), frame[table.label_col].to_numpy())
             for key, frame in table.groups()
         ]
-        threshold = detector.threshold.require()
         length = self.input.window.length
         return evaluate_series(
             points, part.keys, part.end_times, length, scores, threshold, rule=rule
@@ -204,13 +217,13 @@ class SeriesSplits(_InMemory):
         )
 
     def score_table(
-        self, detector: Detector, split: str, top_k: int, model: ModelIdentity, baselines=None
+        self, detector: Detector, split: str, top_k: int, model: ModelIdentity, **options
     ) -> pd.DataFrame:
+        """One row per window; `options` (per-key baselines, a stream replay) as
+        `pipeline.batch.score_window_set` takes them."""
         from pipeline.batch import score_window_set
 
-        return score_window_set(
-            detector, self.parts[split], top_k=top_k, model=model, baselines=baselines
-        )
+        return score_window_set(detector, self.parts[split], top_k=top_k, model=model, **options)
 
 
 @dataclass
@@ -255,9 +268,9 @@ class ImageSplits(_InMemory):
         labels = self.labels(split)
         return np.ones(len(self.parts[split]), bool) if labels is None else ~labels
 
-    def _metrics(self, detector: Detector, split: str, rule: str, scores: np.ndarray) -> dict:
+    def _metrics(self, split: str, rule: str, scores: np.ndarray, threshold: float) -> dict:
         """Ranking and decision metrics of the images."""
-        return evaluate_images(self.parts[split].labels, scores, detector.threshold.require())
+        return evaluate_images(self.parts[split].labels, scores, threshold)
 
     def holdout(self, fraction: float) -> ImageSplits:
         """The first images for calibration, the last `fraction` of them as a test part."""
@@ -276,7 +289,7 @@ class ImageSplits(_InMemory):
         return frame
 
     def score_table(
-        self, detector: Detector, split: str, top_k: int, model: ModelIdentity, baselines=None
+        self, detector: Detector, split: str, top_k: int, model: ModelIdentity, **options
     ) -> pd.DataFrame:
         from pipeline.batch import score_images
 
@@ -322,6 +335,11 @@ def prepare_series(settings) -> SeriesSplits:
     table = load_series(settings.data, **settings.series_columns())
     spec = WindowSpec(settings.window, settings.stride)
     tables = split_series(table, settings.fractions, train_until=settings.train_until)
+    calendar: tuple[str, ...] = ()
+    if getattr(settings, "calendar", "off") == "auto":
+        calendar, table = auto_calendar_table(table, tables["train"])
+        if calendar:
+            tables = split_series(table, settings.fractions, train_until=settings.train_until)
     parts: dict[str, WindowSet] = {}
     for name in PARTS:
         if len(tables[name]) == 0:
@@ -341,7 +359,7 @@ def prepare_series(settings) -> SeriesSplits:
     kind = scaler_kind(settings, image=False)
     scaler = Scaler.fit(kind, tables["train"].values())
     scaler, baselines = key_baselines(settings, kind, tables["train"], scaler)
-    spec_in = InputSpec("series", features=tuple(table.features), window=spec)
+    spec_in = InputSpec("series", features=tuple(table.features), window=spec, calendar=calendar)
     return SeriesSplits(spec_in, scaler, parts, tables, table, baselines)
 
 

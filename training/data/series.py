@@ -40,7 +40,14 @@ from training.data.splits import (
     part_counts,
 )
 
-__all__ = ["SeriesTable", "load_series", "series_groups", "split_series"]
+__all__ = [
+    "SeriesTable",
+    "auto_calendar_table",
+    "load_series",
+    "series_groups",
+    "split_series",
+    "with_calendar",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -277,3 +284,40 @@ def series_groups(table: SeriesTable):
         labels = frame[table.label_col].to_numpy() if table.label_col else None
         values = frame[list(table.features)].to_numpy(dtype=np.float32)
         yield key, frame[table.time_col].to_numpy(), values, labels
+
+
+def with_calendar(table: SeriesTable, kinds: tuple[str, ...]) -> SeriesTable:
+    """The table with calendar inputs made from its times (`pipeline.detector.calendar`) as its
+    last features, as the worker makes them from each reading's timestamp."""
+    if not kinds:
+        return table
+    from pipeline.detector.calendar import calendar_columns, calendar_names
+
+    names = calendar_names(kinds)
+    taken = [n for n in names if n in table.features]
+    if taken:
+        raise DataError(f"{table.source}: the column(s) {taken} are calendar inputs' names")
+    stamps = table.frame[table.time_col].to_numpy(dtype="datetime64[ms]").view(np.int64)
+    frame = table.frame.copy()
+    frame[list(names)] = calendar_columns(stamps, kinds)
+    return SeriesTable(
+        frame,
+        table.time_col,
+        table.key_col,
+        (*table.features, *names),
+        table.label_col,
+        table.source,
+    )
+
+
+def auto_calendar_table(table: SeriesTable, train: SeriesTable) -> tuple[tuple, SeriesTable]:
+    """`--calendar auto`: the calendar inputs that the training rows' span supports (the
+    longest of any key's) and the table with them."""
+    from pipeline.detector.calendar import auto_calendar
+
+    span = max(
+        int((rows[train.time_col].max() - rows[train.time_col].min()) / pd.Timedelta(1, "ms"))
+        for _, rows in train.groups()
+    )
+    kinds = auto_calendar(span)
+    return kinds, with_calendar(table, kinds)

@@ -81,9 +81,15 @@ class Splits(Protocol):
         or streams of batches."""
 
     def evaluate(
-        self, detector: Detector, split: str, rule: str = "end", scores: np.ndarray | None = None
+        self,
+        detector: Detector,
+        split: str,
+        rule: str = "end",
+        scores: np.ndarray | None = None,
+        threshold: float | None = None,
     ) -> dict | None:
-        """Metrics of a labelled split; None when there is nothing to evaluate point by point."""
+        """Metrics of a labelled split (decided against `threshold`, default the detector's);
+        None when there is nothing to evaluate point by point."""
 
     def figures(self, detector: Detector, split: str, scores: np.ndarray) -> dict:
         """Figures that only this kind of data has (image reconstructions), by name."""
