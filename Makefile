@@ -15,6 +15,8 @@ KAFKA_STAMP := $(KAFKA_HOME)/.resolved
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 SKAB_DIR  ?= ../shared/datasets/skab
+NAB_DIR   ?= ../shared/datasets/nab
+NAB_SEEDS ?= 0
 # Prometheus and promtool for the tests of the alerting rules and of a real scrape, built from
 # the Go module proxy into the cache folder once (10 to 35 minutes on a cold Go module cache).
 PROMETHEUS_VERSION ?= v0.316.0
@@ -80,12 +82,14 @@ test-faults: setup
 	@mkdir -p results
 	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -m faults --junitxml=results/junit-faults.xml $(PYTEST_ARGS)
 
-# Benchmarks write results/<name>.json and results/<name>.md; SKAB is read in place (GPL-3.0).
+# Benchmarks write results/<name>.json and results/<name>.md; SKAB (GPL-3.0) and NAB (MIT) are
+# read in place. NAB_SEEDS="0 1 2" for medians over three seeds (about three times as long).
 # Every benchmark runs; the exit status is non-zero if any missed its target.
 bench: setup
 	@status=0; \
 	$(PY) -m benchmarks.bench_training --skab $(SKAB_DIR) --out results || status=1; \
 	$(PY) -m benchmarks.bench_skab --skab $(SKAB_DIR) --out results || status=1; \
+	$(PY) -m benchmarks.bench_nab --nab $(NAB_DIR) --seeds $(NAB_SEEDS) --out results || status=1; \
 	$(PY) -m benchmarks.bench_worker --out results || status=1; \
 	$(PY) -m benchmarks.bench_scaleout --out results || status=1; \
 	$(PY) -m benchmarks.bench_distributed --out results || status=1; \
