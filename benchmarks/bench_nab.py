@@ -240,7 +240,7 @@ def scorer_checks(files: list[NabFile]) -> dict:
         ("windowed_gaussian", windowed_gaussian_scores),
     ):
         result, _, _ = corpus_sweep(files, {f.name: fn(f) for f in files})
-        out[name] = round(result.normalised, 2)
+        out[name] = round(float(result.normalised), 2)
     return out
 
 
@@ -279,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     best = {k: results[k]["median"]["on+rule"]["all"] for k in results}
     ae_best = max((v for k, v in best.items() if k != "pca"), default=None)
     targets = {
-        "scorer_checks": ok_checks,
-        "nab_70_with_adaptive_stages": ae_best is not None and ae_best >= TARGET,
-        "autoencoder_above_pca": "pca" in best and ae_best is not None and ae_best > best["pca"],
+        "scorer_checks": bool(ok_checks),
+        "nab_70_with_adaptive_stages": bool(ae_best is not None and ae_best >= TARGET),
+        "autoencoder_above_pca": bool(
+            "pca" in best and ae_best is not None and ae_best > best["pca"]
+        ),
     }
     rows = []
     for kind, r in results.items():
