@@ -31,8 +31,8 @@ def detector(tmp_path_factory):
 def streams():
     out = {}
     for i, (key, level) in enumerate(LEVELS.items()):
-        # the reference machine's kind, later in its life, each at its own level
-        values, _ = with_episodes(machine(9, 1200, level=level, skip=3000 + 1500 * i), [800], 120)
+        # the reference machine right after its history, each key at its own level
+        values, _ = with_episodes(machine(9, 1200, level=level, skip=3000), [800], 120, feature=i)
         out[key] = values
     return out
 
@@ -104,3 +104,32 @@ def test_restart_from_the_state_record_continues_the_same_baselines(detector, st
     joined = {**before, **_events(after)}
     assert set(joined) == set(clean_events)
     assert joined == pytest.approx(clean_events, rel=1e-6)
+
+
+def test_the_adaptive_stage_judges_each_features_error_and_level(detector, streams):
+    overrides = dict(key_baselines=True, alarm_on="adaptive", adaptive_columns="levels")
+    state = MemoryStateStore()
+    worker = Worker(settings(**overrides, events="alarms"), detector, MODEL, FakeSink(), state)
+    source = FakeSource(records_of(streams, "readings", 1), chunk=100)
+    worker.attach(source)
+    worker.on_assigned(set(source.records))
+    worker.run()
+    saved = decode_state(state.records[("readings", 0)])
+    assert saved["adaptive"]["c"] == 2 * len(detector.input.features)
+    opened = [
+        orjson.loads(v)["data"]
+        for v in worker.sink.values("events")
+        if orjson.loads(v)["data"].get("state") == "opened"
+    ]
+    start = fleet_frame(streams)["ts"].iloc[0]
+    elsewhere = 0
+    for key in LEVELS:
+        at = [
+            (pd.Timestamp(o["start"]).tz_localize(None) - start).total_seconds()
+            for o in opened
+            if o["key"] == key
+        ]
+        # each key's episode (readings 800-919) alarms, from a window that holds its start
+        assert any(800 - 16 < t <= 920 for t in at), (key, at)
+        elsewhere += sum(not 800 - 16 < t <= 920 for t in at)
+    assert elsewhere <= 1

@@ -31,6 +31,7 @@ from training.data.splits import Splits, SplitScores
 from training.data.streamed import STREAM_FILL_POLICIES
 from training.distributed import RankContext
 from training.fit import Callback, FitConfig, FitResult, fit, validation_loss
+from training.fpr_check import FprCheck, check_fpr, window_of
 from training.objectives import make_objective
 
 __all__ = [
@@ -137,6 +138,7 @@ class TrainResult:
     artifact_dir: Path
     run_id: str | None = None
     fpr_estimate: FprEstimate | None = None
+    fpr_check: FprCheck | None = None
     evaluation: dict | None = None
     version: str | None = None
 
@@ -153,6 +155,7 @@ class TrainResult:
             "threshold": self.detector.threshold.value,
             "calibration": self.detector.threshold.method,
             "fpr_estimate": self.fpr_estimate.to_dict() if self.fpr_estimate else None,
+            "fpr_check": self.fpr_check.to_dict() if self.fpr_check else None,
             "evaluation": self.evaluation,
             "registered_version": self.version,
         }
@@ -252,11 +255,29 @@ def train(
         if test is not None
         else None
     )
-    info["calibration"] = {"fpr_estimate": fpr.to_dict() if fpr else None}
+    check = _check_fpr(detector, fpr)
+    info["calibration"] = {
+        "fpr_estimate": fpr.to_dict() if fpr else None,
+        "fpr_check": check.to_dict() if check else None,
+    }
     info["evaluation"] = evaluation
     out = Path(settings.out)
     save_detector(detector, out)
-    return TrainResult(detector, result, data, out, fpr_estimate=fpr, evaluation=evaluation)
+    return TrainResult(
+        detector, result, data, out, fpr_estimate=fpr, fpr_check=check, evaluation=evaluation
+    )
+
+
+def _check_fpr(detector: Detector, fpr: FprEstimate | None) -> FprCheck | None:
+    """Whether the held-out rate is far above the calibration's target (see
+    `training.fpr_check`); logged as a warning when it is."""
+    target = detector.threshold.params.get("target_fpr")
+    if fpr is None or target is None:
+        return None
+    check = check_fpr(fpr.false_positives, fpr.n, float(target), *window_of(detector))
+    if check.far_above:
+        log.warning(check.message())
+    return check
 
 
 def _estimate_fpr(detector: Detector, test: SplitScores | None) -> FprEstimate | None:

@@ -2,8 +2,9 @@
 gates pass; roll back to the previous champion.
 
 Gates (each recorded with its figures as tags on both versions):
-- false alarms: the challenger's false-positive rate on normal windows is not significantly above
-  its target (the lower end of the exact 95% binomial interval is at most the target);
+- false alarms: the challenger's false-positive rate on normal windows is not far above its
+  target: the exact 95% lower bound on its effectively independent windows is at most the target
+  (`training.fpr_check`); `allow_high_fpr` lets a version through anyway, recorded as a tag;
 - ranking: with labelled data and an existing champion, the challenger's AUROC is no worse than the
   champion's beyond `tolerance`.
 With `data`, both are scored on the same windows; without, the figures recorded at training are
@@ -23,6 +24,7 @@ from pipeline.registry.client import TAG_PREFIX, load_model
 from training.calibrate import estimate_fpr
 from training.data.for_detector import ALL, DataSource, load_for
 from training.evaluate import decision_metrics, ranking_metrics
+from training.fpr_check import FprCheck, check_fpr, window_of
 from training.register import CHALLENGER, CHAMPION
 from training.tracking import Registry
 
@@ -45,6 +47,7 @@ class Gate:
     name: str
     passed: bool
     detail: str
+    overridden: bool = False  # failed, but let through on request
 
 
 @dataclass
@@ -99,6 +102,7 @@ def _scored_figures(detector: Detector, data) -> dict:
     scores, normal = scored.scores, scored.normal
     threshold = detector.threshold.require()
     fpr = estimate_fpr(scores[normal], threshold) if normal.any() else None
+    check = _check(detector, fpr.false_positives, fpr.n) if fpr else None
     figures = {
         "threshold": threshold,
         "target_fpr": detector.threshold.params.get("target_fpr"),
@@ -107,6 +111,8 @@ def _scored_figures(detector: Detector, data) -> dict:
         "fpr": fpr.rate if fpr else None,
         "fpr_ci_low": fpr.ci_low if fpr else None,
         "fpr_ci_high": fpr.ci_high if fpr else None,
+        "fpr_effective_low": check.low if check else None,
+        "fpr_effective_n": check.n_eff if check else None,
     }
     labels = scored.labels
     if labels is not None:
@@ -123,14 +129,23 @@ def _recorded_figures(detector: Detector, tags: dict) -> dict:
         else None
     )
     auroc = tags.get(TAG_PREFIX + "test_auroc")
+    check = _check(detector, fpr["false_positives"], fpr["n"]) if fpr else None
     return {
         "threshold": detector.threshold.value,
         "target_fpr": detector.threshold.params.get("target_fpr"),
         "fpr": fpr["rate"] if fpr else None,
         "fpr_ci_low": fpr["ci_low"] if fpr else None,
         "fpr_ci_high": fpr["ci_high"] if fpr else None,
+        "fpr_effective_low": check.low if check else None,
+        "fpr_effective_n": check.n_eff if check else None,
         "auroc": float(auroc) if auroc else None,
     }
+
+
+def _check(detector: Detector, false_positives: int, n: int) -> FprCheck:
+    """The n_eff rule at the version's target (or 1 when it records none: judged in `_gates`)."""
+    target = detector.threshold.params.get("target_fpr") or 1.0
+    return check_fpr(int(false_positives), int(n), float(target), *window_of(detector))
 
 
 def compare(
@@ -140,6 +155,7 @@ def compare(
     load_data=None,
     tolerance: float = 0.01,
     max_fpr: float = 0.01,
+    allow_high_fpr: bool = False,
 ) -> PromotionReport:
     """Score champion and challenger (`load_data(detector)` gives each its windows) and judge
     the gates. Nothing is changed in the registry."""
@@ -163,26 +179,30 @@ def compare(
             report.figures[role] = _scored_figures(detector, load_data(detector))
         else:
             report.figures[role] = _recorded_figures(detector, mv.tags or {})
-    report.gates = _gates(report, tolerance, max_fpr)
+    report.gates = _gates(report, tolerance, max_fpr, allow_high_fpr)
     return report
 
 
-def _gates(report: PromotionReport, tolerance: float, max_fpr: float) -> list[Gate]:
+def _gates(
+    report: PromotionReport, tolerance: float, max_fpr: float, allow_high_fpr: bool = False
+) -> list[Gate]:
     challenger = report.figures["challenger"]
     target = challenger.get("target_fpr") or max_fpr
     target = float(target)
     gates = []
-    low = challenger.get("fpr_ci_low")
+    low = challenger.get("fpr_effective_low")
     if low is None:
         gates.append(Gate("false alarms", False, "no false-positive measurement to judge"))
     else:
-        gates.append(
-            Gate(
-                "false alarms",
-                low <= target,
-                f"FPR {challenger['fpr']:.4f} (95% CI from {low:.4f}) vs target {target:g}",
-            )
+        detail = (
+            f"FPR {challenger['fpr']:.4f} (95% lower bound {low:.4f} on "
+            f"{challenger['fpr_effective_n']} independent windows) vs target {target:g}"
         )
+        far = low > target
+        if far and allow_high_fpr:
+            detail += "; far above, let through by --allow-high-fpr"
+        overridden = far and allow_high_fpr
+        gates.append(Gate("false alarms", not far or overridden, detail, overridden))
     champion = report.figures.get("champion")
     if champion and champion.get("auroc") is not None and challenger.get("auroc") is not None:
         ok = challenger["auroc"] >= champion["auroc"] - tolerance
@@ -216,6 +236,11 @@ def apply_promotion(report: PromotionReport, *, tracking_uri: str | None) -> boo
         )
     if not report.passed:
         return False
+    allowed = [g for g in report.gates if g.overridden]
+    if allowed:
+        registry.set_version_tag(
+            report.name, report.challenger, TAG_PREFIX + "allow_high_fpr", allowed[0].detail
+        )
     history = _history(registry, report.name)
     if report.champion and (not history or history[-1] != report.champion):
         history.append(report.champion)
@@ -255,6 +280,7 @@ class PromoteSettings:
     tolerance: float = 0.01  # allowed AUROC loss against the champion
     max_fpr: float = 0.01  # FPR target when a version records none
     dry_run: bool = False
+    allow_high_fpr: bool = False  # promote even when the FPR is far above target (tagged)
 
 
 def promote(settings: PromoteSettings) -> tuple[PromotionReport, bool]:
@@ -267,6 +293,7 @@ def promote(settings: PromoteSettings) -> tuple[PromotionReport, bool]:
         load_data=load_data,
         tolerance=settings.tolerance,
         max_fpr=settings.max_fpr,
+        allow_high_fpr=settings.allow_high_fpr,
     )
     if settings.dry_run:
         return report, False

@@ -78,6 +78,9 @@ def version_tags(detector: Detector, artifact_dir: Path) -> dict[str, str]:
     fpr = (detector.info.get("calibration") or {}).get("fpr_estimate")
     if fpr:
         tags["fpr_estimate"] = json.dumps(fpr)
+    check = (detector.info.get("calibration") or {}).get("fpr_check")
+    if check:
+        tags["fpr_check"] = json.dumps(check)
     return {TAG_PREFIX + k: v for k, v in tags.items()}
 
 

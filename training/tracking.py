@@ -143,6 +143,10 @@ def log_quality(result) -> None:
     if result.fpr_estimate:
         fpr = result.fpr_estimate
         metrics.update(fpr_estimate=fpr.rate, fpr_ci_low=fpr.ci_low, fpr_ci_high=fpr.ci_high)
+    check = getattr(result, "fpr_check", None)
+    if check is not None:
+        metrics.update(fpr_effective_low=check.low, fpr_far_above=float(check.far_above))
+        mlflow.set_tag("aewatch.fpr_check", "far_above" if check.far_above else "ok")
     for key, value in (result.evaluation or {}).items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             metrics[f"test_{key}"] = float(value)

@@ -19,7 +19,16 @@ from pipeline.detector.key_baselines import SCALE_RULES, BaselineConfig, KeyBase
 from pipeline.modalities.windowing import ReadyWindows
 from pipeline.settings import check, setting
 
-__all__ = ["BaselineSettings", "BaselineStage"]
+__all__ = ["ADAPTIVE_COLUMNS", "BaselineSettings", "BaselineStage", "adaptive_rows", "column_refs"]
+
+# What the adaptive stage judges per key: the window score; each feature's reconstruction error;
+# or each feature's error and how far its window mean is from the key's baseline.
+ADAPTIVE_COLUMNS = ("score", "features", "levels")
+COLUMNS_HELP = (
+    "what the adaptive stage judges per key: score (the window score), features (each "
+    "feature's error) or levels (each feature's error and its window mean's distance from "
+    "the key's baseline)"
+)
 
 Partition = tuple[str, int]
 
@@ -163,3 +172,31 @@ class BaselineStage:
     def forget(self, partitions: set[Partition]) -> None:
         for partition in partitions:
             self.parts.pop(partition, None)
+
+
+def column_refs(columns: str, detector: Detector, score_ref: float) -> list[float]:
+    """The reference scale of each adaptive channel: the model's typical score for errors, one
+    baseline spread for levels."""
+    n = len(detector.input.features) if detector.input.kind == "series" else 0
+    if columns == "score" or not n:
+        return [score_ref]
+    return [score_ref] * n + ([1.0] * n if columns == "levels" else [])
+
+
+def adaptive_rows(columns: str, batch, detector: Detector) -> np.ndarray:
+    """The adaptive stage's input of a scored batch: [N] scores or [N, C] channels. A level is
+    the absolute distance of a feature's window mean from its key's baseline, in the key's
+    spread (the detector's scaler for keys without one): a level the key has not had lately."""
+    scored = batch.scored
+    if columns == "score" or scored.per_feature is None:
+        return scored.scores
+    if columns == "features":
+        return scored.per_feature
+    means = np.asarray(batch.windows, np.float64).mean(axis=1)
+    if batch.scaling is None:
+        center = np.asarray(detector.scaler.center, np.float32)
+        scale = np.asarray(detector.scaler.scale, np.float32)
+    else:
+        center, scale = batch.scaling
+    levels = np.abs(means - np.asarray(center, np.float64)) / np.asarray(scale, np.float64)
+    return np.hstack([scored.per_feature, levels])

@@ -46,7 +46,7 @@ from pipeline.modalities import modality_of
 from pipeline.modalities.readings import Rejection
 from pipeline.modalities.windowing import ReadyWindows
 from pipeline.worker.alarms import AlarmTracker
-from pipeline.worker.baselines import BaselineStage
+from pipeline.worker.baselines import BaselineStage, adaptive_rows, column_refs
 from pipeline.worker.checkpoint import Checkpointer
 from pipeline.worker.drift import DriftStage
 from pipeline.worker.metrics import WorkerMetrics, WorkerStats
@@ -102,7 +102,7 @@ class Worker:
             self.adaptive = AdaptiveStage(
                 settings.adaptive.stage(),
                 settings.adaptive.rule(),
-                [score_reference(detector.threshold)],
+                self._refs(detector),
                 _version(model),
             )
             stages["adaptive"] = self.adaptive
@@ -205,7 +205,7 @@ class Worker:
         self.score_pending()
         previous, self.detector, self.model = self.model, detector, model
         if self.adaptive is not None:  # scores of another version: every key warms up again
-            self.adaptive.reset([score_reference(detector.threshold)], _version(model))
+            self.adaptive.reset(self._refs(detector), _version(model))
         self._use_baselines(detector)
         self.stats.reloads += 1
         if self.drift is not None:  # the new version's calibration deciles, fresh reservoirs
@@ -344,7 +344,12 @@ class Worker:
         """The adaptive stage's surprise, likelihood and detections of the batch's windows."""
         if self.adaptive is None:
             return None
-        return self.adaptive.update(batch.groups(), batch.end_ts, batch.scored.scores)
+        rows = adaptive_rows(self.settings.adaptive.adaptive_columns, batch, self.detector)
+        return self.adaptive.update(batch.groups(), batch.end_ts, rows)
+
+    def _refs(self, detector: Detector) -> list[float]:
+        columns = self.settings.adaptive.adaptive_columns
+        return column_refs(columns, detector, score_reference(detector.threshold))
 
     def _update_alarms(self, batch: ScoredBatch, flags: np.ndarray, threshold: float) -> None:
         scores, errors = batch.scored.scores, self.modality.alarm_errors(batch.scored)

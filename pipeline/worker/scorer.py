@@ -40,6 +40,7 @@ class ScoredBatch:
     start_ts: np.ndarray  # [N] epoch ms
     end_ts: np.ndarray
     seconds: float  # of the forward pass, as the loop waited for it
+    scaling: tuple | None = None  # per-window (center, scale) of per-key baselines
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -71,6 +72,7 @@ class _InFlight:
     windows: np.ndarray
     future: Future
     started: float
+    scaling: tuple | None = None
 
 
 class BatchScorer:
@@ -117,7 +119,7 @@ class BatchScorer:
         future = self._pool.submit(
             detector.score, windows, batch_size=self.max_batch, scaling=scaling
         )
-        return _InFlight(pending, windows, future, time.perf_counter())
+        return _InFlight(pending, windows, future, time.perf_counter(), scaling)
 
     def _finish(self, batch: _InFlight) -> ScoredBatch:
         self._inflight = None
@@ -130,6 +132,7 @@ class BatchScorer:
             np.concatenate(pending.start_ts),
             np.concatenate(pending.end_ts),
             time.perf_counter() - batch.started,
+            batch.scaling,
         )
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.kafka_io.settings import KafkaSettings
 from pipeline.settings import check, setting
 from pipeline.worker.alarms import MAX_WINDOWS, AlarmRules
-from pipeline.worker.baselines import BaselineSettings
+from pipeline.worker.baselines import ADAPTIVE_COLUMNS, COLUMNS_HELP, BaselineSettings
 
 __all__ = [
     "AdaptiveStageSettings",
@@ -225,6 +225,7 @@ class AdaptiveStageSettings:
         "raw",
         choices=ALARM_SOURCES,
     )
+    adaptive_columns: str = setting(COLUMNS_HELP, "score", choices=ADAPTIVE_COLUMNS)
     adaptive_short: int = setting("windows in a key's short-term mean of scores", 30, minimum=1)
     adaptive_long: int = setting(
         "windows in a key's long-term mean and variance of scores", 1000, minimum=1

@@ -228,6 +228,12 @@ def register_promote(subparsers: argparse._SubParsersAction) -> None:
         help="FPR target when the version records none (default: %(default)s)",
     )
     parser.add_argument("--dry-run", action="store_true", help="compare only; change nothing")
+    parser.add_argument(
+        "--allow-high-fpr",
+        action="store_true",
+        help="promote even if the false-positive rate is far above its target (recorded as a "
+        "tag on the version)",
+    )
     parser.add_argument("--rollback", action="store_true", help="restore the previous champion")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(handler=_run_promote)
@@ -243,7 +249,13 @@ def _run_promote(args: argparse.Namespace) -> int:
         _print(args, {"from": current, "to": previous}, line)
         return 0
     settings = PromoteSettings(
-        args.name, tracking_uri, data_source(args), args.tolerance, args.max_fpr, args.dry_run
+        args.name,
+        tracking_uri,
+        data_source(args),
+        args.tolerance,
+        args.max_fpr,
+        args.dry_run,
+        args.allow_high_fpr,
     )
     report, promoted = promote(settings)
     if args.json:

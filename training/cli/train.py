@@ -372,6 +372,13 @@ def _describe(summary: dict, tracking_uri: str, name: str | None) -> str:
             f"false-positive rate on held-out normal windows: {fpr['rate']:.4f} "
             f"(95% CI {fpr['ci_low']:.4f}-{fpr['ci_high']:.4f}, n={fpr['n']})"
         )
+    check = summary.get("fpr_check")
+    if check and check["far_above"]:
+        lines.append(
+            f"WARNING: that rate is far above the target {check['target']:g} (95% lower bound "
+            f"{check['low']:.4f} on {check['n_eff']} independent windows): expect many more "
+            "alarms than asked for; `aewatch promote` refuses this version"
+        )
     evaluation = summary.get("evaluation")
     if evaluation and evaluation.get("auroc") is not None:
         lines.append(
