@@ -32,6 +32,14 @@ def test_the_demo_detects_every_injected_kind_and_writes_its_report(
     out = capsys.readouterr().out
     assert "promotion gates" in out and "OPENED" in out and "RESOLVED" in out
     assert "4/4 injected anomalies detected" in out
+    # the operations loop: every episode judged, the live precision they give, a recalibration
+    loop = summary["feedback"]
+    assert loop["judged"] == summary["episodes"]
+    real = summary["episodes"] - summary["false_alarms"]
+    assert loop["live_precision"] == pytest.approx(real / summary["episodes"])
+    assert loop["still_raised"]["true_positive"] == real  # no confirmed alarm is lost
+    assert loop["threshold_after"] >= loop["threshold_before"]  # verdicts only raise it
+    assert "6. operator feedback" in out and "live precision" in out
 
     # a second run, as a user would start it: a new process, an emptied folder, new topics
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=kafka_bootstrap)

@@ -1,12 +1,14 @@
 """Operator verdicts move the threshold (`aewatch recalibrate --feedback`), against the real
 broker and a real MLflow server: up past refuted alarms and below every confirmed one, from a
-topic or a file alike; never below the calibrated FPR bound unless asked, and then said."""
+topic or a file alike; never below the calibrated FPR bound unless asked, and then said. And
+`aewatch evaluate --feedback` labels the data by the verdicts."""
 
 from __future__ import annotations
 
 import json
 import uuid
 
+import numpy as np
 import orjson
 import pytest
 
@@ -18,8 +20,6 @@ from pipeline.quality.feedback import Feedback
 from tests.helpers import labelled_series_csv, register_result, train_series_detector
 from tests.kafka_support import ensure_topics, produce
 from tests.test_quality import T0, _opened
-
-pytestmark = [pytest.mark.kafka, pytest.mark.mlflow_server]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,8 @@ def _recalibrate(mlflow_server, name, data, *feedback_flags, allow=False) -> dic
     return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
+@pytest.mark.kafka
+@pytest.mark.mlflow_server
 def test_verdicts_move_the_threshold_up_and_never_below_the_calibrated_bound_unasked(
     kafka_bootstrap, mlflow_server, good, data, tmp_path
 ):
@@ -109,5 +111,62 @@ def test_verdicts_move_the_threshold_up_and_never_below_the_calibrated_bound_una
     assert kept["threshold"] == calibrated
     assert "below the threshold calibrated for the target FPR" in kept["feedback"]["note"]
     lowered = _recalibrate(mlflow_server, name, data, *flags, allow=True)
-    assert lowered["threshold"] == pytest.approx(0.015 * t0) < calibrated
+    assert lowered["threshold"] == pytest.approx(0.015 * t0)
+    assert lowered["threshold"] < calibrated
     assert "BELOW the calibrated FPR bound" in lowered["feedback"]["note"]
+
+
+def _segments(labels, times, keys):
+    """(key, first ms, last ms) of each run of label 1 per key."""
+    out = []
+    for key in sorted(set(keys)):
+        mask = keys == key
+        lab, ts = labels[mask], times[mask]
+        edges = np.flatnonzero(np.diff(np.r_[0, lab, 0]))
+        out += [
+            (key, int(ts[a]), int(ts[b - 1])) for a, b in zip(edges[::2], edges[1::2], strict=True)
+        ]
+    return out
+
+
+def test_evaluate_on_the_verdicts_equals_evaluate_on_the_labels_they_give(good, data, tmp_path):
+    import pandas as pd
+
+    from pipeline.cli import main
+    from pipeline.events import iso_ms
+
+    frame = pd.read_csv(data)
+    times = pd.to_datetime(frame["ts"], utc=True).astype("int64").to_numpy() // 1_000_000
+    keys = frame["machine"].astype(str).to_numpy()
+    real = _segments(frame["label"].to_numpy(), times, keys)
+    assert real, "the labelled data has no anomaly"
+    model, lines = ModelIdentity("m", "1"), []
+    for i, (key, start, end) in enumerate(real):
+        # confirmed alarms cover the real anomalies; a refuted one on normal readings
+        for verdict, (a, b) in (("true_positive", (start, end)), ("false_positive", (0, 0))):
+            if verdict == "false_positive":
+                normal = times[(keys == key) & (frame["label"].to_numpy() == 0)]
+                a = b = int(normal[len(normal) // 2])
+            event, episode = _opened(model, key, a)
+            event["data"]["key"], event["subject"] = key, key
+            event["data"]["episode_id"] = episode = f"{episode}-{verdict}-{i}"
+            resolved = {**event, "id": f"{event['id']}-r", "type": "aewatch.alarm.resolved"}
+            resolved["data"] = {**event["data"], "state": "resolved", "end": iso_ms(b)}
+            verdict_record = Feedback(verdict, "op", b + 1000, episode_id=episode)
+            lines += [orjson.dumps(event), orjson.dumps(resolved)]
+            lines.append(orjson.dumps(verdict_record.to_json()))
+    (tmp_path / "verdicts.jsonl").write_bytes(b"\n".join(lines))
+    common = ["evaluate", "--model", str(good.artifact_dir), "--data", str(data)]
+    common += ["--key-col", "machine", "--json"]
+    import contextlib
+    import io
+
+    results = []
+    for extra in (["--label-col", "label"], ["--feedback", str(tmp_path / "verdicts.jsonl")]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main([*common, *extra]) == 0
+        results.append(json.loads(out.getvalue().strip().splitlines()[-1]))
+    by_labels, by_verdicts = results
+    assert by_verdicts["auroc"] == pytest.approx(by_labels["auroc"])
+    assert by_verdicts == by_labels

@@ -28,7 +28,14 @@ from pipeline.errors import ConfigError
 from pipeline.quality.feedback import FEEDBACK_VERSION, FeedbackError, parse_feedback
 from pipeline.quality.tracker import Alarm, QualityTracker
 
-__all__ = ["FeedbackSource", "FeedbackThreshold", "judged_alarms", "threshold_from_feedback"]
+__all__ = [
+    "FeedbackSource",
+    "FeedbackThreshold",
+    "feedback_labels",
+    "judged_alarms",
+    "labelled_copy",
+    "threshold_from_feedback",
+]
 
 
 @dataclass(frozen=True)
@@ -136,3 +143,42 @@ def threshold_from_feedback(alarms: list[Alarm]) -> FeedbackThreshold:
         removed_confirmed=int(np.count_nonzero(confirmed <= value)),
         reason=f"above {len(removable)} refuted alarm(s), below every confirmed one",
     )
+
+
+def feedback_labels(frame, alarms: list[Alarm], time_col: str, key_col: str | None) -> np.ndarray:
+    """0/1 per row of a series table: 1 inside the span of a confirmed alarm of the row's key
+    (the operator's corrected span when given, else the alarm's start to end), 0 elsewhere
+    (refuted alarms, and time no alarm covered, count as normal)."""
+    import pandas as pd
+
+    if time_col not in frame.columns or (key_col and key_col not in frame.columns):
+        raise ConfigError("feedback", f"the data needs the columns {time_col!r} and {key_col!r}")
+    times = pd.to_datetime(frame[time_col], utc=True).astype("int64").to_numpy() // 1_000_000
+    keys = frame[key_col].astype(str).to_numpy() if key_col else None
+    labels = np.zeros(len(frame), dtype=np.int8)
+    for alarm in alarms:
+        if alarm.verdict.verdict != "true_positive":
+            continue
+        start, end = alarm.verdict.span or (alarm.start_ms, alarm.end_ms or alarm.start_ms)
+        inside = (times >= start) & (times <= end)
+        if keys is not None:
+            inside &= keys == alarm.key
+        labels[inside] = 1
+    return labels
+
+
+def labelled_copy(data, source: FeedbackSource, folder: Path):
+    """A copy of a series `DataSource` whose label column (`feedback_label`) comes from the
+    operators' verdicts, for `evaluate` and `promote`."""
+    import dataclasses
+
+    import pandas as pd
+
+    path = Path(data.path)
+    parquet = path.suffix == ".parquet"
+    frame = pd.read_parquet(path) if parquet else pd.read_csv(path)
+    alarms = judged_alarms(source)
+    frame["feedback_label"] = feedback_labels(frame, alarms, data.time_col, data.key_col)
+    out = folder / f"feedback-labelled{'.parquet' if parquet else '.csv'}"
+    frame.to_parquet(out) if parquet else frame.to_csv(out, index=False)
+    return dataclasses.replace(data, path=str(out), label_col="feedback_label")

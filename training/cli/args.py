@@ -77,3 +77,37 @@ def data_source(args: argparse.Namespace) -> DataSource | None:
         normal_class=getattr(args, "normal_class", None),
         labels_path=getattr(args, "labels_path", None),
     )
+
+
+def add_feedback_arguments(parser: argparse.ArgumentParser, use: str) -> None:
+    """`--feedback TOPIC|FILE` and where a feedback topic's alarms are; `use` ends its help."""
+    parser.add_argument(
+        "--feedback",
+        metavar="TOPIC|FILE",
+        help="operator verdicts: a feedback topic (with --bootstrap-servers and --alarm-topic) "
+        "or a JSON-lines file of alarm events and feedback records; " + use,
+    )
+    parser.add_argument("--alarm-topic", help="with a feedback topic: the workers' alarm topic")
+    parser.add_argument("--bootstrap-servers", help="with a feedback topic: the Kafka cluster")
+
+
+def feedback_source(args: argparse.Namespace):
+    """The `--feedback` flags as a `FeedbackSource` (None without `--feedback`)."""
+    from training.feedback import FeedbackSource
+
+    if not getattr(args, "feedback", None):
+        return None
+    return FeedbackSource(args.feedback, args.alarm_topic, args.bootstrap_servers)
+
+
+def labelled_data_source(args: argparse.Namespace):
+    """`--data`, labelled by the operators' verdicts when `--feedback` is given."""
+    import tempfile
+    from pathlib import Path
+
+    from training.feedback import labelled_copy
+
+    data, feedback = data_source(args), feedback_source(args)
+    if feedback is None or data is None:
+        return data
+    return labelled_copy(data, feedback, Path(tempfile.mkdtemp(prefix="aewatch-feedback-")))

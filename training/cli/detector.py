@@ -16,8 +16,11 @@ from pipeline.worker.settings import AdaptiveStageSettings, BaselineSettings
 from training.calibrate import CALIBRATION_METHODS, CalibrationSettings
 from training.cli.args import (
     add_data_arguments,
+    add_feedback_arguments,
     add_model_arguments,
     data_source,
+    feedback_source,
+    labelled_data_source,
     model_source,
     tracking_uri_from,
 )
@@ -102,6 +105,7 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--point-rule", default="end", choices=POINT_RULES)
+    add_feedback_arguments(parser, "--data is labelled by them (1 inside confirmed alarms)")
     parser.add_argument("--json", action="store_true")
     _add_stream_arguments(parser)
     parser.set_defaults(handler=_run_evaluate)
@@ -111,7 +115,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from training.scoring import EvaluateSettings, evaluate_file
 
     settings = EvaluateSettings(
-        model_source(args), data_source(args), args.point_rule, _stream_settings(args)
+        model_source(args), labelled_data_source(args), args.point_rule, _stream_settings(args)
     )
     result = evaluate_file(settings)
     if args.json:
@@ -143,15 +147,7 @@ def register_recalibrate(subparsers: argparse._SubParsersAction) -> None:
         help="last share of the data kept to measure the FPR (default: %(default)s)",
     )
     parser.add_argument("--experiment", default="aewatch")
-    parser.add_argument(
-        "--feedback",
-        metavar="TOPIC|FILE",
-        help="operator verdicts that move the threshold: a feedback topic (with "
-        "--bootstrap-servers and --alarm-topic) or a JSON-lines file of alarm events and "
-        "feedback records",
-    )
-    parser.add_argument("--alarm-topic", help="with a feedback topic: the workers' alarm topic")
-    parser.add_argument("--bootstrap-servers", help="with a feedback topic: the Kafka cluster")
+    add_feedback_arguments(parser, "they move the threshold")
     parser.add_argument(
         "--allow-below-calibration",
         action="store_true",
@@ -170,11 +166,7 @@ def _run_recalibrate(args: argparse.Namespace) -> int:
         mad_k=args.mad_k,
         pot_initial_quantile=args.pot_initial_quantile,
     )
-    from training.feedback import FeedbackSource
-
-    feedback = None
-    if args.feedback:
-        feedback = FeedbackSource(args.feedback, args.alarm_topic, args.bootstrap_servers)
+    feedback = feedback_source(args)
     settings = RecalibrateSettings(
         model_source(args),
         data_source(args),
@@ -215,6 +207,7 @@ def register_promote(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--normal-class")
     parser.add_argument("--labels", dest="labels_path")
     parser.add_argument("--fill", default="error", choices=FILL_POLICIES)
+    add_feedback_arguments(parser, "--data is labelled by them (1 inside confirmed alarms)")
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -251,7 +244,7 @@ def _run_promote(args: argparse.Namespace) -> int:
     settings = PromoteSettings(
         args.name,
         tracking_uri,
-        data_source(args),
+        labelled_data_source(args),
         args.tolerance,
         args.max_fpr,
         args.dry_run,
