@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,13 +22,13 @@ from pathlib import Path
 import torch
 
 from pipeline.detector import Detector, ModelConfig, build_model, save_detector
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from training.calibrate import CalibrationSettings, FprEstimate, calibrate, estimate_fpr
 from training.data.columns import FILL_POLICIES
 from training.data.images import is_image_source
 from training.data.out_of_core import prepare_streamed
 from training.data.prepared import prepare_images, prepare_series, scaler_kind
-from training.data.splits import Splits, SplitScores
+from training.data.splits import Splits, SplitScores, check_fractions
 from training.data.streamed import STREAM_FILL_POLICIES
 from training.distributed import RankContext
 from training.fit import Callback, FitConfig, FitResult, fit, validation_loss
@@ -78,18 +79,42 @@ class TrainSettings:
     out_of_core: bool = False
     batch_rows: int = 65_536
     shuffle_windows: int = 65_536
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch_rows", "shuffle_windows"):
+        for name in ("window", "stride", "batch_rows", "shuffle_windows"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.fill not in FILL_POLICIES:
             raise ConfigError("fill", f"{self.fill!r} is not one of {', '.join(FILL_POLICIES)}")
         if self.calendar not in CALENDAR_MODES:
             raise ConfigError("calendar", f"{self.calendar!r} is not one of auto, off")
+        target = self.calibration.target_fpr
+        if not 0 < target < 1:
+            raise ConfigError("target_fpr", f"must be in (0, 1), got {target}")
+        try:
+            check_fractions(self.fractions, "fractions")
+        except DataError as exc:
+            raise ConfigError("fractions", str(exc).removeprefix("fractions: ")) from None
         if self.out_of_core:
             self._check_out_of_core()
         check_scale(self, distributed=False)
+
+    def check_out(self) -> None:
+        """`out` can take the artifact: not a file, not a finished detector folder unless
+        `overwrite`, and writable; checked before any data is read or run opened."""
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError("out", f"{out} is a file; the artifact is a folder")
+        if (out / "manifest.json").exists() and not self.overwrite:
+            raise ConfigError(
+                "out", f"{out} holds a detector already; give --overwrite to replace it"
+            )
+        existing = out
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError("out", f"{out}: cannot create the artifact folder under {existing}")
 
     def series_columns(self) -> dict:
         """How the series' columns are read, the same in memory and out of core."""

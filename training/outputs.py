@@ -2,11 +2,17 @@
 of PNG files or one `.npy` array).
 
 The file name says the format, so a command checks `--out` before any work is done and a typo in
-the extension fails at once rather than after scoring a large file.
+the extension fails at once rather than after scoring a large file. An output that is the command's
+input is refused (`not_input`), and files appear whole or not at all: each is written under a
+temporary name in its folder and renamed into place.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +26,7 @@ __all__ = [
     "TABLE_SUFFIXES",
     "array_out",
     "image_out",
+    "not_input",
     "png_range",
     "table_out",
     "write_array",
@@ -55,20 +62,49 @@ def image_out(out: str | Path, setting: str = "out") -> Path:
     raise ConfigError(setting, f"{out}: write images to a folder of PNG files or to a .npy file")
 
 
-def write_table(frame: pd.DataFrame, out: Path) -> Path:
+def not_input(out: str | Path, data: str | Path | None, setting: str = "out") -> None:
+    """Refuse an output that would overwrite the command's input."""
+    if data is None:
+        return
+    target, source = Path(out), Path(data)
+    same = target.resolve() == source.resolve()
+    if not same and target.exists() and source.exists():
+        same = os.path.samefile(target, source)
+    if same:
+        raise ConfigError(setting, f"{out} is the input (--data); write the output elsewhere")
+
+
+def atomic_write(out: Path, write: Callable[[Path], None]) -> Path:
+    """`write(temporary)` in `out`'s folder, then rename it to `out`; nothing is left behind
+    when writing fails, and an existing `out` stays as it was."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".csv":
-        frame.to_csv(out, index=False)
-    else:
-        frame.to_parquet(out, index=False)
+    handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.replace(temporary, out)
+    finally:
+        with suppress(FileNotFoundError):
+            temporary.unlink()
     return out
+
+
+def write_table(frame: pd.DataFrame, out: Path) -> Path:
+    if out.suffix.lower() == ".csv":
+        return atomic_write(out, lambda path: frame.to_csv(path, index=False))
+    return atomic_write(out, lambda path: frame.to_parquet(path, index=False))
 
 
 def write_array(array: np.ndarray, out: Path) -> Path:
     """A plain `.npy` (float32, no pickle), readable back as `--data`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-    return out
+    values = np.ascontiguousarray(array, dtype=np.float32)
+
+    def save(path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.save(handle, values, allow_pickle=False)
+
+    return atomic_write(out, save)
 
 
 def png_range(scaler: Scaler, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

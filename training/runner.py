@@ -98,6 +98,8 @@ def run_job(
             "process and node counts to torchrun only",
         )
     check_scale(job.train, distributed=job.launch.spawns or joined is not None)
+    if joined is None or joined.is_main:
+        job.train.check_out()
     if joined is not None:
         return run_rank(job.train, job.options, joined)
     if job.launch.spawns:

@@ -24,6 +24,7 @@ from training.data.prepared import SeriesSplits
 from training.outputs import (
     array_out,
     image_out,
+    not_input,
     png_range,
     table_out,
     write_array,
@@ -84,6 +85,7 @@ def code_table(detector: Detector, data) -> pd.DataFrame:
 
 def encode_file(settings: EncodeSettings) -> dict:
     out = table_out(settings.out)
+    not_input(out, settings.data.path)
     detector, ref = settings.model.load(require_calibrated=False)
     frame = code_table(detector, load_for(detector, settings.data))
     write_table(frame, out)
@@ -163,6 +165,7 @@ _OUTPUTS = {"series": _SeriesOutput, "image": _ImageOutput}
 
 
 def reconstruct_file(settings: ReconstructSettings) -> dict:
+    not_input(settings.out, settings.data.path)
     detector, ref = settings.model.load(require_calibrated=False)
     output = _OUTPUTS[detector.input.kind]
     out = output.reconstruction_out(settings.out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,7 +94,8 @@ def save_detector(detector: Detector, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in detector.model.state_dict().items()}
-    torch.save(state, weights)
+    staged = directory / f".{WEIGHTS_FILE}.partial"
+    torch.save(state, staged)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -110,10 +112,14 @@ def save_detector(detector: Detector, directory: str | Path) -> Path:
             "torch": torch.__version__,
             "numpy": np.__version__,
         },
-        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights)},
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(staged)},
     }
+    # Each file appears whole: written under a temporary name, then renamed into place.
     path = directory / MANIFEST_FILE
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    staged_manifest = directory / f".{MANIFEST_FILE}.partial"
+    staged_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(staged, weights)
+    os.replace(staged_manifest, path)
     return path
 
 

@@ -171,6 +171,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--tracking-uri",
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
     )
+    out.add_argument(
+        "--overwrite", action="store_true", help="replace the detector already in --out"
+    )
     out.add_argument("--experiment", default="aewatch")
     out.add_argument("--run-name")
     out.add_argument(
@@ -260,6 +263,7 @@ def settings_from_args(args: argparse.Namespace):
     return TrainSettings(
         data=args.data,
         out=args.out,
+        overwrite=args.overwrite,
         input_kind=args.input_kind,
         time_col=args.time_col,
         key_col=args.key_col,

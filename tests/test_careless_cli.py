@@ -1,0 +1,126 @@
+"""The command line as a careless user meets it: inputs are never overwritten, a finished
+detector folder is replaced only with --overwrite, outputs appear whole or not at all, bad flags
+and unwritable destinations fail before any data is read or any MLflow run is opened, and every
+such failure is one line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from tests.helpers import labelled_series_csv, train_series_detector
+from training.outputs import write_table
+
+SERIES = ["--time-col", "ts", "--key-col", "machine", "--label-col", "label"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("careless")
+    data = labelled_series_csv(root / "series.csv")
+    return train_series_detector(data, root / "det"), data
+
+
+def _one_line_error(capsys, code: int, *words: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert lines and all(w in lines[-1] for w in words), lines[-3:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("command", ["score", "reconstruct", "encode"])
+def test_an_output_that_is_the_input_is_refused(trained, tmp_path, capsys, command):
+    result, data = trained
+    copy = tmp_path / "series.csv"
+    copy.write_bytes(Path(data).read_bytes())
+    before = copy.read_bytes()
+    code = main(
+        [command, "--model", str(result.artifact_dir), "--data", str(copy), *SERIES[:4]]
+        + ["--out", str(tmp_path / "." / "series.csv")]
+    )
+    _one_line_error(capsys, code, "out", "input")
+    assert copy.read_bytes() == before
+
+
+def _train(data: Path, out: Path, *extra: str) -> int:
+    return main(
+        ["train", "--data", str(data), *SERIES, "--window", "8", "--epochs", "1"]
+        + ["--out", str(out), "--no-progress", "--tracking-uri", f"sqlite:///{out.parent}/m.db"]
+        + list(extra)
+    )
+
+
+def test_train_into_an_existing_detector_needs_overwrite(trained, tmp_path, capsys):
+    result, data = trained
+    out = tmp_path / "det"
+    out.mkdir()
+    manifest = (Path(result.artifact_dir) / "manifest.json").read_bytes()
+    (out / "manifest.json").write_bytes(manifest)
+    _one_line_error(capsys, _train(Path(data), out), "out", "--overwrite")
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert not (tmp_path / "m.db").exists(), "refused before any MLflow run was opened"
+
+
+@pytest.mark.parametrize("case", ["file", "unwritable"])
+def test_an_unusable_out_fails_before_training(trained, tmp_path, capsys, case):
+    _, data = trained
+    if case == "file":
+        out = tmp_path / "a-file"
+        out.write_text("x")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        out = locked / "det"
+        if os.access(locked, os.W_OK):  # root writes anywhere: use a path under a file
+            (tmp_path / "plain").write_text("x")
+            out = tmp_path / "plain" / "det"
+    _one_line_error(capsys, _train(Path(data), out), "out")
+    assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting"),
+    [
+        (["--window", "0"], "window"),
+        (["--stride", "0"], "stride"),
+        (["--target-fpr", "1.5"], "target_fpr"),
+        (["--target-fpr", "0"], "target_fpr"),
+        (["--fractions", "0.5,0.5,0.5,0.1"], "fractions"),
+    ],
+)
+def test_bad_flags_fail_before_any_io(tmp_path, capsys, flags, setting):
+    missing = tmp_path / "does-not-exist.csv"  # never read: the flags fail first
+    code = main(
+        ["train", "--data", str(missing), *SERIES, "--epochs", "1", *flags]
+        + ["--out", str(tmp_path / "det"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    )
+    _one_line_error(capsys, code, setting)
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_rollback_of_an_unknown_model_is_one_line(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    code = main(["promote", "no-such-model", "--rollback", "--tracking-uri", uri])
+    _one_line_error(capsys, code, "no-such-model")
+
+
+def test_tables_are_written_atomically(tmp_path, monkeypatch):
+    out = tmp_path / "scores.csv"
+    out.write_text("old,complete\n1,2\n")
+
+    def broken(self, path, *args, **kwargs):
+        Path(path).write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
+    with pytest.raises(OSError):
+        write_table(pd.DataFrame({"a": [1]}), out)
+    assert out.read_text() == "old,complete\n1,2\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.csv"], "no temporary left behind"
