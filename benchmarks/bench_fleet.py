@@ -11,10 +11,11 @@ Counting, per configuration and seed: an alarm *opened* inside a labelled span [
 labelled reading] is that span's own detection; every other opened alarm is a false alarm (also
 one opened before a span that runs on into it). Medians over seeds 0, 1, 2.
 
-Configurations were fixed on development data (SKAB valve2 and other/, never valve1): the
-default per-key scale rule (`ratio`) is the one development data chose where the model's score
-decides; with the adaptive stage on levels development data chose `center`, and the `ratio` row
-beside it is marked as the valve1 (oracle) choice.
+The default per-key scale rule (`ratio`) was chosen on development data (SKAB valve2 and other/,
+never valve1) where the model's score decides. The adaptive stage on levels gets its scale rule
+and surprise threshold from the same development runs here (`select_on_dev`); only that row
+counts for the target. Picking the best of the other rows by their valve1 figures would be an
+oracle.
 
     python -m benchmarks.bench_fleet --skab ../shared/datasets/skab --out results
 """
@@ -54,7 +55,7 @@ CONFIGS = (
     (
         "per-key ratio + adaptive on levels",
         dict(key_baselines=True, alarm_on="adaptive", adaptive_columns="levels"),
-        "oracle (rule chosen on valve1)",
+        "",
     ),
     (
         "per-key center + adaptive on levels",
@@ -64,7 +65,7 @@ CONFIGS = (
             alarm_on="adaptive",
             adaptive_columns="levels",
         ),
-        "development-data choice",
+        "",
     ),
     (
         "per-key ratio + adaptive on window score",
@@ -130,14 +131,18 @@ class _Sink:
         pass
 
 
-def read_fleet(skab: Path) -> tuple[list[Record], dict, list[str]]:
-    """valve1 runs as keys: interleaved records, and each key's labelled spans (epoch ms)."""
-    runs = sorted((skab / "valve1").glob("*.csv"), key=lambda p: int(p.stem))
+def read_fleet(skab: Path, groups=("valve1",)) -> tuple[list[Record], dict, list[str]]:
+    """SKAB runs as keys: interleaved records, and each key's labelled spans (epoch ms)."""
+    runs = [
+        path
+        for group in groups
+        for path in sorted((skab / group).glob("*.csv"), key=lambda p: int(p.stem))
+    ]
     frames, spans = {}, {}
     features: list[str] = []
     for path in runs:
         frame = read_skab(path)
-        key = f"valve1/{path.stem}"
+        key = f"{path.parent.name}/{path.stem}"
         features = skab_features(frame)
         ts = pd.to_datetime(frame["datetime"]).to_numpy().astype("datetime64[ms]").astype(np.int64)
         labels = frame["anomaly"].to_numpy().astype(bool)
@@ -223,6 +228,34 @@ def run_fleet(detector, records, spans, overrides: dict) -> dict:
     }
 
 
+DEV_GROUPS = ("valve2", "other")
+DEV_THRESHOLDS = (5.0, 6.0, 7.0)  # surprise at which a window is anomalous
+
+
+def select_on_dev(skab: Path, detectors) -> tuple[dict, list]:
+    """The adaptive stage on levels: scale rule and surprise threshold chosen on development
+    runs (valve2 and other/, never valve1) by median (own detections - false alarms) over the
+    seeds, ties to fewer false alarms."""
+    records, spans, _ = read_fleet(skab, DEV_GROUPS)
+    rows = []
+    for rule in ("ratio", "center"):
+        for threshold in DEV_THRESHOLDS:
+            overrides = dict(
+                key_baselines=True,
+                baseline_scale=rule,
+                alarm_on="adaptive",
+                adaptive_columns="levels",
+                adaptive_threshold=threshold,
+            )
+            results = [run_fleet(d, records, spans, overrides) for d in detectors]
+            det = statistics.median(r["detected"] for r in results)
+            fa = statistics.median(r["false_alarms"] for r in results)
+            rows.append({"settings": overrides, "detected": det, "false_alarms": fa})
+            print(f"dev {rule} {threshold}: {det}/{fa} of {results[0]['spans']}", flush=True)
+    best = max(rows, key=lambda r: (r["detected"] - r["false_alarms"], -r["false_alarms"]))
+    return best["settings"], rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skab", type=Path, default=Path("../shared/datasets/skab"))
@@ -231,22 +264,30 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     args = parser.parse_args(argv)
     records, spans, _ = read_fleet(args.skab)
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in CONFIGS}
-    trained = []
+    trained, detectors = [], []
     for seed in args.seeds:
         detector, summary = train(args.skab, seed, args.cache)
+        detectors.append(detector)
         trained.append({"seed": seed, "fpr_check": summary.get("fpr_check")})
-        for name, overrides, _ in CONFIGS:
+    chosen, dev_rows = select_on_dev(args.skab, detectors)
+    configs = (
+        *CONFIGS,
+        ("adaptive on levels, chosen on development runs", chosen, "development-data choice"),
+    )
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+    for seed, detector in zip(args.seeds, detectors, strict=True):
+        for name, overrides, _ in configs:
             result = run_fleet(detector, records, spans, overrides)
             runs[name].append({"seed": seed, **result})
             print(f"seed {seed} {name}: {result}", flush=True)
     rows, payload = [], {"seeds": args.seeds, "configs": {}, "training": trained}
+    payload["development"] = {"groups": DEV_GROUPS, "grid": dev_rows, "chosen": chosen}
     met_any = False
-    for name, overrides, note in CONFIGS:
+    for name, overrides, note in configs:
         det = statistics.median(r["detected"] for r in runs[name])
         fa = statistics.median(r["false_alarms"] for r in runs[name])
         met = det >= TARGET[0] and fa <= TARGET[1]
-        met_any |= met and "oracle" not in note
+        met_any |= met and note == "development-data choice"
         per_seed = ", ".join(f"{r['detected']}/{r['false_alarms']}" for r in runs[name])
         rows.append([name, f"{det:g} / 16", f"{fa:g}", per_seed, note])
         payload["configs"][name] = {
@@ -264,7 +305,8 @@ def main(argv=None) -> int:
     markdown = (
         "# SKAB valve1 as a 16-key fleet through the worker\n\n"
         f"Medians over seeds {args.seeds}; target >= {TARGET[0]} of 16 spans alarmed within "
-        f"their labelled span, <= {TARGET[1]} alarms elsewhere.\n\n{table}\n"
+        f"their labelled span, <= {TARGET[1]} alarms elsewhere. Chosen on {DEV_GROUPS}: "
+        f"{chosen}.\n\n{table}\n"
     )
     write_results(args.out, "fleet", payload, markdown)
     print(markdown)

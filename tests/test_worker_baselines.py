@@ -21,10 +21,15 @@ ON = dict(key_baselines=True, level_half_life=300.0, events="windows", emit_all=
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory):
+def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     frame = fleet_frame({"ref": machine(9, 3000, level=0.0)}).drop(columns="machine")
-    return train_on(frame, root, "ref", keyed=False).detector
+    return train_on(frame, root, "ref", keyed=False)
+
+
+@pytest.fixture(scope="module")
+def detector(reference):
+    return reference.detector
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +138,24 @@ def test_the_adaptive_stage_judges_each_features_error_and_level(detector, strea
         assert any(800 - 16 < t <= 920 for t in at), (key, at)
         elsewhere += sum(not 800 - 16 < t <= 920 for t in at)
     assert elsewhere <= 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting"),
+    [
+        (["--level-half-life", "300", "--alarm-on", "adaptive"], "level_half_life"),
+        (["--adaptive-columns", "levels"], "adaptive_columns"),
+    ],
+)
+def test_a_file_replay_refuses_what_it_would_not_replay_as_the_worker(
+    reference, streams, tmp_path, capsys, flags, setting
+):
+    from pipeline.cli import main
+
+    data = tmp_path / "fleet.csv"
+    fleet_frame(streams).to_csv(data, index=False)
+    argv = ["score", "--model", str(reference.artifact_dir), "--data", str(data)]
+    argv += ["--time-col", "ts", "--key-col", "machine", "--out", str(tmp_path / "s.csv")]
+    argv += ["--key-baselines", "--stream", *flags]
+    assert main(argv) == 2
+    assert setting in capsys.readouterr().err

@@ -56,6 +56,13 @@ def score_file(settings: ScoreSettings) -> dict:
     detector, ref = settings.model.load()
     data = load_for(detector, settings.data)
     stream = _replay(detector, ref.label, settings.stream)
+    following = settings.baselines is not None and settings.baselines.half_life > 0
+    if following and stream is not None and stream.alarm_on == "adaptive":
+        raise ConfigError(
+            "level_half_life",
+            "a file replay follows levels on the model's decision only; "
+            "with --alarm-on adaptive score the stream in the worker",
+        )
     frame = data.score_table(
         detector, ALL, settings.top_k, ref.identity(), baselines=settings.baselines, stream=stream
     )
@@ -97,6 +104,11 @@ def _replay(detector, label: str, settings: AdaptiveStageSettings | None) -> Str
         return None
     if detector.input.kind != "series":
         raise ConfigError("stream", "a replay through the streaming stages needs series data")
+    if settings.adaptive_columns != "score":
+        raise ConfigError(
+            "adaptive_columns",
+            "a file replay judges the window score only (--adaptive-columns score)",
+        )
     stage = None
     if settings.enabled:
         refs = [score_reference(detector.threshold)]
