@@ -40,6 +40,7 @@ __all__ = [
     "TrainResult",
     "TrainSettings",
     "check_scale",
+    "warn_code_size",
     "prepare",
     "train",
 ]
@@ -148,6 +149,19 @@ class TrainSettings:
             raise ConfigError("loss", "bce needs inputs in [0, 1]: use --scaler minmax")
 
 
+def warn_code_size(config: ModelConfig) -> None:
+    """An "undercomplete" model whose code is not smaller than its input can learn the identity
+    and reconstruct anomalies as well as normal data: warned about, not refused."""
+    if config.kind == "undercomplete" and config.code_size >= config.n_inputs:
+        log.warning(
+            "code_size %d is not smaller than the %d inputs of a window: an undercomplete "
+            "autoencoder this wide can copy its input and flag nothing; use a smaller "
+            "--code-size or --kind denoising/sparse/contractive",
+            config.code_size,
+            config.n_inputs,
+        )
+
+
 def check_scale(settings: TrainSettings, *, distributed: bool) -> None:
     """PCA is fitted in closed form: on data in memory, in one process."""
     if settings.model.kind == "pca" and (settings.out_of_core or distributed):
@@ -221,6 +235,7 @@ def train(
     data = data or prepare(settings)
     device = context.device(settings.device)
     config = settings.model.with_input_shape(data.input.sample_shape)
+    warn_code_size(config)
     train_source, val_source = data.fit_inputs(
         config,
         batch_size=settings.fit.batch_size,

@@ -64,6 +64,11 @@ class ReconstructSettings:
     out: str
 
 
+MAX_SAMPLES = 100_000
+"""The most windows or images `aewatch sample` draws or interpolates in one run (they are held
+in memory); draw more with several runs and seeds."""
+
+
 @dataclass(frozen=True)
 class SampleSettings:
     model: ModelSource
@@ -73,6 +78,12 @@ class SampleSettings:
     steps: int = 8
     seed: int = 0
     data: DataSource | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("n", "steps"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= MAX_SAMPLES:
+                raise ConfigError(name, f"must be between 1 and {MAX_SAMPLES:,}, got {value:,}")
 
 
 def code_table(detector: Detector, data) -> pd.DataFrame:

@@ -7,6 +7,7 @@ loss (squared error for `mse`, absolute for `l1`, cross-entropy for `bce`). A VA
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from pipeline.detector.models import ModelConfig, kl_divergence
 __all__ = ["Scores", "element_errors", "score_tensor"]
 
 _EPS = 1e-6
+_OUTSIDE = -math.log(_EPS)
 
 
 def element_errors(recon: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
@@ -27,10 +29,12 @@ def element_errors(recon: torch.Tensor, target: torch.Tensor, loss: str) -> torc
         return (recon - target).square()
     if loss == "l1":
         return (recon - target).abs()
-    # BCE is defined for targets in [0, 1]; values a scaler pushed outside are clipped for scoring.
-    return F.binary_cross_entropy(
-        recon.clamp(_EPS, 1 - _EPS), target.clamp(0.0, 1.0), reduction="none"
-    )
+    # BCE is defined for targets in [0, 1]. A value a scaler pushed outside (beyond the training
+    # range) adds the largest cross-entropy (-log eps) per unit of distance outside, so a spike
+    # always scores above the in-range values; inside [0, 1] nothing changes.
+    inside = target.clamp(0.0, 1.0)
+    bce = F.binary_cross_entropy(recon.clamp(_EPS, 1 - _EPS), inside, reduction="none")
+    return bce + (target - inside).abs() * _OUTSIDE
 
 
 @dataclass(frozen=True)
