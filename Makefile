@@ -46,7 +46,7 @@ $(DEPS_STAMP): pyproject.toml
 	@mkdir -p $(CACHE_DIR)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,fast]'
 	@rm -rf aewatch.egg-info
 	@rm -f $(VENV)/.aewatch-deps-* && touch $@
 
@@ -92,6 +92,7 @@ bench: setup
 	$(PY) -m benchmarks.bench_nab --nab $(NAB_DIR) --seeds $(NAB_SEEDS) --out results || status=1; \
 	$(PY) -m benchmarks.bench_fleet --skab $(SKAB_DIR) --out results || status=1; \
 	$(PY) -m benchmarks.bench_worker --out results || status=1; \
+	$(PY) -m benchmarks.bench_clients --out results || status=1; \
 	$(PY) -m benchmarks.bench_scaleout --out results || status=1; \
 	$(PY) -m benchmarks.bench_distributed --out results || status=1; \
 	nice -n 5 $(PY) -m benchmarks.bench_drift --out results || status=1; \

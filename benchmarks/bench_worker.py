@@ -137,7 +137,13 @@ def raw_ceiling(bootstrap: str, topic: str, total: int) -> float:
 
 
 def worker_rate(
-    bootstrap: str, topic: str, total: int, model: Path, tag: str, adaptive_stage: str = "on"
+    bootstrap: str,
+    topic: str,
+    total: int,
+    model: Path,
+    tag: str,
+    adaptive_stage: str = "on",
+    **overrides,
 ) -> tuple:
     from pipeline.worker.app import WorkerApp
     from pipeline.worker.settings import WorkerSettings
@@ -155,6 +161,7 @@ def worker_rate(
         commit_interval_ms=1000,
         max_poll_records=10000,
         adaptive_stage=adaptive_stage,
+        **overrides,
     )
     app = WorkerApp.build(settings)
     started = {}
@@ -461,6 +468,7 @@ def latency(
     keys: int,
     workdir: Path,
     warmup: float = WARMUP_S,
+    **overrides,
 ) -> dict:
     """Worker in this process; the load generator, which also times the events, in a process of
     its own. The stream runs `warmup` seconds before the `seconds` whose events are measured."""
@@ -484,6 +492,7 @@ def latency(
         max_wait_ms=10,
         commit_interval_ms=1000,
         stop_after_idle_s=5,
+        **overrides,
     )
     app = WorkerApp.build(settings)
     binary = loadgen_binary()

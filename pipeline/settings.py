@@ -42,6 +42,7 @@ __all__ = [
     "read",
     "redacted",
     "replace",
+    "secret_variables",
     "setting",
     "table",
     "to_argv",
@@ -296,6 +297,17 @@ def to_argv(obj) -> list[str]:
         else:
             argv += [s.flag, str(value)]
     return argv
+
+
+def secret_variables(obj) -> dict[str, str]:
+    """The environment variables that give the secrets `to_argv` leaves out (for a child
+    process of the same settings)."""
+    out = {}
+    for s in declared(type(obj)):
+        value = _value(obj, s)
+        if s.secret and value:
+            out[s.env] = str(value)
+    return out
 
 
 def redacted(obj) -> dict[str, object]:

@@ -10,7 +10,8 @@ rule cannot be kept by hiding an import. The rules:
    (`pipeline.modalities`, `pipeline.events`, `pipeline.batch`) import only the core, each other
    and the Kafka protocols (types of records);
 3. nothing in `pipeline` imports `training`;
-4. kafka-python is imported by `pipeline.kafka_io.kafka_python` and by nothing else;
+4. kafka-python is imported by `pipeline.kafka_io.kafka_python` and by nothing else, and
+   confluent-kafka by `pipeline.kafka_io.confluent*` only;
 5. mlflow is imported by `training.tracking` (runs, registration, promotion), and on the scoring
    side by `pipeline.registry.client` (reading the registry) and `pipeline.registry.pyfunc` (the
    model MLflow runs), and by nothing else;
@@ -32,6 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = ("pipeline.detector", "pipeline.errors", "pipeline.lazy")
 SHARED = ("pipeline.modalities", "pipeline.events", "pipeline.batch")
 KAFKA_CLIENT = {"pipeline.kafka_io.kafka_python"}
+CONFLUENT_CLIENT = {
+    "pipeline.kafka_io.confluent",
+    "pipeline.kafka_io.confluent_records",
+    "pipeline.kafka_io.confluent_sink",
+}
 MLFLOW_USERS = {"training.tracking", "pipeline.registry.client", "pipeline.registry.pyfunc"}
 ENVIRONMENT_USERS = ("pipeline.cli", "pipeline.worker.cli", "training.cli", "training.tracking")
 CORE_PACKAGES = {"numpy", "torch"}
@@ -107,6 +113,10 @@ def test_pipeline_never_imports_training():
 
 def test_only_the_kafka_client_imports_kafka_python():
     assert _importers("kafka") == KAFKA_CLIENT
+
+
+def test_only_the_confluent_client_imports_confluent_kafka():
+    assert _importers("confluent_kafka") == CONFLUENT_CLIENT
 
 
 def test_only_the_tracking_and_registry_modules_import_mlflow():

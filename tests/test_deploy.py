@@ -565,6 +565,11 @@ def test_k8s_gpu_worker(k8s):
     container = worker_container(deployment)
     assert container["image"] == "aewatch:cuda"
     assert str(container["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    # several group members per pod feed the one GPU, each with the librdkafka client
+    processes = int(env["AEWATCH_PROCESSES"])
+    assert processes > 1 and env["AEWATCH_KAFKA_CLIENT"] == "confluent"
+    assert int(container["resources"]["requests"]["cpu"]) >= processes
     spec = deployment["spec"]["template"]["spec"]
     assert spec["nodeSelector"]
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])

@@ -24,6 +24,7 @@ __all__ = [
     "Source",
     "Tail",
     "TopicSpec",
+    "record_columns",
 ]
 
 Partition = tuple[str, int]
@@ -40,6 +41,15 @@ class Record(Protocol):
     value: bytes | None
     headers: Headers | None
     timestamp: int
+
+
+def record_columns(records: Sequence[Record]) -> tuple[list, list, list]:
+    """Keys, values and offsets of a partition's records, as three lists. A client whose poll
+    returns its own sequence type may give them without making a record each (`columns()`)."""
+    columns = getattr(records, "columns", None)
+    if columns is not None:
+        return columns()
+    return [r.key for r in records], [r.value for r in records], [r.offset for r in records]
 
 
 class Rebalance(Protocol):

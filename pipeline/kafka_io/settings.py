@@ -7,6 +7,7 @@ the worker's settings. The companion tools (`simulate`, `alerts`) take the conne
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import socket
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pipeline.settings import add_arguments, check, read, setting
 
 __all__ = [
     "ASSIGNORS",
+    "CLIENTS",
     "SASL_MECHANISMS",
     "SECURITY_PROTOCOLS",
     "KafkaConnection",
@@ -27,8 +29,18 @@ __all__ = [
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 ASSIGNORS = ("range", "roundrobin", "cooperative-sticky")
+# The Kafka client libraries: kafka-python (pure Python, the default and the reference) and
+# confluent-kafka (librdkafka, the `fast` extra); `pipeline.kafka_io.open_client` picks one.
+CLIENTS = ("kafka-python", "confluent")
 # The connection flags of the companion commands (`simulate`, `alerts`).
-TOOL_FLAGS = ("security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "ssl_cafile")
+TOOL_FLAGS = (
+    "kafka_client",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "sasl_password",
+    "ssl_cafile",
+)
 
 
 @dataclass(frozen=True)
@@ -50,9 +62,20 @@ class KafkaConnection:
     ssl_certfile: str | None = setting("client certificate file (PEM)")
     ssl_keyfile: str | None = setting("client key file (PEM)")
     ssl_password: str | None = setting("password of the client key", secret=True)
+    kafka_client: str = setting(
+        "Kafka client library: kafka-python, or confluent (librdkafka, faster; "
+        "pip install 'aewatch[fast]')",
+        "kafka-python",
+        choices=CLIENTS,
+    )
 
     def __post_init__(self) -> None:
         check(self)
+        if self.kafka_client == "confluent" and importlib.util.find_spec("confluent_kafka") is None:
+            raise ConfigError(
+                "kafka_client",
+                "confluent needs the confluent-kafka package: pip install 'aewatch[fast]'",
+            )
         complete = self.sasl_mechanism and self.sasl_username and self.sasl_password
         if self.security_protocol.startswith("SASL") and not complete:
             raise ConfigError(

@@ -5,6 +5,9 @@ with the Kafka message key equal to the entity key (the JSON `key` may be left o
 Windows: `{"key": ..., "ts_start": ..., "ts_end": ..., "values": [[...], ...]}`, rows in time order
 and columns in the model's feature order (or named by an optional `"features": [...]`).
 
+Batched readings of one key (columnar JSON, Arrow IPC) decode to a `ReadingBatch`, see
+`pipeline.modalities.batches`.
+
 Features are matched by name; extra ones are ignored; a missing or non-finite one rejects the
 record. Rejections carry one of the documented DLQ reasons.
 """
@@ -14,10 +17,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter, methodcaller
 from typing import NamedTuple
 
 import numpy as np
 import orjson
+
+from pipeline.modalities.batches import ARROW_MAGIC, ReadingBatch, arrow_batch, columnar_batch
 
 __all__ = ["REASONS", "Decoded", "Rejection", "RecordDecoder", "finite_rows", "parse_timestamp_ms"]
 
@@ -76,6 +82,16 @@ def parse_timestamp_ms(value) -> int:
     raise ValueError(f"unsupported timestamp type {type(value).__name__}")
 
 
+_GET_KEY, _GET_TS, _GET_VALUES = (
+    methodcaller("get", "key"),
+    methodcaller("get", "ts"),
+    itemgetter("values"),
+)
+# Literals that numpy would quietly turn into numbers (True -> 1.0): a poll holding any of them
+# anywhere takes the record-by-record path, which refuses them with their reason.
+_SUSPECT = (b"true", b"false")
+
+
 class RecordDecoder:
     def __init__(
         self,
@@ -90,12 +106,47 @@ class RecordDecoder:
         self.reading_features = features if reading_features is None else reading_features
         self.window = window
         self.max_bytes = max_bytes
+        self._row = itemgetter(*self.reading_features)
 
-    def decode(self, message_key: bytes | None, value: bytes | None) -> Decoded | Rejection:
+    def decode_many(self, message_keys: list, values: list):
+        """Readings of the common shape, all of them: (keys, ts [n] int64, values [n, F]
+        float64), each step one C-level pass over the poll; or None as soon as any record is
+        anything else (a window, a batch, another timestamp form, a key only in the message, a
+        bad record), and the caller decodes record by record, which gives each its reason.
+        Finiteness is checked by the caller, as for single readings."""
+        try:
+            if max(map(len, values)) > self.max_bytes:
+                return None
+            joined = b"".join(values)
+            if any(word in joined for word in _SUSPECT):
+                return None
+            data = list(map(orjson.loads, values))
+            keys = list(map(_GET_KEY, data))
+            if keys != list(map(bytes.decode, message_keys)):
+                return None
+            ts = np.array(list(map(_GET_TS, data)))
+            if ts.ndim != 1 or ts.dtype.kind != "i":
+                return None
+            array = np.array(list(map(self._row, map(_GET_VALUES, data))))
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError):
+            return None  # (ValueError: also a message key that is not UTF-8, ragged rows)
+        if array.dtype.kind not in "if":  # strings, None, or integers beyond int64
+            return None
+        if len(self.reading_features) == 1:
+            array = array[:, None]
+        if array.shape != (len(values), len(self.reading_features)):
+            return None
+        return keys, ts.astype(np.int64, copy=False), array.astype(np.float64, copy=False)
+
+    def decode(
+        self, message_key: bytes | None, value: bytes | None
+    ) -> Decoded | ReadingBatch | Rejection:
         if value is None:
             return Rejection("schema_mismatch", "empty record (tombstone)")
         if len(value) > self.max_bytes:
             return Rejection("oversize", f"{len(value)} bytes > {self.max_bytes}")
+        if value.startswith(ARROW_MAGIC):
+            return _batch(arrow_batch(self.reading_features, message_key, value))
         try:
             data = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
@@ -132,9 +183,11 @@ class RecordDecoder:
             return Rejection("schema_mismatch", "'key' must be a string")
         return str(key)
 
-    def _reading(self, key: str, data: dict, values: dict) -> Decoded | Rejection:
+    def _reading(self, key: str, data: dict, values: dict) -> Decoded | ReadingBatch | Rejection:
         ts = data.get("ts")
         if ts.__class__ is not int:  # epoch ms is the common case; anything else is parsed
+            if ts.__class__ is list:
+                return _batch(columnar_batch(self.reading_features, key, ts, values))
             if ts is None:
                 return Rejection("bad_timestamp", "no 'ts'")
             try:
@@ -181,3 +234,7 @@ class RecordDecoder:
         if not (np.isfinite(array).all() and np.abs(array).max() <= _FLOAT32_MAX):
             return Rejection("non_finite", "window holds NaN, infinity or out-of-range values")
         return Decoded(key, ts_end, array.tolist(), is_window=True, ts_start_ms=ts_start)
+
+
+def _batch(decoded) -> ReadingBatch | Rejection:
+    return decoded if decoded.__class__ is ReadingBatch else Rejection(*decoded)

@@ -15,7 +15,9 @@ import numpy as np
 
 from pipeline.detector.calendar import calendar_columns
 from pipeline.events import iso_ms
+from pipeline.kafka_io.protocols import record_columns
 from pipeline.modalities.base import Partition, Reject
+from pipeline.modalities.batches import ReadingBatch
 from pipeline.modalities.readings import Decoded, RecordDecoder, Rejection, finite_rows
 from pipeline.modalities.windowing import ReadyWindows, StreamWindower
 
@@ -32,8 +34,9 @@ _NON_FINITE = Rejection("non_finite", "a value is NaN, infinite or beyond float3
 
 
 class SeriesIntake:
-    """Decodes a partition's records one by one (the only per-record Python work), then checks
-    and windows the good readings of every key together; pre-cut windows pass straight on."""
+    """Decodes a partition's records (one C-level pass over their values: the only per-record
+    Python work), then checks and windows the readings of every key together; pre-cut windows
+    pass straight on. A batched record adds its readings as arrays."""
 
     def __init__(self, spec: InputSpec, max_record_bytes: int) -> None:
         self.decoder = RecordDecoder(
@@ -45,41 +48,78 @@ class SeriesIntake:
     def take(
         self, partition: Partition, records: Sequence, pending: ReadyWindows, reject: Reject
     ) -> None:
-        decode = self.decoder.decode
+        keys, values, offsets = record_columns(records)
+        common = self.decoder.decode_many(keys, values)
+        if common is not None:  # every record a reading of the common shape
+            names, ts, rows = common
+            part = self._finite(records, names, ts, rows, np.arange(len(ts)), reject)
+            self._push(partition, records, offsets, [part], pending, reject)
+            return
         readings: list[Decoded] = []
         taken: list[int] = []
-        for i, record in enumerate(records):
-            decoded = decode(record.key, record.value)
-            if isinstance(decoded, Rejection):
-                reject(record, decoded)
-            elif decoded.is_window:
-                window = np.asarray(decoded.values, np.float32)
-                start, end = decoded.ts_start_ms, decoded.ts_ms
-                pending.add(window, decoded.key, start, end, partition, record.offset)
+        parts: list[tuple] = []  # (keys, ts, values, record index) in record order
+        for i, decoded in enumerate(map(self.decoder.decode, keys, values)):
+            kind = decoded.__class__
+            if kind is Decoded:
+                if decoded.is_window:
+                    window = np.asarray(decoded.values, np.float32)
+                    start, end = decoded.ts_start_ms, decoded.ts_ms
+                    pending.add(window, decoded.key, start, end, partition, offsets[i])
+                else:
+                    readings.append(decoded)
+                    taken.append(i)
+            elif kind is ReadingBatch:
+                if readings:
+                    parts.append(self._readings(records, readings, taken, reject))
+                    readings, taken = [], []
+                n = len(decoded.ts)
+                parts.append(([decoded.key] * n, decoded.ts, decoded.values, np.full(n, i)))
             else:
-                readings.append(decoded)
-                taken.append(i)
-        if not readings:
+                reject(records[i], decoded)
+        if readings:
+            parts.append(self._readings(records, readings, taken, reject))
+        self._push(partition, records, offsets, parts, pending, reject)
+
+    def _push(self, partition, records, offsets, parts: list, pending, reject: Reject) -> None:
+        """Window the readings of `parts` (in record order); refuse those out of order."""
+        if not parts:
             return
+        if len(parts) == 1:
+            names, ts, rows, at = parts[0]
+        else:
+            names = [k for part in parts for k in part[0]]
+            ts, rows, at = (np.concatenate([part[j] for part in parts]) for j in (1, 2, 3))
+        if self.calendar:  # calendar inputs from each reading's timestamp, as in training
+            rows = np.hstack([rows, calendar_columns(ts, self.calendar)])
+        at_offsets = np.asarray(offsets, np.int64)[at]
+        late, duplicate = self.windows.push(partition, names, ts, rows, at_offsets, pending)
+        refused: dict[int, str] = {}  # a batched record is refused once
+        for index, reason in [(i, "out_of_order") for i in late.tolist()] + [
+            (i, "duplicate_timestamp") for i in duplicate.tolist()
+        ]:
+            refused.setdefault(int(at[index]), reason)
+        for index, reason in refused.items():
+            reject(records[index], Rejection(reason, "timestamp not after the key's latest"))
+
+    def _readings(self, records: Sequence, readings: list, taken: list, reject: Reject) -> tuple:
+        """Single readings as arrays; those with a non-finite value rejected."""
         keys = [r.key for r in readings]
         ts = np.array([r.ts_ms for r in readings], np.int64)
         values = np.array([r.values for r in readings], np.float64)
-        offsets = np.array([records[i].offset for i in taken], np.int64)
+        return self._finite(records, keys, ts, values, np.array(taken, np.int64), reject)
+
+    @staticmethod
+    def _finite(records: Sequence, keys: list, ts, values, at, reject: Reject) -> tuple:
+        """(keys, ts, values, record index) of the readings whose values are finite; the others
+        rejected."""
         finite = finite_rows(values)
         if not finite.all():
             for index in np.flatnonzero(~finite):
-                reject(records[taken[index]], _NON_FINITE)
+                reject(records[int(at[index])], _NON_FINITE)
             keep = np.flatnonzero(finite)
             keys = [keys[i] for i in keep]
-            taken = [taken[i] for i in keep]
-            ts, values, offsets = ts[keep], values[keep], offsets[keep]
-        if self.calendar:  # calendar inputs from each reading's timestamp, as in training
-            values = np.hstack([values, calendar_columns(ts, self.calendar)])
-        late, duplicate = self.windows.push(partition, keys, ts, values, offsets, pending)
-        for index, reason in [(i, "out_of_order") for i in late] + [
-            (i, "duplicate_timestamp") for i in duplicate
-        ]:
-            reject(records[taken[index]], Rejection(reason, "timestamp not after the key's latest"))
+            ts, values, at = ts[keep], values[keep], at[keep]
+        return keys, ts, values, at
 
 
 class SeriesModality:

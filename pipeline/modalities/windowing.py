@@ -78,7 +78,7 @@ class StreamWindower:
         self._keys: list[str | None] = []
         self._partitions: list[TopicPartition | None] = []
         self._free: list[int] = []
-        self._restored: dict[str, tuple[TopicPartition, int, int, int]] = {}
+        self._restored: dict[str, tuple[TopicPartition, int, int, int, int]] = {}
         # per slot: its row of readings, and (filled in when a key takes the slot) its state
         self.values = np.zeros((0, self.capacity, n_features), np.float32)
         self.ts = np.zeros((0, self.capacity), np.int64)
@@ -87,6 +87,7 @@ class StreamWindower:
         self.count = np.zeros(0, np.int64)  # series position the next reading gets
         self.next_offset = np.zeros(0, np.int64)  # offset after the latest reading taken
         self.skip_before = np.zeros(0, np.int64)  # offsets below were processed before a restart
+        self.skip_ts = np.zeros(0, np.int64)  # and readings at that offset older than this
         self.replay_until = np.zeros(0, np.int64)  # windows ending before it were emitted
         self.last_ts = np.zeros(0, np.int64)
 
@@ -98,6 +99,7 @@ class StreamWindower:
         "count",
         "next_offset",
         "skip_before",
+        "skip_ts",
         "replay_until",
         "last_ts",
     )
@@ -122,10 +124,11 @@ class StreamWindower:
             self._keys[slot] = key
             self.fill[slot] = self.count[slot] = self.next_offset[slot] = 0
             self.skip_before[slot], self.replay_until[slot] = -1, 0
-            self.last_ts[slot] = _NO_TS
+            self.last_ts[slot] = self.skip_ts[slot] = _NO_TS
             if key in self._restored:
-                _, position, offset, done = self._restored.pop(key)
+                _, position, offset, done, first_ts = self._restored.pop(key)
                 self.count[slot], self.skip_before[slot] = position, offset
+                self.skip_ts[slot] = first_ts
                 self.next_offset[slot], self.replay_until[slot] = offset, done
         self._partitions[slot] = partition
         return slot
@@ -139,15 +142,17 @@ class StreamWindower:
         first = count - self.fill[slots]  # series position of column 0
         return np.clip(next_end - length + 1 - first, 0, self.fill[slots])
 
-    def _oldest(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per slot: whether it holds a reading a future window needs, the position and the
-        offset of the oldest such reading (else of the next reading to come)."""
+    def _oldest(self, slots: np.ndarray):
+        """Per slot: whether it holds a reading a future window needs, the position, the
+        offset and the timestamp of the oldest such reading (else of the next reading to come:
+        its offset, and no timestamp)."""
         needed, fill, count = self._needed(slots), self.fill[slots], self.count[slots]
         held = needed < fill
         position = np.where(held, count - fill + needed, count)
         column = np.minimum(needed, self.capacity - 1)
         offset = np.where(held, self.offsets[slots, column], self.next_offset[slots])
-        return held, position, offset
+        first_ts = np.where(held, self.ts[slots, column], _NO_TS)
+        return held, position, offset, first_ts
 
     # -- restart state ---------------------------------------------------------------------------
     def restore(self, partition: TopicPartition, resume: dict[str, tuple]) -> None:
@@ -155,8 +160,9 @@ class StreamWindower:
         for key, point in resume.items():
             position, offset = int(point[0]), int(point[1])
             done = int(point[2]) if len(point) > 2 else position
+            first_ts = int(point[3]) if len(point) > 3 else _NO_TS
             if key not in self.slots:
-                self._restored[key] = (partition, position, offset, done)
+                self._restored[key] = (partition, position, offset, done, first_ts)
 
     def _of(self, partition: TopicPartition) -> np.ndarray:
         return np.array(
@@ -164,23 +170,34 @@ class StreamWindower:
             np.int64,
         )
 
-    def resume_points(self, partition: TopicPartition) -> dict[str, tuple[int, int, int]]:
+    def resume_points(self, partition: TopicPartition) -> dict[str, tuple]:
         """Every key of `partition` this member knows, including restored keys not seen since:
-        (position, offset) of the oldest reading still needed (or of the next reading), and the
-        position after the latest reading taken (windows ending before it are done)."""
-        points = {k: tuple(v[1:]) for k, v in self._restored.items() if v[0] == partition}
+        (position, offset) of the oldest reading still needed (or of the next reading), the
+        position after the latest reading taken (windows ending before it are done), and,
+        when a reading is held, its timestamp (a batched record read again from its offset
+        skips its readings before it)."""
+        points = {
+            k: v[1:4] if v[4] == _NO_TS else v[1:]
+            for k, v in self._restored.items()
+            if v[0] == partition
+        }
         slots = self._of(partition)
         if not len(slots):
             return points
-        _, position, offset = self._oldest(slots)
+        _, position, offset, first_ts = self._oldest(slots)
         done = np.maximum(self.count[slots], self.replay_until[slots])
-        for slot, p, o, d in zip(
-            slots.tolist(), position.tolist(), offset.tolist(), done.tolist(), strict=True
+        for slot, p, o, d, t in zip(
+            slots.tolist(),
+            position.tolist(),
+            offset.tolist(),
+            done.tolist(),
+            first_ts.tolist(),
+            strict=True,
         ):
-            points[self._keys[slot]] = (p, o, d)
+            points[self._keys[slot]] = (p, o, d) if t == _NO_TS else (p, o, d, t)
         return points
 
-    def state(self, partition: TopicPartition) -> dict[str, tuple[int, int, int]]:
+    def state(self, partition: TopicPartition) -> dict[str, tuple]:
         """The partition's resume points, as the state topic keeps them."""
         return self.resume_points(partition)
 
@@ -190,10 +207,10 @@ class StreamWindower:
         Keys restored from the state topic count too, before their first reading arrives and
         while they catch up to where the previous owner stopped: until then, everything from
         their resume offset is still needed."""
-        heads = [off for tp, _, off, _ in self._restored.values() if tp == partition]
+        heads = [point[2] for point in self._restored.values() if point[0] == partition]
         slots = self._of(partition)
         if len(slots):
-            held, _, offset = self._oldest(slots)
+            held, _, offset, _ = self._oldest(slots)
             replaying = self.replay_until[slots] > self.count[slots]
             heads += offset[held | replaying].tolist()
         return min(heads) if heads else None
@@ -235,8 +252,10 @@ class StreamWindower:
         values = values[index].astype(np.float32, copy=False)
 
         skip = self.skip_before[slots]
-        if (skip > 0).any():  # read again after a restart: what was processed before is skipped
-            fresh = offsets >= skip[code]
+        if (skip >= 0).any():  # read again after a restart: what was processed before is skipped
+            fresh = (offsets > skip[code]) | (
+                (offsets == skip[code]) & (ts >= self.skip_ts[slots][code])
+            )
             if not fresh.all():
                 keep = np.flatnonzero(fresh)
                 index, code, ts, values, offsets = (

@@ -3,7 +3,9 @@
 Each key is a machine with correlated sensors (shared seasonal drivers, a slow cycle, a random
 walk, noise); anomalies of the named kinds (spike, level_shift, drift, stuck, noise_burst,
 frequency_change) are injected on one sensor of some keys. Readings are JSON
-`{"key", "ts" (epoch ms), "values": {sensor: number}}` with the Kafka message key = the key.
+`{"key", "ts" (epoch ms), "values": {sensor: number}}` with the Kafka message key = the key;
+with `--batch N`, each record carries N consecutive readings of one key, as columnar JSON
+`{"key", "ts": [...], "values": {sensor: [...]}}` or an Arrow IPC record batch (`--format arrow`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,28 @@ class FleetStream:
             )
             for k, t, row in zip(self.keys.tolist(), self.ts_ms, self.values, strict=True)
         ]
+
+    def batches(self, size: int, form: str = "json") -> list[tuple[str, bytes]]:
+        """(key, record) of `size` consecutive readings of one key each (the last of a key may
+        hold fewer), in the time order of their first readings."""
+        from pipeline.modalities.batches import arrow_record
+
+        names, chunks = self.features, []
+        for key in dict.fromkeys(self.keys.tolist()):
+            rows = np.flatnonzero(self.keys == key)
+            for low in range(0, len(rows), size):
+                chunks.append((int(rows[low]), key, rows[low : low + size]))
+        chunks.sort(key=lambda chunk: chunk[0])
+        out = []
+        for _, key, rows in chunks:
+            ts, values = self.ts_ms[rows], self.values[rows].astype(np.float64)
+            if form == "arrow":
+                out.append((key, arrow_record(ts, values, names)))
+            else:
+                columns = {name: values[:, i].tolist() for i, name in enumerate(names)}
+                record = {"key": key, "ts": ts.tolist(), "values": columns}
+                out.append((key, orjson.dumps(record)))
+        return out
 
     def key_series(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         mask = self.keys == key
@@ -203,6 +227,18 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="stamp readings with the current time instead of a fixed start",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="readings of one key per record (1: one reading per record, the default)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("json", "arrow"),
+        default="json",
+        help="form of batched records: columnar JSON or Arrow IPC (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--truth", help="write the injected anomalies to this CSV")
     add_connection_arguments(parser)
@@ -212,6 +248,8 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
 def _run_simulate(args: argparse.Namespace) -> int:
     if not args.csv and not (args.bootstrap_servers and args.topic):
         raise ConfigError("topic", "give --bootstrap-servers and --topic, or --csv, or both")
+    if args.batch < 1:
+        raise ConfigError("batch", f"must be >= 1, got {args.batch}")
 
     features = (
         tuple(args.features.split(",")) if not args.features.isdigit() else int(args.features)
@@ -243,10 +281,14 @@ def _run_simulate(args: argparse.Namespace) -> int:
     kafka = open_client(connection_from_args(args, args.bootstrap_servers))
     kafka.check()
     sink = kafka.sink(linger_ms=10)
+    if args.batch > 1:
+        records = fleet.batches(args.batch, args.format)
+    else:
+        records = list(zip(fleet.keys.tolist(), fleet.payloads(), strict=True))
     started = time.monotonic()
-    for i, (key, payload) in enumerate(zip(fleet.keys.tolist(), fleet.payloads(), strict=True)):
+    for i, (key, payload) in enumerate(records):
         if args.rate:
-            delay = started + i / args.rate - time.monotonic()
+            delay = started + i * args.batch / args.rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
         sink.send(args.topic, key=key.encode(), value=payload)

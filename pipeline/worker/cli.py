@@ -49,6 +49,10 @@ def _run_worker(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, os.environ)
     worker_environment()
+    if settings.loop.processes > 1:
+        from pipeline.worker.supervisor import supervise
+
+        return supervise(settings, dict(os.environ), log_format=args.log_format)
     app = WorkerApp.build(settings)
 
     def _stop(signum, _frame) -> None:

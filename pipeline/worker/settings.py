@@ -147,6 +147,7 @@ class LoopSettings:
     stop_after_idle_s: float = setting(
         "exit after this long without input (0: never)", 0.0, minimum=0
     )
+    processes: int = setting("group members run as processes sharing the device", 1, minimum=1)
 
     def __post_init__(self) -> None:
         check(self)

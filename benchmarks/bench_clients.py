@@ -1,0 +1,295 @@
+"""Kafka clients, record forms and processes, side by side on one broker in one run.
+
+On one pre-filled topic of single-reading JSON records (default 200,000 readings: 125 machines,
+8 sensors, 8 partitions) and the same readings as batched records of 100 (columnar JSON and Arrow
+IPC), in rounds that alternate every measurement (median of `--repeats`):
+
+  - each client's ceiling: consume every record and do nothing else, and consume + `orjson.loads`
+    of every value (kafka-python, confluent-kafka);
+  - the aewatch worker (window 64, stride 8, dense autoencoder, CPU) on each client;
+  - the worker on batched records (confluent);
+  - `aewatch worker --processes 1` and `--processes 2` (confluent), timed from outside by the
+    group's committed offsets;
+  - p99 latency from a reading's timestamp to its event at half the measured single-process rate.
+
+    python -m benchmarks.bench_clients --out results [--readings 200000] [--repeats 3]
+
+The figures depend on the machine's load: quote the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+from benchmarks.bench_worker import FEATURES, _fleet, latency, train_model, worker_rate
+from benchmarks.common import broker_and_workdir, ensure_topics, md_table, write_results
+
+BATCH = 100
+PARTITIONS = 8
+CLIENTS = ("kafka-python", "confluent")
+
+
+def fill(bootstrap: str, topic: str, records: list[tuple[str, bytes]]) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4"}
+    )
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key.encode())
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush()
+
+
+def consume_rate(bootstrap: str, topic: str, total: int, client: str, decode: bool) -> float:
+    """Records/s of a plain consumer reading the whole topic (and decoding every value)."""
+    loads = orjson.loads
+    group = f"ceiling-{uuid.uuid4().hex[:8]}"
+    seen, started = 0, None
+    if client == "kafka-python":
+        from kafka import KafkaConsumer
+
+        consumer = KafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            group_id=group,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            max_poll_records=10000,
+            fetch_max_wait_ms=10,
+        )
+        while seen < total:
+            for records in consumer.poll(timeout_ms=200).values():
+                started = started or time.perf_counter()
+                if decode:
+                    for record in records:
+                        loads(record.value)
+                seen += len(records)
+    else:
+        from confluent_kafka import Consumer
+
+        consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 10,
+            }
+        )
+        consumer.subscribe([topic])
+        while seen < total:
+            messages = consumer.consume(10000, 0.2)
+            if messages:
+                started = started or time.perf_counter()
+                if decode:
+                    for message in messages:
+                        loads(message.value())
+                seen += len(messages)
+    elapsed = time.perf_counter() - started
+    consumer.close()
+    return seen / elapsed
+
+
+def processes_rate(
+    bootstrap: str, topic: str, total: int, model: Path, processes: int, log: Path
+) -> float:
+    """Readings/s of `aewatch worker --processes N`, from the group's committed offsets: from
+    the first commit that moved to the first past three quarters of the topic (the commits stay
+    behind the readings that open windows still need, a window of each key)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from pipeline.worker.cli import worker_command
+    from pipeline.worker.settings import WorkerSettings
+
+    group = f"procs-{processes}-{uuid.uuid4().hex[:6]}"
+    settings = WorkerSettings.build(
+        model=str(model),
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        input_topic=(topic,),
+        output_topic=f"{topic}-events-{group}",
+        dlq_topic=f"{topic}-dlq",
+        device="cpu",
+        events="both",
+        http_port=-1,
+        commit_interval_ms=250,
+        max_poll_records=10000,
+        stop_after_idle_s=5,
+        kafka_client="confluent",
+        processes=processes,
+    )
+    watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(worker_command(settings), stdout=out, stderr=subprocess.STDOUT)
+        first = last = None
+        base = 0
+        while proc.poll() is None:
+            done = sum(max(0, tp.offset) for tp in watcher.committed(partitions, timeout=10))
+            now = time.perf_counter()
+            if done and first is None:
+                first, base = now, done
+            if done >= 0.75 * total:
+                last = now
+                break
+            time.sleep(0.05)
+        proc.wait()
+    watcher.close()
+    if first is None or last is None or last <= first:
+        raise RuntimeError(f"--processes {processes} did not finish the topic; see {log}")
+    return (done - base) / (last - first)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--readings", type=int, default=200_000)
+    parser.add_argument("--keys", type=int, default=125)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-seconds", type=float, default=15.0)
+    args = parser.parse_args(argv)
+
+    with broker_and_workdir("aewatch-clients") as (bootstrap, root):
+        model = train_model(root, min(args.keys, 25))
+        stream = _fleet(args.keys, args.readings // args.keys)
+        total = len(stream.keys)
+        tag = uuid.uuid4().hex[:6]
+        topics = {form: f"clients-{form}-{tag}" for form in ("single", "json", "arrow")}
+        ensure_topics(bootstrap, {t: {"num_partitions": PARTITIONS} for t in topics.values()})
+        fill(
+            bootstrap,
+            topics["single"],
+            list(zip(stream.keys.tolist(), stream.payloads(), strict=True)),
+        )
+        batches = {form: stream.batches(BATCH, form) for form in ("json", "arrow")}
+        for form, records in batches.items():
+            fill(bootstrap, topics[form], records)
+        print(f"filled {total:,} readings; {len(batches['json']):,} batched records per form")
+
+        rates: dict[str, list[float]] = {}
+
+        def note(name: str, value: float) -> None:
+            rates.setdefault(name, []).append(value)
+            print(f"  {name}: {value:,.0f} readings/s", flush=True)
+
+        for repeat in range(args.repeats):
+            print(f"round {repeat + 1}")
+            for client in CLIENTS:
+                note(
+                    f"{client} consume",
+                    consume_rate(bootstrap, topics["single"], total, client, False),
+                )
+                note(
+                    f"{client} consume+decode",
+                    consume_rate(bootstrap, topics["single"], total, client, True),
+                )
+                rate, _ = worker_rate(
+                    bootstrap,
+                    topics["single"],
+                    total,
+                    model,
+                    f"{client}-{repeat}-{tag}",
+                    kafka_client=client,
+                )
+                note(f"worker {client}", rate)
+            for form in ("json", "arrow"):
+                count = len(batches[form])
+                rate, _ = worker_rate(
+                    bootstrap,
+                    topics[form],
+                    count,
+                    model,
+                    f"{form}-{repeat}-{tag}",
+                    kafka_client="confluent",
+                )
+                note(f"worker confluent, batches of {BATCH} ({form})", rate * total / count)
+            for n in (1, 2):
+                log = root / f"processes-{n}.log"
+                note(
+                    f"worker confluent --processes {n}",
+                    processes_rate(bootstrap, topics["single"], total, model, n, log),
+                )
+
+        median = {name: statistics.median(values) for name, values in rates.items()}
+        single = median["worker confluent"]
+        live = latency(
+            bootstrap,
+            model,
+            single / 2,
+            args.latency_seconds,
+            args.keys,
+            root,
+            kafka_client="confluent",
+        )
+        print(f"latency at {live['achieved_rate']:,.0f}/s: p99 {live['p99_ms']:.1f} ms")
+
+    ratios = {
+        f"worker {c} / its consume+decode": median[f"worker {c}"] / median[f"{c} consume+decode"]
+        for c in CLIENTS
+    }
+    ratios["worker confluent / worker kafka-python"] = single / median["worker kafka-python"]
+    ratios["processes 2 / processes 1"] = (
+        median["worker confluent --processes 2"] / median["worker confluent --processes 1"]
+    )
+    best_batched = max(
+        median[f"worker confluent, batches of {BATCH} ({f})"] for f in ("json", "arrow")
+    )
+    targets = {
+        "worker_at_least_0.8x_its_client_decode_ceiling": all(
+            ratios[f"worker {c} / its consume+decode"] >= 0.8 for c in CLIENTS
+        ),
+        "confluent_at_least_400k_readings_s": single >= 400_000,
+        "batched_at_least_2m_readings_s": best_batched >= 2_000_000,
+        "two_processes_at_least_1.8x_one": ratios["processes 2 / processes 1"] >= 1.8,
+        "p99_at_most_100ms_at_half_rate": live["p99_ms"] <= 100,
+    }
+    rows = [[name, value, min(rates[name]), max(rates[name])] for name, value in median.items()]
+    markdown = "\n".join(
+        [
+            "## Kafka clients, batched records and processes (real broker, CPU)",
+            "",
+            f"{total:,} readings, {args.keys} machines, {FEATURES} sensors, {PARTITIONS} "
+            f"partitions; batched topics hold the same readings {BATCH} to a record. Medians of "
+            f"{args.repeats} rounds, every measurement in every round.",
+            "",
+            md_table(["path", "readings/s (median)", "min", "max"], rows),
+            "",
+            md_table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in ratios.items()]),
+            "",
+            f"Latency at {live['achieved_rate']:,.0f} readings/s (half the single-process "
+            f"confluent rate): p50 **{live['p50_ms']:.1f} ms**, p99 **{live['p99_ms']:.1f} ms** "
+            f"({live['events']:,} events).",
+            "",
+            f"Targets met: {targets}",
+        ]
+    )
+    write_results(
+        args.out,
+        "clients_throughput",
+        {
+            "readings": total,
+            "rates": rates,
+            "median": median,
+            "ratios": ratios,
+            "latency": live,
+            "targets": targets,
+        },
+        markdown,
+    )
+    return 0 if all(targets.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""What the confluent-kafka client reads: a poll's messages kept as librdkafka gives them
+(`Records`, one per partition, read column-wise by the intake), records made only when asked for
+(`ConfluentRecord`), and the tail that reads topics outside any group (`ConfluentTail`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+
+from pipeline.kafka_io.confluent_sink import config
+from pipeline.kafka_io.protocols import Partition
+from pipeline.kafka_io.settings import KafkaConnection
+
+__all__ = ["ConfluentRecord", "ConfluentTail", "Records", "group"]
+
+log = logging.getLogger(__name__)
+# How often a tail looks for partitions of its topics that it has not assigned yet.
+TAIL_METADATA_S = 1.0
+
+
+class ConfluentRecord:
+    """One message as the `Record` protocol describes it (made only when asked for)."""
+
+    __slots__ = ("headers", "key", "offset", "partition", "timestamp", "topic", "value")
+
+    def __init__(self, message) -> None:
+        self.topic = message.topic()
+        self.partition = message.partition()
+        self.offset = message.offset()
+        self.key = message.key()
+        self.value = message.value()
+        self.headers = message.headers()
+        self.timestamp = message.timestamp()[1]
+
+    def __repr__(self) -> str:
+        return f"ConfluentRecord({self.topic}[{self.partition}]@{self.offset})"
+
+
+class Records(Sequence):
+    """A partition's messages of one poll, as a sequence of records; `columns()` gives their
+    keys, values and offsets as lists without making a record per message."""
+
+    __slots__ = ("messages",)
+
+    def __init__(self, messages: list) -> None:
+        self.messages = messages
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [ConfluentRecord(m) for m in self.messages[index]]
+        return ConfluentRecord(self.messages[index])
+
+    def columns(self) -> tuple[list, list, list]:
+        messages = self.messages
+        return (
+            [m.key() for m in messages],
+            [m.value() for m in messages],
+            [m.offset() for m in messages],
+        )
+
+
+def group(messages: list) -> dict[Partition, Records]:
+    """Messages by partition, in order; errors (other than the end of a partition) logged."""
+    out: dict[Partition, list] = {}
+    for message in messages:
+        error = message.error()
+        if error is not None:
+            if error.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer: %s", error)
+            continue
+        partition = (message.topic(), message.partition())
+        batch = out.get(partition)
+        if batch is None:
+            out[partition] = [message]
+        else:
+            batch.append(message)
+    return {p: Records(batch) for p, batch in out.items()}
+
+
+class ConfluentTail:
+    """Reads topics outside any consumer group, from their start or their end: every partition
+    of the topics is assigned, including partitions that appear later."""
+
+    def __init__(
+        self,
+        connection: KafkaConnection,
+        topics: Sequence[str],
+        *,
+        from_beginning: bool,
+        read_committed: bool,
+        client_id: str = "aewatch",
+    ) -> None:
+        conf = config(connection, client_id)
+        conf.update(
+            {
+                "group.id": "aewatch-tail",  # librdkafka wants one; no offsets are ever committed
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+                "fetch.wait.max.ms": 10,
+            }
+        )
+        self.consumer = Consumer(conf)
+        self.topics = list(topics)
+        self.start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+        self.assigned: set[Partition] = set()
+        self._looked = float("-inf")
+        self._look()
+
+    def _look(self) -> None:
+        self._looked = time.monotonic()
+        new = []
+        for topic in self.topics:
+            try:
+                metadata = self.consumer.list_topics(topic, timeout=5)
+            except KafkaException:
+                continue
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None:
+                continue
+            for p in found.partitions:
+                if (topic, p) not in self.assigned:
+                    new.append(TopicPartition(topic, p, self.start))
+                    self.assigned.add((topic, p))
+        if new:
+            self.consumer.incremental_assign(new)
+
+    def poll(self, timeout_ms: int) -> dict[Partition, Records]:
+        if time.monotonic() - self._looked > TAIL_METADATA_S:
+            self._look()
+        messages = self.consumer.consume(10000, timeout_ms / 1000.0)
+        return group(messages) if messages else {}
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -1,0 +1,153 @@
+"""Batched readings: many readings of one key in one record, decoded column-wise.
+
+Two forms (see the README's schema section):
+
+- columnar JSON: `{"key": "pump-7", "ts": [t0, t1, ...], "values": {"s1": [...], "s2": [...]}}`,
+  one list per feature, as long as `ts` (the JSON key may be left out: the message key stands in);
+- Apache Arrow IPC (stream format, starting with the continuation marker `FF FF FF FF`): a record
+  batch with a `ts` column (integer epoch ms, or a timestamp type) and one numeric column per
+  feature; the entity key is the message key, or a string `key` column holding one key.
+
+A batch is accepted or rejected as a whole, with the reasons of single readings: its timestamps
+must increase within the record (`out_of_order` otherwise), every feature must be present
+(`missing_feature`) and numeric (`schema_mismatch`), every value finite (`non_finite`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["ARROW_MAGIC", "ReadingBatch", "arrow_batch", "arrow_record", "columnar_batch"]
+
+ARROW_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream message starts with it; JSON never does
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class ReadingBatch(NamedTuple):
+    """Readings of one key: `ts` [n] int64 epoch ms, increasing; `values` [n, F] float64."""
+
+    key: str
+    ts: np.ndarray
+    values: np.ndarray
+
+
+def _checked(key: str, ts: np.ndarray, values: np.ndarray):
+    """The batch, or (reason, detail) of why it is refused."""
+    if len(ts) and (np.diff(ts) <= 0).any():
+        return "out_of_order", "timestamps within the batch must increase"
+    if not (np.abs(values) <= _FLOAT32_MAX).all():  # NaN compares False
+        return "non_finite", "a value is NaN, infinite or beyond float32"
+    return ReadingBatch(key, ts, values)
+
+
+def _timestamps(items: list):
+    """Epoch ms of a list of timestamps (int64 array), or the reason it is not one."""
+    from pipeline.modalities.readings import parse_timestamp_ms
+
+    array = np.asarray(items) if items else np.zeros(0, np.int64)
+    if array.ndim == 1 and array.dtype.kind == "i":
+        return array.astype(np.int64, copy=False)
+    try:
+        return np.array([parse_timestamp_ms(item) for item in items], np.int64)
+    except (ValueError, OverflowError, OSError, TypeError) as exc:
+        return ("bad_timestamp", str(exc)[:200])
+
+
+def _column(items, n: int):
+    """A feature's list as float64 [n], or the reason it is not one."""
+    if items.__class__ is not list or len(items) != n:
+        return "schema_mismatch", "each feature needs a list as long as 'ts'"
+    array = np.asarray(items)
+    if array.ndim != 1 or array.dtype.kind not in "if":
+        if array.dtype.kind == "O" and all(
+            x.__class__ is int or x.__class__ is float for x in items
+        ):  # integers beyond int64 beside floats: they are numbers, if not float32 ones
+            return np.array([float(x) if abs(x) < 1e308 else np.inf for x in items])
+        return "schema_mismatch", "feature values must be numbers"
+    return array.astype(np.float64, copy=False)
+
+
+def columnar_batch(features: tuple[str, ...], key: str, ts: list, values: dict):
+    """A columnar JSON batch (its `ts` and `values` already parsed), or (reason, detail)."""
+    stamps = _timestamps(ts)
+    if stamps.__class__ is tuple:
+        return stamps
+    if not len(stamps):
+        return "schema_mismatch", "an empty batch"
+    columns = []
+    for name in features:
+        items = values.get(name)
+        if items is None:
+            return "missing_feature", f"missing feature {name!r}"
+        column = _column(items, len(stamps))
+        if column.__class__ is tuple:
+            return column
+        columns.append(column)
+    return _checked(key, stamps, np.stack(columns, axis=1))
+
+
+def arrow_batch(features: tuple[str, ...], message_key: bytes | None, value: bytes):
+    """An Arrow IPC stream record, or (reason, detail)."""
+    import pyarrow as pa
+
+    try:
+        table = pa.ipc.open_stream(value).read_all()
+        table.validate(full=True)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        return "decode_error", f"not an Arrow IPC stream: {exc}"[:200]
+    names = table.column_names
+    if "ts" not in names:
+        return "bad_timestamp", "no 'ts' column"
+    if table.num_rows == 0:
+        return "schema_mismatch", "an empty batch"
+    key = _arrow_key(table, message_key)
+    if key.__class__ is tuple:
+        return key
+    ts = table.column("ts")
+    if pa.types.is_timestamp(ts.type):
+        ts = ts.cast(pa.timestamp("ms")).cast(pa.int64())
+    if not pa.types.is_integer(ts.type) or ts.null_count:
+        return "bad_timestamp", f"'ts' must be integer epoch ms or a timestamp, not {ts.type}"
+    columns = []
+    for name in features:
+        if name not in names:
+            return "missing_feature", f"missing feature {name!r}"
+        column = table.column(name)
+        kind = column.type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)) or column.null_count:
+            return "schema_mismatch", f"feature {name!r} must be numbers without nulls"
+        columns.append(column.to_numpy().astype(np.float64, copy=False))
+    return _checked(key, ts.to_numpy().astype(np.int64), np.stack(columns, axis=1))
+
+
+def _arrow_key(table, message_key: bytes | None):
+    if "key" in table.column_names:
+        keys = table.column("key").unique().to_pylist()
+        if len(keys) != 1 or keys[0].__class__ is not str:
+            return "schema_mismatch", "the 'key' column must hold one string key"
+        key = keys[0]
+        if message_key is not None and message_key != key.encode():
+            return "schema_mismatch", "'key' column differs from the message key"
+        return key
+    if not message_key:
+        return "schema_mismatch", "no entity key (a 'key' column or the message key)"
+    try:
+        return message_key.decode()
+    except UnicodeDecodeError:
+        return "schema_mismatch", "message key is not UTF-8"
+
+
+def arrow_record(ts: np.ndarray, values: np.ndarray, features) -> bytes:
+    """An Arrow IPC stream of one record batch: `ts` and one float64 column per feature."""
+    import pyarrow as pa
+
+    columns = {"ts": pa.array(np.asarray(ts, np.int64))}
+    for i, name in enumerate(features):
+        columns[name] = pa.array(np.asarray(values[:, i], np.float64))
+    batch = pa.RecordBatch.from_pydict(columns)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()

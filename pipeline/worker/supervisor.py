@@ -1,0 +1,117 @@
+"""`aewatch worker --processes N`: N group members on one machine, one process each.
+
+One Python process decodes and windows about as fast as one core allows; a machine with more
+cores (and one GPU that scores far more windows than one process feeds it) runs several members
+of the same consumer group. Each child is `aewatch worker` with the same settings and
+`--processes 1`, its own Kafka client, its own model copy on the same device (scoring stays
+batched per process), and what must differ per member made distinct: the client id, a static
+group instance id and the transactional id get the suffix `-i`, a fixed HTTP port becomes
+`port + i`.
+
+The supervisor forwards SIGTERM and SIGINT to its children, which finish their batch,
+checkpoint and leave the group, and waits for them. A child that fails ends the others (the
+orchestrator restarts the whole set); children exit with the supervisor should it be killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+from pipeline.settings import secret_variables
+from pipeline.worker.settings import WorkerSettings
+
+__all__ = ["member_settings", "supervise"]
+
+log = logging.getLogger(__name__)
+# How long children may take to checkpoint and leave after SIGTERM before they are killed.
+STOP_GRACE_S = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+def member_settings(settings: WorkerSettings, index: int) -> WorkerSettings:
+    """The settings of child `index`: one process, and its own ids and port."""
+    kafka, changes = settings.kafka, {"processes": 1}
+    changes["client_id"] = f"{kafka.client_id}-{index}"
+    if kafka.group_instance_id:
+        changes["group_instance_id"] = f"{kafka.group_instance_id}-{index}"
+    if kafka.exactly_once:
+        changes["transactional_id"] = f"{kafka.transactional_id_value}-{index}"
+    if settings.http.http_port > 0:
+        changes["http_port"] = settings.http.http_port + index
+    return settings.replace(**changes)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def supervise(
+    settings: WorkerSettings, environ: Mapping[str, str], *, log_format: str = "text"
+) -> int:
+    """Run `settings.loop.processes` members until they all stop; their worst exit status."""
+    from pipeline.worker.cli import worker_command
+
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def _stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for index in range(settings.loop.processes):
+            member = member_settings(settings, index)
+            env = {**environ, **secret_variables(member)}
+            children.append(
+                subprocess.Popen(
+                    worker_command(member, log_format=log_format),
+                    env=env,
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                )
+            )
+            log.info("member %d started (pid %d)", index, children[-1].pid)
+        return _wait(children, lambda: stopping, _stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _reap(children)
+
+
+def _wait(children: list[subprocess.Popen], stopping, stop) -> int:
+    worst = 0
+    while any(child.poll() is None for child in children):
+        for index, child in enumerate(children):
+            code = child.poll()
+            if code is not None and code != 0 and not stopping():
+                log.error("member %d (pid %d) exited with %d: stopping all", index, child.pid, code)
+                stop(signal.SIGTERM, None)
+        time.sleep(0.2)
+    for index, child in enumerate(children):
+        log.info("member %d (pid %d) exited with %d", index, child.pid, child.returncode)
+        worst = worst or child.returncode
+    return worst
+
+
+def _reap(children: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

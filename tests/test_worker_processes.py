@@ -1,0 +1,113 @@
+"""`aewatch worker --processes N` against the real broker: N members of one group share the
+partitions and score every window; SIGTERM to the supervisor stops every child cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import orjson
+import pytest
+
+from pipeline.worker.cli import worker_command
+from pipeline.worker.supervisor import member_settings
+from tests.kafka_support import consume, names, produce, stream_items, worker_settings
+from tests.worker_support import flags_by_window, fleet, train_fleet_detector
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_fleet_detector(tmp_path_factory.mktemp("fleet"))
+
+
+def _pids(text: str) -> list[int]:
+    return [int(p) for p in re.findall(r"member \d+ started \(pid (\d+)\)", text)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_members_get_distinct_ids_and_ports(trained):
+    settings = worker_settings(
+        "127.0.0.1:1",
+        names("ids"),
+        trained.artifact_dir,
+        processes=3,
+        exactly_once=True,
+        group_instance_id="pod-a",
+        http_port=9000,
+    )
+    members = [member_settings(settings, i) for i in range(3)]
+    assert [m.loop.processes for m in members] == [1, 1, 1]
+    assert len({m.kafka.transactional_id_value for m in members}) == 3
+    assert len({m.kafka.group_instance_id for m in members}) == 3
+    assert [m.http.http_port for m in members] == [9000, 9001, 9002]
+
+
+def test_two_processes_share_the_partitions_and_score_every_window(
+    kafka_bootstrap, create_topic, trained, tmp_path
+):
+    topics = names("procs")
+    create_topic(topics["input"], partitions=4)
+    stream = fleet(seed=8, keys=6, readings_per_key=800)
+    produce(kafka_bootstrap, topics["input"], stream_items(stream))
+    settings = worker_settings(
+        kafka_bootstrap,
+        topics,
+        trained.artifact_dir,
+        emit_all=True,
+        processes=2,
+        stop_after_idle_s=6.0,
+        commit_interval_ms=300,
+    )
+    log = tmp_path / "supervisor.log"
+    with open(log, "wb") as out:
+        code = subprocess.run(
+            worker_command(settings), stdout=out, stderr=subprocess.STDOUT, timeout=400
+        ).returncode
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert len(_pids(text)) == 2
+    windows, _, _ = flags_by_window(stream, trained.detector)
+    events = [orjson.loads(r.value) for r in consume(kafka_bootstrap, topics["output"])]
+    assert len({e["id"] for e in events}) == len(windows), "every window scored"
+    assert text.count("stopped: ") == 2
+
+
+def test_sigterm_stops_every_member_cleanly(kafka_bootstrap, create_topic, trained, tmp_path):
+    topics = names("procterm")
+    create_topic(topics["input"], partitions=2)
+    produce(kafka_bootstrap, topics["input"], stream_items(fleet(seed=9, readings_per_key=300)))
+    settings = worker_settings(
+        kafka_bootstrap, topics, trained.artifact_dir, processes=2, stop_after_idle_s=0.0
+    )
+    log = tmp_path / "supervisor.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(worker_command(settings), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while log.read_text().count('"msg": "assigned [(') < 2:  # both members joined
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the members did not start"
+            time.sleep(0.3)
+        time.sleep(2)
+        pids = _pids(log.read_text())
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count('"msg": "stopped: ') == 2, "each member finished and left"
+    assert not any(_alive(p) for p in pids)
