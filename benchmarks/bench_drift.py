@@ -1,8 +1,8 @@
 """False drift events on stationary streams, and the statistic on shifted ones.
 
 A detector is trained on the normal history of a simulated fleet (the worker tests' generator);
-its next readings, with no injected anomaly, are the stationary streams (`--seeds` placements of
-the fleet's future), and the same readings with every sensor moved by 0.5, 1 and 1.5 of its
+its next readings, with no injected anomaly, are the stationary streams (`--seeds` successive
+stretches of the fleet's future, `--readings` per machine each), and the same readings with every sensor moved by 0.5, 1 and 1.5 of its
 standard deviation after the first third are the shifted ones. Each stream is scored by the
 detector and fed, in batches of 16 windows per key as the worker would, to the worker's drift
 stage (`pipeline.worker.drift.DriftStage`, `drift_window` 500). Reported: drift events per hour of
@@ -54,8 +54,8 @@ def _detector(root: Path):
 
 def _scores(detector, seed: int, readings: int, shift: float) -> dict[str, np.ndarray]:
     stream = simulate_fleet(
-        keys=KEYS, readings_per_key=readings, features=FEATURES, anomalies=(), skip=HISTORY,
-        anomaly_seed=seed, warmup=100,
+        keys=KEYS, readings_per_key=readings, features=FEATURES, anomalies=(),
+        skip=HISTORY + (seed - 1) * readings, warmup=100,
     )  # fmt: skip
     out = {}
     for key in sorted(set(stream.keys.tolist())):

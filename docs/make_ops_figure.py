@@ -62,7 +62,8 @@ def _train(root: Path) -> Path:
     write_csv(root / "history.csv", history)
     args = ["train", "--data", str(root / "history.csv"), "--time-col", "ts", "--key-col", "key"]
     args += ["--window", "16", "--stride", "4", "--epochs", "10", "--out", str(root / "det")]
-    args += ["--no-progress", "--device", "cpu", "--tracking-uri", f"sqlite:///{root}/m.db"]
+    args += ["--label-col", "label", "--no-progress", "--device", "cpu"]
+    args += ["--tracking-uri", f"sqlite:///{root}/m.db"]
     assert main(args) == 0
     return root / "det"
 
