@@ -46,6 +46,32 @@ def test_a_restart_at_any_reading_gives_the_uninterrupted_windows(length, stride
             )
 
 
+@pytest.mark.parametrize(("length", "stride", "per_record"), [(16, 4, 7), (8, 8, 100), (5, 1, 3)])
+def test_a_restart_after_any_batched_record_gives_the_uninterrupted_windows(
+    length, stride, per_record
+):
+    """Readings of a batched record share its offset: the record is read again from there and
+    the readings of it that were taken before are skipped by their timestamp."""
+    spec = WindowSpec(length, stride)
+    n = 210
+    rng = np.random.default_rng(length + per_record)
+    ts = np.arange(n, dtype=np.int64) * 1000
+    values = rng.normal(size=(n, 2)).astype(np.float32)
+    offsets = np.arange(n, dtype=np.int64) // per_record
+    full = _push(StreamWindower(spec, 2), ts, values, offsets)
+    full_ends = np.concatenate(full.end_ts)
+    for cut in range(per_record, n, per_record):  # a member stops after a whole record
+        first = StreamWindower(spec, 2)
+        before = _push(first, ts[:cut], values[:cut], offsets[:cut])
+        saved = decode_state(encode_state({"resume": first.resume_points(PARTITION)}))["resume"]
+        resumed = StreamWindower(spec, 2)
+        resumed.restore(PARTITION, saved)
+        start = int(np.searchsorted(offsets, saved["k"][1]))  # the whole record, again
+        after = _push(resumed, ts[start:], values[start:], offsets[start:])
+        ends = np.concatenate(before.end_ts + after.end_ts)
+        assert np.array_equal(ends, full_ends), f"cut {cut}: windows lost, moved or repeated"
+
+
 def test_restored_keys_hold_the_commit_until_their_readings_are_read_again():
     spec = WindowSpec(16, 4)
     ts = np.arange(200, dtype=np.int64) * 1000
