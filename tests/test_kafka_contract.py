@@ -176,6 +176,15 @@ def test_the_state_topic_gives_the_latest_value_of_each_key(kafka_bootstrap, kaf
     assert client.read_latest(topic) == {b"a": b"3", b"b": b"2"}
     assert client.read_latest(topic, keys=[b"b", b"c"]) == {b"b": b"2"}
     assert client.read_latest(_topic("absent")) == {}
+    every = client.read_all(topic)  # every record, tombstones too, in each partition's order
+    assert sorted((r.partition, r.offset, r.key, r.value) for r in every) == [
+        (0, 0, b"a", b"1"),
+        (0, 1, b"a", b"3"),
+        (1, 0, b"b", b"2"),
+        (2, 0, b"c", b"4"),
+        (2, 1, b"c", None),
+    ]
+    assert client.read_all(_topic("absent")) == []
 
 
 def test_dead_letter_headers_arrive_as_sent(kafka_bootstrap, kafka_client):

@@ -306,6 +306,30 @@ class ConfluentClient:
             client_id=self.settings.client_id,
         )
 
+    def read_all(self, topic: str, timeout_s: float = 60.0) -> list:
+        """Every record of a topic, from its start to its end when called (partition order)."""
+        tail = ConfluentTail(self.connection, [topic], from_beginning=True, read_committed=True)
+        consumer = tail.consumer
+        try:
+            end = {}
+            for partition in tail.assigned:
+                _, high = consumer.get_watermark_offsets(TopicPartition(*partition), timeout=10)
+                if high > 0:
+                    end[partition] = high
+            limit, out = dict(end), []
+            deadline = time.monotonic() + timeout_s
+            while end:
+                if time.monotonic() > deadline:
+                    raise KafkaException(f"reading {topic} did not finish in {timeout_s:.0f}s")
+                for partition, records in tail.poll(500).items():
+                    out.extend(r for r in records if r.offset < limit.get(partition, 0))
+                for tp in consumer.position([TopicPartition(*p) for p in list(end)]):
+                    if tp.offset >= end[(tp.topic, tp.partition)]:
+                        del end[(tp.topic, tp.partition)]
+            return out
+        finally:
+            consumer.close()
+
     def read_latest(
         self, topic: str, keys: Iterable[bytes] | None = None, timeout_s: float = 30.0
     ) -> dict[bytes, bytes]:
