@@ -14,8 +14,9 @@ PSI is about 9 / window for independent scores, more for overlapping windows; 0.
 as a moderate shift and 0.25 as a large one.
 
 The calibration sample is the fleet's: a machine that is steadier or noisier than the fleet has a
-per-key PSI well above zero without any change (0.02 to 1.4 over the machines of a stationary
-simulated fleet, windows of 500), while the pooled PSI stays near 9 / window (at most 0.053 there).
+per-key PSI well above zero without any change (up to 1.74 over the machines of stationary
+simulated fleets, windows of 500), while the pooled PSI stays near 9 / window (at most 0.032
+there; `benchmarks/bench_drift.py`).
 So the pooled PSI reaching `drift_psi` emits a drift event, and a key's only if `drift_key_psi`
 is set (a limit chosen for the fleet); one event per crossing, re-armed once the PSI falls below
 half its limit. Each key's reservoir and whether it is drifting
