@@ -91,6 +91,7 @@ bench: setup
 	$(PY) -m benchmarks.bench_skab --skab $(SKAB_DIR) --out results || status=1; \
 	$(PY) -m benchmarks.bench_nab --nab $(NAB_DIR) --seeds $(NAB_SEEDS) --out results || status=1; \
 	$(PY) -m benchmarks.bench_fleet --skab $(SKAB_DIR) --out results || status=1; \
+	$(PY) -m benchmarks.bench_demo --out results || status=1; \
 	$(PY) -m benchmarks.bench_worker --out results || status=1; \
 	$(PY) -m benchmarks.bench_clients --out results || status=1; \
 	$(PY) -m benchmarks.bench_scaleout --out results || status=1; \

@@ -58,6 +58,8 @@ def score_window_set(
             frame["is_anomaly"] = adaptive.surprise >= stream.threshold
     top = detector.top_features(scored.per_feature, top_k) if len(frame) else []
     frame["top_features"] = [",".join(names) for names in top]
+    if scored.terms is not None:  # the terms score: which term weighed most for each of them
+        frame["top_terms"] = [",".join(terms) for terms in detector.top_terms(scored, top_k)]
     if model is not None:
         end_ms = pd.to_datetime(frame["window_end"]).to_numpy().astype("datetime64[ms]")
         frame["event_id"] = [

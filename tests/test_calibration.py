@@ -48,8 +48,7 @@ def test_pot_estimates_the_tail_better_than_the_quantile_when_n_is_small():
 
 def test_pot_reaches_risk_levels_below_one_over_n():
     sample = np.random.default_rng(3).exponential(size=300)
-    with pytest.raises(CalibrationError, match="needs at least 999 calibration windows"):
-        _calibrate("quantile", sample, target_fpr=0.001)
+    assert _calibrate("quantile", sample, target_fpr=0.001).params["rule"] == "tail"
     rng = np.random.default_rng(4)
     true_fprs = [
         np.exp(
@@ -93,9 +92,9 @@ def test_f1_separates_labelled_calibration_data():
     assert threshold.n == 500, "only normal scores feed the p-values"
 
 
-@pytest.mark.parametrize("method,n", [("quantile", 50), ("pot", 100), ("mad", 5)])
+@pytest.mark.parametrize("method,n", [("quantile", 7), ("pot", 100), ("mad", 5)])
 def test_too_few_calibration_windows_is_an_error(method, n):
-    with pytest.raises(CalibrationError, match="needs at least"):
+    with pytest.raises(CalibrationError, match="needs at least|are needed"):
         _calibrate(method, np.random.default_rng(0).exponential(size=n), target_fpr=0.01)
 
 

@@ -2,13 +2,17 @@
 
 Each calibrator is an accumulator: `update(scores[, labels])` as often as needed, then `compute()`
 returns a calibrated `Threshold` that keeps a sorted sample of the calibration scores for conformal
-p-values. Too little data for a method is an error, never a silent fallback. Given a split's scores
+p-values. Too little data for a method is an error, never a silent fallback (the quantile's
+tail fallback is logged, and recorded with the threshold). Given a split's scores
 with its labels (`update_split`), a calibrator takes what its method needs: the scores of normal
 windows only, or (`f1`) every window with its label. `calibrate` is the training job's and
 `aewatch recalibrate`'s one way to a threshold.
 
 - `quantile`: the conformal (1 - target_fpr) quantile: the ceil((n + 1)(1 - a))-th smallest score,
-  which bounds the false-positive rate of a new normal window by a (needs n >= 1/a - 1).
+  which bounds the false-positive rate of a new normal window by a (needs n >= 1/a - 1). With
+  fewer (but at least `MIN_WINDOWS`) windows, the (1 - a) quantile of an exponential tail fitted
+  to the upper half of the log scores, never below the largest score, with a logged warning that
+  gives the tail model's estimated false-positive rate (`params["rule"] == "tail"`).
 - `pot`: peaks over threshold. A generalised Pareto distribution is fitted (scipy) to the excesses
   above an initial quantile; the threshold is where its tail probability equals target_fpr, which
   reaches risk levels far below 1/n.
@@ -19,6 +23,7 @@ windows only, or (`f1`) every window with its label. `calibrate` is the training
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 
@@ -32,6 +37,7 @@ __all__ = [
     "CalibrationSettings",
     "FprEstimate",
     "MAX_STORED_SCORES",
+    "MIN_WINDOWS",
     "calibrate",
     "estimate_fpr",
     "make_calibrator",
@@ -39,6 +45,9 @@ __all__ = [
 
 CALIBRATION_METHODS = ("quantile", "pot", "mad", "f1")
 MAX_STORED_SCORES = 20_000
+MIN_WINDOWS = 8  # fewest calibration windows the quantile's tail fallback takes
+_TINY = 1e-12
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,10 @@ class _Calibrator:
 
 
 class QuantileCalibrator(_Calibrator):
+    """The conformal quantile; on a short history (fewer windows than it needs, at least
+    `MIN_WINDOWS`) an exponential tail fitted to the upper half of the log scores (a Pareto
+    tail of the scores), never below their maximum, with a logged warning."""
+
     method = "quantile"
 
     def __init__(self, target_fpr: float) -> None:
@@ -123,13 +136,55 @@ class QuantileCalibrator(_Calibrator):
     def _threshold(self, scores: np.ndarray) -> tuple[float, dict]:
         n, alpha = len(scores), self.target_fpr
         rank = math.ceil((n + 1) * (1 - alpha))
-        if rank > n:
-            need = math.ceil(1 / alpha) - 1
+        need = math.ceil(1 / alpha) - 1
+        if rank <= n:
+            return float(np.sort(scores)[rank - 1]), {"target_fpr": alpha}
+        if n < MIN_WINDOWS:
             raise CalibrationError(
-                f"quantile at target FPR {alpha:g} needs at least {need} calibration windows, "
-                f"got {n}"
+                f"the calibration split has {n} windows; at least {MIN_WINDOWS} are needed even "
+                f"for the tail fallback (a quantile at target FPR {alpha:g} needs {need})"
             )
-        return float(np.sort(scores)[rank - 1]), {"target_fpr": alpha}
+        median, scale = _exponential_tail(scores)
+        tail = math.exp(median + scale * math.log(0.5 / alpha))
+        value = max(tail, float(scores.max()))
+        estimate = _tail_fpr(median, scale, scores, value * self.margin)
+        log.warning(
+            "calibration: %d windows, fewer than the %d a quantile at target FPR %g needs; the "
+            "threshold %.4g comes from an exponential tail of the log scores (x margin %g): "
+            "estimated false-positive rate %.2g (tail model, assuming these windows cover "
+            "normal operation; at most %.2g for the calibration maximum alone). More normal "
+            "data, or `aewatch recalibrate` later, gives the quantile.",
+            n,
+            need,
+            alpha,
+            value * self.margin,
+            self.margin,
+            estimate,
+            1.0 / (n + 1),
+        )
+        return value, {
+            "target_fpr": alpha,
+            "rule": "tail",
+            "needed_for_quantile": need,
+            "tail_log_median": median,
+            "tail_log_scale": scale,
+            "estimated_fpr": estimate,
+            "fpr_bound_at_max": 1.0 / (n + 1),
+        }
+
+
+def _exponential_tail(scores: np.ndarray) -> tuple[float, float]:
+    """(median of log s, mean excess of log s over it): an exponential tail of log scores."""
+    logs = np.log(np.maximum(scores, _TINY))
+    median = float(np.median(logs))
+    above = logs[logs > median] - median
+    return median, max(float(above.mean()) if len(above) else 0.0, 1e-6)
+
+
+def _tail_fpr(median: float, scale: float, scores: np.ndarray, threshold: float) -> float:
+    """P(score > threshold) under that tail (the empirical rate below the median)."""
+    z = math.log(max(threshold, _TINY)) - median
+    return 0.5 * math.exp(-z / scale) if z > 0 else float(np.mean(scores > threshold))
 
 
 class PotCalibrator(_Calibrator):

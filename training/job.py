@@ -22,18 +22,25 @@ from pathlib import Path
 import torch
 
 from pipeline.detector import Detector, ModelConfig, build_model, save_detector
-from pipeline.errors import ConfigError, DataError
-from training.calibrate import CalibrationSettings, FprEstimate, calibrate, estimate_fpr
+from pipeline.errors import CalibrationError, ConfigError, DataError
+from training.calibrate import (
+    MIN_WINDOWS,
+    CalibrationSettings,
+    FprEstimate,
+    calibrate,
+    estimate_fpr,
+)
 from training.data.columns import FILL_POLICIES
 from training.data.images import is_image_source
 from training.data.out_of_core import prepare_streamed
 from training.data.prepared import prepare_images, prepare_series, scaler_kind
-from training.data.splits import Splits, SplitScores, check_fractions
+from training.data.splits import PARTS, Splits, SplitScores, calibration_hints, check_fractions
 from training.data.streamed import STREAM_FILL_POLICIES
 from training.distributed import RankContext
 from training.fit import Callback, FitConfig, FitResult, fit, validation_loss
 from training.fpr_check import FprCheck, check_fpr, window_of
 from training.objectives import make_objective
+from training.score_stats import check_score, fit_stats, score_mode
 
 __all__ = [
     "CalibrationSettings",
@@ -75,6 +82,11 @@ class TrainSettings:
     fit: FitConfig = field(default_factory=FitConfig)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     point_rule: str = "end"
+    # the score: auto (terms for series, raw for images), raw or terms; terms' aggregation
+    score: str = "auto"
+    score_aggregation: str = "max"
+    # default --window and --fractions: a series too short for them gets a plan that fits
+    adapt_split: bool = False
     device: str = "auto"
     # data larger than memory
     out_of_core: bool = False
@@ -100,6 +112,14 @@ class TrainSettings:
         if self.out_of_core:
             self._check_out_of_core()
         check_scale(self, distributed=False)
+        check_score(self.score, self.score_aggregation, image=self.is_image, config=self.model)
+
+    @property
+    def is_image(self) -> bool:
+        """Whether the data are images (`input_kind`, or what `data` looks like)."""
+        if self.input_kind == "auto":
+            return is_image_source(self.data)
+        return self.input_kind == "image"
 
     def check_out(self) -> None:
         """`out` can take the artifact: not a file, not a finished detector folder unless
@@ -191,6 +211,7 @@ class TrainResult:
             "train_loss": self.fit.train_losses[-1] if self.fit.train_losses else None,
             "val_loss": self.fit.val_losses[-1] if self.fit.val_losses else None,
             "windows_per_second": _finite_or_none(self.fit.windows_per_second),
+            "score": self.detector.score_mode,
             "threshold": self.detector.threshold.value,
             "calibration": self.detector.threshold.method,
             "fpr_estimate": self.fpr_estimate.to_dict() if self.fpr_estimate else None,
@@ -211,12 +232,7 @@ def prepare(settings: TrainSettings) -> Splits:
         if not settings.time_col:
             raise ConfigError("time_col", "series data needs --time-col")
         return prepare_streamed(settings, scaler_kind(settings, image=False))
-    image = (
-        is_image_source(settings.data)
-        if settings.input_kind == "auto"
-        else settings.input_kind == "image"
-    )
-    return prepare_images(settings) if image else prepare_series(settings)
+    return prepare_images(settings) if settings.is_image else prepare_series(settings)
 
 
 def train(
@@ -286,7 +302,11 @@ def train(
         info["fit"]["world_size"] = context.world_size
     baselines = getattr(data, "baselines", None)
     detector = Detector(data.input, data.scaler, config, model, info=info, baselines=baselines)
-    detector.threshold = calibrate(detector, data, settings.calibration)
+    mode = score_mode(settings.score, image=data.input.kind == "image", config=config)
+    if mode == "terms":
+        detector.score_stats = fit_stats(detector, data, settings.score_aggregation)
+    info["score"] = {"mode": mode, "aggregation": settings.score_aggregation}
+    detector.threshold = _calibrate(detector, data, settings)
     # the test split is scored once, for the FPR estimate and the evaluation alike
     test = data.split_scores(detector, "test") if data.has("test") else None
     fpr = _estimate_fpr(detector, test)
@@ -318,6 +338,23 @@ def _check_fpr(detector: Detector, fpr: FprEstimate | None) -> FprCheck | None:
     if check.far_above:
         log.warning(check.message())
     return check
+
+
+def _calibrate(detector: Detector, data: Splits, settings: TrainSettings):
+    """`calibrate`, whose refusal for too few windows names the flags that would work."""
+    try:
+        return calibrate(detector, data, settings.calibration)
+    except CalibrationError as exc:
+        table = getattr(data, "table", None)
+        if table is None or not any(word in str(exc) for word in ("windows", "empty")):
+            raise
+        key_rows = [len(positions) for _, positions in table._group_positions()]
+        window = data.input.window
+        fractions = settings.fractions
+        if settings.adapt_split:  # what the plan gave, recovered from the parts' sizes
+            fractions = tuple(len(data.tables[p]) / max(len(table), 1) for p in PARTS)
+        hint = calibration_hints(key_rows, window.length, window.stride, fractions, MIN_WINDOWS)
+        raise CalibrationError(f"{exc}; {hint}") from exc
 
 
 def _estimate_fpr(detector: Detector, test: SplitScores | None) -> FprEstimate | None:

@@ -10,6 +10,11 @@ hash that is missing, null or not 64 hex digits is refused like one that differs
 whitespace, so reformatting does not change it, any value does) and the weights' bytes. A
 registered version carries it as a tag (`aewatch.artifact_sha256`) and every registry loader
 passes it as `expected_digest`, so an edited threshold or scaler is refused as tampered weights are.
+
+The manifest also holds the score statistics of the `terms` score (with their own SHA-256). A
+detector with them is written as format version 2, so that a reader of version 1 (which would
+score it with the raw mean error against a threshold made for the terms) refuses it; a raw
+detector stays version 1.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pipeline.detector.baselines import KeyStats
 from pipeline.detector.detector import Detector, InputSpec
 from pipeline.detector.models import ModelConfig, build_model
 from pipeline.detector.scaler import Scaler
+from pipeline.detector.scoring import ScoreStats
 from pipeline.detector.threshold import Threshold
 from pipeline.errors import ArtifactError, ConfigError, ModelError
 
@@ -45,7 +51,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "aewatch-detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reads and writes; 2 adds the `score` statistics
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.pt"
 
@@ -98,12 +104,13 @@ def save_detector(detector: Detector, directory: str | Path) -> Path:
     torch.save(state, staged)
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1 if detector.score_stats is None else FORMAT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "aewatch_version": __version__,
         "input": detector.input.to_dict(),
         "scaler": detector.scaler.to_dict(),
         "model": detector.config.to_dict(),
+        "score": None if detector.score_stats is None else detector.score_stats.to_dict(),
         "threshold": detector.threshold.to_dict(),
         "training": detector.info,
         **({"baselines": detector.baselines.to_dict()} if detector.baselines else {}),
@@ -168,6 +175,8 @@ def load_detector(
         scaler = Scaler.from_dict(manifest["scaler"])
         config = ModelConfig.from_dict(manifest["model"])
         threshold = Threshold.from_dict(manifest.get("threshold") or {})
+        score = manifest.get("score")
+        stats = ScoreStats.from_dict(score) if score is not None else None
         weights_meta = dict(manifest["weights"])
     except (KeyError, TypeError, ValueError, ConfigError, ModelError) as exc:
         raise ArtifactError(f"{directory}: manifest is incomplete or invalid: {exc}") from exc
@@ -228,7 +237,17 @@ def load_detector(
             baselines = KeyStats.from_dict(manifest["baselines"], input_spec.n_scaled)
         except ArtifactError as exc:
             raise ArtifactError(f"{directory}: {exc}", reason=exc.reason) from exc
-    detector = Detector(
-        input_spec, scaler, config, model, threshold, manifest.get("training", {}), baselines
-    )
+    try:
+        detector = Detector(
+            input_spec,
+            scaler,
+            config,
+            model,
+            threshold,
+            manifest.get("training", {}),
+            baselines,
+            score_stats=stats,
+        )
+    except ModelError as exc:
+        raise ArtifactError(f"{directory}: {exc}") from exc
     return detector.to(device)

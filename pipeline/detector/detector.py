@@ -18,10 +18,17 @@ from pipeline.detector.baselines import KeyStats, window_scaling
 from pipeline.detector.calendar import CALENDAR_KINDS, calendar_names
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scaler import Scaler
-from pipeline.detector.scoring import Scores, score_tensor
+from pipeline.detector.scoring import (
+    TERMS,
+    Scores,
+    ScoreStats,
+    score_parts,
+    term_statistics,
+    window_errors,
+)
 from pipeline.detector.threshold import Threshold
 from pipeline.detector.windows import WindowSpec
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, ModelError
 
 __all__ = ["Detector", "InputSpec", "resolve_device"]
 
@@ -108,6 +115,10 @@ class InputSpec:
         )
 
 
+def _host(t: torch.Tensor) -> np.ndarray:
+    return (t.float() if t.is_floating_point() else t).cpu().numpy()
+
+
 @dataclass
 class Detector:
     input: InputSpec
@@ -117,10 +128,21 @@ class Detector:
     threshold: Threshold = field(default_factory=Threshold.uncalibrated)
     info: dict = field(default_factory=dict)
     baselines: KeyStats | None = None  # per-key statistics (`pipeline.detector.baselines`)
+    score_stats: ScoreStats | None = None  # the `terms` score; None: the raw mean error
     _scaling_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.model.eval()
+        stats = self.score_stats
+        if stats is not None and (
+            self.input.kind != "series" or stats.n_features != len(self.input.features)
+        ):
+            raise ModelError("the terms score needs a series detector with one column per feature")
+
+    @property
+    def score_mode(self) -> str:
+        """`terms` when the detector scores with per-feature terms, else `raw`."""
+        return "raw" if self.score_stats is None else "terms"
 
     @property
     def device(self) -> torch.device:
@@ -159,29 +181,14 @@ class Detector:
         detector's scaler for keys not seen in training); None when no key has its own."""
         return window_scaling(self.baselines, self.scaler.center, self.scaler.scale, keys)
 
-    def score(
-        self,
-        raw: np.ndarray,
-        *,
-        batch_size: int = 8192,
-        attribution: bool = True,
-        scaling: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> Scores:
-        """Score raw (unscaled) windows or images in batches of `batch_size`.
-
-        Scaling happens on the model's device, batch by batch: the same float32 arithmetic as
-        `Scaler.transform`, without a scaled copy of the whole input on the host. `scaling`,
-        per-window (center, scale) [N, F] of series windows, replaces the detector's scaler
-        (per-key baselines); with the scaler's own values it gives the same scores bit for bit."""
-        raw = np.ascontiguousarray(raw, dtype=np.float32)
+    def _batches(self, raw: np.ndarray, batch_size: int, scaling=None):
+        """Scaled batches of raw windows or images on the model's device: the same float32
+        arithmetic as `Scaler.transform`, without a scaled copy of the whole input on the host.
+        `scaling`, per-window (center, scale) [N, F] of series windows, replaces the scaler."""
         if raw.shape[1:] != self.input.sample_shape:
             raise DataError(
                 f"expected inputs of shape {self.input.sample_shape}, got {raw.shape[1:]}"
             )
-        if len(raw) == 0:
-            empty = np.zeros(0)
-            return Scores(empty, None, None, None)
-        parts: list[tuple] = []
         device = self.device
         center, scale = self._scaling(device)
         if scaling is not None:
@@ -190,24 +197,70 @@ class Detector:
                 a.shape != (len(raw), raw.shape[2]) for a in rows
             ):
                 raise DataError("per-window scaling needs [N, F] centers and scales of windows")
+        for start in range(0, len(raw), batch_size):
+            batch = torch.from_numpy(raw[start : start + batch_size]).to(device)
+            if scaling is not None:
+                center, scale = (
+                    torch.from_numpy(a[start : start + batch_size]).to(device)[:, None, :]
+                    for a in rows
+                )
+            yield (batch - center) / scale
+
+    def score(
+        self,
+        raw: np.ndarray,
+        *,
+        batch_size: int = 8192,
+        attribution: bool = True,
+        scaling: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> Scores:
+        """Score raw (unscaled) windows or images in batches of `batch_size`, with the score
+        the detector was trained with (`score_mode`).
+
+        Scaling happens on the model's device, batch by batch. `scaling`, per-window (center,
+        scale) [N, F] of series windows, replaces the detector's scaler (per-key baselines);
+        with the scaler's own values it gives the same scores bit for bit."""
+        raw = np.ascontiguousarray(raw, dtype=np.float32)
+        parts: list[tuple] = []
         with torch.inference_mode():
-            for start in range(0, len(raw), batch_size):
-                batch = torch.from_numpy(raw[start : start + batch_size]).to(device)
-                if scaling is not None:
-                    center, scale = (
-                        torch.from_numpy(a[start : start + batch_size]).to(device)[:, None, :]
-                        for a in rows
-                    )
-                x = (batch - center) / scale
-                out = score_tensor(self.model, self.config, x, attribution=attribution)
-                parts.append(tuple(None if t is None else t.float().cpu().numpy() for t in out))
+            for x in self._batches(raw, batch_size, scaling):
+                out = score_parts(
+                    self.model, self.config, x, attribution=attribution, stats=self.score_stats
+                )
+                parts.append(tuple(None if t is None else _host(t) for t in out))
+        if not parts:
+            return Scores(np.zeros(0), None, None, None)
         scores = np.concatenate([p[0] for p in parts]).astype(np.float64)
         if not attribution:
             return Scores(scores)
-        first = np.concatenate([p[1] for p in parts])
+        first = np.concatenate([p[1] for p in parts]).astype(np.float32)
         if self.input.kind == "image":
             return Scores(scores, pixel_map=first)
-        return Scores(scores, per_feature=first, per_step=np.concatenate([p[2] for p in parts]))
+        step = np.concatenate([p[2] for p in parts]).astype(np.float32)
+        if self.score_stats is None:
+            return Scores(scores, per_feature=first, per_step=step)
+        terms = np.concatenate([p[3] for p in parts]).astype(np.int64)
+        return Scores(scores, first, step, None, terms, self.score_stats.terms)
+
+    def term_statistics(
+        self,
+        raw: np.ndarray,
+        terms: tuple[str, ...] = TERMS,
+        *,
+        batch_size: int = 8192,
+        scaling: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """The `terms` score's statistics (before the log) of raw windows: [N, T, F] float64,
+        what `fit_score_stats` fits the normalisation on (`scaling` as in `score`)."""
+        raw = np.ascontiguousarray(raw, dtype=np.float32)
+        parts = []
+        with torch.inference_mode():
+            for x in self._batches(raw, batch_size, scaling):
+                errors = window_errors(self.model, self.config, x)
+                parts.append(term_statistics(x, errors, terms).cpu().numpy())
+        if not parts:
+            return np.zeros((0, len(terms), len(self.input.features)))
+        return np.concatenate(parts).astype(np.float64)
 
     def is_anomaly(self, scores: np.ndarray) -> np.ndarray:
         """The decision: score strictly above the calibrated threshold; a score that is not
@@ -215,11 +268,19 @@ class Detector:
         return ~(np.asarray(scores) <= self.threshold.require())
 
     def top_features(self, per_feature: np.ndarray, k: int = 3) -> list[list[str]]:
-        """Names of the `k` features with the largest reconstruction error, per window."""
+        """Names of the `k` features with the largest error (with the terms score: the largest
+        contribution), per window."""
         names = np.asarray(self.input.features, dtype=object)
         k = min(k, len(names))
         order = np.argsort(-per_feature, axis=1, kind="stable")[:, :k]
         return names[order].tolist()
+
+    def top_terms(self, scored: Scores, k: int = 3) -> list[list[str]]:
+        """With the terms score: per window, the deciding term of each of `top_features`."""
+        names = np.asarray(scored.term_names, dtype=object)
+        k = min(k, scored.per_feature.shape[1])
+        order = np.argsort(-scored.per_feature, axis=1, kind="stable")[:, :k]
+        return names[np.take_along_axis(scored.terms, order, axis=1)].tolist()
 
     def encode(self, raw: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
         """Bottleneck codes [N, code_size] (a VAE gives its latent mean): a compact, non-linear

@@ -130,7 +130,7 @@ class SeriesModality:
         return SeriesIntake(self.spec, max_record_bytes)
 
     def event_detail(self, scored: Scores, i: int, start_ms: int, end_ms: int) -> dict:
-        names, spec = self.spec.features, self.spec.window
+        spec = self.spec.window
         feature_order = np.argsort(-scored.per_feature[i], kind="stable")[:TOP_FEATURES]
         step_order = np.argsort(-scored.per_step[i], kind="stable")[:TOP_STEPS]
         return {
@@ -140,13 +140,19 @@ class SeriesModality:
                 "length": spec.length,
                 "stride": spec.stride,
             },
-            "top_features": [
-                {"name": names[f], "error": float(scored.per_feature[i, f])} for f in feature_order
-            ],
+            "top_features": [self._feature(scored, i, f) for f in feature_order],
             "top_steps": [
                 {"index": int(t), "error": float(scored.per_step[i, t])} for t in step_order
             ],
         }
+
+    def _feature(self, scored: Scores, i: int, f: int) -> dict:
+        """A top feature: its name, its error (with the terms score: its contribution) and, with
+        the terms score, the term that weighed most (error, variance, roughness, centroid)."""
+        out = {"name": self.spec.features[f], "error": float(scored.per_feature[i, f])}
+        if scored.terms is not None:
+            out["term"] = scored.term_names[int(scored.terms[i, f])]
+        return out
 
     @property
     def alarm_features(self) -> tuple[str, ...]:

@@ -16,12 +16,48 @@ from training.data.for_detector import DataSource
 from training.sources import ModelSource
 
 __all__ = [
+    "DEFAULT_FRACTIONS",
+    "DEFAULT_WINDOW",
     "add_data_arguments",
+    "add_score_arguments",
+    "add_split_arguments",
     "add_model_arguments",
     "data_source",
     "model_source",
     "tracking_uri_from",
 ]
+
+DEFAULT_WINDOW, DEFAULT_FRACTIONS = 32, "0.6,0.15,0.15,0.1"  # aewatch train's split
+
+
+def add_split_arguments(group) -> None:
+    """`--window` and `--fractions` of `aewatch train`: without both, a short series gets a
+    split that fits (`training.data.splits.plan_short_series`)."""
+    group.add_argument("--window", type=int, help=f"window length W (default: {DEFAULT_WINDOW})")
+    group.add_argument(
+        "--fractions",
+        help=f"train,validation,calibration,test fractions (default: {DEFAULT_FRACTIONS})",
+    )
+
+
+def add_score_arguments(group) -> None:
+    """`--score` and `--score-aggregation` of `aewatch train` (see `training.score_stats`)."""
+    from pipeline.detector.scoring import AGGREGATIONS
+    from training.score_stats import SCORE_CHOICES
+
+    group.add_argument(
+        "--score",
+        default="auto",
+        choices=SCORE_CHOICES,
+        help="raw: mean reconstruction error; terms: per-feature error, spread, roughness and "
+        "spectral centroid; auto (default): terms for series, raw for images",
+    )
+    group.add_argument(
+        "--score-aggregation",
+        default="max",
+        choices=AGGREGATIONS,
+        help="terms: how features' contributions make the window's score (default: %(default)s)",
+    )
 
 
 def add_data_arguments(

@@ -24,6 +24,7 @@ from pipeline.detector.models import (
 from pipeline.detector.scaler import SCALER_KINDS
 from pipeline.errors import ConfigError
 from training.calibrate import CALIBRATION_METHODS
+from training.cli import args as shared
 from training.cli.args import tracking_uri_from
 from training.data.columns import FILL_POLICIES
 from training.distributed import BACKENDS
@@ -65,9 +66,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=FILL_POLICIES,
         help="what to do with NaN gaps (default: %(default)s)",
     )
-    data.add_argument(
-        "--window", type=int, default=32, help="window length W (default: %(default)s)"
-    )
+    shared.add_split_arguments(data)
     data.add_argument(
         "--stride", type=int, default=1, help="window stride S (default: %(default)s)"
     )
@@ -85,11 +84,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: time of day (sin, cos) as inputs when the training rows span 2 days or more, "
         "day of week when 14 days or more; made from timestamps by the worker too "
         "(default: %(default)s)",
-    )
-    data.add_argument(
-        "--fractions",
-        default="0.6,0.15,0.15,0.1",
-        help="train,validation,calibration,test fractions (default: %(default)s)",
     )
     data.add_argument("--normal-class", help="images: the class that is normal")
     data.add_argument("--labels", dest="labels_path", help="images: a labels file (.npy or IDX)")
@@ -148,6 +142,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="multiply the calibrated threshold by this factor (default: %(default)s)",
     )
+    shared.add_score_arguments(calib)
     calib.add_argument(
         "--point-rule",
         default="end",
@@ -232,7 +227,7 @@ def settings_from_args(args: argparse.Namespace):
 
     if not args.data:
         raise ConfigError("data", "--data is required (flag or config file)")
-    fractions = _csv_numbers("fractions", args.fractions)
+    fractions = _csv_numbers("fractions", args.fractions or shared.DEFAULT_FRACTIONS)
     if len(fractions) != 4:
         raise ConfigError("fractions", "give four numbers: train,validation,calibration,test")
     model = ModelConfig(
@@ -270,7 +265,7 @@ def settings_from_args(args: argparse.Namespace):
         features=_csv(args.features) if args.features else None,
         label_col=args.label_col,
         fill=args.fill,
-        window=args.window,
+        window=shared.DEFAULT_WINDOW if args.window is None else args.window,
         stride=args.stride,
         key_baselines=args.key_baselines,
         train_until=args.train_until,
@@ -289,6 +284,9 @@ def settings_from_args(args: argparse.Namespace):
             margin=args.threshold_margin,
         ),
         point_rule=args.point_rule,
+        score=args.score,
+        score_aggregation=args.score_aggregation,
+        adapt_split=args.window is None and args.fractions is None,
         device=args.device,
         out_of_core=args.out_of_core,
         batch_rows=args.batch_rows,

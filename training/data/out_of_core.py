@@ -99,6 +99,21 @@ class StreamedSplits:
     def figures(self, detector, split: str, scores: np.ndarray) -> dict:
         return {}
 
+    def term_statistics(self, detector, split: str, limit: int) -> np.ndarray:
+        """The terms score's statistics of the split's normal windows, read once (about
+        `limit` of them, every k-th window when the split holds more)."""
+        every = max(1, -(-self.plan.windows(split, self.spec) // limit))
+        parts, seen = [], 0
+        for ws in self.windows(split):
+            keep = np.arange(len(ws))
+            keep = keep[(keep + seen) % every == 0]
+            seen += len(ws)
+            if ws.any_labels is not None:
+                keep = keep[~ws.any_labels[keep]]
+            if len(keep):
+                parts.append(detector.term_statistics(ws.windows[keep]).astype(np.float32))
+        return np.concatenate(parts) if parts else np.zeros(0)
+
     def split_scores(self, detector, split: str) -> SplitScores:
         """Scores of a whole split, read once per detector and split (one float a window)."""
         cached = self._scored.get(split)

@@ -34,8 +34,9 @@ from training.data.series import (
     series_groups,
     split_series,
 )
-from training.data.splits import PARTS, SplitScores
+from training.data.splits import PARTS, SplitScores, short_series_settings
 from training.evaluate import SeriesPoints, evaluate_images, evaluate_series
+from training.score_stats import normal_term_statistics
 
 __all__ = [
     "ALL",
@@ -90,6 +91,8 @@ class _InMemory:
         scaling = self.scaling(detector, split)
         scores = detector.score(self.raw(split), attribution=False, scaling=scaling).scores
         return SplitScores(scores, self.labels(split), self.normal(split))
+
+    term_statistics = normal_term_statistics  # the Splits protocol's, in memory
 
     def fit_inputs(self, config, *, batch_size, shuffle_windows, seed, context, device):
         """The training and validation inputs of `fit`: the scaled parts as tensors."""
@@ -333,6 +336,8 @@ def prepare_series(settings) -> SeriesSplits:
     if not settings.time_col:
         raise ConfigError("time_col", "series data needs --time-col")
     table = load_series(settings.data, **settings.series_columns())
+    if settings.adapt_split and settings.train_until is None:
+        settings = short_series_settings(settings, table)
     spec = WindowSpec(settings.window, settings.stride)
     tables = split_series(table, settings.fractions, train_until=settings.train_until)
     calendar: tuple[str, ...] = ()

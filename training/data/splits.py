@@ -11,6 +11,7 @@ out_of_core`).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,16 +26,23 @@ if TYPE_CHECKING:  # the detector module loads torch
     from pipeline.detector import Detector, InputSpec, Scaler
 
 __all__ = [
+    "MIN_WINDOW",
     "PARTS",
     "SplitScores",
     "Splits",
+    "calibration_hints",
     "check_fractions",
     "check_part_sizes",
     "floor_counts",
     "parse_time_limit",
     "part_counts",
+    "part_windows",
+    "plan_short_series",
+    "short_series_settings",
+    "windows_in",
 ]
 
+log = logging.getLogger(__name__)
 PARTS = ("train", "validation", "calibration", "test")
 # Small slack so that floor(n * fraction) is not one short when the product is an integer that
 # floating point rounds to just below it (10 * 0.7 == 6.999...).
@@ -75,6 +83,10 @@ class Splits(Protocol):
         """One raw window (or image) of the split, e.g. for an input example."""
 
     def split_scores(self, detector: Detector, split: str) -> SplitScores: ...
+
+    def term_statistics(self, detector: Detector, split: str, limit: int) -> np.ndarray:
+        """The terms score's statistics [N, T, F] of (at most about `limit` of) the split's
+        normal windows (`Detector.term_statistics`)."""
 
     def fit_inputs(self, config, *, batch_size, shuffle_windows, seed, context, device):
         """(training input, validation input or None) for `training.fit.fit`: scaled tensors,
@@ -191,3 +203,115 @@ def _largest_remainder(n: int, weights: Sequence[float]) -> list[int]:
     for i in ranked[:leftover]:
         counts[i] += 1
     return counts
+
+
+# -- short series: a split that fits, and flags that would ------------------------------------
+MIN_WINDOW = 8  # the shortest window the split plan and the hints propose
+
+
+def windows_in(rows: int, window: int, stride: int = 1) -> int:
+    return 0 if rows < window else (rows - window) // stride + 1
+
+
+def part_windows(
+    key_rows: Sequence[int], fractions: Sequence[float], window: int, stride: int = 1
+) -> list[int]:
+    """Windows per part (train, validation, calibration, test) over keys of `key_rows` rows."""
+    totals = [0] * len(_PARTS)
+    for rows in key_rows:
+        for i, count in enumerate(floor_counts(rows, fractions)):
+            totals[i] += windows_in(count, window, stride)
+    return totals
+
+
+def plan_short_series(
+    key_rows: Sequence[int],
+    window: int,
+    stride: int,
+    fractions: Sequence[float],
+    min_windows: int,
+    source: str = "series",
+) -> tuple[int, tuple[float, ...]]:
+    """The split of default flags for series too short for them: when calibration gets fewer
+    than `min_windows` windows, (1) its share takes the test rows (there is then no held-out
+    false-positive estimate), and (2) the window halves (not below `MIN_WINDOW`) until
+    validation and calibration hold `min_windows` windows each. A change is logged as a
+    warning. Returns (window, fractions)."""
+    fractions, w, changes = tuple(fractions), window, []
+    counts = part_windows(key_rows, fractions, w, stride)
+    if counts[2] < min_windows and fractions[3] > 0:
+        fractions = (fractions[0], fractions[1], fractions[2] + fractions[3], 0.0)
+        changes.append("the test rows go to calibration (no held-out false-positive estimate)")
+        counts = part_windows(key_rows, fractions, w, stride)
+    while min(counts[1], counts[2]) < min_windows and w > MIN_WINDOW:
+        w = max(MIN_WINDOW, w // 2)
+        counts = part_windows(key_rows, fractions, w, stride)
+    if w != window:
+        changes.append(f"window {window} -> {w}")
+    if changes:
+        log.warning(
+            "%s: %d rows are short for the default split: %s (--window %d --fractions %s)",
+            source,
+            sum(key_rows),
+            "; ".join(changes),
+            w,
+            ",".join(f"{f:g}" for f in fractions),
+        )
+    return w, fractions
+
+
+def short_series_settings(settings, table):
+    """`settings` with the window and fractions `plan_short_series` gives `table`'s keys."""
+    from dataclasses import replace
+
+    from training.calibrate import MIN_WINDOWS
+
+    key_rows = [len(positions) for _, positions in table._group_positions()]
+    window, fractions = plan_short_series(
+        key_rows, settings.window, settings.stride, settings.fractions, MIN_WINDOWS, table.source
+    )
+    return replace(settings, window=window, fractions=fractions)
+
+
+def calibration_hints(
+    key_rows: Sequence[int],
+    window: int,
+    stride: int,
+    fractions: Sequence[float],
+    needed: int,
+) -> str:
+    """Flags and values that give the calibration part `needed` windows on these rows: a
+    shorter --window, or a larger calibration share of --fractions (taken from train, which
+    keeps at least 40 %), with this window or with `MIN_WINDOW`."""
+    hints = []
+    for w in range(window - 1, MIN_WINDOW - 1, -1):
+        counts = part_windows(key_rows, fractions, w, stride)
+        if counts[2] >= needed and counts[0] > 0:
+            hints.append(f"--window {w}")
+            break
+    for w in dict.fromkeys((window, MIN_WINDOW)):
+        larger = _larger_calibration(key_rows, fractions, w, stride, needed)
+        if larger is not None:
+            hint = "--fractions " + ",".join(f"{f:g}" for f in larger)
+            hints.append(hint + (f" --window {w}" if w != window else ""))
+            break
+    if hints:
+        return "for these data " + " or ".join(hints) + " would work"
+    rows = math.ceil((MIN_WINDOW + (needed - 1) * stride) / 0.25)
+    return (
+        f"{max(key_rows, default=0)} rows per key are too few: about {rows} are needed "
+        f"(--window {MIN_WINDOW} --fractions 0.6,0.15,0.25,0)"
+    )
+
+
+def _larger_calibration(key_rows, fractions, window, stride, needed) -> tuple | None:
+    """The smallest calibration share (in steps of 0.01, taken from train while it keeps 40 %)
+    that gives `needed` calibration windows."""
+    share = round(fractions[2] + 0.01, 2)
+    while (train := round(1 - fractions[1] - share - fractions[3], 2)) >= 0.4:
+        new = (train, fractions[1], share, fractions[3])
+        counts = part_windows(key_rows, new, window, stride)
+        if counts[2] >= needed and counts[0] > 0:
+            return new
+        share = round(share + 0.01, 2)
+    return None
