@@ -8,8 +8,8 @@ IPC), in rounds that alternate every measurement (median of `--repeats`):
     of every value (kafka-python, confluent-kafka);
   - the aewatch worker (window 64, stride 8, dense autoencoder, CPU) on each client;
   - the worker on batched records (confluent);
-  - `aewatch worker --processes 1` and `--processes 2` (confluent), timed from outside by the
-    group's committed offsets;
+  - `aewatch worker --processes 1` and `--processes 2` (confluent), on a topic filled once the
+    members have joined, timed from outside by the group's committed offsets;
   - p99 latency from a reading's timestamp to its event at half the measured single-process rate.
 
     python -m benchmarks.bench_clients --out results [--readings 200000] [--repeats 3]
@@ -103,49 +103,64 @@ def consume_rate(bootstrap: str, topic: str, total: int, client: str, decode: bo
 
 
 def processes_rate(
-    bootstrap: str, topic: str, total: int, model: Path, processes: int, log: Path
+    bootstrap: str, records: list, model: Path, processes: int, log: Path, tag: str
 ) -> float:
-    """Readings/s of `aewatch worker --processes N`, from the group's committed offsets: from
-    the first commit that moved to the first past three quarters of the topic (the commits stay
-    behind the readings that open windows still need, a window of each key)."""
+    """Readings/s of `aewatch worker --processes N` on a topic of its own, filled once every
+    member has joined (so the group's start-up is not timed), from the group's committed
+    offsets: from the first commit that moved to the first past three quarters of the topic
+    (the commits stay behind the readings that open windows still need)."""
+    import signal
+
     from confluent_kafka import Consumer, TopicPartition
 
     from pipeline.worker.cli import worker_command
     from pipeline.worker.settings import WorkerSettings
 
-    group = f"procs-{processes}-{uuid.uuid4().hex[:6]}"
+    group = f"procs-{processes}-{tag}"
+    topic = f"clients-procs-{processes}-{tag}"
+    ensure_topics(bootstrap, {topic: {"num_partitions": PARTITIONS}})
     settings = WorkerSettings.build(
         model=str(model),
         bootstrap_servers=bootstrap,
         group_id=group,
         input_topic=(topic,),
-        output_topic=f"{topic}-events-{group}",
+        output_topic=f"{topic}-events",
         dlq_topic=f"{topic}-dlq",
         device="cpu",
         events="both",
         http_port=-1,
         commit_interval_ms=250,
         max_poll_records=10000,
-        stop_after_idle_s=5,
         kafka_client="confluent",
         processes=processes,
     )
+    total = len(records)
     watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    first = last = None
     with open(log, "ab") as out:
         proc = subprocess.Popen(worker_command(settings), stdout=out, stderr=subprocess.STDOUT)
-        first = last = None
-        base = 0
-        while proc.poll() is None:
-            done = sum(max(0, tp.offset) for tp in watcher.committed(partitions, timeout=10))
-            now = time.perf_counter()
-            if done and first is None:
-                first, base = now, done
-            if done >= 0.75 * total:
-                last = now
-                break
-            time.sleep(0.05)
-        proc.wait()
+        try:
+            deadline = time.monotonic() + 300
+            while log.read_text().count('"msg": "assigned [(') < processes:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"--processes {processes} did not join; see {log}")
+                time.sleep(0.2)
+            time.sleep(3.0)  # the last rebalance settles
+            fill(bootstrap, topic, records)
+            base = 0
+            while proc.poll() is None and time.monotonic() < deadline + 600:
+                done = sum(max(0, tp.offset) for tp in watcher.committed(partitions, timeout=10))
+                now = time.perf_counter()
+                if done and first is None:
+                    first, base = now, done
+                if done >= 0.75 * total:
+                    last = now
+                    break
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
     watcher.close()
     if first is None or last is None or last <= first:
         raise RuntimeError(f"--processes {processes} did not finish the topic; see {log}")
@@ -168,11 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         tag = uuid.uuid4().hex[:6]
         topics = {form: f"clients-{form}-{tag}" for form in ("single", "json", "arrow")}
         ensure_topics(bootstrap, {t: {"num_partitions": PARTITIONS} for t in topics.values()})
-        fill(
-            bootstrap,
-            topics["single"],
-            list(zip(stream.keys.tolist(), stream.payloads(), strict=True)),
-        )
+        readings = list(zip(stream.keys.tolist(), stream.payloads(), strict=True))
+        fill(bootstrap, topics["single"], readings)
         batches = {form: stream.batches(BATCH, form) for form in ("json", "arrow")}
         for form, records in batches.items():
             fill(bootstrap, topics[form], records)
@@ -219,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 log = root / f"processes-{n}.log"
                 note(
                     f"worker confluent --processes {n}",
-                    processes_rate(bootstrap, topics["single"], total, model, n, log),
+                    processes_rate(bootstrap, readings, model, n, log, f"{repeat}-{tag}"),
                 )
 
         median = {name: statistics.median(values) for name, values in rates.items()}
