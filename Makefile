@@ -97,6 +97,7 @@ bench: setup
 	$(PY) -m benchmarks.bench_scaleout --out results || status=1; \
 	$(PY) -m benchmarks.bench_distributed --out results || status=1; \
 	nice -n 5 $(PY) -m benchmarks.bench_drift --out results || status=1; \
+	$(PY) -m benchmarks.bench_images --out results || status=1; \
 	exit $$status
 
 # On a CUDA machine: model-only and end-to-end scoring windows/s per batch size, training speed.

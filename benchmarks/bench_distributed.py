@@ -65,7 +65,7 @@ def status(name):
 big, warm, out, out_of_core = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 settings = TrainSettings(
     data=warm, out=out + "-warm", time_col="ts", key_col="machine", window=16, stride=16,
-    model=ModelConfig(hidden=(32,), code_size=8), fit=FitConfig(epochs=1, patience=0),
+    model=ModelConfig(hidden=(32,), code_size=8), fit=FitConfig(epochs=1, min_steps=0, patience=0),
     calibration=CalibrationSettings(target_fpr=0.05), device="cpu",
     out_of_core=out_of_core, batch_rows=8192, shuffle_windows=8192,
 )

@@ -93,7 +93,9 @@ def training(device: str, epochs: int, batch_size: int) -> list[list]:
         for amp in (False, True) if device.startswith("cuda") else (False,):
             torch.manual_seed(0)
             net = build_model(config).to(device)
-            settings = FitConfig(epochs=epochs, batch_size=batch_size, patience=0, amp=amp)
+            settings = FitConfig(
+                epochs=epochs, min_steps=0, batch_size=batch_size, patience=0, amp=amp
+            )
             result = fit(net, config, make_objective(config), x, None, settings)
             rows.append(
                 [device, name, batch_size, "bf16" if amp else "fp32", result.windows_per_second]

@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         activation="relu",
     )
     spec = InputSpec("series", tuple(features), WINDOW)
+    # same epochs, batch and constant learning rate as PyOD's loop: no step minimum or schedule
     settings = FitConfig(
         epochs=args.epochs,
+        min_steps=0,
+        schedule="constant",
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=1e-5,

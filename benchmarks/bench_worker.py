@@ -74,7 +74,7 @@ def train_model(root: Path, keys: int) -> Path:
         out=str(root / "detector"),
         fractions=(0.6, 0.1, 0.25, 0.05),
         model=ModelConfig(hidden=(128, 64), code_size=16),
-        fit=FitConfig(epochs=5, batch_size=256),
+        fit=FitConfig(epochs=5, min_steps=0, batch_size=256),
         device="cpu",
         calibration=CalibrationSettings(method="quantile", target_fpr=0.01),
     )

@@ -51,7 +51,15 @@ def _held_out_error(
     if kind == "pca":
         model.fit(train)
     else:
-        settings = FitConfig(epochs=150, batch_size=128, lr=lr, patience=0, weight_decay=0)
+        settings = FitConfig(
+            min_steps=0,
+            epochs=150,
+            batch_size=128,
+            lr=lr,
+            patience=0,
+            weight_decay=0,
+            schedule="constant",
+        )
         fit(model, config, make_objective(config), train, None, settings)
     with torch.no_grad():
         return float(score_tensor(model, config, test, attribution=False)[0].mean())
@@ -74,7 +82,15 @@ def test_linear_autoencoder_matches_pca_on_linear_data():
 def test_denoising_maps_corrupted_inputs_closer_to_clean_than_plain_ae():
     train, test = _curve(3000, 1), _curve(1000, 2)
     common = dict(input_shape=(1, DIM), hidden=(64, 64), activation="tanh", code_size=4)
-    settings = FitConfig(epochs=150, batch_size=128, lr=3e-3, patience=0, weight_decay=0)
+    settings = FitConfig(
+        min_steps=0,
+        epochs=150,
+        batch_size=128,
+        lr=3e-3,
+        patience=0,
+        weight_decay=0,
+        schedule="constant",
+    )
     models = {}
     for kind in ("undercomplete", "denoising"):
         config = ModelConfig(kind=kind, corruption="gaussian", corruption_level=0.5, **common)

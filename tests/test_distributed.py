@@ -21,7 +21,8 @@ from training.job import prepare, train
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--data", str(data), "--time-col", "ts", "--key-col", "machine", "--window", "8",
-        "--stride", "2", "--hidden", "32", "--code-size", "8", "--epochs", "4", "--patience", "0",
+        "--stride", "2", "--hidden", "32", "--code-size", "8", "--epochs", "4", "--min-steps", "0",
+        "--patience", "0",
         "--batch-size", "64", "--target-fpr", "0.05", "--device", "cpu", "--seed", "3",
         "--out", str(out), "--no-progress", *extra,
     ]  # fmt: skip

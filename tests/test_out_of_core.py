@@ -115,7 +115,7 @@ _MEASURE = textwrap.dedent(
     big, warm, out = sys.argv[1:4]
     settings = TrainSettings(
         data=warm, out=out + "-warm", time_col="ts", key_col="machine", window=16, stride=16,
-        model=ModelConfig(hidden=(32,), code_size=8), fit=FitConfig(epochs=1, patience=0),
+        model=ModelConfig(hidden=(32,), code_size=8), fit=FitConfig(min_steps=0, epochs=1, patience=0),
         calibration=CalibrationSettings(target_fpr=0.05), device="cpu",
         out_of_core=True, batch_rows=8192, shuffle_windows=8192,
     )

@@ -207,3 +207,28 @@ def test_mlflow_models_serve_answers_invocations(mlflow_server, good, tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_a_challenger_that_loses_to_its_pca_baseline_is_refused(mlflow_server, good):
+    from mlflow import MlflowClient
+
+    name = _name()
+    version = register_result(mlflow_server, good, name)
+    tags = MlflowClient(mlflow_server).get_model_version(name, version).tags
+    trained, pca = (float(tags[TAG_PREFIX + k]) for k in ("test_auroc", "pca_test_auroc"))
+    assert pca == good.baseline.evaluation["auroc"]  # recorded at training, on the same split
+    passed = compare(name, tracking_uri=mlflow_server)
+    assert [g.passed for g in passed.gates if g.name == "PCA baseline"] == [trained >= pca]
+
+    # the same version, had PCA ranked its test split better
+    MlflowClient(mlflow_server).set_model_version_tag(
+        name, version, TAG_PREFIX + "pca_test_auroc", f"{min(1.0, trained + 0.01):.6f}"
+    )
+    report = compare(name, tracking_uri=mlflow_server)
+    assert not report.passed
+    failed = [g for g in report.gates if not g.passed]
+    assert [g.name for g in failed] == ["PCA baseline"], report.table()
+    assert "PCA on the same windows ranks anomalies better" in failed[0].detail
+    assert not apply_promotion(report, tracking_uri=mlflow_server)
+    unguarded = compare(name, tracking_uri=mlflow_server, pca_gate=False)
+    assert "PCA baseline" not in [g.name for g in unguarded.gates] and unguarded.passed

@@ -23,7 +23,7 @@ def test_conv_autoencoder_on_digits_separates_the_normal_digit(tmp_path: Path):
         normal_class="0",
         out=str(tmp_path / "det"),
         model=ModelConfig(kind="undercomplete", backbone="conv", hidden=(16, 32), code_size=8),
-        fit=FitConfig(epochs=60, batch_size=32, lr=3e-3, patience=10),
+        fit=FitConfig(min_steps=0, epochs=60, batch_size=32, lr=3e-3, patience=10),
         calibration=CalibrationSettings(method="quantile", target_fpr=0.05),
         device="cpu",
     )
@@ -52,7 +52,7 @@ def test_train_command_records_an_mlflow_run(tmp_path: Path, capsys, mlflow_embe
     data = write_series_csv(tmp_path / "series.csv", n_keys=2, n=800)
     args = (
         f"--data {data} --time-col ts --key-col machine --window 16 --stride 4 --epochs 4 "
-        f"--patience 0 --kind denoising --target-fpr 0.05 --out {tmp_path / 'det'} "
+        f"--min-steps 0 --patience 0 --kind denoising --target-fpr 0.05 --out {tmp_path / 'det'} "
         f"--tracking-uri {mlflow_embedded}"
     )
     out = _train_cli(args.split(), capsys)
@@ -81,11 +81,13 @@ def test_config_file_keys_mirror_flags(tmp_path: Path, capsys, mlflow_embedded, 
         text = (
             f'data = "{data}"\ntime-col = "ts"\nkey_col = "machine"\nwindow = 12\n'
             f'hidden = [32, 16]\ncode-size = 4\nkind = "sparse"\nepochs = 2\n'
+            "min-steps = 0\n"
         )
     else:
         text = (
             f"data: {data}\ntime-col: ts\nkey_col: machine\nwindow: 12\n"
             f"hidden: [32, 16]\ncode-size: 4\nkind: sparse\nepochs: 2\n"
+            "min-steps: 0\n"
         )
     config = tmp_path / f"train{suffix}"
     config.write_text(text)
@@ -131,7 +133,7 @@ def test_bce_refuses_inputs_outside_unit_interval(tmp_path: Path):
         scaler="standard",
         out=str(tmp_path / "det"),
         model=ModelConfig(loss="bce", input_shape=(1, 1)),
-        fit=FitConfig(epochs=1),
+        fit=FitConfig(min_steps=0, epochs=1),
         device="cpu",
     )
     with pytest.raises(ConfigError, match=r"bce needs inputs in \[0, 1\]"):
@@ -154,7 +156,7 @@ def test_labelled_anomalies_never_reach_training(tmp_path: Path):
         window=8,
         out=str(tmp_path / "det"),
         model=ModelConfig(),
-        fit=FitConfig(epochs=1),
+        fit=FitConfig(min_steps=0, epochs=1),
         calibration=CalibrationSettings(method="mad"),
         device="cpu",
     )

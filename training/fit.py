@@ -1,4 +1,7 @@
-"""The generic training loop: AdamW, mini-batches, early stopping on validation loss.
+"""The generic training loop: AdamW, mini-batches, a step budget with warm-up and a cosine
+learning-rate schedule, early stopping on validation loss that restores the best weights. The
+budget (`FitConfig`, `FitPlan`) is written in `training.budget`; `FitResult` reports the plan,
+the steps taken, the best step and whether the run converged.
 
 It knows nothing of MLflow or files; it reports through callbacks. In one process the whole
 training split lives in one tensor on the device and batches are gathered by index, so an epoch
@@ -28,6 +31,7 @@ from torch import nn
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scoring import score_tensor
 from pipeline.errors import ConfigError
+from training.budget import FitConfig, FitPlan, converged
 from training.dense_step import DenseStep
 from training.distributed import RankContext, all_reduce_sums
 from training.objectives import Objective
@@ -37,6 +41,7 @@ __all__ = [
     "Callback",
     "FitConfig",
     "FitResult",
+    "FitPlan",
     "ProgressBar",
     "TensorBatches",
     "fit",
@@ -48,27 +53,6 @@ Batch = tuple[torch.Tensor, float]
 ranks (1.0 in one process), so that averaging the ranks' gradients gives the global batch's."""
 
 
-@dataclass(frozen=True)
-class FitConfig:
-    epochs: int = 50
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    patience: int = 5
-    min_delta: float = 0.0
-    seed: int = 0
-    amp: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError("lr", f"must be > 0, got {self.lr}")
-        if self.patience < 0 or self.weight_decay < 0 or self.min_delta < 0:
-            raise ConfigError("patience", "patience, weight_decay and min_delta must be >= 0")
-
-
 @dataclass
 class FitResult:
     train_losses: list[float] = field(default_factory=list)
@@ -77,6 +61,22 @@ class FitResult:
     stopped_early: bool = False
     seconds: float = 0.0
     windows_seen: int = 0
+    plan: FitPlan | None = None
+    steps: int = 0
+    best_step: int = 0
+    eval_steps: list[int] = field(default_factory=list)
+    converged: bool = False
+
+    def summary(self) -> dict:
+        """What the run reports: its plan, the steps taken and whether it converged."""
+        return {
+            "plan": self.plan.to_dict() if self.plan else None,
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "epochs": self.epochs_run,
+            "stopped_early": self.stopped_early,
+            "converged": self.converged,
+        }
 
     @property
     def epochs_run(self) -> int:
@@ -88,17 +88,23 @@ class FitResult:
 
 
 class Callback(Protocol):
+    """Told each epoch's losses (val_loss None between validation checks); a callback with an
+    `on_plan(plan)` method is also told the run's `FitPlan` before the first epoch."""
+
     def on_epoch_end(self, epoch: int, train_loss: float, val_loss: float | None) -> None: ...
 
 
 class ProgressBar:
     """A one-line progress display on stderr with the running losses."""
 
-    def __init__(self, epochs: int, stream=sys.stderr) -> None:
+    def __init__(self, epochs: int = 0, stream=sys.stderr) -> None:
         self.epochs, self.stream = epochs, stream
 
+    def on_plan(self, plan: FitPlan) -> None:
+        self.epochs = plan.epochs
+
     def on_epoch_end(self, epoch: int, train_loss: float, val_loss: float | None) -> None:
-        done = int(20 * (epoch + 1) / self.epochs)
+        done = int(20 * (epoch + 1) / max(1, self.epochs))
         val = "" if val_loss is None else f"  val {val_loss:.5f}"
         end = "\n" if epoch + 1 == self.epochs else ""
         self.stream.write(
@@ -219,6 +225,10 @@ class _DistributedStep:
             model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True
         )
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def __call__(self, batch: torch.Tensor, weight: float) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
             loss = self.ddp(batch)
@@ -237,6 +247,10 @@ class _AutogradStep:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True
         )
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp):
@@ -258,37 +272,67 @@ def fit(
     *,
     context: RankContext | None = None,
     device: torch.device | None = None,
+    n_train: int | None = None,
 ) -> FitResult:
     """Train `model` in place; keeps the best validation weights.
 
     `train` is the scaled training split as one tensor, or a `BatchSource` (data larger than
-    memory); `val` a tensor or a function returning an iterable of batches. With a distributed
-    `context` the ranks train one model together (see the module notes).
+    memory, built with `settings.resolved_batch_size(n_train)`; then `n_train`, the number of
+    training windows, must be given for the plan); `val` a tensor or a function returning an
+    iterable of batches. With a distributed `context` the ranks train one model together (see
+    the module notes).
     """
     context = context or RankContext()
     device = device or (train.device if isinstance(train, torch.Tensor) else torch.device("cpu"))
     torch.manual_seed(settings.seed)
     if isinstance(train, torch.Tensor):
-        train = TensorBatches(train, settings.batch_size, settings.seed, context)
+        n_train = len(train)
+        plan = FitPlan.make(n_train, settings)
+        train = TensorBatches(train, plan.batch_size, settings.seed, context)
+    else:
+        if n_train is None:
+            raise ConfigError("n_train", "a BatchSource needs the number of training windows")
+        plan = FitPlan.make(n_train, settings)
     use_amp = settings.amp and device.type == "cuda"
     joined = context.distributed
     if joined:
         step = _DistributedStep(model, objective, settings, use_amp)
+        set_lr = step.set_lr
     elif not use_amp and DenseStep.supports(model, config):
         dense = DenseStep(model, config, lr=settings.lr, weight_decay=settings.weight_decay)
         step = lambda batch, weight: dense(batch)  # noqa: E731 - one process: weight is 1
+
+        def set_lr(lr: float) -> None:
+            dense.hyper["lr"] = lr
+
     else:
         autograd = _AutogradStep(model, objective, settings, use_amp)
         step = lambda batch, weight: autograd(batch)  # noqa: E731
-    result = FitResult()
+        set_lr = autograd.set_lr
+    for callback in callbacks:
+        if hasattr(callback, "on_plan"):
+            callback.on_plan(plan)
+    result = FitResult(plan=plan)
     best, best_state, waited = math.inf, None, 0
+    counter = [0]
+
+    def scheduled(batch: torch.Tensor, weight: float) -> torch.Tensor:
+        set_lr(plan.lr_at(counter[0], settings))
+        counter[0] += 1
+        return step(batch, weight)
+
+    if joined:
+        scheduled.ddp = step.ddp  # _train_epoch joins through it
     started = time.perf_counter()
     model.train()
-    for epoch in range(settings.epochs):
-        running, seen = _train_epoch(step, train.epoch(epoch), device, joined)
+    for epoch in range(plan.epochs):
+        running, seen = _train_epoch(scheduled, train.epoch(epoch), device, joined)
         if joined:
             running, seen = all_reduce_sums([float(running), float(seen)], device)
-        if isinstance(val, torch.Tensor) and not joined:
+        evaluate = (epoch + 1) % plan.eval_every == 0 or epoch + 1 == plan.epochs
+        if not evaluate:
+            val_loss = None
+        elif isinstance(val, torch.Tensor) and not joined:
             val_loss = validation_loss(model, config, val) if len(val) else None
         elif val is not None:
             val_loss = _global_validation_loss(model, config, val, context, device)
@@ -303,18 +347,26 @@ def fit(
             callback.on_epoch_end(epoch, train_loss, val_loss)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch + 1}")
+        if not evaluate:
+            continue
         watched = val_loss if val_loss is not None else train_loss
-        if watched < best - settings.min_delta:
-            best, waited, result.best_epoch = watched, 0, epoch
+        result.eval_steps.append(counter[0])
+        if best_state is None or watched < best * (1 - settings.min_delta):
+            best, waited, result.best_epoch, result.best_step = watched, 0, epoch, counter[0]
             best_state = copy.deepcopy(model.state_dict())
         else:
             waited += 1
-            if settings.patience and waited > settings.patience:
+            if settings.patience and waited > plan.patience:
                 result.stopped_early = True
                 break
+    result.steps = counter[0]
     result.seconds = time.perf_counter() - started
     if best_state is not None:
         model.load_state_dict(best_state)
+    watched_curve = result.val_losses if result.val_losses else result.train_losses
+    result.converged = result.stopped_early or converged(
+        result.best_step, result.steps, watched_curve
+    )
     model.eval()
     return result
 

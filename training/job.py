@@ -23,6 +23,8 @@ import torch
 
 from pipeline.detector import Detector, ModelConfig, build_model, save_detector
 from pipeline.errors import CalibrationError, ConfigError, DataError
+from training.baseline import Baseline, fit_baseline
+from training.budget import NOT_CONVERGED
 from training.calibrate import (
     MIN_WINDOWS,
     CalibrationSettings,
@@ -199,6 +201,7 @@ class TrainResult:
     fpr_estimate: FprEstimate | None = None
     fpr_check: FprCheck | None = None
     evaluation: dict | None = None
+    baseline: Baseline | None = None  # PCA on the same windows
     version: str | None = None
 
     def summary(self) -> dict:
@@ -208,6 +211,7 @@ class TrainResult:
             "model_kind": self.detector.config.kind,
             "backbone": self.detector.config.backbone,
             "epochs": self.fit.epochs_run,
+            **{k: v for k, v in self.fit.summary().items() if k != "epochs"},
             "train_loss": self.fit.train_losses[-1] if self.fit.train_losses else None,
             "val_loss": self.fit.val_losses[-1] if self.fit.val_losses else None,
             "windows_per_second": _finite_or_none(self.fit.windows_per_second),
@@ -217,6 +221,7 @@ class TrainResult:
             "fpr_estimate": self.fpr_estimate.to_dict() if self.fpr_estimate else None,
             "fpr_check": self.fpr_check.to_dict() if self.fpr_check else None,
             "evaluation": self.evaluation,
+            "baseline": self.baseline.to_dict() if self.baseline else None,
             "registered_version": self.version,
         }
 
@@ -252,9 +257,10 @@ def train(
     device = context.device(settings.device)
     config = settings.model.with_input_shape(data.input.sample_shape)
     warn_code_size(config)
+    n_train = data.window_counts()["train"]
     train_source, val_source = data.fit_inputs(
         config,
-        batch_size=settings.fit.batch_size,
+        batch_size=settings.fit.resolved_batch_size(n_train),
         shuffle_windows=settings.shuffle_windows,
         seed=settings.fit.seed,
         context=context,
@@ -279,7 +285,10 @@ def train(
             callbacks,
             context=context,
             device=device,
+            n_train=n_train,
         )
+        if not result.converged:
+            log.warning(NOT_CONVERGED, result.steps, result.best_step)
     if not context.is_main:
         return None
     info = {
@@ -291,9 +300,9 @@ def train(
         },
         "fit": {
             **asdict(settings.fit),
+            **result.summary(),
             "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch,
-            "stopped_early": result.stopped_early,
             "train_losses": result.train_losses,
             "val_losses": result.val_losses,
         },
@@ -321,10 +330,30 @@ def train(
         "fpr_check": check.to_dict() if check else None,
     }
     info["evaluation"] = evaluation
+    baseline = None
+    if isinstance(train_source, torch.Tensor):
+        baseline = fit_baseline(
+            detector,
+            data,
+            train_source,
+            val_source,
+            settings.point_rule,
+            evaluation,
+            calibrate=lambda pca: _calibrate(pca, data, settings),
+            score_stats=lambda pca: fit_stats(pca, data, settings.score_aggregation),
+        )
+        info["baseline"] = baseline.to_dict() if baseline else None
     out = Path(settings.out)
     save_detector(detector, out)
     return TrainResult(
-        detector, result, data, out, fpr_estimate=fpr, fpr_check=check, evaluation=evaluation
+        detector,
+        result,
+        data,
+        out,
+        fpr_estimate=fpr,
+        fpr_check=check,
+        evaluation=evaluation,
+        baseline=baseline,
     )
 
 

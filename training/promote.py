@@ -6,7 +6,10 @@ Gates (each recorded with its figures as tags on both versions):
   target: the exact 95% lower bound on its effectively independent windows is at most the target
   (`training.fpr_check`); `allow_high_fpr` lets a version through anyway, recorded as a tag;
 - ranking: with labelled data and an existing champion, the challenger's AUROC is no worse than the
-  champion's beyond `tolerance`.
+  champion's beyond `tolerance`;
+- PCA baseline (on by default, `pca_gate`): when the challenger's training run had a labelled test
+  split, its test AUROC there is at least that of the PCA baseline fitted on the same windows
+  (`training.baseline`); both figures are the ones recorded at training, on the same split.
 With `data`, both are scored on the same windows; without, the figures recorded at training are
 used. The alias history lives in the registered model tag `aewatch.champion_history`.
 """
@@ -148,6 +151,15 @@ def _check(detector: Detector, false_positives: int, n: int) -> FprCheck:
     return check_fpr(int(false_positives), int(n), float(target), *window_of(detector))
 
 
+def _baseline_figures(tags: dict) -> dict:
+    """The challenger's and its PCA baseline's test AUROC, as recorded at training."""
+    recorded = {
+        "trained_auroc": tags.get(TAG_PREFIX + "test_auroc"),
+        "pca_auroc": tags.get(TAG_PREFIX + "pca_test_auroc"),
+    }
+    return {k: float(v) for k, v in recorded.items() if v}
+
+
 def compare(
     name: str,
     *,
@@ -156,6 +168,7 @@ def compare(
     tolerance: float = 0.01,
     max_fpr: float = 0.01,
     allow_high_fpr: bool = False,
+    pca_gate: bool = True,
 ) -> PromotionReport:
     """Score champion and challenger (`load_data(detector)` gives each its windows) and judge
     the gates. Nothing is changed in the registry."""
@@ -179,8 +192,24 @@ def compare(
             report.figures[role] = _scored_figures(detector, load_data(detector))
         else:
             report.figures[role] = _recorded_figures(detector, mv.tags or {})
+        if role == "challenger" and detector.config.kind != "pca":
+            report.figures[role].update(_baseline_figures(mv.tags or {}))
     report.gates = _gates(report, tolerance, max_fpr, allow_high_fpr)
+    if pca_gate:
+        report.gates.extend(_pca_gate(report.figures["challenger"]))
     return report
+
+
+def _pca_gate(challenger: dict) -> list[Gate]:
+    """Refuse a challenger that ranked its own test split worse than PCA did (no gate when
+    the training run had no labelled test split, or the challenger is PCA)."""
+    ours, pca = challenger.get("trained_auroc"), challenger.get("pca_auroc")
+    if ours is None or pca is None:
+        return []
+    detail = f"test AUROC at training {ours:.4f} vs its PCA baseline {pca:.4f}"
+    if ours < pca:
+        detail += ": PCA on the same windows ranks anomalies better (--no-pca-gate to allow)"
+    return [Gate("PCA baseline", ours >= pca, detail)]
 
 
 def _gates(
@@ -281,6 +310,7 @@ class PromoteSettings:
     max_fpr: float = 0.01  # FPR target when a version records none
     dry_run: bool = False
     allow_high_fpr: bool = False  # promote even when the FPR is far above target (tagged)
+    pca_gate: bool = True  # the challenger must beat its PCA baseline (when labels were there)
 
 
 def promote(settings: PromoteSettings) -> tuple[PromotionReport, bool]:
@@ -294,6 +324,7 @@ def promote(settings: PromoteSettings) -> tuple[PromotionReport, bool]:
         tolerance=settings.tolerance,
         max_fpr=settings.max_fpr,
         allow_high_fpr=settings.allow_high_fpr,
+        pca_gate=settings.pca_gate,
     )
     if settings.dry_run:
         return report, False

@@ -75,6 +75,9 @@ def version_tags(detector: Detector, artifact_dir: Path) -> dict[str, str]:
     evaluation = detector.info.get("evaluation") or {}
     if evaluation.get("auroc") is not None:
         tags["test_auroc"] = f"{evaluation['auroc']:.6f}"
+    pca = ((detector.info.get("baseline") or {}).get("evaluation") or {}).get("auroc")
+    if pca is not None:
+        tags["pca_test_auroc"] = f"{pca:.6f}"
     fpr = (detector.info.get("calibration") or {}).get("fpr_estimate")
     if fpr:
         tags["fpr_estimate"] = json.dumps(fpr)

@@ -53,7 +53,7 @@ def run_training(
         train(settings, context=context)
         return None
     callbacks = [MlflowEpochLogger()]
-    progress = ProgressBar(settings.fit.epochs) if options.progress else None
+    progress = ProgressBar() if options.progress else None
     if progress:
         callbacks.append(progress)
     params = flatten_params(settings)

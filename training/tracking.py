@@ -122,10 +122,18 @@ def log_artifacts(directory: Path, artifact_path: str) -> None:
 
 
 def log_fit_summary(result: FitResult) -> None:
+    """The run's budget (plan.* parameters) and what it took: epochs, steps, the best step,
+    whether it stopped early and converged (1/0), losses and speed."""
+    if result.plan is not None:
+        mlflow.log_params({f"plan.{k}": str(v) for k, v in result.plan.to_dict().items()})
     summary = {
         "epochs_run": float(result.epochs_run),
         "best_epoch": float(result.best_epoch),
         "fit_seconds": result.seconds,
+        "steps": float(result.steps),
+        "best_step": float(result.best_step),
+        "stopped_early": float(result.stopped_early),
+        "converged": float(result.converged),
     }
     if result.windows_seen:
         summary["train_windows_per_second"] = result.windows_per_second
@@ -133,6 +141,7 @@ def log_fit_summary(result: FitResult) -> None:
         summary["final_train_loss"] = result.train_losses[-1]
     if result.val_losses:
         summary["final_val_loss"] = result.val_losses[-1]
+        summary["best_val_loss"] = min(result.val_losses)
     mlflow.log_metrics(summary)
 
 
@@ -154,6 +163,12 @@ def log_quality(result) -> None:
             for sub, inner in value.items():
                 if isinstance(inner, int | float):
                     metrics[f"test_{key}_{sub}"] = float(inner)
+    baseline = getattr(result, "baseline", None)
+    if baseline is not None:  # the PCA baseline beside the model: pca_val_loss, pca_test_auroc...
+        metrics.update(baseline.metrics())
+        if baseline.model_val_loss is not None:
+            metrics["model_val_loss"] = baseline.model_val_loss
+        mlflow.set_tag("aewatch.baseline", baseline.verdict())
     mlflow.set_tag("aewatch.calibration", threshold.method)
     mlflow.log_metrics(metrics)
 

@@ -220,6 +220,11 @@ def register_promote(subparsers: argparse._SubParsersAction) -> None:
         default=0.01,
         help="FPR target when the version records none (default: %(default)s)",
     )
+    parser.add_argument(
+        "--no-pca-gate",
+        action="store_true",
+        help="promote a challenger even if its PCA baseline ranked its test split better",
+    )
     parser.add_argument("--dry-run", action="store_true", help="compare only; change nothing")
     parser.add_argument(
         "--allow-high-fpr",
@@ -245,10 +250,11 @@ def _run_promote(args: argparse.Namespace) -> int:
         args.name,
         tracking_uri,
         labelled_data_source(args),
-        args.tolerance,
-        args.max_fpr,
-        args.dry_run,
-        args.allow_high_fpr,
+        tolerance=args.tolerance,
+        max_fpr=args.max_fpr,
+        pca_gate=not args.no_pca_gate,
+        dry_run=args.dry_run,
+        allow_high_fpr=args.allow_high_fpr,
     )
     report, promoted = promote(settings)
     if args.json:

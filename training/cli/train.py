@@ -99,8 +99,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--backbone", default="dense", choices=BACKBONES)
     model.add_argument(
         "--hidden",
-        default="64,32",
-        help="layer widths (conv: channels), encoder order (default: %(default)s)",
+        help="layer widths (conv: channels), encoder order (default: 256,128 for dense images, "
+        "else 64,32)",
     )
     model.add_argument("--code-size", type=int, default=8)
     model.add_argument("--loss", default="mse", choices=LOSSES)
@@ -151,8 +151,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     fit = parser.add_argument_group("fit")
-    fit.add_argument("--epochs", type=int, default=50)
-    fit.add_argument("--batch-size", type=int, default=256)
+    fit.add_argument("--epochs", type=int, default=50, help="at least this many epochs")
+    fit.add_argument(
+        "--batch-size", type=int, default=0, help="0: min(n, clamp(n // 16, 16, 256)) (default)"
+    )
+    fit.add_argument(
+        "--min-steps", type=int, default=2000, help="at least this many optimizer steps (0: off)"
+    )
+    fit.add_argument("--max-steps", type=int, default=0, help="at most this many steps (0: none)")
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--weight-decay", type=float, default=1e-4)
     fit.add_argument("--patience", type=int, default=5, help="early stopping patience (0: off)")
@@ -224,6 +230,7 @@ def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argpars
 def settings_from_args(args: argparse.Namespace):
     from training.fit import FitConfig
     from training.job import CalibrationSettings, TrainSettings
+    from training.model_defaults import default_hidden, is_image_input
 
     if not args.data:
         raise ConfigError("data", "--data is required (flag or config file)")
@@ -233,7 +240,11 @@ def settings_from_args(args: argparse.Namespace):
     model = ModelConfig(
         kind=args.kind,
         backbone=args.backbone,
-        hidden=_csv_numbers("hidden", args.hidden, int),
+        hidden=_csv_numbers("hidden", args.hidden, int)
+        if args.hidden is not None
+        else default_hidden(
+            image=is_image_input(args.input_kind, args.data), backbone=args.backbone
+        ),
         code_size=args.code_size,
         loss=args.loss,
         activation=args.activation,
@@ -249,6 +260,8 @@ def settings_from_args(args: argparse.Namespace):
     fit = FitConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
+        min_steps=args.min_steps,
+        max_steps=args.max_steps,
         lr=args.lr,
         weight_decay=args.weight_decay,
         patience=args.patience,
@@ -364,8 +377,9 @@ def _describe(summary: dict, tracking_uri: str, name: str | None) -> str:
         return "n/a" if x is None else f"{x:.5g}"
 
     lines = [
-        f"trained {summary['model_kind']} ({summary['backbone']}) in {summary['epochs']} epochs: "
-        f"train loss {num(summary['train_loss'])}, validation loss {num(summary['val_loss'])}",
+        f"trained {summary['model_kind']} ({summary['backbone']}) in {summary['epochs']} epochs, "
+        f"{summary['steps']} steps: train loss {num(summary['train_loss'])}, "
+        f"validation loss {num(summary['val_loss'])}",
         f"threshold {num(summary['threshold'])} ({summary['calibration']})",
     ]
     fpr = summary.get("fpr_estimate")
@@ -387,6 +401,12 @@ def _describe(summary: dict, tracking_uri: str, name: str | None) -> str:
             f"test AUROC {evaluation['auroc']:.4f}, AUPRC {evaluation['auprc']:.4f}, "
             f"F1 {evaluation['f1']:.4f}"
         )
+    if summary.get("converged") is False:
+        lines.append(
+            f"not converged after {summary['steps']} steps: give it more (--min-steps, --epochs)"
+        )
+    if summary.get("baseline"):
+        lines.append(summary["baseline"]["verdict"])
     lines.append(f"artifact: {summary['artifact']}")
     lines.append(f"MLflow run: {summary['run_id']} ({tracking_uri})")
     if name:

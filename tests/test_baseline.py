@@ -1,0 +1,58 @@
+"""Every training run fits PCA on the same windows and says plainly when PCA was better."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.detector import ModelConfig
+from training.calibrate import CalibrationSettings
+from training.cli.train import _describe
+from training.fit import FitConfig
+from training.job import TrainSettings
+from training.runner import RunOptions, run_training
+
+
+def _digits(tmp_path: Path, fit: FitConfig) -> TrainSettings:
+    return TrainSettings(
+        data="digits",
+        normal_class="0",
+        out=str(tmp_path / "det"),
+        model=ModelConfig(hidden=(32,), code_size=8),
+        fit=fit,
+        calibration=CalibrationSettings(method="quantile", target_fpr=0.05),
+        device="cpu",
+    )
+
+
+def test_an_undertrained_autoencoder_is_told_pca_was_better(tmp_path: Path, mlflow_embedded):
+    from mlflow import MlflowClient
+
+    # two optimizer steps at a tiny learning rate: the autoencoder has learnt nothing yet
+    settings = _digits(tmp_path, FitConfig(min_steps=0, epochs=1, batch_size=64, lr=1e-5))
+    summary = run_training(settings, RunOptions(mlflow_embedded, progress=False))
+
+    baseline = summary["baseline"]
+    assert baseline["compared_on"] == "auroc" and baseline["pca_better"] is True
+    assert baseline["evaluation"]["auroc"] > summary["evaluation"]["auroc"]
+    assert baseline["val_loss"] < baseline["model_val_loss"]
+    text = _describe(summary, mlflow_embedded, None)
+    assert "PCA baseline (code 8) was better: test AUROC" in text
+    assert "not converged" in text
+
+    metrics = MlflowClient(mlflow_embedded).get_run(summary["run_id"]).data.metrics
+    assert metrics["pca_test_auroc"] == baseline["evaluation"]["auroc"]
+    assert metrics["test_auroc"] == summary["evaluation"]["auroc"]
+    assert {"pca_val_loss", "pca_test_auprc", "pca_test_f1", "model_val_loss"} <= set(metrics)
+    assert metrics["pca_better"] == 1.0 and metrics["converged"] == 0.0
+    assert metrics["steps"] == summary["steps"] == 2
+
+
+def test_without_labels_the_baseline_is_compared_on_validation_error():
+    from training.baseline import Baseline
+
+    worse = Baseline(8, val_loss=0.2, model_val_loss=0.1, evaluation=None, model_evaluation=None)
+    assert worse.compared_on == "val_loss" and worse.pca_better is False
+    assert worse.verdict() == "beats its PCA baseline (code 8): validation error 0.1 vs PCA 0.2"
+    better = Baseline(8, val_loss=0.1, model_val_loss=0.2, evaluation=None, model_evaluation=None)
+    assert better.pca_better and better.verdict().startswith("PCA baseline (code 8) was better")
+    assert better.metrics() == {"pca_val_loss": 0.1, "pca_better": 1.0}
