@@ -63,7 +63,9 @@ def train_on(frame: pd.DataFrame, root: Path, name: str, *, keyed: bool, window:
         window=window,
         stride=kw.pop("stride", 1),
         model=ModelConfig(hidden=(32,), code_size=4),
-        fit=FitConfig(epochs=kw.pop("epochs", 6), batch_size=64, patience=0),
+        fit=FitConfig(
+            epochs=kw.pop("epochs", 6), min_steps=0, schedule="constant", batch_size=64, patience=0
+        ),
         calibration=CalibrationSettings(method="quantile", target_fpr=0.01),
         device="cpu",
         **kw,

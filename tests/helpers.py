@@ -69,7 +69,7 @@ def train_series_detector(data: Path, out: Path, **model):
         stride=2,
         out=str(out),
         model=ModelConfig(**{"hidden": (32,), "code_size": 8, **model}),
-        fit=FitConfig(min_steps=0, epochs=8, batch_size=64, patience=0),
+        fit=FitConfig(min_steps=0, schedule="constant", epochs=8, batch_size=64, patience=0),
         calibration=CalibrationSettings(method="quantile", target_fpr=0.01),
         device="cpu",
     )

@@ -54,7 +54,15 @@ def _train(kind: str, backbone: str, series) -> Detector:
     else:
         # conv decoders are smooth: they need longer to stop reconstructing stuck sensors
         epochs = 60 if backbone == "conv" else 30
-        settings = FitConfig(min_steps=0, epochs=epochs, batch_size=64, lr=3e-3, patience=0, seed=3)
+        settings = FitConfig(
+            min_steps=0,
+            schedule="constant",
+            epochs=epochs,
+            batch_size=64,
+            lr=3e-3,
+            patience=0,
+            seed=3,
+        )
         fit(model, config, make_objective(config), x, None, settings)
     names = tuple(f"s{i}" for i in range(FEATURES))
     return Detector(InputSpec("series", names, SPEC), scaler, config, model)

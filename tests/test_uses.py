@@ -58,7 +58,9 @@ def _train_digits(digits: dict, name: str, epochs: int, **model):
         out=str(digits["root"] / name),
         fractions=(0.7, 0.1, 0.1, 0.1),
         model=ModelConfig(**{"hidden": (64,), **model}),
-        fit=FitConfig(min_steps=0, epochs=epochs, batch_size=64, lr=3e-3, patience=0),
+        fit=FitConfig(
+            min_steps=0, schedule="constant", epochs=epochs, batch_size=64, lr=3e-3, patience=0
+        ),
         calibration=CalibrationSettings(method="quantile", target_fpr=0.01),
         device="cpu",
     )

@@ -220,7 +220,15 @@ def test_an_image_stream_of_digits_flags_the_other_digits(kafka_bootstrap, creat
             normal_class="0",
             out=str(tmp_path / "digits"),
             model=ModelConfig(kind="undercomplete", backbone="conv", hidden=(16, 32), code_size=8),
-            fit=FitConfig(min_steps=0, epochs=60, batch_size=32, lr=3e-3, patience=10),
+            fit=FitConfig(
+                min_steps=0,
+                schedule="constant",
+                patience_steps=0,
+                epochs=60,
+                batch_size=32,
+                lr=3e-3,
+                patience=10,
+            ),
             calibration=CalibrationSettings(method="quantile", target_fpr=0.05),
             device="cpu",
         )

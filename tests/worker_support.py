@@ -38,7 +38,14 @@ def train_fleet_detector(root: Path, *, window: int = 16, stride: int = 4, targe
         out=str(root / "detector"),
         fractions=(0.6, 0.1, 0.25, 0.05),
         model=ModelConfig(hidden=(64,), code_size=8),
-        fit=FitConfig(min_steps=0, epochs=15, batch_size=64, patience=3),
+        fit=FitConfig(
+            min_steps=0,
+            schedule="constant",
+            patience_steps=0,
+            epochs=15,
+            batch_size=64,
+            patience=3,
+        ),
         calibration=CalibrationSettings(method="quantile", target_fpr=target_fpr),
         device="cpu",
     )

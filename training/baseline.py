@@ -130,7 +130,7 @@ def fit_baseline(
     pca_config = ModelConfig(kind="pca", input_shape=config.input_shape, code_size=config.code_size)
     model = build_model(pca_config).to(train.device).fit(train)
     model.eval()
-    pca = Detector(detector.input, detector.scaler, pca_config, model, info={})
+    pca = Detector(detector.input, detector.scaler, pca_config, model, baselines=detector.baselines)
     has_val = val is not None and len(val) > 0
     val_loss = validation_loss(model, pca_config, val) if has_val else None
     model_val = validation_loss(detector.model, config, val) if has_val else None
