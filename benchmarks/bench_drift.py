@@ -46,7 +46,14 @@ def _detector(root: Path):
         data=str(root / "clean.csv"), time_col="ts", key_col="key", window=16, stride=4,
         out=str(root / "detector"), fractions=(0.6, 0.1, 0.25, 0.05),
         model=ModelConfig(hidden=(64,), code_size=8),
-        fit=FitConfig(epochs=15, batch_size=64, patience=3),
+        fit=FitConfig(
+            epochs=15,
+            min_steps=0,
+            schedule="constant",
+            patience_steps=0,
+            batch_size=64,
+            patience=3,
+        ),
         calibration=CalibrationSettings(method="quantile", target_fpr=0.002), device="cpu",
     )  # fmt: skip
     return train(settings).detector

@@ -117,7 +117,17 @@ def train_detector(f: NabFile, kind: str, seed: int, calendar: bool):
         model.fit(x)
     else:
         n_val = max(1, int(0.2 * len(x)))
-        settings = FitConfig(epochs=200, batch_size=32, lr=1e-3, patience=10, seed=seed, amp=False)
+        settings = FitConfig(
+            epochs=200,
+            min_steps=0,
+            schedule="constant",
+            patience_steps=0,
+            batch_size=32,
+            lr=1e-3,
+            patience=10,
+            seed=seed,
+            amp=False,
+        )
         fit(model, cfg, make_objective(cfg), x[:-n_val], x[-n_val:], settings)
     model.eval()
     train_scores = np.sort(detector.score(train, attribution=False).scores)

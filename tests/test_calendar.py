@@ -47,7 +47,14 @@ def _train(tmp_path, days: float, calendar: str):
             calendar=calendar,
             out=str(tmp_path / f"detector-{calendar}-{days}"),
             model=ModelConfig(hidden=(16,), code_size=3),
-            fit=FitConfig(epochs=3, batch_size=64, patience=2),
+            fit=FitConfig(
+                epochs=3,
+                min_steps=0,
+                schedule="constant",
+                patience_steps=0,
+                batch_size=64,
+                patience=2,
+            ),
             calibration=CalibrationSettings(method="quantile", target_fpr=0.05),
             device="cpu",
         )

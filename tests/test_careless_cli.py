@@ -50,7 +50,18 @@ def test_an_output_that_is_the_input_is_refused(trained, tmp_path, capsys, comma
 
 def _train(data: Path, out: Path, *extra: str) -> int:
     return main(
-        ["train", "--data", str(data), *SERIES, "--window", "8", "--epochs", "1"]
+        [
+            "train",
+            "--data",
+            str(data),
+            *SERIES,
+            "--window",
+            "8",
+            "--epochs",
+            "1",
+            "--min-steps",
+            "0",
+        ]
         + ["--out", str(out), "--no-progress", "--tracking-uri", f"sqlite:///{out.parent}/m.db"]
         + list(extra)
     )
@@ -98,7 +109,7 @@ def test_an_unusable_out_fails_before_training(trained, tmp_path, capsys, case):
 def test_bad_flags_fail_before_any_io(tmp_path, capsys, flags, setting):
     missing = tmp_path / "does-not-exist.csv"  # never read: the flags fail first
     code = main(
-        ["train", "--data", str(missing), *SERIES, "--epochs", "1", *flags]
+        ["train", "--data", str(missing), *SERIES, "--epochs", "1", "--min-steps", "0", *flags]
         + ["--out", str(tmp_path / "det"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     )
     _one_line_error(capsys, code, setting)

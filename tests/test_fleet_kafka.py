@@ -38,7 +38,7 @@ def detector_dir(tmp_path_factory):
     history = fleet_frame({"ref": machine(9, 3000, level=0.0)}).drop(columns="machine")
     history.to_csv(root / "history.csv", index=False)
     argv = (
-        f"train --data {root / 'history.csv'} --time-col ts --epochs 12 "
+        f"train --data {root / 'history.csv'} --time-col ts --epochs 12 --min-steps 0 "
         f"--patience 0 --hidden 32 --code-size 4 --device cpu --out {root / 'det'} "
         f"--tracking-uri sqlite:///{root / 'mlflow.db'} --json"
     )

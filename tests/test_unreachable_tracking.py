@@ -47,7 +47,18 @@ def aewatch(args: list[str], uri: str, cwd: Path, budget: float | None = BUDGET_
 COMMANDS = {
     "train --register": lambda d, o: (
         ["train", "--data", str(d), "--time-col", "ts"]
-        + ["--key-col", "machine", "--window", "8", "--epochs", "1", "--out", str(o / "det")]
+        + [
+            "--key-col",
+            "machine",
+            "--window",
+            "8",
+            "--epochs",
+            "1",
+            "--min-steps",
+            "0",
+            "--out",
+            str(o / "det"),
+        ]
         + ["--register", "pump", "--no-progress"]
     ),
     "score": lambda d, o: (
