@@ -138,4 +138,5 @@ def register_version(
         tags=tags,
         alias=alias,
         model_config={"artifact_sha256": tags[TAG_PREFIX + "artifact_sha256"]},
+        free_columns=("image",) if detector.input.kind == "image" else (),
     )

@@ -182,15 +182,29 @@ def log_model_version(
     tags: dict[str, str],
     alias: str | None,
     model_config: dict | None = None,
+    free_columns: tuple[str, ...] = (),
 ) -> str:
     """Log a detector folder as a pyfunc model ("models from code": `model_code` is the file
     MLflow runs, the folder its `detector` artifact) in the active run, register it as a new
-    version of `name` with `tags` (also set on the run) and point `alias` at it."""
+    version of `name` with `tags` (also set on the run) and point `alias` at it. The signature is inferred from `input_example`,
+    except that `free_columns` take any value (an image as flat or nested pixel lists)."""
+    signature = None
+    if free_columns and input_example is not None:
+        from mlflow.models import ModelSignature, infer_signature
+        from mlflow.types.schema import AnyType, ColSpec, Schema
+
+        inferred = infer_signature(input_example).inputs.inputs
+        signature = ModelSignature(
+            inputs=Schema(
+                [ColSpec(AnyType(), c.name) if c.name in free_columns else c for c in inferred]
+            )
+        )
     info = mlflow.pyfunc.log_model(
         name="detector",
         python_model=str(model_code),
         artifacts={"detector": str(Path(artifact_dir).resolve())},
         input_example=input_example,
+        signature=signature,
         model_config=model_config,
         pip_requirements=[
             f"mlflow=={mlflow.__version__}",
