@@ -33,6 +33,7 @@ from pipeline.detector import Detector
 from pipeline.errors import AewatchError, RegistryError
 from pipeline.modalities import modality_of
 from pipeline.registry.client import ModelRef, alias_version, load_model, parse_model_uri
+from pipeline.registry.reach import probe
 
 __all__ = ["ModelFollower", "check_compatible"]
 
@@ -153,6 +154,7 @@ class ModelFollower:
 
     def check(self) -> str:
         """One look at the registry; returns what happened (for logs and tests)."""
+        probe(self.tracking_uri, budget_s=0.0)  # one attempt: the follower paces its retries
         version = alias_version(self.name, self.alias, tracking_uri=self.tracking_uri)
         if version == self.serving_version or version in self.refused:
             return "unchanged"
