@@ -39,7 +39,8 @@ def detector_dir(tmp_path_factory):
     history.to_csv(root / "history.csv", index=False)
     argv = (
         f"train --data {root / 'history.csv'} --time-col ts --epochs 12 --min-steps 0 "
-        f"--patience 0 --hidden 32 --code-size 4 --device cpu --out {root / 'det'} "
+        f"--patience 0 --hidden 32 --code-size 4 --target-fpr 0.002 --device cpu "
+        f"--out {root / 'det'} "
         f"--tracking-uri sqlite:///{root / 'mlflow.db'} --json"
     )
     assert main(argv.split()) == 0

@@ -53,7 +53,12 @@ def test_the_ready_line_shows_no_uri_credentials(kafka_bootstrap, tmp_path, capl
     settings = worker_settings(
         kafka_bootstrap, names("mask"), trained.artifact_dir, tracking_uri=URI
     )
-    with caplog.at_level(logging.DEBUG), build_app(settings):
+    # The package's own level too: an in-process demo earlier in the session quiets "pipeline".
+    with (
+        caplog.at_level(logging.DEBUG),
+        caplog.at_level(logging.DEBUG, logger="pipeline"),
+        build_app(settings),
+    ):
         pass
     ready = [r.getMessage() for r in caplog.records if "worker ready" in r.getMessage()]
     assert ready, "the worker logged its ready line"

@@ -51,6 +51,7 @@ def test_score_writes_one_row_per_window(trained, tmp_path: Path, capsys, suffix
         "p_value",
         "is_anomaly",
         "top_features",
+        "top_terms",
         "event_id",
     ]
     assert len(frame) == summary["rows"] == 2 * ((3000 - 8) // 2 + 1)

@@ -212,3 +212,39 @@ def test_a_partition_handed_straight_back_is_read_again_from_the_commit(detector
     worker.checkpoint()
     ids = [orjson.loads(v)["id"] for v in worker.sink.values("events")]
     assert sorted(set(ids)) == sorted(clean_ids), "no window lost or invented"
+
+
+class TimingOutSource(RetainingSource):
+    """A group whose commit times out once, as a loaded broker's can inside a rebalance."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_next = False
+
+    def commit(self, offsets: dict) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise TimeoutError("commit timed out")
+        super().commit(offsets)
+
+
+def test_a_checkpoint_failing_on_revoke_keeps_the_member_and_loses_nothing(detector):
+    stream = fleet(seed=12, readings_per_key=600)
+    records = partitioned(stream, "readings", 2)
+    clean = _worker(detector, FakeSource(records, chunk=101), emit_all=True)
+    clean.run()
+    clean_ids = [orjson.loads(v)["id"] for v in clean.sink.values("events")]
+    source = TimingOutSource(records, chunk=101)
+    worker = _worker(detector, source, emit_all=True, commit_interval_ms=10**6)
+    for step in range(40):
+        polled = source.poll(0)
+        if polled:
+            worker.process(polled)
+        if step in (3, 9):
+            source.fail_next = True
+            worker.on_revoked(set(records))  # the client would end the member if this raised
+            assert worker.assigned == set()
+            worker.on_assigned(set(records))
+    worker.checkpoint()
+    ids = [orjson.loads(v)["id"] for v in worker.sink.values("events")]
+    assert sorted(set(ids)) == sorted(clean_ids), "no window lost or invented"

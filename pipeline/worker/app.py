@@ -47,7 +47,7 @@ def load_with_retries(registry: RegistrySettings, device: str) -> tuple[Detector
         except RegistryError as exc:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise
+                raise RegistryError(f"cannot load {registry.model}: {exc}") from exc
             log.warning("registry not ready (%s); retrying for %.0f s more", exc, left)
             time.sleep(min(delay, left))
             delay = min(delay * 2, 10.0)

@@ -66,6 +66,10 @@ class Checkpointer:
             for name, stage in self.stages.items():
                 stage.restore(partition, saved.get(name) or {})
         rewind = {p: self._last_commit[p] for p in partitions if p in self._last_commit}
+        for partition in restored:  # the state's own resume point, even past a refused commit
+            oldest = self.windows.oldest_needed(partition)
+            if oldest is not None:
+                rewind[partition] = min(oldest, rewind.get(partition, oldest))
         return len(restored), rewind
 
     def forget(self, partitions: set[Partition]) -> None:

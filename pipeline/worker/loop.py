@@ -175,6 +175,10 @@ class Worker:
         try:
             if partitions and not lost and not self._finished:
                 self.checkpoint(reason="revoke")
+        except Exception as exc:  # noqa: BLE001 - the client would end the member for it
+            # Whatever the checkpoint did not commit, the partitions' next owner reads again
+            # from the last accepted commit: nothing is lost, so the member carries on.
+            log.warning("checkpoint on revoke failed, %s read again: %r", sorted(partitions), exc)
         finally:
             self.checkpoints.forget(partitions)
             self.assigned -= partitions
