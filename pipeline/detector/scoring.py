@@ -261,20 +261,22 @@ def fit_score_stats(
     eps, center, upper, lower = (np.stack(column) for column in zip(*rows, strict=True))
     if "error" not in terms:
         return ScoreStats(terms, aggregation, tail, floor, eps, center, upper, lower)
-    # The window's mean error and every component's tail, on the held-out windows.
-    held = np.asarray(model_values, np.float64)
-    errors = held[:, terms.index("error")].mean(axis=1)
+    # The window's mean error and every component's tail, on the held-out windows (term by
+    # term: a float64 copy of every statistic at once would be the largest array of a fit).
+    errors = np.asarray(model_values[:, terms.index("error")], np.float64).mean(axis=1)
     w_eps = 1e-3 * float(np.median(errors)) + 1e-9
     w_logs = np.log(errors + w_eps)
     w_center = float(np.median(w_logs))
     level = min(tail, 1.0 - 1.0 / max(len(w_logs), 2))
     w_upper = max(float(np.quantile(w_logs, level)) - w_center, floor)
-    two = np.array([[1.0 if t in TWO_SIDED else 0.0] for t in terms])
-    v = np.log(held + eps) - center
-    u = np.maximum(np.maximum(v / upper, 0.0), np.maximum(-v / lower, 0.0) * two)
-    components = np.concatenate(
-        [u.sum(axis=1), np.maximum((w_logs - w_center) / w_upper, 0.0)[:, None]], axis=1
-    )
+    components = np.zeros((len(w_logs), np.shape(model_values)[2] + 1))
+    for i, term in enumerate(terms):
+        v = np.log(np.asarray(model_values[:, i], np.float64) + eps[i]) - center[i]
+        u = np.maximum(v / upper[i], 0.0)
+        if term in TWO_SIDED:
+            u = np.maximum(u, -v / lower[i])
+        components[:, :-1] += u
+    components[:, -1] = np.maximum((w_logs - w_center) / w_upper, 0.0)
     scale = np.maximum(np.quantile(components, level, axis=0), 1.0)
     window = np.array([w_eps, w_center, w_upper])
     return ScoreStats(terms, aggregation, tail, floor, eps, center, upper, lower, window, scale)

@@ -11,6 +11,7 @@ key carries over only the readings a later window still needs, so the windows ar
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ __all__ = [
     "sliding_windows",
     "window_starts",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,11 @@ def cut_windows(groups, spec: WindowSpec, *, source: str = "series") -> WindowSe
     has enough readings, that is a DataError."""
     parts: dict[str, list] = {k: [] for k in ("w", "k", "s", "e", "el", "al")}
     longest, has_labels = 0, False
+    short: list[str] = []
     for key, times, values, labels in groups:
         longest = max(longest, len(values))
         if spec.count(len(values)) == 0:
+            short.append(f"{key!r} ({len(values)})")
             continue
         starts = window_starts(len(values), spec)
         ends = starts + spec.length - 1
@@ -135,6 +140,14 @@ def cut_windows(groups, spec: WindowSpec, *, source: str = "series") -> WindowSe
         raise DataError(
             f"{source}: the longest series has {longest} readings, too few for one window "
             f"of {spec.length}"
+        )
+    if short:
+        log.warning(
+            "%s: %d key(s) have fewer readings than one window of %d and give no windows: %s",
+            source,
+            len(short),
+            spec.length,
+            ", ".join(short[:10]) + (", ..." if len(short) > 10 else ""),
         )
     return WindowSet(
         np.concatenate(parts["w"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,15 @@ _CSV_SUFFIXES = (".csv", ".csv.gz", ".txt", ".txt.gz", ".tsv", ".tsv.gz")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _SNIFF_SEPARATORS = (",", ";", "\t")
 _UNNAMED = re.compile(r"^Unnamed: \d+$")
+# Column names that hold labels, not readings: never picked as features by default.
+LABEL_LIKE = frozenset(
+    {"label", "labels", "anomaly", "anomalies", "is_anomaly", "anomalous", "outlier", "is_outlier"}
+    | {"changepoint", "target"}
+)
+# Numbers read as epoch milliseconds below this fall before 1973: epoch seconds, most likely.
+_SECONDS_LIKE = (1e8, 1e11)
+
+log = logging.getLogger(__name__)
 
 
 def read_table(
@@ -163,14 +173,7 @@ def select_columns(
             raise missing(column, role)
 
     if features is None:
-        names = [
-            str(c)
-            for c in raw.columns
-            if c not in special
-            and not _UNNAMED.match(str(c))
-            and pd.api.types.is_numeric_dtype(raw[c])
-            and not pd.api.types.is_complex_dtype(raw[c])
-        ]
+        names = _default_features(raw, source, special)
         if not names:
             raise DataError(
                 f"{source}: no numeric feature columns besides time, key and label; "
@@ -190,6 +193,52 @@ def select_columns(
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DataError(f"{source}: feature(s) named more than once: {', '.join(repeated)}")
+    return names
+
+
+def _default_features(raw: pd.DataFrame, source: str, special: list[str]) -> list[str]:
+    """Every numeric column but the time, key and label columns. A column named like labels is
+    left out with a warning; a column of numbers with a few cells that are not numbers is an
+    error naming the first such cell (not a silently dropped sensor); text columns are left out
+    with a warning that names them."""
+    names, text, labels = [], [], []
+    for column in raw.columns:
+        name = str(column)
+        if column in special or _UNNAMED.match(name):
+            continue
+        series = raw[column]
+        if name.lower() in LABEL_LIKE:
+            labels.append(name)
+        elif pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_complex_dtype(series):
+            names.append(name)
+        elif pd.api.types.is_complex_dtype(series):
+            text.append(name)
+        else:
+            present = series.dropna()
+            numbers = pd.to_numeric(present, errors="coerce")
+            if len(present) and numbers.notna().mean() >= 0.5:
+                row = raw.index.get_loc(numbers.index[first_true(numbers.isna().to_numpy())])
+                raise DataError(
+                    f"{source}: column {name!r} holds numbers, but data row {row + 1} holds "
+                    f"{series.iloc[row]!r} ({int(numbers.isna().sum())} such cells): fix or "
+                    "blank them (--fill decides what a blank does), or name the features with "
+                    "--features"
+                )
+            text.append(name)
+    if labels:
+        log.warning(
+            "%s: column(s) %s look like labels and are not features; --label-col reads one as "
+            "labels, --features chooses the features",
+            source,
+            ", ".join(map(repr, labels)),
+        )
+    if text:
+        log.warning(
+            "%s: %d column(s) are not numeric and are not features: %s",
+            source,
+            len(text),
+            ", ".join(map(repr, text)),
+        )
     return names
 
 
@@ -219,6 +268,7 @@ def parse_times(series: pd.Series, source: str, column: str) -> np.ndarray:
             if getattr(series.dt, "tz", None) is not None:
                 parsed = series.dt.tz_convert("UTC").dt.tz_localize(None)
         elif kind.is_numeric_dtype(series):
+            _refuse_epoch_seconds(series, source, column)
             parsed = pd.to_datetime(series, unit="ms", errors="coerce")
         else:
             parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")
@@ -233,6 +283,20 @@ def parse_times(series: pd.Series, source: str, column: str) -> np.ndarray:
         return parsed.to_numpy(dtype="datetime64[ns]")
     except (ValueError, TypeError, OverflowError, pd.errors.OutOfBoundsDatetime) as exc:
         raise DataError(f"{source}: column {column!r} cannot be read as times: {exc}") from exc
+
+
+def _refuse_epoch_seconds(series: pd.Series, source: str, column: str) -> None:
+    """Numeric times are epoch milliseconds (as the worker reads a reading's `ts`); numbers
+    that would all fall between 1970-01-02 and 1973 as milliseconds are epoch seconds."""
+    values = np.abs(series.to_numpy(dtype=np.float64, na_value=np.nan))
+    values = values[np.isfinite(values)]
+    if len(values) and _SECONDS_LIKE[0] <= values.max() < _SECONDS_LIKE[1]:
+        first = series.iloc[int(np.argmax(np.isfinite(series.to_numpy(np.float64))))]
+        raise DataError(
+            f"{source}: column {column!r} holds numeric times that read as epoch milliseconds "
+            f"fall in 1970-1973 ({first!r} is {pd.to_datetime(first, unit='ms')}); epoch "
+            "seconds? multiply them by 1000, or give ISO-8601 text"
+        )
 
 
 def parse_keys(series: pd.Series, source: str, column: str) -> np.ndarray:

@@ -11,6 +11,7 @@ message that names the file and, where it applies, the column or the 1-based dat
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pipeline.errors import DataError
 from training.data.columns import (
     FILL_POLICIES,
     fill_gaps,
+    first_true,
     in_float32_range,
     parse_keys,
     parse_labels,
@@ -48,6 +50,8 @@ __all__ = [
     "split_series",
     "with_calendar",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,6 +197,19 @@ def load_series(
     else:
         codes, unique_keys = pd.factorize(keys, sort=True)
         order = np.lexsort((times.view(np.int64), codes))
+    repeated = np.zeros(len(order), dtype=bool)
+    repeated[1:] = (codes[order][1:] == codes[order][:-1]) & (times[order][1:] == times[order][:-1])
+    if repeated.any():  # as the worker does: the first reading of a timestamp counts
+        first = order[first_true(repeated)]
+        log.warning(
+            "%s: %d row(s) repeat their key's timestamp and are left out, the first reading of "
+            "each timestamp kept (the worker dead-letters them as duplicate_timestamp); the "
+            "first is data row %d",
+            source,
+            int(repeated.sum()),
+            first + 1,
+        )
+        order = order[~repeated]
     times, codes, values = times[order], codes[order], values[order]
     labels = labels[order] if labels is not None else None
     keys = keys[order] if keys is not None else None
