@@ -54,7 +54,7 @@ def labelled_series_csv(path: Path, *, n_keys: int = 2, n: int = 3000, seed: int
     return path
 
 
-def train_series_detector(data: Path, out: Path, **model):
+def train_series_detector(data: Path, out: Path, *, score: str = "auto", **model):
     """A small detector trained and calibrated on `data` (columns ts, machine, s*, label)."""
     from pipeline.detector import ModelConfig
     from training.fit import FitConfig
@@ -72,6 +72,7 @@ def train_series_detector(data: Path, out: Path, **model):
         fit=FitConfig(min_steps=0, schedule="constant", epochs=8, batch_size=64, patience=0),
         calibration=CalibrationSettings(method="quantile", target_fpr=0.01),
         device="cpu",
+        score=score,
     )
     return train(settings)
 

@@ -16,7 +16,9 @@ from tests.helpers import labelled_series_csv, train_series_detector
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = labelled_series_csv(root / "series.csv")
-    return data, train_series_detector(data, root / "det")
+    # The mean error: the file's level shift moves every sensor a little, which the mean error
+    # flags throughout; the terms score's largest feature flags about three quarters of it.
+    return data, train_series_detector(data, root / "det", score="raw")
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -51,7 +53,6 @@ def test_score_writes_one_row_per_window(trained, tmp_path: Path, capsys, suffix
         "p_value",
         "is_anomaly",
         "top_features",
-        "top_terms",
         "event_id",
     ]
     assert len(frame) == summary["rows"] == 2 * ((3000 - 8) // 2 + 1)

@@ -19,11 +19,7 @@ Two scores, chosen when a detector is trained and stored with it:
   (median - v) / (median - q_lo) below it, so u = 1 is "as far out as the most extreme 1 % of
   normal windows" for every term and feature. A feature's contribution is the sum of its terms'
   u, the window's score the largest contribution over features (`max`; `mean` and `rms` are the
-  other aggregations). The window's mean error is one more component, on the scale of its own
-  tail, so a fault spread thinly over many sensors (a shift the model pulls every feature
-  towards) is not diluted by taking the largest feature; every component (each feature's
-  contribution and the window's error) is divided by its own tail quantile on held-out normal
-  windows, so a score of 1 is "as far out as the most extreme 1 %" whichever component decides. `per_feature` carries the contributions and `terms` which term weighed
+  other aggregations). `per_feature` carries the contributions and `terms` which term weighed
   most, so an event names the feature and why. A sensor stuck inside its normal range, or one
   oscillating at another frequency, moves the variance, roughness and centroid terms where the
   mean error barely moves.
@@ -116,11 +112,6 @@ class ScoreStats:
     center: np.ndarray
     upper: np.ndarray
     lower: np.ndarray
-    # The window's mean error (eps, median, upper spread in log units) and each component's
-    # tail quantile [F + 1] (features' contributions, then the window's error); None in
-    # detectors fitted before the window component, which score as they always did.
-    window: np.ndarray | None = None
-    scale: np.ndarray | None = None
 
     _ARRAYS = ("eps", "center", "upper", "lower")
 
@@ -145,20 +136,6 @@ class ScoreStats:
             raise ModelError("score statistics hold NaN or infinite values")
         if (arrays[0] <= 0).any() or (arrays[2] <= 0).any() or (arrays[3] <= 0).any():
             raise ModelError("score statistics: eps and spreads must be positive")
-        if (self.window is None) != (self.scale is None):
-            raise ModelError("score statistics: window and scale come together")
-        if self.window is not None:
-            window = np.asarray(self.window, dtype=np.float64)
-            scale = np.asarray(self.scale, dtype=np.float64)
-            if window.shape != (3,) or scale.shape != (next(iter(shapes))[1] + 1,):
-                raise ModelError(
-                    "score statistics: window needs (eps, center, upper), scale one per "
-                    "feature and one for the window"
-                )
-            if not (np.isfinite(window).all() and np.isfinite(scale).all()):
-                raise ModelError("score statistics hold NaN or infinite values")
-            if window[0] <= 0 or window[2] <= 0 or (scale <= 0).any():
-                raise ModelError("score statistics: eps, spreads and scales must be positive")
 
     @property
     def n_features(self) -> int:
@@ -173,9 +150,6 @@ class ScoreStats:
         }
         for name in self._ARRAYS:
             out[name] = np.asarray(getattr(self, name), dtype=np.float64).tolist()
-        if self.window is not None:
-            out["window"] = np.asarray(self.window, dtype=np.float64).tolist()
-            out["scale"] = np.asarray(self.scale, dtype=np.float64).tolist()
         return out
 
     def digest(self) -> str:
@@ -195,11 +169,6 @@ class ScoreStats:
                 tail=float(data["tail"]),
                 floor=float(data["floor"]),
                 **{name: np.asarray(data[name], dtype=np.float64) for name in cls._ARRAYS},
-                **{
-                    name: np.asarray(data[name], dtype=np.float64)
-                    for name in ("window", "scale")
-                    if data.get(name) is not None
-                },
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"score statistics are incomplete: {exc}") from exc
@@ -259,49 +228,22 @@ def fit_score_stats(
         lower = np.maximum(center - np.quantile(logs, 1.0 - level, axis=0), floor)
         rows.append((eps, center, upper, lower))
     eps, center, upper, lower = (np.stack(column) for column in zip(*rows, strict=True))
-    if "error" not in terms:
-        return ScoreStats(terms, aggregation, tail, floor, eps, center, upper, lower)
-    # The window's mean error and every component's tail, on the held-out windows (term by
-    # term: a float64 copy of every statistic at once would be the largest array of a fit).
-    errors = np.asarray(model_values[:, terms.index("error")], np.float64).mean(axis=1)
-    w_eps = 1e-3 * float(np.median(errors)) + 1e-9
-    w_logs = np.log(errors + w_eps)
-    w_center = float(np.median(w_logs))
-    level = min(tail, 1.0 - 1.0 / max(len(w_logs), 2))
-    w_upper = max(float(np.quantile(w_logs, level)) - w_center, floor)
-    components = np.zeros((len(w_logs), np.shape(model_values)[2] + 1))
-    for i, term in enumerate(terms):
-        v = np.log(np.asarray(model_values[:, i], np.float64) + eps[i]) - center[i]
-        u = np.maximum(v / upper[i], 0.0)
-        if term in TWO_SIDED:
-            u = np.maximum(u, -v / lower[i])
-        components[:, :-1] += u
-    components[:, -1] = np.maximum((w_logs - w_center) / w_upper, 0.0)
-    scale = np.maximum(np.quantile(components, level, axis=0), 1.0)
-    window = np.array([w_eps, w_center, w_upper])
-    return ScoreStats(terms, aggregation, tail, floor, eps, center, upper, lower, window, scale)
+    return ScoreStats(terms, aggregation, tail, floor, eps, center, upper, lower)
 
 
 _TENSORS: dict = {}
 
 
 def _stat_tensors(stats: ScoreStats, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """eps, center, upper, lower [T, F], the two-sided mask [T, 1], the window's (eps, center,
-    upper) and the components' scales [F + 1] (both None without them) on like's device."""
+    """eps, center, upper, lower [T, F] and the two-sided mask [T, 1] on like's device."""
     key = (id(stats), like.device)
     hit = _TENSORS.get(key)
     if hit is None or hit[0] is not stats:
         two = [[1.0 if t in TWO_SIDED else 0.0] for t in stats.terms]
         arrays = [getattr(stats, name) for name in ScoreStats._ARRAYS] + [two]
-        arrays += [stats.window, stats.scale]
         hit = (
             stats,
-            *(
-                None
-                if a is None
-                else torch.tensor(np.asarray(a), dtype=torch.float32, device=like.device)
-                for a in arrays
-            ),
+            *(torch.tensor(np.asarray(a), dtype=torch.float32, device=like.device) for a in arrays),
         )
         if len(_TENSORS) > 64:
             _TENSORS.clear()
@@ -312,27 +254,16 @@ def _stat_tensors(stats: ScoreStats, like: torch.Tensor) -> tuple[torch.Tensor, 
 def terms_score(x: torch.Tensor, errors: torch.Tensor, stats: ScoreStats):
     """The terms score of scaled windows x [N, W, F] with their element errors: (scores [N],
     contributions [N, F], index of the largest term [N, F]); each window's alone."""
-    eps, center, upper, lower, two_sided, window, scale = _stat_tensors(stats, x)
+    eps, center, upper, lower, two_sided = _stat_tensors(stats, x)
     v = torch.log(term_statistics(x, errors, stats.terms) + eps) - center
     u = torch.maximum((v / upper).clamp_min(0), (-v / lower).clamp_min(0) * two_sided)
     contribution = u.sum(dim=1)
-    if window is not None:
-        contribution = contribution / scale[:-1]
     if stats.aggregation == "max":
         scores = contribution.max(dim=1).values
     elif stats.aggregation == "mean":
         scores = contribution.mean(dim=1)
     else:
         scores = contribution.square().mean(dim=1).sqrt()
-    if window is not None:
-        # The window's error, shared out over the features by their part of it, joins their
-        # contributions only after the score is taken: it names who carries a spread fault.
-        per_feature = errors.mean(dim=1)
-        whole = per_feature.mean(dim=1)
-        spread = ((torch.log(whole + window[0]) - window[1]) / window[2]).clamp_min(0) / scale[-1]
-        scores = torch.maximum(scores, spread)
-        share = per_feature / (per_feature.sum(dim=1, keepdim=True) + _TINY)
-        contribution = contribution + spread[:, None] * share
     return scores, contribution, u.argmax(dim=1)
 
 
