@@ -148,44 +148,13 @@ def test_recalibrate_registers_same_weights_with_a_new_threshold(mlflow_server, 
 def test_mlflow_models_serve_answers_invocations(mlflow_server, good, tmp_path):
     name = _name()
     register_result(mlflow_server, good, name)
-    port = free_port()
     # mlflow starts uvicorn by name: the environment's bin folder must be on PATH.
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = dict(
         os.environ, MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_DISABLE_TELEMETRY="true", PATH=path
     )
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{name}@challenger",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    proc, url = _serve(name, env, tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
         window = good.data.raw("test")[0]
         features = list(good.detector.input.features)
         rows = [
@@ -205,8 +174,53 @@ def test_mlflow_models_serve_answers_invocations(mlflow_server, good, tmp_path):
         assert predictions[-1]["score"] == pytest.approx(expected, rel=1e-5)
         assert predictions[0]["score"] is None  # no window ends at the first reading
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
+
+
+def _serve(name: str, env: dict, tmp_path, attempts: int = 3):
+    """`mlflow models serve` of the challenger, answering /ping: (process, url). A server that
+    exits before it answers (another process took the free port first) is started again on
+    another port; its log is the failure message after the last attempt."""
+    log_path = tmp_path / "serve.log"
+    for _ in range(attempts):
+        port = free_port()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "models",
+                    "serve",
+                    "-m",
+                    f"models:/{name}@challenger",
+                    "--env-manager",
+                    "local",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    return proc, url
+            except requests.RequestException:
+                time.sleep(0.5)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=30)
+            break
+    pytest.fail(f"mlflow models serve did not answer: {log_path.read_text()[-3000:]}")
 
 
 def test_a_challenger_that_loses_to_its_pca_baseline_is_refused(mlflow_server, good):
