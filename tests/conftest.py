@@ -41,6 +41,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.user_properties.append(("needs", name))
 
 
+# -- what an in-process `aewatch` command leaves behind ----------------------------------------
+_CLI_VARIABLES = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+)
+
+
+@pytest.fixture(autouse=True)
+def _command_line_state() -> Iterator[None]:
+    """A command run in process sets MLflow's retry variables and the registry retry budget for
+    its process (the worker's is no retry at all); every test starts from the session's, so a
+    later test's MLflow calls and the servers it starts are not left without retries."""
+    from pipeline.registry import reach
+
+    saved = {name: os.environ.get(name) for name in _CLI_VARIABLES}
+    budget = reach.retry_budget()
+    yield
+    reach.set_retry_budget(budget)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 # -- Kafka ---------------------------------------------------------------------------------------
 def _docker_answers() -> bool:
     try:

@@ -135,3 +135,18 @@ def test_a_network_error_after_the_probe_is_unreachable_too():
         str(reach.unreachable_error(uri, wrapped))
         == f"MLflow at {uri} is unreachable: connection refused"
     )
+
+
+def test_a_command_run_in_process_sets_the_retries_for_its_process(tmp_path):
+    from pipeline.cli import main
+
+    os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    argv = ["--registry-retry-s", "0", "score", "--model", str(tmp_path / "none")]
+    assert main([*argv, "--data", str(tmp_path / "x.csv"), "--out", str(tmp_path / "y.csv")]) == 2
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and reach.retry_budget() == 0
+
+
+def test_the_next_test_starts_with_the_sessions_retries():
+    """The command of the test before this one does not reach into this one (tests/conftest.py)."""
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert reach.retry_budget() == reach.DEFAULT_RETRY_BUDGET_S
