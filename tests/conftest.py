@@ -43,6 +43,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # -- what an in-process `aewatch` command leaves behind ----------------------------------------
 _CLI_VARIABLES = (
+    "MLFLOW_REGISTRY_URI",  # mlflow.set_registry_uri exports it
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
@@ -52,8 +53,9 @@ _CLI_VARIABLES = (
 @pytest.fixture(autouse=True)
 def _command_line_state() -> Iterator[None]:
     """A command run in process sets MLflow's retry variables and the registry retry budget for
-    its process (the worker's is no retry at all); every test starts from the session's, so a
-    later test's MLflow calls and the servers it starts are not left without retries."""
+    its process (the worker's is no retry at all), and `mlflow.set_registry_uri` exports the
+    registry; every test starts from the session's, so a later test's MLflow calls and the
+    servers it starts are not left without retries or sent to another test's store."""
     from pipeline.registry import reach
 
     saved = {name: os.environ.get(name) for name in _CLI_VARIABLES}

@@ -4,6 +4,8 @@ or nested (H x W) pixel lists, through MLflow's own schema enforcement (`pyfunc.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -35,7 +37,12 @@ def served(tmp_path_factory):
     version = register_result(uri, result, "digits")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return mlflow.pyfunc.load_model(f"models:/digits/{version}"), result
+    try:
+        return mlflow.pyfunc.load_model(f"models:/digits/{version}"), result
+    finally:  # later tests' MLflow calls and the servers they start must not find this store
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri exports it
 
 
 def test_nested_and_flat_image_rows_score_the_same(served):
