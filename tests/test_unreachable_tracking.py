@@ -137,16 +137,23 @@ def test_a_network_error_after_the_probe_is_unreachable_too():
     )
 
 
+_BEFORE: dict = {}
+
+
 def test_a_command_run_in_process_sets_the_retries_for_its_process(tmp_path):
     from pipeline.cli import main
 
-    os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    _BEFORE.update(
+        retries=os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"), budget=reach.retry_budget()
+    )
     argv = ["--registry-retry-s", "0", "score", "--model", str(tmp_path / "none")]
+    os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
     assert main([*argv, "--data", str(tmp_path / "x.csv"), "--out", str(tmp_path / "y.csv")]) == 2
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and reach.retry_budget() == 0
 
 
 def test_the_next_test_starts_with_the_sessions_retries():
     """The command of the test before this one does not reach into this one (tests/conftest.py)."""
-    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
-    assert reach.retry_budget() == reach.DEFAULT_RETRY_BUDGET_S
+    assert _BEFORE, "runs after the test above"
+    assert os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") == _BEFORE["retries"]
+    assert reach.retry_budget() == _BEFORE["budget"]
