@@ -195,23 +195,30 @@ class RetainingSource(FakeSource):
 
 
 def test_a_partition_handed_straight_back_is_read_again_from_the_commit(detector):
-    stream = fleet(seed=11, readings_per_key=600)
-    records = partitioned(stream, "readings", 2)
+    clean_ids, ids = _with_rebalances(detector, RetainingSource, 11, (3, 9, 15))
+    assert sorted(set(ids)) == sorted(clean_ids), "no window lost or invented"
+
+
+def _with_rebalances(detector, source_type, seed: int, at: tuple, before_revoke=None):
+    """Event ids of a clean run and of a run whose member has everything revoked and given
+    back (an eager rebalance) after the polls numbered `at`."""
+    records = partitioned(fleet(seed=seed, readings_per_key=600), "readings", 2)
     clean = _worker(detector, FakeSource(records, chunk=101), emit_all=True)
     clean.run()
-    clean_ids = [orjson.loads(v)["id"] for v in clean.sink.values("events")]
-    source = RetainingSource(records, chunk=101)
+    source = source_type(records, chunk=101)
     worker = _worker(detector, source, emit_all=True, commit_interval_ms=10**6)
     for step in range(40):
         polled = source.poll(0)
         if polled:
             worker.process(polled)
-        if step in (3, 9, 15):  # an eager rebalance: everything revoked, then given back
-            worker.on_revoked(set(records))
+        if step in at:
+            if before_revoke is not None:
+                before_revoke(source)
+            worker.on_revoked(set(records))  # the client would end the member if this raised
+            assert worker.assigned == set()
             worker.on_assigned(set(records))
     worker.checkpoint()
-    ids = [orjson.loads(v)["id"] for v in worker.sink.values("events")]
-    assert sorted(set(ids)) == sorted(clean_ids), "no window lost or invented"
+    return [[orjson.loads(v)["id"] for v in w.sink.values("events")] for w in (clean, worker)]
 
 
 class TimingOutSource(RetainingSource):
@@ -229,22 +236,8 @@ class TimingOutSource(RetainingSource):
 
 
 def test_a_checkpoint_failing_on_revoke_keeps_the_member_and_loses_nothing(detector):
-    stream = fleet(seed=12, readings_per_key=600)
-    records = partitioned(stream, "readings", 2)
-    clean = _worker(detector, FakeSource(records, chunk=101), emit_all=True)
-    clean.run()
-    clean_ids = [orjson.loads(v)["id"] for v in clean.sink.values("events")]
-    source = TimingOutSource(records, chunk=101)
-    worker = _worker(detector, source, emit_all=True, commit_interval_ms=10**6)
-    for step in range(40):
-        polled = source.poll(0)
-        if polled:
-            worker.process(polled)
-        if step in (3, 9):
-            source.fail_next = True
-            worker.on_revoked(set(records))  # the client would end the member if this raised
-            assert worker.assigned == set()
-            worker.on_assigned(set(records))
-    worker.checkpoint()
-    ids = [orjson.loads(v)["id"] for v in worker.sink.values("events")]
+    def time_out_next_commit(source):
+        source.fail_next = True
+
+    clean_ids, ids = _with_rebalances(detector, TimingOutSource, 12, (3, 9), time_out_next_commit)
     assert sorted(set(ids)) == sorted(clean_ids), "no window lost or invented"
