@@ -140,15 +140,17 @@ def train_detector(f: NabFile, kind: str, seed: int, calendar: bool):
     return detector
 
 
-def stream_series(f: NabFile, detector, chunk: int = 2048) -> dict[str, np.ndarray]:
+def stream_series(
+    f: NabFile, detector, chunk: int = 2048, stage_settings: dict | None = None
+) -> dict[str, np.ndarray]:
     """Raw score, surprise and detection per row, through the worker's intake, scorer and
-    adaptive stage (worker defaults)."""
+    adaptive stage (worker defaults, or these `AdaptiveStageSettings` fields)."""
     from pipeline.detector.adaptive_stage import AdaptiveStage, score_reference
     from pipeline.modalities import modality_of
     from pipeline.modalities.windowing import ReadyWindows
     from pipeline.worker.settings import AdaptiveStageSettings
 
-    adaptive = AdaptiveStageSettings()
+    adaptive = AdaptiveStageSettings(**(stage_settings or {}))
     stage = AdaptiveStage(
         adaptive.stage(), adaptive.rule(), [score_reference(detector.threshold)], "nab"
     )
@@ -200,11 +202,13 @@ def rule_grid(surprise: np.ndarray) -> np.ndarray:
     return out
 
 
-def evaluate(files: list[NabFile], kind: str, seed: int, calendar: bool) -> dict:
+def evaluate(
+    files: list[NabFile], kind: str, seed: int, calendar: bool, stage: dict | None = None
+) -> dict:
     raws, grids, fixed = {}, {}, {}
     for f in files:
         detector = train_detector(f, kind, seed, calendar)
-        rows = stream_series(f, detector)
+        rows = stream_series(f, detector, stage_settings=stage)
         severity = rows["raw"] / max(detector.threshold.value, 1e-12)
         raws[f.name] = np.nan_to_num(severity / (1.0 + severity), nan=1.0)
         grids[f.name] = rule_grid(rows["surprise"])
@@ -266,7 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--kinds", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--calendar", choices=("auto", "off"), default="auto")
+    parser.add_argument(
+        "--adaptive-freeze",
+        type=float,
+        default=None,
+        help="the stage's --adaptive-freeze (default: the worker's)",
+    )
     args = parser.parse_args(argv)
+    stage = {} if args.adaptive_freeze is None else {"adaptive_freeze": args.adaptive_freeze}
     if not (args.nab / "combined_windows.json").exists():
         raise SystemExit(f"no NAB corpus under {args.nab}; pass --nab DIR")
     torch.set_num_threads(1)
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for kind in args.kinds:
         seeds = [0] if kind == "pca" else args.seeds
-        runs = [evaluate(files, kind, seed, args.calendar == "auto") for seed in seeds]
+        runs = [evaluate(files, kind, seed, args.calendar == "auto", stage) for seed in seeds]
         results[kind] = {
             "seeds": seeds,
             "runs": runs,
@@ -324,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": str(args.nab),
         "seeds": args.seeds,
         "calendar": args.calendar,
+        "stage_settings": stage,
         "thresholds_on_surprise": THRESHOLDS.tolist(),
         "scorer_checks": checks,
         "results": results,

@@ -4,6 +4,8 @@ their most surprising one, replays are skipped and another model version's state
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import orjson
 import pytest
@@ -71,22 +73,71 @@ def test_warmup_reports_nothing():
     assert (out.surprise[100:] > 0).all()
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_state_round_trip_mid_stream_is_bit_identical(channels):
+def _excursion(settings, length):
+    """One key: 300 normal rows, `length` rows ten times higher, 300 normal rows again."""
+    rng = np.random.default_rng(3)
+    scores = rng.lognormal(0, 0.1, 600 + length)
+    scores[300 : 300 + length] *= 10
+    stage = AdaptiveLikelihood(settings, [1.0])
+    means = []
+    for row in scores:
+        stage.update(np.zeros(1, np.int64), [row])
+        means.append(float(stage.mu[0, 0]))
+    return np.asarray(means), stage
+
+
+def test_a_frozen_key_does_not_learn_an_anomaly_and_the_return_to_normal_is_not_new():
+    held = AdaptiveSettings(short=5, long=200, warmup=50, freeze=3.0, max_freeze=500)
+    means, stage = _excursion(held, 200)
+    # the long-term mean stays where it was while the anomaly lasts (its first rows, before the
+    # short-term mean has moved far, may still teach it a little) ...
+    assert means[305:500].max() - means[305:500].min() == 0.0
+    assert means[499] < 1.5 * means[299]
+    # ... whereas a key that learns from every row takes the anomaly in
+    learning, _ = _excursion(SMALL, 200)
+    assert learning[499] > 2 * learning[299]
+    assert stage.frozen[0] == 0  # learning again once back to normal
+
+
+def test_a_lasting_change_is_learned_after_max_freeze_rows():
+    held = AdaptiveSettings(short=5, long=200, warmup=50, freeze=3.0, max_freeze=100)
+    means, _ = _excursion(held, 300)
+    assert means[399] < 1.1 * means[299]  # held for 100 rows ...
+    assert means[599] > 5 * means[299]  # ... then taken in while the change lasts
+
+
+def test_state_written_without_the_freeze_count_is_read():
+    slots, scores = _stream(2)
+    stage = AdaptiveStage(SMALL, RuleSettings(threshold=2.0), [1.0], "m/1")
+    order, groups = _groups(slots)
+    stage.update(groups, np.arange(len(slots))[order], scores[order])
+    saved = stage.state(P)
+    legacy = {}
+    for key, text in saved["keys"].items():
+        blob = base64.b64decode(text)
+        legacy[key] = base64.b64encode(blob[:8] + blob[12:]).decode()  # without the count
+    other = AdaptiveStage(SMALL, RuleSettings(threshold=2.0), [1.0], "m/1")
+    other.restore(P, {**saved, "keys": legacy})
+    assert other.state(P) == saved
+
+
+@pytest.mark.parametrize("channels,freeze", [(1, 0.0), (3, 0.0), (1, 1.5)])
+def test_state_round_trip_mid_stream_is_bit_identical(channels, freeze):
     slots, scores = _stream(1, channels=channels)
     ends = np.arange(len(slots)) * 1000
     refs = np.linspace(1, 2, channels)
-    whole = AdaptiveStage(SMALL, RuleSettings(threshold=2.0), refs, "m/1")
+    settings = AdaptiveSettings(short=5, long=200, warmup=50, freeze=freeze)
+    whole = AdaptiveStage(settings, RuleSettings(threshold=2.0), refs, "m/1")
     order, groups = _groups(slots)
     expected = whole.update(groups, ends[order], scores[order])
     cut = 1700
-    first = AdaptiveStage(SMALL, RuleSettings(threshold=2.0), refs, "m/1")
+    first = AdaptiveStage(settings, RuleSettings(threshold=2.0), refs, "m/1")
     order1, groups1 = _groups(slots[:cut])
     first.update(groups1, ends[:cut][order1], scores[:cut][order1])
     saved = orjson.loads(orjson.dumps(first.state(P)))
     assert all(len(v) == 4 * -(-first.bytes_per_key // 3) for v in saved["keys"].values())
-    assert first.bytes_per_key == 8 + 24 * channels + 17 + 8
-    second = AdaptiveStage(SMALL, RuleSettings(threshold=2.0), refs, "m/1")
+    assert first.bytes_per_key == 12 + 24 * channels + 17 + 8
+    second = AdaptiveStage(settings, RuleSettings(threshold=2.0), refs, "m/1")
     second.update([("other", ("x", 1), slice(0, 3))], np.arange(3), np.ones((3, channels)))
     second.restore(P, saved)  # a new owner, other slot numbers
     order2, groups2 = _groups(slots[cut:])
@@ -97,6 +148,8 @@ def test_state_round_trip_mid_stream_is_bit_identical(channels):
     got[order2] = rest.surprise
     np.testing.assert_array_equal(got, by_row[cut:])
     assert (by_row > 2.0).any()
+    if freeze:
+        assert whole.likelihood.frozen.any() or (by_row >= freeze).any()
 
 
 def test_channels_combine_by_the_most_surprising():

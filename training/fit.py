@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from pipeline.detector.detector import keep_triton_out
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scoring import score_tensor
 from pipeline.errors import ConfigError
@@ -284,6 +285,7 @@ def fit(
     """
     context = context or RankContext()
     device = device or (train.device if isinstance(train, torch.Tensor) else torch.device("cpu"))
+    keep_triton_out()
     torch.manual_seed(settings.seed)
     if isinstance(train, torch.Tensor):
         n_train = len(train)

@@ -17,6 +17,11 @@ then the long-term estimate takes m_t, winsorised so that one excursion moves it
     a_l  = max(2 / (long + 1), 1 / n)
     d    = m' - mu;  mu += a_l d;  var = (1 - a_l) (var + a_l d^2)
 
+With `freeze` > 0, a row whose surprise (below) is at or above `freeze` does not update mu and var
+at all: an anomaly does not teach the key that it is normal, so the return to normal is not new.
+After `max_freeze` such rows in a row the key learns again until its surprise falls below
+`freeze` (a lasting change becomes the new normal instead of an excursion for ever).
+
 Channels combine by their most surprising one: Q = min_c Q_c. Reported per window: the surprise
 S = -log10 Q (5 <=> p = 1 - 1e-5), the anomaly likelihood p = 1 - Q, and HTM's log-likelihood
 L = log(Q + 1e-10) / log(1e-10). During a key's first `warmup` rows: p = 0.5, S = 0, L = 0.
@@ -28,7 +33,7 @@ more than `cooldown` rows have passed since the last detection: one detection pe
 Both take batches of (slot, row) in arrival order, possibly several rows per slot: the k-th row of
 every slot is one vectorised step (`rounds`), so a batch gives exactly what feeding the rows one
 at a time would, in any interleaving of keys. Slots are small integers the caller gives keys. The
-state of a slot packs into 8 + 24 C bytes (stage) and 17 bytes (rule), bit for bit.
+state of a slot packs into 12 + 24 C bytes (stage) and 17 bytes (rule), bit for bit.
 """
 
 from __future__ import annotations
@@ -88,10 +93,14 @@ class AdaptiveSettings:
     warmup: int = 200  # rows of a key before it reports (it never detects before)
     clip: float = 3.0  # winsorise the long-term update at mu + clip * sd
     min_std: float = 0.1  # floor on the long-term sd, in units of ref
+    freeze: float = 0.0  # rows at or above this surprise do not teach the estimate (0: all do)
+    max_freeze: int = 1000  # ... for at most this many rows in a row
 
     def __post_init__(self) -> None:
-        if self.short < 1 or self.long < 1 or self.warmup < 0:
+        if self.short < 1 or self.long < 1 or self.warmup < 0 or self.max_freeze < 0:
             raise ValueError(f"adaptive horizons out of range: {self}")
+        if self.freeze < 0:
+            raise ValueError(f"adaptive freeze must be >= 0: {self}")
         if not (self.clip > 0 and self.min_std > 0):
             raise ValueError(f"adaptive clip and min_std must be > 0: {self}")
 
@@ -140,8 +149,9 @@ class AdaptiveLikelihood:
         self.channels = len(self.refs)
         self.a_short = 2.0 / (settings.short + 1)
         self.a_long = 2.0 / (settings.long + 1)
-        self.pack_format = struct.Struct(f"<q{3 * self.channels}d")
+        self.pack_format = struct.Struct(f"<qi{3 * self.channels}d")
         self.n = np.zeros(capacity, np.int64)
+        self.frozen = np.zeros(capacity, np.int32)
         self.m = np.zeros((capacity, self.channels))
         self.mu = np.zeros((capacity, self.channels))
         self.var = np.zeros((capacity, self.channels))
@@ -150,11 +160,12 @@ class AdaptiveLikelihood:
         if size > len(self.n):
             size = max(size, 2 * len(self.n))
             self.n = _grow(self.n, size, 0)
+            self.frozen = _grow(self.frozen, size, 0)
             self.m, self.mu, self.var = (_grow(a, size, 0.0) for a in (self.m, self.mu, self.var))
 
     def reset(self, slots) -> None:
         """These slots start again from nothing."""
-        self.n[slots] = 0
+        self.n[slots] = self.frozen[slots] = 0
         self.m[slots] = self.mu[slots] = self.var[slots] = 0.0
 
     def update(self, slots, rows) -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +193,13 @@ class AdaptiveLikelihood:
         logq = np.where(live, _log_ndtr(-((m - mu) / sd)).min(axis=1), _LOG_HALF)
         clipped = np.where(live[:, None], np.minimum(m, mu + self.settings.clip * sd), m)
         a = np.maximum(self.a_long, 1.0 / n)[:, None]
+        freeze = self.settings.freeze
+        if freeze > 0:
+            # rows in a row at or above `freeze`, counted up to max_freeze + 1 (learning again)
+            count = np.where(live & (logq <= -freeze * _LN10), self.frozen[k] + 1, 0)
+            count = np.minimum(count, self.settings.max_freeze + 1)
+            self.frozen[k] = count
+            a = np.where(((count > 0) & (count <= self.settings.max_freeze))[:, None], 0.0, a)
         d = clipped - mu
         self.mu[k] = mu + a * d
         self.var[k] = (1.0 - a) * (var + a * d * d)
@@ -190,13 +208,20 @@ class AdaptiveLikelihood:
 
     def pack(self, slot: int) -> bytes:
         fields = np.concatenate([self.m[slot], self.mu[slot], self.var[slot]]).tolist()
-        return self.pack_format.pack(int(self.n[slot]), *fields)
+        return self.pack_format.pack(int(self.n[slot]), int(self.frozen[slot]), *fields)
+
+    @property
+    def legacy_size(self) -> int:
+        """Bytes of a slot's state as written before the freeze count was kept."""
+        return self.pack_format.size - 4
 
     def unpack(self, slot: int, blob: bytes) -> None:
         self.ensure(slot + 1)
-        n, *fields = self.pack_format.unpack(blob)
+        if len(blob) == self.legacy_size:  # no freeze count: the key was not held
+            blob = blob[:8] + b"\0\0\0\0" + blob[8:]
+        n, frozen, *fields = self.pack_format.unpack(blob)
         c = self.channels
-        self.n[slot] = n
+        self.n[slot], self.frozen[slot] = n, frozen
         self.m[slot], self.mu[slot], self.var[slot] = (
             fields[:c],
             fields[c : 2 * c],

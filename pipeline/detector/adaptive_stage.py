@@ -10,8 +10,9 @@ keeps the per-key state of the `KeyedState` protocol of `pipeline.worker.state`:
 
     {"v": model version, "c": channels, "keys": {key: base64 of the key's packed state}}
 
-where a key's state is the likelihood (8 + 24 C bytes), the rule (17 bytes) and the end time of
-the latest window it took (8 bytes): 57 bytes for one channel, 76 base64 characters. State saved
+where a key's state is the likelihood (12 + 24 C bytes), the rule (17 bytes) and the end time of
+the latest window it took (8 bytes): 61 bytes for one channel, 84 base64 characters (state
+written without the likelihood's 4-byte freeze count, 76 characters, is read too). State saved
 under another model version or channel count is not restored: raw scores of different versions
 are not on one scale, so the keys warm up again, as they do when the worker loads a new version
 (`reset`). A window that ends no later than its key's latest is a replay of one already taken
@@ -136,6 +137,8 @@ class AdaptiveStage:
     def _unpack(self, slot: int, text: str) -> None:
         blob = base64.b64decode(text)
         size = self.likelihood.pack_format.size
+        if len(blob) < self.bytes_per_key:
+            size = self.likelihood.legacy_size
         rule_end = size + self.rule.pack_format.size
         self.likelihood.unpack(slot, blob[:size])
         self.rule.unpack(slot, blob[size:rule_end])
@@ -157,8 +160,10 @@ class AdaptiveStage:
         self.forget({partition})
         if not saved or saved.get("v") != self.version or saved.get("c") != self.channels:
             return
+        sizes = (self.bytes_per_key, self.bytes_per_key - 4)  # with or without the freeze count
+        lengths = {4 * -(-size // 3) for size in sizes}  # base64 of one key's state
         for key, text in (saved.get("keys") or {}).items():
-            if len(text) == 4 * -(-self.bytes_per_key // 3):  # base64 of one key's state
+            if len(text) in lengths:
                 self._unpack(self._slot(partition, key), text)
 
     def forget(self, partitions: set[Partition]) -> None:

@@ -228,17 +228,11 @@ class AdaptiveStageSettings:
     )
     adaptive_columns: str = setting(COLUMNS_HELP, "score", choices=ADAPTIVE_COLUMNS)
     adaptive_short: int = setting("windows in a key's short-term mean of scores", 30, minimum=1)
-    adaptive_long: int = setting(
-        "windows in a key's long-term mean and variance of scores", 1000, minimum=1
-    )
+    adaptive_long: int = setting("windows in a key's long-term mean and variance", 1000, minimum=1)
     adaptive_warmup: int = setting(
-        "first windows of a key that only learn (surprise 0, never anomalous by surprise)",
-        200,
-        minimum=0,
+        "first windows of a key that only learn (surprise 0)", 200, minimum=0
     )
-    adaptive_clip: float = setting(
-        "the long-term estimate takes the short-term mean winsorised at this many sd", 3.0
-    )
+    adaptive_clip: float = setting("winsorise the long-term estimate's input at this many sd", 3.0)
     adaptive_min_std: float = setting(
         "floor on the long-term sd, in units of the model's median calibration score", 0.1
     )
@@ -247,6 +241,12 @@ class AdaptiveStageSettings:
         "detection rule fires",
         5.0,
     )
+    adaptive_freeze: float = setting(
+        "windows at or above this surprise do not teach a key's long-term estimate (0: all do)",
+        0.0,
+        minimum=0,
+    )
+    adaptive_max_freeze: int = setting("... for at most this many in a row", 1000, minimum=0)
     adaptive_rearm: float = setting(
         "the rule re-arms once the surprise stays below this share of the threshold ...", 0.9
     )
@@ -276,6 +276,8 @@ class AdaptiveStageSettings:
             warmup=self.adaptive_warmup,
             clip=self.adaptive_clip,
             min_std=self.adaptive_min_std,
+            freeze=self.adaptive_freeze,
+            max_freeze=self.adaptive_max_freeze,
         )
 
     def rule(self) -> RuleSettings:
