@@ -23,6 +23,7 @@ oracle.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -230,35 +231,40 @@ def run_fleet(detector, records, spans, overrides: dict) -> dict:
 
 DEV_GROUPS = ("valve2", "other")
 DEV_THRESHOLDS = (5.0, 6.0, 7.0)  # surprise at which a window is anomalous
-# and whether a window at or above it stays out of the key's long-term estimate (--adaptive-freeze
-# at the threshold: the stage never learns from a window it calls anomalous)
+# and the surprise from which a window stays out of the key's long-term estimate, as a share of
+# the threshold (--adaptive-freeze: 0 off; 1: the stage never learns from a window it calls
+# anomalous; 0.5: nor from one half as surprising)
+DEV_FREEZE = (0.0, 0.5, 1.0)
+# and the range check (--adaptive-range: 0 off, 0.05 as Numenta's NAB detector)
+DEV_RANGE = (0.0, 0.05)
 
 
 def select_on_dev(skab: Path, detectors) -> tuple[dict, list]:
-    """The adaptive stage on levels: scale rule, surprise threshold and freezing chosen on
-    development runs (valve2 and other/, never valve1) by median (own detections - false alarms) over the
-    seeds, ties to fewer false alarms."""
+    """The adaptive stage on levels: scale rule, surprise threshold, freezing and the range
+    check chosen on development runs (valve2 and other/, never valve1) by median (own
+    detections - false alarms) over the seeds, ties to fewer false alarms."""
     records, spans, _ = read_fleet(skab, DEV_GROUPS)
     rows = []
-    for rule in ("ratio", "center"):
-        for threshold in DEV_THRESHOLDS:
-            for held in (False, True):
-                overrides = dict(
-                    key_baselines=True,
-                    baseline_scale=rule,
-                    alarm_on="adaptive",
-                    adaptive_columns="levels",
-                    adaptive_threshold=threshold,
-                    adaptive_freeze=threshold if held else 0.0,
-                )
-                results = [run_fleet(d, records, spans, overrides) for d in detectors]
-                det = statistics.median(r["detected"] for r in results)
-                fa = statistics.median(r["false_alarms"] for r in results)
-                rows.append({"settings": overrides, "detected": det, "false_alarms": fa})
-                print(
-                    f"dev {rule} {threshold} freeze={held}: {det}/{fa} of {results[0]['spans']}",
-                    flush=True,
-                )
+    grid = itertools.product(("ratio", "center"), DEV_THRESHOLDS, DEV_FREEZE, DEV_RANGE)
+    for rule, threshold, held, tolerance in grid:
+        overrides = dict(
+            key_baselines=True,
+            baseline_scale=rule,
+            alarm_on="adaptive",
+            adaptive_columns="levels",
+            adaptive_threshold=threshold,
+            adaptive_freeze=threshold * held,
+            adaptive_range=tolerance,
+        )
+        results = [run_fleet(d, records, spans, overrides) for d in detectors]
+        det = statistics.median(r["detected"] for r in results)
+        fa = statistics.median(r["false_alarms"] for r in results)
+        rows.append({"settings": overrides, "detected": det, "false_alarms": fa})
+        print(
+            f"dev {rule} {threshold} freeze={threshold * held:g} range={tolerance:g}: "
+            f"{det}/{fa} of {results[0]['spans']}",
+            flush=True,
+        )
     best = max(rows, key=lambda r: (r["detected"] - r["false_alarms"], -r["false_alarms"]))
     return best["settings"], rows
 

@@ -145,28 +145,33 @@ def stream_series(
 ) -> dict[str, np.ndarray]:
     """Raw score, surprise and detection per row, through the worker's intake, scorer and
     adaptive stage (worker defaults, or these `AdaptiveStageSettings` fields)."""
-    from pipeline.detector.adaptive_stage import AdaptiveStage, score_reference
+    from pipeline.detector.adaptive_stage import (
+        AdaptiveStage,
+        range_features,
+        score_reference,
+        window_extremes,
+    )
     from pipeline.modalities import modality_of
     from pipeline.modalities.windowing import ReadyWindows
     from pipeline.worker.settings import AdaptiveStageSettings
 
     adaptive = AdaptiveStageSettings(**(stage_settings or {}))
-    stage = AdaptiveStage(
-        adaptive.stage(), adaptive.rule(), [score_reference(detector.threshold)], "nab"
-    )
+    refs = [score_reference(detector.threshold)]
+    stage = AdaptiveStage(adaptive.stage(), adaptive.rule(), refs, "nab", range_features(detector))
     intake = modality_of(detector.input).intake(1 << 20)
     ts = _epoch_ms(f)
     records = [
         _Record(i, b"k", orjson.dumps({"key": "k", "ts": t, "values": {"value": v}}))
         for i, (t, v) in enumerate(zip(ts.tolist(), f.values.tolist(), strict=True))
     ]
-    rows = {name: np.zeros(len(f)) for name in ("raw", "surprise", "detection")}
+    rows = {name: np.zeros(len(f)) for name in ("raw", "surprise", "detection", "beyond")}
     for start in range(0, len(records), chunk):
         pending = ReadyWindows()
         intake.take(PARTITION, records[start : start + chunk], pending, _refuse)
         if not len(pending):
             continue
-        scores = detector.score(np.concatenate(pending.windows), attribution=False).scores
+        windows = np.concatenate(pending.windows)
+        scores = detector.score(windows, attribution=False).scores
         end_ts = np.concatenate(pending.end_ts)
         bounds = np.cumsum([0, *pending.counts])
         groups = [
@@ -175,10 +180,11 @@ def stream_series(
                 pending.keys, pending.partitions, bounds[:-1], bounds[1:], strict=True
             )
         ]
-        out = stage.update(groups, end_ts, scores)
+        extremes = window_extremes(windows) if stage.range is not None else None
+        out = stage.update(groups, end_ts, scores, extremes)
         at = np.searchsorted(ts, end_ts)
         rows["raw"][at], rows["surprise"][at] = scores, out.surprise
-        rows["detection"][at] = out.detection
+        rows["detection"][at], rows["beyond"][at] = out.detection, out.beyond
     first = WINDOW - 1  # rows before the first window (in probation) take its values
     for values in rows.values():
         values[:first] = values[first]
@@ -211,7 +217,8 @@ def evaluate(
         rows = stream_series(f, detector, stage_settings=stage)
         severity = rows["raw"] / max(detector.threshold.value, 1e-12)
         raws[f.name] = np.nan_to_num(severity / (1.0 + severity), nan=1.0)
-        grids[f.name] = rule_grid(rows["surprise"])
+        # a window beyond its key's range counts as a surprise of at least any threshold
+        grids[f.name] = rule_grid(np.where(rows["beyond"] > 0, np.inf, rows["surprise"]))
         fixed[f.name] = rows["detection"].astype(bool)
         at_default = int(np.flatnonzero(THRESHOLDS == DEFAULT_S)[0])
         if not (grids[f.name][:, at_default] == fixed[f.name]).all():
@@ -270,14 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--kinds", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--calendar", choices=("auto", "off"), default="auto")
-    parser.add_argument(
-        "--adaptive-freeze",
-        type=float,
-        default=None,
-        help="the stage's --adaptive-freeze (default: the worker's)",
-    )
+    for name in ("freeze", "range"):
+        parser.add_argument(
+            f"--adaptive-{name}",
+            type=float,
+            default=None,
+            help=f"the stage's --adaptive-{name} (default: the worker's)",
+        )
     args = parser.parse_args(argv)
-    stage = {} if args.adaptive_freeze is None else {"adaptive_freeze": args.adaptive_freeze}
+    stage = {
+        f"adaptive_{name}": getattr(args, f"adaptive_{name}")
+        for name in ("freeze", "range")
+        if getattr(args, f"adaptive_{name}") is not None
+    }
     if not (args.nab / "combined_windows.json").exists():
         raise SystemExit(f"no NAB corpus under {args.nab}; pass --nab DIR")
     torch.set_num_threads(1)

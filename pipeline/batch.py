@@ -55,7 +55,7 @@ def score_window_set(
         frame["likelihood"] = adaptive.likelihood
         frame["detection"] = adaptive.detection
         if stream.alarm_on == "adaptive":
-            frame["is_anomaly"] = adaptive.surprise >= stream.threshold
+            frame["is_anomaly"] = adaptive.anomalous(stream.threshold)
     top = detector.top_features(scored.per_feature, top_k) if len(frame) else []
     frame["top_features"] = [",".join(names) for names in top]
     if scored.terms is not None:  # the terms score: which term weighed most for each of them

@@ -180,3 +180,59 @@ def test_replayed_windows_are_skipped_and_other_versions_state_is_not_restored()
     same.reset([2.0], "m/2")  # a new version: every key warms up again
     out = same.update([("k", P, slice(0, 1))], np.array([200]), np.array([1e3]))
     assert out.surprise[0] == 0 and out.likelihood[0] == 0.5
+
+
+def _ranged(tolerance=0.05, warmup=50):
+    settings = AdaptiveSettings(short=5, long=200, warmup=warmup, range_tolerance=tolerance)
+    return AdaptiveStage(settings, RuleSettings(cooldown=0, quiet=1), [1.0], "m/1", 2)
+
+
+def _feed(stage, lo, hi, start=0, key="k"):
+    n = len(lo)
+    return stage.update([(key, P, slice(0, n))], np.arange(start, start + n), np.ones(n), (lo, hi))
+
+
+def test_a_window_beyond_its_keys_range_is_detected_at_any_surprise():
+    stage = _ranged()
+    rng = np.random.default_rng(0)
+    lo = rng.uniform(0, 1, (300, 2)) * [1, 10]
+    hi = lo + 0.5
+    calm = _feed(stage, lo, hi)  # range 0 .. 10.5 on the second feature
+    assert not calm.beyond.any() and not calm.detection.any()
+    top = hi[:, 1].max()
+    width = top - lo[:, 1].min()
+    highs = [top + 0.04 * width, top + 0.2 * width, top + 0.2 * width]
+    out = _feed(stage, np.tile([0.5, 5.0], (3, 1)), np.c_[np.full(3, 0.9), highs], start=300)
+    assert out.beyond.tolist() == [False, True, False]  # within 5 %; beyond; the range has grown
+    assert out.detection.tolist() == [False, True, False]
+    assert (out.surprise < 1).all()  # the likelihood alone saw nothing
+    assert out.anomalous(5.0).tolist() == [False, True, False]
+
+
+def test_the_range_check_waits_for_the_warm_up_and_is_off_at_zero():
+    stage = _ranged(warmup=100)
+    lo = np.r_[np.zeros((50, 2)), np.full((1, 2), 50.0)]
+    hi = np.r_[np.ones((50, 2)), np.full((1, 2), 60.0)]
+    out = _feed(stage, lo, hi)
+    assert not out.beyond.any() and not out.detection.any()  # inside the warm-up
+    off = _ranged(tolerance=0.0)
+    assert off.range is None
+    np.testing.assert_array_equal(_feed(off, lo, hi).beyond, np.zeros(51, bool))
+
+
+def test_range_state_round_trips_mid_stream():
+    rng = np.random.default_rng(4)
+    lo = rng.normal(0, 1, (400, 2)).cumsum(axis=0) * 0.1
+    hi = lo + rng.uniform(0, 1, (400, 2))
+    whole = _ranged()
+    expected = _feed(whole, lo, hi)
+    first = _ranged()
+    _feed(first, lo[:250], hi[:250])
+    saved = orjson.loads(orjson.dumps(first.state(P)))
+    assert first.bytes_per_key == 12 + 24 + 17 + 16 * 2 + 8
+    second = _ranged()
+    second.restore(P, saved)
+    rest = _feed(second, lo[250:], hi[250:], start=250)
+    np.testing.assert_array_equal(rest.beyond, expected.beyond[250:])
+    np.testing.assert_array_equal(rest.detection, expected.detection[250:])
+    assert expected.beyond.any()

@@ -99,8 +99,12 @@ def test_alarming_on_the_adaptive_stage_is_a_setting(trained):
     stream = drifting_fleet(readings_per_key=1500)
     records = partitioned(stream, "readings", 2)
     raw = _run(trained.detector, records)
-    adaptive = _run(trained.detector, records, alarm_on="adaptive")
+    adaptive = _run(trained.detector, records, alarm_on="adaptive", adaptive_range=0)
     assert all(e["data"]["is_anomaly"] == (e["data"]["surprise"] >= 5.0) for e in adaptive)
+    # with the range check (the default) a window beyond its key's range is anomalous too
+    ranged = _run(trained.detector, records, alarm_on="adaptive")
+    assert all(e["data"]["is_anomaly"] for e in ranged if e["data"]["surprise"] >= 5.0)
+    assert any(e["data"]["is_anomaly"] and e["data"]["surprise"] < 5.0 for e in ranged)
     assert all(
         e["data"]["is_anomaly"] == (e["data"]["score"] > e["data"]["threshold"]) for e in raw
     )
@@ -170,7 +174,12 @@ def test_the_worker_and_score_stream_agree_on_a_drifting_file(
     stream = drifting_fleet(seed=7)
     produce(kafka_bootstrap, names["input"], stream_items(stream))
     settings = worker_settings(
-        kafka_bootstrap, names, trained.artifact_dir, emit_all=True, alarm_on="adaptive"
+        kafka_bootstrap,
+        names,
+        trained.artifact_dir,
+        emit_all=True,
+        alarm_on="adaptive",
+        adaptive_range=0.05,
     )
     run_worker(settings)
     events = {}
@@ -184,7 +193,7 @@ def test_the_worker_and_score_stream_agree_on_a_drifting_file(
     frame.insert(0, "ts", pd.to_datetime(stream.ts_ms, unit="ms"))
     frame.to_csv(tmp_path / "drift.csv", index=False)
     common = ["--model", str(trained.artifact_dir), "--data", str(tmp_path / "drift.csv")]
-    common += ["--key-col", "key", "--stream", "--alarm-on", "adaptive"]
+    common += ["--key-col", "key", "--stream", "--alarm-on", "adaptive", "--adaptive-range", "0.05"]
     out = tmp_path / "replayed.parquet"
     assert main(["score", *common, "--out", str(out)]) == 0
     scored = pd.read_parquet(out).set_index("event_id")
@@ -194,6 +203,8 @@ def test_the_worker_and_score_stream_agree_on_a_drifting_file(
     assert (scored["detection"] == worker["detection"]).all()
     assert (scored["is_anomaly"] == worker["is_anomaly"]).all()
     assert scored["detection"].sum() >= 2 and (scored["surprise"] > 5).any()
+    # and windows beyond their key's range: anomalous at a surprise below the threshold
+    assert (scored["is_anomaly"] & (scored["surprise"] < 5)).any()
 
     capsys.readouterr()
     assert main(["evaluate", *common, "--label-col", "label", "--json"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -54,7 +55,11 @@ def test_the_image_demo_flags_the_other_digits(kafka_bootstrap, tmp_path, monkey
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", kafka_bootstrap)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "images"
+    levels = {name: logging.getLogger(name).level for name in ("pipeline", "training")}
     assert main(["demo", "--images", "--dir", str(root)]) == 0
+    # the demo's quieter logging ends with it: later work in this process logs as before
+    assert {name: logging.getLogger(name).level for name in levels} == levels
+    assert not any(f for h in logging.getLogger().handlers for f in h.filters)
     summary = json.loads((root / "summary.json").read_text())
     assert summary["images"] == 150
     assert summary["detected"] >= 0.8 * summary["anomalous_images"]

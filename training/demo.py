@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.tools.demo_stream import iso_ms, stream_images, stream_readings
+from training.demo_logs import logs_restored, quiet_logs
 
 __all__ = ["DEMO_KINDS", "DemoSettings", "live_fleet", "run_demo", "train_flags"]
 
@@ -53,29 +54,20 @@ class DemoSettings:
     tracking_uri: str | None = None  # else a sqlite store in the demo folder
 
 
-def _quiet_logs() -> None:
-    """Only warnings from aewatch and MLflow, only errors from kafka-python (again after each
-    sub-command, which configures logging afresh)."""
-    for noisy in ("pipeline", "training", "mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_QuietKafka())
-
-
-class _QuietKafka(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith("kafka") or record.levelno >= logging.ERROR
-
-
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
 def run_demo(args: DemoSettings) -> dict:
     """The whole demo; returns its summary (`ok`: every injected anomaly was detected)."""
+    with logs_restored():
+        return _run_demo(args)
+
+
+def _run_demo(args: DemoSettings) -> dict:
     from training.tracking import local_store
 
-    _quiet_logs()
+    quiet_logs()
     root = Path(args.dir).resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -140,7 +132,7 @@ def _series_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
 
     _say(f"\n4. streaming {args.keys * args.stream:,} live readings at {args.rate:,.0f}/s")
     stream = live_fleet(args, sensors, kinds, args.stream, anomaly_seed=args.seed + 1)
-    _quiet_logs()
+    quiet_logs()
     live = stream_readings(
         bootstrap, f"models:/{MODEL_NAME}@champion", tracking_uri, stream, args.rate
     )
@@ -371,7 +363,7 @@ def _image_demo(args, root: Path, bootstrap: str, tracking_uri: str) -> dict:
     other = np.flatnonzero(digits.target != 0)
     order = np.concatenate([rng.choice(normal, 120, replace=False), rng.choice(other, 30)])
     rng.shuffle(order)
-    _quiet_logs()
+    quiet_logs()
     _say(f"\n3. streaming {len(order)} images from 3 cameras as .npy records")
     start_ms = int(time.time() * 1000)
     records = [

@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.detector.adaptive_stage import (
     AdaptiveStage,
     StreamReplay,
+    range_features,
     replay,
     score_reference,
 )
@@ -86,7 +87,11 @@ def evaluate_file(settings: EvaluateSettings) -> dict:
     if stream is not None and stream.alarm_on == "adaptive" and data.has(ALL):
         scaling = data.scaling(detector, ALL)
         raw = detector.score(data.raw(ALL), attribution=False, scaling=scaling).scores
-        scores = replay(stream.stage, data.parts[ALL], raw).surprise
+        adaptive = replay(stream.stage, data.parts[ALL], raw)
+        # a window beyond its key's range is anomalous at any surprise: at least the threshold
+        scores = np.where(
+            adaptive.beyond, np.maximum(adaptive.surprise, stream.threshold), adaptive.surprise
+        )
         # the worker's decision is surprise >= threshold; the metrics decide score > threshold
         threshold, decided_by = float(np.nextafter(stream.threshold, -np.inf)), "adaptive"
     result = data.evaluate(detector, ALL, settings.point_rule, scores, threshold)
@@ -112,5 +117,7 @@ def _replay(detector, label: str, settings: AdaptiveStageSettings | None) -> Str
     stage = None
     if settings.enabled:
         refs = [score_reference(detector.threshold)]
-        stage = AdaptiveStage(settings.stage(), settings.rule(), refs, label)
+        stage = AdaptiveStage(
+            settings.stage(), settings.rule(), refs, label, range_features(detector)
+        )
     return StreamReplay(stage, settings.alarm_on, settings.adaptive_threshold)

@@ -26,6 +26,12 @@ Channels combine by their most surprising one: Q = min_c Q_c. Reported per windo
 S = -log10 Q (5 <=> p = 1 - 1e-5), the anomaly likelihood p = 1 - Q, and HTM's log-likelihood
 L = log(Q + 1e-10) / log(1e-10). During a key's first `warmup` rows: p = 0.5, S = 0, L = 0.
 
+Stage 1b, `RangeCheck` (with `range_tolerance` > 0, as Numenta's NAB detector does with 0.05): a
+window whose readings go beyond the range the key's readings have spanned so far, by more than
+`range_tolerance` times that range, on any feature, is `beyond` its range. After the warm-up
+such a window counts as a surprise of at least the threshold for the rule below, whatever its
+likelihood: a level a key has never had is an anomaly even where the score's history is noisy.
+
 Stage 2, `DetectionRule`: a detection fires when S >= threshold and the key is armed; firing
 disarms it. It re-arms once S has stayed below rearm * threshold for `quiet` consecutive rows and
 more than `cooldown` rows have passed since the last detection: one detection per excursion.
@@ -33,7 +39,8 @@ more than `cooldown` rows have passed since the last detection: one detection pe
 Both take batches of (slot, row) in arrival order, possibly several rows per slot: the k-th row of
 every slot is one vectorised step (`rounds`), so a batch gives exactly what feeding the rows one
 at a time would, in any interleaving of keys. Slots are small integers the caller gives keys. The
-state of a slot packs into 12 + 24 C bytes (stage) and 17 bytes (rule), bit for bit.
+state of a slot packs into 12 + 24 C bytes (stage), 16 F bytes (range of F features, when on) and
+17 bytes (rule), bit for bit.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ __all__ = [
     "AdaptiveScores",
     "AdaptiveSettings",
     "DetectionRule",
+    "RangeCheck",
     "RuleSettings",
     "rounds",
     "scores_from",
@@ -95,12 +103,13 @@ class AdaptiveSettings:
     min_std: float = 0.1  # floor on the long-term sd, in units of ref
     freeze: float = 0.0  # rows at or above this surprise do not teach the estimate (0: all do)
     max_freeze: int = 1000  # ... for at most this many rows in a row
+    range_tolerance: float = 0.0  # beyond the key's range by this share of it: anomalous (0: off)
 
     def __post_init__(self) -> None:
         if self.short < 1 or self.long < 1 or self.warmup < 0 or self.max_freeze < 0:
             raise ValueError(f"adaptive horizons out of range: {self}")
-        if self.freeze < 0:
-            raise ValueError(f"adaptive freeze must be >= 0: {self}")
+        if self.freeze < 0 or self.range_tolerance < 0:
+            raise ValueError(f"adaptive freeze and range tolerance must be >= 0: {self}")
         if not (self.clip > 0 and self.min_std > 0):
             raise ValueError(f"adaptive clip and min_std must be > 0: {self}")
 
@@ -125,11 +134,18 @@ class AdaptiveScores:
     log_likelihood: np.ndarray
     surprise: np.ndarray
     detection: np.ndarray
+    beyond: np.ndarray | None = None  # past the warm-up and beyond the key's range
 
     @classmethod
     def empty(cls, n: int) -> AdaptiveScores:
         nan = np.full(n, np.nan)
-        return cls(nan, nan.copy(), nan.copy(), np.zeros(n, bool))
+        return cls(nan, nan.copy(), nan.copy(), np.zeros(n, bool), np.zeros(n, bool))
+
+    def anomalous(self, threshold: float) -> np.ndarray:
+        """What makes a window anomalous when alarms follow the stage: a surprise at or above
+        the threshold, or a window beyond its key's range."""
+        flags = self.surprise >= threshold
+        return flags if self.beyond is None else flags | self.beyond
 
 
 def _grow(array: np.ndarray, size: int, fill) -> np.ndarray:
@@ -229,6 +245,57 @@ class AdaptiveLikelihood:
         )
 
 
+class RangeCheck:
+    """Per slot, the range [lo, hi] of each of F features' readings so far; a window beyond it by
+    more than `tolerance` times its width (once the range has a width) is flagged."""
+
+    def __init__(self, tolerance: float, features: int, capacity: int = 16) -> None:
+        self.tolerance, self.features = float(tolerance), int(features)
+        self.pack_format = struct.Struct(f"<{2 * self.features}d")
+        self.lo = np.full((capacity, self.features), np.inf)
+        self.hi = np.full((capacity, self.features), -np.inf)
+
+    def ensure(self, size: int) -> None:
+        if size > len(self.lo):
+            size = max(size, 2 * len(self.lo))
+            self.lo, self.hi = _grow(self.lo, size, np.inf), _grow(self.hi, size, -np.inf)
+
+    def reset(self, slots) -> None:
+        self.lo[slots], self.hi[slots] = np.inf, -np.inf
+
+    def update(self, slots, lo, hi) -> np.ndarray:
+        """Beyond (bool per row) for a batch of (slot, window minima [F], maxima [F]) in arrival
+        order; each row then widens its slot's range."""
+        slots = np.asarray(slots, np.int64)
+        lo = np.asarray(lo, np.float64).reshape(len(slots), self.features)
+        hi = np.asarray(hi, np.float64).reshape(len(slots), self.features)
+        out = np.zeros(len(slots), bool)
+        if len(slots):
+            self.ensure(int(slots.max()) + 1)
+            for pos in rounds(slots):
+                out[pos] = self.step(slots[pos], lo[pos], hi[pos])
+        return out
+
+    def step(self, k: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        seen_lo, seen_hi = self.lo[k], self.hi[k]
+        width = seen_hi - seen_lo
+        margin = self.tolerance * width
+        with np.errstate(invalid="ignore"):  # a first row: inf - inf
+            beyond = (width > 0) & ((hi > seen_hi + margin) | (lo < seen_lo - margin))
+        finite = np.isfinite(lo) & np.isfinite(hi)
+        self.lo[k] = np.where(finite, np.minimum(seen_lo, lo), seen_lo)
+        self.hi[k] = np.where(finite, np.maximum(seen_hi, hi), seen_hi)
+        return beyond.any(axis=1)
+
+    def pack(self, slot: int) -> bytes:
+        return self.pack_format.pack(*self.lo[slot].tolist(), *self.hi[slot].tolist())
+
+    def unpack(self, slot: int, blob: bytes) -> None:
+        self.ensure(slot + 1)
+        fields = self.pack_format.unpack(blob)
+        self.lo[slot], self.hi[slot] = fields[: self.features], fields[self.features :]
+
+
 class DetectionRule:
     """One detection per excursion of the surprise, per slot."""
 
@@ -291,7 +358,9 @@ def surprise_of(logq: np.ndarray, live: np.ndarray) -> np.ndarray:
     return np.where(live, -logq / _LN10, 0.0)
 
 
-def scores_from(logq: np.ndarray, live: np.ndarray, detection: np.ndarray) -> AdaptiveScores:
+def scores_from(
+    logq: np.ndarray, live: np.ndarray, detection: np.ndarray, beyond: np.ndarray | None = None
+) -> AdaptiveScores:
     """The reported values of a batch from its log Q (0.5, 0 and 0 during warm-up)."""
     q = np.exp(logq)
     return AdaptiveScores(
@@ -299,4 +368,5 @@ def scores_from(logq: np.ndarray, live: np.ndarray, detection: np.ndarray) -> Ad
         log_likelihood=np.where(live, np.log(q + 1e-10) / _LOG_1E10, 0.0),
         surprise=surprise_of(logq, live),
         detection=detection,
+        beyond=np.zeros(len(logq), bool) if beyond is None else beyond & live,
     )

@@ -33,12 +33,20 @@ from pipeline.detector.adaptive import (
     AdaptiveScores,
     AdaptiveSettings,
     DetectionRule,
+    RangeCheck,
     RuleSettings,
     scores_from,
     surprise_of,
 )
 
-__all__ = ["AdaptiveStage", "StreamReplay", "replay", "score_reference"]
+__all__ = [
+    "AdaptiveStage",
+    "StreamReplay",
+    "range_features",
+    "replay",
+    "score_reference",
+    "window_extremes",
+]
 
 Partition = tuple[str, int]
 FILE_PARTITION = ("file", 0)
@@ -61,9 +69,17 @@ class AdaptiveStage:
     """Adaptive likelihood and detection rule of every key of the partitions one member owns."""
 
     def __init__(
-        self, settings: AdaptiveSettings, rule: RuleSettings, refs, version: str | None
+        self,
+        settings: AdaptiveSettings,
+        rule: RuleSettings,
+        refs,
+        version: str | None,
+        range_features: int = 0,
     ) -> None:
+        """`range_features`: how many features' ranges the range check follows (the first ones
+        of `update`'s extremes; 0, or a range tolerance of 0: no range check)."""
         self.settings, self.rule_settings = settings, rule
+        self.range_features = range_features if settings.range_tolerance > 0 else 0
         self._slots: dict[Partition, dict[str, int]] = {}
         self._free: list[int] = []
         self._next = 0
@@ -76,6 +92,10 @@ class AdaptiveStage:
         self.version = None if version is None else str(version)
         self.likelihood = AdaptiveLikelihood(self.settings, refs, len(self.last_end))
         self.rule = DetectionRule(self.rule_settings, len(self.last_end))
+        self.range = None
+        if self.range_features:
+            tolerance = self.settings.range_tolerance
+            self.range = RangeCheck(tolerance, self.range_features, len(self.last_end))
         self.channels = self.likelihood.channels
 
     @property
@@ -96,14 +116,22 @@ class AdaptiveStage:
                     )
                     self.likelihood.ensure(len(self.last_end))
                     self.rule.ensure(len(self.last_end))
+                    if self.range is not None:
+                        self.range.ensure(len(self.last_end))
             keys[key] = slot
         return slot
 
     def update(
-        self, groups: Iterable[tuple[str, Partition, slice]], end_ts: np.ndarray, rows: np.ndarray
+        self,
+        groups: Iterable[tuple[str, Partition, slice]],
+        end_ts: np.ndarray,
+        rows: np.ndarray,
+        extremes: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> AdaptiveScores:
         """Windows of a batch in groups of one key (each group's windows in time order, as the
-        worker's batches hold them): `end_ts` [N] epoch ms, `rows` [N, C] (or [N] for C = 1)."""
+        worker's batches hold them): `end_ts` [N] epoch ms, `rows` [N, C] (or [N] for C = 1);
+        `extremes`, for the range check, each window's minimum and maximum [N, F'] per feature
+        (F' >= the stage's range features)."""
         n = len(end_ts)
         slot_of, counts = [], []
         for key, partition, span in groups:
@@ -114,24 +142,43 @@ class AdaptiveStage:
         slots = np.repeat(np.asarray(slot_of, np.int64), counts)
         end_ts = np.asarray(end_ts, np.int64)
         rows = np.asarray(rows, np.float64).reshape(n, self.channels)
+        if self.range is not None and extremes is None:
+            raise ValueError("the range check needs each window's extremes")
+        lo = hi = None
+        if self.range is not None:
+            f = self.range_features
+            lo, hi = (np.asarray(e, np.float64)[:, :f] for e in extremes)
         keep = end_ts > self.last_end[slots]
         if keep.all():
-            logq, live = self.likelihood.update(slots, rows)
-            detection = self.rule.update(slots, surprise_of(logq, live))
-            out = scores_from(logq, live, detection)
+            out = self._take(slots, rows, lo, hi)
         else:
             out = AdaptiveScores.empty(n)
-            slots, end_ts = slots[keep], end_ts[keep]
-            logq, live = self.likelihood.update(slots, rows[keep])
-            taken = scores_from(logq, live, self.rule.update(slots, surprise_of(logq, live)))
-            for name in ("likelihood", "log_likelihood", "surprise", "detection"):
+            taken = self._take(
+                slots[keep],
+                rows[keep],
+                None if lo is None else lo[keep],
+                None if hi is None else hi[keep],
+            )
+            for name in ("likelihood", "log_likelihood", "surprise", "detection", "beyond"):
                 getattr(out, name)[keep] = getattr(taken, name)
+            slots, end_ts = slots[keep], end_ts[keep]
         np.maximum.at(self.last_end, slots, end_ts)
         return out
+
+    def _take(self, slots, rows, lo, hi) -> AdaptiveScores:
+        logq, live = self.likelihood.update(slots, rows)
+        surprise = surprise_of(logq, live)
+        beyond = None
+        if self.range is not None:
+            beyond = self.range.update(slots, lo, hi) & live
+            surprise = np.where(beyond, np.inf, surprise)  # the rule: at least its threshold
+        return scores_from(logq, live, self.rule.update(slots, surprise), beyond)
 
     # -- per-key state (the KeyedState protocol) --------------------------------------------------
     def _pack(self, slot: int) -> str:
         blob = self.likelihood.pack(slot) + self.rule.pack(slot)
+        if self.range is not None:
+            blob += self.range.pack(slot)
         return base64.b64encode(blob + _END.pack(int(self.last_end[slot]))).decode()
 
     def _unpack(self, slot: int, text: str) -> None:
@@ -142,11 +189,16 @@ class AdaptiveStage:
         rule_end = size + self.rule.pack_format.size
         self.likelihood.unpack(slot, blob[:size])
         self.rule.unpack(slot, blob[size:rule_end])
+        if self.range is not None:
+            range_end = rule_end + self.range.pack_format.size
+            self.range.unpack(slot, blob[rule_end:range_end])
+            rule_end = range_end
         (self.last_end[slot],) = _END.unpack(blob[rule_end:])
 
     @property
     def bytes_per_key(self) -> int:
-        return self.likelihood.pack_format.size + self.rule.pack_format.size + _END.size
+        ranges = 0 if self.range is None else self.range.pack_format.size
+        return self.likelihood.pack_format.size + self.rule.pack_format.size + ranges + _END.size
 
     def state(self, partition: Partition) -> dict:
         keys = self._slots.get(partition, {})
@@ -160,7 +212,9 @@ class AdaptiveStage:
         self.forget({partition})
         if not saved or saved.get("v") != self.version or saved.get("c") != self.channels:
             return
-        sizes = (self.bytes_per_key, self.bytes_per_key - 4)  # with or without the freeze count
+        sizes = [self.bytes_per_key]
+        if self.range is None:
+            sizes.append(self.bytes_per_key - 4)  # written before the freeze count was kept
         lengths = {4 * -(-size // 3) for size in sizes}  # base64 of one key's state
         for key, text in (saved.get("keys") or {}).items():
             if len(text) in lengths:
@@ -171,6 +225,8 @@ class AdaptiveStage:
             for slot in (self._slots.pop(partition, None) or {}).values():
                 self.likelihood.reset(slot)
                 self.rule.reset(slot)
+                if self.range is not None:
+                    self.range.reset(slot)
                 self.last_end[slot] = _NONE
                 self._free.append(slot)
 
@@ -207,8 +263,23 @@ def replay(stage: AdaptiveStage, windows, scores: np.ndarray) -> AdaptiveScores:
         for a, b in zip(starts[:-1], starts[1:], strict=True)
         if b > a
     ]
-    got = stage.update(groups, end_ms[order], np.asarray(scores)[order])
+    extremes = None
+    if stage.range is not None:
+        extremes = window_extremes(np.asarray(windows.windows)[order])
+    got = stage.update(groups, end_ms[order], np.asarray(scores)[order], extremes)
     out = AdaptiveScores.empty(len(order))
-    for name in ("likelihood", "log_likelihood", "surprise", "detection"):
+    for name in ("likelihood", "log_likelihood", "surprise", "detection", "beyond"):
         getattr(out, name)[order] = getattr(got, name)
     return out
+
+
+def range_features(detector) -> int:
+    """The features a range check follows: a series detector's own (not its calendar inputs)."""
+    if detector.input.kind != "series":
+        return 0
+    return len(detector.input.features) - len(detector.input.calendar)
+
+
+def window_extremes(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each series window's minimum and maximum per feature: [N, W, F] -> two [N, F]."""
+    return windows.min(axis=1), windows.max(axis=1)

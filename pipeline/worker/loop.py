@@ -39,7 +39,12 @@ import numpy as np
 
 from pipeline.detector import Detector
 from pipeline.detector.adaptive import AdaptiveScores
-from pipeline.detector.adaptive_stage import AdaptiveStage, score_reference
+from pipeline.detector.adaptive_stage import (
+    AdaptiveStage,
+    range_features,
+    score_reference,
+    window_extremes,
+)
 from pipeline.events import ModelIdentity
 from pipeline.kafka_io.protocols import Record, Sink, Source
 from pipeline.modalities import modality_of
@@ -104,6 +109,7 @@ class Worker:
                 settings.adaptive.rule(),
                 self._refs(detector),
                 _version(model),
+                range_features(detector),
             )
             stages["adaptive"] = self.adaptive
         self.alarms = None
@@ -332,7 +338,7 @@ class Worker:
         threshold = self.detector.threshold
         adaptive = self.adapt(batch)
         if self.settings.adaptive.alarm_on == "adaptive":
-            flags = adaptive.surprise >= self.settings.adaptive.adaptive_threshold
+            flags = adaptive.anomalous(self.settings.adaptive.adaptive_threshold)
         else:
             flags = batch.scored.scores > threshold.value
         if self.settings.events.windows:
@@ -349,7 +355,8 @@ class Worker:
         if self.adaptive is None:
             return None
         rows = adaptive_rows(self.settings.adaptive.adaptive_columns, batch, self.detector)
-        return self.adaptive.update(batch.groups(), batch.end_ts, rows)
+        extremes = window_extremes(batch.windows) if self.adaptive.range is not None else None
+        return self.adaptive.update(batch.groups(), batch.end_ts, rows, extremes)
 
     def _refs(self, detector: Detector) -> list[float]:
         columns = self.settings.adaptive.adaptive_columns
