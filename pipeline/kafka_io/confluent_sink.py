@@ -16,6 +16,7 @@ from confluent_kafka import KafkaException, Producer, TopicPartition
 from pipeline.kafka_io.errors import DeliveryError
 from pipeline.kafka_io.protocols import Partition
 from pipeline.kafka_io.settings import KafkaConnection, KafkaSettings
+from pipeline.kafka_io.transactions import Transactions
 
 __all__ = ["ConfluentSink", "TransactionalConfluentSink", "config"]
 
@@ -115,12 +116,8 @@ class ConfluentSink:
         self.producer.flush(5.0)
 
 
-class TransactionalConfluentSink(ConfluentSink):
-    """Exactly-once output: everything sent between two checkpoints, and the offsets that
-    checkpoint commits, form one Kafka transaction (see `TransactionalSink` of the kafka-python
-    client: the same stable transactional id and the same fencing)."""
-
-    transactional = True
+class TransactionalConfluentSink(Transactions, ConfluentSink):
+    """Exactly-once output (see `pipeline.kafka_io.transactions`) on confluent-kafka."""
 
     def __init__(
         self,
@@ -140,34 +137,20 @@ class TransactionalConfluentSink(ConfluentSink):
             },
         )
         self.producer.init_transactions()
-        self._open = False
 
-    def _begin(self) -> None:
-        if not self._open:
-            self.producer.begin_transaction()
-            self._open = True
+    def _begin_transaction(self) -> None:
+        self.producer.begin_transaction()
 
-    def send(self, topic, key, value, headers=None, partition=None) -> None:
-        self._begin()
-        super().send(topic, key, value, headers, partition)
+    def _send_offsets(self, offsets: Mapping[Partition, int], group_metadata: object) -> None:
+        tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        self.producer.send_offsets_to_transaction(tps, group_metadata)
 
-    def commit(self, offsets: Mapping[Partition, int], group_metadata: object) -> None:
-        """Commit what was sent and `offsets` (next offset to read) atomically."""
-        if not self._open and not offsets:
-            return
-        self._begin()
-        if offsets:
-            tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-            self.producer.send_offsets_to_transaction(tps, group_metadata)
+    def _commit_transaction(self) -> None:
         try:
             self.producer.commit_transaction()
         except KafkaException as exc:
             raise DeliveryError(f"the transaction was not committed: {exc.args[0]}") from exc
-        self._open = False
-        self._raise_undelivered()
 
-    def close(self) -> None:
-        if self._open:
-            with contextlib.suppress(KafkaException):
-                self.producer.abort_transaction(5.0)
-        super().close()
+    def _abort_transaction(self) -> None:
+        with contextlib.suppress(KafkaException):
+            self.producer.abort_transaction(5.0)

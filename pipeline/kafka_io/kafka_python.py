@@ -41,6 +41,7 @@ from pipeline.kafka_io.errors import (
 )
 from pipeline.kafka_io.protocols import Partition, Rebalance, TopicSpec
 from pipeline.kafka_io.settings import KafkaConnection, KafkaSettings
+from pipeline.kafka_io.transactions import Transactions
 
 __all__ = ["KafkaPythonClient", "client_config", "security_config"]
 
@@ -245,15 +246,8 @@ class KafkaSink:
         self.producer.close()
 
 
-class TransactionalSink(KafkaSink):
-    """Exactly-once output: everything sent between two checkpoints, and the offsets that
-    checkpoint commits, form one Kafka transaction.
-
-    The transactional id must be stable per worker: after a crash, the restarted worker's
-    `init_transactions` aborts what its predecessor left open, and the consumer group metadata
-    sent with the offsets fences a member that lost its partitions (KIP-447)."""
-
-    transactional = True
+class TransactionalSink(Transactions, KafkaSink):
+    """Exactly-once output (see `pipeline.kafka_io.transactions`) on kafka-python."""
 
     def __init__(
         self,
@@ -271,33 +265,19 @@ class TransactionalSink(KafkaSink):
             transaction_timeout_ms=transaction_timeout_ms,
         )
         self.producer.init_transactions()
-        self._open = False
 
-    def _begin(self) -> None:
-        if not self._open:
-            self.producer.begin_transaction()
-            self._open = True
+    def _begin_transaction(self) -> None:
+        self.producer.begin_transaction()
 
-    def send(self, topic, key, value, headers=None, partition=None) -> None:
-        self._begin()
-        super().send(topic, key, value, headers, partition)
+    def _send_offsets(self, offsets: Mapping[Partition, int], group_metadata: object) -> None:
+        self.producer.send_offsets_to_transaction(_offsets(offsets), group_metadata)
 
-    def commit(self, offsets: Mapping[Partition, int], group_metadata: object) -> None:
-        """Commit what was sent and `offsets` (next offset to read) atomically."""
-        if not self._open and not offsets:
-            return
-        self._begin()
-        if offsets:
-            self.producer.send_offsets_to_transaction(_offsets(offsets), group_metadata)
+    def _commit_transaction(self) -> None:
         self.producer.commit_transaction()
-        self._open = False
-        self._raise_undelivered()
 
-    def close(self) -> None:
-        if self._open:
-            with contextlib.suppress(KafkaError):
-                self.producer.abort_transaction()
-        super().close()
+    def _abort_transaction(self) -> None:
+        with contextlib.suppress(KafkaError):
+            self.producer.abort_transaction()
 
 
 class KafkaTail:
