@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 
 from pipeline import __version__
@@ -85,8 +86,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(args.log_level, args.log_format)
+    with _process_settings():
+        return _run(parser, argv, args)
+
+
+# What a command sets for its own process: MLflow reads these variables when it makes a request.
+_PROCESS_VARIABLES = (
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+)
+
+
+@contextmanager
+def _process_settings() -> Iterator[None]:
+    """MLflow's variables and the registry retry budget a command sets hold while it runs and
+    are put back when it returns, so a caller of `main` in its own process goes on as before."""
+    from pipeline.registry import reach
+
+    saved = {name: os.environ.get(name) for name in _PROCESS_VARIABLES}
+    budget = reach.retry_budget()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        yield
+    finally:
+        reach.set_retry_budget(budget)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run(parser: argparse.ArgumentParser, argv, args: argparse.Namespace) -> int:
     try:
         _registry_budget(args)
         if getattr(args, "config", None) and getattr(args, "config_parser", None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -32,3 +33,23 @@ def test_no_command_prints_help_and_fails():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "broker" in out.stdout
+
+
+def test_a_command_run_in_process_puts_back_what_it_set_for_its_process(tmp_path, monkeypatch):
+    """MLflow's retry variables and the registry retry budget hold while a command runs; a
+    caller of `main` in its own process (a notebook, a test, the demo) goes on as before."""
+    from pipeline.cli import main
+    from pipeline.registry import reach
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_DISABLE_TELEMETRY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "7")
+    budget = reach.retry_budget()
+    (tmp_path / "x.csv").write_text("ts,a\n1,1.0\n")
+    missing = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "x.csv")]
+    missing += ["--out", str(tmp_path / "out.csv")]
+    assert main(["--registry-retry-s", "3", "score", *missing]) == 2
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert "MLFLOW_DISABLE_TELEMETRY" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "7"
+    assert reach.retry_budget() == budget != 3.0
