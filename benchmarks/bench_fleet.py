@@ -235,14 +235,16 @@ DEV_THRESHOLDS = (5.0, 6.0, 7.0)  # surprise at which a window is anomalous
 # the threshold (--adaptive-freeze: 0 off; 1: the stage never learns from a window it calls
 # anomalous; 0.5: nor from one half as surprising)
 DEV_FREEZE = (0.0, 0.5, 1.0)
-# and the range check (--adaptive-range: 0 off, 0.05 as Numenta's NAB detector)
-DEV_RANGE = (0.0, 0.05)
+# and the range check (--adaptive-range: the worker's default 0.05 first, so that a tie keeps it;
+# 0 off)
+DEV_RANGE = (0.05, 0.0)
 
 
 def select_on_dev(skab: Path, detectors) -> tuple[dict, list]:
     """The adaptive stage on levels: scale rule, surprise threshold, freezing and the range
     check chosen on development runs (valve2 and other/, never valve1) by median (own
-    detections - false alarms) over the seeds, ties to fewer false alarms."""
+    detections - false alarms) over the seeds, ties to fewer false alarms, then to the first in
+    the grid's order."""
     records, spans, _ = read_fleet(skab, DEV_GROUPS)
     rows = []
     grid = itertools.product(("ratio", "center"), DEV_THRESHOLDS, DEV_FREEZE, DEV_RANGE)
