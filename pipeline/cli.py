@@ -24,7 +24,7 @@ from pipeline import __version__
 from pipeline.config_file import load_config_file
 from pipeline.errors import AewatchError, ConfigError
 
-__all__ = ["build_parser", "configure_logging", "main"]
+__all__ = ["build_parser", "configure_logging", "main", "process_state"]
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +101,13 @@ _PROCESS_VARIABLES = (
 
 
 @contextmanager
-def _process_settings() -> Iterator[None]:
-    """MLflow's variables and the registry retry budget a command sets hold while it runs and
-    are put back when it returns, so a caller of `main` in its own process goes on as before."""
+def process_state(variables: Sequence[str] = _PROCESS_VARIABLES) -> Iterator[None]:
+    """These environment variables and the registry retry budget, put back as they were when
+    the block ends."""
     from pipeline.registry import reach
 
-    saved = {name: os.environ.get(name) for name in _PROCESS_VARIABLES}
+    saved = {name: os.environ.get(name) for name in variables}
     budget = reach.retry_budget()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         yield
     finally:
@@ -119,6 +117,16 @@ def _process_settings() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def _process_settings() -> Iterator[None]:
+    """MLflow's variables and the registry retry budget a command sets hold while it runs and
+    are put back when it returns, so a caller of `main` in its own process goes on as before."""
+    with process_state():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        yield
 
 
 def _run(parser: argparse.ArgumentParser, argv, args: argparse.Namespace) -> int:

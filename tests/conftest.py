@@ -56,17 +56,10 @@ def _command_line_state() -> Iterator[None]:
     its process (the worker's is no retry at all), and `mlflow.set_registry_uri` exports the
     registry; every test starts from the session's, so a later test's MLflow calls and the
     servers it starts are not left without retries or sent to another test's store."""
-    from pipeline.registry import reach
+    from pipeline.cli import process_state
 
-    saved = {name: os.environ.get(name) for name in _CLI_VARIABLES}
-    budget = reach.retry_budget()
-    yield
-    reach.set_retry_budget(budget)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with process_state(_CLI_VARIABLES):
+        yield
 
 
 # -- Kafka ---------------------------------------------------------------------------------------

@@ -140,16 +140,41 @@ def test_a_network_error_after_the_probe_is_unreachable_too():
 _BEFORE: dict = {}
 
 
-def test_a_command_run_in_process_sets_the_retries_for_its_process(tmp_path):
+def test_a_command_run_in_process_sets_the_retries_while_it_runs(tmp_path, monkeypatch):
+    """The command's budget reaches its MLflow calls, and only those: it is put back when the
+    command returns (test_cli)."""
     from pipeline.cli import main
 
     _BEFORE.update(
         retries=os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"), budget=reach.retry_budget()
     )
-    argv = ["--registry-retry-s", "0", "score", "--model", str(tmp_path / "none")]
-    os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-    assert main([*argv, "--data", str(tmp_path / "x.csv"), "--out", str(tmp_path / "y.csv")]) == 2
-    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and reach.retry_budget() == 0
+    seen = {}
+    probe = reach.probe
+
+    def watched(uri, budget_s=None):
+        seen.update(budget=reach.retry_budget(), retries=os.environ.get(RETRIES))
+        return probe(uri, budget_s)
+
+    from pipeline.registry import client
+
+    monkeypatch.setattr(client, "probe", watched)  # what loading models:/NAME@ALIAS asks first
+    uri = f"http://127.0.0.1:{free_port()}"
+    argv = ["--registry-retry-s", "0", "score", "--model", "models:/pump@champion"]
+    argv += [
+        "--tracking-uri",
+        uri,
+        "--data",
+        str(tmp_path / "x.csv"),
+        "--out",
+        str(tmp_path / "y.csv"),
+    ]
+    (tmp_path / "x.csv").write_text("ts,a\n1,1.0\n")
+    assert main(argv) == 2
+    assert seen == {"budget": 0.0, "retries": "0"}
+    assert reach.retry_budget() == _BEFORE["budget"]
+
+
+RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 
 
 def test_the_next_test_starts_with_the_sessions_retries():
