@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 
@@ -68,6 +69,33 @@ def test_epoch_seconds_are_refused_not_read_as_1970(tmp_path):
     assert str(_load(frame, tmp_path).frame["ts"].iloc[0]).startswith("2026-01-01")
 
 
+def test_the_worker_refuses_epoch_seconds_as_training_does():
+    """A reading whose `ts` is epoch seconds is dead-lettered with the reason, not windowed as
+    a 1970 reading; a batched record holding such times is refused once."""
+    from pipeline.detector import InputSpec, WindowSpec
+    from pipeline.modalities.series import SeriesIntake
+    from pipeline.modalities.windowing import ReadyWindows
+    from tests.worker_support import Record
+
+    spec = InputSpec("series", ("s0", "s1"), WindowSpec(4, 1))
+    intake = SeriesIntake(spec, 1 << 20)
+    start_s = 1_767_225_600  # 2026-01-01 in seconds
+    records = []
+    for i in range(12):
+        ts = (start_s + i) * (1000 if i % 3 else 1)  # every third reading in seconds
+        value = orjson.dumps({"key": "a", "ts": ts, "values": {"s0": 1.0, "s1": 2.0}})
+        records.append(Record("in", 0, i, b"a", value))
+    batch = {"key": "a", "ts": [start_s + 20, start_s + 21], "values": {"s0": [1, 2], "s1": [3, 4]}}
+    records.append(Record("in", 0, 12, b"a", orjson.dumps(batch)))
+    refused = []
+    pending = ReadyWindows()
+    intake.take(("in", 0), records, pending, lambda record, why: refused.append((record, why)))
+    assert [r.offset for r, _ in refused] == [0, 3, 6, 9, 12]
+    assert {why.reason for _, why in refused} == {"bad_timestamp"}
+    assert "epoch seconds" in refused[0][1].detail
+    assert len(pending) == 8 - 3  # the 8 readings in milliseconds make 5 windows of 4
+
+
 def test_repeated_timestamps_are_dropped_as_the_worker_drops_them(tmp_path, caplog):
     frame = _frame()
     repeats = frame.iloc[[5, 6, 50]].copy()
@@ -93,3 +121,24 @@ def test_a_key_shorter_than_a_window_is_named_in_a_warning(tmp_path, caplog):
     assert set(windows.keys) == {"a", "b"}
     assert "1 key(s) have fewer readings than one window of 8" in caplog.text
     assert "'tiny' (5)" in caplog.text
+
+
+def test_the_out_of_core_reader_drops_repeated_timestamps_as_the_in_memory_one(tmp_path, caplog):
+    from training.data.streamed import SeriesStream
+
+    frame = _frame()
+    repeats = frame.iloc[[5, 50]].copy()
+    repeats[["s0", "s1"]] = 99.0
+    doubled = pd.concat([frame, repeats], ignore_index=True).sort_values(["machine", "ts"])
+    doubled["ts"] = pd.to_datetime(doubled["ts"])
+    doubled.to_parquet(tmp_path / "doubled.parquet", index=False)
+    stream = SeriesStream(
+        tmp_path / "doubled.parquet", time_col="ts", key_col="machine", batch_rows=7
+    )
+    with caplog.at_level(logging.WARNING):
+        chunks = [chunk for batch in stream.chunks() for chunk in batch]
+        list(stream.chunks())  # a second pass says nothing new
+    rows = sum(len(c.times) for c in chunks)
+    assert rows == len(frame)
+    assert not any((c.values == 99.0).any() for c in chunks)
+    assert caplog.text.count("2 row(s) repeat their key's timestamp") == 1

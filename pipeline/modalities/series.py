@@ -31,6 +31,12 @@ __all__ = ["SeriesModality"]
 TOP_FEATURES = 3
 TOP_STEPS = 3
 _NON_FINITE = Rejection("non_finite", "a value is NaN, infinite or beyond float32")
+# `ts` is epoch milliseconds; one that falls between 1970-01-02 and 1973 is epoch seconds (the
+# same rule as training's for numeric times)
+SECONDS_LIKE = (100_000_000, 100_000_000_000)
+_SECONDS = Rejection(
+    "bad_timestamp", "'ts' reads as 1970-1973 in epoch ms: epoch seconds? send milliseconds"
+)
 
 
 class SeriesIntake:
@@ -89,6 +95,15 @@ class SeriesIntake:
         else:
             names = [k for part in parts for k in part[0]]
             ts, rows, at = (np.concatenate([part[j] for part in parts]) for j in (1, 2, 3))
+        seconds = (ts >= SECONDS_LIKE[0]) & (ts < SECONDS_LIKE[1])
+        if seconds.any():  # a batched record is refused once
+            for index in dict.fromkeys(at[seconds].tolist()):
+                reject(records[index], _SECONDS)
+            keep = np.flatnonzero(~np.isin(at, at[seconds]))
+            names = [names[i] for i in keep]
+            ts, rows, at = ts[keep], rows[keep], at[keep]
+            if not len(ts):
+                return
         if self.calendar:  # calendar inputs from each reading's timestamp, as in training
             rows = np.hstack([rows, calendar_columns(ts, self.calendar)])
         at_offsets = np.asarray(offsets, np.int64)[at]

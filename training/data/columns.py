@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import DataError
+from pipeline.modalities.series import SECONDS_LIKE
 
 __all__ = [
     "FILL_POLICIES",
@@ -47,7 +48,7 @@ LABEL_LIKE = frozenset(
     | {"changepoint", "target"}
 )
 # Numbers read as epoch milliseconds below this fall before 1973: epoch seconds, most likely.
-_SECONDS_LIKE = (1e8, 1e11)
+_SECONDS_LIKE = SECONDS_LIKE  # the worker refuses such a `ts` too
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ leading gap, `interpolate`) are refused; `error` and `drop` apply.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ from training.data.splits import (
 )
 
 __all__ = ["STREAM_FILL_POLICIES", "Chunk", "SeriesStream", "SplitPlan", "parquet_decoded_bytes"]
+
+log = logging.getLogger(__name__)
 
 STREAM_FILL_POLICIES = ("error", "drop")
 _NO_TIME = np.iinfo(np.int64).min
@@ -128,11 +131,13 @@ class SeriesStream:
         names = select_columns(empty, self.source, time_col, key_col, features, label_col)
         self.features = tuple(names)
         self._columns = [c for c in (time_col, key_col, label_col) if c is not None] + names
+        self._repeats_told = False  # each pass meets the same repeats: said once
 
     # -- reading -------------------------------------------------------------------------------
     def chunks(self) -> Iterator[list[Chunk]]:
         """Every record batch as per-key chunks, checked and in time order within each key."""
         latest: dict[str, int] = {}
+        repeats = [0, ""]  # rows that repeat their key's timestamp, and the first's place
         for fragment in self._fragments:
             offset = 0
             for batch in fragment.to_batches(
@@ -147,9 +152,19 @@ class SeriesStream:
                 where = f"{fragment.path} (rows from {offset + 1})"
                 offset += batch.num_rows
                 if batch.num_rows:
-                    yield self._chunks(batch, where, latest)
+                    yield self._chunks(batch, where, latest, repeats)
+        if repeats[0] and not self._repeats_told:
+            self._repeats_told = True
+            log.warning(
+                "%s: %d row(s) repeat their key's timestamp and are left out, the first reading "
+                "of each timestamp kept (the worker dead-letters them as duplicate_timestamp); "
+                "the first is in %s",
+                self.source,
+                repeats[0],
+                repeats[1],
+            )
 
-    def _chunks(self, batch, where: str, latest: dict[str, int]) -> list[Chunk]:
+    def _chunks(self, batch, where: str, latest: dict[str, int], repeats: list) -> list[Chunk]:
         codes, uniques = self._key_codes(batch, where)
         others = [c for c in self._columns if c != self.key_col]
         frame = batch.select(others).to_pandas(date_as_object=False, split_blocks=True)
@@ -176,6 +191,13 @@ class SeriesStream:
             rows = order[start:stop]
             key = uniques[codes[rows[0]]]
             ns = times[rows].view(np.int64)
+            repeat = np.r_[ns[0] == latest.get(key), ns[1:] == ns[:-1]]
+            if repeat.any():  # as the worker does: the first reading of a timestamp counts
+                repeats[0] += int(repeat.sum())
+                repeats[1] = repeats[1] or f"{where}, key {key!r}"
+                rows, ns = rows[~repeat], ns[~repeat]
+                if not len(rows):
+                    continue
             before = np.concatenate([[latest.get(key, ns[0])], ns[:-1]])
             if (ns < before).any():
                 bad = int(np.argmax(ns < before))
