@@ -26,9 +26,11 @@ from kafka.errors import (
     CommitFailedError,
     IllegalStateError,
     KafkaError,
+    KafkaProtocolError,
     RebalanceInProgressError,
     TopicAlreadyExistsError,
 )
+from kafka.net.transport import KafkaTCPTransport
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.errors import CommitRejected
@@ -319,6 +321,32 @@ class _BootstrapFailures(logging.Handler):
         args = record.args if isinstance(record.args, tuple) else ()
         if len(args) > 1 and isinstance(args[1], BaseException):
             self.errors.append(args[1])
+
+
+async def _read_before_the_end(transport: KafkaTCPTransport) -> None:
+    """kafka-python's socket reader, except that bytes read in the same pass as the end of the
+    stream reach the protocol before the connection is aborted. A broker that refuses a login
+    sends the reason and closes at once; kafka-python 3.0 drops bytes read together with the
+    close, so a wrong password could show as a bare "socket disconnected". Here the bytes
+    are delivered and the next pass (the end of the stream is still there) aborts, after the
+    protocol has had its turn."""
+    while transport._read and not transport._closed:
+        await transport._net.wait_read(transport._sock)
+        data, error = transport._sock_recv()
+        if data:
+            transport.last_read = time.monotonic()
+            protocol = transport._protocol
+            if protocol is not None and protocol._sensors:
+                protocol._sensors.bytes_received.record(len(data))
+            try:
+                protocol.data_received(data)
+            except KafkaProtocolError as exc:
+                return transport.abort(error=exc)
+        elif error:
+            return transport.abort(error=error)
+
+
+KafkaTCPTransport._read_from_sock = _read_before_the_end  # the TLS transport inherits it
 
 
 class _AdminClient(KafkaAdminClient):

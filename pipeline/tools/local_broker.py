@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -30,7 +31,7 @@ from string import Template
 
 from pipeline.errors import BrokerError
 
-__all__ = ["DEFAULT_KAFKA_HOME", "LocalKafkaBroker", "free_port", "resolve_jars"]
+__all__ = ["DEFAULT_KAFKA_HOME", "LocalKafkaBroker", "free_port", "free_ports", "resolve_jars"]
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,21 @@ DEFAULT_KAFKA_HOME = Path(__file__).resolve().parents[2] / "deploy" / "kafka"
 _STAMP = ".resolved"
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports on 127.0.0.1 that nothing listens on right now: all are held
+    until the last is found, since the kernel may hand a just-released port out again."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _pom_digest(kafka_home: Path) -> str:
@@ -117,11 +128,14 @@ class LocalKafkaBroker:
         self.work_dir = (
             Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="aewatch-kafka-"))
         )
-        self.ports: dict[str, int] = {"PLAINTEXT": free_port(), "CONTROLLER": free_port()}
-        self.protocols: dict[str, str] = {"PLAINTEXT": "PLAINTEXT", "CONTROLLER": "PLAINTEXT"}
-        for name, protocol in (listeners or {}).items():
-            self.ports[name] = free_port()
-            self.protocols[name] = protocol
+        self.protocols: dict[str, str] = {
+            "PLAINTEXT": "PLAINTEXT",
+            "CONTROLLER": "PLAINTEXT",
+            **(listeners or {}),
+        }
+        self.ports: dict[str, int] = dict(
+            zip(self.protocols, free_ports(len(self.protocols)), strict=True)
+        )
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file = None
 

@@ -1,0 +1,75 @@
+"""Plumbing under the Kafka tests and clients: the kafka-python socket reader hands the protocol
+every byte the broker sent before it closed (a refused login's reason arrives together with the
+close and must not be lost), and a local broker's listeners get different ports."""
+
+from __future__ import annotations
+
+import socket
+
+from kafka.net.transport import KafkaTCPTransport
+
+import pipeline.kafka_io.kafka_python  # noqa: F401  (installs the reader)
+from pipeline.tools.local_broker import LocalKafkaBroker, free_ports
+
+
+class _Net:
+    """The few event-loop calls the reader makes; the socket is always ready."""
+
+    def wait_read(self, sock):
+        return _ready()
+
+    def unregister_event(self, sock, events):
+        pass
+
+    def cancel(self, task):
+        pass
+
+
+async def _ready():
+    return None
+
+
+class _Protocol:
+    _sensors = None
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def data_received(self, data: bytes) -> None:
+        self.events.append(("data", data))
+
+    def connection_lost(self, error) -> None:
+        self.events.append(("lost", type(error).__name__))
+
+
+def _run(coroutine) -> None:
+    try:
+        while True:
+            coroutine.send(None)
+    except StopIteration:
+        pass
+
+
+def test_bytes_sent_just_before_the_close_reach_the_protocol_before_the_loss():
+    ours, broker = socket.socketpair()
+    reason = b"\x00\x00\x00\x10SaslAuthenticationFailed"
+    broker.sendall(reason)
+    broker.close()  # the broker's reason and its close are both waiting before the first read
+    ours.setblocking(False)
+    protocol = _Protocol()
+    transport = KafkaTCPTransport(_Net(), ours)
+    transport.set_protocol(protocol)
+    transport._read = True
+    _run(transport._read_from_sock())
+    assert protocol.events == [("data", reason), ("lost", "KafkaConnectionError")]
+
+
+def test_ports_found_together_are_all_different():
+    # one at a time, 200 ports repeat in most tries: the kernel hands a released port out again
+    assert len(set(free_ports(200))) == 200
+    listeners = {f"L{i}": "PLAINTEXT" for i in range(40)}
+    broker = LocalKafkaBroker(listeners=listeners)
+    try:
+        assert len(set(broker.ports.values())) == len(broker.ports) == 42
+    finally:
+        broker.stop()
