@@ -74,6 +74,27 @@ def test_batched_records_are_scored_like_the_same_readings(detector, form):
     assert sink.values("dlq") == []
 
 
+def test_a_poll_of_batched_json_records_is_parsed_once(detector, monkeypatch):
+    import pipeline.modalities.readings as readings
+
+    parsed = []
+
+    class CountingJson:
+        JSONDecodeError = orjson.JSONDecodeError
+
+        @staticmethod
+        def loads(value):
+            parsed.append(value)
+            return orjson.loads(value)
+
+    monkeypatch.setattr(readings, "orjson", CountingJson)
+    records = batched(fleet(seed=2, readings_per_key=200), 50, "json")
+    _, sink, stats = _run(detector, FakeSource(records, chunk=100))
+    n = sum(map(len, records.values()))
+    assert stats.windows_scored > 0 and sink.values("dlq") == []
+    assert len(parsed) <= n + len(records)  # each record once, and a first look per poll
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_a_restart_in_the_middle_of_a_batch_gives_the_same_event_ids(detector, form):
     stream = fleet(seed=4, readings_per_key=900)

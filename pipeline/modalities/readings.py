@@ -92,6 +92,19 @@ _GET_KEY, _GET_TS, _GET_VALUES = (
 _SUSPECT = (b"true", b"false")
 
 
+def _single_reading(value: bytes) -> bool:
+    """Whether a record looks like a single reading: `ts` an integer, `values` an object."""
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return False
+    return (
+        data.__class__ is dict
+        and data.get("ts").__class__ is int
+        and data.get("values").__class__ is dict
+    )
+
+
 class RecordDecoder:
     def __init__(
         self,
@@ -115,8 +128,8 @@ class RecordDecoder:
         bad record), and the caller decodes record by record, which gives each its reason.
         Finiteness is checked by the caller, as for single readings."""
         try:
-            if max(map(len, values)) > self.max_bytes:
-                return None
+            if max(map(len, values)) > self.max_bytes or not _single_reading(values[0]):
+                return None  # (a poll of batches or windows is not parsed twice)
             joined = b"".join(values)
             if any(word in joined for word in _SUSPECT):
                 return None
