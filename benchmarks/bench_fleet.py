@@ -238,17 +238,21 @@ DEV_FREEZE = (0.0, 0.5, 1.0)
 # and the range check (--adaptive-range: the worker's default 0.05 first, so that a tie keeps it;
 # 0 off)
 DEV_RANGE = (0.05, 0.0)
+# and the alarm rule, k of the last n windows anomalous (the worker's default 3 of 5 first, so
+# that a tie keeps it; SKAB reads once a second and the windows step by one reading, so 30 of 60
+# is half of the last minute)
+DEV_ALARMS = ((3, 5), (10, 20), (30, 60))
 
 
 def select_on_dev(skab: Path, detectors) -> tuple[dict, list]:
-    """The adaptive stage on levels: scale rule, surprise threshold, freezing and the range
-    check chosen on development runs (valve2 and other/, never valve1) by median (own
+    """The adaptive stage on levels: scale rule, surprise threshold, freezing, the range check
+    and the alarm rule chosen on development runs (valve2 and other/, never valve1) by median (own
     detections - false alarms) over the seeds, ties to fewer false alarms, then to the first in
     the grid's order."""
     records, spans, _ = read_fleet(skab, DEV_GROUPS)
     rows = []
-    grid = itertools.product(("ratio", "center"), DEV_THRESHOLDS, DEV_FREEZE, DEV_RANGE)
-    for rule, threshold, held, tolerance in grid:
+    grid = itertools.product(("ratio", "center"), DEV_THRESHOLDS, DEV_FREEZE, DEV_RANGE, DEV_ALARMS)
+    for rule, threshold, held, tolerance, (k, n) in grid:
         overrides = dict(
             key_baselines=True,
             baseline_scale=rule,
@@ -257,13 +261,16 @@ def select_on_dev(skab: Path, detectors) -> tuple[dict, list]:
             adaptive_threshold=threshold,
             adaptive_freeze=threshold * held,
             adaptive_range=tolerance,
+            alarm_k=k,
+            alarm_n=n,
         )
         results = [run_fleet(d, records, spans, overrides) for d in detectors]
         det = statistics.median(r["detected"] for r in results)
         fa = statistics.median(r["false_alarms"] for r in results)
         rows.append({"settings": overrides, "detected": det, "false_alarms": fa})
         print(
-            f"dev {rule} {threshold} freeze={threshold * held:g} range={tolerance:g}: "
+            f"dev {rule} {threshold} freeze={threshold * held:g} range={tolerance:g} "
+            f"alarm {k}/{n}: "
             f"{det}/{fa} of {results[0]['spans']}",
             flush=True,
         )
