@@ -211,6 +211,8 @@ def rule_grid(surprise: np.ndarray) -> np.ndarray:
 def evaluate(
     files: list[NabFile], kind: str, seed: int, calendar: bool, stage: dict | None = None
 ) -> dict:
+    from pipeline.detector.adaptive import lifted
+
     raws, grids, fixed = {}, {}, {}
     for f in files:
         detector = train_detector(f, kind, seed, calendar)
@@ -218,7 +220,7 @@ def evaluate(
         severity = rows["raw"] / max(detector.threshold.value, 1e-12)
         raws[f.name] = np.nan_to_num(severity / (1.0 + severity), nan=1.0)
         # a window beyond its key's range counts as a surprise of at least any threshold
-        grids[f.name] = rule_grid(np.where(rows["beyond"] > 0, np.inf, rows["surprise"]))
+        grids[f.name] = rule_grid(lifted(rows["surprise"], rows["beyond"] > 0))
         fixed[f.name] = rows["detection"].astype(bool)
         at_default = int(np.flatnonzero(THRESHOLDS == DEFAULT_S)[0])
         if not (grids[f.name][:, at_default] == fixed[f.name]).all():

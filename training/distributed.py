@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "LaunchSettings",
     "RankContext",
     "all_reduce_sums",
+    "keep_triton_out",
     "launch",
 ]
 
@@ -183,3 +185,12 @@ def _root_cause(exc) -> tuple[int, str]:
         return rank, message.get("message", str(message)) if isinstance(message, dict) else message
     rank, failure = exc.get_first_failure()
     return rank, f"exit code {failure.exitcode}: {failure.message}"
+
+
+def keep_triton_out() -> None:
+    """Where there is no CUDA device, mark Triton absent for this process. Nothing here
+    compiles kernels, yet the first optimizer torch makes imports `torch._dynamo`, which imports
+    Triton when the package is installed (the CUDA wheels bring it), and Triton's bindings then
+    print hundreds of `nanobind: leaked ...` lines at interpreter exit."""
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        sys.modules["triton"] = None  # `import triton` raises ImportError: torch's probes say no

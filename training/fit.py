@@ -28,13 +28,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from pipeline.detector.detector import keep_triton_out
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scoring import score_tensor
 from pipeline.errors import ConfigError
 from training.budget import FitConfig, FitPlan, converged
 from training.dense_step import DenseStep
-from training.distributed import RankContext, all_reduce_sums
+from training.distributed import RankContext, all_reduce_sums, keep_triton_out
 from training.objectives import Objective
 
 __all__ = [

@@ -88,10 +88,7 @@ def evaluate_file(settings: EvaluateSettings) -> dict:
         scaling = data.scaling(detector, ALL)
         raw = detector.score(data.raw(ALL), attribution=False, scaling=scaling).scores
         adaptive = replay(stream.stage, data.parts[ALL], raw)
-        # a window beyond its key's range is anomalous at any surprise: at least the threshold
-        scores = np.where(
-            adaptive.beyond, np.maximum(adaptive.surprise, stream.threshold), adaptive.surprise
-        )
+        scores = adaptive.deciding_surprise(stream.threshold)  # finite, for the metrics
         # the worker's decision is surprise >= threshold; the metrics decide score > threshold
         threshold, decided_by = float(np.nextafter(stream.threshold, -np.inf)), "adaptive"
     result = data.evaluate(detector, ALL, settings.point_rule, scores, threshold)

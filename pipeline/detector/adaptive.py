@@ -59,6 +59,7 @@ __all__ = [
     "DetectionRule",
     "RangeCheck",
     "RuleSettings",
+    "lifted",
     "rounds",
     "scores_from",
     "surprise_of",
@@ -141,11 +142,15 @@ class AdaptiveScores:
         nan = np.full(n, np.nan)
         return cls(nan, nan.copy(), nan.copy(), np.zeros(n, bool), np.zeros(n, bool))
 
+    def deciding_surprise(self, floor: float = np.inf) -> np.ndarray:
+        """The surprise a decision looks at: a window beyond its key's range counts as at
+        least `floor` (any threshold when infinite)."""
+        return self.surprise if self.beyond is None else lifted(self.surprise, self.beyond, floor)
+
     def anomalous(self, threshold: float) -> np.ndarray:
         """What makes a window anomalous when alarms follow the stage: a surprise at or above
         the threshold, or a window beyond its key's range."""
-        flags = self.surprise >= threshold
-        return flags if self.beyond is None else flags | self.beyond
+        return self.deciding_surprise() >= threshold
 
 
 def _grow(array: np.ndarray, size: int, fill) -> np.ndarray:
@@ -351,6 +356,11 @@ class DetectionRule:
     def unpack(self, slot: int, blob: bytes) -> None:
         self.ensure(slot + 1)
         self.armed[slot], self.since[slot], self.below[slot] = self.pack_format.unpack(blob)
+
+
+def lifted(surprise: np.ndarray, beyond: np.ndarray, floor: float = np.inf) -> np.ndarray:
+    """The surprise with windows beyond their key's range raised to at least `floor`."""
+    return np.where(beyond, np.maximum(surprise, floor), surprise)
 
 
 def surprise_of(logq: np.ndarray, live: np.ndarray) -> np.ndarray:

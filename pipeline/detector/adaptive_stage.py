@@ -36,6 +36,7 @@ from pipeline.detector.adaptive import (
     DetectionRule,
     RangeCheck,
     RuleSettings,
+    lifted,
     scores_from,
     surprise_of,
 )
@@ -98,6 +99,8 @@ class AdaptiveStage:
             tolerance = self.settings.range_tolerance
             self.range = RangeCheck(tolerance, self.range_features, len(self.last_end))
         self.channels = self.likelihood.channels
+        # each key's state, part by part, in the order it is packed
+        self._parts = [p for p in (self.likelihood, self.rule, self.range) if p is not None]
 
     @property
     def keys(self) -> int:
@@ -115,10 +118,8 @@ class AdaptiveStage:
                     self.last_end = np.concatenate(
                         [self.last_end, np.full(len(self.last_end), _NONE, np.int64)]
                     )
-                    self.likelihood.ensure(len(self.last_end))
-                    self.rule.ensure(len(self.last_end))
-                    if self.range is not None:
-                        self.range.ensure(len(self.last_end))
+                    for part in self._parts:
+                        part.ensure(len(self.last_end))
             keys[key] = slot
         return slot
 
@@ -143,63 +144,52 @@ class AdaptiveStage:
         slots = np.repeat(np.asarray(slot_of, np.int64), counts)
         end_ts = np.asarray(end_ts, np.int64)
         rows = np.asarray(rows, np.float64).reshape(n, self.channels)
-        if self.range is not None and extremes is None:
-            raise ValueError("the range check needs each window's extremes")
-        lo = hi = None
+        ranges = None
         if self.range is not None:
-            f = self.range_features
-            lo, hi = (np.asarray(e, np.float64)[:, :f] for e in extremes)
+            if extremes is None:
+                raise ValueError("the range check needs each window's extremes")
+            ranges = [np.asarray(e, np.float64)[:, : self.range_features] for e in extremes]
         keep = end_ts > self.last_end[slots]
         if keep.all():
-            out = self._take(slots, rows, lo, hi)
+            out = self._take(slots, rows, ranges)
         else:
             out = AdaptiveScores.empty(n)
-            taken = self._take(
-                slots[keep],
-                rows[keep],
-                None if lo is None else lo[keep],
-                None if hi is None else hi[keep],
-            )
+            kept = None if ranges is None else [e[keep] for e in ranges]
+            taken = self._take(slots[keep], rows[keep], kept)
             for name in ("likelihood", "log_likelihood", "surprise", "detection", "beyond"):
                 getattr(out, name)[keep] = getattr(taken, name)
             slots, end_ts = slots[keep], end_ts[keep]
         np.maximum.at(self.last_end, slots, end_ts)
         return out
 
-    def _take(self, slots, rows, lo, hi) -> AdaptiveScores:
+    def _take(self, slots, rows, ranges) -> AdaptiveScores:
         logq, live = self.likelihood.update(slots, rows)
         surprise = surprise_of(logq, live)
         beyond = None
-        if self.range is not None:
-            beyond = self.range.update(slots, lo, hi) & live
-            surprise = np.where(beyond, np.inf, surprise)  # the rule: at least its threshold
+        if ranges is not None:
+            beyond = self.range.update(slots, *ranges) & live
+            surprise = lifted(surprise, beyond)  # for the rule: at least any threshold
         return scores_from(logq, live, self.rule.update(slots, surprise), beyond)
 
     # -- per-key state (the KeyedState protocol) --------------------------------------------------
     def _pack(self, slot: int) -> str:
-        blob = self.likelihood.pack(slot) + self.rule.pack(slot)
-        if self.range is not None:
-            blob += self.range.pack(slot)
+        blob = b"".join(part.pack(slot) for part in self._parts)
         return base64.b64encode(blob + _END.pack(int(self.last_end[slot]))).decode()
 
     def _unpack(self, slot: int, text: str) -> None:
         blob = base64.b64decode(text)
-        size = self.likelihood.pack_format.size
-        if len(blob) < self.bytes_per_key:
-            size = self.likelihood.legacy_size
-        rule_end = size + self.rule.pack_format.size
-        self.likelihood.unpack(slot, blob[:size])
-        self.rule.unpack(slot, blob[size:rule_end])
-        if self.range is not None:
-            range_end = rule_end + self.range.pack_format.size
-            self.range.unpack(slot, blob[rule_end:range_end])
-            rule_end = range_end
-        (self.last_end[slot],) = _END.unpack(blob[rule_end:])
+        at = 0
+        for part in self._parts:
+            size = part.pack_format.size
+            if part is self.likelihood and len(blob) < self.bytes_per_key:
+                size = self.likelihood.legacy_size  # written before the freeze count was kept
+            part.unpack(slot, blob[at : at + size])
+            at += size
+        (self.last_end[slot],) = _END.unpack(blob[at:])
 
     @property
     def bytes_per_key(self) -> int:
-        ranges = 0 if self.range is None else self.range.pack_format.size
-        return self.likelihood.pack_format.size + self.rule.pack_format.size + ranges + _END.size
+        return sum(part.pack_format.size for part in self._parts) + _END.size
 
     def state(self, partition: Partition) -> dict:
         keys = self._slots.get(partition, {})
@@ -224,10 +214,8 @@ class AdaptiveStage:
     def forget(self, partitions: set[Partition]) -> None:
         for partition in partitions:
             for slot in (self._slots.pop(partition, None) or {}).values():
-                self.likelihood.reset(slot)
-                self.rule.reset(slot)
-                if self.range is not None:
-                    self.range.reset(slot)
+                for part in self._parts:
+                    part.reset(slot)
                 self.last_end[slot] = _NONE
                 self._free.append(slot)
 

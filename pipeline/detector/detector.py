@@ -7,7 +7,6 @@ load it and call `score`, so a window scores the same whichever path it takes.
 from __future__ import annotations
 
 import itertools
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ from pipeline.detector.threshold import Threshold
 from pipeline.detector.windows import WindowSpec
 from pipeline.errors import ConfigError, DataError, ModelError
 
-__all__ = ["Detector", "InputSpec", "keep_triton_out", "resolve_device"]
+__all__ = ["Detector", "InputSpec", "resolve_device"]
 
 INPUT_KINDS = ("series", "image")
 
@@ -45,15 +44,6 @@ def resolve_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise ConfigError("device", f"unknown device {name!r}; use auto, cpu or cuda[:N]")
     return torch.device(name)
-
-
-def keep_triton_out() -> None:
-    """Where there is no CUDA device, mark Triton absent for this process. Nothing here
-    compiles kernels, yet the first optimizer torch makes imports `torch._dynamo`, which imports
-    Triton when the package is installed (the CUDA wheels bring it), and Triton's bindings then
-    print hundreds of `nanobind: leaked ...` lines at interpreter exit."""
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        sys.modules["triton"] = None  # `import triton` raises ImportError: torch's probes say no
 
 
 @dataclass(frozen=True)

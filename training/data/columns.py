@@ -33,6 +33,7 @@ __all__ = [
     "read_table",
     "refuse_gaps",
     "select_columns",
+    "tell_repeats",
 ]
 
 FILL_POLICIES = ("ffill", "interpolate", "drop", "error")
@@ -298,6 +299,17 @@ def _refuse_epoch_seconds(series: pd.Series, source: str, column: str) -> None:
             f"fall in 1970-1973 ({first!r} is {pd.to_datetime(first, unit='ms')}); epoch "
             "seconds? multiply them by 1000, or give ISO-8601 text"
         )
+
+
+def tell_repeats(source: str, count: int, first: str) -> None:
+    """Rows repeating their key's timestamp were left out: one warning, with where the first was."""
+    log.warning(
+        "%s: %d row(s) repeat their key's timestamp and are left out, the first reading of each "
+        "timestamp kept (the worker dead-letters them as duplicate_timestamp); the first is %s",
+        source,
+        count,
+        first,
+    )
 
 
 def parse_keys(series: pd.Series, source: str, column: str) -> np.ndarray:

@@ -11,7 +11,6 @@ message that names the file and, where it applies, the column or the 1-based dat
 from __future__ import annotations
 
 import hashlib
-import logging
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from training.data.columns import (
     read_table,
     refuse_gaps,
     select_columns,
+    tell_repeats,
 )
 from training.data.splits import (
     PARTS,
@@ -50,8 +50,6 @@ __all__ = [
     "split_series",
     "with_calendar",
 ]
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,14 +199,7 @@ def load_series(
     repeated[1:] = (codes[order][1:] == codes[order][:-1]) & (times[order][1:] == times[order][:-1])
     if repeated.any():  # as the worker does: the first reading of a timestamp counts
         first = order[first_true(repeated)]
-        log.warning(
-            "%s: %d row(s) repeat their key's timestamp and are left out, the first reading of "
-            "each timestamp kept (the worker dead-letters them as duplicate_timestamp); the "
-            "first is data row %d",
-            source,
-            int(repeated.sum()),
-            first + 1,
-        )
+        tell_repeats(source, int(repeated.sum()), f"data row {first + 1}")
         order = order[~repeated]
     times, codes, values = times[order], codes[order], values[order]
     labels = labels[order] if labels is not None else None

@@ -25,7 +25,6 @@ leading gap, `interpolate`) are refused; `error` and `drop` apply.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from training.data.columns import (
     parse_times,
     refuse_gaps,
     select_columns,
+    tell_repeats,
 )
 from training.data.splits import (
     PARTS,
@@ -55,7 +55,6 @@ from training.data.splits import (
 
 __all__ = ["STREAM_FILL_POLICIES", "Chunk", "SeriesStream", "SplitPlan", "parquet_decoded_bytes"]
 
-log = logging.getLogger(__name__)
 
 STREAM_FILL_POLICIES = ("error", "drop")
 _NO_TIME = np.iinfo(np.int64).min
@@ -155,14 +154,7 @@ class SeriesStream:
                     yield self._chunks(batch, where, latest, repeats)
         if repeats[0] and not self._repeats_told:
             self._repeats_told = True
-            log.warning(
-                "%s: %d row(s) repeat their key's timestamp and are left out, the first reading "
-                "of each timestamp kept (the worker dead-letters them as duplicate_timestamp); "
-                "the first is in %s",
-                self.source,
-                repeats[0],
-                repeats[1],
-            )
+            tell_repeats(self.source, repeats[0], f"in {repeats[1]}")
 
     def _chunks(self, batch, where: str, latest: dict[str, int], repeats: list) -> list[Chunk]:
         codes, uniques = self._key_codes(batch, where)
