@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from operator import itemgetter, methodcaller
+from operator import attrgetter
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 import orjson
 
@@ -82,27 +83,18 @@ def parse_timestamp_ms(value) -> int:
     raise ValueError(f"unsupported timestamp type {type(value).__name__}")
 
 
-_GET_KEY, _GET_TS, _GET_VALUES = (
-    methodcaller("get", "key"),
-    methodcaller("get", "ts"),
-    itemgetter("values"),
-)
-# Literals that numpy would quietly turn into numbers (True -> 1.0): a poll holding any of them
-# anywhere takes the record-by-record path, which refuses them with their reason.
-_SUSPECT = (b"true", b"false")
+_KEY, _TS, _VALUES = attrgetter("key"), attrgetter("ts"), attrgetter("values")
 
 
-def _single_reading(value: bytes) -> bool:
-    """Whether a record looks like a single reading: `ts` an integer, `values` an object."""
-    try:
-        data = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return False
-    return (
-        data.__class__ is dict
-        and data.get("ts").__class__ is int
-        and data.get("values").__class__ is dict
-    )
+def _reading_decoder(features: tuple[str, ...]) -> msgspec.json.Decoder:
+    """A decoder of the common reading, `{"key": str, "ts": int, "values": {feature: number}}`
+    (other fields and features ignored), typed: one C-level pass checks and converts it, and
+    refuses anything else (a boolean or string where a number belongs, a missing feature)."""
+    fields = [(f"f{i}", float) for i in range(len(features))]
+    names = {f"f{i}": name for i, name in enumerate(features)}
+    values = msgspec.defstruct("Values", fields, rename=names)
+    reading = msgspec.defstruct("Reading", [("key", str), ("ts", int), ("values", values)])
+    return msgspec.json.Decoder(reading)
 
 
 class RecordDecoder:
@@ -119,7 +111,8 @@ class RecordDecoder:
         self.reading_features = features if reading_features is None else reading_features
         self.window = window
         self.max_bytes = max_bytes
-        self._row = itemgetter(*self.reading_features)
+        self._row = attrgetter(*(f"f{i}" for i in range(len(self.reading_features))))
+        self._decode_reading = _reading_decoder(self.reading_features).decode
 
     def decode_many(self, message_keys: list, values: list):
         """Readings of the common shape, all of them: (keys, ts [n] int64, values [n, F]
@@ -127,29 +120,24 @@ class RecordDecoder:
         anything else (a window, a batch, another timestamp form, a key only in the message, a
         bad record), and the caller decodes record by record, which gives each its reason.
         Finiteness is checked by the caller, as for single readings."""
+        if not self.reading_features:
+            return None
         try:
-            if max(map(len, values)) > self.max_bytes or not _single_reading(values[0]):
-                return None  # (a poll of batches or windows is not parsed twice)
-            joined = b"".join(values)
-            if any(word in joined for word in _SUSPECT):
+            if max(map(len, values)) > self.max_bytes:
                 return None
-            data = list(map(orjson.loads, values))
-            keys = list(map(_GET_KEY, data))
+            data = list(map(self._decode_reading, values))  # stops at the first other record
+            keys = list(map(_KEY, data))
             if keys != list(map(bytes.decode, message_keys)):
                 return None
-            ts = np.array(list(map(_GET_TS, data)))
-            if ts.ndim != 1 or ts.dtype.kind != "i":
-                return None
-            array = np.array(list(map(self._row, map(_GET_VALUES, data))))
-        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError):
-            return None  # (ValueError: also a message key that is not UTF-8, ragged rows)
-        if array.dtype.kind not in "if":  # strings, None, or integers beyond int64
+        except (msgspec.DecodeError, TypeError, ValueError):
+            return None  # (ValueError: also a message key that is not UTF-8)
+        ts = np.array(list(map(_TS, data)))
+        if ts.dtype.kind != "i":  # integers beyond int64
             return None
+        array = np.array(list(map(self._row, map(_VALUES, data))), np.float64)
         if len(self.reading_features) == 1:
             array = array[:, None]
-        if array.shape != (len(values), len(self.reading_features)):
-            return None
-        return keys, ts.astype(np.int64, copy=False), array.astype(np.float64, copy=False)
+        return keys, ts.astype(np.int64, copy=False), array
 
     def decode(
         self, message_key: bytes | None, value: bytes | None
