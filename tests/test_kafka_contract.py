@@ -16,9 +16,8 @@ from pipeline.errors import ConfigError
 from pipeline.kafka_io import open_client
 from pipeline.kafka_io.errors import KafkaConnectError
 from pipeline.kafka_io.settings import CLIENTS, KafkaConnection, KafkaSettings
-from pipeline.tools.local_broker import LocalKafkaBroker
 from tests.kafka_support import consume, names, run_worker, worker_settings
-from tests.test_security import PASSWORD, USER, make_certificates
+from tests.tls_support import PASSWORD, USER, secure_broker
 from tests.worker_support import train_fleet_detector
 
 pytestmark = pytest.mark.kafka
@@ -282,23 +281,8 @@ def test_keepalive_keeps_the_member_while_it_is_busy(kafka_bootstrap, kafka_clie
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
-    certs = make_certificates(tmp_path_factory.mktemp("tls"))
-    broker = LocalKafkaBroker(
-        listeners={"SASL_SSL": "SASL_SSL"},
-        scram_users={USER: PASSWORD},
-        extra_properties={
-            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
-            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": (
-                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-            ),
-            "ssl.keystore.type": "PEM",
-            "ssl.keystore.location": str(certs["broker"]),
-        },
-    ).start()
-    try:
-        yield broker.address("SASL_SSL"), certs
-    finally:
-        broker.stop()
+    with secure_broker(tmp_path_factory.mktemp("tls")) as (address, certs):
+        yield address, certs
 
 
 def _sasl(cafile, password: str = PASSWORD) -> dict:
