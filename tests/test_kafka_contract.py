@@ -221,6 +221,28 @@ def test_dead_letter_headers_arrive_as_sent(kafka_bootstrap, kafka_client):
     assert list(polled[0].headers) == headers
 
 
+def test_a_tail_knows_when_it_has_read_to_the_end(kafka_bootstrap, kafka_client):
+    topic = _topic("end")
+    client = _client(kafka_bootstrap, kafka_client)
+    client.ensure_topics({topic: {"num_partitions": 3}})
+    sink = client.sink()
+    for i in range(30):
+        sink.send(topic, f"k{i}".encode(), b"x", partition=i % 3)
+    sink.flush()
+    sink.close()
+    tail = client.tail([topic, _topic("absent")], from_beginning=True)
+    try:
+        assert not tail.reached_end(), "nothing read yet"
+        read, deadline = 0, time.monotonic() + 30
+        while read < 30 and time.monotonic() < deadline:
+            read += sum(map(len, tail.poll(200).values()))
+        assert read == 30
+        tail.poll(200)  # (positions move past what was handed over)
+        assert tail.reached_end()
+    finally:
+        tail.close()
+
+
 def test_a_transaction_commits_output_and_offsets_together(kafka_bootstrap, kafka_client):
     source_topic, output, group = _topic("tx-in"), _topic("tx-out"), _topic("g")
     settings = dict(group_id=group, exactly_once=True, session_timeout_ms=6000)

@@ -15,12 +15,19 @@ from pipeline.events import ModelIdentity, event_schema
 from pipeline.kafka_io import open_client
 from pipeline.kafka_io.settings import KafkaConnection
 from pipeline.quality.cli import send_feedback
-from pipeline.quality.feedback import FEEDBACK_SCHEMA, Feedback, FeedbackError, parse_feedback
+from pipeline.quality.feedback import (
+    FEEDBACK_SCHEMA,
+    Feedback,
+    FeedbackError,
+    feedback_record,
+    parse_feedback,
+)
 from pipeline.quality.service import QualityService, QualitySettings
 from pipeline.worker.alarms import AlarmTransition
 from pipeline.worker.writer import alarm_event
 from tests.helpers import metric_values, wait_until
 from tests.kafka_support import consume, ensure_topics, produce
+from tests.worker_support import Record
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 HOUR = 3_600_000
@@ -91,6 +98,53 @@ def _opened(model: ModelIdentity, key: str, start_ms: int) -> tuple[dict, str]:
 def _verdict(target: str, verdict: str, at_ms: int, *, by_event: bool = False) -> Feedback:
     kind = "event_id" if by_event else "episode_id"
     return Feedback(verdict=verdict, who="op", time_ms=at_ms, **{kind: target})
+
+
+class _SlowTail:
+    """A tail whose first polls come back empty before its first fetch, as a real one's can."""
+
+    def __init__(self, polls: list) -> None:
+        self.polls, self.unread = polls, sum(1 for p in polls if p)
+
+    def poll(self, timeout_ms: int) -> dict:
+        polled = self.polls.pop(0) if self.polls else {}
+        self.unread -= bool(polled)
+        return polled
+
+    def reached_end(self) -> bool:
+        return self.unread == 0
+
+    def close(self) -> None:
+        pass
+
+
+class _NoSink:
+    def send(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_service_is_ready_only_once_it_has_read_what_was_there():
+    key, value = feedback_record(_verdict("no-such-episode", "true_positive", T0))
+    record = Record("fb", 0, 0, key, value)
+    tail = _SlowTail([{}, {}, {("fb", 0): [record]}])
+    settings = QualitySettings(
+        alarm_topic=("alarms",),
+        feedback_topic="fb",
+        dlq_topic="dlq",
+        log_interval_s=0,
+        http_port=-1,
+        stop_after_idle_s=3,
+    )
+    service = QualityService(settings, tail, _NoSink(), clock=iter(range(10**6)).__next__)
+    ready = []
+    taken = service.take
+    service.take = lambda polled: (ready.append(service.caught_up), taken(polled))
+    service.run()
+    assert ready == [False], "not ready while records it has not read wait"
+    assert service.caught_up
 
 
 class _Running:
@@ -180,8 +234,8 @@ def test_precision_and_counts_are_exact_on_a_scripted_sequence(kafka_bootstrap, 
     )
     running = _Running(kafka_bootstrap, topics, now)
     try:
-        # `caught_up` is the first empty poll, which can come before the tail's first fetch on a
-        # loaded machine: wait until the two bad records, sent last, have been dead-lettered
+        # caught up: everything on both topics read; and the two bad records, sent last,
+        # dead-lettered
         def taken() -> bool:
             counted = running.figures().get(
                 ("aewatch_feedback_records_total", (("outcome", "dead_letter"),))

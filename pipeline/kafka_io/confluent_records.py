@@ -144,5 +144,16 @@ class ConfluentTail:
         messages = self.consumer.consume(10000, timeout_ms / 1000.0)
         return group(messages) if messages else {}
 
+    def reached_end(self) -> bool:
+        self._look()
+        partitions = [TopicPartition(*p) for p in sorted(self.assigned)]
+        for at in self.consumer.position(partitions) if partitions else ():
+            _, high = self.consumer.get_watermark_offsets(
+                TopicPartition(at.topic, at.partition), timeout=10
+            )
+            if high > 0 and at.offset < high:  # (a position not yet known is negative)
+                return False
+        return True
+
     def close(self) -> None:
         self.consumer.close()

@@ -301,9 +301,25 @@ class KafkaTail:
             isolation_level="read_committed" if read_committed else "read_uncommitted",
             **client_config(connection),
         )
+        self.topics = list(topics)
 
     def poll(self, timeout_ms: int) -> dict[Partition, list]:
         return _by_partition(self.consumer.poll(timeout_ms=timeout_ms))
+
+    def reached_end(self) -> bool:
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in self.topics
+            for p in sorted(self.consumer.partitions_for_topic(topic))
+        ]
+        if not set(partitions) <= self.consumer.assignment():
+            return False  # not all assigned yet: nothing of them was read
+        end = self.consumer.end_offsets(partitions) if partitions else {}
+        for tp in partitions:
+            at = self.consumer.position(tp, timeout_ms=CONNECT_ATTEMPT_MS)
+            if at is None or at < end[tp]:
+                return False
+        return True
 
     def close(self) -> None:
         self.consumer.close()

@@ -112,6 +112,10 @@ class Tail(Protocol):
     """A reader of topics outside any group (alerts, the demo's event collector)."""
 
     def poll(self, timeout_ms: int) -> Mapping[Partition, Sequence[Record]]: ...
+    def reached_end(self) -> bool:
+        """Whether every partition of its topics has been read up to the end offset it has now
+        (a topic that does not exist has nothing to read)."""
+
     def close(self) -> None: ...
 
 

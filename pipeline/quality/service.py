@@ -125,8 +125,8 @@ class QualityService:
                 if polled:
                     self.take(polled)
                     idle_since = now
-                else:
-                    self.caught_up = True
+                elif not self.caught_up:  # ready once what was there has been read
+                    self.caught_up = self.tail.reached_end()
                 interval = self.settings.log_interval_s
                 if interval and now - self._last_log >= interval:
                     self.log_history()
