@@ -311,7 +311,7 @@ class ConfluentClient:
         tail = ConfluentTail(self.connection, [topic], from_beginning=True, read_committed=True)
         consumer = tail.consumer
         try:
-            end = _end_offsets(tail)
+            end = tail.end_offsets()
             limit, out = dict(end), []
             deadline = time.monotonic() + timeout_s
             while end:
@@ -319,7 +319,7 @@ class ConfluentClient:
                     raise KafkaException(f"reading {topic} did not finish in {timeout_s:.0f}s")
                 for partition, records in tail.poll(500).items():
                     out.extend(r for r in records if r.offset < limit.get(partition, 0))
-                _drop_reached(consumer, end)
+                tail.drop_reached(end)
             return out
         finally:
             consumer.close()
@@ -333,7 +333,7 @@ class ConfluentClient:
         consumer = tail.consumer
         wanted = set(keys) if keys is not None else None
         try:
-            end = _end_offsets(tail)
+            end = tail.end_offsets()
             latest: dict[bytes, bytes] = {}
             deadline = time.monotonic() + timeout_s
             while end:
@@ -348,24 +348,7 @@ class ConfluentClient:
                                 latest.pop(key, None)
                             else:
                                 latest[key] = value
-                _drop_reached(consumer, end)
+                tail.drop_reached(end)
             return latest
         finally:
             consumer.close()
-
-
-def _end_offsets(tail) -> dict[Partition, int]:
-    """The end offset now of each partition of `tail` that holds records."""
-    end = {}
-    for partition in tail.assigned:
-        _, high = tail.consumer.get_watermark_offsets(TopicPartition(*partition), timeout=10)
-        if high > 0:
-            end[partition] = high
-    return end
-
-
-def _drop_reached(consumer, end: dict[Partition, int]) -> None:
-    """Forget the partitions whose position has reached their end offset."""
-    for tp in consumer.position([TopicPartition(*p) for p in list(end)]):
-        if tp.offset >= end[(tp.topic, tp.partition)]:
-            del end[(tp.topic, tp.partition)]

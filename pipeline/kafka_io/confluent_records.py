@@ -144,16 +144,27 @@ class ConfluentTail:
         messages = self.consumer.consume(10000, timeout_ms / 1000.0)
         return group(messages) if messages else {}
 
+    def end_offsets(self) -> dict[Partition, int]:
+        """The end offset now of each assigned partition that holds records."""
+        end = {}
+        for partition in self.assigned:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(*partition), timeout=10)
+            if high > 0:
+                end[partition] = high
+        return end
+
+    def drop_reached(self, end: dict[Partition, int]) -> None:
+        """Forget the partitions of `end` whose position has reached their end offset (a
+        position not yet known is negative)."""
+        for tp in self.consumer.position([TopicPartition(*p) for p in end]) if end else ():
+            if tp.offset >= end[(tp.topic, tp.partition)]:
+                del end[(tp.topic, tp.partition)]
+
     def reached_end(self) -> bool:
         self._look()
-        partitions = [TopicPartition(*p) for p in sorted(self.assigned)]
-        for at in self.consumer.position(partitions) if partitions else ():
-            _, high = self.consumer.get_watermark_offsets(
-                TopicPartition(at.topic, at.partition), timeout=10
-            )
-            if high > 0 and at.offset < high:  # (a position not yet known is negative)
-                return False
-        return True
+        end = self.end_offsets()
+        self.drop_reached(end)
+        return not end
 
     def close(self) -> None:
         self.consumer.close()

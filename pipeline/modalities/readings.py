@@ -120,8 +120,6 @@ class RecordDecoder:
         anything else (a window, a batch, another timestamp form, a key only in the message, a
         bad record), and the caller decodes record by record, which gives each its reason.
         Finiteness is checked by the caller, as for single readings."""
-        if not self.reading_features:
-            return None
         try:
             if max(map(len, values)) > self.max_bytes:
                 return None

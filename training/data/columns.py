@@ -48,8 +48,6 @@ LABEL_LIKE = frozenset(
     {"label", "labels", "anomaly", "anomalies", "is_anomaly", "anomalous", "outlier", "is_outlier"}
     | {"changepoint", "target"}
 )
-# Numbers read as epoch milliseconds below this fall before 1973: epoch seconds, most likely.
-_SECONDS_LIKE = SECONDS_LIKE  # the worker refuses such a `ts` too
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +290,7 @@ def _refuse_epoch_seconds(series: pd.Series, source: str, column: str) -> None:
     that would all fall between 1970-01-02 and 1973 as milliseconds are epoch seconds."""
     values = np.abs(series.to_numpy(dtype=np.float64, na_value=np.nan))
     values = values[np.isfinite(values)]
-    if len(values) and _SECONDS_LIKE[0] <= values.max() < _SECONDS_LIKE[1]:
+    if len(values) and SECONDS_LIKE[0] <= values.max() < SECONDS_LIKE[1]:
         first = series.iloc[int(np.argmax(np.isfinite(series.to_numpy(np.float64))))]
         raise DataError(
             f"{source}: column {column!r} holds numeric times that read as epoch milliseconds "

@@ -55,7 +55,6 @@ from training.data.splits import (
 
 __all__ = ["STREAM_FILL_POLICIES", "Chunk", "SeriesStream", "SplitPlan", "parquet_decoded_bytes"]
 
-
 STREAM_FILL_POLICIES = ("error", "drop")
 _NO_TIME = np.iinfo(np.int64).min
 
