@@ -159,6 +159,26 @@ def test_seeks_inside_the_assignment_and_after_it(kafka_bootstrap, kafka_client)
     member.source.close()
 
 
+def test_a_poll_hands_over_records_once_they_are_there_not_at_its_timeout(
+    kafka_bootstrap, kafka_client
+):
+    topic = _topic("soon")
+    client = _client(kafka_bootstrap, kafka_client, group_id=_topic("g"))
+    client.ensure_topics({topic: {"num_partitions": 1}})
+    member = Member(client, topic)
+    deadline = time.monotonic() + 30
+    while not member.assigned and time.monotonic() < deadline:
+        assert member.poll(100) == []
+    assert member.assigned
+    _produce(client, topic, 5, 1)
+    started = time.monotonic()
+    read = member.poll(20_000)
+    waited = time.monotonic() - started
+    member.source.close()
+    assert [o for _, o, _ in read] == list(range(5))
+    assert waited < 10, f"5 records waited {waited:.1f} s of the poll's 20 s"
+
+
 def test_the_state_topic_gives_the_latest_value_of_each_key(kafka_bootstrap, kafka_client):
     topic = _topic("state")
     client = _client(kafka_bootstrap, kafka_client)

@@ -113,6 +113,74 @@ def test_malformed_records_go_to_the_dlq_with_their_reason(detector):
     assert stats.records_in == good + len(expected)
 
 
+class OnePartitionAPoll(FakeSource):
+    """Serves the same records one partition at a time."""
+
+    def poll(self, timeout_ms: int) -> dict:
+        polled = super().poll(timeout_ms)
+        for later in list(polled)[1:]:
+            self.position[later] -= len(polled.pop(later))
+        return polled
+
+
+def test_a_poll_of_many_partitions_is_decoded_once_and_taken_as_partition_by_partition(
+    detector, monkeypatch
+):
+    from pipeline.modalities.readings import RecordDecoder
+
+    stream = fleet(seed=5, readings_per_key=400)
+    records = partitioned(stream, "readings", 4)
+    values = {n: 1.0 for n in detector.input.features}
+    bad = {  # readings of the common shape that are refused after decoding
+        ("readings", 1): orjson.dumps({"key": "machine-001", "ts": 5, "values": values}),
+        ("readings", 2): orjson.dumps(
+            {"key": "machine-002", "ts": 1_700_000_000, "values": values}  # epoch seconds
+        ),
+        ("readings", 3): orjson.dumps(
+            {"key": "machine-003", "ts": 10**13, "values": {**values, "sensor_1": 1e39}}
+        ),
+    }
+    for partition, value in bad.items():
+        key = orjson.loads(value)["key"].encode()
+        assert records[partition][0].key == key, "the bad reading's key lives in its partition"
+        records[partition].insert(50, Record(*partition, 0, key, value))
+        for offset, record in enumerate(records[partition]):
+            record.offset = offset
+    calls = []
+    decode_many = RecordDecoder.decode_many
+
+    def counted(self, keys, values):
+        calls.append(len(keys))
+        return decode_many(self, keys, values)
+
+    monkeypatch.setattr(RecordDecoder, "decode_many", counted)
+    _, together, stats = _run(detector, FakeSource(records, chunk=10_000))
+    assert len(calls) == 1 and calls[0] == sum(map(len, records.values())), "one pass a poll"
+    _, apart, apart_stats = _run(detector, OnePartitionAPoll(records, chunk=10_000))
+    assert len(calls) == 1 + len(records)
+
+    def dead(sink) -> dict:
+        out = {}
+        for topic, _key, _value, headers in sink.sent:
+            if topic == "dlq":
+                h = dict(headers)
+                where = (int(h["aewatch.source.partition"]), int(h["aewatch.source.offset"]))
+                out[where] = h["aewatch.dlq.reason"].decode()
+        return out
+
+    assert (
+        dead(together)
+        == dead(apart)
+        == {
+            (1, 50): "out_of_order",
+            (2, 50): "bad_timestamp",
+            (3, 50): "non_finite",
+        }
+    )
+    assert sorted(together.values("events")) == sorted(apart.values("events")) != []
+    assert stats.windows_scored == apart_stats.windows_scored > 0
+
+
 def test_commits_never_go_back_and_keep_what_open_windows_need(detector):
     stream = fleet(seed=3, readings_per_key=400, anomalies=())
     source = FakeSource(partitioned(stream, "readings", 1), chunk=37)

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from pipeline.worker.cli import worker_command
+from pipeline.worker.settings import WorkerSettings
 from pipeline.worker.supervisor import member_settings
 from tests.kafka_support import consume, names, produce, stream_items, worker_settings
 from tests.worker_support import flags_by_window, fleet, train_fleet_detector
@@ -58,6 +59,27 @@ def test_members_get_distinct_ids_and_ports(trained):
     assert [m.http.http_port for m in members] == [9000, 9001, 9002]
 
 
+@pytest.mark.parametrize(
+    ("processes", "cores", "threads"),
+    [(1, 2, 1), (2, 2, 1), (1, 16, 15), (4, 16, 3), (8, 16, 1), (3, 1, 1)],
+)
+def test_cpu_threads_default_to_each_members_share_of_the_cores_less_its_loop(
+    processes, cores, threads
+):
+    batching = WorkerSettings.build(model="m", bootstrap_servers="b:1", input_topic=("t",)).batching
+    assert batching.threads(processes, cores) == threads
+    chosen = batching.__class__(cpu_threads=6)
+    assert chosen.threads(processes, cores) == 6
+
+
+def test_members_get_their_share_of_cpu_threads(trained):
+    settings = worker_settings("127.0.0.1:1", names("thr"), trained.artifact_dir, processes=2)
+    members = [member_settings(settings, i) for i in range(2)]
+    assert [m.batching.cpu_threads for m in members] == [settings.batching.threads(2)] * 2
+    chosen = settings.replace(cpu_threads=3)
+    assert member_settings(chosen, 1).batching.cpu_threads == 3
+
+
 def test_two_processes_share_the_partitions_and_score_every_window(
     kafka_bootstrap, create_topic, trained, tmp_path
 ):
@@ -86,6 +108,8 @@ def test_two_processes_share_the_partitions_and_score_every_window(
     events = [orjson.loads(r.value) for r in consume(kafka_bootstrap, topics["output"])]
     assert len({e["id"] for e in events}) == len(windows), "every window scored"
     assert text.count("stopped: ") == 2
+    share = settings.batching.threads(2)
+    assert text.count(f"({share} CPU threads)") == 2, "each member scores with its share"
 
 
 def test_sigterm_stops_every_member_cleanly(kafka_bootstrap, create_topic, trained, tmp_path):

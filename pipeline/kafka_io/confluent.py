@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.errors import CommitRejected
-from pipeline.kafka_io.confluent_records import ConfluentTail, Records, group
+from pipeline.kafka_io.confluent_records import ConfluentTail, Records, group, take
 from pipeline.kafka_io.confluent_sink import ConfluentSink, TransactionalConfluentSink, config
 from pipeline.kafka_io.errors import KafkaConnectError, describe, most_telling, telling
 from pipeline.kafka_io.protocols import Partition, Rebalance, TopicSpec
@@ -143,7 +143,7 @@ class ConfluentSource:
 
     # -- the Source protocol -----------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> dict[Partition, Records]:
-        messages = self.consumer.consume(self.max_records, timeout_ms / 1000.0)
+        messages = take(self.consumer, self.max_records, timeout_ms)
         return group(messages) if messages else {}
 
     def keepalive(self) -> None:

@@ -21,7 +21,7 @@ from pipeline.kafka_io.confluent_sink import config
 from pipeline.kafka_io.protocols import Partition
 from pipeline.kafka_io.settings import KafkaConnection
 
-__all__ = ["ConfluentRecord", "ConfluentTail", "Records", "group"]
+__all__ = ["ConfluentRecord", "ConfluentTail", "Records", "group", "take"]
 
 log = logging.getLogger(__name__)
 # How often a tail looks for partitions of its topics that it has not assigned yet.
@@ -70,6 +70,19 @@ class Records(Sequence):
             [m.value() for m in messages],
             [m.offset() for m in messages],
         )
+
+
+def take(consumer: Consumer, most: int, timeout_ms: int) -> list:
+    """Up to `most` messages: those already fetched, or else the first to arrive within
+    `timeout_ms` and those fetched with it. (`Consumer.consume` alone waits for its whole
+    timeout unless `most` messages come, which holds records back that are already there.)"""
+    messages = consumer.consume(most, 0)
+    if messages or timeout_ms <= 0:
+        return messages
+    first = consumer.poll(timeout_ms / 1000.0)
+    if first is None:
+        return []
+    return [first, *consumer.consume(most - 1, 0)] if most > 1 else [first]
 
 
 def group(messages: list) -> dict[Partition, Records]:
@@ -141,7 +154,7 @@ class ConfluentTail:
     def poll(self, timeout_ms: int) -> dict[Partition, Records]:
         if time.monotonic() - self._looked > TAIL_METADATA_S:
             self._look()
-        messages = self.consumer.consume(10000, timeout_ms / 1000.0)
+        messages = take(self.consumer, 10000, timeout_ms)
         return group(messages) if messages else {}
 
     def end_offsets(self) -> dict[Partition, int]:

@@ -3,7 +3,7 @@
 A modality (series of readings, images) is bound to a detector's `InputSpec` and owns everything
 that depends on the kind of input, so that no other module asks which kind it serves:
 
-- `intake`: how a partition's Kafka records become windows ready to score (decoding, checking,
+- `intake`: how a poll's Kafka records become windows ready to score (decoding, checking,
   windowing per key) and which records are rejected, with what reason;
 - `event_detail`: what an anomaly event says about one scored window (its time span and top
   features, or an image's error map and hottest regions);
@@ -52,9 +52,17 @@ class StreamWindows(Protocol):
 
 
 class Intake(Protocol):
-    """Turns one partition's records into ready windows; rejected records go to `reject`."""
+    """Turns one partition's records (`take`), or a poll's of several (`take_all`, in one pass
+    where it can), into ready windows; rejected records go to `reject`."""
 
     windows: StreamWindows
+
+    def take_all(
+        self,
+        polled: Sequence[tuple[Partition, Sequence[Record]]],
+        pending: ReadyWindows,
+        reject: Reject,
+    ) -> None: ...
 
     def take(
         self,

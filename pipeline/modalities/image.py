@@ -53,6 +53,12 @@ class ImageIntake:
         self.decoder = ImageDecoder(spec.image_shape, max_record_bytes)
         self.windows = NoWindows()
 
+    def take_all(
+        self, polled: Sequence[tuple[Partition, Sequence]], pending: ReadyWindows, reject: Reject
+    ) -> None:
+        for partition, records in polled:
+            self.take(partition, records, pending, reject)
+
     def take(
         self, partition: Partition, records: Sequence, pending: ReadyWindows, reject: Reject
     ) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -129,13 +130,14 @@ class RecordDecoder:
                 return None
         except (msgspec.DecodeError, TypeError, ValueError):
             return None  # (ValueError: also a message key that is not UTF-8)
-        ts = np.array(list(map(_TS, data)))
-        if ts.dtype.kind != "i":  # integers beyond int64
+        n, width = len(data), len(self.reading_features)
+        try:
+            ts = np.fromiter(map(_TS, data), np.int64, count=n)
+        except OverflowError:  # integers beyond int64
             return None
-        array = np.array(list(map(self._row, map(_VALUES, data))), np.float64)
-        if len(self.reading_features) == 1:
-            array = array[:, None]
-        return keys, ts.astype(np.int64, copy=False), array
+        rows = map(self._row, map(_VALUES, data))
+        flat = chain.from_iterable(rows) if width > 1 else rows
+        return keys, ts, np.fromiter(flat, np.float64, count=n * width).reshape(n, width)
 
     def decode(
         self, message_key: bytes | None, value: bytes | None

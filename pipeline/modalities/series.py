@@ -8,7 +8,9 @@ the per-feature errors of their windows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from itertools import accumulate, chain, repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,15 +53,26 @@ class SeriesIntake:
         self.windows = StreamWindower(spec.window, len(spec.features))
         self.calendar = spec.calendar
 
+    def take_all(
+        self, polled: Sequence[tuple[Partition, Sequence]], pending: ReadyWindows, reject: Reject
+    ) -> None:
+        """A poll's records of every partition: when all are readings of the common shape,
+        decoded, checked and windowed together (one pass for the poll, however many partitions
+        it spans); otherwise partition by partition (`take`)."""
+        if len(polled) == 1:
+            self.take(*polled[0], pending, reject)
+            return
+        columns = [record_columns(records) for _, records in polled]
+        keys, values, offsets = (list(chain.from_iterable(c[j] for c in columns)) for j in range(3))
+        if not self._common(_Joined(polled), keys, values, offsets, pending, reject):
+            for partition, records in polled:
+                self.take(partition, records, pending, reject)
+
     def take(
         self, partition: Partition, records: Sequence, pending: ReadyWindows, reject: Reject
     ) -> None:
         keys, values, offsets = record_columns(records)
-        common = self.decoder.decode_many(keys, values)
-        if common is not None:  # every record a reading of the common shape
-            names, ts, rows = common
-            part = self._finite(records, names, ts, rows, np.arange(len(ts)), reject)
-            self._push(partition, records, offsets, [part], pending, reject)
+        if self._common(records, keys, values, offsets, pending, reject, partition):
             return
         readings: list[Decoded] = []
         taken: list[int] = []
@@ -85,6 +98,22 @@ class SeriesIntake:
         if readings:
             parts.append(self._readings(records, readings, taken, reject))
         self._push(partition, records, offsets, parts, pending, reject)
+
+    def _common(
+        self, records, keys, values, offsets, pending, reject: Reject, partition=None
+    ) -> bool:
+        """Take `records` if every one is a reading of the common shape (their partition, or
+        with none given each key's partition from its records); False, having taken none,
+        otherwise."""
+        common = self.decoder.decode_many(keys, values)
+        if common is None:
+            return False
+        names, ts, rows = common
+        if partition is None:
+            partition = dict(zip(names, records.partitions(), strict=True))
+        part = self._finite(records, names, ts, rows, np.arange(len(ts)), reject)
+        self._push(partition, records, offsets, [part], pending, reject)
+        return True
 
     def _push(self, partition, records, offsets, parts: list, pending, reject: Reject) -> None:
         """Window the readings of `parts` (in record order); refuse those out of order."""
@@ -135,6 +164,25 @@ class SeriesIntake:
             keys = [keys[i] for i in keep]
             ts, values, at = ts[keep], values[keep], at[keep]
         return keys, ts, values, at
+
+
+class _Joined(Sequence):
+    """The records of several partitions as one sequence, in poll order."""
+
+    def __init__(self, polled: Sequence[tuple[Partition, Sequence]]) -> None:
+        self.polled = polled
+        self.ends = list(accumulate(len(records) for _, records in polled))
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, index: int):
+        part = bisect_right(self.ends, index)
+        return self.polled[part][1][index - (self.ends[part - 1] if part else 0)]
+
+    def partitions(self) -> Iterator[Partition]:
+        """The partition of each record."""
+        return chain.from_iterable(repeat(p, len(records)) for p, records in self.polled)
 
 
 class SeriesModality:

@@ -20,7 +20,7 @@ processed and continue the same series positions, so windows, and event ids, are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -227,15 +227,16 @@ class StreamWindower:
     # -- the batch step --------------------------------------------------------------------------
     def push(
         self,
-        partition: TopicPartition,
+        partition: TopicPartition | Mapping[str, TopicPartition],
         keys: Sequence[str],
         ts: np.ndarray,
         values: np.ndarray,
         offsets: np.ndarray,
         out: ReadyWindows,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Add one partition's readings (arrival order; reading i belongs to `keys[i]`) and
-        collect the windows they complete, grouped by key.
+        """Add readings (arrival order; reading i belongs to `keys[i]`) of one partition, or of
+        several with `partition` the partition of each key, and collect the windows they
+        complete, grouped by key.
 
         Returns (index of readings rejected as out of order, index rejected as duplicates), into
         the arrays given. Readings before a restored key's resume offset are skipped silently.
@@ -246,7 +247,11 @@ class StreamWindower:
         ids: dict[str, int] = {}
         code = np.array([ids.setdefault(k, len(ids)) for k in keys], np.int64)
         names = list(ids)
-        slots = np.array([self._slot(name, partition) for name in names], np.int64)
+        if isinstance(partition, Mapping):
+            owners = [partition[name] for name in names]
+        else:
+            owners = [partition] * len(names)
+        slots = np.array(list(map(self._slot, names, owners)), np.int64)
         index = np.argsort(code, kind="stable") if len(names) > 1 else np.arange(n)
         code, ts, offsets = code[index], ts[index], offsets[index]
         values = values[index].astype(np.float32, copy=False)
@@ -273,7 +278,7 @@ class StreamWindower:
             for low in range(0, int(taken.max()), room):
                 part = np.flatnonzero((rank >= low) & (rank < low + room))
                 self._take(
-                    partition,
+                    owners,
                     names,
                     slots,
                     code[part],
@@ -285,7 +290,7 @@ class StreamWindower:
                 )
         return late, duplicate
 
-    def _take(self, partition, names, slots, code, rank, ts, values, offsets, out) -> None:
+    def _take(self, owners, names, slots, code, rank, ts, values, offsets, out) -> None:
         """At most `capacity - W + 1` new readings per key, grouped by key, in time order."""
         length, stride = self.spec.length, self.spec.stride
         taken = np.bincount(code, minlength=len(slots))
@@ -317,7 +322,7 @@ class StreamWindower:
             with_windows = np.flatnonzero(per_key)
             out.keys.extend(names[j] for j in with_windows)
             out.counts.extend(per_key[with_windows].tolist())
-            out.partitions.extend([partition] * len(with_windows))
+            out.partitions.extend(owners[j] for j in with_windows)
         last = np.cumsum(taken) - 1  # each key's latest reading (rows are grouped by key)
         touched = np.flatnonzero(taken)
         at = slots[touched]

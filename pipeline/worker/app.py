@@ -66,6 +66,9 @@ class WorkerApp:
 
     @classmethod
     def build(cls, settings: WorkerSettings) -> WorkerApp:
+        import torch
+
+        torch.set_num_threads(settings.batching.threads())
         detector, ref = load_with_retries(settings.registry, settings.batching.device)
         topics = settings.topics
         kafka = open_client(settings.kafka)
@@ -108,9 +111,10 @@ class WorkerApp:
         if follower is not None:
             follower.start()
         log.info(
-            "worker ready: model %s on %s; settings %s",
+            "worker ready: model %s on %s (%d CPU threads); settings %s",
             ref.label,
             detector.device,
+            torch.get_num_threads(),
             settings.redacted(),
         )
         return cls(worker, follower=follower, http=http)

@@ -276,13 +276,13 @@ class Worker:
 
     def process(self, polled: Mapping[Partition, Sequence[Record]]) -> None:
         """Take one poll's records: decoded, checked and windowed by the modality's intake."""
-        for partition, records in polled.items():
-            if not records or partition not in self.assigned:
-                # revoked while this poll ran: the new owner reads them from the commit
-                continue
+        # (a partition revoked while this poll ran: its new owner reads it from the commit)
+        live = [(p, records) for p, records in polled.items() if records and p in self.assigned]
+        for partition, records in live:
             self.stats.records_in += len(records)
             self.metrics.records.labels(partition[0]).inc(len(records))
-            self.intake.take(partition, records, self.pending, self.reject)
+        self.intake.take_all(live, self.pending, self.reject)
+        for partition, records in live:
             self.checkpoints.took(partition, records[-1].offset + 1)
         if len(self.pending) and self.pending_since is None:
             self.pending_since = self.clock()

@@ -36,8 +36,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 def member_settings(settings: WorkerSettings, index: int) -> WorkerSettings:
-    """The settings of child `index`: one process, and its own ids and port."""
-    kafka, changes = settings.kafka, {"processes": 1}
+    """The settings of child `index`: one process, its share of the CPU threads, and its own
+    ids and port."""
+    kafka = settings.kafka
+    changes = {"processes": 1, "cpu_threads": settings.batching.threads(settings.loop.processes)}
     changes["client_id"] = f"{kafka.client_id}-{index}"
     if kafka.group_instance_id:
         changes["group_instance_id"] = f"{kafka.group_instance_id}-{index}"
