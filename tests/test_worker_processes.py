@@ -61,11 +61,9 @@ def test_members_get_distinct_ids_and_ports(trained):
 
 @pytest.mark.parametrize(
     ("processes", "cores", "threads"),
-    [(1, 2, 1), (2, 2, 1), (1, 16, 15), (4, 16, 3), (8, 16, 1), (3, 1, 1)],
+    [(1, 2, 2), (2, 2, 1), (1, 16, 16), (4, 16, 4), (16, 16, 1), (3, 1, 1)],
 )
-def test_cpu_threads_default_to_each_members_share_of_the_cores_less_its_loop(
-    processes, cores, threads
-):
+def test_cpu_threads_default_to_each_members_share_of_the_cores(processes, cores, threads):
     batching = WorkerSettings.build(model="m", bootstrap_servers="b:1", input_topic=("t",)).batching
     assert batching.threads(processes, cores) == threads
     chosen = batching.__class__(cpu_threads=6)

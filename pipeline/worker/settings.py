@@ -134,25 +134,21 @@ class BatchSettings:
     max_batch: int = setting("most windows scored in one forward pass", 4096, minimum=1)
     max_wait_ms: int = setting("longest a ready window waits for a fuller batch", 20, minimum=0)
     cpu_threads: int = setting(
-        "threads of a forward pass on the CPU (0: this member's share of the cores, less one "
-        "for its loop)",
-        0,
-        minimum=0,
+        "threads of a forward pass on the CPU (0: this member's share of the cores)", 0, minimum=0
     )
 
     def __post_init__(self) -> None:
         check(self)
 
     def threads(self, processes: int = 1, cores: int | None = None) -> int:
-        """`cpu_threads`, or when 0 each of `processes` members' share of the cores less the
-        one its loop keeps busy, at least one: threads beyond that spin against the loop and
-        the Kafka client's threads and delay every record behind them."""
+        """`cpu_threads`, or when 0 each of `processes` members' share of the cores (at least
+        one): members that each take every core spin against one another."""
         if self.cpu_threads:
             return self.cpu_threads
         if cores is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
             cores = cores or os.cpu_count() or 1
-        return max(1, cores // processes - 1)
+        return max(1, cores // processes)
 
 
 @dataclass(frozen=True)
