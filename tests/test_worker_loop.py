@@ -8,7 +8,7 @@ from jsonschema import Draft202012Validator
 
 from pipeline.events import ModelIdentity, event_id, event_schema
 from pipeline.worker.loop import Worker
-from pipeline.worker.state import MemoryStateStore
+from pipeline.worker.state import KafkaStateStore, MemoryStateStore
 from tests.worker_support import (
     FakeSink,
     FakeSource,
@@ -179,6 +179,47 @@ def test_a_poll_of_many_partitions_is_decoded_once_and_taken_as_partition_by_par
     )
     assert sorted(together.values("events")) == sorted(apart.values("events")) != []
     assert stats.windows_scored == apart_stats.windows_scored > 0
+
+
+class OrderedSink(FakeSink):
+    """Keeps the order of sends (their topic) and flushes (None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[str | None] = []
+
+    def send(self, topic, key=None, value=None, headers=None, partition=None) -> None:
+        super().send(topic, key, value, headers, partition)
+        self.log.append(topic)
+
+    def flush(self) -> None:
+        super().flush()
+        self.log.append(None)
+
+
+def test_a_state_record_goes_out_only_once_the_events_before_it_are_acknowledged(detector):
+    stream = fleet(seed=6, readings_per_key=400)
+    records = partitioned(stream, "readings", 2)
+    sink = OrderedSink()
+    worker = Worker(
+        settings(emit_all=True),
+        detector,
+        MODEL,
+        sink,
+        KafkaStateStore(sink, lambda topic, keys: {}, "state"),
+    )
+    worker.attach(FakeSource(records, chunk=50))
+    worker.on_assigned(set(records))
+    worker.run()
+    assert "state" in sink.log and "events" in sink.log
+    unacknowledged = []
+    for topic in sink.log:
+        if topic is None:
+            unacknowledged.clear()
+        elif topic == "state":
+            assert unacknowledged == [], "a restart would skip windows whose events were lost"
+        else:
+            unacknowledged.append(topic)
 
 
 def test_commits_never_go_back_and_keep_what_open_windows_need(detector):

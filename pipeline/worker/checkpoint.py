@@ -2,15 +2,19 @@
 
 A checkpoint (every `commit_interval_ms`, on partition revoke, on shutdown) goes:
 
-1. score what is pending and emit its events (the loop does this before calling `save`);
+1. score what is pending and emit its events (the loop does this before calling `save`), and
+   make them durable: flush the producer (every event and dead letter acknowledged);
 2. write each touched partition's state to the compacted state topic: the keys' window positions
    and whatever else keeps per-key state (alarm episodes), one record per partition;
-3. make everything sent durable: flush the producer (every event, dead letter and state record
-   acknowledged), or, exactly-once, commit the transaction that holds them and the offsets;
+3. make the state durable: flush again, or, exactly-once, commit the transaction that holds the
+   events, dead letters, state and offsets;
 4. commit, per partition, the offset of the oldest reading an unfinished window still needs (or of
    the next record): Kafka stores the offset of the next record to read. Offsets never go back.
 
-State is therefore never older than the commit, and a member that takes a partition over reads
+State is therefore never older than the commit, and never newer than the events: a state record
+that says a window was emitted is written only once that window's event is acknowledged (the
+producer sends each partition's batches on its own, so one flush could land the state record and
+then die before an event batch of another partition). A member that takes a partition over reads
 from the commit, skips what the state says was used, and continues the same windows.
 """
 
@@ -101,7 +105,10 @@ class Checkpointer:
         model_version: str,
         started: float,
     ) -> None:
-        """Steps 2 to 4 of the module notes (step 1, begun at `started`, is done)."""
+        """The flush of step 1, and steps 2 to 4 of the module notes (step 1, begun at
+        `started`, has scored and emitted)."""
+        if not self.sink.transactional:
+            self.sink.flush()
         for partition in self.touched & assigned:
             state = {name: stage.state(partition) for name, stage in self.stages.items()}
             self.store.save(partition, state)
