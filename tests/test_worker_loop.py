@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 import pytest
 from jsonschema import Draft202012Validator
@@ -325,3 +326,35 @@ def test_windows_are_scored_before_another_turn_would_take_them_past_max_wait(de
     settled = waited[10:]  # once the loop has measured its turns
     assert len(settled) > 20
     assert max(settled) <= 0.010 + 1e-9, f"windows waited {max(settled) * 1000:.1f} ms"
+
+
+def test_a_small_batch_runs_on_one_thread_and_a_large_one_on_the_members_threads():
+    import torch
+
+    from pipeline.modalities.windowing import ReadyWindows
+    from pipeline.worker.scorer import SMALL_BATCH, BatchScorer
+
+    class ThreadCounting:
+        def __init__(self) -> None:
+            self.threads: list[int] = []
+
+        def score(self, windows, *, batch_size, scaling=None):
+            self.threads.append(torch.get_num_threads())
+            return windows.sum(axis=(1, 2))
+
+    def pending(n: int) -> ReadyWindows:
+        ready = ReadyWindows()
+        for i in range(n):
+            ready.add(np.zeros((4, 2), np.float32), "k", i, i + 1, ("t", 0), i)
+        return ready
+
+    before = torch.get_num_threads()
+    try:
+        detector = ThreadCounting()
+        scorer = BatchScorer(8192, 60.0, keepalive=lambda: None, threads=2)
+        for n in (SMALL_BATCH - 1, SMALL_BATCH, 3):
+            list(scorer.score(pending(n), detector))
+        scorer.close()
+        assert detector.threads == [1, 2, 1]
+    finally:
+        torch.set_num_threads(before)

@@ -141,6 +141,7 @@ class Worker:
             KEEPALIVE_FRACTION * settings.kafka.max_poll_interval_ms / 1000.0,
             keepalive=lambda: self.source.keepalive(),
             on_wait=self._turned,
+            threads=settings.batching.threads(),
         )
         self.pending = ReadyWindows()
         self.pending_since: float | None = None
@@ -278,11 +279,10 @@ class Worker:
         """Take one poll's records: decoded, checked and windowed by the modality's intake."""
         # (a partition revoked while this poll ran: its new owner reads it from the commit)
         live = [(p, records) for p, records in polled.items() if records and p in self.assigned]
+        self.intake.take_all(live, self.pending, self.reject)
         for partition, records in live:
             self.stats.records_in += len(records)
             self.metrics.records.labels(partition[0]).inc(len(records))
-        self.intake.take_all(live, self.pending, self.reject)
-        for partition, records in live:
             self.checkpoints.took(partition, records[-1].offset + 1)
         if len(self.pending) and self.pending_since is None:
             self.pending_since = self.clock()

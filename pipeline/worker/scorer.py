@@ -6,6 +6,11 @@ partition paused (`Source.keepalive`). A batch slower than that interval (a slow
 then neither gets the member evicted nor turns into a CommitFailedError and rebalance loop. A
 rebalance that such a poll runs calls back into the loop (revoke -> checkpoint -> score): the batch
 in flight is finished first, so no commit passes windows that are not yet emitted.
+
+On the CPU, a batch of fewer than `SMALL_BATCH` windows runs on one thread (larger ones on
+`cpu_threads`): alone it is at most about 1.2x slower than on two (measured on 2 cores), and the
+idle threads of a parallel pass spin afterwards against the loop and the Kafka client, which a
+member that keeps up with a live stream (small batches) feels most.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pipeline.detector import Detector, Scores
 from pipeline.modalities.windowing import ReadyWindows
@@ -25,6 +31,8 @@ __all__ = ["BatchScorer", "ScoredBatch"]
 # While a batch is scored, the group hears from this member at least this often (as a fraction
 # of max.poll.interval.ms), however slow the device.
 KEEPALIVE_FRACTION = 0.25
+# Windows below which a default-threaded CPU pass runs on one thread.
+SMALL_BATCH = 512
 
 Partition = tuple[str, int]
 
@@ -85,8 +93,12 @@ class BatchScorer:
         keepalive_every_s: float,
         keepalive: Callable[[], None],
         on_wait: Callable[[], None] = lambda: None,
+        threads: int | None = None,
     ) -> None:
+        """`threads`: CPU threads of a pass of `SMALL_BATCH` windows or more (a smaller one
+        takes one), or None to leave torch's setting as it is."""
         self.max_batch = max_batch
+        self.threads = threads
         self.keepalive_every_s = keepalive_every_s
         self.keepalive = keepalive
         self.on_wait = on_wait
@@ -116,9 +128,10 @@ class BatchScorer:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
         windows = np.concatenate(pending.windows)
-        future = self._pool.submit(
-            detector.score, windows, batch_size=self.max_batch, scaling=scaling
-        )
+        threads = None
+        if self.threads is not None:
+            threads = 1 if len(windows) < SMALL_BATCH else self.threads
+        future = self._pool.submit(_score, detector, windows, self.max_batch, scaling, threads)
         return _InFlight(pending, windows, future, time.perf_counter(), scaling)
 
     def _finish(self, batch: _InFlight) -> ScoredBatch:
@@ -139,3 +152,9 @@ class BatchScorer:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
+
+
+def _score(detector: Detector, windows, batch_size: int, scaling, threads: int | None) -> Scores:
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return detector.score(windows, batch_size=batch_size, scaling=scaling)
