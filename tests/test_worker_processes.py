@@ -7,6 +7,8 @@ import os
 import re
 import signal
 import subprocess
+import sys
+import threading
 import time
 
 import orjson
@@ -133,3 +135,29 @@ def test_sigterm_stops_every_member_cleanly(kafka_bootstrap, create_topic, train
     text = log.read_text()
     assert text.count('"msg": "stopped: ') == 2, "each member finished and left"
     assert not any(_alive(p) for p in pids)
+
+
+def test_a_member_that_does_not_stop_is_killed_after_the_grace(monkeypatch):
+    from pipeline.worker import supervisor
+
+    monkeypatch.setattr(supervisor, "STOP_GRACE_S", 1.0)
+    stuck = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(600)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", stuck], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        child.send_signal(signal.SIGTERM)
+        codes: list[int] = []
+        waiter = threading.Thread(
+            target=lambda: codes.append(supervisor._wait([child], lambda: True, None)),
+            daemon=True,
+        )
+        waiter.start()
+        waiter.join(30)
+        assert codes == [-signal.SIGKILL], "the supervisor still waits on a member past its grace"
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()

@@ -9,8 +9,10 @@ group instance id and the transactional id get the suffix `-i`, a fixed HTTP por
 `port + i`.
 
 The supervisor forwards SIGTERM and SIGINT to its children, which finish their batch,
-checkpoint and leave the group, and waits for them. A child that fails ends the others (the
-orchestrator restarts the whole set); children exit with the supervisor should it be killed.
+checkpoint and leave the group, and waits for them; one still running `STOP_GRACE_S` later is
+killed (it has checkpointed, or reads again from its last commit). A child that fails ends the
+others (the orchestrator restarts the whole set); children exit with the supervisor should it be
+killed.
 """
 
 from __future__ import annotations
@@ -92,13 +94,29 @@ def supervise(
 
 
 def _wait(children: list[subprocess.Popen], stopping, stop) -> int:
+    """Until every member has exited; once stopping, a member still running `STOP_GRACE_S`
+    later is killed (it has checkpointed, or reads again from its last commit)."""
     worst = 0
+    stopped_at = None
     while any(child.poll() is None for child in children):
         for index, child in enumerate(children):
             code = child.poll()
             if code is not None and code != 0 and not stopping():
                 log.error("member %d (pid %d) exited with %d: stopping all", index, child.pid, code)
                 stop(signal.SIGTERM, None)
+        if stopping() and stopped_at is None:
+            stopped_at = time.monotonic()
+        if stopped_at is not None and time.monotonic() - stopped_at > STOP_GRACE_S:
+            for index, child in enumerate(children):
+                if child.poll() is None:
+                    log.error(
+                        "member %d (pid %d) did not stop in %.0f s: killed",
+                        index,
+                        child.pid,
+                        STOP_GRACE_S,
+                    )
+                    child.kill()
+                    child.wait()
         time.sleep(0.2)
     for index, child in enumerate(children):
         log.info("member %d (pid %d) exited with %d", index, child.pid, child.returncode)
