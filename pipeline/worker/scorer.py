@@ -93,10 +93,10 @@ class BatchScorer:
         keepalive_every_s: float,
         keepalive: Callable[[], None],
         on_wait: Callable[[], None] = lambda: None,
-        threads: int | None = None,
+        threads: int = 1,
     ) -> None:
         """`threads`: CPU threads of a pass of `SMALL_BATCH` windows or more (a smaller one
-        takes one), or None to leave torch's setting as it is."""
+        takes one)."""
         self.max_batch = max_batch
         self.threads = threads
         self.keepalive_every_s = keepalive_every_s
@@ -128,9 +128,7 @@ class BatchScorer:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
         windows = np.concatenate(pending.windows)
-        threads = None
-        if self.threads is not None:
-            threads = 1 if len(windows) < SMALL_BATCH else self.threads
+        threads = 1 if len(windows) < SMALL_BATCH else self.threads
         future = self._pool.submit(_score, detector, windows, self.max_batch, scaling, threads)
         return _InFlight(pending, windows, future, time.perf_counter(), scaling)
 
@@ -154,7 +152,7 @@ class BatchScorer:
             self._pool = None
 
 
-def _score(detector: Detector, windows, batch_size: int, scaling, threads: int | None) -> Scores:
-    if threads is not None and torch.get_num_threads() != threads:
+def _score(detector: Detector, windows, batch_size: int, scaling, threads: int) -> Scores:
+    if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return detector.score(windows, batch_size=batch_size, scaling=scaling)

@@ -107,16 +107,7 @@ def _wait(children: list[subprocess.Popen], stopping, stop) -> int:
         if stopping() and stopped_at is None:
             stopped_at = time.monotonic()
         if stopped_at is not None and time.monotonic() - stopped_at > STOP_GRACE_S:
-            for index, child in enumerate(children):
-                if child.poll() is None:
-                    log.error(
-                        "member %d (pid %d) did not stop in %.0f s: killed",
-                        index,
-                        child.pid,
-                        STOP_GRACE_S,
-                    )
-                    child.kill()
-                    child.wait()
+            _reap(children, grace_s=0.0)
         time.sleep(0.2)
     for index, child in enumerate(children):
         log.info("member %d (pid %d) exited with %d", index, child.pid, child.returncode)
@@ -124,14 +115,17 @@ def _wait(children: list[subprocess.Popen], stopping, stop) -> int:
     return worst
 
 
-def _reap(children: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + STOP_GRACE_S
+def _reap(children: list[subprocess.Popen], grace_s: float | None = None) -> None:
+    """SIGTERM to the members still running; those still running `grace_s` (default
+    `STOP_GRACE_S`) later are killed."""
+    deadline = time.monotonic() + (STOP_GRACE_S if grace_s is None else grace_s)
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    for child in children:
+    for index, child in enumerate(children):
         try:
             child.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            log.error("member %d (pid %d) did not stop in time: killed", index, child.pid)
             child.kill()
             child.wait()
