@@ -178,26 +178,31 @@ class ScoreStats:
 
 
 # -- the statistics of each term, before the log: [N, F] each ----------------------------------
-def _statistic(term: str, x: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
+def _statistic(term: str, series: torch.Tensor, centred, errors: torch.Tensor) -> torch.Tensor:
+    """One term's statistic of each feature's series [N, F, W] (contiguous in time; `centred`
+    the same with each series' mean removed) and the element errors [N, W, F]."""
     if term == "error":
         return errors.mean(dim=1)
     if term == "variance":  # population std over time, written out (the same in any batch)
-        centred = x - x.mean(dim=1, keepdim=True)
-        return centred.square().mean(dim=1).sqrt()
+        return centred.square().mean(dim=2).sqrt()
     if term == "roughness":
-        return (x[:, 1:] - x[:, :-1]).abs().mean(dim=1)
+        return (series[..., 1:] - series[..., :-1]).abs().mean(dim=2)
     # centroid: energy-weighted mean frequency bin of the feature, its mean removed
-    series = x.transpose(1, 2)
-    series = (series - series.mean(dim=2, keepdim=True)).contiguous()
-    power = torch.fft.rfft(series, dim=2).abs().square()[..., 1:]  # [N, F, W // 2]
-    bins = torch.arange(1, power.shape[2] + 1, device=x.device, dtype=power.dtype)
-    return (power * bins).sum(dim=2) / (power.sum(dim=2) + _TINY)
+    spectrum = torch.fft.rfft(centred, dim=2)[..., 1:]  # [N, F, W // 2]
+    power = spectrum.real.square() + spectrum.imag.square()
+    bins = torch.arange(1, power.shape[2] + 1, device=series.device, dtype=power.dtype)
+    return (power * bins).sum(dim=2) / (power.sum(dim=2) + _TINY)  # (not a matmul: batch-invariant)
 
 
 def term_statistics(x: torch.Tensor, errors: torch.Tensor, terms=TERMS) -> torch.Tensor:
     """The statistics of `terms` (before the log) for scaled windows x [N, W, F] and their
-    element errors: [N, T, F]."""
-    return torch.stack([_statistic(term, x, errors) for term in terms], dim=1)
+    element errors: [N, T, F]. Computed on each feature's series laid out contiguously: the
+    reductions over time then run along memory."""
+    series = x.transpose(1, 2).contiguous()
+    centred = None
+    if "variance" in terms or "centroid" in terms:
+        centred = series - series.mean(dim=2, keepdim=True)
+    return torch.stack([_statistic(term, series, centred, errors) for term in terms], dim=1)
 
 
 def fit_score_stats(
@@ -264,7 +269,8 @@ def terms_score(x: torch.Tensor, errors: torch.Tensor, stats: ScoreStats):
         scores = contribution.mean(dim=1)
     else:
         scores = contribution.square().mean(dim=1).sqrt()
-    return scores, contribution, u.argmax(dim=1)
+    # the deciding term along memory (an argmax across the middle axis is many times slower)
+    return scores, contribution, u.transpose(1, 2).contiguous().argmax(dim=2)
 
 
 def window_errors(model: nn.Module, config: ModelConfig, x: torch.Tensor) -> torch.Tensor:
