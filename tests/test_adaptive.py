@@ -18,7 +18,7 @@ from pipeline.detector.adaptive import (
     rounds,
     surprise_of,
 )
-from pipeline.detector.adaptive_stage import AdaptiveStage
+from pipeline.detector.adaptive_stage import AdaptiveStage, window_extremes
 
 SMALL = AdaptiveSettings(short=5, long=200, warmup=50)
 P = ("in", 0)
@@ -236,3 +236,24 @@ def test_range_state_round_trips_mid_stream():
     np.testing.assert_array_equal(rest.beyond, expected.beyond[250:])
     np.testing.assert_array_equal(rest.detection, expected.detection[250:])
     assert expected.beyond.any()
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 64, 65])
+def test_window_extremes_are_each_features_minimum_and_maximum(length):
+    windows = np.random.default_rng(length).normal(size=(9, length, 3)).astype(np.float32)
+    lo, hi = window_extremes(windows)
+    np.testing.assert_array_equal(lo, windows.min(axis=1))
+    np.testing.assert_array_equal(hi, windows.max(axis=1))
+
+
+def test_window_extremes_run_no_torch_op():
+    """They run on the worker's loop thread, beside the scoring thread, on every batch: an op
+    on torch's thread pool there leaves its idle threads spinning against the scorer and the
+    client."""
+    from torch.profiler import ProfilerActivity, profile
+
+    windows = np.random.default_rng(0).normal(size=(1000, 64, 2)).astype(np.float32)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        lo, hi = window_extremes(windows)
+    assert lo.shape == hi.shape == (1000, 2)
+    assert [event.key for event in prof.key_averages()] == []

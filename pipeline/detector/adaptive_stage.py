@@ -27,7 +27,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from pipeline.detector.adaptive import (
     AdaptiveLikelihood,
@@ -270,7 +269,21 @@ def range_features(detector) -> int:
 
 
 def window_extremes(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each series window's minimum and maximum per feature: [N, W, F] -> two [N, F] (one pass
-    of torch's `aminmax`: a third of the time of numpy's two reductions over the middle axis)."""
-    lo, hi = torch.aminmax(torch.from_numpy(np.ascontiguousarray(windows)), dim=1)
-    return lo.numpy(), hi.numpy()
+    """Each series window's minimum and maximum per feature: [N, W, F] -> two [N, F].
+
+    Folded in halves along time (the elementwise extremes of the two halves, again and again):
+    numpy's vector loops over contiguous runs, several times faster than a reduction over the
+    middle axis, and no thread pool on the worker's loop thread (whose idle threads would spin
+    against the scoring thread and the client)."""
+    windows = np.asarray(windows)
+    return _fold(windows, np.minimum), _fold(windows, np.maximum)
+
+
+def _fold(a: np.ndarray, op: np.ufunc) -> np.ndarray:
+    while a.shape[1] > 1:
+        half = a.shape[1] // 2
+        folded = op(a[:, :half], a[:, half : 2 * half])
+        if a.shape[1] % 2:  # the odd step joins the first
+            folded[:, 0] = op(folded[:, 0], a[:, -1])
+        a = folded
+    return a[:, 0].copy()
