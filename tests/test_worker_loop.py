@@ -313,10 +313,10 @@ def test_windows_are_scored_before_another_turn_would_take_them_past_max_wait(de
     waited = []
     score = worker.score_pending
 
-    def timed_score():
+    def timed_score(**kwargs):
         if worker.pending_since is not None:
             waited.append(clock[0] - worker.pending_since)
-        score()
+        score(**kwargs)
 
     worker.score_pending = timed_score
     worker.attach(inner)
@@ -326,6 +326,54 @@ def test_windows_are_scored_before_another_turn_would_take_them_past_max_wait(de
     settled = waited[10:]  # once the loop has measured its turns
     assert len(settled) > 20
     assert max(settled) <= 0.010 + 1e-9, f"windows waited {max(settled) * 1000:.1f} ms"
+
+
+def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
+    """The loop does not wait for a forward pass: it polls and takes the next records while the
+    scoring thread works, and the events still match batch scoring, in order."""
+    import threading
+
+    stream = fleet(seed=1)
+    scoring, polled_meanwhile = threading.Event(), threading.Event()
+    overlapped: list[bool] = []
+
+    class Slow:
+        """The detector, whose first pass lasts until the loop has polled again (at most 5 s)."""
+
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def score(self, windows, **kwargs):
+            if not scoring.is_set():
+                scoring.set()
+                overlapped.append(polled_meanwhile.wait(5.0))
+            return self.inner.score(windows, **kwargs)
+
+    class Watching(FakeSource):
+        def poll(self, timeout_ms):
+            if scoring.is_set():
+                polled_meanwhile.set()
+            return super().poll(timeout_ms)
+
+    source = Watching(partitioned(stream, "readings", 2), chunk=333)
+    _, sink, stats = _run(Slow(detector), source)
+    assert overlapped == [True]
+    windows, scores, flags = flags_by_window(stream, detector)
+    assert stats.windows_scored == len(windows)
+    events = [orjson.loads(v) for v in sink.values("events")]
+    expected = [
+        event_id(MODEL, str(k), int(e))
+        for k, e, f in zip(windows.keys, windows.end_times, flags, strict=True)
+        if f
+    ]
+    assert sorted(e["id"] for e in events) == sorted(expected)
+    by_key: dict = {}
+    for event in events:  # each key's events in time order
+        by_key.setdefault(event["subject"], []).append(event["data"]["window"]["end"])
+    assert all(ends == sorted(ends) for ends in by_key.values())
 
 
 def test_a_small_batch_runs_on_one_thread_and_a_large_one_on_the_members_threads():
@@ -354,7 +402,9 @@ def test_a_small_batch_runs_on_one_thread_and_a_large_one_on_the_members_threads
         scorer = BatchScorer(8192, 60.0, keepalive=lambda: None, threads=2)
         for n in (SMALL_BATCH - 1, SMALL_BATCH, 3):
             list(scorer.score(pending(n), detector))
+        list(scorer.score(pending(SMALL_BATCH), detector, wait=False))  # the loop works beside
+        list(scorer.score(pending(0), detector))
         scorer.close()
-        assert detector.threads == [1, 2, 1]
+        assert detector.threads == [1, 2, 1, 1]
     finally:
         torch.set_num_threads(before)

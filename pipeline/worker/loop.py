@@ -67,6 +67,8 @@ Partition = tuple[str, int]
 # Poll timeout while nothing waits to be scored. kafka-python can hold fetched records until a
 # longer timeout runs out (measured: p99 latency 196 ms with 100 ms polls, 78 ms with 20 ms).
 IDLE_POLL_MS = 20
+# The longest poll while a batch is being scored: its events go out soon after the pass ends.
+INFLIGHT_POLL_MS = 2
 # Weight of the newest turn in the running estimate of how long one turn of the loop takes.
 TURN_SMOOTHING = 0.2
 # /healthz fails when the loop has not turned for this long.
@@ -244,6 +246,8 @@ class Worker:
                 timeout_ms = IDLE_POLL_MS
                 if self.pending_since is not None:
                     timeout_ms = max(0, int(self._left_s(started) * 1000))
+                if self.scorer.busy:  # back soon to emit the batch in flight
+                    timeout_ms = min(timeout_ms, INFLIGHT_POLL_MS)
                 polled = self.source.poll(timeout_ms)
                 now = self.last_turn = self.clock()
                 if polled or self._assigned_at > idle_since:  # input, or a new assignment
@@ -251,11 +255,13 @@ class Worker:
                 if polled:
                     self.process(polled)
                     self._turn_s += TURN_SMOOTHING * (self.clock() - started - self._turn_s)
+                for batch in self.scorer.finished():
+                    self.emit(batch)
                 if self.pending_since is not None and (
                     len(self.pending) >= self.settings.batching.max_batch
                     or self._left_s(self.clock()) <= 0
                 ):
-                    self.score_pending()
+                    self.score_pending(wait=False)
                 if now - self._last_checkpoint >= interval:
                     self.checkpoint()
                 if idle_limit and now - idle_since >= idle_limit:
@@ -305,13 +311,16 @@ class Worker:
         elif BaselineStage.needed(config, detector):
             self.baselines = self.stages["baselines"] = BaselineStage(config, detector)
 
-    def score_pending(self) -> None:
+    def score_pending(self, *, wait: bool = True) -> None:
         """Score what is pending in one forward pass (see `BatchScorer`), then emit. With
-        per-key baselines, warm-up windows are taken out first, and windows that level following
-        holds back for a key's next block are scored in a further pass."""
+        `wait=False` the pass is left in flight while the loop takes the next poll (emitted by
+        the loop once done, or first by the next call). With per-key baselines, warm-up windows
+        are taken out first, windows that level following holds back for a key's next block
+        are scored in a further pass, and each pass is waited for (a key's levels follow its
+        emitted windows before its next block is scaled)."""
         if self.baselines is None:
             pending, self.pending, self.pending_since = self.pending, ReadyWindows(), None
-            for batch in self.scorer.score(pending, self.detector):
+            for batch in self.scorer.score(pending, self.detector, wait=wait):
                 self.emit(batch)
             return
         for batch in self.scorer.score(ReadyWindows(), self.detector):  # one still in flight

@@ -7,17 +7,24 @@ then neither gets the member evicted nor turns into a CommitFailedError and reba
 rebalance that such a poll runs calls back into the loop (revoke -> checkpoint -> score): the batch
 in flight is finished first, so no commit passes windows that are not yet emitted.
 
+The loop need not wait: a batch started with `wait=False` stays in flight while the loop polls
+and takes the next records (the forward pass and the intake overlap, on two cores), and
+`finished` hands it over once scored; the next `score` finishes it first, so batches are emitted
+in order, one in flight at a time.
+
 On the CPU, a batch of fewer than `SMALL_BATCH` windows runs on one thread (larger ones on
-`cpu_threads`): alone it is at most about 1.2x slower than on two (measured on 2 cores), and the
-idle threads of a parallel pass spin afterwards against the loop and the Kafka client, which a
-member that keeps up with a live stream (small batches) feels most.
+`cpu_threads`, less one for the loop when it works beside the pass): alone it is at most about
+1.2x slower than on two (measured on 2 cores), and the idle threads of a parallel pass spin
+afterwards against the loop and the Kafka client, which a member that keeps up with a live
+stream (small batches) feels most.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +54,7 @@ class ScoredBatch:
     scored: Scores
     start_ts: np.ndarray  # [N] epoch ms
     end_ts: np.ndarray
-    seconds: float  # of the forward pass, as the loop waited for it
+    seconds: float  # of the forward pass
     scaling: tuple | None = None  # per-window (center, scale) of per-key baselines
 
     def __len__(self) -> int:
@@ -79,7 +86,6 @@ class _InFlight:
     pending: ReadyWindows
     windows: np.ndarray
     future: Future
-    started: float
     scaling: tuple | None = None
 
 
@@ -106,35 +112,56 @@ class BatchScorer:
         self._pool: ThreadPoolExecutor | None = None
 
     def score(
-        self, pending: ReadyWindows, detector: Detector, scaling: tuple | None = None
+        self,
+        pending: ReadyWindows,
+        detector: Detector,
+        scaling: tuple | None = None,
+        *,
+        wait: bool = True,
     ) -> Iterator[ScoredBatch]:
         """Score `pending` (empty: nothing to score) and yield the scored batches: first a batch
-        still in flight from an interrupted call, then this one, unless a keep-alive's rebalance
-        finished it already. `scaling`: per-window (center, scale) of per-key baselines."""
+        still in flight (left by `wait=False` or an interrupted call), then this one, unless a
+        keep-alive's rebalance finished it already. `scaling`: per-window (center, scale) of
+        per-key baselines. With `wait=False` this batch is left in flight instead."""
         if self._inflight is not None:
             yield self._finish(self._inflight)
         if not len(pending):
             return
-        batch = self._inflight = self._start(pending, detector, scaling)
+        batch = self._inflight = self._start(pending, detector, scaling, beside_loop=not wait)
+        if not wait:
+            return
         while self._inflight is batch and not batch.future.done():
-            wait([batch.future], timeout=self.keepalive_every_s)
+            wait_for([batch.future], timeout=self.keepalive_every_s)
             if self._inflight is batch and not batch.future.done():
                 self.keepalive()
                 self.on_wait()
         if self._inflight is batch:
             yield self._finish(batch)
 
-    def _start(self, pending: ReadyWindows, detector: Detector, scaling) -> _InFlight:
+    @property
+    def busy(self) -> bool:
+        """A batch is in flight."""
+        return self._inflight is not None
+
+    def finished(self) -> Iterator[ScoredBatch]:
+        """The batch in flight, if its pass is done (never waits)."""
+        if self._inflight is not None and self._inflight.future.done():
+            yield self._finish(self._inflight)
+
+    def _start(
+        self, pending: ReadyWindows, detector: Detector, scaling, beside_loop: bool
+    ) -> _InFlight:
+        """Submit the pass; one `beside_loop` leaves a core of the member's to the loop."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
         windows = np.concatenate(pending.windows)
-        threads = 1 if len(windows) < SMALL_BATCH else self.threads
+        threads = 1 if len(windows) < SMALL_BATCH else max(1, self.threads - beside_loop)
         future = self._pool.submit(_score, detector, windows, self.max_batch, scaling, threads)
-        return _InFlight(pending, windows, future, time.perf_counter(), scaling)
+        return _InFlight(pending, windows, future, scaling)
 
     def _finish(self, batch: _InFlight) -> ScoredBatch:
         self._inflight = None
-        scored = batch.future.result()
+        scored, seconds = batch.future.result()
         pending = batch.pending
         return ScoredBatch(
             pending,
@@ -142,7 +169,7 @@ class BatchScorer:
             scored,
             np.concatenate(pending.start_ts),
             np.concatenate(pending.end_ts),
-            time.perf_counter() - batch.started,
+            seconds,
             batch.scaling,
         )
 
@@ -152,7 +179,12 @@ class BatchScorer:
             self._pool = None
 
 
-def _score(detector: Detector, windows, batch_size: int, scaling, threads: int) -> Scores:
+def _score(
+    detector: Detector, windows, batch_size: int, scaling, threads: int
+) -> tuple[Scores, float]:
+    """The scores of `windows` and the seconds the pass took."""
+    started = time.perf_counter()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    return detector.score(windows, batch_size=batch_size, scaling=scaling)
+    scored = detector.score(windows, batch_size=batch_size, scaling=scaling)
+    return scored, time.perf_counter() - started
