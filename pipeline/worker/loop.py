@@ -8,7 +8,8 @@ A small state machine. Each turn:
 - score: ready windows from every key and partition wait at most `max_wait_ms` or until
   `max_batch` are ready, then go through the model in one forward pass (`BatchScorer`). A turn of
   the loop (poll and take) takes time too: windows are scored as soon as waiting for one more
-  turn would take them past `max_wait_ms`, so under load each poll's windows form a batch;
+  turn would take them past `max_wait_ms`, so under load each poll's windows form a batch. The
+  loop takes the next poll while the pass runs, and emits the batch once it is done;
 - emit: each key's adaptive stage turns the scores into a surprise relative to the key's own
   history (see `pipeline.detector.adaptive_stage`); the decision (score above the calibrated
   threshold, or with `alarm_on` adaptive surprise at or above its threshold), an event for each
@@ -26,6 +27,9 @@ the offsets it commits form one transaction, so a `read_committed` consumer sees
 Between two batches the loop may swap in a new model version that the follower (see
 `pipeline.registry.follower`) has downloaded and checked; windows waiting at that moment are
 scored by the old version first, so no batch mixes versions.
+
+Size: over 400 lines because the turn, the group's callbacks and the checkpoint order are one
+state machine, read together; the stages it drives live in modules of their own.
 """
 
 from __future__ import annotations
@@ -312,12 +316,10 @@ class Worker:
             self.baselines = self.stages["baselines"] = BaselineStage(config, detector)
 
     def score_pending(self, *, wait: bool = True) -> None:
-        """Score what is pending in one forward pass (see `BatchScorer`), then emit. With
-        `wait=False` the pass is left in flight while the loop takes the next poll (emitted by
-        the loop once done, or first by the next call). With per-key baselines, warm-up windows
-        are taken out first, windows that level following holds back for a key's next block
-        are scored in a further pass, and each pass is waited for (a key's levels follow its
-        emitted windows before its next block is scaled)."""
+        """Score what is pending in one forward pass (see `BatchScorer`) and emit, or with
+        `wait=False` leave the pass in flight. With per-key baselines (always waited for: a
+        key's levels follow its emitted windows), warm-up windows are taken out first, and those
+        that level following holds back for a key's next block go in a further pass."""
         if self.baselines is None:
             pending, self.pending, self.pending_since = self.pending, ReadyWindows(), None
             for batch in self.scorer.score(pending, self.detector, wait=wait):
