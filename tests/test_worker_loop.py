@@ -408,3 +408,36 @@ def test_a_small_batch_runs_on_one_thread_and_a_large_one_on_the_members_threads
         assert detector.threads == [1, 2, 1, 1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_pass_in_flight_is_finished_with_keepalives_before_the_next_starts():
+    """A slow pass left in flight: the next batch first waits for it, keeping the membership
+    alive meanwhile (a slow device must not get the member evicted), and starts only then."""
+    import time
+
+    from pipeline.modalities.windowing import ReadyWindows
+    from pipeline.worker.scorer import BatchScorer
+
+    class Slow:
+        def __init__(self) -> None:
+            self.passes: list[int] = []
+
+        def score(self, windows, *, batch_size, scaling=None):
+            time.sleep(0.5)
+            self.passes.append(len(windows))
+            return windows.sum(axis=(1, 2))
+
+    def pending(n: int) -> ReadyWindows:
+        ready = ReadyWindows()
+        for i in range(n):
+            ready.add(np.zeros((4, 2), np.float32), "k", i, i + 1, ("t", 0), i)
+        return ready
+
+    keepalives: list[list[int]] = []
+    detector = Slow()
+    scorer = BatchScorer(8192, 0.05, keepalive=lambda: keepalives.append(list(detector.passes)))
+    assert list(scorer.score(pending(3), detector, wait=False)) == []
+    first = list(scorer.score(pending(5), detector, wait=False))
+    scorer.close()
+    assert [len(batch) for batch in first] == [3]
+    assert keepalives and all(done == [] for done in keepalives)  # while the first pass ran

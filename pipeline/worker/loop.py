@@ -320,13 +320,15 @@ class Worker:
         `wait=False` leave the pass in flight. With per-key baselines (always waited for: a
         key's levels follow its emitted windows), warm-up windows are taken out first, and those
         that level following holds back for a key's next block go in a further pass."""
+        # the batch in flight first, while what is pending stays where a checkpoint that a
+        # keep-alive's rebalance runs meanwhile finds it
+        for batch in self.scorer.score(ReadyWindows(), self.detector):
+            self.emit(batch)
         if self.baselines is None:
             pending, self.pending, self.pending_since = self.pending, ReadyWindows(), None
             for batch in self.scorer.score(pending, self.detector, wait=wait):
                 self.emit(batch)
             return
-        for batch in self.scorer.score(ReadyWindows(), self.detector):  # one still in flight
-            self.emit(batch)
         while len(self.pending):
             pending, since = self.pending, self.pending_since
             self.pending, self.pending_since = ReadyWindows(), None

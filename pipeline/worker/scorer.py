@@ -123,20 +123,27 @@ class BatchScorer:
         still in flight (left by `wait=False` or an interrupted call), then this one, unless a
         keep-alive's rebalance finished it already. `scaling`: per-window (center, scale) of
         per-key baselines. With `wait=False` this batch is left in flight instead."""
-        if self._inflight is not None:
-            yield self._finish(self._inflight)
+        previous = self._inflight
+        if previous is not None:
+            self._wait(previous)
+            if self._inflight is previous:
+                yield self._finish(previous)
         if not len(pending):
             return
         batch = self._inflight = self._start(pending, detector, scaling, beside_loop=not wait)
         if not wait:
             return
+        self._wait(batch)
+        if self._inflight is batch:
+            yield self._finish(batch)
+
+    def _wait(self, batch: _InFlight) -> None:
+        """Until `batch`'s pass is done, or a keep-alive's rebalance has finished it."""
         while self._inflight is batch and not batch.future.done():
             wait_for([batch.future], timeout=self.keepalive_every_s)
             if self._inflight is batch and not batch.future.done():
                 self.keepalive()
                 self.on_wait()
-        if self._inflight is batch:
-            yield self._finish(batch)
 
     @property
     def busy(self) -> bool:
