@@ -8,6 +8,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from pipeline.events import ModelIdentity, event_id, event_schema
+from pipeline.modalities.windowing import ReadyWindows
 from pipeline.worker.loop import Worker
 from pipeline.worker.state import KafkaStateStore, MemoryStateStore
 from tests.worker_support import (
@@ -379,7 +380,6 @@ def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
 def test_a_small_batch_runs_on_one_thread_and_a_large_one_on_the_members_threads():
     import torch
 
-    from pipeline.modalities.windowing import ReadyWindows
     from pipeline.worker.scorer import SMALL_BATCH, BatchScorer
 
     class ThreadCounting:
@@ -390,20 +390,14 @@ def test_a_small_batch_runs_on_one_thread_and_a_large_one_on_the_members_threads
             self.threads.append(torch.get_num_threads())
             return windows.sum(axis=(1, 2))
 
-    def pending(n: int) -> ReadyWindows:
-        ready = ReadyWindows()
-        for i in range(n):
-            ready.add(np.zeros((4, 2), np.float32), "k", i, i + 1, ("t", 0), i)
-        return ready
-
     before = torch.get_num_threads()
     try:
         detector = ThreadCounting()
         scorer = BatchScorer(8192, 60.0, keepalive=lambda: None, threads=2)
         for n in (SMALL_BATCH - 1, SMALL_BATCH, 3):
-            list(scorer.score(pending(n), detector))
-        list(scorer.score(pending(SMALL_BATCH), detector, wait=False))  # the loop works beside
-        list(scorer.score(pending(0), detector))
+            list(scorer.score(_pending(n), detector))
+        list(scorer.score(_pending(SMALL_BATCH), detector, wait=False))  # the loop works beside
+        list(scorer.score(_pending(0), detector))
         scorer.close()
         assert detector.threads == [1, 2, 1, 1]
     finally:
@@ -415,7 +409,6 @@ def test_a_pass_in_flight_is_finished_with_keepalives_before_the_next_starts():
     alive meanwhile (a slow device must not get the member evicted), and starts only then."""
     import time
 
-    from pipeline.modalities.windowing import ReadyWindows
     from pipeline.worker.scorer import BatchScorer
 
     class Slow:
@@ -427,17 +420,19 @@ def test_a_pass_in_flight_is_finished_with_keepalives_before_the_next_starts():
             self.passes.append(len(windows))
             return windows.sum(axis=(1, 2))
 
-    def pending(n: int) -> ReadyWindows:
-        ready = ReadyWindows()
-        for i in range(n):
-            ready.add(np.zeros((4, 2), np.float32), "k", i, i + 1, ("t", 0), i)
-        return ready
-
     keepalives: list[list[int]] = []
     detector = Slow()
     scorer = BatchScorer(8192, 0.05, keepalive=lambda: keepalives.append(list(detector.passes)))
-    assert list(scorer.score(pending(3), detector, wait=False)) == []
-    first = list(scorer.score(pending(5), detector, wait=False))
+    assert list(scorer.score(_pending(3), detector, wait=False)) == []
+    first = list(scorer.score(_pending(5), detector, wait=False))
     scorer.close()
     assert [len(batch) for batch in first] == [3]
     assert keepalives and all(done == [] for done in keepalives)  # while the first pass ran
+
+
+def _pending(n: int) -> ReadyWindows:
+    """`n` ready windows of one key, [4, 2] each."""
+    ready = ReadyWindows()
+    for i in range(n):
+        ready.add(np.zeros((4, 2), np.float32), "k", i, i + 1, ("t", 0), i)
+    return ready
