@@ -10,6 +10,7 @@ from jsonschema import Draft202012Validator
 from pipeline.events import ModelIdentity, event_id, event_schema
 from pipeline.modalities.windowing import ReadyWindows
 from pipeline.worker.loop import Worker
+from pipeline.worker.scorer import SMALL_BATCH
 from pipeline.worker.state import KafkaStateStore, MemoryStateStore
 from tests.worker_support import (
     FakeSink,
@@ -330,8 +331,9 @@ def test_windows_are_scored_before_another_turn_would_take_them_past_max_wait(de
 
 
 def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
-    """The loop does not wait for a forward pass: it polls and takes the next records while the
-    scoring thread works, and the events still match batch scoring, in order."""
+    """The loop does not wait for a large forward pass (a member catching up): it polls and takes
+    the next records while the scoring thread works, and the events still match batch scoring,
+    in order."""
     import threading
 
     stream = fleet(seed=1)
@@ -350,7 +352,7 @@ def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
         def score(self, windows, **kwargs):
             if not scoring.is_set():
                 scoring.set()
-                overlapped.append(polled_meanwhile.wait(5.0))
+                overlapped.append(len(windows) >= SMALL_BATCH and polled_meanwhile.wait(5.0))
             return self.inner.score(windows, **kwargs)
 
     class Watching(FakeSource):
@@ -359,7 +361,7 @@ def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
                 polled_meanwhile.set()
             return super().poll(timeout_ms)
 
-    source = Watching(partitioned(stream, "readings", 2), chunk=333)
+    source = Watching(partitioned(stream, "readings", 2), chunk=2500)
     _, sink, stats = _run(Slow(detector), source)
     assert overlapped == [True]
     windows, scores, flags = flags_by_window(stream, detector)
@@ -380,7 +382,7 @@ def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
 def test_a_small_batch_runs_on_one_thread_and_a_large_one_on_the_members_threads():
     import torch
 
-    from pipeline.worker.scorer import SMALL_BATCH, BatchScorer
+    from pipeline.worker.scorer import BatchScorer
 
     class ThreadCounting:
         def __init__(self) -> None:
@@ -396,10 +398,10 @@ def test_a_small_batch_runs_on_one_thread_and_a_large_one_on_the_members_threads
         scorer = BatchScorer(8192, 60.0, keepalive=lambda: None, threads=2)
         for n in (SMALL_BATCH - 1, SMALL_BATCH, 3):
             list(scorer.score(_pending(n), detector))
-        list(scorer.score(_pending(SMALL_BATCH), detector, wait=False))  # the loop works beside
-        list(scorer.score(_pending(0), detector))
+        assert list(scorer.score(_pending(SMALL_BATCH), detector, wait=False)) == []  # beside
+        assert len(list(scorer.score(_pending(3), detector, wait=False))) == 2  # a small one waits
         scorer.close()
-        assert detector.threads == [1, 2, 1, 1]
+        assert detector.threads == [1, 2, 1, 1, 1]
     finally:
         torch.set_num_threads(before)
 
@@ -423,10 +425,10 @@ def test_a_pass_in_flight_is_finished_with_keepalives_before_the_next_starts():
     keepalives: list[list[int]] = []
     detector = Slow()
     scorer = BatchScorer(8192, 0.05, keepalive=lambda: keepalives.append(list(detector.passes)))
-    assert list(scorer.score(_pending(3), detector, wait=False)) == []
-    first = list(scorer.score(_pending(5), detector, wait=False))
+    assert list(scorer.score(_pending(SMALL_BATCH), detector, wait=False)) == []
+    first = list(scorer.score(_pending(SMALL_BATCH + 1), detector, wait=False))
     scorer.close()
-    assert [len(batch) for batch in first] == [3]
+    assert [len(batch) for batch in first] == [SMALL_BATCH]
     assert keepalives and all(done == [] for done in keepalives)  # while the first pass ran
 
 
