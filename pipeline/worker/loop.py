@@ -9,7 +9,7 @@ A small state machine. Each turn:
   `max_batch` are ready, then go through the model in one forward pass (`BatchScorer`). A turn of
   the loop (poll and take) takes time too: windows are scored as soon as waiting for one more
   turn would take them past `max_wait_ms`, so under load each poll's windows form a batch. The
-  loop takes the next poll while the pass runs, and emits the batch once it is done;
+  loop takes the next poll while a large pass runs, and emits the batch once it is done;
 - emit: each key's adaptive stage turns the scores into a surprise relative to the key's own
   history (see `pipeline.detector.adaptive_stage`); the decision (score above the calibrated
   threshold, or with `alarm_on` adaptive surprise at or above its threshold), an event for each
