@@ -134,8 +134,10 @@ class BatchScorer:
                 yield self._finish(previous)
         if not len(pending):
             return
-        beside_loop = not wait and len(pending) >= SMALL_BATCH
-        batch = self._inflight = self._start(pending, detector, scaling, beside_loop)
+        large = len(pending) >= SMALL_BATCH
+        beside_loop = large and not wait  # leaves a core of the member's to the loop
+        threads = max(1, self.threads - beside_loop) if large else 1
+        batch = self._inflight = self._start(pending, detector, scaling, threads)
         if beside_loop:
             return
         self._wait(batch)
@@ -160,14 +162,10 @@ class BatchScorer:
         if self._inflight is not None and self._inflight.future.done():
             yield self._finish(self._inflight)
 
-    def _start(
-        self, pending: ReadyWindows, detector: Detector, scaling, beside_loop: bool
-    ) -> _InFlight:
-        """Submit the pass; one `beside_loop` leaves a core of the member's to the loop."""
+    def _start(self, pending: ReadyWindows, detector: Detector, scaling, threads: int) -> _InFlight:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
         windows = np.concatenate(pending.windows)
-        threads = 1 if len(windows) < SMALL_BATCH else max(1, self.threads - beside_loop)
         future = self._pool.submit(_score, detector, windows, self.max_batch, scaling, threads)
         return _InFlight(pending, windows, future, scaling)
 
