@@ -79,13 +79,15 @@ def consume_rate(bootstrap: str, topic: str, total: int, client: str, decode: bo
     else:
         from confluent_kafka import Consumer
 
+        from pipeline.kafka_io.confluent_records import FETCHING
+
         consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
                 "group.id": group,
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
-                "fetch.wait.max.ms": 10,
+                **FETCHING,  # as the worker fetches
             }
         )
         consumer.subscribe([topic])

@@ -9,8 +9,10 @@ import time
 import uuid
 from collections import defaultdict
 
+import numpy as np
 import orjson
 import pytest
+from confluent_kafka import Producer
 
 from pipeline.errors import ConfigError
 from pipeline.kafka_io import open_client
@@ -177,6 +179,43 @@ def test_a_poll_hands_over_records_once_they_are_there_not_at_its_timeout(
     member.source.close()
     assert [o for _, o, _ in read] == list(range(5))
     assert waited < 10, f"5 records waited {waited:.1f} s of the poll's 20 s"
+
+
+def test_a_backlog_is_read_without_the_fetcher_pausing(kafka_bootstrap, kafka_client):
+    """A member catching up reads faster than it hands over: what it has fetched ahead piles
+    up. A client that then stops fetching for long (librdkafka by default: 1 s each time 100,000
+    messages wait) leaves the member idle, its backlog growing."""
+    topic, count = _topic("backlog"), 200_000
+    client = _client(kafka_bootstrap, kafka_client, group_id=_topic("g"), max_poll_records=10_000)
+    client.ensure_topics({topic: {"num_partitions": 4}})
+    producer = Producer(
+        {"bootstrap.servers": kafka_bootstrap, "linger.ms": 20, "compression.type": "lz4"}
+    )
+    noise = np.random.default_rng(0).normal(size=(count, 8))
+    for i in range(count):
+        value = orjson.dumps({"key": f"m{i % 100}", "ts": i, "values": noise[i].tolist()})
+        while True:
+            try:
+                producer.produce(topic, value, partition=i % 4)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush()
+    source = Member(client, topic).source
+    read, gaps, last = 0, [], None
+    deadline = time.monotonic() + 60
+    try:
+        while read < count and time.monotonic() < deadline:
+            polled = sum(map(len, source.poll(200).values()))
+            if polled:
+                now = time.monotonic()
+                if last is not None:
+                    gaps.append(now - last)
+                read, last = read + polled, now
+    finally:
+        source.close()
+    assert read == count
+    assert max(gaps) < 0.5, f"the member waited {max(gaps):.2f} s for records already there"
 
 
 def test_the_state_topic_gives_the_latest_value_of_each_key(kafka_bootstrap, kafka_client):

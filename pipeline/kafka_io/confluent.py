@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.errors import CommitRejected
-from pipeline.kafka_io.confluent_records import ConfluentTail, Records, group, take
+from pipeline.kafka_io.confluent_records import FETCHING, ConfluentTail, Records, group, take
 from pipeline.kafka_io.confluent_sink import ConfluentSink, TransactionalConfluentSink, config
 from pipeline.kafka_io.errors import KafkaConnectError, describe, most_telling, telling
 from pipeline.kafka_io.protocols import Partition, Rebalance, TopicSpec
@@ -83,7 +83,7 @@ class ConfluentSource:
                 "session.timeout.ms": settings.session_timeout_ms,
                 "heartbeat.interval.ms": max(300, settings.session_timeout_ms // 4),
                 "max.poll.interval.ms": settings.max_poll_interval_ms,
-                "fetch.wait.max.ms": 10,
+                **FETCHING,
                 "topic.metadata.refresh.interval.ms": 5000,
                 "partition.assignment.strategy": ASSIGNORS[settings.assignor],
                 "isolation.level": (

@@ -21,11 +21,18 @@ from pipeline.kafka_io.confluent_sink import config
 from pipeline.kafka_io.protocols import Partition
 from pipeline.kafka_io.settings import KafkaConnection
 
-__all__ = ["ConfluentRecord", "ConfluentTail", "Records", "group", "take"]
+__all__ = ["FETCHING", "ConfluentRecord", "ConfluentTail", "Records", "group", "take"]
 
 log = logging.getLogger(__name__)
 # How often a tail looks for partitions of its topics that it has not assigned yet.
 TAIL_METADATA_S = 1.0
+# How every consumer fetches. The broker answers within 10 ms when it has less than a fetch's
+# minimum. When the messages fetched ahead reach `queued.min.messages` (100,000; librdkafka
+# counts them over all the consumer's partitions), librdkafka fetches nothing for
+# `fetch.queue.backoff.ms`, 1 s by default, however soon the application reads them: a member
+# catching up on a backlog stalled for most of each second (measured on 200,000 readings: 152,000
+# records/s with the default, 600,000 with 20 ms).
+FETCHING = {"fetch.wait.max.ms": 10, "fetch.queue.backoff.ms": 20}
 
 
 class ConfluentRecord:
@@ -123,7 +130,7 @@ class ConfluentTail:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "isolation.level": "read_committed" if read_committed else "read_uncommitted",
-                "fetch.wait.max.ms": 10,
+                **FETCHING,
             }
         )
         self.consumer = Consumer(conf)
