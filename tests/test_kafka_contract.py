@@ -1,7 +1,8 @@
 """The Kafka client contract, against the real broker, for every client aewatch ships: consumer
 groups and the hand-over of partitions, manual commits, seeks (inside the assignment callback
 too), the state topic's latest values, dead-letter headers, transactions, the keep-alive poll
-while busy, and logging in over SASL_SSL. The worker on either client writes the same events."""
+while busy, a backlog read without the fetcher pausing, and logging in over SASL_SSL. The worker
+on either client writes the same events."""
 
 from __future__ import annotations
 

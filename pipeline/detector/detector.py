@@ -22,11 +22,11 @@ from pipeline.detector.scoring import (
     TERMS,
     Scores,
     ScoreStats,
-    score_parts,
     term_statistics,
     window_errors,
 )
 from pipeline.detector.threshold import Threshold
+from pipeline.detector.traced import ScoringPass
 from pipeline.detector.windows import WindowSpec
 from pipeline.errors import ConfigError, DataError, ModelError
 
@@ -130,6 +130,7 @@ class Detector:
     baselines: KeyStats | None = None  # per-key statistics (`pipeline.detector.baselines`)
     score_stats: ScoreStats | None = None  # the `terms` score; None: the raw mean error
     _scaling_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _pass: ScoringPass | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.model.eval()
@@ -152,6 +153,7 @@ class Detector:
 
     def to(self, device: str | torch.device) -> Detector:
         self.model.to(resolve_device(device) if isinstance(device, str) else device)
+        self._pass = None  # a graph traced on the old device
         return self
 
     def prepare(self, raw: np.ndarray) -> np.ndarray:
@@ -185,6 +187,12 @@ class Detector:
         """Scaled batches of raw windows or images on the model's device: the same float32
         arithmetic as `Scaler.transform`, without a scaled copy of the whole input on the host.
         `scaling`, per-window (center, scale) [N, F] of series windows, replaces the scaler."""
+        for batch, center, scale in self._raw_batches(raw, batch_size, scaling):
+            yield (batch - center) / scale
+
+    def _raw_batches(self, raw: np.ndarray, batch_size: int, scaling=None):
+        """Batches of raw inputs on the model's device, each with the (center, scale) that
+        scale it (see `_batches`)."""
         if raw.shape[1:] != self.input.sample_shape:
             raise DataError(
                 f"expected inputs of shape {self.input.sample_shape}, got {raw.shape[1:]}"
@@ -204,7 +212,7 @@ class Detector:
                     torch.from_numpy(a[start : start + batch_size]).to(device)[:, None, :]
                     for a in rows
                 )
-            yield (batch - center) / scale
+            yield batch, center, scale
 
     def score(
         self,
@@ -222,11 +230,11 @@ class Detector:
         with the scaler's own values it gives the same scores bit for bit."""
         raw = np.ascontiguousarray(raw, dtype=np.float32)
         parts: list[tuple] = []
+        if self._pass is None:
+            self._pass = ScoringPass(self.model, self.config, self.score_stats)
         with torch.inference_mode():
-            for x in self._batches(raw, batch_size, scaling):
-                out = score_parts(
-                    self.model, self.config, x, attribution=attribution, stats=self.score_stats
-                )
+            for batch, center, scale in self._raw_batches(raw, batch_size, scaling):
+                out = self._pass(batch, center, scale, attribution)
                 parts.append(tuple(None if t is None else _host(t) for t in out))
         if not parts:
             return Scores(np.zeros(0), None, None, None)

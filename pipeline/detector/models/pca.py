@@ -32,10 +32,10 @@ class PCAModel(nn.Module):
         return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.reshape(len(x), -1) - self.mean) @ self.components.T
+        return (x.flatten(1) - self.mean) @ self.components.T
 
     def decode(self, code: torch.Tensor) -> torch.Tensor:
-        return (code @ self.components + self.mean).reshape(len(code), *self.config.input_shape)
+        return (code @ self.components + self.mean).reshape(-1, *self.config.input_shape)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         code = self.encode(x)

@@ -1,0 +1,101 @@
+"""The CPU scoring pass as one TorchScript graph.
+
+Run op by op from Python, a forward pass hands the interpreter lock back and forth some 70 times
+(once per operation); beside a thread that runs Python (the worker's loop, decoding the next
+poll) each hand-back waits for that thread's switch interval, and the pass takes many times its
+own length (measured on 2 cores: 1,250 windows, 12 ms alone, 2.1 s beside a busy Python thread).
+Traced once per detector, the pass (scaling, model, score and attribution) runs as one call that
+holds no lock while it computes (87 ms beside the same thread). The graph records the same
+operations in the same order, so it gives the eager pass's results bit for bit, in any batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from pipeline.detector.models import ModelConfig
+from pipeline.detector.scoring import ScoreStats, score_parts
+
+__all__ = ["ScoringPass"]
+
+log = logging.getLogger(__name__)
+
+Outputs = tuple[torch.Tensor | None, ...]
+
+
+class _Pass(nn.Module):
+    """Raw inputs scaled by (center, scale), then `score_parts`."""
+
+    def __init__(
+        self, model: nn.Module, config: ModelConfig, stats: ScoreStats | None, attribution: bool
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.config, self.stats, self.attribution = config, stats, attribution
+
+    def eager(self, raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor) -> Outputs:
+        x = (raw - center) / scale
+        return score_parts(
+            self.model, self.config, x, attribution=self.attribution, stats=self.stats
+        )
+
+    def forward(self, raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor):
+        """What a graph can return: the outputs, the Nones left out."""
+        return tuple(t for t in self.eager(raw, center, scale) if t is not None)
+
+
+class ScoringPass:
+    """`score_parts` of raw inputs scaled by (center, scale): on the CPU traced at the first
+    call of each attribution setting, elsewhere (or for a model that cannot be traced) op by
+    op."""
+
+    def __init__(self, model: nn.Module, config: ModelConfig, stats: ScoreStats | None) -> None:
+        self.model, self.config, self.stats = model, config, stats
+        self._traced: dict[bool, tuple | None] = {}  # attribution -> (graph, which are None)
+
+    def __call__(
+        self, raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, attribution: bool
+    ) -> Outputs:
+        step = _Pass(self.model, self.config, self.stats, attribution)
+        if raw.device.type != "cpu" or torch.is_grad_enabled():
+            return step.eager(raw, center, scale)
+        if attribution not in self._traced:
+            self._traced[attribution] = _trace(step, raw, center, scale)
+        traced = self._traced[attribution]
+        if traced is None:
+            return step.eager(raw, center, scale)
+        graph, absent = traced
+        present = iter(graph(raw, center, scale))
+        return tuple(None if missing else next(present) for missing in absent)
+
+
+def _trace(step: _Pass, raw, center, scale) -> tuple | None:
+    """(graph, which outputs are None) of `step` traced on two inputs, or None if it cannot be
+    traced or its graph, given three inputs, does not give what the eager pass gives (a size
+    the model takes as a Python number is fixed in the graph)."""
+    two, three = ((_rows(raw, n), _rows(center, n, 2), _rows(scale, n, 2)) for n in (2, 3))
+    try:
+        absent = tuple(t is None for t in step.eager(*two))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)  # (tracing is kept for this use)
+            graph = torch.jit.trace(step, two, check_trace=False)
+        want, got = step.forward(*three), graph(*three)
+        same = len(got) == len(want) and all(map(torch.equal, got, want))
+    except (AttributeError, RuntimeError, TypeError, ValueError) as exc:
+        log.warning("scoring op by op: the model could not be traced (%s)", exc)
+        return None
+    if not same:
+        log.warning("scoring op by op: the traced model does not score as the model does")
+        return None
+    return graph, absent
+
+
+def _rows(t: torch.Tensor, n: int, least: int = 1) -> torch.Tensor:
+    """`n` rows of `t`, repeated as needed, if it has `least` rows or more (a center or scale of
+    one row broadcasts over the inputs: as it is)."""
+    return t[torch.arange(n) % len(t)] if len(t) >= least else t

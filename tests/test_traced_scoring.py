@@ -1,0 +1,133 @@
+"""The CPU scoring pass runs as one traced graph (`pipeline.detector.traced`): it must give what
+the pass op by op gives, bit for bit, for every model kind and backbone, both scores, with and
+without attribution and per-window scaling, in any batch."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.detector import Detector, InputSpec, ModelConfig, Scaler, WindowSpec, build_model
+from pipeline.detector import traced as traced_module
+from pipeline.detector.scoring import fit_score_stats
+from tests.test_detector_contract import COMBOS
+
+WINDOW, FEATURES = 16, 3
+
+
+def _detector(kind: str, backbone: str, terms: bool, windows: np.ndarray) -> Detector:
+    config = ModelConfig(
+        kind=kind,
+        backbone=backbone,
+        input_shape=(WINDOW, FEATURES),
+        hidden=(32, 16) if backbone == "dense" else (8, 16),
+        code_size=4,
+    )
+    torch.manual_seed(0)
+    model = build_model(config)
+    scaler = Scaler.fit("standard", windows.reshape(-1, FEATURES))
+    if kind == "pca":
+        model.fit(torch.from_numpy(scaler.transform(windows, axis=2)))
+    detector = Detector(
+        InputSpec("series", tuple(f"s{i}" for i in range(FEATURES)), WindowSpec(WINDOW, 4)),
+        scaler,
+        config,
+        model,
+    )
+    if terms:
+        values = detector.term_statistics(windows)
+        detector.score_stats = fit_score_stats(values, values)
+    return detector
+
+
+def _eager(detector: Detector, windows: np.ndarray, **options):
+    fresh = Detector(
+        detector.input,
+        detector.scaler,
+        detector.config,
+        detector.model,
+        score_stats=detector.score_stats,
+    )
+    original = traced_module._trace
+    traced_module._trace = lambda *args: None
+    try:
+        return fresh.score(windows, **options)
+    finally:
+        traced_module._trace = original
+
+
+FIELDS = ("scores", "per_feature", "per_step", "terms")
+
+
+@pytest.mark.parametrize("terms", [False, True])
+@pytest.mark.parametrize(("kind", "backbone"), COMBOS)
+def test_the_traced_pass_scores_as_the_eager_one_bit_for_bit(kind, backbone, terms):
+    rng = np.random.default_rng(1)
+    windows = rng.normal(size=(40, WINDOW, FEATURES)).astype(np.float32)
+    detector = _detector(kind, backbone, terms, windows)
+    scaling = (
+        rng.normal(size=(40, FEATURES)).astype(np.float32),
+        rng.uniform(0.5, 2, size=(40, FEATURES)).astype(np.float32),
+    )
+    for options in (
+        {"batch_size": 7},
+        {"batch_size": 64},
+        {"batch_size": 1},
+        {"batch_size": 16, "attribution": False},
+        {"batch_size": 9, "scaling": scaling},
+    ):
+        got = detector.score(windows, **options)
+        want = _eager(detector, windows, **options)
+        for name in FIELDS:
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None) == (b is None), (name, options)
+            if a is not None:
+                assert np.array_equal(a, b), (name, options)
+    traced = detector._pass._traced
+    assert traced[True] is not None and traced[False] is not None, "the graphs were not traced"
+
+
+def test_a_model_that_cannot_be_traced_is_scored_op_by_op(monkeypatch, caplog):
+    rng = np.random.default_rng(2)
+    windows = rng.normal(size=(12, WINDOW, FEATURES)).astype(np.float32)
+    detector = _detector("undercomplete", "dense", True, windows)
+    want = _eager(detector, windows)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("not traceable")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    with caplog.at_level(logging.WARNING, logger="pipeline.detector.traced"):
+        got = detector.score(windows)
+    assert "could not be traced" in caplog.text
+    assert np.array_equal(got.scores, want.scores)
+    assert np.array_equal(got.per_feature, want.per_feature)
+
+
+@pytest.mark.parametrize("backbone", ["dense", "conv"])
+def test_images_score_the_same_traced_one_at_a_time_or_many(backbone):
+    images = np.random.default_rng(3).uniform(size=(6, 1, 8, 8)).astype(np.float32)
+    config = ModelConfig(
+        kind="undercomplete",
+        backbone=backbone,
+        input_shape=(1, 8, 8),
+        hidden=(32, 16) if backbone == "dense" else (8, 16),
+        code_size=4,
+    )
+    torch.manual_seed(0)
+    detector = Detector(
+        InputSpec("image", image_shape=(1, 8, 8)),
+        Scaler.fit("standard", images.reshape(-1, 1)),
+        config,
+        build_model(config),
+    )
+    first = detector.score(images[:1], batch_size=1)  # traced on a batch of one image
+    got = detector.score(images, batch_size=4)
+    want = _eager(detector, images, batch_size=4)
+    assert detector._pass._traced[True] is not None
+    assert np.array_equal(got.scores, want.scores)
+    assert np.array_equal(got.pixel_map, want.pixel_map)
+    assert np.array_equal(first.scores, want.scores[:1])
