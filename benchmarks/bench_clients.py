@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             name: statistics.median(run[name] for run in runs)
             for name in ("achieved_rate", "p50_ms", "p99_ms", "events")
         }
-        live["runs"] = runs
+        live["keys"], live["runs"] = runs[0]["keys"], runs
 
     ratios = {
         f"worker {c} / its consume+decode": median[f"worker {c}"] / median[f"{c} consume+decode"]
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             md_table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in ratios.items()]),
             "",
             f"Latency at {live['achieved_rate']:,.0f} readings/s (half the single-process "
-            f"confluent rate), median of {len(runs)} runs: p50 **{live['p50_ms']:.1f} ms**, "
+            f"confluent rate, {live['keys']} machines), median of {len(runs)} runs: p50 **{live['p50_ms']:.1f} ms**, "
             f"p99 **{live['p99_ms']:.1f} ms** ({live['events']:,.0f} events a run; p99 of each: "
             + ", ".join(f"{run['p99_ms']:.0f}" for run in runs)
             + " ms).",

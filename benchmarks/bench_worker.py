@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import math
 import multiprocessing as mp
 import shutil
 import statistics
@@ -42,6 +43,10 @@ HISTORY = 1200  # readings per machine for training; the benchmark streams conti
 # Seconds of live stream before latency is measured: the producer's first requests, the broker's
 # first appends to the new topic and the worker's first batches are a start-up transient.
 WARMUP_S = 3.0
+# Readings are stamped in milliseconds and a key's never share one: above 1,000 readings/s a
+# key's timestamps would run ahead of the clock. The live stream spreads its rate over enough
+# keys to stay well below that.
+MAX_KEY_RATE = 500.0
 
 
 def _fleet(keys: int, per_key: int, skip: int = HISTORY):
@@ -471,11 +476,13 @@ def latency(
     **overrides,
 ) -> dict:
     """Worker in this process; the load generator, which also times the events, in a process of
-    its own. The stream runs `warmup` seconds before the `seconds` whose events are measured."""
+    its own. The stream runs `warmup` seconds before the `seconds` whose events are measured; it
+    spreads over `keys` machines, or more where each would send over `MAX_KEY_RATE`."""
     from benchmarks.common import ensure_topics
     from pipeline.worker.app import WorkerApp
     from pipeline.worker.settings import WorkerSettings
 
+    keys = max(keys, math.ceil(rate / MAX_KEY_RATE))
     tag = uuid.uuid4().hex[:6]
     topic, out = f"live-{tag}", f"live-{tag}-events"
     ensure_topics(bootstrap, {topic: {"num_partitions": 8}, out: {}})
@@ -519,6 +526,7 @@ def latency(
         "warmup_events": len(arrivals) - len(delays),
         "warmup_s": warmup,
         "rate": rate,
+        "keys": keys,
         "achieved_rate": achieved,
         "load_generator": load.name,
         "p50_ms": float(np.percentile(delays, 50)),
