@@ -5,6 +5,8 @@ malformed batches, generated with hypothesis, dead-lettered with their exact rea
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import orjson
 import pytest
@@ -227,3 +229,126 @@ def test_simulate_batches_through_the_broker(kafka_bootstrap, create_topic, tmp_
         expected = len(flags_by_window(stream, trained.detector)[0])
         assert stats.records_in == FLEET_KEYS * 5
         assert stats.windows_scored == expected > 0
+
+
+# -- decoding a batched record: the typed first look and the full parse agree ------------------
+def _number() -> st.SearchStrategy:
+    return st.one_of(
+        st.floats(allow_nan=False, allow_infinity=False, width=64),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.booleans(),
+        st.just("0.5"),
+        st.none(),
+    )
+
+
+@st.composite
+def columnar_records(draw) -> tuple[bytes | None, bytes]:
+    """Columnar JSON records, most of them well formed, each with a chance of one flaw."""
+    n = draw(st.integers(min_value=0, max_value=6))
+    start = draw(st.integers(min_value=-(2**40), max_value=2**40))
+    ts: list = [start + i * draw(st.integers(min_value=-1, max_value=3)) for i in range(n)]
+    if n and draw(st.booleans()):
+        ts[draw(st.integers(0, n - 1))] = draw(
+            st.one_of(_number(), st.integers(min_value=2**63 - 2, max_value=2**64))
+        )
+    values: dict = {}
+    for name in NAMES:
+        column = draw(st.lists(st.floats(-1e3, 1e3) | st.integers(-9, 9), min_size=n, max_size=n))
+        flaw = draw(st.integers(0, 9))
+        if flaw == 0 and n:
+            column[draw(st.integers(0, n - 1))] = draw(_number())
+        elif flaw == 1:
+            column = column + [0.5]
+        elif flaw == 2:
+            continue
+        elif flaw == 3:
+            column = 0.5
+        values[name] = column
+    data: dict = {"ts": ts, "values": values, "extra": draw(st.sampled_from([1, "x", [None]]))}
+    key = draw(st.sampled_from(["pump-1", "pump-2", None, 7]))
+    if key is not None:
+        data["key"] = key
+    message = draw(st.sampled_from([b"pump-1", None, b"\xff"]))
+    return message, json.dumps(data).encode()  # (integers beyond 64 bits too)
+
+
+def _same(a, b) -> bool:
+    if a.__class__ is not b.__class__:
+        return False
+    if hasattr(a, "ts"):
+        return (
+            a.key == b.key
+            and a.ts.dtype == b.ts.dtype
+            and np.array_equal(a.ts, b.ts)
+            and a.values.dtype == b.values.dtype
+            and np.array_equal(a.values, b.values)
+        )
+    return a == b
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(record=columnar_records())
+def test_a_columnar_record_decodes_as_its_full_parse_does(record):
+    from pipeline.modalities.readings import RecordDecoder
+
+    decoder = RecordDecoder(NAMES, 16, 1 << 20)
+    fast = decoder.decode(*record)
+    decoder._columnar = lambda message_key, value: None  # the full parse only
+    assert _same(fast, decoder.decode(*record)), record
+
+
+def test_common_columnar_records_are_not_parsed_into_python_objects(detector, monkeypatch):
+    import pipeline.modalities.readings as readings
+
+    def refuse(value):
+        raise AssertionError(f"parsed in full: {value[:60]!r}")
+
+    monkeypatch.setattr(readings.orjson, "loads", refuse)
+    stream = fleet(seed=2, readings_per_key=300)
+    _, sink, stats = _run(detector, FakeSource(batched(stream, 50, "json"), chunk=100))
+    assert stats.windows_scored == len(flags_by_window(stream, detector)[0]) > 0
+    assert sink.values("dlq") == []
+
+
+def _arrow_table(table) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_arrow_records_of_different_schemas_each_decode_by_their_own():
+    import pyarrow as pa
+
+    from pipeline.modalities.readings import RecordDecoder, Rejection
+
+    decoder = RecordDecoder(("a", "b"), 16, 1 << 20)
+    ts = pa.array([1, 2], pa.int64())
+    a, b = pa.array([0.5, 0.25]), pa.array([3, 4], pa.int32())
+    first = decoder.decode(b"k", _arrow_table(pa.table([ts, a, b], names=["ts", "a", "b"])))
+    swapped = decoder.decode(b"k", _arrow_table(pa.table([b, a, ts], names=["b", "a", "ts"])))
+    for batch in (first, swapped):
+        assert batch.values.tolist() == [[0.5, 3.0], [0.25, 4.0]] and batch.ts.tolist() == [1, 2]
+    text = pa.array(["x", "y"])
+    assert decoder.decode(
+        b"k", _arrow_table(pa.table([ts, a, text], names=["ts", "a", "b"]))
+    ) == Rejection("schema_mismatch", "feature 'b' must be numbers without nulls")
+    stamps = pa.array([1, 2], pa.timestamp("s"))
+    later = decoder.decode(b"k", _arrow_table(pa.table([stamps, a, b], names=["ts", "a", "b"])))
+    assert later.ts.tolist() == [1000, 2000]
+
+
+def test_an_arrow_record_with_two_columns_of_one_name_is_refused():
+    import pyarrow as pa
+
+    from pipeline.modalities.readings import RecordDecoder, Rejection
+
+    decoder = RecordDecoder(("a",), 16, 1 << 20)
+    columns = [pa.array([1, 2]), pa.array([0.5, 0.6]), pa.array([0.1, 0.2])]
+    value = _arrow_table(pa.table(columns, names=["ts", "a", "a"]))
+    assert decoder.decode(b"k", value) == Rejection(
+        "schema_mismatch", "more than one column is named 'a'"
+    )

@@ -19,7 +19,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["ARROW_MAGIC", "ReadingBatch", "arrow_batch", "arrow_record", "columnar_batch"]
+__all__ = [
+    "ARROW_MAGIC",
+    "ArrowBatches",
+    "ReadingBatch",
+    "arrow_batch",
+    "arrow_record",
+    "checked_batch",
+    "columnar_batch",
+]
 
 ARROW_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream message starts with it; JSON never does
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -33,7 +41,7 @@ class ReadingBatch(NamedTuple):
     values: np.ndarray
 
 
-def _checked(key: str, ts: np.ndarray, values: np.ndarray):
+def checked_batch(key: str, ts: np.ndarray, values: np.ndarray):
     """The batch, or (reason, detail) of why it is refused."""
     if len(ts) and (np.diff(ts) <= 0).any():
         return "out_of_order", "timestamps within the batch must increase"
@@ -85,46 +93,106 @@ def columnar_batch(features: tuple[str, ...], key: str, ts: list, values: dict):
         if column.__class__ is tuple:
             return column
         columns.append(column)
-    return _checked(key, stamps, np.stack(columns, axis=1))
+    return checked_batch(key, stamps, np.stack(columns, axis=1))
+
+
+class _ArrowPlan(NamedTuple):
+    """What an Arrow schema says about its records, worked out once per schema: where `ts`, the
+    `key` column and each feature are (None: absent) and whether their types can hold readings."""
+
+    duplicate: str | None  # a name the batch needs that more than one column carries
+    ts: int | None
+    ts_timestamp: bool
+    ts_integer: bool
+    key: int | None
+    features: tuple[tuple[str, int | None, bool], ...]  # (name, index, numeric)
+
+
+def _plan(schema, features: tuple[str, ...]) -> _ArrowPlan:
+    import pyarrow as pa
+
+    names = schema.names
+    index = {name: i for i, name in enumerate(names)}
+    needed = ("ts", "key", *features)
+    duplicate = next((n for n in needed if n in index and names.count(n) > 1), None)
+    ts = index.get("ts")
+    kind = None if ts is None else schema.types[ts]
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    columns = []
+    for name in features:
+        i = index.get(name)
+        columns.append((name, i, i is not None and any(t(schema.types[i]) for t in numeric)))
+    return _ArrowPlan(
+        duplicate,
+        ts,
+        kind is not None and pa.types.is_timestamp(kind),
+        kind is not None and pa.types.is_integer(kind),
+        index.get("key"),
+        tuple(columns),
+    )
+
+
+class ArrowBatches:
+    """Decodes Arrow IPC records for `features`. The records of a stream share a few schemas;
+    what a schema allows is worked out once (`_ArrowPlan`), so a record costs its columns only."""
+
+    KEEP = 8  # schemas remembered
+
+    def __init__(self, features: tuple[str, ...]) -> None:
+        self.features = features
+        self._plans: list[tuple[object, _ArrowPlan]] = []
+
+    def plan(self, schema) -> _ArrowPlan:
+        for known, plan in self._plans:
+            if known.equals(schema):
+                return plan
+        plan = _plan(schema, self.features)
+        self._plans = [(schema, plan), *self._plans[: self.KEEP - 1]]
+        return plan
+
+    def __call__(self, message_key: bytes | None, value: bytes):
+        """An Arrow IPC stream record, or (reason, detail)."""
+        import pyarrow as pa
+
+        try:
+            table = pa.ipc.open_stream(value).read_all()
+            table.validate(full=True)
+        except (pa.ArrowException, ValueError, OSError) as exc:
+            return "decode_error", f"not an Arrow IPC stream: {exc}"[:200]
+        plan = self.plan(table.schema)
+        if plan.duplicate is not None:
+            return "schema_mismatch", f"more than one column is named {plan.duplicate!r}"
+        if plan.ts is None:
+            return "bad_timestamp", "no 'ts' column"
+        if table.num_rows == 0:
+            return "schema_mismatch", "an empty batch"
+        key = _arrow_key(table, plan.key, message_key)
+        if key.__class__ is tuple:
+            return key
+        ts = table.column(plan.ts)
+        if plan.ts_timestamp:
+            ts = ts.cast(pa.timestamp("ms")).cast(pa.int64())
+        if not (plan.ts_timestamp or plan.ts_integer) or ts.null_count:
+            return "bad_timestamp", f"'ts' must be integer epoch ms or a timestamp, not {ts.type}"
+        columns = []
+        for name, index, numeric in plan.features:
+            if index is None:
+                return "missing_feature", f"missing feature {name!r}"
+            column = table.column(index)
+            if not numeric or column.null_count:
+                return "schema_mismatch", f"feature {name!r} must be numbers without nulls"
+            columns.append(column.to_numpy().astype(np.float64, copy=False))
+        return checked_batch(key, ts.to_numpy().astype(np.int64), np.stack(columns, axis=1))
 
 
 def arrow_batch(features: tuple[str, ...], message_key: bytes | None, value: bytes):
-    """An Arrow IPC stream record, or (reason, detail)."""
-    import pyarrow as pa
-
-    try:
-        table = pa.ipc.open_stream(value).read_all()
-        table.validate(full=True)
-    except (pa.ArrowException, ValueError, OSError) as exc:
-        return "decode_error", f"not an Arrow IPC stream: {exc}"[:200]
-    names = table.column_names
-    if "ts" not in names:
-        return "bad_timestamp", "no 'ts' column"
-    if table.num_rows == 0:
-        return "schema_mismatch", "an empty batch"
-    key = _arrow_key(table, message_key)
-    if key.__class__ is tuple:
-        return key
-    ts = table.column("ts")
-    if pa.types.is_timestamp(ts.type):
-        ts = ts.cast(pa.timestamp("ms")).cast(pa.int64())
-    if not pa.types.is_integer(ts.type) or ts.null_count:
-        return "bad_timestamp", f"'ts' must be integer epoch ms or a timestamp, not {ts.type}"
-    columns = []
-    for name in features:
-        if name not in names:
-            return "missing_feature", f"missing feature {name!r}"
-        column = table.column(name)
-        kind = column.type
-        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)) or column.null_count:
-            return "schema_mismatch", f"feature {name!r} must be numbers without nulls"
-        columns.append(column.to_numpy().astype(np.float64, copy=False))
-    return _checked(key, ts.to_numpy().astype(np.int64), np.stack(columns, axis=1))
+    """An Arrow IPC stream record, or (reason, detail) (see `ArrowBatches`)."""
+    return ArrowBatches(features)(message_key, value)
 
 
-def _arrow_key(table, message_key: bytes | None):
-    if "key" in table.column_names:
-        keys = table.column("key").unique().to_pylist()
+def _arrow_key(table, index: int | None, message_key: bytes | None):
+    if index is not None:
+        keys = table.column(index).unique().to_pylist()
         if len(keys) != 1 or keys[0].__class__ is not str:
             return "schema_mismatch", "the 'key' column must hold one string key"
         key = keys[0]

@@ -25,7 +25,13 @@ import msgspec
 import numpy as np
 import orjson
 
-from pipeline.modalities.batches import ARROW_MAGIC, ReadingBatch, arrow_batch, columnar_batch
+from pipeline.modalities.batches import (
+    ARROW_MAGIC,
+    ArrowBatches,
+    ReadingBatch,
+    checked_batch,
+    columnar_batch,
+)
 
 __all__ = ["REASONS", "Decoded", "Rejection", "RecordDecoder", "finite_rows", "parse_timestamp_ms"]
 
@@ -102,6 +108,19 @@ def _reading_decoder(features: tuple[str, ...]) -> msgspec.json.Decoder:
     return msgspec.json.Decoder(reading)
 
 
+def _columnar_decoder(features: tuple[str, ...]) -> msgspec.json.Decoder:
+    """A decoder of the common columnar batch, `{"key": str (or left out), "ts": [int, ...],
+    "values": {feature: [number, ...]}}` (other fields and features ignored): typed like
+    `_reading_decoder`, so one C-level pass checks the types and builds the lists."""
+    fields = [(f"f{i}", list[float]) for i in range(len(features))]
+    names = {f"f{i}": name for i, name in enumerate(features)}
+    columns = msgspec.defstruct("Columns", fields, rename=names, gc=False)
+    batch = msgspec.defstruct(
+        "Batch", [("ts", list[int]), ("values", columns), ("key", str | None, None)], gc=False
+    )
+    return msgspec.json.Decoder(batch)
+
+
 class RecordDecoder:
     def __init__(
         self,
@@ -118,6 +137,8 @@ class RecordDecoder:
         self.max_bytes = max_bytes
         self._row = attrgetter(*(f"f{i}" for i in range(len(self.reading_features))))
         self._decode_reading = _reading_decoder(self.reading_features).decode
+        self._decode_columnar = _columnar_decoder(self.reading_features).decode
+        self._arrow = ArrowBatches(self.reading_features)
 
     def decode_many(self, message_keys: list, values: list):
         """Readings of the common shape, all of them: (keys, ts [n] int64, values [n, F]
@@ -151,7 +172,10 @@ class RecordDecoder:
         if len(value) > self.max_bytes:
             return Rejection("oversize", f"{len(value)} bytes > {self.max_bytes}")
         if value.startswith(ARROW_MAGIC):
-            return _batch(arrow_batch(self.reading_features, message_key, value))
+            return _batch(self._arrow(message_key, value))
+        batch = self._columnar(message_key, value)
+        if batch is not None:
+            return batch
         try:
             data = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
@@ -173,6 +197,39 @@ class RecordDecoder:
         if values.__class__ is list:
             return self._window(key, data, values)
         return Rejection("schema_mismatch", "'values' must be an object or a list of rows")
+
+    def _columnar(self, message_key: bytes | None, value: bytes) -> ReadingBatch | Rejection | None:
+        """A columnar batch of the common shape, decoded and checked (`checked_batch`); None
+        for any other record, which is then parsed in full and looked at closely (the same
+        answer, by the longer way: a reason for each way a batch can be wrong)."""
+        try:
+            batch = self._decode_columnar(value)
+        except msgspec.DecodeError:
+            return None
+        key = batch.key
+        if key is None:
+            if not message_key:
+                return None
+            try:
+                key = message_key.decode()
+            except UnicodeDecodeError:
+                return None
+        elif message_key is not None and message_key != key.encode():
+            return None
+        n = len(batch.ts)
+        columns = (
+            self._row(batch.values) if len(self.reading_features) > 1 else [self._row(batch.values)]
+        )
+        if n == 0 or any(len(column) != n for column in columns):
+            return None
+        try:
+            ts = np.array(batch.ts, np.int64)
+        except OverflowError:
+            return None
+        values = np.empty((n, len(columns)))
+        for j, column in enumerate(columns):
+            values[:, j] = column
+        return _batch(checked_batch(key, ts, values))
 
     @staticmethod
     def _entity_key(key, message_key: bytes | None) -> str | Rejection:
