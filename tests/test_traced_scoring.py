@@ -131,3 +131,25 @@ def test_images_score_the_same_traced_one_at_a_time_or_many(backbone):
     assert np.array_equal(got.scores, want.scores)
     assert np.array_equal(got.pixel_map, want.pixel_map)
     assert np.array_equal(first.scores, want.scores[:1])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize(("kind", "backbone"), COMBOS)
+def test_a_window_scores_the_same_alone_or_in_any_batch(kind, backbone, threads):
+    """The stream scores whatever batches its polls make, on one thread; the batch path one
+    large batch on all of them. Both must give each window the same score, bit for bit."""
+    rng = np.random.default_rng(3)
+    windows = rng.normal(size=(45, WINDOW, FEATURES)).astype(np.float32)
+    detector = _detector(kind, backbone, True, windows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = detector.score(windows, batch_size=64)
+        torch.set_num_threads(threads)
+        for size in (1, 2, 3, 5, 6, 7, 9, 11, 17, 27, 64):
+            cut = detector.score(windows, batch_size=size)
+            for name in FIELDS:
+                a, b = getattr(cut, name), getattr(whole, name)
+                assert np.array_equal(a, b), (name, size)
+    finally:
+        torch.set_num_threads(before)

@@ -12,7 +12,7 @@ Two scores, chosen when a detector is trained and stored with it:
   | error     | log(mean_t e_tf + eps)  (e: the element errors) | above normal only          |
   | variance  | log(std_t x_tf + eps)                           | both (frozen or louder)    |
   | roughness | log(mean_t abs(x_tf - x_(t-1)f) + eps)          | both (stuck, or faster)    |
-  | centroid  | log(energy-weighted mean rFFT bin, mean removed) | both (frequency up / down) |
+  | centroid  | log(energy-weighted mean DFT bin, mean removed)  | both (frequency up / down) |
 
   each put on the scale of its own normal tail (`ScoreStats`, fitted on normal windows the model
   did not train on): u = (v - median) / (q_hi - median) above the median and, two-sided,
@@ -24,7 +24,8 @@ Two scores, chosen when a detector is trained and stored with it:
   oscillating at another frequency, moves the variance, roughness and centroid terms where the
   mean error barely moves.
 
-Every statistic is a function of one window: a window scores the same in any batch.
+Every statistic is a function of one window: a window scores the same in any batch, and on any
+number of threads (the spectrum is a product with a fixed basis, not the CPU FFT).
 """
 
 from __future__ import annotations
@@ -188,10 +189,31 @@ def _statistic(term: str, series: torch.Tensor, centred, errors: torch.Tensor) -
     if term == "roughness":
         return (series[..., 1:] - series[..., :-1]).abs().mean(dim=2)
     # centroid: energy-weighted mean frequency bin of the feature, its mean removed
-    spectrum = torch.fft.rfft(centred, dim=2)[..., 1:]  # [N, F, W // 2]
-    power = spectrum.real.square() + spectrum.imag.square()
-    bins = torch.arange(1, power.shape[2] + 1, device=series.device, dtype=power.dtype)
+    cos_sin = _dft_basis(centred.shape[2], centred.device, centred.dtype)
+    spectrum = centred @ cos_sin  # [N, F, 2 * (W // 2)]: the real and imaginary parts, bins 1..
+    half = cos_sin.shape[1] // 2
+    power = spectrum[..., :half].square() + spectrum[..., half:].square()
+    bins = torch.arange(1, half + 1, device=series.device, dtype=power.dtype)
     return (power * bins).sum(dim=2) / (power.sum(dim=2) + _TINY)  # (not a matmul: batch-invariant)
+
+
+_BASES: dict = {}
+
+
+def _dft_basis(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[W, 2K] cosines then negated sines of bins 1..K = W // 2 (what `torch.fft.rfft` gives past
+    its constant bin), made in float64. A product with it is a transform whose result for a
+    series does not depend on how many threads compute it (the CPU FFT's does, in the last
+    bits)."""
+    key = (length, device, dtype)
+    basis = _BASES.get(key)
+    if basis is None:
+        t = torch.arange(length, dtype=torch.float64)[:, None]
+        k = torch.arange(1, length // 2 + 1, dtype=torch.float64)[None, :]
+        angle = 2 * math.pi * t * k / length
+        basis = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1).to(device, dtype)
+        _BASES[key] = basis
+    return basis
 
 
 def term_statistics(x: torch.Tensor, errors: torch.Tensor, terms=TERMS) -> torch.Tensor:
