@@ -71,7 +71,8 @@ class ScoringPass:
         n = len(raw)
         pad = -n % ROW_BLOCK if raw.device.type == "cpu" else 0
         if pad:  # the last row again: each row's result is that of a batch of whole blocks
-            raw, center, scale = (_padded(t, n, pad) for t in (raw, center, scale))
+            index = torch.arange(n + pad).clamp_(max=n - 1)
+            raw, center, scale = _rows(raw, center, scale, index)
         out = self._run(raw, center, scale, attribution)
         return tuple(None if t is None else t[:n] for t in out) if pad else out
 
@@ -95,7 +96,7 @@ def _trace(step: _Pass, raw, center, scale) -> tuple | None:
     """(graph, which outputs are None) of `step` traced on two inputs, or None if it cannot be
     traced or its graph, given three inputs, does not give what the eager pass gives (a size
     the model takes as a Python number is fixed in the graph)."""
-    two, three = ((_rows(raw, n), _rows(center, n, 2), _rows(scale, n, 2)) for n in (2, 3))
+    two, three = (_rows(raw, center, scale, torch.arange(n)) for n in (2, 3))
     try:
         absent = tuple(t is None for t in step.eager(*two))
         with warnings.catch_warnings():
@@ -113,15 +114,7 @@ def _trace(step: _Pass, raw, center, scale) -> tuple | None:
     return graph, absent
 
 
-def _padded(t: torch.Tensor, n: int, pad: int) -> torch.Tensor:
-    """`t` with its last row repeated `pad` times, if it has a row per input (a center or scale
-    of one row broadcasts: as it is)."""
-    if len(t) != n or n == 0:
-        return t
-    return torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
-
-
-def _rows(t: torch.Tensor, n: int, least: int = 1) -> torch.Tensor:
-    """`n` rows of `t`, repeated as needed, if it has `least` rows or more (a center or scale of
-    one row broadcasts over the inputs: as it is)."""
-    return t[torch.arange(n) % len(t)] if len(t) >= least else t
+def _rows(raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, index: torch.Tensor):
+    """Rows `index` of the inputs (cycling through each one's rows); a center or scale of one row
+    broadcasts over the inputs, and stays as it is."""
+    return tuple(t[index % len(t)] if t is raw or len(t) > 1 else t for t in (raw, center, scale))

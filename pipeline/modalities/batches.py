@@ -23,7 +23,6 @@ __all__ = [
     "ARROW_MAGIC",
     "ArrowBatches",
     "ReadingBatch",
-    "arrow_batch",
     "arrow_record",
     "checked_batch",
     "columnar_batch",
@@ -183,11 +182,6 @@ class ArrowBatches:
                 return "schema_mismatch", f"feature {name!r} must be numbers without nulls"
             columns.append(column.to_numpy().astype(np.float64, copy=False))
         return checked_batch(key, ts.to_numpy().astype(np.int64), np.stack(columns, axis=1))
-
-
-def arrow_batch(features: tuple[str, ...], message_key: bytes | None, value: bytes):
-    """An Arrow IPC stream record, or (reason, detail) (see `ArrowBatches`)."""
-    return ArrowBatches(features)(message_key, value)
 
 
 def _arrow_key(table, index: int | None, message_key: bytes | None):

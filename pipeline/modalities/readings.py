@@ -15,6 +15,7 @@ record. Rejections carry one of the documented DLQ reasons.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain
@@ -91,6 +92,8 @@ def parse_timestamp_ms(value) -> int:
 
 
 _KEY, _TS, _VALUES = attrgetter("key"), attrgetter("ts"), attrgetter("values")
+# A record whose "ts" is a list: a columnar batch, or one the full parse gives its reason.
+_TS_LIST = re.compile(rb'"ts"\s*:\s*\[').search
 
 
 def _reading_decoder(features: tuple[str, ...]) -> msgspec.json.Decoder:
@@ -202,17 +205,16 @@ class RecordDecoder:
         """A columnar batch of the common shape, decoded and checked (`checked_batch`); None
         for any other record, which is then parsed in full and looked at closely (the same
         answer, by the longer way: a reason for each way a batch can be wrong)."""
+        if _TS_LIST(value) is None:  # a single reading or a window: not worth a typed attempt
+            return None
         try:
             batch = self._decode_columnar(value)
         except msgspec.DecodeError:
             return None
         key = batch.key
         if key is None:
-            if not message_key:
-                return None
-            try:
-                key = message_key.decode()
-            except UnicodeDecodeError:
+            key = self._entity_key(None, message_key)
+            if key.__class__ is Rejection:
                 return None
         elif message_key is not None and message_key != key.encode():
             return None
