@@ -14,8 +14,11 @@ from pipeline.detector.adaptive import (
     AdaptiveLikelihood,
     AdaptiveSettings,
     DetectionRule,
+    RangeCheck,
     RuleSettings,
+    lifted,
     rounds,
+    scores_from,
     surprise_of,
 )
 from pipeline.detector.adaptive_stage import AdaptiveStage, window_extremes
@@ -185,6 +188,49 @@ def test_replayed_windows_are_skipped_and_other_versions_state_is_not_restored()
 def _ranged(tolerance=0.05, warmup=50):
     settings = AdaptiveSettings(short=5, long=200, warmup=warmup, range_tolerance=tolerance)
     return AdaptiveStage(settings, RuleSettings(cooldown=0, quiet=1), [1.0], "m/1", 2)
+
+
+@pytest.mark.parametrize("freeze", [0.0, 2.0])
+def test_batches_of_the_stage_give_what_its_parts_give_row_by_row(freeze):
+    """The stage's batched paths (the whole batch's tails at once without a freeze, quiet
+    batches of the rule and batches within every key's range taken at once) against each part's
+    `step`, one row at a time: the same outputs, and the same state after every batch."""
+    settings = AdaptiveSettings(short=5, long=200, warmup=50, freeze=freeze, range_tolerance=0.05)
+    rule = RuleSettings(threshold=1.0, quiet=3, cooldown=20)
+    slots, scores = _stream(seed=3, keys=9, n=4000)
+    rng = np.random.default_rng(3)
+    drift = rng.normal(0, 0.05, (len(slots), 2)).cumsum(axis=0) * (slots[:, None] % 3 == 0)
+    lo = rng.uniform(0, 1, (len(slots), 2)) + drift  # a third of the keys drift to new levels
+    hi = lo + rng.uniform(0, 1, (len(slots), 2))
+    parts = AdaptiveLikelihood(settings, [1.0]), DetectionRule(rule), RangeCheck(0.05, 2)
+    for part in parts:
+        part.ensure(9)
+    likelihood, detections, ranges = parts
+
+    stage = AdaptiveStage(settings, rule, [1.0], "m/1", 2)
+    cuts = np.unique(np.r_[0, rng.integers(1, len(slots), 400), len(slots)])
+    quiet_batches = detected = beyond = 0
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        expected = {}
+        for i in range(a, b):
+            k = slots[i : i + 1]
+            logq, live = likelihood.step(k, scores[i : i + 1])  # positive scores, scale 1
+            out = ranges.step(k, lo[i : i + 1], hi[i : i + 1]) & live
+            fire = detections.step(k, lifted(surprise_of(logq, live), out))
+            expected[i] = scores_from(logq, live, fire, out)
+        order, groups = _groups(slots[a:b])
+        at = a + order
+        got = stage.update(groups, at, scores[at], (lo[at], hi[at]))
+        for j, row in enumerate(at.tolist()):
+            for name in ("likelihood", "log_likelihood", "surprise", "detection", "beyond"):
+                assert getattr(got, name)[j] == getattr(expected[row], name)[0], (name, row)
+        for key in np.unique(slots[a:b]).tolist():
+            slot = stage._slots[P][f"k{key}"]
+            for mine, theirs in zip(stage._parts, parts, strict=True):
+                assert mine.pack(slot) == theirs.pack(key), (type(mine).__name__, key, b)
+        quiet_batches += not got.detection.any() and not got.beyond.any()
+        detected, beyond = detected + got.detection.sum(), beyond + got.beyond.sum()
+    assert detected > 10 and beyond > 5 and quiet_batches > 20
 
 
 def _feed(stage, lo, hi, start=0, key="k"):

@@ -189,30 +189,39 @@ class AdaptiveLikelihood:
         self.n[slots] = self.frozen[slots] = 0
         self.m[slots] = self.mu[slots] = self.var[slots] = 0.0
 
-    def update(self, slots, rows) -> tuple[np.ndarray, np.ndarray]:
+    def update(self, slots, rows, order=None) -> tuple[np.ndarray, np.ndarray]:
         """log Q per row of a batch of (slot, [C] row) in arrival order, and whether the row's
-        key was past its warm-up."""
+        key was past its warm-up. `order`: the batch's `rounds(slots)`, when already known."""
         slots = np.asarray(slots, np.int64)
         rows = np.asarray(rows, np.float64).reshape(len(slots), self.channels)
         logq = np.full(len(slots), _LOG_HALF)
         live = np.zeros(len(slots), bool)
-        if len(slots):
-            self.ensure(int(slots.max()) + 1)
-            for pos in rounds(slots):
-                logq[pos], live[pos] = self.step(slots[pos], rows[pos])
-        return logq, live
-
-    def step(self, k: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One row for each of the distinct slots `k`: log Q and whether it is past warm-up."""
+        if not len(slots):
+            return logq, live
+        self.ensure(int(slots.max()) + 1)
         x = np.maximum(rows, 0.0) / self.refs
         x = np.minimum(np.where(np.isfinite(x), x, _BIG), _BIG)
+        if self.settings.freeze > 0:  # a row's surprise decides whether it teaches the key
+            for pos in rounds(slots) if order is None else order:
+                logq[pos], live[pos] = self.step(slots[pos], x[pos])
+            return logq, live
+        # nothing that follows depends on a row's surprise: the tails of the whole batch at once
+        z = np.zeros_like(x)
+        for pos in rounds(slots) if order is None else order:
+            z[pos], live[pos] = self._advance(slots[pos], x[pos])
+        if live.any():
+            logq[live] = _log_ndtr(-z[live]).min(axis=1)
+        return logq, live
+
+    def step(self, k: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One scaled row (`x`, see `update`) for each of the distinct slots `k`: log Q and
+        whether it is past warm-up."""
         n = self.n[k] + 1
         m_old, mu, var = self.m[k], self.mu[k], self.var[k]
         m = m_old + np.maximum(self.a_short, 1.0 / n)[:, None] * (x - m_old)
         sd = np.maximum(np.sqrt(var), self.settings.min_std)
         live = n > self.settings.warmup
         logq = np.where(live, _log_ndtr(-((m - mu) / sd)).min(axis=1), _LOG_HALF)
-        clipped = np.where(live[:, None], np.minimum(m, mu + self.settings.clip * sd), m)
         a = np.maximum(self.a_long, 1.0 / n)[:, None]
         freeze = self.settings.freeze
         if freeze > 0:
@@ -221,11 +230,27 @@ class AdaptiveLikelihood:
             count = np.minimum(count, self.settings.max_freeze + 1)
             self.frozen[k] = count
             a = np.where(((count > 0) & (count <= self.settings.max_freeze))[:, None], 0.0, a)
+        self._learn(k, n, m, mu, var, sd, live, a)
+        return logq, live
+
+    def _advance(self, k: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`step` without a freeze: the row's z against the estimate before it, whether it is
+        past warm-up, and the estimate learns the row."""
+        n = self.n[k] + 1
+        m_old, mu, var = self.m[k], self.mu[k], self.var[k]
+        m = m_old + np.maximum(self.a_short, 1.0 / n)[:, None] * (x - m_old)
+        sd = np.maximum(np.sqrt(var), self.settings.min_std)
+        live = n > self.settings.warmup
+        self._learn(k, n, m, mu, var, sd, live, np.maximum(self.a_long, 1.0 / n)[:, None])
+        return (m - mu) / sd, live
+
+    def _learn(self, k, n, m, mu, var, sd, live, a) -> None:
+        """The long-term estimate takes the short-term mean `m`, winsorised past warm-up."""
+        clipped = np.where(live[:, None], np.minimum(m, mu + self.settings.clip * sd), m)
         d = clipped - mu
         self.mu[k] = mu + a * d
         self.var[k] = (1.0 - a) * (var + a * d * d)
         self.m[k], self.n[k] = m, n
-        return logq, live
 
     def pack(self, slot: int) -> bytes:
         fields = np.concatenate([self.m[slot], self.mu[slot], self.var[slot]]).tolist()
@@ -268,16 +293,18 @@ class RangeCheck:
     def reset(self, slots) -> None:
         self.lo[slots], self.hi[slots] = np.inf, -np.inf
 
-    def update(self, slots, lo, hi) -> np.ndarray:
+    def update(self, slots, lo, hi, order=None) -> np.ndarray:
         """Beyond (bool per row) for a batch of (slot, window minima [F], maxima [F]) in arrival
-        order; each row then widens its slot's range."""
+        order; each row then widens its slot's range. `order`: as for the likelihood."""
         slots = np.asarray(slots, np.int64)
         lo = np.asarray(lo, np.float64).reshape(len(slots), self.features)
         hi = np.asarray(hi, np.float64).reshape(len(slots), self.features)
         out = np.zeros(len(slots), bool)
         if len(slots):
             self.ensure(int(slots.max()) + 1)
-            for pos in rounds(slots):
+            if (lo >= self.lo[slots]).all() and (hi <= self.hi[slots]).all():
+                return out  # every row within its key's range so far: nothing beyond, or new
+            for pos in rounds(slots) if order is None else order:
                 out[pos] = self.step(slots[pos], lo[pos], hi[pos])
         return out
 
@@ -326,16 +353,30 @@ class DetectionRule:
     def reset(self, slots) -> None:
         self.armed[slots], self.since[slots], self.below[slots] = True, self._NEVER, 0
 
-    def update(self, slots, surprise) -> np.ndarray:
-        """Detections (bool per row) for a batch of (slot, S) in arrival order."""
+    def update(self, slots, surprise, order=None) -> np.ndarray:
+        """Detections (bool per row) for a batch of (slot, S) in arrival order. `order`: as
+        for the likelihood."""
         slots = np.asarray(slots, np.int64)
         surprise = np.asarray(surprise, np.float64)
         out = np.zeros(len(slots), bool)
         if len(slots):
             self.ensure(int(slots.max()) + 1)
-            for pos in rounds(slots):
+            if (surprise < self.settings.rearm * self.threshold[slots]).all():
+                self._quiet(slots)
+                return out
+            for pos in rounds(slots) if order is None else order:
                 out[pos] = self.step(slots[pos], surprise[pos])
         return out
+
+    def _quiet(self, slots: np.ndarray) -> None:
+        """`step` over rows that all stay below the re-arm level: none fires, and each slot's
+        counts grow by its rows (re-arming, should it, by its last one: the counts only grow)."""
+        k, rows = np.unique(slots, return_counts=True)
+        since = np.minimum(self.since[k] + rows, self._NEVER)
+        below = self.below[k] + rows
+        rule = self.settings
+        self.armed[k] |= (below >= rule.quiet) & (since > rule.cooldown)
+        self.since[k], self.below[k] = since, below
 
     def step(self, k: np.ndarray, s: np.ndarray) -> np.ndarray:
         rule, threshold = self.settings, self.threshold[k]

@@ -36,6 +36,7 @@ from pipeline.detector.adaptive import (
     RangeCheck,
     RuleSettings,
     lifted,
+    rounds,
     scores_from,
     surprise_of,
 )
@@ -162,13 +163,14 @@ class AdaptiveStage:
         return out
 
     def _take(self, slots, rows, ranges) -> AdaptiveScores:
-        logq, live = self.likelihood.update(slots, rows)
+        order = rounds(slots)  # one key's rows in turn, the same for every part
+        logq, live = self.likelihood.update(slots, rows, order)
         surprise = surprise_of(logq, live)
         beyond = None
         if ranges is not None:
-            beyond = self.range.update(slots, *ranges) & live
+            beyond = self.range.update(slots, *ranges, order) & live
             surprise = lifted(surprise, beyond)  # for the rule: at least any threshold
-        return scores_from(logq, live, self.rule.update(slots, surprise), beyond)
+        return scores_from(logq, live, self.rule.update(slots, surprise, order), beyond)
 
     # -- per-key state (the KeyedState protocol) --------------------------------------------------
     def _pack(self, slot: int) -> str:
