@@ -30,7 +30,13 @@ from pathlib import Path
 import orjson
 
 from benchmarks.bench_worker import FEATURES, _fleet, latency, train_model, worker_rate
-from benchmarks.common import broker_and_workdir, ensure_topics, md_table, write_results
+from benchmarks.common import (
+    CpuMeter,
+    broker_and_workdir,
+    ensure_topics,
+    md_table,
+    write_results,
+)
 
 BATCH = 100
 PARTITIONS = 8
@@ -106,12 +112,19 @@ def consume_rate(bootstrap: str, topic: str, total: int, client: str, decode: bo
 
 
 def processes_rate(
-    bootstrap: str, records: list, model: Path, processes: int, log: Path, tag: str
+    bootstrap: str,
+    records: list,
+    model: Path,
+    processes: int,
+    log: Path,
+    tag: str,
+    cpu: dict | None = None,
 ) -> float:
     """Readings/s of `aewatch worker --processes N` on a topic of its own, filled once every
     member has joined (so the group's start-up is not timed), from the group's committed
     offsets: from the first commit that moved to the first past three quarters of the topic
-    (the commits stay behind the readings that open windows still need)."""
+    (the commits stay behind the readings that open windows still need). With `cpu` (a dict),
+    the cores the members and the broker used over that span (`CpuMeter`) are put in it."""
     import signal
 
     from confluent_kafka import Consumer, TopicPartition
@@ -143,6 +156,7 @@ def processes_rate(
     first = last = None
     with open(log, "ab") as out:
         proc = subprocess.Popen(worker_command(settings), stdout=out, stderr=subprocess.STDOUT)
+        meter = CpuMeter(tree=proc.pid)
         try:
             deadline = time.monotonic() + 300
             while log.read_text().count('"msg": "assigned [(') < processes:
@@ -157,8 +171,11 @@ def processes_rate(
                 now = time.perf_counter()
                 if done and first is None:
                     first, base = now, done
+                    meter.begin()
                 if done >= 0.75 * total:
                     last = now
+                    if cpu is not None and first is not None:
+                        cpu.update(meter.end())
                     break
                 time.sleep(0.05)
         finally:
@@ -168,6 +185,13 @@ def processes_rate(
     if first is None or last is None or last <= first:
         raise RuntimeError(f"--processes {processes} did not finish the topic; see {log}")
     return (done - base) / (last - first)
+
+
+def _worker_cores(cpu: dict, whose: str) -> dict | None:
+    """A `CpuMeter` reading as (worker, broker) cores; None when the span was not timed."""
+    if not cpu:
+        return None
+    return {"worker": cpu[whose], "broker": cpu["broker"], "seconds": cpu["seconds"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,10 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"filled {total:,} readings; {len(batches['json']):,} batched records per form")
 
         rates: dict[str, list[float]] = {}
+        cores: dict[str, list[dict]] = {}  # per worker figure: the cores it and the broker used
 
-        def note(name: str, value: float) -> None:
+        def note(name: str, value: float, cpu: dict | None = None) -> None:
             rates.setdefault(name, []).append(value)
-            print(f"  {name}: {value:,.0f} readings/s", flush=True)
+            used = ""
+            if cpu:
+                cores.setdefault(name, []).append(cpu)
+                used = f" ({cpu['worker']:.2f} cores, broker {cpu['broker']:.2f})"
+            print(f"  {name}: {value:,.0f} readings/s{used}", flush=True)
 
         for repeat in range(args.repeats):
             print(f"round {repeat + 1}")
@@ -210,32 +239,39 @@ def main(argv: list[str] | None = None) -> int:
                     f"{client} consume+decode",
                     consume_rate(bootstrap, topics["single"], total, client, True),
                 )
+                cpu: dict = {}
                 rate, _ = worker_rate(
                     bootstrap,
                     topics["single"],
                     total,
                     model,
                     f"{client}-{repeat}-{tag}",
+                    cpu=cpu,
                     kafka_client=client,
                 )
-                note(f"worker {client}", rate)
+                note(f"worker {client}", rate, _worker_cores(cpu, "self"))
             for form in ("json", "arrow"):
                 count = len(batches[form])
+                cpu = {}
                 rate, _ = worker_rate(
                     bootstrap,
                     topics[form],
                     count,
                     model,
                     f"{form}-{repeat}-{tag}",
+                    cpu=cpu,
                     kafka_client="confluent",
                 )
-                note(f"worker confluent, batches of {BATCH} ({form})", rate * total / count)
+                note(
+                    f"worker confluent, batches of {BATCH} ({form})",
+                    rate * total / count,
+                    _worker_cores(cpu, "self"),
+                )
             for n in (1, 2):
                 log = root / f"processes-{n}.log"
-                note(
-                    f"worker confluent --processes {n}",
-                    processes_rate(bootstrap, readings, model, n, log, f"{repeat}-{tag}"),
-                )
+                cpu = {}
+                rate = processes_rate(bootstrap, readings, model, n, log, f"{repeat}-{tag}", cpu)
+                note(f"worker confluent --processes {n}", rate, _worker_cores(cpu, "members"))
 
         median = {name: statistics.median(values) for name, values in rates.items()}
         single = median["worker confluent"]
@@ -280,6 +316,17 @@ def main(argv: list[str] | None = None) -> int:
         "p99_at_most_100ms_at_half_rate": live["p99_ms"] <= 100,
     }
     rows = [[name, value, min(rates[name]), max(rates[name])] for name, value in median.items()]
+    cpu_median = {
+        name: {
+            "worker": statistics.median(c["worker"] for c in runs),
+            "broker": statistics.median(c["broker"] for c in runs),
+            "us_per_reading": statistics.median(
+                1e6 * c["worker"] / rate for c, rate in zip(runs, rates[name], strict=True)
+            ),
+        }
+        for name, runs in cores.items()
+        if len(runs) == len(rates[name])
+    }
     markdown = "\n".join(
         [
             "## Kafka clients, batched records and processes (real broker, CPU)",
@@ -291,6 +338,18 @@ def main(argv: list[str] | None = None) -> int:
             md_table(["path", "readings/s (median)", "min", "max"], rows),
             "",
             md_table(["ratio", "value"], [[k, f"{v:.2f}"] for k, v in ratios.items()]),
+            "",
+            "CPU over each worker figure's timed span (medians; a core is one CPU second per "
+            "second): the worker's process or members, the broker, and the worker's CPU per "
+            "reading. What more processes can add is bounded by the cores these leave.",
+            "",
+            md_table(
+                ["path", "worker cores", "broker cores", "worker CPU us / reading"],
+                [
+                    [name, used["worker"], used["broker"], used["us_per_reading"]]
+                    for name, used in cpu_median.items()
+                ],
+            ),
             "",
             f"Latency at {live['achieved_rate']:,.0f} readings/s (half the single-process "
             f"confluent rate, {live['keys']} machines), median of {len(runs)} runs: p50 **{live['p50_ms']:.1f} ms**, "
@@ -309,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             "rates": rates,
             "median": median,
             "ratios": ratios,
+            "cpu": cores,
+            "cpu_median": cpu_median,
             "latency": live,
             "targets": targets,
         },

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from benchmarks.common import broker_and_workdir, md_table, write_results
+from benchmarks.common import CpuMeter, broker_and_workdir, md_table, write_results
 
 WINDOW, STRIDE, FEATURES = 64, 8, 8
 
@@ -148,8 +148,12 @@ def worker_rate(
     model: Path,
     tag: str,
     adaptive_stage: str = "on",
+    cpu: dict | None = None,
     **overrides,
 ) -> tuple:
+    """Readings/s of the worker over the topic's `total` records, timed from its first poll
+    that brought records; with `cpu` (a dict) the cores it and the broker used meanwhile
+    (`CpuMeter`) are put in it."""
     from pipeline.worker.app import WorkerApp
     from pipeline.worker.settings import WorkerSettings
 
@@ -171,9 +175,12 @@ def worker_rate(
     app = WorkerApp.build(settings)
     started = {}
     process = app.worker.process
+    meter = CpuMeter()
 
     def timed_process(polled):
-        started.setdefault("t", time.perf_counter())
+        if "t" not in started:
+            meter.begin()
+            started["t"] = time.perf_counter()
         process(polled)
         if app.worker.stats.records_in >= total:
             app.stop()
@@ -181,6 +188,8 @@ def worker_rate(
     app.worker.process = timed_process
     app.run()  # returns after the final checkpoint: everything scored, produced, committed
     elapsed = time.perf_counter() - started["t"]
+    if cpu is not None:
+        cpu.update(meter.end())
     app.close()
     return total / elapsed, app.worker.stats
 

@@ -108,6 +108,59 @@ def broker_and_workdir(prefix: str) -> Iterator[tuple[str, Path]]:
             broker.stop()
 
 
+def _proc_stats() -> dict[int, tuple[str, int, float]]:
+    """pid -> (command name, parent pid, CPU seconds so far) of every process on this machine
+    (Linux `/proc`; empty elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue  # ended meanwhile
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
+        out[int(entry.parent.name)] = (
+            name,
+            int(fields[1]),
+            (int(fields[11]) + int(fields[12])) / tick,
+        )
+    return out
+
+
+class CpuMeter:
+    """CPU seconds spent between two readings by this process, by the processes descended from
+    `tree` (a supervisor's members) and by the Kafka broker (every `java` process here; none
+    when the broker runs elsewhere), for the cores a figure took beside its readings/s."""
+
+    def __init__(self, tree: int | None = None) -> None:
+        self.tree = tree
+        self.start: dict[str, float] | None = None
+        self.started = 0.0
+
+    def _read(self) -> dict[str, float]:
+        procs = _proc_stats()
+        members, frontier = set(), [self.tree] if self.tree else []
+        while frontier:
+            parent = frontier.pop()
+            members.add(parent)
+            frontier += [pid for pid, (_, ppid, _) in procs.items() if ppid == parent]
+        return {
+            "self": time.process_time(),
+            "members": sum(procs[pid][2] for pid in members if pid in procs),
+            "broker": sum(cpu for name, _, cpu in procs.values() if name == "java"),
+        }
+
+    def begin(self) -> None:
+        self.start, self.started = self._read(), time.perf_counter()
+
+    def end(self) -> dict[str, float]:
+        """Cores used since `begin` (CPU seconds per second of wall time), and the seconds."""
+        now, seconds = self._read(), time.perf_counter() - self.started
+        cores = {name: (now[name] - self.start[name]) / seconds for name in now}
+        return {**cores, "seconds": seconds}
+
+
 def ensure_topics(bootstrap: str, topics: dict) -> None:
     """Create the topics (a spec per name) through the worker's own Kafka client."""
     from pipeline.kafka_io import open_client
