@@ -111,6 +111,13 @@ def consume_rate(bootstrap: str, topic: str, total: int, client: str, decode: bo
     return seen / elapsed
 
 
+def assignments(log: Path, start: int = 0) -> int:
+    """How many partition assignments the members logged past byte `start` of their log."""
+    with open(log, "rb") as lines:
+        lines.seek(start)
+        return lines.read().count(b'"msg": "assigned [(')
+
+
 def processes_rate(
     bootstrap: str,
     records: list,
@@ -155,11 +162,12 @@ def processes_rate(
     partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
     first = last = None
     with open(log, "ab") as out:
+        start = out.tell()  # the log may hold earlier runs' lines
         proc = subprocess.Popen(worker_command(settings), stdout=out, stderr=subprocess.STDOUT)
         meter = CpuMeter(tree=proc.pid)
         try:
             deadline = time.monotonic() + 300
-            while log.read_text().count('"msg": "assigned [(') < processes:
+            while assignments(log, start) < processes:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"--processes {processes} did not join; see {log}")
                 time.sleep(0.2)

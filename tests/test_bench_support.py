@@ -1,5 +1,6 @@
-"""The benchmarks' CPU meter (`/proc`): a supervisor's busy member counts as its cores, and this
-process's idle time does not."""
+"""Pieces of the benchmarks: the CPU meter (`/proc`) counts a supervisor's busy member as its
+cores and not this process's idle time; the processes figure waits for its own members' joins,
+not for those an earlier run wrote into the same log."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks.bench_clients import assignments
 from benchmarks.common import CpuMeter
 
 SPIN = "import time\nend = time.process_time() + 10\nwhile time.process_time() < end: pass\n"
@@ -30,3 +32,14 @@ def test_a_supervisors_busy_member_counts_and_this_process_does_not():
     assert 0.3 < used["members"] <= 1.2  # one spinning member: about a core (less when busy)
     assert used["self"] < 0.2  # this process slept
     assert 0.9 < used["seconds"] < 2.0
+
+
+def test_joins_are_counted_from_where_this_run_began_its_log(tmp_path):
+    log = tmp_path / "processes-2.log"
+    earlier = "{\"msg\": \"assigned [('t', 0), ('t', 1)] (state for 0)\"}\n"
+    log.write_text(earlier * 2 + '{"msg": "member 0 exited with 0"}\n')
+    with open(log, "ab") as out:
+        start = out.tell()
+        out.write(earlier.replace("'t'", "'u'").encode())
+    assert assignments(log, start) == 1  # this run's member; the earlier run's two do not count
+    assert assignments(log) == 3
