@@ -38,7 +38,10 @@ more than `cooldown` rows have passed since the last detection: one detection pe
 
 Both take batches of (slot, row) in arrival order, possibly several rows per slot: the k-th row of
 every slot is one vectorised step (`rounds`), so a batch gives exactly what feeding the rows one
-at a time would, in any interleaving of keys. Slots are small integers the caller gives keys. The
+at a time would, in any interleaving of keys. What no step feeds back is done for the whole
+batch at once: the Gaussian tails (without a freeze), and the rule's or the range check's whole
+step when the batch cannot make either report anything (every surprise below the re-arm level:
+the rule's counts only grow; every window within its key's range: the ranges stay). Slots are small integers the caller gives keys. The
 state of a slot packs into 12 + 24 C bytes (stage), 16 F bytes (range of F features, when on) and
 17 bytes (rule), bit for bit.
 """
@@ -216,11 +219,7 @@ class AdaptiveLikelihood:
     def step(self, k: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One scaled row (`x`, see `update`) for each of the distinct slots `k`: log Q and
         whether it is past warm-up."""
-        n = self.n[k] + 1
-        m_old, mu, var = self.m[k], self.mu[k], self.var[k]
-        m = m_old + np.maximum(self.a_short, 1.0 / n)[:, None] * (x - m_old)
-        sd = np.maximum(np.sqrt(var), self.settings.min_std)
-        live = n > self.settings.warmup
+        n, m, mu, var, sd, live = self._short_term(k, x)
         logq = np.where(live, _log_ndtr(-((m - mu) / sd)).min(axis=1), _LOG_HALF)
         a = np.maximum(self.a_long, 1.0 / n)[:, None]
         freeze = self.settings.freeze
@@ -236,13 +235,18 @@ class AdaptiveLikelihood:
     def _advance(self, k: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`step` without a freeze: the row's z against the estimate before it, whether it is
         past warm-up, and the estimate learns the row."""
+        n, m, mu, var, sd, live = self._short_term(k, x)
+        self._learn(k, n, m, mu, var, sd, live, np.maximum(self.a_long, 1.0 / n)[:, None])
+        return (m - mu) / sd, live
+
+    def _short_term(self, k: np.ndarray, x: np.ndarray) -> tuple:
+        """The slots' count and short-term mean with the row, and the long-term estimate (mean,
+        variance, floored sd) before it; whether each is past warm-up."""
         n = self.n[k] + 1
         m_old, mu, var = self.m[k], self.mu[k], self.var[k]
         m = m_old + np.maximum(self.a_short, 1.0 / n)[:, None] * (x - m_old)
         sd = np.maximum(np.sqrt(var), self.settings.min_std)
-        live = n > self.settings.warmup
-        self._learn(k, n, m, mu, var, sd, live, np.maximum(self.a_long, 1.0 / n)[:, None])
-        return (m - mu) / sd, live
+        return n, m, mu, var, sd, n > self.settings.warmup
 
     def _learn(self, k, n, m, mu, var, sd, live, a) -> None:
         """The long-term estimate takes the short-term mean `m`, winsorised past warm-up."""
