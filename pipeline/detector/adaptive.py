@@ -44,6 +44,9 @@ step when the batch cannot make either report anything (every surprise below the
 the rule's counts only grow; every window within its key's range: the ranges stay). Slots are small integers the caller gives keys. The
 state of a slot packs into 12 + 24 C bytes (stage), 16 F bytes (range of F features, when on) and
 17 bytes (rule), bit for bit.
+
+Size: over 400 lines because the three parts share one batching rule (rounds, whole-batch paths)
+and one state layout, and a test checks their batches against their steps row by row.
 """
 
 from __future__ import annotations
