@@ -189,7 +189,7 @@ def processes_rate(
                     meter.begin()
                 if done >= 0.75 * total:
                     last = now
-                    if cpu is not None and first is not None:
+                    if cpu is not None:
                         cpu.update(meter.end())
                     break
                 time.sleep(0.05)

@@ -30,6 +30,7 @@ number of threads (the spectrum is a product with a fixed basis, not the CPU FFT
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -197,23 +198,16 @@ def _statistic(term: str, series: torch.Tensor, centred, errors: torch.Tensor) -
     return (power * bins).sum(dim=2) / (power.sum(dim=2) + _TINY)  # (not a matmul: batch-invariant)
 
 
-_BASES: dict = {}
-
-
+@functools.lru_cache(maxsize=16)
 def _dft_basis(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[W, 2K] cosines then negated sines of bins 1..K = W // 2 (what `torch.fft.rfft` gives past
     its constant bin), made in float64. A product with it is a transform whose result for a
     series does not depend on how many threads compute it (the CPU FFT's does, in the last
     bits)."""
-    key = (length, device, dtype)
-    basis = _BASES.get(key)
-    if basis is None:
-        t = torch.arange(length, dtype=torch.float64)[:, None]
-        k = torch.arange(1, length // 2 + 1, dtype=torch.float64)[None, :]
-        angle = 2 * math.pi * t * k / length
-        basis = torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1).to(device, dtype)
-        _BASES[key] = basis
-    return basis
+    t = torch.arange(length, dtype=torch.float64)[:, None]
+    k = torch.arange(1, length // 2 + 1, dtype=torch.float64)[None, :]
+    angle = 2 * math.pi * t * k / length
+    return torch.cat([torch.cos(angle), -torch.sin(angle)], dim=1).to(device, dtype)
 
 
 def term_statistics(x: torch.Tensor, errors: torch.Tensor, terms=TERMS) -> torch.Tensor:

@@ -63,6 +63,7 @@ class ScoringPass:
 
     def __init__(self, model: nn.Module, config: ModelConfig, stats: ScoreStats | None) -> None:
         self.model, self.config, self.stats = model, config, stats
+        self._steps: dict[bool, _Pass] = {}  # attribution -> the pass, op by op
         self._traced: dict[bool, tuple | None] = {}  # attribution -> (graph, which are None)
 
     def __call__(
@@ -79,7 +80,11 @@ class ScoringPass:
     def _run(
         self, raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, attribution: bool
     ) -> Outputs:
-        step = _Pass(self.model, self.config, self.stats, attribution)
+        step = self._steps.get(attribution)
+        if step is None:
+            step = self._steps[attribution] = _Pass(
+                self.model, self.config, self.stats, attribution
+            )
         if raw.device.type != "cpu" or torch.is_grad_enabled():
             return step.eager(raw, center, scale)
         if attribution not in self._traced:
