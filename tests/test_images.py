@@ -259,6 +259,9 @@ REJECTIONS = {
         (GREY, lambda: encode_image_record(np.ones(GREY)), {"headers": [("aewatch.ts", None)]}),
         (GREY, lambda: encode_image_record(np.ones(GREY)), {"headers": [("aewatch.ts", b"nan")]}),
         (GREY, lambda: encode_image_record(np.ones(GREY)), {"ts": -1}),
+        (GREY, lambda: encode_image_record(np.ones(GREY)), {"ts": 10**15}),  # year 33658
+        (GREY, lambda: encode_image_record(np.ones(GREY)), {"headers": [("aewatch.ts", b"1e15")]}),
+        (GREY, lambda: envelope(ts=10**15, image=b64(encode_image_record(np.ones(GREY)))), {}),
         (GREY, lambda: envelope(ts="later", image=b64(encode_image_record(np.ones(GREY)))), {}),
         (GREY, lambda: envelope(ts=True, image=b64(encode_image_record(np.ones(GREY)))), {}),
     ],

@@ -438,3 +438,33 @@ def _pending(n: int) -> ReadyWindows:
     for i in range(n):
         ready.add(np.zeros((4, 2), np.float32), "k", i, i + 1, ("t", 0), i)
     return ready
+
+
+def test_times_beyond_the_year_9999_are_refused_and_the_worker_keeps_serving(detector):
+    """An event cannot carry a time past the year 9999 (nor can Python's datetime): a reading,
+    batch or pre-cut window with one is dead-lettered as bad_timestamp, whichever decoding path
+    it takes, instead of reaching the event writer and ending the worker."""
+    names = detector.input.features
+    length = detector.input.window.length
+    far = 10**15  # epoch ms in the year 33658
+    values = {n: 1.0 for n in names}
+    wrong = [
+        {"key": "far", "ts": far, "values": values},  # decoded with the whole poll
+        {"key": "far", "ts": float(far), "values": values},  # decoded record by record
+        {"key": "far", "ts": [far, far + 1], "values": {n: [1.0, 2.0] for n in names}},
+        {"key": "far", "ts_start": far, "ts_end": far + 1, "values": [[1.0] * len(names)] * length},
+    ]
+    records = []
+    for i in range(length * 4):
+        value = {"key": "near", "ts": 1_767_225_600_000 + 1000 * i, "values": values}
+        records.append(Record("readings", 0, len(records), b"near", orjson.dumps(value)))
+        if i % length == 1 and wrong:  # each in a poll of its own
+            records.append(Record("readings", 0, len(records), b"far", orjson.dumps(wrong.pop())))
+    stride = detector.input.window.stride
+    for chunk in (len(records), length):  # one poll (the typed path first), many polls
+        source = FakeSource({("readings", 0): records}, chunk=chunk)
+        _, sink, stats = _run(detector, source, emit_all=True)
+        assert stats.dead_letters == {"bad_timestamp": 4}
+        assert [key for topic, key, _, _ in sink.sent if topic == "dlq"] == [b"far"] * 4
+        assert stats.windows_scored == (length * 4 - length) // stride + 1
+        assert len(sink.values("events")) == stats.windows_scored

@@ -47,7 +47,7 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from pipeline.modalities.readings import REASONS, Rejection, parse_timestamp_ms
+from pipeline.modalities.readings import MS_RANGE, REASONS, Rejection, parse_timestamp_ms
 
 __all__ = [
     "IMAGE_REASONS",
@@ -210,6 +210,8 @@ class ImageDecoder:
                 return Rejection("bad_timestamp", f"header {TIMESTAMP_HEADER}: {_detail(exc)}")
         if timestamp_ms is None or isinstance(timestamp_ms, bool) or timestamp_ms < 0:
             return Rejection("bad_timestamp", "no 'ts', no header and no record timestamp")
+        if timestamp_ms >= MS_RANGE[1]:
+            return Rejection("bad_timestamp", "the record timestamp is beyond the year 9999")
         return int(timestamp_ms)
 
     # -- pixels ----------------------------------------------------------------------------------

@@ -34,20 +34,31 @@ from pipeline.modalities.batches import (
     columnar_batch,
 )
 
-__all__ = ["REASONS", "Decoded", "Rejection", "RecordDecoder", "finite_rows", "parse_timestamp_ms"]
+__all__ = [
+    "MS_RANGE",
+    "REASONS",
+    "Decoded",
+    "Rejection",
+    "RecordDecoder",
+    "finite_rows",
+    "parse_timestamp_ms",
+]
 
 REASONS = (
     "decode_error",  # not UTF-8 JSON
     "schema_mismatch",  # JSON, but not the shape of a reading or window
     "missing_feature",  # a feature the model needs is absent
     "non_finite",  # NaN, infinity, or beyond float32 range
-    "bad_timestamp",  # timestamp missing or unparseable
+    "bad_timestamp",  # timestamp missing, unparseable or outside the years 1 to 9999
     "oversize",  # record larger than max_record_bytes
     "window_shape",  # a pre-cut window of the wrong length or width
     "out_of_order",  # older than the key's latest reading
     "duplicate_timestamp",  # same timestamp as the key's latest reading
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Epoch milliseconds from 0001-01-01 up to (not including) 10000-01-01: the times an event can
+# carry (RFC 3339 has four-digit years, and so has Python's datetime).
+MS_RANGE = (-62_135_596_800_000, 253_402_300_800_000)
 
 
 def finite_rows(values: np.ndarray) -> np.ndarray:
@@ -79,6 +90,8 @@ def parse_timestamp_ms(value) -> int:
     if isinstance(value, int | float):
         if not math.isfinite(value):
             raise ValueError("non-finite timestamp")
+        if not MS_RANGE[0] <= value < MS_RANGE[1]:
+            raise ValueError(f"epoch ms {value} is outside the years 1 to 9999")
         return int(value)
     if isinstance(value, str):
         text = value.strip()

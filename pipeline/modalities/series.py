@@ -20,7 +20,13 @@ from pipeline.events import iso_ms
 from pipeline.kafka_io.protocols import record_columns
 from pipeline.modalities.base import Partition, Reject
 from pipeline.modalities.batches import ReadingBatch
-from pipeline.modalities.readings import Decoded, RecordDecoder, Rejection, finite_rows
+from pipeline.modalities.readings import (
+    MS_RANGE,
+    Decoded,
+    RecordDecoder,
+    Rejection,
+    finite_rows,
+)
 from pipeline.modalities.windowing import ReadyWindows, StreamWindower
 
 if TYPE_CHECKING:
@@ -39,6 +45,7 @@ SECONDS_LIKE = (100_000_000, 100_000_000_000)
 _SECONDS = Rejection(
     "bad_timestamp", "'ts' reads as 1970-1973 in epoch ms: epoch seconds? send milliseconds"
 )
+_BEYOND = Rejection("bad_timestamp", "'ts' in epoch ms is outside the years 1 to 9999")
 
 
 class SeriesIntake:
@@ -125,10 +132,14 @@ class SeriesIntake:
             names = [k for part in parts for k in part[0]]
             ts, rows, at = (np.concatenate([part[j] for part in parts]) for j in (1, 2, 3))
         seconds = (ts >= SECONDS_LIKE[0]) & (ts < SECONDS_LIKE[1])
-        if seconds.any():  # a batched record is refused once
-            for index in dict.fromkeys(at[seconds].tolist()):
-                reject(records[index], _SECONDS)
-            keep = np.flatnonzero(~np.isin(at, at[seconds]))
+        wrong = seconds | (ts < MS_RANGE[0]) | (ts >= MS_RANGE[1])
+        if wrong.any():  # a batched record is refused once, for its first wrong time
+            refused = {}
+            for index, as_seconds in zip(at[wrong].tolist(), seconds[wrong].tolist(), strict=True):
+                refused.setdefault(index, _SECONDS if as_seconds else _BEYOND)
+            for index, rejection in refused.items():
+                reject(records[index], rejection)
+            keep = np.flatnonzero(~np.isin(at, at[wrong]))
             names = [names[i] for i in keep]
             ts, rows, at = ts[keep], rows[keep], at[keep]
             if not len(ts):
