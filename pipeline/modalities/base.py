@@ -5,8 +5,8 @@ that depends on the kind of input, so that no other module asks which kind it se
 
 - `intake`: how a poll's Kafka records become windows ready to score (decoding, checking,
   windowing per key) and which records are rejected, with what reason;
-- `event_detail`: what an anomaly event says about one scored window (its time span and top
-  features, or an image's error map and hottest regions);
+- `event_details`: what the anomaly events say about some of a batch's scored windows (each
+  one's time span and top features, or an image's error map and hottest regions);
 - `alarm_features` / `alarm_errors`: the feature names and per-feature errors alarm episodes
   summarise (none for images);
 - `mismatch`: why a candidate detector could not take over the serving one's inputs;
@@ -78,7 +78,11 @@ class Modality(Protocol):
 
     def intake(self, max_record_bytes: int) -> Intake: ...
 
-    def event_detail(self, scored: Scores, i: int, start_ms: int, end_ms: int) -> dict: ...
+    def event_details(
+        self, scored: Scores, rows: np.ndarray, start_ms: np.ndarray, end_ms: np.ndarray
+    ) -> list[dict]:
+        """For each of the `rows` of `scored` (spanning `start_ms` to `end_ms`), the fields
+        its event's data adds."""
 
     @property
     def alarm_features(self) -> tuple[str, ...] | None: ...

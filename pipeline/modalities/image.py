@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from pipeline.events import iso_ms
+from pipeline.events import iso_ms_many
 from pipeline.modalities.base import Partition, Reject
 from pipeline.modalities.images import ImageDecoder
 from pipeline.modalities.readings import Rejection
@@ -80,19 +80,23 @@ class ImageModality:
     def intake(self, max_record_bytes: int) -> ImageIntake:
         return ImageIntake(self.spec, max_record_bytes)
 
-    def event_detail(self, scored: Scores, i: int, start_ms: int, end_ms: int) -> dict:
+    def event_details(
+        self, scored: Scores, rows: np.ndarray, start_ms: np.ndarray, end_ms: np.ndarray
+    ) -> list[dict]:
         channels, height, width = self.spec.image_shape
-        pixel_errors = scored.pixel_map[i]
-        return {
-            "image": {
-                "time": iso_ms(end_ms),
+        details = []
+        for i, time in zip(rows.tolist(), iso_ms_many(end_ms), strict=True):
+            pixel_errors = scored.pixel_map[i]
+            image = {
+                "time": time,
                 "channels": channels,
                 "height": height,
                 "width": width,
                 "error_map_png": error_map_png(pixel_errors),
                 "top_regions": top_regions(pixel_errors, TOP_REGIONS),
             }
-        }
+            details.append({"image": image})
+        return details
 
     @property
     def alarm_features(self) -> None:

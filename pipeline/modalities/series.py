@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.detector.calendar import calendar_columns
-from pipeline.events import iso_ms
+from pipeline.events import iso_ms_many
 from pipeline.kafka_io.protocols import record_columns
 from pipeline.modalities.base import Partition, Reject
 from pipeline.modalities.batches import ReadingBatch
@@ -203,30 +203,48 @@ class SeriesModality:
     def intake(self, max_record_bytes: int) -> SeriesIntake:
         return SeriesIntake(self.spec, max_record_bytes)
 
-    def event_detail(self, scored: Scores, i: int, start_ms: int, end_ms: int) -> dict:
+    def event_details(
+        self, scored: Scores, rows: np.ndarray, start_ms: np.ndarray, end_ms: np.ndarray
+    ) -> list[dict]:
+        """Each window's span, and its features and time steps of largest error (ties in their
+        order), gathered for all the rows at once."""
         spec = self.spec.window
-        feature_order = np.argsort(-scored.per_feature[i], kind="stable")[:TOP_FEATURES]
-        step_order = np.argsort(-scored.per_step[i], kind="stable")[:TOP_STEPS]
-        return {
-            "window": {
-                "start": iso_ms(start_ms),
-                "end": iso_ms(end_ms),
-                "length": spec.length,
-                "stride": spec.stride,
-            },
-            "top_features": [self._feature(scored, i, f) for f in feature_order],
-            "top_steps": [
-                {"index": int(t), "error": float(scored.per_step[i, t])} for t in step_order
-            ],
-        }
-
-    def _feature(self, scored: Scores, i: int, f: int) -> dict:
-        """A top feature: its name, its error (with the terms score: its contribution) and, with
-        the terms score, the term that weighed most (error, variance, roughness, centroid)."""
-        out = {"name": self.spec.features[f], "error": float(scored.per_feature[i, f])}
+        per_feature, per_step = scored.per_feature[rows], scored.per_step[rows]
+        features = np.argsort(-per_feature, axis=1, kind="stable")[:, :TOP_FEATURES]
+        steps = np.argsort(-per_step, axis=1, kind="stable")[:, :TOP_STEPS]
+        feature_errors = np.take_along_axis(per_feature, features, 1).tolist()
+        step_errors = np.take_along_axis(per_step, steps, 1).tolist()
+        names = [[self.spec.features[f] for f in row] for row in features.tolist()]
+        terms = None
         if scored.terms is not None:
-            out["term"] = scored.term_names[int(scored.terms[i, f])]
-        return out
+            term_index = np.take_along_axis(scored.terms[rows], features, 1).tolist()
+            terms = [[scored.term_names[t] for t in row] for row in term_index]
+        details = []
+        for j, (start, end) in enumerate(
+            zip(iso_ms_many(start_ms), iso_ms_many(end_ms), strict=True)
+        ):
+            top = [
+                {"name": n, "error": e} for n, e in zip(names[j], feature_errors[j], strict=True)
+            ]
+            if terms is not None:
+                for item, term in zip(top, terms[j], strict=True):
+                    item["term"] = term
+            details.append(
+                {
+                    "window": {
+                        "start": start,
+                        "end": end,
+                        "length": spec.length,
+                        "stride": spec.stride,
+                    },
+                    "top_features": top,
+                    "top_steps": [
+                        {"index": t, "error": e}
+                        for t, e in zip(steps[j].tolist(), step_errors[j], strict=True)
+                    ],
+                }
+            )
+        return details
 
     @property
     def alarm_features(self) -> tuple[str, ...]:

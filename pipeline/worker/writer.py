@@ -29,8 +29,9 @@ from pipeline.events import (
     ModelIdentity,
     dead_letter_headers,
     drift_event_id,
-    event_id,
+    event_ids,
     iso_ms,
+    iso_ms_many,
 )
 from pipeline.kafka_io.protocols import Record, Sink
 from pipeline.modalities.base import Modality
@@ -46,14 +47,14 @@ __all__ = ["EventWriter", "alarm_event"]
 log = logging.getLogger(__name__)
 
 
-def _cloud_event(kind: str, event_id_: str, model: ModelIdentity, key: str, ms: int, data: dict):
+def _cloud_event(kind: str, event_id_: str, model: ModelIdentity, key: str, time: str, data: dict):
     return {
         "specversion": "1.0",
         "id": event_id_,
         "source": model.source,
         "type": kind,
         "subject": key,
-        "time": iso_ms(ms),
+        "time": time,
         "datacontenttype": "application/json",
         "data": data,
     }
@@ -67,14 +68,23 @@ def _severity(score: float, threshold: float) -> float:
     return score / threshold if threshold > 0 else score
 
 
-def _adaptive_fields(adaptive: AdaptiveScores | None, i: int) -> dict:
-    if adaptive is None or not np.isfinite(adaptive.surprise[i]):
-        return {}  # stage off, or a replayed window the stage took before
-    return {
-        "surprise": float(adaptive.surprise[i]),
-        "likelihood": float(adaptive.likelihood[i]),
-        "detection": bool(adaptive.detection[i]),
-    }
+def _adaptive_fields(adaptive: AdaptiveScores | None, rows: np.ndarray) -> list[dict]:
+    """Each row's surprise, likelihood and detection; none where the stage is off, or for a
+    replayed window the stage took before."""
+    if adaptive is None:
+        return [{}] * len(rows)
+    surprise = adaptive.surprise[rows]
+    columns = zip(
+        np.isfinite(surprise).tolist(),
+        surprise.tolist(),
+        adaptive.likelihood[rows].tolist(),
+        adaptive.detection[rows].tolist(),
+        strict=True,
+    )
+    return [
+        {"surprise": s, "likelihood": p, "detection": bool(d)} if seen else {}
+        for seen, s, p, d in columns
+    ]
 
 
 def alarm_event(model: ModelIdentity, transition: AlarmTransition, threshold: float) -> dict:
@@ -96,7 +106,7 @@ def alarm_event(model: ModelIdentity, transition: AlarmTransition, threshold: fl
         "model": _model(model),
         "source": {"topic": t.partition[0], "partition": int(t.partition[1])},
     }
-    return _cloud_event(ALARM_TYPES[t.kind], t.event_id, model, t.key, t.time_ms, data)
+    return _cloud_event(ALARM_TYPES[t.kind], t.event_id, model, t.key, iso_ms(t.time_ms), data)
 
 
 class EventWriter:
@@ -133,34 +143,48 @@ class EventWriter:
         chosen = np.arange(len(batch)) if self.events.emit_all else np.flatnonzero(flags)
         if not len(chosen):
             return
-        scores = batch.scored.scores
-        keys = batch.keys()
-        group, first_offsets, last_offsets = batch.sources()
-        p_values = threshold.p_values(scores[chosen])
-        for j, i in enumerate(chosen):
-            key = str(keys[i])
-            topic, part = batch.pending.partitions[group[i]]
-            score = float(scores[i])
-            end_ms = int(batch.end_ts[i])
+        # every field as a list for all the chosen windows first, then one dict per event
+        t = threshold.value
+        scores = batch.scored.scores[chosen].tolist()
+        keys = batch.keys()[chosen].tolist()
+        group, first_offsets, last_offsets = (column[chosen] for column in batch.sources())
+        sources = [batch.pending.partitions[g] for g in group.tolist()]
+        ends = batch.end_ts[chosen]
+        columns = zip(
+            keys,
+            scores,
+            threshold.p_values(batch.scored.scores[chosen]).tolist(),
+            flags[chosen].tolist(),
+            _adaptive_fields(adaptive, chosen),
+            self.modality.event_details(batch.scored, chosen, batch.start_ts[chosen], ends),
+            sources,
+            first_offsets.tolist(),
+            last_offsets.tolist(),
+            event_ids(model, keys, ends.tolist()),
+            iso_ms_many(ends),
+            strict=True,
+        )
+        fields, send, topic = _model(model), self.sink.send, self.topics.output_topic
+        for key, score, p_value, flag, adaptive_, detail, source, first, last, id_, time in columns:
             data = {
                 "key": key,
                 "score": score,
-                "threshold": threshold.value,
-                "p_value": float(p_values[j]),
-                "severity": _severity(score, threshold.value),
-                "is_anomaly": bool(flags[i]),
-                **_adaptive_fields(adaptive, i),
-                "model": _model(model),
-                **self.modality.event_detail(batch.scored, i, int(batch.start_ts[i]), end_ms),
+                "threshold": t,
+                "p_value": p_value,
+                "severity": _severity(score, t),
+                "is_anomaly": flag,
+                **adaptive_,
+                "model": fields,
+                **detail,
                 "source": {
-                    "topic": topic,
-                    "partition": int(part),
-                    "offset_start": int(first_offsets[i]),
-                    "offset_end": int(last_offsets[i]),
+                    "topic": source[0],
+                    "partition": int(source[1]),
+                    "offset_start": first,
+                    "offset_end": last,
                 },
             }
-            event = _cloud_event(EVENT_TYPE, event_id(model, key, end_ms), model, key, end_ms, data)
-            self.sink.send(self.topics.output_topic, key=key.encode(), value=orjson.dumps(event))
+            event = _cloud_event(EVENT_TYPE, id_, model, key, time, data)
+            send(topic, key=key.encode(), value=orjson.dumps(event))
         self.stats.events_out += len(chosen)
         self.metrics.events.labels("anomaly").inc(len(chosen))
 
@@ -196,7 +220,7 @@ class EventWriter:
             "model": _model(model),
         }
         event_id_ = drift_event_id(model, c.key, c.time_ms)
-        event = _cloud_event(DRIFT_TYPE, event_id_, model, c.key, c.time_ms, data)
+        event = _cloud_event(DRIFT_TYPE, event_id_, model, c.key, iso_ms(c.time_ms), data)
         self.sink.send(self.topics.alarm_topic_name, key=c.key.encode(), value=orjson.dumps(event))
         self.metrics.events.labels("drift").inc()
         log.warning(
