@@ -17,7 +17,7 @@ from pipeline.detector.adaptive_stage import StreamReplay, replay
 from pipeline.detector.calendar import calendar_columns
 from pipeline.detector.key_baselines import BaselineConfig, KeyBaselines
 from pipeline.errors import DataError
-from pipeline.events import ModelIdentity, event_id
+from pipeline.events import ModelIdentity, event_ids
 
 __all__ = ["score_images", "score_keyed", "score_readings", "score_window_set"]
 
@@ -62,10 +62,7 @@ def score_window_set(
         frame["top_terms"] = [",".join(terms) for terms in detector.top_terms(scored, top_k)]
     if model is not None:
         end_ms = pd.to_datetime(frame["window_end"]).to_numpy().astype("datetime64[ms]")
-        frame["event_id"] = [
-            event_id(model, k, int(e))
-            for k, e in zip(frame["key"], end_ms.astype(np.int64), strict=True)
-        ]
+        frame["event_id"] = event_ids(model, frame["key"], end_ms.astype(np.int64).tolist())
     if windows.end_labels is not None:
         frame["label"] = windows.end_labels.astype(int)
     frame.attrs["threshold"] = threshold.value

@@ -74,7 +74,7 @@ def drift_event_id(model: ModelIdentity, key: str, time_ms: int) -> str:
 def _uuid5(prefix: str, names: Iterable[str]) -> list:
     """`str(uuid.uuid5(_NAMESPACE, prefix + name))` of each name, without a `UUID` object each:
     the SHA-1 digests' version and variant bits are set on all of them at once."""
-    head = hashlib.sha1(_NAMESPACE.bytes + prefix.encode())
+    head = hashlib.sha1(_NAMESPACE.bytes + prefix.encode(), usedforsecurity=False)
     digests = []
     for name in names:
         sha = head.copy()
