@@ -121,6 +121,7 @@ def test_metrics_count_records_windows_and_dead_letters(detector):
     stream = fleet(seed=9, readings_per_key=500, anomalies=())
     records = partitioned(stream, "readings", 1)[("readings", 0)]
     bad = [b"not json", b"[1]", orjson.dumps({"key": "machine-000", "ts": 1, "values": {}})]
+    bad += [b"{not json either", b"\xff"]  # a reason's count goes on past its first
     mixed = (
         records[:100] + [Record("readings", 0, 0, b"machine-000", v) for v in bad] + records[100:]
     )
@@ -131,7 +132,7 @@ def test_metrics_count_records_windows_and_dead_letters(detector):
     values = metric_values(worker.metrics.exposition().decode())
     assert values[("aewatch_records_total", (("topic", "readings"),))] == len(mixed)
     assert values[("aewatch_windows_scored_total", ())] == stats.windows_scored > 0
-    assert values[("aewatch_dead_letters_total", (("reason", "decode_error"),))] == 1
+    assert values[("aewatch_dead_letters_total", (("reason", "decode_error"),))] == 3
     assert values[("aewatch_dead_letters_total", (("reason", "schema_mismatch"),))] == 1
     assert values[("aewatch_dead_letters_total", (("reason", "missing_feature"),))] == 1
     assert values[("aewatch_end_to_end_latency_seconds_count", ())] == stats.windows_scored

@@ -121,14 +121,19 @@ class EventWriter:
     ) -> None:
         self.sink, self.topics, self.events, self.modality = sink, topics, events, modality
         self.metrics, self.stats = metrics, stats
+        self._dead_letter_counters: dict = {}  # by reason (a flood of bad records counts each)
 
     def dead_letter(self, record: Record, rejection: Rejection) -> None:
+        reason = rejection.reason
         headers = list(record.headers or []) + dead_letter_headers(
-            rejection.reason, rejection.detail, record.topic, record.partition, record.offset
+            reason, rejection.detail, record.topic, record.partition, record.offset
         )
         self.sink.send(self.topics.dlq_topic, key=record.key, value=record.value, headers=headers)
-        self.stats.dead_letters[rejection.reason] += 1
-        self.metrics.dead_letters.labels(rejection.reason).inc()
+        self.stats.dead_letters[reason] += 1
+        counter = self._dead_letter_counters.get(reason)
+        if counter is None:
+            counter = self._dead_letter_counters[reason] = self.metrics.dead_letters.labels(reason)
+        counter.inc()
 
     def windows(
         self,
