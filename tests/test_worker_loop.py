@@ -7,7 +7,7 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from pipeline.events import ModelIdentity, event_id, event_schema
+from pipeline.events import ModelIdentity, event_id, event_schema, iso_ms
 from pipeline.modalities.windowing import ReadyWindows
 from pipeline.worker.loop import Worker
 from pipeline.worker.scorer import SMALL_BATCH
@@ -468,3 +468,103 @@ def test_times_beyond_the_year_9999_are_refused_and_the_worker_keeps_serving(det
         assert [key for topic, key, _, _ in sink.sent if topic == "dlq"] == [b"far"] * 4
         assert stats.windows_scored == (length * 4 - length) // stride + 1
         assert len(sink.values("events")) == stats.windows_scored
+
+
+def test_a_poll_with_records_of_other_kinds_decodes_the_rest_together(detector, monkeypatch):
+    """Records that are not readings of the common shape (bad ones, windows, batches, another
+    timestamp form, a key only in the message) are decoded one by one; the poll's other
+    readings still go through the one-pass decoder. The answer (events, dead letters and their
+    reasons) is the one a member gets reading one record at a time."""
+    from pipeline.modalities.series import SeriesIntake
+
+    stream = fleet(seed=6, readings_per_key=300)
+    records = partitioned(stream, "readings", 3)
+    names = detector.input.features
+    length = detector.input.window.length
+    values = {n: 1.0 for n in names}
+    others = [
+        (b"not json", "decode_error"),
+        (orjson.dumps({"key": "KEY", "ts": 1, "values": {}}), "missing_feature"),
+        (b"x" * 2_000_000, "oversize"),
+        (orjson.dumps({"key": "someone-else", "ts": 1, "values": values}), "schema_mismatch"),
+        (orjson.dumps({"ts": "yesterday", "values": values}), "bad_timestamp"),
+        (orjson.dumps({"key": "KEY", "ts": 1e15, "values": values}), "bad_timestamp"),
+        (None, "schema_mismatch"),  # a tombstone: the whole poll record by record
+    ]
+    window = {"ts_start": 1, "ts_end": 2, "values": [[0.5] * len(names)] * length}
+    # a pre-cut window, a columnar batch and a reading with an ISO time, all of a key of their own
+    fine = [
+        orjson.dumps({"key": "solo-w", **window}),
+        orjson.dumps({"key": "solo-b", "ts": [1, 2], "values": {n: [1.0, 2.0] for n in names}}),
+        orjson.dumps({"key": "solo-t", "ts": "2026-01-01T00:00:00Z", "values": values}),
+    ]
+    iso = 0
+    for p, partition in enumerate(sorted(records)):
+        rs = records[partition]
+        key = rs[0].key
+        for j, (value, _reason) in enumerate(others[p::3]):
+            if value is not None:  # the readings that are not refused for their key
+                value = value.replace(b'"KEY"', b'"' + key + b'"')
+            rs.insert(40 + 60 * j, Record(*partition, 0, key, value))
+        rs.insert(20, Record(*partition, 0, f"solo-{'wbt'[p]}".encode(), fine[p]))
+        iso += len(rs[100:400:50])
+        for r in rs[100:400:50]:  # readings of the stream's keys with ISO times: one by one too
+            reading = orjson.loads(r.value)
+            reading["ts"] = iso_ms(reading["ts"])
+            r.value = orjson.dumps(reading)
+        for offset, record in enumerate(rs):
+            record.offset = offset
+    taken_one_by_one: list[int] = []
+    one_by_one = SeriesIntake._one_by_one
+
+    def counted(self, records, partitions, keys, values, offsets, indices, *rest):
+        taken_one_by_one.append(len(indices))
+        return one_by_one(self, records, partitions, keys, values, offsets, indices, *rest)
+
+    monkeypatch.setattr(SeriesIntake, "_one_by_one", counted)
+    _, together, stats = _run(detector, FakeSource(records, chunk=10_000), emit_all=True)
+    total = sum(map(len, records.values()))
+    assert taken_one_by_one == [total]  # a record without a value: the poll one by one
+    taken_one_by_one.clear()
+    no_tombstone = {p: [r for r in rs if r.value is not None] for p, rs in records.items()}
+    for rs in no_tombstone.values():
+        for offset, record in enumerate(rs):
+            record.offset = offset
+    _, together, stats = _run(detector, FakeSource(no_tombstone, chunk=10_000), emit_all=True)
+    assert taken_one_by_one == [len(others) - 1 + len(fine) + iso]
+    _, apart, apart_stats = _run(detector, OnePartitionAPoll(no_tombstone, chunk=1), emit_all=True)
+
+    def dead(sink) -> dict:
+        out = {}
+        for topic, _key, _value, headers in sink.sent:
+            if topic == "dlq":
+                h = dict(headers)
+                where = (int(h["aewatch.source.partition"]), int(h["aewatch.source.offset"]))
+                out[where] = h["aewatch.dlq.reason"].decode()
+        return out
+
+    expected = sorted(reason for _, reason in others[:-1])
+    assert sorted(dead(together).values()) == expected
+    assert dead(together) == dead(apart)
+    assert sorted(together.values("events")) == sorted(apart.values("events")) != []
+    assert stats.windows_scored == apart_stats.windows_scored > 0
+
+
+def test_the_one_pass_decoder_gives_up_on_a_poll_of_mostly_other_records():
+    """A few records of another kind leave the rest of the poll to the one-pass decoder; once
+    failed tries outnumber the readings decoded (past `MOSTLY_OTHERS`), the rest of the poll
+    is left to be decoded one by one."""
+    from pipeline.modalities.readings import MOSTLY_OTHERS, RecordDecoder
+
+    decoder = RecordDecoder(("s0", "s1"), 4, 1 << 20)
+
+    def reading(ts: int) -> bytes:
+        return orjson.dumps({"key": "a", "ts": ts, "values": {"s0": 1.0, "s1": 2.0}})
+
+    values = [reading(i) for i in range(30)] + [b"bad"] * 3 + [reading(30)]
+    keys, ts, rows, at, others = decoder.decode_many([b"a"] * len(values), values)
+    assert at.tolist() == [*range(30), 33] and others == [30, 31, 32]
+    assert ts.tolist() == list(range(31)) and rows.shape == (31, 2) and keys == ["a"] * 31
+    values = [reading(0), reading(1)] + [b"bad"] * (MOSTLY_OTHERS + 5) + [reading(2)]
+    keys, ts, rows, at, others = decoder.decode_many([b"a"] * len(values), values)
+    assert at.tolist() == [0, 1] and others == list(range(2, len(values)))

@@ -59,6 +59,9 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Epoch milliseconds from 0001-01-01 up to (not including) 10000-01-01: the times an event can
 # carry (RFC 3339 has four-digit years, and so has Python's datetime).
 MS_RANGE = (-62_135_596_800_000, 253_402_300_800_000)
+# Failed typed decodes in a poll after which, if they outnumber the readings decoded, the rest
+# of the poll is decoded one by one without a typed try (a stream of bad records).
+MOSTLY_OTHERS = 16
 
 
 def finite_rows(values: np.ndarray) -> np.ndarray:
@@ -157,28 +160,54 @@ class RecordDecoder:
         self._arrow = ArrowBatches(self.reading_features)
 
     def decode_many(self, message_keys: list, values: list):
-        """Readings of the common shape, all of them: (keys, ts [n] int64, values [n, F]
-        float64), each step one C-level pass over the poll; or None as soon as any record is
-        anything else (a window, a batch, another timestamp form, a key only in the message, a
-        bad record), and the caller decodes record by record, which gives each its reason.
-        Finiteness is checked by the caller, as for single readings."""
+        """The readings of the common shape among `values`, each step one C-level pass over the
+        poll: (keys, ts [n] int64, values [n, F] float64, index [n] of their records, indices of
+        the other records). The others (a window, a batch, another timestamp form, a key only in
+        the message, a bad record) the caller decodes one by one, which gives each its reason.
+        None when the whole poll should go record by record (a record without a value or a
+        message key, or a key that is not UTF-8; a timestamp beyond int64). Finiteness is
+        checked by the caller, as for single readings."""
         try:
-            if max(map(len, values)) > self.max_bytes:
-                return None
-            data = list(map(self._decode_reading, values))  # stops at the first other record
-            keys = list(map(_KEY, data))
-            if keys != list(map(bytes.decode, message_keys)):
-                return None
-        except (msgspec.DecodeError, TypeError, ValueError):
-            return None  # (ValueError: also a message key that is not UTF-8)
-        n, width = len(data), len(self.reading_features)
+            expected = list(map(bytes.decode, message_keys))
+            oversize = max(map(len, values)) > self.max_bytes
+        except (TypeError, ValueError):  # (ValueError: also a message key that is not UTF-8)
+            return None
+        if oversize:  # refused one by one, with their size
+            values = [value if len(value) <= self.max_bytes else b"" for value in values]
+        data: list = []
+        others: list[int] = []
+        remaining = iter(values)
+        while True:  # the typed decoder stops at a record of another kind; go on past it
+            try:
+                data.extend(map(self._decode_reading, remaining))
+                break
+            except msgspec.DecodeError:
+                others.append(len(data) + len(others))
+                if len(others) > MOSTLY_OTHERS and len(others) > len(data):
+                    others.extend(range(len(data) + len(others), len(values)))
+                    break  # mostly other records: the rest one by one, without a typed try
+        keys = list(map(_KEY, data))
+        n = len(values)
+        if not others and keys == expected:
+            at = np.arange(n)
+        else:
+            at = np.ones(n, bool)
+            at[others] = False
+            at = np.flatnonzero(at)
+            differ = np.asarray(keys, object) != np.asarray(expected, object)[at]
+            if differ.any():  # a JSON key other than the message key: refused one by one
+                others = sorted(others + at[differ].tolist())
+                keep = np.flatnonzero(~differ).tolist()
+                data, keys, at = [data[i] for i in keep], [keys[i] for i in keep], at[keep]
         try:
-            ts = np.fromiter(map(_TS, data), np.int64, count=n)
+            ts = np.fromiter(map(_TS, data), np.int64, count=len(data))
         except OverflowError:  # integers beyond int64
             return None
+        width = len(self.reading_features)
         rows = map(self._row, map(_VALUES, data))
         flat = chain.from_iterable(rows) if width > 1 else rows
-        return keys, ts, np.fromiter(flat, np.float64, count=n * width).reshape(n, width)
+        values = np.fromiter(flat, np.float64, count=len(data) * width).reshape(len(data), width)
+        return keys, ts, values, at, others
 
     def decode(
         self, message_key: bytes | None, value: bytes | None

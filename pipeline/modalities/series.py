@@ -49,9 +49,11 @@ _BEYOND = Rejection("bad_timestamp", "'ts' in epoch ms is outside the years 1 to
 
 
 class SeriesIntake:
-    """Decodes a partition's records (one C-level pass over their values: the only per-record
-    Python work), then checks and windows the readings of every key together; pre-cut windows
-    pass straight on. A batched record adds its readings as arrays."""
+    """Decodes a poll's readings of the common shape (one C-level pass over their values: the
+    only per-record Python work) and its other records one by one, then checks and windows the
+    readings of every key together, in record order; pre-cut windows pass straight on. A
+    batched record adds its readings as arrays. A bad record among good ones costs only its own
+    decoding: the poll's other readings still take the one pass."""
 
     def __init__(self, spec: InputSpec, max_record_bytes: int) -> None:
         self.decoder = RecordDecoder(
@@ -63,31 +65,55 @@ class SeriesIntake:
     def take_all(
         self, polled: Sequence[tuple[Partition, Sequence]], pending: ReadyWindows, reject: Reject
     ) -> None:
-        """A poll's records of every partition: when all are readings of the common shape,
-        decoded, checked and windowed together (one pass for the poll, however many partitions
-        it spans); otherwise partition by partition (`take`)."""
+        """A poll's records of every partition, decoded, checked and windowed together (one
+        pass for the poll, however many partitions it spans)."""
         if len(polled) == 1:
             self.take(*polled[0], pending, reject)
             return
         columns = [record_columns(records) for _, records in polled]
         keys, values, offsets = (list(chain.from_iterable(c[j] for c in columns)) for j in range(3))
-        if not self._common(_Joined(polled), keys, values, offsets, pending, reject):
-            for partition, records in polled:
-                self.take(partition, records, pending, reject)
+        joined = _Joined(polled)
+        self._take(joined, list(joined.partitions()), keys, values, offsets, pending, reject)
 
     def take(
         self, partition: Partition, records: Sequence, pending: ReadyWindows, reject: Reject
     ) -> None:
         keys, values, offsets = record_columns(records)
-        if self._common(records, keys, values, offsets, pending, reject, partition):
-            return
+        self._take(records, partition, keys, values, offsets, pending, reject)
+
+    def _take(self, records, partitions, keys, values, offsets, pending, reject: Reject) -> None:
+        """Readings of the common shape decoded together (`RecordDecoder.decode_many`), the
+        other records one by one, then all readings windowed in record order. `partitions`: the
+        records' partition, or a list of each record's."""
+        common = self.decoder.decode_many(keys, values)
+        if common is None:
+            parts, others = [], range(len(values))
+        else:
+            names, ts, rows, at, others = common
+            parts = [self._finite(records, names, ts, rows, at, reject)] if len(at) else []
+        if len(others):
+            parts += self._one_by_one(
+                records, partitions, keys, values, offsets, others, pending, reject
+            )
+        owner = partitions
+        if isinstance(partitions, list):  # each key's partition, from its readings' records
+            names = chain.from_iterable(part[0] for part in parts)
+            at = chain.from_iterable(part[3].tolist() for part in parts)
+            owner = dict(zip(names, map(partitions.__getitem__, at), strict=True))
+        self._push(owner, records, offsets, parts, pending, reject)
+
+    def _one_by_one(self, records, partitions, keys, values, offsets, indices, pending, reject):
+        """Records of `indices` decoded one by one: (keys, ts, values, record index) of their
+        readings, in record order; pre-cut windows go to `pending`, bad records to `reject`."""
         readings: list[Decoded] = []
         taken: list[int] = []
-        parts: list[tuple] = []  # (keys, ts, values, record index) in record order
-        for i, decoded in enumerate(map(self.decoder.decode, keys, values)):
+        parts: list[tuple] = []
+        for i in indices:
+            decoded = self.decoder.decode(keys[i], values[i])
             kind = decoded.__class__
             if kind is Decoded:
                 if decoded.is_window:
+                    partition = partitions[i] if isinstance(partitions, list) else partitions
                     window = np.asarray(decoded.values, np.float32)
                     start, end = decoded.ts_start_ms, decoded.ts_ms
                     pending.add(window, decoded.key, start, end, partition, offsets[i])
@@ -104,23 +130,7 @@ class SeriesIntake:
                 reject(records[i], decoded)
         if readings:
             parts.append(self._readings(records, readings, taken, reject))
-        self._push(partition, records, offsets, parts, pending, reject)
-
-    def _common(
-        self, records, keys, values, offsets, pending, reject: Reject, partition=None
-    ) -> bool:
-        """Take `records` if every one is a reading of the common shape (their partition, or
-        with none given each key's partition from its records); False, having taken none,
-        otherwise."""
-        common = self.decoder.decode_many(keys, values)
-        if common is None:
-            return False
-        names, ts, rows = common
-        if partition is None:
-            partition = dict(zip(names, records.partitions(), strict=True))
-        part = self._finite(records, names, ts, rows, np.arange(len(ts)), reject)
-        self._push(partition, records, offsets, [part], pending, reject)
-        return True
+        return parts
 
     def _push(self, partition, records, offsets, parts: list, pending, reject: Reject) -> None:
         """Window the readings of `parts` (in record order); refuse those out of order."""
@@ -128,9 +138,12 @@ class SeriesIntake:
             return
         if len(parts) == 1:
             names, ts, rows, at = parts[0]
-        else:
+        else:  # in record order: a key's readings are windowed in the order they came
             names = [k for part in parts for k in part[0]]
             ts, rows, at = (np.concatenate([part[j] for part in parts]) for j in (1, 2, 3))
+            order = np.argsort(at, kind="stable")
+            names = [names[i] for i in order.tolist()]
+            ts, rows, at = ts[order], rows[order], at[order]
         seconds = (ts >= SECONDS_LIKE[0]) & (ts < SECONDS_LIKE[1])
         wrong = seconds | (ts < MS_RANGE[0]) | (ts >= MS_RANGE[1])
         if wrong.any():  # a batched record is refused once, for its first wrong time
