@@ -40,6 +40,17 @@ def _run(detector, source, state=None, **overrides):
     return worker, sink, stats
 
 
+def _dead_letters(sink) -> dict:
+    """(partition, offset) -> reason of each dead letter the sink was sent."""
+    out = {}
+    for topic, _key, _value, headers in sink.sent:
+        if topic == "dlq":
+            h = dict(headers)
+            where = (int(h["aewatch.source.partition"]), int(h["aewatch.source.offset"]))
+            out[where] = h["aewatch.dlq.reason"].decode()
+    return out
+
+
 def test_every_window_is_scored_and_events_match_batch_scoring(detector):
     stream = fleet(seed=1)
     source = FakeSource(partitioned(stream, "readings", 2), chunk=333)
@@ -162,18 +173,9 @@ def test_a_poll_of_many_partitions_is_decoded_once_and_taken_as_partition_by_par
     _, apart, apart_stats = _run(detector, OnePartitionAPoll(records, chunk=10_000))
     assert len(calls) == 1 + len(records)
 
-    def dead(sink) -> dict:
-        out = {}
-        for topic, _key, _value, headers in sink.sent:
-            if topic == "dlq":
-                h = dict(headers)
-                where = (int(h["aewatch.source.partition"]), int(h["aewatch.source.offset"]))
-                out[where] = h["aewatch.dlq.reason"].decode()
-        return out
-
     assert (
-        dead(together)
-        == dead(apart)
+        _dead_letters(together)
+        == _dead_letters(apart)
         == {
             (1, 50): "out_of_order",
             (2, 50): "bad_timestamp",
@@ -534,18 +536,9 @@ def test_a_poll_with_records_of_other_kinds_decodes_the_rest_together(detector, 
     assert taken_one_by_one == [len(others) - 1 + len(fine) + iso]
     _, apart, apart_stats = _run(detector, OnePartitionAPoll(no_tombstone, chunk=1), emit_all=True)
 
-    def dead(sink) -> dict:
-        out = {}
-        for topic, _key, _value, headers in sink.sent:
-            if topic == "dlq":
-                h = dict(headers)
-                where = (int(h["aewatch.source.partition"]), int(h["aewatch.source.offset"]))
-                out[where] = h["aewatch.dlq.reason"].decode()
-        return out
-
     expected = sorted(reason for _, reason in others[:-1])
-    assert sorted(dead(together).values()) == expected
-    assert dead(together) == dead(apart)
+    assert sorted(_dead_letters(together).values()) == expected
+    assert _dead_letters(together) == _dead_letters(apart)
     assert sorted(together.values("events")) == sorted(apart.values("events")) != []
     assert stats.windows_scored == apart_stats.windows_scored > 0
 
