@@ -41,9 +41,9 @@ every slot is one vectorised step (`rounds`), so a batch gives exactly what feed
 at a time would, in any interleaving of keys. What no step feeds back is done for the whole
 batch at once: the Gaussian tails (without a freeze), and the rule's or the range check's whole
 step when the batch cannot make either report anything (every surprise below the re-arm level:
-the rule's counts only grow; every window within its key's range: the ranges stay). Slots are small integers the caller gives keys. The
-state of a slot packs into 12 + 24 C bytes (stage), 16 F bytes (range of F features, when on) and
-17 bytes (rule), bit for bit.
+the rule's counts only grow; every window within its key's range: the ranges stay). Slots are
+small integers the caller gives keys. The state of a slot packs into 12 + 24 C bytes (stage),
+16 F bytes (range of F features, when on) and 17 bytes (rule), bit for bit.
 
 Size: over 400 lines because the three parts share one batching rule (rounds, whole-batch paths)
 and one state layout, and a test checks their batches against their steps row by row.

@@ -191,9 +191,9 @@ class RecordDecoder:
         if not others and keys == expected:
             at = np.arange(n)
         else:
-            at = np.ones(n, bool)
-            at[others] = False
-            at = np.flatnonzero(at)
+            decoded = np.ones(n, bool)
+            decoded[others] = False
+            at = np.flatnonzero(decoded)
             differ = np.asarray(keys, object) != np.asarray(expected, object)[at]
             if differ.any():  # a JSON key other than the message key: refused one by one
                 others = sorted(others + at[differ].tolist())

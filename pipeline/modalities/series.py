@@ -227,6 +227,7 @@ class SeriesModality:
         steps = np.argsort(-per_step, axis=1, kind="stable")[:, :TOP_STEPS]
         feature_errors = np.take_along_axis(per_feature, features, 1).tolist()
         step_errors = np.take_along_axis(per_step, steps, 1).tolist()
+        steps = steps.tolist()
         names = [[self.spec.features[f] for f in row] for row in features.tolist()]
         terms = None
         if scored.terms is not None:
@@ -253,7 +254,7 @@ class SeriesModality:
                     "top_features": top,
                     "top_steps": [
                         {"index": t, "error": e}
-                        for t, e in zip(steps[j].tolist(), step_errors[j], strict=True)
+                        for t, e in zip(steps[j], step_errors[j], strict=True)
                     ],
                 }
             )

@@ -150,15 +150,15 @@ class EventWriter:
             return
         # every field as a list for all the chosen windows first, then one dict per event
         t = threshold.value
-        scores = batch.scored.scores[chosen].tolist()
+        scores = batch.scored.scores[chosen]
         keys = batch.keys()[chosen].tolist()
         group, first_offsets, last_offsets = (column[chosen] for column in batch.sources())
         sources = [batch.pending.partitions[g] for g in group.tolist()]
         ends = batch.end_ts[chosen]
         columns = zip(
             keys,
-            scores,
-            threshold.p_values(batch.scored.scores[chosen]).tolist(),
+            scores.tolist(),
+            threshold.p_values(scores).tolist(),
             flags[chosen].tolist(),
             _adaptive_fields(adaptive, chosen),
             self.modality.event_details(batch.scored, chosen, batch.start_ts[chosen], ends),
