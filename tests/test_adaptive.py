@@ -185,6 +185,40 @@ def test_replayed_windows_are_skipped_and_other_versions_state_is_not_restored()
     assert out.surprise[0] == 0 and out.likelihood[0] == 0.5
 
 
+def test_a_window_not_after_its_keys_earlier_ones_in_the_batch_is_skipped_as_across_batches():
+    """Ends that go back within one batch (a pre-cut window behind its key's readings) are
+    passed over as they are when the same windows come one batch each."""
+    rng = np.random.default_rng(3)
+    keys = np.array([0, 1, 0, 1, 0, 0, 1, 0, 2, 0])
+    ends = np.array([10, 10, 20, 5, 20, 15, 30, 40, 1, 35])
+    scores = rng.lognormal(0, 0.5, (200, 1))
+    together = AdaptiveStage(SMALL, RuleSettings(), [1.0], "m/1")
+    apart = AdaptiveStage(SMALL, RuleSettings(), [1.0], "m/1")
+    warm = np.arange(-200, 0)  # every key past its warm-up, on the same scores
+    for k in range(3):
+        together.update([(f"k{k}", P, slice(0, 200))], warm, scores)
+        apart.update([(f"k{k}", P, slice(0, 200))], warm, scores)
+    order = np.argsort(keys, kind="stable")  # the worker's layout, each key's in arrival order
+    groups, start = [], 0
+    for k in np.unique(keys).tolist():
+        count = int((keys == k).sum())
+        groups.append((f"k{k}", P, slice(start, start + count)))
+        start += count
+    rows = 1.0 + np.arange(len(keys), dtype=float)
+    batch = together.update(groups, ends[order], rows[order]).surprise
+    one_by_one = np.array(
+        [
+            apart.update([(f"k{k}", P, slice(0, 1))], ends[i : i + 1], rows[i : i + 1]).surprise[0]
+            for i, k in enumerate(keys.tolist())
+        ]
+    )
+    skipped = np.isnan(one_by_one)
+    assert skipped.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1]
+    np.testing.assert_array_equal(np.isnan(batch), skipped[order])
+    np.testing.assert_allclose(batch[~skipped[order]], one_by_one[order][~skipped[order]])
+    assert together.state(P) == apart.state(P)
+
+
 def _ranged(tolerance=0.05, warmup=50):
     settings = AdaptiveSettings(short=5, long=200, warmup=warmup, range_tolerance=tolerance)
     return AdaptiveStage(settings, RuleSettings(cooldown=0, quiet=1), [1.0], "m/1", 2)

@@ -130,10 +130,12 @@ class AdaptiveStage:
         rows: np.ndarray,
         extremes: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> AdaptiveScores:
-        """Windows of a batch in groups of one key (each group's windows in time order, as the
-        worker's batches hold them): `end_ts` [N] epoch ms, `rows` [N, C] (or [N] for C = 1);
-        `extremes`, for the range check, each window's minimum and maximum [N, F'] per feature
-        (F' >= the stage's range features)."""
+        """Windows of a batch in groups of one key, each key's in the order they came:
+        `end_ts` [N] epoch ms, `rows` [N, C] (or [N] for C = 1); `extremes`, for the range check,
+        each window's minimum and maximum [N, F'] per feature (F' >= the stage's range
+        features). A window that does not end after every earlier window of its key (one taken
+        before a restart and read again, or a pre-cut window behind its key's readings) is
+        passed over, in one batch as across batches."""
         n = len(end_ts)
         slot_of, counts = [], []
         for key, partition, span in groups:
@@ -149,7 +151,7 @@ class AdaptiveStage:
             if extremes is None:
                 raise ValueError("the range check needs each window's extremes")
             ranges = [np.asarray(e, np.float64)[:, : self.range_features] for e in extremes]
-        keep = end_ts > self.last_end[slots]
+        keep = end_ts > _ends_before(slots, end_ts, self.last_end)
         if keep.all():
             out = self._take(slots, rows, ranges)
         else:
@@ -279,6 +281,28 @@ def window_extremes(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     against the scoring thread and the client)."""
     windows = np.asarray(windows)
     return _fold(windows, np.minimum), _fold(windows, np.maximum)
+
+
+def _ends_before(slots: np.ndarray, end_ts: np.ndarray, last_end: np.ndarray) -> np.ndarray:
+    """Each window's bound: the latest end its key had before it, from the stage's state or
+    from the batch's earlier windows of the key."""
+    bound = last_end[slots]
+    if len(slots) < 2:
+        return bound
+    order = np.argsort(slots, kind="stable")
+    key, end = slots[order], end_ts[order]
+    same = key[1:] == key[:-1]
+    if not (same & (end[1:] <= end[:-1])).any():  # each key's ends rise: its last end bounds all
+        return bound
+    bound = bound[order]
+    starts = np.flatnonzero(np.r_[True, ~same])
+    for start, stop in zip(starts.tolist(), [*starts[1:].tolist(), len(key)], strict=True):
+        if stop - start > 1:  # the latest end of the key's windows before each
+            earlier = np.maximum.accumulate(end[start : stop - 1])
+            bound[start + 1 : stop] = np.maximum(bound[start + 1 : stop], earlier)
+    out = np.empty_like(bound)
+    out[order] = bound
+    return out
 
 
 def _fold(a: np.ndarray, op: np.ufunc) -> np.ndarray:

@@ -46,6 +46,7 @@ _SECONDS = Rejection(
     "bad_timestamp", "'ts' reads as 1970-1973 in epoch ms: epoch seconds? send milliseconds"
 )
 _BEYOND = Rejection("bad_timestamp", "'ts' in epoch ms is outside the years 1 to 9999")
+_NO_INDEX = np.zeros(0, np.int64)
 
 
 class SeriesIntake:
@@ -91,23 +92,25 @@ class SeriesIntake:
         else:
             names, ts, rows, at, others = common
             parts = [self._finite(records, names, ts, rows, at, reject)] if len(at) else []
+        cut: list[tuple] = []
         if len(others):
-            parts += self._one_by_one(
-                records, partitions, keys, values, offsets, others, pending, reject
-            )
+            more, cut = self._one_by_one(records, partitions, keys, values, offsets, others, reject)
+            parts += more
         owner = partitions
         if isinstance(partitions, list):  # each key's partition, from its readings' records
             names = chain.from_iterable(part[0] for part in parts)
             at = chain.from_iterable(part[3].tolist() for part in parts)
             owner = dict(zip(names, map(partitions.__getitem__, at), strict=True))
-        self._push(owner, records, offsets, parts, pending, reject)
+        self._push(owner, records, offsets, parts, cut, pending, reject)
 
-    def _one_by_one(self, records, partitions, keys, values, offsets, indices, pending, reject):
-        """Records of `indices` decoded one by one: (keys, ts, values, record index) of their
-        readings, in record order; pre-cut windows go to `pending`, bad records to `reject`."""
+    def _one_by_one(self, records, partitions, keys, values, offsets, indices, reject):
+        """Records of `indices` decoded one by one: the (keys, ts, values, record index) of
+        their readings, and their pre-cut windows as (record index, `ReadyWindows.add`
+        arguments), both in record order; bad records go to `reject`."""
         readings: list[Decoded] = []
         taken: list[int] = []
         parts: list[tuple] = []
+        cut: list[tuple] = []
         for i in indices:
             decoded = self.decoder.decode(keys[i], values[i])
             kind = decoded.__class__
@@ -116,7 +119,7 @@ class SeriesIntake:
                     partition = partitions[i] if isinstance(partitions, list) else partitions
                     window = np.asarray(decoded.values, np.float32)
                     start, end = decoded.ts_start_ms, decoded.ts_ms
-                    pending.add(window, decoded.key, start, end, partition, offsets[i])
+                    cut.append((i, (window, decoded.key, start, end, partition, offsets[i])))
                 else:
                     readings.append(decoded)
                     taken.append(i)
@@ -130,11 +133,15 @@ class SeriesIntake:
                 reject(records[i], decoded)
         if readings:
             parts.append(self._readings(records, readings, taken, reject))
-        return parts
+        return parts, cut
 
-    def _push(self, partition, records, offsets, parts: list, pending, reject: Reject) -> None:
-        """Window the readings of `parts` (in record order); refuse those out of order."""
+    def _push(self, partition, records, offsets, parts: list, cut, pending, reject) -> None:
+        """Window the readings of `parts` and pass on the pre-cut windows of `cut`, in record
+        order (a key's windows reach the adaptive stage in the order they came); refuse
+        readings out of order."""
         if not parts:
+            for _, window in cut:
+                pending.add(*window)
             return
         if len(parts) == 1:
             names, ts, rows, at = parts[0]
@@ -155,12 +162,17 @@ class SeriesIntake:
             keep = np.flatnonzero(~np.isin(at, at[wrong]))
             names = [names[i] for i in keep]
             ts, rows, at = ts[keep], rows[keep], at[keep]
-            if not len(ts):
-                return
         if self.calendar:  # calendar inputs from each reading's timestamp, as in training
             rows = np.hstack([rows, calendar_columns(ts, self.calendar)])
         at_offsets = np.asarray(offsets, np.int64)[at]
-        late, duplicate = self.windows.push(partition, names, ts, rows, at_offsets, pending)
+        if cut:
+            late, duplicate = self._push_around(
+                partition, names, ts, rows, at, at_offsets, cut, pending
+            )
+        elif len(ts):
+            late, duplicate = self.windows.push(partition, names, ts, rows, at_offsets, pending)
+        else:
+            return
         refused: dict[int, str] = {}  # a batched record is refused once
         for index, reason in [(i, "out_of_order") for i in late.tolist()] + [
             (i, "duplicate_timestamp") for i in duplicate.tolist()
@@ -168,6 +180,28 @@ class SeriesIntake:
             refused.setdefault(int(at[index]), reason)
         for index, reason in refused.items():
             reject(records[index], Rejection(reason, "timestamp not after the key's latest"))
+
+    def _push_around(self, partition, names, ts, rows, at, at_offsets, cut, pending) -> tuple:
+        """`StreamWindower.push` of the readings in runs between the pre-cut windows of `cut`,
+        each window passed on after the readings before it: (late, duplicate) as one push
+        gives them."""
+        late, duplicate = [], []
+        start = 0
+        for end, window in [*cut, (None, None)]:
+            stop = len(at) if end is None else int(np.searchsorted(at, end))
+            if stop > start:
+                run = slice(start, stop)
+                pushed = self.windows.push(
+                    partition, names[run], ts[run], rows[run], at_offsets[run], pending
+                )
+                late.append(pushed[0] + start)
+                duplicate.append(pushed[1] + start)
+                start = stop
+            if window is not None:
+                pending.add(*window)
+        if not late:
+            return _NO_INDEX, _NO_INDEX
+        return np.concatenate(late), np.concatenate(duplicate)
 
     def _readings(self, records: Sequence, readings: list, taken: list, reject: Reject) -> tuple:
         """Single readings as arrays; those with a non-finite value rejected."""
