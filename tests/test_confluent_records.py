@@ -10,13 +10,13 @@ from confluent_kafka import KafkaError, Message
 from pipeline.kafka_io.confluent_records import group
 
 
-def _poll(rng: np.random.Generator, runs: int, errors: bool = False) -> list:
+def _poll(rng: np.random.Generator, runs: int, errors: bool = False, topics: int = 2) -> list:
     """Messages in runs of one (topic, partition), a partition coming back in later runs, with
     offsets rising per partition; with `errors` some end-of-partition and other errors between."""
     offsets: dict[tuple[str, int], int] = {}
     messages = []
     for _ in range(runs):
-        partition = (f"t{rng.integers(2)}", int(rng.integers(4)))
+        partition = (f"t{rng.integers(topics)}", int(rng.integers(4)))
         for _ in range(int(rng.integers(1, 6))):
             offset = offsets.get(partition, 0)
             offsets[partition] = offset + 1
@@ -61,6 +61,15 @@ def test_a_poll_is_grouped_by_partition_in_order(errors):
         for partition, records in grouped.items():
             assert [(r.topic, r.partition) for r in records] == [partition] * len(records)
             assert [r.offset for r in records] == [r.offset for r in records[:]]
+
+
+@pytest.mark.parametrize("errors", [False, True], ids=["clean", "with errors"])
+def test_a_poll_of_one_topic_is_grouped_by_partition_number(errors):
+    """A member of one topic tells runs apart by partition number; the groups carry the topic."""
+    rng = np.random.default_rng(11)
+    for runs in [1, 2, 5, 40] * 10:
+        messages = _poll(rng, runs, errors, topics=1)
+        assert _columns(group(messages, "t0")) == _reference(messages) == _columns(group(messages))
 
 
 def test_errors_other_than_the_end_of_a_partition_are_logged(caplog):

@@ -50,6 +50,11 @@ def test_environment_fills_in_and_flags_win():
         (["--security-protocol", "SASL_SSL"], {}, "sasl_mechanism"),
         (["--ssl-cafile", "/no/such/ca.pem"], {}, "ssl_cafile"),
         (["--output-topic", "in"], {}, "output_topic"),
+        (["--input-topic", "^in.*"], {}, "input_topic"),  # a pattern given as a topic
+        (["--dlq-topic", "dead letters"], {}, "dlq_topic"),
+        ([], {"AEWATCH_STATE_TOPIC": "state/positions"}, "state_topic"),
+        (["--alarm-topic", ".."], {}, "alarm_topic"),
+        (["--output-topic", "e" * 250], {}, "output_topic"),
     ],
 )
 def test_invalid_settings_fail_at_start_naming_the_setting(argv, environ, setting):

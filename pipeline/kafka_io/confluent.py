@@ -70,6 +70,8 @@ class ConfluentSource:
     ) -> None:
         self.rebalance = rebalance
         self.max_records = settings.max_poll_records
+        # a member of one topic groups its polls by partition number alone
+        self.topic = topics[0] if len(topics) == 1 and not pattern else None
         self.cooperative = settings.assignor == "cooperative-sticky"
         self._seeks: dict[Partition, int] | None = None  # seeks asked for inside on_assigned
         self._closing = False
@@ -144,7 +146,7 @@ class ConfluentSource:
     # -- the Source protocol -----------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> dict[Partition, Records]:
         messages = take(self.consumer, self.max_records, timeout_ms)
-        return group(messages) if messages else {}
+        return group(messages, self.topic) if messages else {}
 
     def keepalive(self) -> None:
         """A poll with every partition paused: it resets the max.poll.interval.ms clock and runs

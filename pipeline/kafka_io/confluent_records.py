@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from itertools import groupby
+from itertools import groupby, repeat
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -93,15 +93,20 @@ def take(consumer: Consumer, most: int, timeout_ms: int) -> list:
     return [first, *consumer.consume(most - 1, 0)] if most > 1 else [first]
 
 
-def group(messages: list) -> dict[Partition, Records]:
+def group(messages: list, topic: str | None = None) -> dict[Partition, Records]:
     """Messages by partition, in order; errors (other than the end of a partition) logged.
     librdkafka hands messages over in runs of one partition (a fetch response's batch each):
-    each run is found and sliced at C level, without a step of Python per message."""
+    each run is found and sliced at C level, without a step of Python per message. `topic`:
+    the one topic every message is of (a member of one topic), whose runs are then told apart
+    by partition number alone, without making each message's topic name."""
     if any(map(_ERROR, messages)):
         return _group_checked(messages)
     out: dict[Partition, list] = {}
     start = 0
-    partitions = zip(map(_TOPIC, messages), map(_PARTITION, messages), strict=True)
+    if topic is None:
+        partitions = zip(map(_TOPIC, messages), map(_PARTITION, messages), strict=True)
+    else:
+        partitions = zip(repeat(topic), map(_PARTITION, messages))
     for partition, run in groupby(partitions):
         end = start + len(list(run))
         batch = out.get(partition)

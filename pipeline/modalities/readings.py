@@ -108,6 +108,7 @@ def parse_timestamp_ms(value) -> int:
 
 
 _KEY, _TS, _VALUES = attrgetter("key"), attrgetter("ts"), attrgetter("values")
+_FIELDS = msgspec.structs.astuple
 # A record whose "ts" is a list: a columnar batch, or one the full parse gives its reason.
 _TS_LIST = re.compile(rb'"ts"\s*:\s*\[').search
 
@@ -154,7 +155,6 @@ class RecordDecoder:
         self.reading_features = features if reading_features is None else reading_features
         self.window = window
         self.max_bytes = max_bytes
-        self._row = attrgetter(*(f"f{i}" for i in range(len(self.reading_features))))
         self._decode_reading = _reading_decoder(self.reading_features).decode
         self._decode_columnar = _columnar_decoder(self.reading_features).decode
         self._arrow = ArrowBatches(self.reading_features)
@@ -204,8 +204,7 @@ class RecordDecoder:
         except OverflowError:  # integers beyond int64
             return None
         width = len(self.reading_features)
-        rows = map(self._row, map(_VALUES, data))
-        flat = chain.from_iterable(rows) if width > 1 else rows
+        flat = chain.from_iterable(map(_FIELDS, map(_VALUES, data)))  # each reading's in order
         values = np.fromiter(flat, np.float64, count=len(data) * width).reshape(len(data), width)
         return keys, ts, values, at, others
 
@@ -261,9 +260,7 @@ class RecordDecoder:
         elif message_key is not None and message_key != key.encode():
             return None
         n = len(batch.ts)
-        columns = (
-            self._row(batch.values) if len(self.reading_features) > 1 else [self._row(batch.values)]
-        )
+        columns = _FIELDS(batch.values)
         if n == 0 or any(len(column) != n for column in columns):
             return None
         try:

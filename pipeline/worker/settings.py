@@ -74,6 +74,11 @@ class RegistrySettings:
         check(self)
 
 
+# What Kafka accepts as a topic name (a name with any other character, such as a leading "^",
+# would be taken by librdkafka as a pattern).
+TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
 @dataclass(frozen=True)
 class TopicSettings:
     """What is read and where events, dead letters and window positions go."""
@@ -95,6 +100,17 @@ class TopicSettings:
         check(self)
         if bool(self.input_topic) == bool(self.input_pattern):
             raise ConfigError("input_topic", "give --input-topic (repeatable) or --input-pattern")
+        named = [("input_topic", name) for name in self.input_topic]
+        for setting_name in ("output_topic", "dlq_topic", "state_topic", "alarm_topic"):
+            if getattr(self, setting_name) is not None:
+                named.append((setting_name, getattr(self, setting_name)))
+        for setting_name, name in named:
+            if not TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+                raise ConfigError(
+                    setting_name,
+                    f"{name!r} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -); "
+                    "a pattern goes in --input-pattern",
+                )
         if self.input_pattern:
             try:
                 re.compile(self.input_pattern)
