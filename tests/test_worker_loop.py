@@ -16,6 +16,7 @@ from tests.worker_support import (
     FakeSink,
     FakeSource,
     Record,
+    dead_letters,
     flags_by_window,
     fleet,
     partitioned,
@@ -38,17 +39,6 @@ def _run(detector, source, state=None, **overrides):
     worker.on_assigned(set(source.records))
     stats = worker.run()
     return worker, sink, stats
-
-
-def _dead_letters(sink) -> dict:
-    """(partition, offset) -> reason of each dead letter the sink was sent."""
-    out = {}
-    for topic, _key, _value, headers in sink.sent:
-        if topic == "dlq":
-            h = dict(headers)
-            where = (int(h["aewatch.source.partition"]), int(h["aewatch.source.offset"]))
-            out[where] = h["aewatch.dlq.reason"].decode()
-    return out
 
 
 def test_every_window_is_scored_and_events_match_batch_scoring(detector):
@@ -174,8 +164,8 @@ def test_a_poll_of_many_partitions_is_decoded_once_and_taken_as_partition_by_par
     assert len(calls) == 1 + len(records)
 
     assert (
-        _dead_letters(together)
-        == _dead_letters(apart)
+        dead_letters(together)
+        == dead_letters(apart)
         == {
             (1, 50): "out_of_order",
             (2, 50): "bad_timestamp",
@@ -537,8 +527,8 @@ def test_a_poll_with_records_of_other_kinds_decodes_the_rest_together(detector, 
     _, apart, apart_stats = _run(detector, OnePartitionAPoll(no_tombstone, chunk=1), emit_all=True)
 
     expected = sorted(reason for _, reason in others[:-1])
-    assert sorted(_dead_letters(together).values()) == expected
-    assert _dead_letters(together) == _dead_letters(apart)
+    assert sorted(dead_letters(together).values()) == expected
+    assert dead_letters(together) == dead_letters(apart)
     assert sorted(together.values("events")) == sorted(apart.values("events")) != []
     assert stats.windows_scored == apart_stats.windows_scored > 0
 
@@ -590,5 +580,5 @@ def test_a_pre_cut_window_among_its_keys_readings_keeps_its_place_in_the_stream(
     _, together, stats = _run(detector, FakeSource(records, chunk=10_000), emit_all=True)
     _, apart, apart_stats = _run(detector, OnePartitionAPoll(records, chunk=1), emit_all=True)
     assert stats.windows_scored == apart_stats.windows_scored > 0
-    assert _dead_letters(together) == _dead_letters(apart) == {}
+    assert dead_letters(together) == dead_letters(apart) == {}
     assert sorted(together.values("events")) == sorted(apart.values("events"))

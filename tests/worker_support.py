@@ -154,6 +154,17 @@ class FakeSink:
         return [v for t, _, v, _ in self.sent if t == topic]
 
 
+def dead_letters(sink: FakeSink) -> dict:
+    """(partition, offset) -> reason of each dead letter the sink was sent."""
+    out = {}
+    for topic, _key, _value, headers in sink.sent:
+        if topic == "dlq":
+            h = dict(headers)
+            where = (int(h["aewatch.source.partition"]), int(h["aewatch.source.offset"]))
+            out[where] = h["aewatch.dlq.reason"].decode()
+    return out
+
+
 def settings(**kwargs) -> WorkerSettings:
     base = dict(
         model="unused",

@@ -1,0 +1,163 @@
+"""A member's answer does not depend on how its records fall into polls. Random streams of every
+kind of record (readings, ISO times, columnar and Arrow batches, pre-cut windows, late and
+duplicate readings, bad records), interleaved over partitions, give the same events, dead letters
+and windows scored read in one poll, one record a poll, and in polls of a few records."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from pipeline.events import ModelIdentity, iso_ms
+from pipeline.modalities.batches import arrow_record
+from pipeline.worker.loop import Worker
+from pipeline.worker.state import MemoryStateStore
+from tests.worker_support import (
+    FakeSink,
+    FakeSource,
+    Record,
+    dead_letters,
+    fleet,
+    settings,
+    train_fleet_detector,
+)
+
+MODEL = ModelIdentity("fleet", "1", "champion")
+PARTITIONS = 3
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    return train_fleet_detector(tmp_path_factory.mktemp("fleet")).detector
+
+
+def _key_records(rng, key: str, ts: np.ndarray, values: np.ndarray, names, length) -> list:
+    """One key's records, in the order its producer sends them."""
+    out: list[bytes] = []
+
+    def reading(t, row, form=None) -> bytes:
+        stamp = iso_ms(int(t)) if form == "iso" else int(t)
+        return orjson.dumps(
+            {"key": key, "ts": stamp, "values": dict(zip(names, row.tolist(), strict=True))}
+        )
+
+    i = 0
+    while i < len(ts):
+        draw = rng.random()
+        if draw < 0.05 and i + 2 < len(ts):  # a batch of 2 to 6 readings, JSON or Arrow
+            n = int(rng.integers(2, 7))
+            t, v = ts[i : i + n], values[i : i + n].astype(np.float64)
+            if rng.random() < 0.5:
+                columns = {name: v[:, j].tolist() for j, name in enumerate(names)}
+                out.append(orjson.dumps({"key": key, "ts": t.tolist(), "values": columns}))
+            else:
+                out.append(arrow_record(t, v, names))
+            i += len(t)
+            continue
+        if draw < 0.08:
+            out.append(reading(ts[i], values[i], "iso"))
+        elif draw < 0.10 and i > 0:  # the previous reading again: a duplicate time
+            out.append(reading(ts[i - 1], values[i - 1]))
+            out.append(reading(ts[i], values[i]))
+        elif draw < 0.12 and i > 3:  # a reading from before the key's latest
+            out.append(reading(ts[i] - 3500, values[i]))
+            out.append(reading(ts[i], values[i]))
+        elif draw < 0.14 and i >= length:  # a pre-cut window of the latest readings, louder
+            cut = slice(i - length, i)
+            window = {
+                "key": key,
+                "ts_start": int(ts[cut][0]),
+                "ts_end": int(ts[cut][-1]) + int(rng.integers(-1, 2)) * 500,
+                "values": (values[cut] * 2.5).tolist(),
+            }
+            out.append(orjson.dumps(window))
+            out.append(reading(ts[i], values[i]))
+        elif draw < 0.17:  # a bad record, then the reading
+            bad = [
+                b"not json",
+                orjson.dumps({"key": key, "ts": int(ts[i]), "values": {}}),
+                orjson.dumps({"key": key, "ts": "soon", "values": {names[0]: 1.0}}),
+                orjson.dumps({"key": key, "ts": 10**15, "values": dict.fromkeys(names, 1.0)}),
+                orjson.dumps({"key": key, "ts": int(ts[i]), "values": dict.fromkeys(names, "x")}),
+            ]
+            out.append(bad[int(rng.integers(len(bad)))])
+            out.append(reading(ts[i], values[i]))
+        else:
+            out.append(reading(ts[i], values[i]))
+        i += 1
+    return out
+
+
+def _mixed(seed: int, detector) -> dict:
+    """Records per partition: each key's records in order, keys interleaved at random."""
+    rng = np.random.default_rng(seed)
+    stream = fleet(seed=seed, keys=6, readings_per_key=240)
+    names = list(detector.input.data_features)
+    length = detector.input.window.length
+    queues = {}
+    for key in sorted(set(stream.keys.tolist())):
+        ts, values, _ = stream.key_series(key)
+        queues[key] = _key_records(rng, key, ts, values, names, length)
+    keys = sorted(queues)
+    out: dict = {("readings", p): [] for p in range(PARTITIONS)}
+    cursor = dict.fromkeys(keys, 0)
+    while keys:
+        key = keys[int(rng.integers(len(keys)))]
+        partition = ("readings", sorted(queues).index(key) % PARTITIONS)
+        records = out[partition]
+        value = queues[key][cursor[key]]
+        records.append(Record(*partition, len(records), key.encode(), value))
+        cursor[key] += 1
+        if cursor[key] == len(queues[key]):
+            keys.remove(key)
+    return out
+
+
+class RandomPolls(FakeSource):
+    """Polls of 1 to `chunk` records of one or several partitions, drawn at random."""
+
+    def __init__(self, records: dict, chunk: int, seed: int) -> None:
+        super().__init__(records, chunk)
+        self.rng = np.random.default_rng(seed)
+
+    def poll(self, timeout_ms: int) -> dict:
+        out = {}
+        for partition, records in self.records.items():
+            start = self.position[partition]
+            if start < len(records) and self.rng.random() < 0.6:
+                stop = start + int(self.rng.integers(1, self.chunk + 1))
+                out[partition] = records[start:stop]
+                self.position[partition] = start + len(out[partition])
+        if not out:  # never an empty poll while records are left: idleness ends the run
+            for partition, records in self.records.items():
+                start = self.position[partition]
+                if start < len(records):
+                    out[partition] = records[start : start + 1]
+                    self.position[partition] = start + 1
+                    break
+        return out
+
+
+def _answer(detector, source) -> tuple:
+    sink = FakeSink()
+    worker = Worker(settings(emit_all=True), detector, MODEL, sink, MemoryStateStore())
+    worker.attach(source)
+    worker.on_assigned(set(source.records))
+    stats = worker.run()
+    return sorted(sink.values("events")), dead_letters(sink), stats.windows_scored
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_answer_does_not_depend_on_how_records_fall_into_polls(detector, seed):
+    records = _mixed(seed, detector)
+    events, dead, scored = _answer(detector, FakeSource(records, chunk=100_000))
+    reasons = set(dead.values())
+    assert {"decode_error", "out_of_order", "duplicate_timestamp", "bad_timestamp"} <= reasons
+    assert scored > 0 and events
+    one_by_one = _answer(detector, FakeSource(records, chunk=1))
+    few = _answer(detector, RandomPolls(records, chunk=7, seed=seed))
+    for other in (one_by_one, few):
+        assert other[1] == dead
+        assert other[2] == scored
+        assert other[0] == events
