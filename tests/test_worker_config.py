@@ -55,6 +55,7 @@ def test_environment_fills_in_and_flags_win():
         ([], {"AEWATCH_STATE_TOPIC": "state/positions"}, "state_topic"),
         (["--alarm-topic", ".."], {}, "alarm_topic"),
         (["--output-topic", "e" * 250], {}, "output_topic"),
+        (["--group-id", "pumps scoring"], {}, "state_topic"),  # the default state topic's name
     ],
 )
 def test_invalid_settings_fail_at_start_naming_the_setting(argv, environ, setting):

@@ -79,6 +79,10 @@ class RegistrySettings:
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
+def _is_topic_name(name: str) -> bool:
+    return TOPIC_NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
 @dataclass(frozen=True)
 class TopicSettings:
     """What is read and where events, dead letters and window positions go."""
@@ -105,7 +109,7 @@ class TopicSettings:
             if getattr(self, setting_name) is not None:
                 named.append((setting_name, getattr(self, setting_name)))
         for setting_name, name in named:
-            if not TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+            if not _is_topic_name(name):
                 raise ConfigError(
                     setting_name,
                     f"{name!r} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -); "
@@ -310,6 +314,14 @@ class WorkerSettings:
     baselines: BaselineSettings
     drift: DriftSettings
     http: HttpSettings
+
+    def __post_init__(self) -> None:
+        if not _is_topic_name(self.state_topic_name):  # named after a group id of any characters
+            raise ConfigError(
+                "state_topic",
+                f"the default {self.state_topic_name!r} (from --group-id) is not a Kafka topic "
+                "name: give --state-topic",
+            )
 
     @classmethod
     def build(cls, **values) -> WorkerSettings:
