@@ -143,6 +143,29 @@ def test_metrics_count_records_windows_and_dead_letters(detector):
     )
 
 
+def test_the_drop_order_policy_counts_late_and_repeated_readings_without_dead_letters(detector):
+    stream = fleet(seed=9, readings_per_key=300, anomalies=())
+    records = partitioned(stream, "readings", 1)[("readings", 0)]
+    again = records[150:153]  # the same readings once more, right after them (3 keys' latest)
+    late = []
+    for r in records[200:202]:  # readings stamped before their key's latest
+        reading = orjson.loads(r.value)
+        reading["ts"] -= 30_000
+        late.append(Record("readings", 0, 0, r.key, orjson.dumps(reading)))
+    mixed = records[:153] + [Record(*r.__dict__.values()) for r in again] + records[153:210]
+    mixed += late + records[210:]
+    for offset, record in enumerate(mixed):
+        record.offset = offset
+    worker = _worker(detector, FakeSource({("readings", 0): mixed}, chunk=64), order_policy="drop")
+    stats = worker.run()
+    assert worker.sink.values("dlq") == []
+    assert dict(stats.dropped) == {"duplicate_timestamp": 3, "out_of_order": 2}
+    values = metric_values(worker.metrics.exposition().decode())
+    assert values[("aewatch_dropped_total", (("reason", "duplicate_timestamp"),))] == 3
+    assert values[("aewatch_dropped_total", (("reason", "out_of_order"),))] == 2
+    assert stats.windows_scored > 0
+
+
 class ScriptedFollower:
     """Hands over a new version after a number of polls, like a follower whose check passed."""
 
