@@ -24,6 +24,7 @@ from tests.worker_support import (
     Record,
     flags_by_window,
     fleet,
+    run_in_memory,
     train_fleet_detector,
 )
 from tests.worker_support import settings as worker_settings
@@ -49,20 +50,10 @@ def batched(stream, size: int, form: str, partitions: int = 2) -> dict:
     return out
 
 
-def _run(detector, source, state=None, **overrides):
-    worker = Worker(
-        worker_settings(**overrides), detector, MODEL, FakeSink(), state or MemoryStateStore()
-    )
-    worker.attach(source)
-    worker.on_assigned(set(source.records))
-    stats = worker.run()
-    return worker, worker.sink, stats
-
-
 @pytest.mark.parametrize("form", FORMS)
 def test_batched_records_are_scored_like_the_same_readings(detector, form):
     stream = fleet(seed=1, readings_per_key=900)
-    _, sink, stats = _run(detector, FakeSource(batched(stream, 50, form), chunk=7))
+    _, sink, stats = run_in_memory(detector, FakeSource(batched(stream, 50, form), chunk=7))
     windows, scores, flags = flags_by_window(stream, detector)
     assert stats.windows_scored == len(windows)
     expected = {
@@ -91,7 +82,7 @@ def test_a_poll_of_batched_json_records_is_parsed_once(detector, monkeypatch):
 
     monkeypatch.setattr(readings, "orjson", CountingJson)
     records = batched(fleet(seed=2, readings_per_key=200), 50, "json")
-    _, sink, stats = _run(detector, FakeSource(records, chunk=100))
+    _, sink, stats = run_in_memory(detector, FakeSource(records, chunk=100))
     n = sum(map(len, records.values()))
     assert stats.windows_scored > 0 and sink.values("dlq") == []
     assert len(parsed) <= n + len(records)  # each record once, and a first look per poll
@@ -101,7 +92,7 @@ def test_a_poll_of_batched_json_records_is_parsed_once(detector, monkeypatch):
 def test_a_restart_in_the_middle_of_a_batch_gives_the_same_event_ids(detector, form):
     stream = fleet(seed=4, readings_per_key=900)
     records = batched(stream, 7, form)  # 7 readings a record: windows end inside records
-    _, clean_sink, _ = _run(detector, FakeSource(records, chunk=5))
+    _, clean_sink, _ = run_in_memory(detector, FakeSource(records, chunk=5))
     clean_ids = {orjson.loads(v)["id"] for v in clean_sink.values("events")}
     state = MemoryStateStore()
     first = Worker(worker_settings(), detector, MODEL, FakeSink(), state)
@@ -114,7 +105,9 @@ def test_a_restart_in_the_middle_of_a_batch_gives_the_same_event_ids(detector, f
     before = {orjson.loads(v)["id"] for v in first.sink.values("events")}
     committed = source.latest_commits()
     assert any(0 < c < len(records[p]) * 2 // 5 for p, c in committed.items())
-    _, second_sink, _ = _run(detector, FakeSource(records, chunk=5, committed=committed), state)
+    _, second_sink, _ = run_in_memory(
+        detector, FakeSource(records, chunk=5, committed=committed), state
+    )
     after = [orjson.loads(v)["id"] for v in second_sink.values("events")]
     assert len(after) == len(set(after)) and not before & set(after), "no event twice"
     assert before | set(after) == clean_ids
@@ -190,7 +183,7 @@ def test_fuzzed_batches_go_to_the_dlq_with_their_reason(detector, bad):
             mixed.append(Record("readings", 0, 0, f"bad-{len(mixed)}".encode(), value))
     for offset, record in enumerate(mixed):
         record.offset = offset
-    _, sink, stats = _run(detector, FakeSource({("readings", 0): mixed}, chunk=13))
+    _, sink, stats = run_in_memory(detector, FakeSource({("readings", 0): mixed}, chunk=13))
     dead = {}
     for topic, _key, _value, headers in sink.sent:
         if topic == "dlq":
@@ -306,7 +299,7 @@ def test_common_columnar_records_are_not_parsed_into_python_objects(detector, mo
 
     monkeypatch.setattr(readings.orjson, "loads", refuse)
     stream = fleet(seed=2, readings_per_key=300)
-    _, sink, stats = _run(detector, FakeSource(batched(stream, 50, "json"), chunk=100))
+    _, sink, stats = run_in_memory(detector, FakeSource(batched(stream, 50, "json"), chunk=100))
     assert stats.windows_scored == len(flags_by_window(stream, detector)[0]) > 0
     assert sink.values("dlq") == []
 

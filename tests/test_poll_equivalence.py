@@ -20,6 +20,7 @@ from tests.worker_support import (
     Record,
     dead_letters,
     fleet,
+    run_in_memory,
     settings,
     train_fleet_detector,
 )
@@ -141,11 +142,7 @@ class RandomPolls(FakeSource):
 
 
 def _answer(detector, source, state=None) -> tuple:
-    sink = FakeSink()
-    worker = Worker(settings(emit_all=True), detector, MODEL, sink, state or MemoryStateStore())
-    worker.attach(source)
-    worker.on_assigned(set(source.records))
-    stats = worker.run()
+    _, sink, stats = run_in_memory(detector, source, state, emit_all=True)
     return sorted(sink.values("events")), dead_letters(sink), stats.windows_scored
 
 

@@ -20,6 +20,7 @@ from tests.worker_support import (
     flags_by_window,
     fleet,
     partitioned,
+    run_in_memory,
     settings,
     train_fleet_detector,
 )
@@ -32,19 +33,10 @@ def detector(tmp_path_factory):
     return train_fleet_detector(tmp_path_factory.mktemp("fleet")).detector
 
 
-def _run(detector, source, state=None, **overrides):
-    sink = FakeSink()
-    worker = Worker(settings(**overrides), detector, MODEL, sink, state or MemoryStateStore())
-    worker.attach(source)
-    worker.on_assigned(set(source.records))
-    stats = worker.run()
-    return worker, sink, stats
-
-
 def test_every_window_is_scored_and_events_match_batch_scoring(detector):
     stream = fleet(seed=1)
     source = FakeSource(partitioned(stream, "readings", 2), chunk=333)
-    _, sink, stats = _run(detector, source)
+    _, sink, stats = run_in_memory(detector, source)
     windows, scores, flags = flags_by_window(stream, detector)
     assert stats.windows_scored == len(windows)
     events = [orjson.loads(v) for v in sink.values("events")]
@@ -105,7 +97,7 @@ def test_malformed_records_go_to_the_dlq_with_their_reason(detector):
     for offset, record in enumerate(mixed):
         record.offset = offset
     source = FakeSource({("readings", 0): mixed}, chunk=97)
-    _, sink, stats = _run(detector, source)
+    _, sink, stats = run_in_memory(detector, source)
     dead = {}
     for topic, _key, _value, headers in sink.sent:
         if topic == "dlq":
@@ -158,9 +150,9 @@ def test_a_poll_of_many_partitions_is_decoded_once_and_taken_as_partition_by_par
         return decode_many(self, keys, values)
 
     monkeypatch.setattr(RecordDecoder, "decode_many", counted)
-    _, together, stats = _run(detector, FakeSource(records, chunk=10_000))
+    _, together, stats = run_in_memory(detector, FakeSource(records, chunk=10_000))
     assert len(calls) == 1 and calls[0] == sum(map(len, records.values())), "one pass a poll"
-    _, apart, apart_stats = _run(detector, OnePartitionAPoll(records, chunk=10_000))
+    _, apart, apart_stats = run_in_memory(detector, OnePartitionAPoll(records, chunk=10_000))
     assert len(calls) == 1 + len(records)
 
     assert (
@@ -220,7 +212,7 @@ def test_a_state_record_goes_out_only_once_the_events_before_it_are_acknowledged
 def test_commits_never_go_back_and_keep_what_open_windows_need(detector):
     stream = fleet(seed=3, readings_per_key=400, anomalies=())
     source = FakeSource(partitioned(stream, "readings", 1), chunk=37)
-    worker, _, _ = _run(detector, source, commit_interval_ms=1)
+    worker, _, _ = run_in_memory(detector, source, commit_interval_ms=1)
     committed = [c[("readings", 0)] for c in source.commits if ("readings", 0) in c]
     assert committed == sorted(committed) and len(set(committed)) == len(committed)
     last = committed[-1]
@@ -233,7 +225,7 @@ def test_commits_never_go_back_and_keep_what_open_windows_need(detector):
 def test_restart_from_commit_and_state_gives_the_same_event_ids(detector):
     stream = fleet(seed=4)
     records = partitioned(stream, "readings", 2)
-    _, clean_sink, _ = _run(detector, FakeSource(records, chunk=250))
+    _, clean_sink, _ = run_in_memory(detector, FakeSource(records, chunk=250))
     clean_ids = {orjson.loads(v)["id"] for v in clean_sink.values("events")}
     assert clean_ids
 
@@ -255,7 +247,7 @@ def test_restart_from_commit_and_state_gives_the_same_event_ids(detector):
     )
 
     second_source = FakeSource(records, chunk=250, committed=source.latest_commits())
-    _, second_sink, _ = _run(detector, second_source, state=state)
+    _, second_sink, _ = run_in_memory(detector, second_source, state=state)
     after = {orjson.loads(v)["id"] for v in second_sink.values("events")}
     assert sent_before | after == clean_ids
 
@@ -275,7 +267,7 @@ def test_pre_cut_windows_are_scored_like_the_same_readings(detector):
     source = FakeSource(
         {("readings", 0): [Record("readings", 0, 0, b"machine-009", orjson.dumps(record))]}
     )
-    _, sink, stats = _run(detector, source)
+    _, sink, stats = run_in_memory(detector, source)
     assert stats.windows_scored == 1
     (event,) = [orjson.loads(v) for v in sink.values("events")]
     expected = detector.score(window[None].astype(np.float32)).scores[0]
@@ -354,7 +346,7 @@ def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
             return super().poll(timeout_ms)
 
     source = Watching(partitioned(stream, "readings", 2), chunk=2500)
-    _, sink, stats = _run(Slow(detector), source)
+    _, sink, stats = run_in_memory(Slow(detector), source)
     assert overlapped == [True]
     windows, scores, flags = flags_by_window(stream, detector)
     assert stats.windows_scored == len(windows)
@@ -455,7 +447,7 @@ def test_times_beyond_the_year_9999_are_refused_and_the_worker_keeps_serving(det
     stride = detector.input.window.stride
     for chunk in (len(records), length):  # one poll (the typed path first), many polls
         source = FakeSource({("readings", 0): records}, chunk=chunk)
-        _, sink, stats = _run(detector, source, emit_all=True)
+        _, sink, stats = run_in_memory(detector, source, emit_all=True)
         assert stats.dead_letters == {"bad_timestamp": 4}
         assert [key for topic, key, _, _ in sink.sent if topic == "dlq"] == [b"far"] * 4
         assert stats.windows_scored == (length * 4 - length) // stride + 1
@@ -514,7 +506,7 @@ def test_a_poll_with_records_of_other_kinds_decodes_the_rest_together(detector, 
         return one_by_one(self, records, partitions, keys, values, offsets, indices, *rest)
 
     monkeypatch.setattr(SeriesIntake, "_one_by_one", counted)
-    _, together, stats = _run(detector, FakeSource(records, chunk=10_000), emit_all=True)
+    _, together, stats = run_in_memory(detector, FakeSource(records, chunk=10_000), emit_all=True)
     total = sum(map(len, records.values()))
     assert taken_one_by_one == [total]  # a record without a value: the poll one by one
     taken_one_by_one.clear()
@@ -522,9 +514,13 @@ def test_a_poll_with_records_of_other_kinds_decodes_the_rest_together(detector, 
     for rs in no_tombstone.values():
         for offset, record in enumerate(rs):
             record.offset = offset
-    _, together, stats = _run(detector, FakeSource(no_tombstone, chunk=10_000), emit_all=True)
+    _, together, stats = run_in_memory(
+        detector, FakeSource(no_tombstone, chunk=10_000), emit_all=True
+    )
     assert taken_one_by_one == [len(others) - 1 + len(fine) + iso]
-    _, apart, apart_stats = _run(detector, OnePartitionAPoll(no_tombstone, chunk=1), emit_all=True)
+    _, apart, apart_stats = run_in_memory(
+        detector, OnePartitionAPoll(no_tombstone, chunk=1), emit_all=True
+    )
 
     expected = sorted(reason for _, reason in others[:-1])
     assert sorted(dead_letters(together).values()) == expected
@@ -577,8 +573,10 @@ def test_a_pre_cut_window_among_its_keys_readings_keeps_its_place_in_the_stream(
             )
         for offset, record in enumerate(rs):
             record.offset = offset
-    _, together, stats = _run(detector, FakeSource(records, chunk=10_000), emit_all=True)
-    _, apart, apart_stats = _run(detector, OnePartitionAPoll(records, chunk=1), emit_all=True)
+    _, together, stats = run_in_memory(detector, FakeSource(records, chunk=10_000), emit_all=True)
+    _, apart, apart_stats = run_in_memory(
+        detector, OnePartitionAPoll(records, chunk=1), emit_all=True
+    )
     assert stats.windows_scored == apart_stats.windows_scored > 0
     assert dead_letters(together) == dead_letters(apart) == {}
     assert sorted(together.values("events")) == sorted(apart.values("events"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.events import ModelIdentity
 from pipeline.tools.simulate import FleetStream, simulate_fleet
 from pipeline.worker.settings import WorkerSettings
 
@@ -152,6 +153,23 @@ class FakeSink:
 
     def values(self, topic: str) -> list[bytes]:
         return [v for t, _, v, _ in self.sent if t == topic]
+
+
+FLEET_MODEL = ModelIdentity("fleet", "1", "champion")
+
+
+def run_in_memory(detector, source, state=None, **overrides) -> tuple:
+    """A worker of `settings(**overrides)` over `source` until it idles, with a fresh sink:
+    (worker, sink, stats)."""
+    from pipeline.worker.loop import Worker
+    from pipeline.worker.state import MemoryStateStore
+
+    sink = FakeSink()
+    worker = Worker(settings(**overrides), detector, FLEET_MODEL, sink, state or MemoryStateStore())
+    worker.attach(source)
+    worker.on_assigned(set(source.records))
+    stats = worker.run()
+    return worker, sink, stats
 
 
 def dead_letters(sink: FakeSink) -> dict:

@@ -105,7 +105,6 @@ class Worker:
         self.sink, self.follower, self.clock, self.wall_ms = sink, follower, clock, wall_ms
         self.metrics = metrics or WorkerMetrics()
         self.stats = WorkerStats()
-        self._dropped_counters: dict = {}  # by reason, as the writer keeps its dead letters'
         self.modality = modality = modality_of(detector.input)
         self.intake = modality.intake(settings.records.max_record_bytes)
         stages = {"resume": self.intake.windows}  # per-key state, by its name in the state record
@@ -302,12 +301,8 @@ class Worker:
         """A record that gives no reading: dead-lettered, or only counted if the order policy
         drops readings out of order."""
         if rejection.reason in ORDER_REASONS and self.settings.records.order_policy == "drop":
-            reason = rejection.reason
-            self.stats.dropped[reason] += 1
-            counter = self._dropped_counters.get(reason)
-            if counter is None:
-                counter = self._dropped_counters[reason] = self.metrics.dropped.labels(reason)
-            counter.inc()
+            self.stats.dropped[rejection.reason] += 1
+            self.metrics.dropped_by_reason[rejection.reason].inc()
         else:
             self.writer.dead_letter(record, rejection)
 

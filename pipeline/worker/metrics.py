@@ -65,6 +65,19 @@ class BulkHistogram(Collector):
         yield family
 
 
+class Children(dict):
+    """A labelled counter's children by label, each looked up once: a flood of records of one
+    reason costs a dict hit per record, not a `labels()` call."""
+
+    def __init__(self, metric: Counter) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def __missing__(self, label: str):
+        child = self[label] = self.metric.labels(label)
+        return child
+
+
 class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -78,6 +91,8 @@ class WorkerMetrics:
         self.dropped = Counter(
             "aewatch_dropped", "records dropped by the order policy", ["reason"], registry=r
         )
+        self.dead_letters_by_reason = Children(self.dead_letters)
+        self.dropped_by_reason = Children(self.dropped)
         self.batch_windows = Histogram(
             "aewatch_batch_windows", "windows per scored batch", buckets=BATCH_BUCKETS, registry=r
         )

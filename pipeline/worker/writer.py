@@ -121,7 +121,6 @@ class EventWriter:
     ) -> None:
         self.sink, self.topics, self.events, self.modality = sink, topics, events, modality
         self.metrics, self.stats = metrics, stats
-        self._dead_letter_counters: dict = {}  # by reason (a flood of bad records counts each)
 
     def dead_letter(self, record: Record, rejection: Rejection) -> None:
         reason = rejection.reason
@@ -130,10 +129,7 @@ class EventWriter:
         )
         self.sink.send(self.topics.dlq_topic, key=record.key, value=record.value, headers=headers)
         self.stats.dead_letters[reason] += 1
-        counter = self._dead_letter_counters.get(reason)
-        if counter is None:
-            counter = self._dead_letter_counters[reason] = self.metrics.dead_letters.labels(reason)
-        counter.inc()
+        self.metrics.dead_letters_by_reason[reason].inc()
 
     def windows(
         self,
