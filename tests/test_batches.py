@@ -345,3 +345,117 @@ def test_an_arrow_record_with_two_columns_of_one_name_is_refused():
     assert decoder.decode(b"k", value) == Rejection(
         "schema_mismatch", "more than one column is named 'a'"
     )
+
+
+# -- Arrow records of a poll decoded together: the same readings as one by one ----------------
+_UNITS = ("s", "ms", "us", "ns")
+
+
+@st.composite
+def arrow_records(draw) -> tuple[bytes | None, bytes | None]:
+    """Arrow IPC records, most of them in the common form, each with a chance of one flaw: a
+    column order, an integer, float or timestamp type of its own, a missing, null, text or
+    non-finite value, timestamps out of order or beyond int64 milliseconds, no readings, a
+    `key` column, two batches, a message key that is absent or not UTF-8, bytes cut short."""
+    import pyarrow as pa
+
+    n = draw(st.integers(min_value=0, max_value=5))
+    start = draw(st.integers(min_value=-(2**40), max_value=2**40))
+    ts = [start + i * draw(st.integers(min_value=-1, max_value=1500)) for i in range(n)]
+    flaw = draw(st.integers(0, 15))
+    kind = draw(st.sampled_from(("int64", "int32", *_UNITS)))
+    if flaw == 0 and n:
+        ts[draw(st.integers(0, n - 1))] = draw(st.sampled_from([2**62, -(2**62), None]))
+    stamps = pa.array(ts, pa.int64())
+    if kind.startswith("int"):
+        stamps = stamps.cast(kind, safe=False)
+    else:
+        stamps = stamps.cast(pa.timestamp(kind))
+    columns = {"ts": stamps}
+    for name in NAMES:
+        column = draw(st.lists(st.floats(-1e3, 1e3), min_size=n, max_size=n))
+        if flaw == 1 and n:
+            column[draw(st.integers(0, n - 1))] = draw(st.sampled_from([np.nan, np.inf, None]))
+        array = pa.array(column, draw(st.sampled_from([pa.float64(), pa.float32()])))
+        if flaw == 2 and name == NAMES[1]:
+            continue
+        if flaw == 3 and name == NAMES[2]:
+            array = pa.array([str(x) for x in column], pa.string())
+        columns[name] = array
+    if flaw == 4:
+        columns["key"] = pa.array([draw(st.sampled_from(["pump-1", "pump-2"]))] * n)
+    order = draw(st.permutations(list(columns)))
+    table = pa.table({name: columns[name] for name in order})
+    if flaw == 5 and n > 1:
+        table = pa.concat_tables([table.slice(0, 1), table.slice(1)])
+        value = _arrow_batches(table.to_batches())
+    else:
+        value = _arrow_table(table)
+    if flaw == 6:
+        value = value[: draw(st.integers(0, len(value) - 1))]
+    message = draw(st.sampled_from([b"pump-1", b"pump-1", b"pump-2", None, b"", b"\xff"]))
+    return message, value
+
+
+def _arrow_batches(batches) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batches[0].schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(records=st.lists(arrow_records(), min_size=1, max_size=12))
+def test_arrow_records_decoded_together_give_each_record_its_own_readings(records):
+    from pipeline.modalities.batches import ReadingBatch
+    from pipeline.modalities.readings import RecordDecoder
+
+    decoder = RecordDecoder(NAMES, 16, 1 << 20)
+    keys, values = [k for k, _ in records], [v for _, v in records]
+    together, rest = decoder.decode_arrow_many(keys, values, range(len(records)))
+    alone = [RecordDecoder(NAMES, 16, 1 << 20).decode(k, v) for k, v in records]
+    assert rest == sorted(set(rest))
+    taken = [] if together is None else sorted(set(together[3].tolist()))
+    assert not set(taken) & set(rest) and sorted(taken + rest) == list(range(len(records)))
+    for i in taken:
+        mine = np.flatnonzero(together[3] == i)
+        got = ReadingBatch(together[0][mine[0]], together[1][mine], together[2][mine])
+        assert {together[0][j] for j in mine} == {got.key}
+        assert _same(got, alone[i]), records[i]
+
+
+def test_finer_arrow_timestamps_are_cut_to_the_millisecond_and_seconds_beyond_are_refused():
+    import pyarrow as pa
+
+    from pipeline.modalities.readings import RecordDecoder, Rejection
+
+    decoder = RecordDecoder(("a",), 16, 1 << 20)
+    a = pa.array([0.5, 0.25, 0.125])
+    micro = pa.array([1_001_500, 1_002_999, -1_500], pa.timestamp("us"))
+    value = _arrow_table(pa.table([micro, a], names=["ts", "a"]))
+    assert decoder.decode(b"k", value) == Rejection(
+        "out_of_order", "timestamps within the batch must increase"
+    )
+    micro = pa.array([-1_500, 1_001_500, 1_002_999], pa.timestamp("us"))
+    got = decoder.decode(b"k", _arrow_table(pa.table([micro, a], names=["ts", "a"])))
+    assert got.ts.tolist() == [-1, 1001, 1002]  # toward zero, as int() of an epoch ms float
+    far = pa.array([1, 2, 2**62], pa.timestamp("s"))
+    assert decoder.decode(b"k", _arrow_table(pa.table([far, a], names=["ts", "a"]))) == Rejection(
+        "bad_timestamp", "'ts' in epoch ms is outside the years 1 to 9999"
+    )
+
+
+def test_a_poll_of_common_arrow_records_is_not_decoded_one_by_one(detector, monkeypatch):
+    from pipeline.modalities.batches import ArrowBatches
+
+    def refuse(self, message_key, value):
+        raise AssertionError("decoded one by one")
+
+    stream = fleet(seed=2, readings_per_key=300)
+    monkeypatch.setattr(ArrowBatches, "__call__", refuse)
+    _, sink, stats = run_in_memory(detector, FakeSource(batched(stream, 50, "arrow"), chunk=100))
+    assert stats.windows_scored == len(flags_by_window(stream, detector)[0]) > 0
+    assert sink.values("dlq") == []

@@ -8,6 +8,9 @@ Two forms (see the README's schema section):
   batch with a `ts` column (integer epoch ms, or a timestamp type) and one numeric column per
   feature; the entity key is the message key, or a string `key` column holding one key.
 
+The Arrow records of a poll that share a schema are decoded together (`ArrowBatches.many`); the
+others, and any such record that fails a check, one by one, which gives each its reason.
+
 A batch is accepted or rejected as a whole, with the reasons of single readings: its timestamps
 must increase within the record (`out_of_order` otherwise), every feature must be present
 (`missing_feature`) and numeric (`schema_mismatch`), every value finite (`non_finite`).
@@ -15,6 +18,7 @@ must increase within the record (`out_of_order` otherwise), every feature must b
 
 from __future__ import annotations
 
+from itertools import chain, repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -29,6 +33,8 @@ __all__ = [
 ]
 
 ARROW_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream message starts with it; JSON never does
+_ARROW_END = ARROW_MAGIC + b"\x00\x00\x00\x00"  # the end-of-stream marker
+_BEYOND_YEARS = ("bad_timestamp", "'ts' in epoch ms is outside the years 1 to 9999")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -106,6 +112,17 @@ class _ArrowPlan(NamedTuple):
     key: int | None
     features: tuple[tuple[str, int | None, bool], ...]  # (name, index, numeric)
 
+    @property
+    def common(self) -> bool:
+        """Whether every record of the schema is read the common way: a `ts` of integers or
+        timestamps, every feature numeric, no `key` column (the message key names the key)."""
+        return (
+            self.duplicate is None
+            and (self.ts_timestamp or self.ts_integer)
+            and self.key is None
+            and all(numeric for _, _, numeric in self.features)
+        )
+
 
 def _plan(schema, features: tuple[str, ...]) -> _ArrowPlan:
     import pyarrow as pa
@@ -140,6 +157,7 @@ class ArrowBatches:
     def __init__(self, features: tuple[str, ...]) -> None:
         self.features = features
         self._plans: list[tuple[object, _ArrowPlan]] = []
+        self._schemas: dict[bytes, tuple | None] = {}  # schema message -> (schema, plan) or None
 
     def plan(self, schema) -> _ArrowPlan:
         for known, plan in self._plans:
@@ -169,10 +187,11 @@ class ArrowBatches:
         if key.__class__ is tuple:
             return key
         ts = table.column(plan.ts)
-        if plan.ts_timestamp:
-            ts = ts.cast(pa.timestamp("ms")).cast(pa.int64())
         if not (plan.ts_timestamp or plan.ts_integer) or ts.null_count:
             return "bad_timestamp", f"'ts' must be integer epoch ms or a timestamp, not {ts.type}"
+        ts = _epoch_ms(ts, plan)
+        if ts.__class__ is tuple:
+            return ts
         columns = []
         for name, index, numeric in plan.features:
             if index is None:
@@ -181,7 +200,138 @@ class ArrowBatches:
             if not numeric or column.null_count:
                 return "schema_mismatch", f"feature {name!r} must be numbers without nulls"
             columns.append(column.to_numpy().astype(np.float64, copy=False))
-        return checked_batch(key, ts.to_numpy().astype(np.int64), np.stack(columns, axis=1))
+        return checked_batch(key, ts, np.stack(columns, axis=1))
+
+    def many(
+        self, message_keys: list, values: list, indices, max_bytes: int
+    ) -> tuple[tuple | None, list[int]]:
+        """The Arrow records among `indices` in the common form, decoded together: each a
+        stream of one schema message, one record batch and the end marker, of a schema read the
+        common way (`_ArrowPlan.common`), keyed by its message key. Returns (keys, ts, values,
+        record index) of their readings, or None, and the indices left to decode one by one
+        (`__call__`): the other records, and every record this way would not take whole (a bad
+        one among them gets its reason there). A record's readings here are those `__call__`
+        gives it. Records over `max_bytes` are left for one by one, which refuses them."""
+        groups: dict[bytes, tuple] = {}  # schema message -> ((schema, plan), [(index, batch)])
+        rest: list[int] = []
+        for i in indices:
+            value = values[i]
+            fits = value.__class__ is bytes and len(value) <= max_bytes
+            batch = self._one_batch(value) if fits else None
+            if batch is None or not message_keys[i]:
+                rest.append(i)
+            else:
+                groups.setdefault(batch[0], (batch[1], []))[1].append((i, batch[2]))
+        parts = []
+        for known, taken in groups.values():
+            part = self._together(known, message_keys, taken)
+            if part is None:
+                rest.extend(i for i, _ in taken)
+                continue
+            parts.append(part[0])
+            rest.extend(part[1])
+        rest.sort()
+        if not parts:
+            return None, rest
+        if len(parts) == 1:
+            return parts[0], rest
+        keys = list(chain.from_iterable(part[0] for part in parts))
+        ts, rows, at = (np.concatenate([part[j] for part in parts]) for j in (1, 2, 3))
+        return (keys, ts, rows, at), rest
+
+    def _one_batch(self, value: bytes):
+        """(schema message, (schema, plan), record batch) of a record that holds a schema message
+        of a schema read the common way, one record batch and the end marker; else None."""
+        import pyarrow as pa
+
+        if not value.startswith(ARROW_MAGIC) or not value.endswith(_ARROW_END):
+            return None
+        head = 8 + int.from_bytes(value[4:8], "little")
+        if head > len(value) - len(_ARROW_END):
+            return None
+        known = self._schemas.get(schema := value[:head], False)
+        if known is False:
+            known = self._schema(schema)
+        if known is None:
+            return None
+        try:
+            body = pa.py_buffer(value).slice(head, len(value) - head - len(_ARROW_END))
+            message = pa.ipc.read_message(body)
+            if (
+                message.type != "record batch"
+                or 8 + message.metadata.size + message.body.size != body.size
+            ):
+                return None
+            batch = pa.ipc.read_record_batch(message, known[0])
+        except (pa.ArrowException, ValueError, OSError, EOFError):
+            return None
+        return (schema, known, batch) if batch.num_rows else None
+
+    def _schema(self, message: bytes):
+        """(schema, plan) of a schema message read the common way, else None; remembered."""
+        import pyarrow as pa
+
+        try:
+            schema = pa.ipc.read_schema(pa.py_buffer(message))
+        except (pa.ArrowException, ValueError, OSError):
+            known = None
+        else:
+            plan = _plan(schema, self.features)
+            known = (schema, plan) if plan.common else None
+        if len(self._schemas) >= self.KEEP:
+            del self._schemas[next(iter(self._schemas))]
+        self._schemas[message] = known
+        return known
+
+    @staticmethod
+    def _together(known, message_keys: list, taken: list):
+        """((keys, ts, values, record index), refused record indices) of records of one schema,
+        checked as `checked_batch` checks each; None when they must go one by one."""
+        import pyarrow as pa
+
+        schema, plan = known
+        indices = [i for i, _ in taken]
+        try:
+            keys = [message_keys[i].decode() for i in indices]
+            table = pa.Table.from_batches([batch for _, batch in taken], schema)
+            table.validate(full=True)
+        except (pa.ArrowException, ValueError, UnicodeDecodeError):
+            return None
+        ts = table.column(plan.ts)
+        columns = [table.column(index) for _, index, _ in plan.features]
+        if ts.null_count or any(column.null_count for column in columns):
+            return None
+        ts = _epoch_ms(ts, plan)
+        if ts.__class__ is tuple:
+            return None
+        values = np.stack([c.to_numpy().astype(np.float64, copy=False) for c in columns], axis=1)
+        lengths = np.array([batch.num_rows for _, batch in taken])
+        record = np.repeat(np.arange(len(taken)), lengths)
+        bad = np.zeros(len(taken), bool)
+        bad[record[1:][(np.diff(ts) <= 0) & (record[1:] == record[:-1])]] = True
+        bad[record[~(np.abs(values) <= _FLOAT32_MAX).all(axis=1)]] = True  # NaN compares False
+        if bad.any():
+            keep = ~bad[record]
+            ts, values, record = ts[keep], values[keep], record[keep]
+            lengths = lengths[~bad]
+            keys = [key for key, refused in zip(keys, bad.tolist(), strict=True) if not refused]
+        names = list(chain.from_iterable(map(repeat, keys, lengths.tolist())))
+        at = np.asarray(indices, np.int64)[record]
+        return (names, ts, values, at), [indices[j] for j in np.flatnonzero(bad).tolist()]
+
+
+def _epoch_ms(ts, plan: _ArrowPlan):
+    """A `ts` column of integers or timestamps as int64 epoch ms, or (reason, detail). Finer
+    timestamps are cut to the millisecond toward zero, as a fractional epoch ms is."""
+    import pyarrow as pa
+
+    if plan.ts_timestamp:
+        unit = ts.type.unit
+        try:
+            ts = ts.cast(pa.timestamp("ms"), safe=unit == "s").cast(pa.int64())
+        except pa.ArrowInvalid:  # seconds beyond int64 milliseconds
+            return _BEYOND_YEARS
+    return ts.to_numpy().astype(np.int64)
 
 
 def _arrow_key(table, index: int | None, message_key: bytes | None):

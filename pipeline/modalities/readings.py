@@ -208,6 +208,11 @@ class RecordDecoder:
         values = np.fromiter(flat, np.float64, count=len(data) * width).reshape(len(data), width)
         return keys, ts, values, at, others
 
+    def decode_arrow_many(self, message_keys: list, values: list, indices) -> tuple:
+        """The Arrow records among `indices` decoded together (`ArrowBatches.many`): (keys, ts,
+        values, record index) of their readings or None, and the indices left to `decode`."""
+        return self._arrow.many(message_keys, values, indices, self.max_bytes)
+
     def decode(
         self, message_key: bytes | None, value: bytes | None
     ) -> Decoded | ReadingBatch | Rejection:

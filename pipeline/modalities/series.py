@@ -94,6 +94,10 @@ class SeriesIntake:
             parts = [self._finite(records, names, ts, rows, at, reject)] if len(at) else []
         cut: list[tuple] = []
         if len(others):
+            batched, others = self.decoder.decode_arrow_many(keys, values, others)
+            if batched is not None:
+                parts.append(batched)
+        if len(others):
             more, cut = self._one_by_one(records, partitions, keys, values, offsets, others, reject)
             parts += more
         owner = partitions
