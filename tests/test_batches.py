@@ -459,3 +459,21 @@ def test_a_poll_of_common_arrow_records_is_not_decoded_one_by_one(detector, monk
     _, sink, stats = run_in_memory(detector, FakeSource(batched(stream, 50, "arrow"), chunk=100))
     assert stats.windows_scored == len(flags_by_window(stream, detector)[0]) > 0
     assert sink.values("dlq") == []
+
+
+def test_a_worker_scores_microsecond_arrow_times_and_dead_letters_seconds_beyond(detector):
+    import pyarrow as pa
+
+    values = [pa.array(np.full(40, 0.5)) for _ in NAMES]
+    micro = pa.array(np.arange(40, dtype=np.int64) * 1_000_500 + 10**15, pa.timestamp("us"))
+    far = pa.array(np.arange(40, dtype=np.int64) + 2**62, pa.timestamp("s"))
+    records = [
+        Record("readings", 0, offset, key, _arrow_table(pa.table([ts, *values], ["ts", *NAMES])))
+        for offset, (key, ts) in enumerate([(b"pump-1", micro), (b"pump-2", far)])
+    ]
+    _, sink, stats = run_in_memory(detector, FakeSource({("readings", 0): records}))
+    assert stats.windows_scored == (40 - 16) // 4 + 1  # window 16, stride 4
+    dead = [dict(h) for topic, _, _, h in sink.sent if topic == "dlq"]
+    assert [(d["aewatch.source.offset"], d["aewatch.dlq.reason"]) for d in dead] == [
+        (b"1", b"bad_timestamp")
+    ]
