@@ -321,17 +321,17 @@ class ArrowBatches:
 
 
 def _epoch_ms(ts, plan: _ArrowPlan):
-    """A `ts` column of integers or timestamps as int64 epoch ms, or (reason, detail). Finer
-    timestamps are cut to the millisecond toward zero, as a fractional epoch ms is."""
+    """A `ts` column of integers or timestamps as int64 epoch ms, or (reason, detail) when a
+    value is beyond int64 milliseconds. Finer timestamps are cut to the millisecond toward
+    zero, as a fractional epoch ms is."""
     import pyarrow as pa
 
-    if plan.ts_timestamp:
-        unit = ts.type.unit
-        try:
-            ts = ts.cast(pa.timestamp("ms"), safe=unit == "s").cast(pa.int64())
-        except pa.ArrowInvalid:  # seconds beyond int64 milliseconds
-            return _BEYOND_YEARS
-    return ts.to_numpy().astype(np.int64)
+    try:
+        if plan.ts_timestamp:
+            ts = ts.cast(pa.timestamp("ms"), safe=ts.type.unit == "s")
+        return ts.cast(pa.int64()).to_numpy().astype(np.int64)
+    except pa.ArrowInvalid:
+        return _BEYOND_YEARS
 
 
 def _arrow_key(table, index: int | None, message_key: bytes | None):
