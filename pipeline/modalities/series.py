@@ -101,10 +101,14 @@ class SeriesIntake:
             more, cut = self._one_by_one(records, partitions, keys, values, offsets, others, reject)
             parts += more
         owner = partitions
-        if isinstance(partitions, list):  # each key's partition, from its readings' records
-            names = chain.from_iterable(part[0] for part in parts)
-            at = chain.from_iterable(part[3].tolist() for part in parts)
-            owner = dict(zip(names, map(partitions.__getitem__, at), strict=True))
+        if isinstance(partitions, list):  # each key's partition: that of its latest record
+            latest: dict[str, int] = {}
+            for names, _, _, at in parts:
+                if len(at) > 1 and (at[1:] == at[:-1]).any():  # batches: one look a record
+                    runs = np.flatnonzero(np.r_[True, at[1:] != at[:-1]])
+                    names, at = map(names.__getitem__, runs.tolist()), at[runs]
+                latest.update(zip(names, at.tolist(), strict=True))
+            owner = {key: partitions[index] for key, index in latest.items()}
         self._push(owner, records, offsets, parts, cut, pending, reject)
 
     def _one_by_one(self, records, partitions, keys, values, offsets, indices, reject):
