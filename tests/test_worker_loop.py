@@ -58,6 +58,13 @@ def test_malformed_records_go_to_the_dlq_with_their_reason(detector):
     good = len(records)
     names = detector.input.features
     values = {n: 1.0 for n in names}
+
+    def window(ts_start=0, ts_end=1, row=None) -> bytes:
+        rows = [row or [1.0] * len(names)] * detector.input.window.length
+        return orjson.dumps(
+            {"key": "machine-000", "ts_start": ts_start, "ts_end": ts_end, "values": rows}
+        )
+
     bad = [
         (b"not json", "decode_error"),
         (b"\xff\xfe", "decode_error"),
@@ -85,6 +92,9 @@ def test_malformed_records_go_to_the_dlq_with_their_reason(detector):
             orjson.dumps({"key": "machine-000", "ts_start": 0, "ts_end": 1, "values": [[1.0] * 3]}),
             "window_shape",
         ),
+        (window(ts_start=9, ts_end=1), "bad_timestamp"),  # a window that ends before it starts
+        (window(row=[True] * len(names)), "window_shape"),  # booleans are not numbers
+        (window(row=["0.5"] * len(names)), "window_shape"),  # nor are numeric strings
         (b"x" * 2_000_000, "oversize"),
     ]
     mixed, expected = [], {}

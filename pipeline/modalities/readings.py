@@ -108,6 +108,7 @@ def parse_timestamp_ms(value) -> int:
 
 
 _KEY, _TS, _VALUES = attrgetter("key"), attrgetter("ts"), attrgetter("values")
+_ROWS = list[list[float]]  # a window's rows: numbers only (not booleans or numeric strings)
 _FIELDS = msgspec.structs.astuple
 # A record whose "ts" is a list: a columnar batch, or one the full parse gives its reason.
 _TS_LIST = re.compile(rb'"ts"\s*:\s*\[').search
@@ -321,11 +322,17 @@ class RecordDecoder:
             return Rejection("bad_timestamp", "a window needs 'ts_start' and 'ts_end'")
         except (ValueError, OverflowError, OSError) as exc:
             return Rejection("bad_timestamp", str(exc)[:200])
+        if ts_start > ts_end:
+            return Rejection("bad_timestamp", "'ts_start' is after 'ts_end'")
         names = data.get("features")
         try:
             array = np.asarray(rows, dtype=np.float64)
-        except (TypeError, ValueError, OverflowError):
-            return Rejection("window_shape", "rows must be lists of numbers of equal length")
+            msgspec.convert(rows, _ROWS)
+        except (TypeError, ValueError, OverflowError, msgspec.ValidationError) as exc:
+            detail = "rows must be lists of numbers of equal length"
+            if isinstance(exc, msgspec.ValidationError):
+                detail = f"{detail} ({exc})"
+            return Rejection("window_shape", detail[:200])
         if names is not None:
             if not isinstance(names, list) or array.ndim != 2 or len(names) != array.shape[1]:
                 return Rejection("window_shape", "'features' must name every column")
