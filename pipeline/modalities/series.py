@@ -53,8 +53,9 @@ class SeriesIntake:
     """Decodes a poll's readings of the common shape (one C-level pass over their values: the
     only per-record Python work) and its other records one by one, then checks and windows the
     readings of every key together, in record order; pre-cut windows pass straight on. A
-    batched record adds its readings as arrays. A bad record among good ones costs only its own
-    decoding: the poll's other readings still take the one pass."""
+    batched record adds its readings as arrays; the poll's Arrow records of one schema are read
+    as one table. A bad record among good ones costs only its own decoding: the poll's other
+    readings still take the one pass."""
 
     def __init__(self, spec: InputSpec, max_record_bytes: int) -> None:
         self.decoder = RecordDecoder(
