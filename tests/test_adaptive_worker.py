@@ -18,16 +18,16 @@ from pipeline.worker.loop import Worker
 from pipeline.worker.state import MemoryStateStore, decode_state
 from tests.kafka_support import consume, produce, run_worker, stream_items, worker_settings
 from tests.kafka_support import names as topic_names
+from tests.worker_support import FLEET_MODEL as MODEL
 from tests.worker_support import (
     FakeSink,
     FakeSource,
     fleet,
     partitioned,
+    run_in_memory,
     settings,
     train_fleet_detector,
 )
-
-MODEL = ModelIdentity("fleet", "1", "champion")
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +119,7 @@ def test_alarming_on_the_adaptive_stage_is_a_setting(trained):
 
 
 def _run(detector, records, **overrides) -> list[dict]:
-    sink = FakeSink()
-    worker = Worker(settings(emit_all=True, **overrides), detector, MODEL, sink, MemoryStateStore())
-    source = FakeSource(records, chunk=400)
-    worker.attach(source)
-    worker.on_assigned(set(source.records))
-    worker.run()
+    _, sink, _ = run_in_memory(detector, FakeSource(records, chunk=400), emit_all=True, **overrides)
     return [orjson.loads(v) for v in sink.values("events")]
 
 

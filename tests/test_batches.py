@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.events import ModelIdentity, event_id
+from pipeline.events import event_id
 from pipeline.modalities.batches import arrow_record
 from pipeline.worker.loop import Worker
 from pipeline.worker.state import MemoryStateStore
@@ -27,9 +27,9 @@ from tests.worker_support import (
     run_in_memory,
     train_fleet_detector,
 )
+from tests.worker_support import FLEET_MODEL as MODEL
 from tests.worker_support import settings as worker_settings
 
-MODEL = ModelIdentity("fleet", "1", "champion")
 NAMES = tuple(f"sensor_{i}" for i in range(FEATURES))
 FORMS = ("json", "arrow")
 

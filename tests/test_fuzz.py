@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.events import ModelIdentity
 from pipeline.modalities.images import encode_image_record
 from pipeline.modalities.readings import REASONS
 from pipeline.worker.loop import Worker
@@ -27,11 +26,11 @@ from tests.worker_support import (
     partitioned,
     train_fleet_detector,
 )
+from tests.worker_support import FLEET_MODEL as MODEL
 from tests.worker_support import (
     settings as worker_settings,
 )
 
-MODEL = ModelIdentity("fleet", "1", "champion")
 NAMES = tuple(f"sensor_{i}" for i in range(FEATURES))
 MAX_BYTES = 4096
 KEY = "machine-000"

@@ -10,10 +10,11 @@ import numpy as np
 import orjson
 import pytest
 
-from pipeline.events import ModelIdentity, iso_ms
+from pipeline.events import iso_ms
 from pipeline.modalities.batches import arrow_record
 from pipeline.worker.loop import Worker
 from pipeline.worker.state import MemoryStateStore
+from tests.worker_support import FLEET_MODEL as MODEL
 from tests.worker_support import (
     FakeSink,
     FakeSource,
@@ -25,7 +26,6 @@ from tests.worker_support import (
     train_fleet_detector,
 )
 
-MODEL = ModelIdentity("fleet", "1", "champion")
 PARTITIONS = 3
 
 

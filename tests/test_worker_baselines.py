@@ -9,13 +9,12 @@ import pytest
 
 from pipeline.batch import score_window_set
 from pipeline.detector import cut_windows
-from pipeline.events import ModelIdentity
 from pipeline.worker.loop import Worker
 from pipeline.worker.state import MemoryStateStore, decode_state
 from tests.fleet_support import fleet_frame, machine, records_of, train_on, with_episodes
-from tests.worker_support import FakeSink, FakeSource, settings
+from tests.worker_support import FLEET_MODEL as MODEL
+from tests.worker_support import FakeSink, FakeSource, run_in_memory, settings
 
-MODEL = ModelIdentity("fleet", "1", "champion")
 LEVELS = {"cold": -10.0, "warm": 0.0, "hot": 15.0}
 ON = dict(key_baselines=True, level_half_life=300.0, events="windows", emit_all=True)
 
@@ -42,21 +41,14 @@ def streams():
     return out
 
 
-def _run(detector, source, state=None, **overrides):
-    sink = FakeSink()
-    worker = Worker(settings(**overrides), detector, MODEL, sink, state or MemoryStateStore())
-    worker.attach(source)
-    worker.on_assigned(set(source.records))
-    worker.run()
-    return worker, sink
-
-
 def _events(sink):
     return {e["id"]: e["data"]["score"] for e in map(orjson.loads, sink.values("events"))}
 
 
 def test_warm_up_windows_are_not_scored_and_batch_scoring_agrees_with_the_stream(detector, streams):
-    worker, sink = _run(detector, FakeSource(records_of(streams, "readings", 2), chunk=77), **ON)
+    worker, sink, _ = run_in_memory(
+        detector, FakeSource(records_of(streams, "readings", 2), chunk=77), **ON
+    )
     events = _events(sink)
     spec = detector.input.window
     warm = 1 + (10 * spec.length - spec.length) // spec.stride
@@ -86,7 +78,7 @@ def test_warm_up_windows_are_not_scored_and_batch_scoring_agrees_with_the_stream
 
 def test_restart_from_the_state_record_continues_the_same_baselines(detector, streams):
     records = records_of(streams, "readings", 1)
-    _, clean = _run(detector, FakeSource(records, chunk=100), **ON)
+    _, clean, _ = run_in_memory(detector, FakeSource(records, chunk=100), **ON)
     clean_events = _events(clean)
 
     state = MemoryStateStore()
@@ -105,7 +97,7 @@ def test_restart_from_the_state_record_continues_the_same_baselines(detector, st
     before = _events(first.sink)
 
     second = FakeSource(records, chunk=100, committed=source.latest_commits())
-    _, after = _run(detector, second, state=state, **ON)
+    _, after, _ = run_in_memory(detector, second, state, **ON)
     joined = {**before, **_events(after)}
     assert set(joined) == set(clean_events)
     assert joined == pytest.approx(clean_events, rel=1e-6)
@@ -114,11 +106,8 @@ def test_restart_from_the_state_record_continues_the_same_baselines(detector, st
 def test_the_adaptive_stage_judges_each_features_error_and_level(detector, streams):
     overrides = dict(key_baselines=True, alarm_on="adaptive", adaptive_columns="levels")
     state = MemoryStateStore()
-    worker = Worker(settings(**overrides, events="alarms"), detector, MODEL, FakeSink(), state)
     source = FakeSource(records_of(streams, "readings", 1), chunk=100)
-    worker.attach(source)
-    worker.on_assigned(set(source.records))
-    worker.run()
+    worker, _, _ = run_in_memory(detector, source, state, **overrides, events="alarms")
     saved = decode_state(state.records[("readings", 0)])
     assert saved["adaptive"]["c"] == 2 * len(detector.input.features)
     opened = [

@@ -7,11 +7,12 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from pipeline.events import ModelIdentity, event_id, event_schema, iso_ms
+from pipeline.events import event_id, event_schema, iso_ms
 from pipeline.modalities.windowing import ReadyWindows
 from pipeline.worker.loop import Worker
 from pipeline.worker.scorer import SMALL_BATCH
 from pipeline.worker.state import KafkaStateStore, MemoryStateStore
+from tests.worker_support import FLEET_MODEL as MODEL
 from tests.worker_support import (
     FakeSink,
     FakeSource,
@@ -24,8 +25,6 @@ from tests.worker_support import (
     settings,
     train_fleet_detector,
 )
-
-MODEL = ModelIdentity("fleet", "1", "champion")
 
 
 @pytest.fixture(scope="module")

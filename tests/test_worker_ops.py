@@ -7,11 +7,12 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from pipeline.events import ALARM_SCHEMA, ModelIdentity, event_schema
+from pipeline.events import ALARM_SCHEMA, event_schema
 from pipeline.registry.client import ModelRef
 from pipeline.worker.loop import Worker
 from pipeline.worker.state import MemoryStateStore
 from tests.helpers import metric_values
+from tests.worker_support import FLEET_MODEL as MODEL
 from tests.worker_support import (
     FakeSink,
     FakeSource,
@@ -22,8 +23,6 @@ from tests.worker_support import (
     settings,
     train_fleet_detector,
 )
-
-MODEL = ModelIdentity("fleet", "1", "champion")
 
 
 @pytest.fixture(scope="module")
