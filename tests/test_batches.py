@@ -356,7 +356,8 @@ def arrow_records(draw) -> tuple[bytes | None, bytes | None]:
     """Arrow IPC records, most of them in the common form, each with a chance of one flaw: a
     column order, an integer, float or timestamp type of its own, a missing, null, text or
     non-finite value, timestamps out of order or beyond int64 milliseconds, no readings, a
-    `key` column, two batches, a message key that is absent or not UTF-8, bytes cut short."""
+    `key` column, two batches, a message key that is absent or not UTF-8, bytes cut short or
+    flipped."""
     import pyarrow as pa
 
     n = draw(st.integers(min_value=0, max_value=5))
@@ -390,6 +391,11 @@ def arrow_records(draw) -> tuple[bytes | None, bytes | None]:
         value = _arrow_table(table)
     if flaw == 6:
         value = value[: draw(st.integers(0, len(value) - 1))]
+    if flaw == 7:  # bytes flipped anywhere: in the schema's names, the metadata, the body
+        flipped = bytearray(value)
+        for _ in range(draw(st.integers(1, 3))):
+            flipped[draw(st.integers(0, len(value) - 1))] = draw(st.integers(0, 255))
+        value = bytes(flipped)
     message = draw(st.sampled_from([b"pump-1", b"pump-1", b"pump-2", None, b"", b"\xff"]))
     return message, value
 
@@ -422,6 +428,22 @@ def test_arrow_records_decoded_together_give_each_record_its_own_readings(record
         got = ReadingBatch(together[0][mine[0]], together[1][mine], together[2][mine])
         assert {together[0][j] for j in mine} == {got.key}
         assert _same(got, alone[i]), records[i]
+
+
+def test_an_arrow_record_whose_schema_names_are_not_utf8_is_refused_not_raised():
+    import pyarrow as pa
+
+    from pipeline.modalities.readings import RecordDecoder
+
+    n = 3
+    columns = [pa.array(np.arange(n) + 1_767_225_600_000)]
+    columns += [pa.array(np.full(n, 0.5)) for _ in NAMES]
+    good = _arrow_table(pa.table([*columns, pa.array(np.zeros(n))], names=["ts", *NAMES, "zz"]))
+    bad = good.replace(b"zz", b"\xff\xfe")
+    decoder = RecordDecoder(NAMES, 16, 1 << 20)
+    together, rest = decoder.decode_arrow_many([b"k", b"k"], [good, bad], range(2))
+    assert together[3].tolist() == [0] * n and rest == [1]
+    assert decoder.decode(b"k", bad).reason == "decode_error"
 
 
 def test_finer_arrow_timestamps_are_cut_to_the_millisecond_and_times_beyond_are_refused():

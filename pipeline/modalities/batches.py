@@ -273,10 +273,10 @@ class ArrowBatches:
 
         try:
             schema = pa.ipc.read_schema(pa.py_buffer(message))
+            plan = _plan(schema, self.features)  # (a name that is not UTF-8: ValueError)
         except (pa.ArrowException, ValueError, OSError):
             known = None
         else:
-            plan = _plan(schema, self.features)
             known = (schema, plan) if plan.common else None
         if len(self._schemas) >= self.KEEP:
             del self._schemas[next(iter(self._schemas))]
