@@ -22,6 +22,7 @@ from tests.worker_support import (
     FakeSink,
     FakeSource,
     Record,
+    dead_letters,
     flags_by_window,
     fleet,
     run_in_memory,
@@ -482,7 +483,7 @@ def test_a_poll_of_common_arrow_records_is_not_decoded_one_by_one(detector, monk
     assert sink.values("dlq") == []
 
 
-def test_a_worker_scores_microsecond_arrow_times_and_dead_letters_seconds_beyond(detector):
+def test_a_worker_scores_microsecond_arrow_times_and_dead_letters_unreadable_ones(detector):
     import pyarrow as pa
 
     values = [pa.array(np.full(40, 0.5)) for _ in NAMES]
@@ -498,3 +499,9 @@ def test_a_worker_scores_microsecond_arrow_times_and_dead_letters_seconds_beyond
     assert [(d["aewatch.source.offset"], d["aewatch.dlq.reason"]) for d in dead] == [
         (b"1", b"bad_timestamp")
     ]
+    # a schema that names a column in bytes that are not UTF-8, among good records
+    unnamed = records[0].value.replace(NAMES[0].encode(), b"\xff" * len(NAMES[0]))
+    records[1] = Record("readings", 0, 1, b"pump-2", unnamed)
+    _, sink, stats = run_in_memory(detector, FakeSource({("readings", 0): records}))
+    assert stats.windows_scored == (40 - 16) // 4 + 1
+    assert list(dead_letters(sink).values()) == ["decode_error"]
