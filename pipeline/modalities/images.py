@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from tokenize import TokenError  # numpy's .npy header parser raises it
 from typing import NamedTuple
 
 import numpy as np
@@ -261,7 +262,7 @@ class ImageDecoder:
                 shape, _, dtype = fmt.read_array_header_2_0(stream)
             else:
                 return Rejection("decode_error", f".npy format version {version} not accepted")
-        except (ValueError, SyntaxError, EOFError, TypeError) as exc:
+        except (ValueError, SyntaxError, EOFError, TypeError, TokenError) as exc:
             return Rejection("decode_error", f"bad .npy header: {_detail(exc)}")
         if dtype.hasobject:
             return Rejection("decode_error", ".npy object arrays (pickled data) are not accepted")
