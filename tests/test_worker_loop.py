@@ -11,7 +11,7 @@ from pipeline.events import event_id, event_schema, iso_ms
 from pipeline.modalities.windowing import ReadyWindows
 from pipeline.worker.loop import Worker
 from pipeline.worker.scorer import SMALL_BATCH
-from pipeline.worker.state import KafkaStateStore, MemoryStateStore
+from pipeline.worker.state import KafkaStateStore, MemoryStateStore, decode_state
 from tests.worker_support import FLEET_MODEL as MODEL
 from tests.worker_support import (
     FakeSink,
@@ -589,3 +589,57 @@ def test_a_pre_cut_window_among_its_keys_readings_keeps_its_place_in_the_stream(
     assert stats.windows_scored == apart_stats.windows_scored > 0
     assert dead_letters(together) == dead_letters(apart) == {}
     assert sorted(together.values("events")) == sorted(apart.values("events"))
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda saved: b"not json",
+        lambda saved: orjson.dumps([saved]),
+        lambda saved: orjson.dumps({**saved, "resume": {k: "12" for k in saved["resume"]}}),
+        lambda saved: orjson.dumps(
+            {**saved, "resume": {k: [2**63 - 1, 0] for k in saved["resume"]}}
+        ),
+        lambda saved: orjson.dumps({**saved, "adaptive": {**saved["adaptive"], "keys": [1]}}),
+    ],
+    ids=["not-json", "not-an-object", "resume-text", "resume-beyond", "adaptive-keys"],
+)
+def test_an_unreadable_state_record_is_refused_for_its_partition_alone(detector, corrupt, caplog):
+    stream = fleet(seed=4)
+    records = partitioned(stream, "readings", 2)
+    keys_of = {p: {r.key.decode() for r in rs} for p, rs in records.items()}
+    settings_ = dict(emit_all=True)
+    _, clean_sink, _ = run_in_memory(detector, FakeSource(records, chunk=250), **settings_)
+    clean = [orjson.loads(v) for v in clean_sink.values("events")]
+
+    state = MemoryStateStore()
+    first = Worker(settings(**settings_), detector, MODEL, FakeSink(), state)
+    source = FakeSource({p: r[: len(r) // 2] for p, r in records.items()}, chunk=250)
+    first.attach(source)
+    first.on_assigned(set(records))
+    while polled := source.poll(0):
+        first.process(polled)
+    first.checkpoint()
+    before = [orjson.loads(v) for v in first.sink.values("events")]
+    bad = ("readings", 1)
+    state.records[bad] = corrupt(orjson.loads(state.records[bad]))
+
+    second_source = FakeSource(records, chunk=250, committed=source.latest_commits())
+    worker, second_sink, _ = run_in_memory(detector, second_source, state=state, **settings_)
+    after = [orjson.loads(v) for v in second_sink.values("events")]
+
+    def ids(events, partition):
+        return {e["id"] for e in events if e["subject"] in keys_of[partition]}
+
+    good = ("readings", 0)  # restores as usual: the same windows, no event twice
+    assert ids(before, good) | ids(after, good) == ids(clean, good)
+    assert not ids(before, good) & ids(after, good)
+    # the refused partition's keys start afresh from the commit: every key scored again
+    assert {e["subject"] for e in after} >= keys_of[bad]
+    assert worker.metrics.state_refused._value.get() == 1
+    assert (
+        [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        == [r.getMessage() for r in caplog.records if "readings:1 refused" in r.getMessage()]
+        != []
+    )
+    decode_state(state.records[bad])  # the next checkpoint wrote a good record over it

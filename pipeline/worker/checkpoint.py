@@ -27,7 +27,7 @@ from pipeline.errors import CommitRejected
 from pipeline.kafka_io.protocols import Sink, Source
 from pipeline.modalities.base import StreamWindows
 from pipeline.worker.metrics import WorkerMetrics, WorkerStats
-from pipeline.worker.state import KeyedState, StateStore
+from pipeline.worker.state import KeyedState, StateStore, decode_state
 
 __all__ = ["Checkpointer"]
 
@@ -65,16 +65,34 @@ class Checkpointer:
         """Load the saved state of newly assigned partitions into every stage. Returns for how
         many there was state, and where to read again from those this member committed before
         (see `Worker.on_assigned`)."""
-        restored = self.store.load(partitions) if partitions else {}
-        for partition, saved in restored.items():
-            for name, stage in self.stages.items():
-                stage.restore(partition, saved.get(name) or {})
+        records = self.store.load(partitions) if partitions else {}
+        restored = [p for p, record in records.items() if self._restore(p, record)]
         rewind = {p: self._last_commit[p] for p in partitions if p in self._last_commit}
         for partition in restored:  # the state's own resume point, even past a refused commit
             oldest = self.windows.oldest_needed(partition)
             if oldest is not None:
                 rewind[partition] = min(oldest, rewind.get(partition, oldest))
         return len(restored), rewind
+
+    def _restore(self, partition: Partition, record: bytes) -> bool:
+        """Hand each stage its part of the partition's record; False, with every stage left
+        without the partition's keys, if the record or a part of it cannot be read."""
+        try:
+            saved = decode_state(record)
+            for name, stage in self.stages.items():
+                stage.restore(partition, saved.get(name) or {})
+        except Exception as exc:  # noqa: BLE001 - one unreadable record must not stop the group
+            for stage in self.stages.values():
+                stage.forget({partition})
+            self.metrics.state_refused.inc()
+            log.error(
+                "state record of %s:%d refused, its keys start afresh from the committed "
+                "offset: %s",
+                *partition,
+                f"{type(exc).__name__}: {exc}"[:300],
+            )
+            return False
+        return True
 
     def forget(self, partitions: set[Partition]) -> None:
         """Nothing of these partitions stays: a member that kept them would write stale state

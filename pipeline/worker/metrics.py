@@ -114,6 +114,11 @@ class WorkerMetrics:
         self.assigned = Gauge("aewatch_assigned_partitions", "partitions assigned", registry=r)
         self.alarms_open = Gauge("aewatch_alarms_open", "keys with an open alarm", registry=r)
         self.commits = Counter("aewatch_commits", "offset commits", registry=r)
+        self.state_refused = Counter(
+            "aewatch_state_refused",
+            "state records refused as unreadable (their partition's keys started afresh)",
+            registry=r,
+        )
         self.model_info = Gauge(
             "aewatch_model_info",
             "the model version serving",

@@ -15,6 +15,12 @@ record for it and hands each stage its part: windows skip readings before each k
 offset and continue their positions, giving the same windows and event ids as an uninterrupted
 run; open alarm episodes continue. A stage added later stores its part under a name of its own;
 records without it restore that stage empty.
+
+A record that cannot be read (not this layout, or a part its stage refuses) is refused for its
+partition alone, with one error line naming it: the partition's keys start afresh from the
+committed offset (windows from there are emitted again, with the same event ids where positions
+agree; adaptive and alarm state warm up again), and the next checkpoint writes a good record over
+it. The other partitions restore as usual, and the member does not stop.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ __all__ = [
 
 Partition = tuple[str, int]
 FORMAT_VERSION = 1
+RESUME_LIMIT = 2**62  # series positions and offsets of a resume point lie below it
 
 
 class KeyedState(Protocol):
@@ -60,16 +67,37 @@ def encode_state(parts: dict[str, dict]) -> bytes:
 
 
 def decode_state(value: bytes) -> dict[str, dict]:
-    data = orjson.loads(value)
+    """A partition's record as each stage's part; ValueError (one line) if it is not one."""
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if data.__class__ is not dict:
+        raise ValueError("not a JSON object")
     parts = {k: v for k, v in data.items() if k != "v" and isinstance(v, dict)}
-    parts["resume"] = {
-        k: tuple(int(x) for x in point) for k, point in (data.get("resume") or {}).items()
-    }
+    resume = data.get("resume") or {}
+    if resume.__class__ is not dict:
+        raise ValueError("'resume' is not an object")
+    parts["resume"] = {key: _resume_point(key, point) for key, point in resume.items()}
     return parts
 
 
+def _resume_point(key: str, point) -> tuple[int, ...]:
+    """(position, offset[, done[, first ts]]): counts and offsets from 0 up to 2**62."""
+    if (
+        point.__class__ is not list
+        or not 2 <= len(point) <= 4
+        or any(x.__class__ is not int for x in point)
+        or not all(0 <= x < RESUME_LIMIT for x in point[:3])
+    ):
+        raise ValueError(f"resume point of key {key!r} is not 2 to 4 counts: {point!r}"[:200])
+    return tuple(point)
+
+
 class StateStore(Protocol):
-    def load(self, partitions: set[Partition]) -> dict[Partition, dict[str, dict]]: ...
+    def load(self, partitions: set[Partition]) -> dict[Partition, bytes]:
+        """The latest record of each of `partitions` that has one (`decode_state` reads it)."""
+
     def save(self, partition: Partition, parts: dict[str, dict]) -> None: ...
 
 
@@ -79,8 +107,8 @@ class MemoryStateStore:
     def __init__(self) -> None:
         self.records: dict[Partition, bytes] = {}
 
-    def load(self, partitions: set[Partition]) -> dict[Partition, dict[str, dict]]:
-        return {p: decode_state(self.records[p]) for p in partitions if p in self.records}
+    def load(self, partitions: set[Partition]) -> dict[Partition, bytes]:
+        return {p: self.records[p] for p in partitions if p in self.records}
 
     def save(self, partition: Partition, parts: dict[str, dict]) -> None:
         self.records[partition] = encode_state(parts)
@@ -93,10 +121,10 @@ class KafkaStateStore:
     def __init__(self, sink, read_latest, topic: str) -> None:
         self.sink, self.read_latest, self.topic = sink, read_latest, topic
 
-    def load(self, partitions: set[Partition]) -> dict[Partition, dict[str, dict]]:
+    def load(self, partitions: set[Partition]) -> dict[Partition, bytes]:
         wanted = {_key(p): p for p in partitions}
         latest = self.read_latest(self.topic, list(wanted))
-        return {wanted[k]: decode_state(v) for k, v in latest.items()}
+        return {wanted[k]: v for k, v in latest.items()}
 
     def save(self, partition: Partition, parts: dict[str, dict]) -> None:
         self.sink.send(self.topic, key=_key(partition), value=encode_state(parts))
