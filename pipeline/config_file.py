@@ -19,18 +19,23 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     file = Path(path)
     if not file.is_file():
         raise ConfigError("config", f"{path}: no such file")
-    text = file.read_text()
-    try:
-        if file.suffix.lower() == ".toml":
-            raw = tomllib.loads(text)
-        elif file.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+    suffix = file.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError("config", f"{path}: use a .toml, .yaml or .yml file")
+    import yaml
 
-            raw = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError("config", f"{path}: use a .toml, .yaml or .yml file")
-    except (tomllib.TOMLDecodeError, ValueError) as exc:
-        raise ConfigError("config", f"{path}: {exc}") from exc
+    try:
+        text = file.read_bytes().decode()
+        raw = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text) or {}
+    except UnicodeDecodeError as exc:
+        detail = f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise ConfigError("config", detail) from None
+    except yaml.MarkedYAMLError as exc:  # one line: where, and what
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError("config", f"{path}: {where}{exc.problem or exc.context}") from None
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError) as exc:
+        raise ConfigError("config", f"{path}: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError("config", f"{path}: expected a table of settings")
     dests = {a.dest: a for a in parser._actions}

@@ -123,6 +123,26 @@ def test_unknown_config_key_names_it(tmp_path: Path, capsys):
     assert "code_sise" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("train.yaml", b"data: [x.csv\n", "line 2"),  # a flow sequence never closed
+        ("train.yml", b"data: x.csv\n  bad: indent\n", "line 2"),
+        ("train.toml", b'data = "x.csv\n', "line 1"),
+        ("train.toml", b"\xff\xfe data = 1\n", "UTF-8"),
+        ("train.yaml", b"data: \xff\n", "UTF-8"),
+    ],
+)
+def test_a_config_file_that_does_not_parse_is_one_line_naming_it(
+    tmp_path: Path, capsys, name, content, says
+):
+    config = tmp_path / name
+    config.write_bytes(content)
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(config) in err and says in err, err
+
+
 def test_bce_refuses_inputs_outside_unit_interval(tmp_path: Path):
     data = write_series_csv(tmp_path / "series.csv", n_keys=1, n=400)
     settings = TrainSettings(
