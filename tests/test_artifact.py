@@ -115,6 +115,27 @@ def test_weights_of_another_shape_are_refused(saved: Path):
         load_detector(saved)
 
 
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("input",), None),
+        (("scaler",), None),
+        (("threshold",), 1),
+        (("model", "code_size"), 1.5),
+        (("model", "hidden"), [1e308]),
+    ],
+)
+def test_a_manifest_field_of_the_wrong_type_is_refused_as_an_artifact_error(saved, path, value):
+    manifest = json.loads((saved / "manifest.json").read_text())
+    holder = manifest
+    for name in path[:-1]:
+        holder = holder[name]
+    holder[path[-1]] = value
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=str(saved)):
+        load_detector(saved)
+
+
 def test_threshold_p_values_follow_the_conformal_formula():
     threshold = Threshold(
         value=2.0, method="quantile", n=4, calibration_scores=(1.0, 2.0, 3.0, 4.0)

@@ -178,7 +178,7 @@ def load_detector(
         score = manifest.get("score")
         stats = ScoreStats.from_dict(score) if score is not None else None
         weights_meta = dict(manifest["weights"])
-    except (KeyError, TypeError, ValueError, ConfigError, ModelError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError, ModelError) as exc:
         raise ArtifactError(f"{directory}: manifest is incomplete or invalid: {exc}") from exc
     if require_calibrated and not threshold.calibrated:
         raise ArtifactError(f"{directory}: detector is not calibrated (no threshold)")
@@ -220,7 +220,10 @@ def load_detector(
         raise ArtifactError(
             f"{weights}: weights hold NaN or infinite values", reason="non_finite_weights"
         )
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # sizes that are no sizes
+        raise ArtifactError(f"{directory}: the model config cannot be built: {exc}") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
