@@ -156,3 +156,21 @@ def test_scoring_scales_exactly_like_the_scaler(saved: Path):
     np.testing.assert_array_equal(
         detector.score(raw, batch_size=97).scores, expected.numpy().astype(np.float64)
     )
+
+
+@pytest.mark.parametrize(
+    "mlmodel",
+    [
+        b"flavors: [python_function\n",  # YAML that never closes its list
+        b"- a list\n- not a mapping\n",
+        b"flavors: python_function\n",
+        b"flavors:\n  python_function:\n    artifacts: [detector]\n",
+        b"\xff\xfe\n",
+    ],
+)
+def test_a_registry_model_whose_mlmodel_file_is_unreadable_is_refused(tmp_path: Path, mlmodel):
+    from pipeline.registry.client import _detector_dir
+
+    (tmp_path / "MLmodel").write_bytes(mlmodel)
+    with pytest.raises(ArtifactError, match=str(tmp_path)):
+        _detector_dir(tmp_path)

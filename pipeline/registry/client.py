@@ -159,10 +159,14 @@ def _detector_dir(model_dir: Path) -> Path:
     mlmodel = model_dir / "MLmodel"
     if not mlmodel.is_file():
         raise ArtifactError(f"{model_dir}: not an MLflow model (no MLmodel file)")
-    meta = yaml.safe_load(mlmodel.read_text()) or {}
-    artifacts = meta.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
-    path = (artifacts.get("detector") or {}).get("path")
-    if not path:
+    try:
+        meta = yaml.safe_load(mlmodel.read_bytes().decode()) or {}
+        artifacts = meta.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
+        path = (artifacts.get("detector") or {}).get("path")
+    except (yaml.YAMLError, ValueError, AttributeError) as exc:  # (not YAML, not a mapping)
+        detail = " ".join(str(exc).split())[:200]
+        raise ArtifactError(f"{model_dir}: the MLmodel file is unreadable: {detail}") from None
+    if not path or not isinstance(path, str):
         raise ArtifactError(f"{model_dir}: the MLflow model has no 'detector' artifact")
     directory = (model_dir / path).resolve()
     if model_dir.resolve() not in directory.parents:
