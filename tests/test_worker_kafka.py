@@ -249,7 +249,15 @@ def test_simulate_and_alerts_commands(kafka_bootstrap, create_topic, tmp_path, c
             "model": {"name": "pumps", "version": "3"},
         },
     }
-    produce(kafka_bootstrap, events, [(b"m-1", orjson.dumps(event))] * 2)
+    good = orjson.dumps(event)
+    # records another producer left on the topic, or events whose fields have other types
+    strange = [
+        b"not json",
+        orjson.dumps({**event, "data": {**event["data"], "score": "high"}}),
+        orjson.dumps({**event, "data": {**event["data"], "top_features": [{"error": 3.0}]}}),
+        orjson.dumps({**event, "data": [1, 2]}),
+    ]
+    produce(kafka_bootstrap, events, [(b"m-1", v) for v in [good, *strange, good]])
     assert (
         main(
             [
@@ -260,7 +268,7 @@ def test_simulate_and_alerts_commands(kafka_bootstrap, create_topic, tmp_path, c
                 events,
                 "--from-beginning",
                 "--max",
-                "2",
+                "6",
                 "--timeout",
                 "20",
             ]
@@ -268,4 +276,6 @@ def test_simulate_and_alerts_commands(kafka_bootstrap, create_topic, tmp_path, c
         == 0
     )
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2 and "m-1" in lines[0] and "flow" in lines[0] and "pumps v3" in lines[0]
+    assert len(lines) == 6 and lines[0] == lines[5]
+    assert "m-1" in lines[0] and "flow" in lines[0] and "pumps v3" in lines[0]
+    assert lines[1:5] == [f"(not an aewatch event at offset {i})" for i in range(1, 5)]

@@ -17,7 +17,7 @@ import orjson
 
 from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args
 
-__all__ = ["ANSWERS", "answer_feedback", "format_event", "register_alerts"]
+__all__ = ["ANSWERS", "answer_feedback", "format_event", "read_event", "register_alerts"]
 
 ANSWERS = {"t": "true_positive", "f": "false_positive", "u": "unsure"}
 PROMPT = "  verdict? t(rue) / f(alse) / u(nsure) [note], empty skips: "
@@ -50,6 +50,16 @@ def _judgeable(event: dict) -> bool:
     return kind == "aewatch.alarm.opened" or (
         kind == "aewatch.anomaly.v1" and bool((event.get("data") or {}).get("is_anomaly"))
     )
+
+
+def read_event(value: bytes | None, offset: int, as_json: bool = False) -> tuple[dict | None, str]:
+    """(the event or None, its line): a record that is not an aewatch event, or one whose fields
+    are not of the documented types, gets a line that says so, and the tail goes on."""
+    try:
+        event = orjson.loads(value)
+        return event, value.decode() if as_json else format_event(event)
+    except (ValueError, AttributeError, TypeError, KeyError, IndexError):
+        return None, f"(not an aewatch event at offset {offset})"
 
 
 def format_event(event: dict) -> str:
@@ -130,12 +140,7 @@ def _run_alerts(args: argparse.Namespace) -> int:
                 for record in records:
                     last = time.monotonic()
                     seen += 1
-                    event = None
-                    try:
-                        event = orjson.loads(record.value)
-                        line = record.value.decode() if args.json else format_event(event)
-                    except (orjson.JSONDecodeError, AttributeError, TypeError):
-                        line = f"(not an aewatch event at offset {record.offset})"
+                    event, line = read_event(record.value, record.offset, args.json)
                     print(line, flush=True)
                     if ask is not None and isinstance(event, dict) and _judgeable(event):
                         ask(event)
