@@ -56,6 +56,30 @@ def _bytes(value) -> bytes:
     return value if isinstance(value, bytes) else orjson.dumps(value)
 
 
+def test_alarm_events_whose_fields_have_other_types_are_passed_over():
+    from pipeline.quality.tracker import QualityTracker
+
+    opened = {
+        "id": "ev-1",
+        "type": "aewatch.alarm.opened",
+        "subject": "pump-1",
+        "data": {"episode_id": "ep-1", "start": "2026-01-01T00:00:00Z", "peak_score": 2.0},
+    }
+    resolved = {**opened, "id": "ev-2", "type": "aewatch.alarm.resolved"}
+    tracker = QualityTracker(HOUR)
+    for event in (
+        {**opened, "data": {**opened["data"], "peak_score": "high"}},
+        {**opened, "data": {**opened["data"], "threshold": [1]}},
+        {**opened, "data": {**opened["data"], "model": "pumps"}},
+        {**opened, "type": "aewatch.anomaly.v1", "data": {"is_anomaly": True, "score": None}},
+    ):
+        assert tracker.event(event, T0) is False
+    assert tracker.alarms == {} and tracker.targets == {}
+    assert tracker.event(opened, T0) is True
+    assert tracker.event({**resolved, "data": {**resolved["data"], "peak_score": {}}}, T0) is False
+    assert tracker.alarms["ep-1"].peak_score == 2.0 and set(tracker.targets) == {"ev-1"}
+
+
 def test_the_parser_and_the_json_schema_agree():
     schema = event_schema(FEEDBACK_SCHEMA)
     validator = jsonschema.Draft202012Validator(

@@ -21,6 +21,7 @@ retention). The tracker is not thread-safe: its owner serialises calls.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from pipeline.quality.feedback import Feedback, parse_time_ms
 __all__ = ["Alarm", "QualityTracker", "VersionQuality"]
 
 OPENED, RESOLVED = ALARM_TYPES["opened"], ALARM_TYPES["resolved"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,15 +107,22 @@ class QualityTracker:
             return False
         if not isinstance(target, str):
             return False
-        self.targets[event["id"]] = target
         alarm = self.alarms.get(target)
+        try:  # an event whose fields are not of the documented types is passed over
+            known = alarm or self._alarm(target, kind, event, data, emitted_ms)
+            if kind == RESOLVED:
+                end = _ms(data.get("end"), known.end_ms)
+                peak = _number(data.get("peak_score", known.peak_score))
+        except (TypeError, ValueError, AttributeError) as exc:
+            log.debug("event %s passed over: %r", event.get("id"), exc)
+            return False
         if alarm is None:
-            alarm = self.alarms[target] = self._alarm(target, kind, event, data, emitted_ms)
+            alarm = self.alarms[target] = known
         elif kind == OPENED:
             alarm.emitted_ms = min(alarm.emitted_ms, emitted_ms)
         if kind == RESOLVED:
-            alarm.end_ms = _ms(data.get("end"), alarm.end_ms)
-            alarm.peak_score = float(data.get("peak_score", alarm.peak_score))
+            alarm.end_ms, alarm.peak_score = end, peak
+        self.targets[event["id"]] = target
         for waiting_id in (target, event["id"]):
             feedback = self.waiting.pop(waiting_id, None)
             if feedback is not None:
@@ -127,11 +136,11 @@ class QualityTracker:
             window = data.get("window") or {}
             start = _ms(window.get("start"), None)
             end = _ms(window.get("end"), None) or _ms(event.get("time"), emitted_ms)
-            peak = float(data.get("score", 0.0))
+            peak = _number(data.get("score", 0.0))
         else:
             start = _ms(data.get("start"), None)
             end = _ms(data.get("end"), None)
-            peak = float(data.get("peak_score", 0.0))
+            peak = _number(data.get("peak_score", 0.0))
         return Alarm(
             target=target,
             model=name,
@@ -141,7 +150,7 @@ class QualityTracker:
             start_ms=start if start is not None else (end or emitted_ms),
             end_ms=end,
             peak_score=peak,
-            threshold=float(data.get("threshold", 0.0)),
+            threshold=_number(data.get("threshold", 0.0)),
         )
 
     def feedback(self, feedback: Feedback) -> bool:
@@ -189,6 +198,13 @@ class QualityTracker:
             (a for a in self.alarms.values() if a.verdict is not None),
             key=lambda a: (a.start_ms, a.target),
         )
+
+
+def _number(value) -> float:
+    """A JSON number as float; TypeError for anything else (text, a boolean, null)."""
+    if value.__class__ not in (int, float):
+        raise TypeError(f"not a number: {value!r}"[:100])
+    return float(value)
 
 
 def _ms(text, default):
