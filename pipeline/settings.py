@@ -170,6 +170,8 @@ def check(group) -> None:
                 wrong = False
             if wrong:
                 raise ConfigError(s.name, f"must be {s.type.__name__}, got {item!r}")
+            if s.type is float and item != item:  # NaN passes every bound and every comparison
+                raise ConfigError(s.name, "must be a number, got nan")
             if s.choices and item not in s.choices:
                 raise ConfigError(s.name, f"{item!r} is not one of {', '.join(s.choices)}")
             if s.minimum is not None and item < s.minimum:

@@ -56,6 +56,9 @@ def test_environment_fills_in_and_flags_win():
         (["--alarm-topic", ".."], {}, "alarm_topic"),
         (["--output-topic", "e" * 250], {}, "output_topic"),
         (["--group-id", "pumps scoring"], {}, "state_topic"),  # the default state topic's name
+        ([], {"AEWATCH_ADAPTIVE_THRESHOLD": "nan"}, "adaptive_threshold"),  # no bound to pass
+        (["--drift-psi", "NaN"], {}, "drift_psi"),
+        ([], {"AEWATCH_ALARM_COOLDOWN_S": "nan"}, "alarm_cooldown_s"),
     ],
 )
 def test_invalid_settings_fail_at_start_naming_the_setting(argv, environ, setting):
