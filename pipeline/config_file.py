@@ -51,7 +51,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         elif action.type is not None and not isinstance(value, bool):
             try:
                 value = action.type(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, argparse.ArgumentTypeError):
                 raise ConfigError(f"config: {key}", f"invalid value {value!r}") from None
         if action.choices is not None and value not in action.choices:
             raise ConfigError(f"config: {key}", f"{value!r} is not one of {list(action.choices)}")

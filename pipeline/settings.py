@@ -39,6 +39,7 @@ __all__ = [
     "build",
     "check",
     "declared",
+    "finite_float",
     "read",
     "redacted",
     "replace",
@@ -229,6 +230,14 @@ def add_arguments(
         elif s.repeatable:
             kwargs["action"] = "append"
         parser.add_argument(s.flag, dest=s.name, **kwargs)
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (NaN and infinity are refused naming the flag)."""
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _parse_bool(text: str) -> bool:

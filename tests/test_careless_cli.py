@@ -116,6 +116,27 @@ def test_bad_flags_fail_before_any_io(tmp_path, capsys, flags, setting):
     assert not (tmp_path / "m.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [
+        ("train", "--lr", "nan"),  # NaN passes every bound: refused as the flag is read
+        ("train", "--threshold-margin", "inf"),
+        ("train", "--weight-decay", "NaN"),
+        ("recalibrate", "--mad-k", "nan"),
+        ("simulate", "--rate", "inf"),
+    ],
+)
+def test_a_number_flag_of_nan_or_infinity_fails_as_it_is_read(
+    tmp_path, capsys, command, flag, value
+):
+    missing = tmp_path / "does-not-exist.csv"
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--data", str(missing), flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and "Traceback" not in "".join(err)
+    assert flag in err[-1] and "finite number" in err[-1], err
+
+
 def test_rollback_of_an_unknown_model_is_one_line(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/m.db"
     code = main(["promote", "no-such-model", "--rollback", "--tracking-uri", uri])

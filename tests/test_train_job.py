@@ -123,6 +123,13 @@ def test_unknown_config_key_names_it(tmp_path: Path, capsys):
     assert "code_sise" in capsys.readouterr().err
 
 
+def test_a_config_number_of_nan_names_its_key(tmp_path: Path, capsys):
+    config = tmp_path / "train.toml"
+    config.write_text('data = "x.csv"\nlr = nan\n')  # TOML has NaN; no bound would catch it
+    assert main(["train", "--config", str(config)]) == 2
+    assert "config: lr" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("name", "content", "says"),
     [

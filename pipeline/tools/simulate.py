@@ -23,6 +23,7 @@ import orjson
 
 from pipeline.errors import ConfigError
 from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args
+from pipeline.settings import finite_float
 from pipeline.tools.synthetic import ANOMALY_KINDS, Injection, inject, normal_series
 
 __all__ = ["FleetStream", "TruthRow", "register_simulate", "simulate_fleet"]
@@ -218,7 +219,7 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, default=0, help="normal readings first, per key")
     parser.add_argument(
         "--rate",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="readings per second in total (0: as fast as possible)",
     )

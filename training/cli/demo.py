@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from pipeline.settings import finite_float
 from training.demo import DEMO_KINDS, DemoSettings
 
 __all__ = ["register_demo"]
@@ -25,7 +26,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sensors", type=int, default=6, help="sensors per machine")
     parser.add_argument("--history", type=int, default=3000, help="training readings per machine")
     parser.add_argument("--stream", type=int, default=1500, help="live readings per machine")
-    parser.add_argument("--rate", type=float, default=400.0, help="live readings per second")
+    parser.add_argument("--rate", type=finite_float, default=400.0, help="live readings per second")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument(
         "--anomalies",

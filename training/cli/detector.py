@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from pipeline.settings import add_arguments, build, read
+from pipeline.settings import add_arguments, build, finite_float, read
 from pipeline.worker.settings import AdaptiveStageSettings, BaselineSettings
 from training.calibrate import CALIBRATION_METHODS, CalibrationSettings
 from training.cli.args import (
@@ -137,12 +137,12 @@ def register_recalibrate(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--method", default="quantile", choices=CALIBRATION_METHODS)
-    parser.add_argument("--target-fpr", type=float, default=0.01)
-    parser.add_argument("--mad-k", type=float, default=3.0)
-    parser.add_argument("--pot-initial-quantile", type=float, default=0.95)
+    parser.add_argument("--target-fpr", type=finite_float, default=0.01)
+    parser.add_argument("--mad-k", type=finite_float, default=3.0)
+    parser.add_argument("--pot-initial-quantile", type=finite_float, default=0.95)
     parser.add_argument(
         "--holdout",
-        type=float,
+        type=finite_float,
         default=0.3,
         help="last share of the data kept to measure the FPR (default: %(default)s)",
     )
@@ -210,13 +210,13 @@ def register_promote(subparsers: argparse._SubParsersAction) -> None:
     add_feedback_arguments(parser, "--data is labelled by them (1 inside confirmed alarms)")
     parser.add_argument(
         "--tolerance",
-        type=float,
+        type=finite_float,
         default=0.01,
         help="allowed AUROC loss against the champion (default: %(default)s)",
     )
     parser.add_argument(
         "--max-fpr",
-        type=float,
+        type=finite_float,
         default=0.01,
         help="FPR target when the version records none (default: %(default)s)",
     )

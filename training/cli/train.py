@@ -23,6 +23,7 @@ from pipeline.detector.models import (
 )
 from pipeline.detector.scaler import SCALER_KINDS
 from pipeline.errors import ConfigError
+from pipeline.settings import finite_float
 from training.calibrate import CALIBRATION_METHODS
 from training.cli import args as shared
 from training.cli.args import tracking_uri_from
@@ -107,13 +108,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--loss", default="mse", choices=LOSSES)
     model.add_argument("--activation", default="relu", choices=ACTIVATIONS)
     model.add_argument("--corruption", default="gaussian", choices=CORRUPTIONS)
-    model.add_argument("--corruption-level", type=float, default=0.1)
+    model.add_argument("--corruption-level", type=finite_float, default=0.1)
     model.add_argument("--sparsity", default="l1", choices=["l1", "kl"])
-    model.add_argument("--sparsity-weight", type=float, default=1e-3)
-    model.add_argument("--sparsity-target", type=float, default=0.05)
-    model.add_argument("--contractive-weight", type=float, default=1e-3)
+    model.add_argument("--sparsity-weight", type=finite_float, default=1e-3)
+    model.add_argument("--sparsity-target", type=finite_float, default=0.05)
+    model.add_argument("--contractive-weight", type=finite_float, default=1e-3)
     model.add_argument(
-        "--beta", type=float, default=0.1, help="KL weight per input element (default: %(default)s)"
+        "--beta",
+        type=finite_float,
+        default=0.1,
+        help="KL weight per input element (default: %(default)s)",
     )
     model.add_argument("--vae-score", default="reconstruction", choices=["reconstruction", "elbo"])
 
@@ -126,20 +130,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     calib.add_argument(
         "--target-fpr",
-        type=float,
+        type=finite_float,
         default=0.01,
         help="target false-positive rate per window (default: %(default)s)",
     )
-    calib.add_argument("--mad-k", type=float, default=3.0, help="k of median + k * MAD")
+    calib.add_argument("--mad-k", type=finite_float, default=3.0, help="k of median + k * MAD")
     calib.add_argument(
         "--pot-initial-quantile",
-        type=float,
+        type=finite_float,
         default=0.95,
         help="where the POT tail starts (default: %(default)s)",
     )
     calib.add_argument(
         "--threshold-margin",
-        type=float,
+        type=finite_float,
         default=1.0,
         help="multiply the calibrated threshold by this factor (default: %(default)s)",
     )
@@ -160,8 +164,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-steps", type=int, default=2000, help="at least this many optimizer steps (0: off)"
     )
     fit.add_argument("--max-steps", type=int, default=0, help="at most this many steps (0: none)")
-    fit.add_argument("--lr", type=float, default=1e-3)
-    fit.add_argument("--weight-decay", type=float, default=1e-4)
+    fit.add_argument("--lr", type=finite_float, default=1e-3)
+    fit.add_argument("--weight-decay", type=finite_float, default=1e-4)
     fit.add_argument("--patience", type=int, default=5, help="early stopping patience (0: off)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
