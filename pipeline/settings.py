@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -159,7 +160,8 @@ def _own(obj) -> Iterator[tuple[Setting, object]]:
 
 
 def check(group) -> None:
-    """Check the group's own settings: required, type, choices, lower bound."""
+    """Check the group's own settings: required, type (a float one finite), choices, lower
+    bound."""
     for s, value in _own(group):
         if s.required and not value:
             raise ConfigError(s.name, f"is required ({s.flag} or {s.env})")
@@ -171,8 +173,9 @@ def check(group) -> None:
                 wrong = False
             if wrong:
                 raise ConfigError(s.name, f"must be {s.type.__name__}, got {item!r}")
-            if s.type is float and item != item:  # NaN passes every bound and every comparison
-                raise ConfigError(s.name, "must be a number, got nan")
+            # NaN passes every bound, and no wait or sleep takes infinity
+            if s.type is float and not math.isfinite(item):
+                raise ConfigError(s.name, f"must be a finite number, got {item}")
             if s.choices and item not in s.choices:
                 raise ConfigError(s.name, f"{item!r} is not one of {', '.join(s.choices)}")
             if s.minimum is not None and item < s.minimum:

@@ -59,6 +59,8 @@ def test_environment_fills_in_and_flags_win():
         ([], {"AEWATCH_ADAPTIVE_THRESHOLD": "nan"}, "adaptive_threshold"),  # no bound to pass
         (["--drift-psi", "NaN"], {}, "drift_psi"),
         ([], {"AEWATCH_ALARM_COOLDOWN_S": "nan"}, "alarm_cooldown_s"),
+        ([], {"AEWATCH_RELOAD_INTERVAL_S": "inf"}, "reload_interval_s"),  # no wait takes it
+        (["--adaptive-min-std", "inf"], {}, "adaptive_min_std"),
     ],
 )
 def test_invalid_settings_fail_at_start_naming_the_setting(argv, environ, setting):
