@@ -34,7 +34,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError("config", f"{path}: {where}{exc.problem or exc.context}") from None
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError) as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # (TOMLDecodeError is a ValueError)
         raise ConfigError("config", f"{path}: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise ConfigError("config", f"{path}: expected a table of settings")

@@ -238,7 +238,7 @@ def add_arguments(
 def finite_float(text: str) -> float:
     """An argparse type: a finite number (NaN and infinity are refused naming the flag)."""
     value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 

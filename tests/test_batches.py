@@ -15,13 +15,12 @@ from hypothesis import strategies as st
 
 from pipeline.events import event_id
 from pipeline.modalities.batches import arrow_record
-from pipeline.worker.loop import Worker
 from pipeline.worker.state import MemoryStateStore
 from tests.worker_support import (
     FEATURES,
-    FakeSink,
     FakeSource,
     Record,
+    checkpointed,
     dead_letters,
     flags_by_window,
     fleet,
@@ -29,7 +28,6 @@ from tests.worker_support import (
     train_fleet_detector,
 )
 from tests.worker_support import FLEET_MODEL as MODEL
-from tests.worker_support import settings as worker_settings
 
 NAMES = tuple(f"sensor_{i}" for i in range(FEATURES))
 FORMS = ("json", "arrow")
@@ -96,13 +94,8 @@ def test_a_restart_in_the_middle_of_a_batch_gives_the_same_event_ids(detector, f
     _, clean_sink, _ = run_in_memory(detector, FakeSource(records, chunk=5))
     clean_ids = {orjson.loads(v)["id"] for v in clean_sink.values("events")}
     state = MemoryStateStore()
-    first = Worker(worker_settings(), detector, MODEL, FakeSink(), state)
     source = FakeSource({p: r[: len(r) * 2 // 5] for p, r in records.items()}, chunk=5)
-    first.attach(source)
-    first.on_assigned(set(records))
-    while polled := source.poll(0):
-        first.process(polled)
-    first.checkpoint()
+    first = checkpointed(detector, source, state)
     before = {orjson.loads(v)["id"] for v in first.sink.values("events")}
     committed = source.latest_commits()
     assert any(0 < c < len(records[p]) * 2 // 5 for p, c in committed.items())

@@ -9,11 +9,10 @@ import pytest
 
 from pipeline.batch import score_window_set
 from pipeline.detector import cut_windows
-from pipeline.worker.loop import Worker
 from pipeline.worker.state import MemoryStateStore, decode_state
 from tests.fleet_support import fleet_frame, machine, records_of, train_on, with_episodes
 from tests.worker_support import FLEET_MODEL as MODEL
-from tests.worker_support import FakeSink, FakeSource, run_in_memory, settings
+from tests.worker_support import FakeSource, checkpointed, run_in_memory
 
 LEVELS = {"cold": -10.0, "warm": 0.0, "hot": 15.0}
 ON = dict(key_baselines=True, level_half_life=300.0, events="windows", emit_all=True)
@@ -82,14 +81,9 @@ def test_restart_from_the_state_record_continues_the_same_baselines(detector, st
     clean_events = _events(clean)
 
     state = MemoryStateStore()
-    first = Worker(settings(**ON), detector, MODEL, FakeSink(), state)
     cut = {p: r[: len(r) * 2 // 5] for p, r in records.items()}  # inside the warm-up of none
     source = FakeSource(cut, chunk=100)
-    first.attach(source)
-    first.on_assigned(set(records))
-    while polled := source.poll(0):
-        first.process(polled)
-    first.checkpoint()
+    first = checkpointed(detector, source, state, **ON)
     saved = decode_state(state.records[("readings", 0)])
     assert set(saved["baselines"]) == set(LEVELS)
     per_key = len(orjson.dumps(saved["baselines"])) / len(LEVELS)

@@ -17,6 +17,7 @@ from tests.worker_support import (
     FakeSink,
     FakeSource,
     Record,
+    checkpointed,
     dead_letters,
     flags_by_window,
     fleet,
@@ -240,15 +241,8 @@ def test_restart_from_commit_and_state_gives_the_same_event_ids(detector):
 
     state = MemoryStateStore()
     # First life: process part of the stream, checkpoint, then "crash" before the rest.
-    first = Worker(settings(), detector, MODEL, FakeSink(), state)
     source = FakeSource({p: r[: len(r) * 2 // 5] for p, r in records.items()}, chunk=250)
-    first.attach(source)
-    first.on_assigned(set(records))
-    for _ in range(20):
-        polled = source.poll(0)
-        if polled:
-            first.process(polled)
-    first.checkpoint()
+    first = checkpointed(detector, source, state)
     sent_before = {orjson.loads(v)["id"] for v in first.sink.values("events")}
     # work done after the last checkpoint is lost with the process
     first.process(
@@ -613,13 +607,8 @@ def test_an_unreadable_state_record_is_refused_for_its_partition_alone(detector,
     clean = [orjson.loads(v) for v in clean_sink.values("events")]
 
     state = MemoryStateStore()
-    first = Worker(settings(**settings_), detector, MODEL, FakeSink(), state)
     source = FakeSource({p: r[: len(r) // 2] for p, r in records.items()}, chunk=250)
-    first.attach(source)
-    first.on_assigned(set(records))
-    while polled := source.poll(0):
-        first.process(polled)
-    first.checkpoint()
+    first = checkpointed(detector, source, state, **settings_)
     before = [orjson.loads(v) for v in first.sink.values("events")]
     bad = ("readings", 1)
     state.records[bad] = corrupt(orjson.loads(state.records[bad]))

@@ -172,6 +172,20 @@ def run_in_memory(detector, source, state=None, **overrides) -> tuple:
     return worker, sink, stats
 
 
+def checkpointed(detector, source, state, **overrides):
+    """A worker's first life: a worker of `settings(**overrides)` takes every poll of `source`,
+    checkpoints into `state` and is left there, as a crash would leave it."""
+    from pipeline.worker.loop import Worker
+
+    worker = Worker(settings(**overrides), detector, FLEET_MODEL, FakeSink(), state)
+    worker.attach(source)
+    worker.on_assigned(set(source.records))
+    while polled := source.poll(0):
+        worker.process(polled)
+    worker.checkpoint()
+    return worker
+
+
 def dead_letters(sink: FakeSink) -> dict:
     """(partition, offset) -> reason of each dead letter the sink was sent."""
     out = {}

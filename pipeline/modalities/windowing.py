@@ -32,6 +32,7 @@ __all__ = ["ReadyWindows", "StreamWindower"]
 TopicPartition = tuple[str, int]
 _NONE = np.zeros(0, np.int64)
 _NO_TS = -(2**62)
+RESUME_LIMIT = 2**62  # series positions and offsets of a resume point lie below it
 # New readings a key's row takes at least between two compactions (more come in rounds).
 ROOM = 128
 
@@ -155,12 +156,21 @@ class StreamWindower:
         return held, position, offset, first_ts
 
     # -- restart state ---------------------------------------------------------------------------
-    def restore(self, partition: TopicPartition, resume: dict[str, tuple]) -> None:
-        """Resume points (position, offset, done) of a partition's keys, from the state topic."""
+    def restore(self, partition: TopicPartition, resume: dict[str, list]) -> None:
+        """Resume points (position, offset[, done[, first ts]]) of a partition's keys, from the
+        state topic; ValueError for one that is not 2 to 4 integers with its counts and offset
+        in [0, 2**62)."""
         for key, point in resume.items():
-            position, offset = int(point[0]), int(point[1])
-            done = int(point[2]) if len(point) > 2 else position
-            first_ts = int(point[3]) if len(point) > 3 else _NO_TS
+            if (
+                point.__class__ not in (list, tuple)
+                or not 2 <= len(point) <= 4
+                or any(x.__class__ is not int for x in point)
+                or not all(0 <= x < RESUME_LIMIT for x in point[:3])
+            ):
+                raise ValueError(f"resume point of key {key!r} is not 2 to 4 counts: {point!r}")
+            position, offset = point[0], point[1]
+            done = point[2] if len(point) > 2 else position
+            first_ts = point[3] if len(point) > 3 else _NO_TS
             if key not in self.slots:
                 self._restored[key] = (partition, position, offset, done, first_ts)
 
