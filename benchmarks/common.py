@@ -128,10 +128,20 @@ def _proc_stats() -> dict[int, tuple[str, int, float]]:
     return out
 
 
+def _is_broker(pid: int) -> bool:
+    """Whether process `pid` runs a Kafka broker (`kafka.Kafka` among its arguments)."""
+    try:
+        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False  # ended meanwhile
+    return b"kafka.Kafka" in arguments
+
+
 class CpuMeter:
     """CPU seconds spent between two readings by this process, by the processes descended from
-    `tree` (a supervisor's members) and by the Kafka broker (every `java` process here; none
-    when the broker runs elsewhere), for the cores a figure took beside its readings/s."""
+    `tree` (a supervisor's members) and by the Kafka broker (a `java` process here whose main
+    class is `kafka.Kafka`; none when the broker runs elsewhere), for the cores a figure took
+    beside its readings/s."""
 
     def __init__(self, tree: int | None = None) -> None:
         self.tree = tree
@@ -148,7 +158,9 @@ class CpuMeter:
         return {
             "self": time.process_time(),
             "members": sum(procs[pid][2] for pid in members if pid in procs),
-            "broker": sum(cpu for name, _, cpu in procs.values() if name == "java"),
+            "broker": sum(
+                cpu for pid, (name, _, cpu) in procs.items() if name == "java" and _is_broker(pid)
+            ),
         }
 
     def begin(self) -> None:

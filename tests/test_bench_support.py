@@ -1,6 +1,7 @@
 """Pieces of the benchmarks: the CPU meter (`/proc`) counts a supervisor's busy member as its
-cores and not this process's idle time; the processes figure waits for its own members' joins,
-not for those an earlier run wrote into the same log."""
+cores and not this process's idle time, and as the broker's cores only the JVM that runs Kafka;
+the processes figure waits for its own members' joins, not for those an earlier run wrote into
+the same log."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import time
 
 from benchmarks.bench_clients import assignments
-from benchmarks.common import CpuMeter
+from benchmarks.common import CpuMeter, _proc_stats
 
 SPIN = "import time\nend = time.process_time() + 10\nwhile time.process_time() < end: pass\n"
 # a supervisor that starts a spinning member and waits for it
@@ -43,3 +44,39 @@ def test_joins_are_counted_from_where_this_run_began_its_log(tmp_path):
         out.write(earlier.replace("'t'", "'u'").encode())
     assert assignments(log, start) == 1  # this run's member; the earlier run's two do not count
     assert assignments(log) == 3
+
+
+SPIN_JAVA = """public class Spin {
+    public static void main(String[] args) {
+        long end = System.nanoTime() + 10_000_000_000L;
+        double x = 0;
+        while (System.nanoTime() < end) { x += Math.sqrt(x + 1); }
+        System.out.println(x);
+    }
+}
+"""
+
+
+def test_the_broker_is_the_java_process_running_kafka_and_no_other(tmp_path):
+    source = tmp_path / "Spin.java"
+    source.write_text(SPIN_JAVA)
+    # two spinning JVMs, one of them with the broker's main class among its arguments
+    other = subprocess.Popen(["java", str(source)], start_new_session=True)
+    broker = subprocess.Popen(["java", str(source), "kafka.Kafka"], start_new_session=True)
+    try:
+        time.sleep(3.0)  # both compiled their source and spin
+        meter = CpuMeter()
+        meter.begin()
+        before = _proc_stats()
+        time.sleep(1.5)
+        after = _proc_stats()
+        used = meter.end()
+    finally:
+        for proc in (other, broker):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    spent = {p.pid: (after[p.pid][2] - before[p.pid][2]) / used["seconds"] for p in (other, broker)}
+    assert spent[other.pid] > 0.2 and spent[broker.pid] > 0.2  # both spun
+    # the broker's CPU (and that of a broker the suite runs, nearly idle), not the other JVM's
+    # (ticks of 10 ms, read at slightly other times)
+    assert spent[broker.pid] - 0.05 < used["broker"] < spent[broker.pid] + spent[other.pid] / 2
