@@ -1,6 +1,7 @@
 """The whole artifact is integrity-checked: a registered version carries the digest of its manifest
 and weights (canonical form) as a tag, every loader checks it, and a missing or null digest is
-refused with a reason like the other refusals."""
+refused with a reason like the other refusals; the MLflow model's other files (MLmodel, the
+pyfunc's code) are listed with their SHA-256 in another tag and checked too."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from pipeline.cli import main
 from pipeline.detector import artifact_digest, load_detector
 from pipeline.errors import ArtifactError
-from pipeline.registry.client import TAG_PREFIX, load_model, resolve_model
+from pipeline.registry.client import TAG_PREFIX, load_model, package_files, resolve_model
 from tests.helpers import labelled_series_csv, register_result, train_series_detector
 from training.tracking import local_store
 
@@ -126,3 +127,47 @@ def test_a_null_or_missing_weights_digest_is_refused(tmp_path, trained, change, 
     )
     err = capsys.readouterr().err
     assert code == 2 and "SHA-256" in err and "Traceback" not in err
+
+
+def _stored(root: Path, name: str) -> list[Path]:
+    found = [p for p in (root / "artifacts").rglob(name) if "artifacts/" in p.as_posix()]
+    assert found, f"the registered model's {name} is in the artifact store"
+    return found
+
+
+def test_registration_lists_every_file_of_the_mlflow_model(registry):
+    from mlflow import MlflowClient
+
+    uri, version, root = registry
+    listing = json.loads(
+        MlflowClient(uri).get_model_version("integrity", version).tags[TAG_PREFIX + "package_files"]
+    )
+    ref = resolve_model(f"models:/integrity/{version}", tracking_uri=uri, download_dir=root / "dl")
+    assert listing == package_files(ref.package)
+    assert {"MLmodel", "pyfunc.py"} <= set(listing)
+    assert any(path.endswith("weights.pt") for path in listing)
+
+
+@pytest.mark.parametrize("change", ["edited code", "added file", "removed file"])
+def test_a_version_whose_mlflow_files_changed_is_refused_and_not_promoted(registry, change, capsys):
+    from mlflow import MlflowClient
+
+    uri, version, root = registry
+    for code in _stored(root, "pyfunc.py"):
+        if change == "edited code":
+            code.write_text(code.read_text() + "\nprint('not what was registered')\n")
+        elif change == "added file":
+            (code.parent / "extra.py").write_text("print('not registered')\n")
+        else:
+            (code.parent / "requirements.txt").unlink()
+    with pytest.raises(ArtifactError, match="MLflow model's file") as refused:
+        load_model(f"models:/integrity/{version}", tracking_uri=uri, download_dir=root / "dl")
+    assert refused.value.reason == "package_digest"
+    named = {"edited code": "pyfunc.py", "added file": "extra.py", "removed file": "requirements"}
+    assert named[change] in str(refused.value)
+    code = main(
+        ["promote", "integrity", "--tracking-uri", uri, "--allow-high-fpr", "--no-pca-gate"]
+    )
+    err = capsys.readouterr().err
+    assert code != 0 and named[change] in err and "Traceback" not in err
+    assert "champion" not in MlflowClient(uri).get_registered_model("integrity").aliases

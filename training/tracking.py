@@ -14,8 +14,10 @@ within the retry budget, never a missing alias or version.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -26,6 +28,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import RegistryError, RegistryUnreachable
+from pipeline.registry.client import TAG_PREFIX, package_files
 from pipeline.registry.reach import probe, unreachable_error
 from training.fit import FitResult
 
@@ -45,6 +48,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+PACKAGE_TAG = f"{TAG_PREFIX}package_files"
 
 
 def default_tracking_uri(directory: Path | None = None) -> str:
@@ -219,11 +224,22 @@ def log_model_version(
     client = mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    client.set_model_version_tag(name, version, PACKAGE_TAG, _package_listing(name, version))
     mlflow.set_tags(tags)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     log.info("registered %s version %s%s", name, version, f" as @{alias}" if alias else "")
     return version
+
+
+def _package_listing(name: str, version: str) -> str:
+    """The files of the version as a loader downloads them, with their SHA-256 (JSON)."""
+    with tempfile.TemporaryDirectory(prefix="aewatch-register-") as scratch:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=scratch
+        )
+        listing = package_files(local)
+    return json.dumps(listing, sort_keys=True, separators=(",", ":"))
 
 
 class Registry:

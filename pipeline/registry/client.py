@@ -5,10 +5,16 @@ A model reference is either a local artifact folder or `models:/NAME@ALIAS` / `m
 A registered version is downloaded, its detector folder found through the MLmodel file, and loaded
 with its weights' SHA-256 and the digest of the whole artifact (manifest and weights) checked
 against the version tags that registration wrote; a version without them is refused.
+
+The other files of the MLflow model (`MLmodel`, the pyfunc's code, its environment files, the
+input example) are listed with their SHA-256 in a third tag, `aewatch.package_files`; a download
+that holds a file the listing does not, lacks one, or has one that differs is refused too (a
+version registered before the listing existed is checked by the two digests alone).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.detector import Detector, load_detector, read_manifest
+from pipeline.detector import Detector, load_detector, read_manifest, sha256_file
 from pipeline.errors import ArtifactError, RegistryError
 from pipeline.events import ModelIdentity
 from pipeline.registry.reach import probe, unreachable_error
@@ -28,6 +34,7 @@ __all__ = [
     "alias_version",
     "load_model",
     "log_run_metrics",
+    "package_files",
     "parse_model_uri",
     "resolve_model",
     "version_run_id",
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "aewatch."
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# written by the registry into the logged model when a version is made of it, not part of it
+_REGISTRY_FILES = frozenset({"registered_model_meta"})
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -51,6 +60,8 @@ class ModelRef:
     alias: str | None = None
     weights_sha256: str | None = None
     artifact_sha256: str | None = None
+    package: Path | None = None  # the downloaded MLflow model folder
+    package_files: str | None = None  # its files' listing, as registration tagged it
 
     @property
     def label(self) -> str:
@@ -71,6 +82,44 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None] | None:
     if not match:
         raise RegistryError(f"{uri}: use models:/NAME@ALIAS or models:/NAME/VERSION")
     return match["name"], match["alias"], match["version"]
+
+
+def package_files(model_dir: str | Path) -> dict[str, str]:
+    """{relative path: SHA-256} of every file of a downloaded MLflow model folder."""
+    root = Path(model_dir)
+    return {
+        path.relative_to(root).as_posix(): sha256_file(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() not in _REGISTRY_FILES
+    }
+
+
+def _check_package(ref: ModelRef) -> None:
+    """The downloaded model's files against the listing registration tagged; ArtifactError
+    naming the first file that is new, missing or changed."""
+    try:
+        listed = json.loads(ref.package_files)
+        if not isinstance(listed, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise ArtifactError(
+            f"{ref.label}: the {TAG_PREFIX}package_files tag is unreadable ({exc})",
+            reason="package_digest",
+        ) from None
+    found = package_files(ref.package)
+    for path in sorted(set(listed) | set(found)):
+        if path not in listed:
+            problem = "is not among the files registered"
+        elif path not in found:
+            problem = "is missing"
+        elif found[path] != listed[path]:
+            problem = f"differs from the file registered (SHA-256 {found[path][:12]}...)"
+        else:
+            continue
+        raise ArtifactError(
+            f"{ref.label}: the MLflow model's file {path} {problem}; refusing the version",
+            reason="package_digest",
+        )
 
 
 def _client(tracking_uri: str | None):
@@ -143,14 +192,17 @@ def resolve_model(
         )
     except Exception as exc:  # as above
         raise _registry_error(tracking_uri, f"{uri}: download failed", exc) from exc
+    tags = mv.tags or {}
     return ModelRef(
         uri=uri,
         directory=_detector_dir(Path(local)),
         name=name,
         version=str(mv.version),
         alias=alias,
-        weights_sha256=(mv.tags or {}).get(f"{TAG_PREFIX}weights_sha256"),
-        artifact_sha256=(mv.tags or {}).get(f"{TAG_PREFIX}artifact_sha256"),
+        weights_sha256=tags.get(f"{TAG_PREFIX}weights_sha256"),
+        artifact_sha256=tags.get(f"{TAG_PREFIX}artifact_sha256"),
+        package=Path(local),
+        package_files=tags.get(f"{TAG_PREFIX}package_files"),
     )
 
 
@@ -183,7 +235,7 @@ def load_model(
     download_dir: str | Path | None = None,
 ) -> tuple[Detector, ModelRef]:
     """Resolve, download and load a detector; a registry version must match its weights'
-    SHA-256 tag and its whole-artifact digest tag."""
+    SHA-256 tag, its whole-artifact digest tag and (where tagged) its files' listing."""
     ref = resolve_model(uri, tracking_uri=tracking_uri, download_dir=download_dir)
     if ref.name and not ref.weights_sha256:
         raise ArtifactError(
@@ -202,6 +254,8 @@ def load_model(
         expected_sha256=ref.weights_sha256,
         expected_digest=ref.artifact_sha256,
     )
+    if ref.package_files is not None:  # the rest of the MLflow model (its own reasons first)
+        _check_package(ref)
     return detector, ref
 
 
