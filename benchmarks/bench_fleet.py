@@ -188,7 +188,7 @@ def train(skab: Path, seed: int, cache: Path):
 def run_fleet(detector, records, spans, overrides: dict) -> dict:
     base = dict(
         model="unused",
-        bootstrap_servers="unused",
+        bootstrap_servers="unused:9092",
         input_topic=("valve1",),
         output_topic="events",
         dlq_topic="dlq",

@@ -104,6 +104,8 @@ def test_an_unusable_out_fails_before_training(trained, tmp_path, capsys, case):
         (["--target-fpr", "1.5"], "target_fpr"),
         (["--target-fpr", "0"], "target_fpr"),
         (["--fractions", "0.5,0.5,0.5,0.1"], "fractions"),
+        (["--register", "a/b@c"], "register"),  # MLflow refused it after the training
+        (["--register", " "], "register"),
     ],
 )
 def test_bad_flags_fail_before_any_io(tmp_path, capsys, flags, setting):
@@ -137,6 +139,23 @@ def test_a_number_flag_of_nan_or_infinity_fails_as_it_is_read(
     assert flag in err[-1] and "finite number" in err[-1], err
 
 
+@pytest.mark.parametrize("uri", ["foo://bar", "FOLDER", "file://FOLDER"])
+@pytest.mark.parametrize("command", ["train", "promote", "recalibrate"])
+def test_a_tracking_uri_mlflow_cannot_open_is_one_line_before_any_io(
+    tmp_path, capsys, command, uri
+):
+    uri = uri.replace("FOLDER", str(tmp_path / "store"))
+    missing = str(tmp_path / "does-not-exist.csv")
+    args = {
+        "train": ["--data", missing, *SERIES, "--out", str(tmp_path / "det"), "--register", "m"],
+        "promote": ["m"],
+        "recalibrate": ["--model", "models:/m@champion", "--data", missing],
+    }[command]
+    code = main([command, *args, "--tracking-uri", uri])
+    _one_line_error(capsys, code, "tracking URI")  # (was a traceback from MLflow)
+    assert not list(tmp_path.iterdir())  # no store, run or folder made
+
+
 def test_rollback_of_an_unknown_model_is_one_line(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/m.db"
     code = main(["promote", "no-such-model", "--rollback", "--tracking-uri", uri])
@@ -156,3 +175,40 @@ def test_tables_are_written_atomically(tmp_path, monkeypatch):
         write_table(pd.DataFrame({"a": [1]}), out)
     assert out.read_text() == "old,complete\n1,2\n"
     assert [p.name for p in tmp_path.iterdir()] == ["scores.csv"], "no temporary left behind"
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting"),
+    [
+        (["--tolerance", "-1"], "tolerance"),  # (each was promoted)
+        (["--max-fpr", "0"], "max_fpr"),
+        (["--max-fpr", "2"], "max_fpr"),
+    ],
+)
+def test_promote_gates_that_cannot_hold_fail_before_the_registry(tmp_path, capsys, flags, setting):
+    code = main(["promote", "m", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", *flags])
+    _one_line_error(capsys, code, setting)
+    assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["feedback", "--file", "MISSING"], ("file", "No such file")),  # (was a traceback)
+        (["feedback", "--file", "EMPTY"], ("file", "no feedback records")),
+        (["quality", "--alarm-topic", "a", "--http-port", "70000"], ("http_port",)),
+    ],
+)
+def test_ops_commands_refuse_bad_input_before_connecting(tmp_path, capsys, argv, words):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    argv = [a.replace("MISSING", str(tmp_path / "no.jsonl")) for a in argv]
+    argv = [a.replace("EMPTY", str(tmp_path / "empty.jsonl")) for a in argv]
+    code = main([*argv, "--bootstrap-servers", "127.0.0.1:1"])  # nothing listens there
+    _one_line_error(capsys, code, *words)
+
+
+def test_alerts_max_must_count_events(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["alerts", "--bootstrap-servers", "127.0.0.1:1", "--max", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and "--max" in err[-1] and "at least 1" in err[-1], err

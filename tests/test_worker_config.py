@@ -61,6 +61,14 @@ def test_environment_fills_in_and_flags_win():
         ([], {"AEWATCH_ALARM_COOLDOWN_S": "nan"}, "alarm_cooldown_s"),
         ([], {"AEWATCH_RELOAD_INTERVAL_S": "inf"}, "reload_interval_s"),  # no wait takes it
         (["--adaptive-min-std", "inf"], {}, "adaptive_min_std"),
+        # found only when the connection failed (17 s later) or by MLflow's traceback
+        (["--bootstrap-servers", "k:99999"], {}, "bootstrap_servers"),
+        (["--bootstrap-servers", "k:9092,kafka-2"], {}, "bootstrap_servers"),
+        (["--bootstrap-servers", ":9092"], {}, "bootstrap_servers"),
+        (["--group-id", ""], {}, "group_id"),
+        (["--client-id", " "], {}, "client_id"),
+        ([], {"MLFLOW_TRACKING_URI": "foo://bar"}, "tracking_uri"),
+        ([], {"MLFLOW_TRACKING_URI": "/var/lib/mlruns"}, "tracking_uri"),
     ],
 )
 def test_invalid_settings_fail_at_start_naming_the_setting(argv, environ, setting):

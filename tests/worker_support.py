@@ -200,7 +200,7 @@ def dead_letters(sink: FakeSink) -> dict:
 def settings(**kwargs) -> WorkerSettings:
     base = dict(
         model="unused",
-        bootstrap_servers="unused",
+        bootstrap_servers="unused:9092",
         input_topic=("readings",),
         output_topic="events",
         dlq_topic="dlq",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pipeline.detector import Detector
-from pipeline.errors import RegistryError
+from pipeline.errors import ConfigError, RegistryError
 from pipeline.registry.client import TAG_PREFIX, load_model
 from training.calibrate import estimate_fpr
 from training.data.for_detector import ALL, DataSource, load_for
@@ -311,6 +311,13 @@ class PromoteSettings:
     dry_run: bool = False
     allow_high_fpr: bool = False  # promote even when the FPR is far above target (tagged)
     pca_gate: bool = True  # the challenger must beat its PCA baseline (when labels were there)
+
+    def __post_init__(self) -> None:
+        """Gates that can be passed, checked before the registry is asked anything."""
+        if not 0 <= self.tolerance < 1:
+            raise ConfigError("tolerance", f"an AUROC loss in [0, 1), got {self.tolerance}")
+        if not 0 < self.max_fpr < 1:
+            raise ConfigError("max_fpr", f"a false-positive rate in (0, 1), got {self.max_fpr}")
 
 
 def promote(settings: PromoteSettings) -> tuple[PromotionReport, bool]:

@@ -32,6 +32,14 @@ class RunOptions:
     log_level: str = "INFO"
     log_format: str = "text"
 
+    def __post_init__(self) -> None:
+        """A name the registry takes and `models:/NAME@ALIAS` can say, checked before training."""
+        name = self.register
+        if name is not None and (not name.strip() or any(c in name for c in "/:@")):
+            raise ConfigError(
+                "register", f"{name!r} is not a model name (not blank, without '/', ':' or '@')"
+            )
+
 
 def run_training(
     settings: TrainSettings, options: RunOptions, context: RankContext | None = None

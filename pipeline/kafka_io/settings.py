@@ -43,6 +43,16 @@ TOOL_FLAGS = (
 )
 
 
+def _server_problem(server: str) -> str | None:
+    """Why `server` is not a bootstrap address `host:port` (None when it is one)."""
+    host, colon, port = server.rpartition(":")
+    if not colon or not host.strip("[]"):
+        return "not host:port"
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"port {port!r} is not a number from 1 to 65535"
+    return None
+
+
 @dataclass(frozen=True)
 class KafkaConnection:
     """Where the cluster is and how to log in to it."""
@@ -71,6 +81,10 @@ class KafkaConnection:
 
     def __post_init__(self) -> None:
         check(self)
+        for server in self.bootstrap_servers.split(","):
+            problem = _server_problem(server.strip())
+            if problem:
+                raise ConfigError("bootstrap_servers", f"{server.strip()!r}: {problem}")
         if self.kafka_client == "confluent" and importlib.util.find_spec("confluent_kafka") is None:
             raise ConfigError(
                 "kafka_client",
@@ -116,6 +130,9 @@ class KafkaSettings:
 
     def __post_init__(self) -> None:
         check(self)
+        for name in ("client_id", "group_id"):
+            if not getattr(self, name).strip():
+                raise ConfigError(name, "must not be blank")
 
     @property
     def transactional_id_value(self) -> str:

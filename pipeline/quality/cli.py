@@ -74,7 +74,11 @@ def register_feedback(subparsers: argparse._SubParsersAction) -> None:
 
 def _records(args: argparse.Namespace) -> list[Feedback]:
     if args.file is not None:
-        lines = [(n, line) for n, line in enumerate(args.file.read_bytes().splitlines(), 1)]
+        try:
+            text = args.file.read_bytes()
+        except OSError as exc:
+            raise ConfigError("file", f"{args.file}: {exc.strerror or exc}") from None
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)]
         records = []
         for number, line in lines:
             if line.strip():
@@ -82,6 +86,8 @@ def _records(args: argparse.Namespace) -> list[Feedback]:
                     records.append(parse_feedback(line))
                 except FeedbackError as exc:
                     raise ConfigError("file", f"{args.file}:{number}: {exc.detail}") from None
+        if not records:
+            raise ConfigError("file", f"{args.file}: no feedback records")
         return records
     if args.verdict is None:
         raise ConfigError("verdict", f"give --verdict ({', '.join(VERDICTS)})")

@@ -71,6 +71,10 @@ class QualitySettings:
             raise ConfigError("alarm_topic", "give at least one --alarm-topic")
         if self.feedback_topic in self.alarm_topic or self.dlq_topic == self.feedback_topic:
             raise ConfigError("feedback_topic", "must differ from the alarm and DLQ topics")
+        if self.http_port > 65535:
+            raise ConfigError(
+                "http_port", f"must be a port, 0 (any) or -1 (off), got {self.http_port}"
+            )
 
 
 # (model name, version) -> run id, or None when the version names no run

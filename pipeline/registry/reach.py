@@ -13,21 +13,24 @@ into the same when it is a network error, so an outage is never reported as a mi
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from urllib.parse import urlsplit
 
-from pipeline.errors import RegistryUnreachable
+from pipeline.errors import RegistryError, RegistryUnreachable
 from pipeline.uris import mask_uri
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "DEFAULT_RETRY_BUDGET_S",
+    "check_uri",
     "client_environment",
     "probe",
     "retry_budget",
     "set_retry_budget",
     "unreachable_error",
+    "uri_problem",
 ]
 
 CONNECT_TIMEOUT_S = 3.0
@@ -44,6 +47,47 @@ _NETWORK_WORDS = (
     "Connection aborted",
     "RemoteDisconnected",
 )
+
+
+# schemes (before a `+driver`) of the stores MLflow's registry opens, besides its file store
+_STORES = (
+    "http",
+    "https",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
+
+
+def uri_problem(uri: str | None) -> str | None:
+    """Why MLflow opens no registry at a tracking URI (None when it does, or for no URI): a
+    scheme it does not know, or a folder (its file store, which this MLflow refuses unless
+    MLFLOW_ALLOW_FILE_STORE is set). No I/O."""
+    if not uri:
+        return None
+    try:
+        scheme = urlsplit(uri).scheme.lower().split("+")[0]
+    except ValueError as exc:
+        return f"not a URI ({exc})"
+    use = "use sqlite:///PATH.db, http(s)://HOST:PORT, postgresql://, mysql:// or mssql://"
+    if scheme in ("", "file"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+            return None
+        return f"a folder is MLflow's file store, which it refuses; {use}"
+    if scheme not in _STORES:
+        return f"no MLflow store has the scheme {scheme!r}; {use}"
+    return None
+
+
+def check_uri(uri: str | None) -> None:
+    """`RegistryError` in one line for a tracking URI with a `uri_problem`."""
+    problem = uri_problem(uri)
+    if problem is not None:
+        raise RegistryError(f"tracking URI {mask_uri(uri)!r}: {problem}")
 
 
 def set_retry_budget(seconds: float) -> None:
@@ -93,8 +137,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def probe(uri: str | None, budget_s: float | None = None) -> None:
-    """Return once the tracking server at `uri` accepts a connection (at once for a database,
-    a folder or no URI); `RegistryUnreachable` when it did not within the budget."""
+    """Return once the tracking server at `uri` accepts a connection (at once for a database
+    or no URI); `RegistryUnreachable` when it did not within the budget, `RegistryError` for a
+    URI MLflow cannot open (`check_uri`)."""
+    check_uri(uri)
     address = _address(uri)
     if address is None:
         return

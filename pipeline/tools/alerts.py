@@ -16,7 +16,7 @@ import time
 import orjson
 
 from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args
-from pipeline.settings import finite_float
+from pipeline.settings import count, finite_float
 
 __all__ = ["ANSWERS", "answer_feedback", "format_event", "read_event", "register_alerts"]
 
@@ -102,7 +102,7 @@ def register_alerts(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--topic", default="aewatch.anomalies")
     parser.add_argument("--from-beginning", action="store_true")
     parser.add_argument("--json", action="store_true", help="one JSON event per line")
-    parser.add_argument("--max", type=int, help="stop after this many events")
+    parser.add_argument("--max", type=count, help="stop after this many events")
     parser.add_argument("--timeout", type=finite_float, help="stop after this many idle seconds")
     parser.add_argument(
         "--read-committed",

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pipeline import settings as declared
 from pipeline.errors import ConfigError
 from pipeline.kafka_io.settings import KafkaSettings
+from pipeline.registry.reach import uri_problem
 from pipeline.settings import check, setting
+from pipeline.uris import mask_uri
 from pipeline.worker.adaptive_settings import AdaptiveStageSettings
 from pipeline.worker.alarms import MAX_WINDOWS, AlarmRules
 from pipeline.worker.baselines import BaselineSettings
@@ -72,6 +74,9 @@ class RegistrySettings:
 
     def __post_init__(self) -> None:
         check(self)
+        problem = uri_problem(self.tracking_uri) if self.model.startswith("models:/") else None
+        if problem is not None:
+            raise ConfigError("tracking_uri", f"{mask_uri(self.tracking_uri)!r}: {problem}")
 
 
 # What Kafka accepts as a topic name (a name with any other character, such as a leading "^",

@@ -87,13 +87,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def tracking_uri_from(args: argparse.Namespace) -> str:
+    """The tracking URI of the command line, the environment or the default, checked to be one
+    MLflow can open before anything else is done (`check_uri`)."""
+    from pipeline.registry.reach import check_uri
     from training.tracking import default_tracking_uri
 
-    return (
+    uri = (
         getattr(args, "tracking_uri", None)
         or os.environ.get("MLFLOW_TRACKING_URI")
         or default_tracking_uri()
     )
+    check_uri(uri)
+    return uri
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
