@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main
+from pipeline.errors import ConfigError
 from tests.helpers import labelled_series_csv, train_series_detector
 from training.outputs import write_table
 
@@ -212,3 +213,40 @@ def test_alerts_max_must_count_events(capsys):
         main(["alerts", "--bootstrap-servers", "127.0.0.1:1", "--max", "-1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and "--max" in err[-1] and "at least 1" in err[-1], err
+
+
+def test_sample_refuses_an_output_that_is_its_input(tmp_path):
+    from training.data.for_detector import DataSource
+    from training.sources import ModelSource
+    from training.uses import SampleSettings
+
+    data = tmp_path / "in.csv"
+    data.write_text("ts,key,a\n")
+    with pytest.raises(ConfigError, match="is the input"):  # (was overwritten)
+        SampleSettings(ModelSource("unused"), str(data), interpolate=(0, 1), data=DataSource(data))
+
+
+@pytest.mark.parametrize("place", ["the data's folder", "a folder above it"])
+def test_train_refuses_an_out_that_holds_its_data(trained, tmp_path, capsys, place):
+    _, data = trained
+    inside = tmp_path / "in" / "series"
+    inside.mkdir(parents=True)
+    copy = inside / "series.csv"
+    copy.write_bytes(Path(data).read_bytes())
+    out = inside if place == "the data's folder" else tmp_path / "in"
+    _one_line_error(capsys, _train(copy, out, "--overwrite"), "out", "holds the input")
+    assert sorted(p.name for p in inside.iterdir()) == ["series.csv"]  # no artifact beside it
+
+
+@pytest.mark.parametrize("command", ["score", "train"])
+def test_an_out_that_cannot_be_created_is_one_line_before_any_work(
+    trained, tmp_path, capsys, command
+):
+    result, data = trained
+    out = "/proc/aewatch-out.csv" if command == "score" else "/proc/aewatch-det"
+    if command == "score":  # (was a traceback after scoring)
+        argv = ["score", "--model", str(result.artifact_dir), "--data", str(data), *SERIES[:4]]
+        code = main([*argv, "--out", out])
+    else:
+        code = _train(Path(data), Path(out))
+    _one_line_error(capsys, code, "out", "cannot write")

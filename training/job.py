@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from training.distributed import RankContext
 from training.fit import Callback, FitConfig, FitResult, fit, validation_loss
 from training.fpr_check import FprCheck, check_fpr, window_of
 from training.objectives import make_objective
+from training.outputs import writable
 from training.score_stats import check_score, fit_stats, score_mode
 
 __all__ = [
@@ -133,11 +133,12 @@ class TrainSettings:
             raise ConfigError(
                 "out", f"{out} holds a detector already; give --overwrite to replace it"
             )
-        existing = out
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError("out", f"{out}: cannot create the artifact folder under {existing}")
+        data = Path(self.data).resolve()
+        if out.resolve() == data or out.resolve() in data.parents:
+            raise ConfigError(
+                "out", f"{out} holds the input (--data {self.data}); write the detector elsewhere"
+            )
+        writable(out, out)
 
     def series_columns(self) -> dict:
         """How the series' columns are read, the same in memory and out of core."""

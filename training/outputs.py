@@ -63,15 +63,32 @@ def image_out(out: str | Path, setting: str = "out") -> Path:
 
 
 def not_input(out: str | Path, data: str | Path | None, setting: str = "out") -> None:
-    """Refuse an output that would overwrite the command's input."""
-    if data is None:
-        return
-    target, source = Path(out), Path(data)
-    same = target.resolve() == source.resolve()
-    if not same and target.exists() and source.exists():
-        same = os.path.samefile(target, source)
-    if same:
-        raise ConfigError(setting, f"{out} is the input (--data); write the output elsewhere")
+    """Refuse an output that would overwrite the command's input, or that cannot be written
+    (checked by making and removing a file beside it), before any work."""
+    if data is not None:
+        target, source = Path(out), Path(data)
+        same = target.resolve() == source.resolve()
+        if not same and target.exists() and source.exists():
+            same = os.path.samefile(target, source)
+        if same:
+            raise ConfigError(setting, f"{out} is the input (--data); write the output elsewhere")
+    writable(Path(out).parent, out, setting)
+
+
+def writable(folder: Path, out: str | Path, setting: str = "out") -> None:
+    """ConfigError unless something can be created in `folder` (or in the nearest folder above
+    it that exists, where `folder` is still to be made)."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(setting, f"{out}: cannot be created under {existing}, a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".aewatch-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(
+            setting, f"{out}: cannot write under {existing} ({exc.strerror})"
+        ) from None
 
 
 def atomic_write(out: Path, write: Callable[[Path], None]) -> Path:

@@ -84,6 +84,7 @@ class SampleSettings:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= MAX_SAMPLES:
                 raise ConfigError(name, f"must be between 1 and {MAX_SAMPLES:,}, got {value:,}")
+        not_input(self.out, None if self.data is None else self.data.path)
 
 
 def code_table(detector: Detector, data) -> pd.DataFrame:
