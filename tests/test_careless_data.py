@@ -142,3 +142,35 @@ def test_the_out_of_core_reader_drops_repeated_timestamps_as_the_in_memory_one(t
     assert rows == len(frame)
     assert not any((c.values == 99.0).any() for c in chunks)
     assert caplog.text.count("2 row(s) repeat their key's timestamp") == 1
+
+
+def _hive(root, frame: pd.DataFrame):
+    """A hive-partitioned Parquet folder, one file per key, and a README beside them."""
+    for key, part in frame.groupby("machine"):
+        folder = root / f"machine={key}"
+        folder.mkdir(parents=True)
+        part.drop(columns="machine").to_parquet(folder / "part-0.parquet", index=False)
+    (root / "README.txt").write_text("exported by hand\n")  # not Parquet: passed over
+    return root
+
+
+@pytest.mark.parametrize("reader", ["in memory", "out of core"])
+def test_a_damaged_parquet_file_of_a_folder_is_named_not_left_out(tmp_path, reader):
+    from training.data.streamed import SeriesStream
+
+    frame = _frame()
+    frame["ts"] = pd.to_datetime(frame["ts"])
+    root = _hive(tmp_path / "data", frame)
+
+    def read() -> set:
+        """The keys read."""
+        if reader == "in memory":
+            return set(load_series(root, time_col="ts", key_col="machine").frame["machine"])
+        stream = SeriesStream(root, time_col="ts", key_col="machine", batch_rows=7)
+        return {chunk.key for batch in stream.chunks() for chunk in batch}
+
+    assert read() == {"a", "b"}
+    damaged = root / "machine=b" / "part-0.parquet"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"machine=b/part-0.parquet cannot be read as Parquet"):
+        read()  # (was read without key b, silently)

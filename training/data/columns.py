@@ -124,6 +124,22 @@ def _sniff_separator(file: Path, source: str, time_col: str) -> tuple[str | None
     return None, []
 
 
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def parquet_skipped(root: Path, read: list[str], source: str) -> None:
+    """DataError naming a file of a Parquet directory that is named as Parquet but that the
+    dataset left out as unreadable (a directory's other files, a README or a CSV, are passed
+    over as its reader does)."""
+    taken = {Path(f).resolve() for f in read}
+    for path in sorted(root.rglob("*")):
+        parts = path.relative_to(root).parts
+        if any(part.startswith((".", "_")) for part in parts) or not path.is_file():
+            continue
+        if path.name.lower().endswith(PARQUET_SUFFIXES) and path.resolve() not in taken:
+            raise DataError(f"{source}: {path.relative_to(root)} cannot be read as Parquet")
+
+
 def _read_parquet(file: Path, source: str, *, directory: bool) -> pd.DataFrame:
     import pyarrow as pa
     import pyarrow.dataset as ds
@@ -138,6 +154,7 @@ def _read_parquet(file: Path, source: str, *, directory: bool) -> pd.DataFrame:
                 ignore_prefixes=[".", "_"],
                 exclude_invalid_files=True,
             )
+            parquet_skipped(file, dataset.files, source)
             if not dataset.files:
                 raise DataError(f"{source}: the directory holds no Parquet files")
             table = dataset.to_table()
@@ -145,7 +162,8 @@ def _read_parquet(file: Path, source: str, *, directory: bool) -> pd.DataFrame:
             table = pq.read_table(file)
         frame = table.to_pandas(date_as_object=False)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise DataError(f"{source}: cannot be read as Parquet: {exc}") from exc
+        detail = " ".join(str(exc).split())  # (Arrow's messages run over several lines)
+        raise DataError(f"{source}: cannot be read as Parquet: {detail}") from exc
     return frame.reset_index(drop=True)
 
 

@@ -38,6 +38,7 @@ from pipeline.detector import STREAMING_KINDS, Scaler, ScalerFit, WindowCarry, W
 from pipeline.errors import ConfigError, DataError
 from training.data.columns import (
     in_float32_range,
+    parquet_skipped,
     parse_labels,
     parse_numeric,
     parse_times,
@@ -330,7 +331,10 @@ def _open(path: Path, source: str):
         )
         fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise DataError(f"{source}: cannot be read as Parquet: {exc}") from exc
+        detail = " ".join(str(exc).split())
+        raise DataError(f"{source}: cannot be read as Parquet: {detail}") from exc
+    if path.is_dir():
+        parquet_skipped(path, dataset.files, source)
     if not fragments:
         raise DataError(f"{source}: the directory holds no Parquet files")
     return dataset, fragments
