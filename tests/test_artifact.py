@@ -111,7 +111,33 @@ def test_weights_of_another_shape_are_refused(saved: Path):
     manifest = json.loads((saved / "manifest.json").read_text())
     manifest["model"]["code_size"] = 3
     (saved / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="do not fit"):
+    with pytest.raises(ArtifactError, match="do not fit") as refused:
+        load_detector(saved)
+    assert "\n" not in str(refused.value)  # one line (torch gives a line per mismatch)
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("threshold", "value"), float("nan")),  # (all 291 windows were "above the threshold nan")
+        (("threshold", "value"), float("inf")),
+        (("threshold", "calibration_scores"), [0.1, float("nan")]),
+        (("scaler", "scale"), "zeros"),  # (every window scored as anomalous)
+        (("scaler", "scale"), "negative"),
+        (("scaler", "center"), "nan"),
+    ],
+)
+def test_manifest_numbers_that_cannot_score_are_refused(saved: Path, path, value):
+    manifest = json.loads((saved / "manifest.json").read_text())
+    size = len(manifest["scaler"]["scale"])
+    if isinstance(value, str):
+        value = {"zeros": 0.0, "negative": -1.0, "nan": float("nan")}[value]
+        value = [value] * size
+    if path == ("threshold", "value"):
+        manifest["threshold"]["calibrated"] = True
+    manifest[path[0]][path[1]] = value
+    (saved / "manifest.json").write_text(json.dumps(manifest))  # (json writes NaN and Infinity)
+    with pytest.raises(ArtifactError, match="finite"):
         load_detector(saved)
 
 

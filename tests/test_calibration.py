@@ -103,3 +103,18 @@ def test_bad_settings_name_themselves():
         make_calibrator("quantile", target_fpr=1.5)
     with pytest.raises(ConfigError, match="calibration"):
         make_calibrator("magic")
+
+
+@pytest.mark.parametrize("method", ["quantile", "pot"])
+@pytest.mark.parametrize("target_fpr", [1e-300, 1e-30])
+def test_a_target_the_windows_cannot_support_is_refused_not_a_threshold_no_score_reaches(
+    method, target_fpr
+):
+    # 150 windows of lognormal scores: the tail extrapolated to 1e-300 gave a threshold of 1e85
+    scores = np.random.default_rng(0).lognormal(sigma=1.5, size=150)
+    try:
+        threshold = _calibrate(method, scores, target_fpr=target_fpr)
+    except CalibrationError as exc:
+        assert "cannot support" in str(exc) or "needs" in str(exc)
+    else:  # what a method does give is a threshold a float32 score can pass
+        assert np.isfinite(threshold.value) and threshold.value <= np.finfo(np.float32).max

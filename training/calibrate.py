@@ -104,6 +104,12 @@ class _Calibrator:
         if self.margin != 1.0:
             # a safety factor on top of the method's threshold, recorded with it
             value, params = value * self.margin, {**params, "margin": self.margin}
+        if not value <= np.finfo(np.float32).max:  # (NaN too) no window score reaches it
+            raise CalibrationError(
+                f"the {self.method} threshold came out as {value:.4g}, beyond any window score "
+                f"(float32): {len(scores)} calibration windows cannot support {params}; give "
+                "more normal data or a larger target"
+            )
         normal = scores[~self.labels] if self._labels else scores
         return Threshold(
             value=float(value),
@@ -145,7 +151,10 @@ class QuantileCalibrator(_Calibrator):
                 f"for the tail fallback (a quantile at target FPR {alpha:g} needs {need})"
             )
         median, scale = _exponential_tail(scores)
-        tail = math.exp(median + scale * math.log(0.5 / alpha))
+        try:
+            tail = math.exp(median + scale * math.log(0.5 / alpha))
+        except OverflowError:  # (a target far below what the windows can say)
+            tail = math.inf
         value = max(tail, float(scores.max()))
         estimate = _tail_fpr(median, scale, scores, value * self.margin)
         log.warning(

@@ -227,8 +227,9 @@ def load_detector(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]  # (torch lists every mismatch, a line each)
         raise ArtifactError(
-            f"{weights}: weights do not fit the model config: {exc}", reason="weights"
+            f"{weights}: weights do not fit the model config: {detail}", reason="weights"
         ) from exc
     if scaler.n_features != input_spec.n_scaled:
         raise ArtifactError(f"{directory}: scaler size does not match the input spec")

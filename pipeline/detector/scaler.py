@@ -12,6 +12,7 @@ percentiles, so it keeps them: `STREAMING_KINDS` names the kinds that fit in con
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,10 @@ class Scaler:
         center, scale = tuple(map(float, data["center"])), tuple(map(float, data["scale"]))
         if len(center) != len(scale):
             raise ConfigError("scaler", "center and scale differ in length")
+        if not all(map(math.isfinite, center)) or not all(
+            math.isfinite(s) and s > 0 for s in scale
+        ):  # (a fitted scale is positive, 1 for a constant feature; 0 scores every window inf)
+            raise ConfigError("scaler", "centers must be finite and scales finite and positive")
         return cls(data["kind"], center, scale)
 
 

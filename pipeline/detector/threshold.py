@@ -7,6 +7,7 @@ at least this high. Higher score = more anomalous, throughout aewatch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,7 +63,11 @@ class Threshold:
         value = data.get("value")
         if bool(data.get("calibrated")) != (value is not None):
             raise ModelError("threshold: 'calibrated' disagrees with 'value'")
+        if value is not None and not math.isfinite(float(value)):
+            raise ModelError(f"threshold: the value must be a finite number, not {value!r}")
         scores = tuple(float(s) for s in data.get("calibration_scores", ()))
+        if not all(map(math.isfinite, scores)):
+            raise ModelError("threshold: calibration scores must be finite")
         if any(b < a for a, b in zip(scores, scores[1:], strict=False)):
             raise ModelError("threshold: calibration scores must be sorted")
         return cls(
