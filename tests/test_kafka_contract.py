@@ -398,6 +398,23 @@ def test_sasl_ssl_carries_records_and_refuses_wrong_credentials_at_once(secure, 
         assert PASSWORD not in str(raised.value) and address in str(raised.value)
 
 
+def test_a_broker_nobody_answers_for_is_one_error_not_the_clients_retries(
+    kafka_client, monkeypatch, caplog
+):
+    import logging
+
+    from pipeline.kafka_io import confluent, kafka_python
+
+    module = kafka_python if kafka_client == "kafka-python" else confluent
+    monkeypatch.setattr(module._admin, "__defaults__", (2000 if module is kafka_python else 2.0,))
+    with caplog.at_level(logging.WARNING), pytest.raises(KafkaConnectError, match="127.0.0.1:1"):
+        _client("127.0.0.1:1", kafka_client).check()  # nothing listens on port 1
+    # what the command line shows of the clients' logs (WARNING and above): each retry was a
+    # line or two, about 50 in all before the error
+    shown = [r for r in caplog.records if r.levelno >= logging.WARNING and "kafka" in r.name]
+    assert not shown, [r.getMessage()[:80] for r in shown[:3]]
+
+
 def test_an_unknown_client_is_refused_naming_the_setting(kafka_bootstrap):
     with pytest.raises(ConfigError, match="kafka_client"):
         KafkaConnection(kafka_bootstrap, kafka_client="librdkafka")

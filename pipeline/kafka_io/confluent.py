@@ -28,7 +28,12 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.errors import CommitRejected
 from pipeline.kafka_io.confluent_records import FETCHING, ConfluentTail, Records, group, take
-from pipeline.kafka_io.confluent_sink import ConfluentSink, TransactionalConfluentSink, config
+from pipeline.kafka_io.confluent_sink import (
+    LOGGER,
+    ConfluentSink,
+    TransactionalConfluentSink,
+    config,
+)
 from pipeline.kafka_io.errors import KafkaConnectError, describe, most_telling, telling
 from pipeline.kafka_io.protocols import Partition, Rebalance, TopicSpec
 from pipeline.kafka_io.settings import KafkaConnection, KafkaSettings
@@ -224,6 +229,8 @@ def _admin(connection: KafkaConnection, timeout_s: float = CONNECT_TIMEOUT_S):
     errors: list[BaseException] = []
     conf = config(connection, "aewatch-admin")
     conf["error_cb"] = lambda error: errors.append(KafkaException(error))
+    if LOGGER.getEffectiveLevel() > logging.DEBUG:  # collected, not shown: the error says why
+        conf["log_level"] = 0
     admin = AdminClient(conf)
     deadline = time.monotonic() + timeout_s
     while True:

@@ -386,9 +386,15 @@ def _admin(connection: KafkaConnection, timeout_ms: int = CONNECT_TIMEOUT_MS) ->
     logger = logging.getLogger("kafka.net.manager")
     failures = _BootstrapFailures()
     level, propagate = logger.level, logger.propagate
-    if logger.getEffectiveLevel() > logging.WARNING:  # collect the failures without showing them
+    # the failures are collected, not shown (below DEBUG): the error says the most telling one;
+    # the client logs a line or two at each retry, some 50 before a refusal is final
+    connection_log = logging.getLogger("kafka.net.connection")
+    connection_level = connection_log.level
+    if logger.getEffectiveLevel() > logging.DEBUG:
         logger.setLevel(logging.WARNING)
         logger.propagate = False
+        if connection_log.getEffectiveLevel() > logging.DEBUG:
+            connection_log.setLevel(logging.CRITICAL)
     logger.addHandler(failures)
     deadline = time.monotonic() + timeout_ms / 1000
     try:
@@ -410,6 +416,7 @@ def _admin(connection: KafkaConnection, timeout_ms: int = CONNECT_TIMEOUT_MS) ->
         logger.removeHandler(failures)
         logger.setLevel(level)
         logger.propagate = propagate
+        connection_log.setLevel(connection_level)
 
 
 class KafkaPythonClient:
