@@ -57,8 +57,16 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with an error in one line (and where to find the usage) instead of the usage
+    block first; each subcommand's parser is one too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="aewatch",
         description="Streaming anomaly detection with autoencoders.",
     )

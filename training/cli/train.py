@@ -226,7 +226,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="aewatch train")
+    from pipeline.cli import Parser
+
+    parser = parser or Parser(prog="aewatch train")
     parser.add_argument("--config", help="TOML or YAML file whose keys mirror the flags")
     add_train_arguments(parser)
     return parser
