@@ -157,6 +157,20 @@ def test_a_tracking_uri_mlflow_cannot_open_is_one_line_before_any_io(
     assert not list(tmp_path.iterdir())  # no store, run or folder made
 
 
+@pytest.mark.parametrize("command", ["promote", "recalibrate", "score"])
+def test_a_sqlite_store_that_does_not_exist_is_named_not_made(tmp_path, capsys, command):
+    uri = f"sqlite:///{tmp_path}/no/such/mlflow.db"
+    data, out = str(tmp_path / "data.csv"), str(tmp_path / "scores.csv")
+    args = {
+        "promote": ["m"],  # (was "m has no @challenger version", from a store made empty)
+        "recalibrate": ["--model", "models:/m@champion", "--data", data],
+        "score": ["--model", "models:/m@champion", "--data", data, "--out", out],
+    }[command]
+    code = main([command, *args, "--tracking-uri", uri])
+    _one_line_error(capsys, code, "no MLflow store")
+    assert not (tmp_path / "no").exists()
+
+
 def test_rollback_of_an_unknown_model_is_one_line(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/m.db"
     code = main(["promote", "no-such-model", "--rollback", "--tracking-uri", uri])

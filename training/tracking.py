@@ -95,7 +95,7 @@ class MlflowEpochLogger:
 def tracking_run(
     tracking_uri: str, experiment: str, run_name: str | None, params: dict[str, str]
 ) -> Iterator[mlflow.ActiveRun]:
-    probe(tracking_uri)
+    probe(tracking_uri, create=True)
     mlflow.set_tracking_uri(tracking_uri)
     # Versions are registered where the run is recorded. MLflow exports the registry URI to the
     # environment, where child processes would inherit it: put back what was there.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from pipeline.errors import RegistryError, RegistryUnreachable
@@ -136,11 +137,27 @@ def _reason(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
-def probe(uri: str | None, budget_s: float | None = None) -> None:
+def _sqlite_file(uri: str | None) -> Path | None:
+    """The database file of a `sqlite:///PATH` tracking URI (None for any other URI)."""
+    if not uri or not uri.lower().startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def probe(uri: str | None, budget_s: float | None = None, *, create: bool = False) -> None:
     """Return once the tracking server at `uri` accepts a connection (at once for a database
     or no URI); `RegistryUnreachable` when it did not within the budget, `RegistryError` for a
-    URI MLflow cannot open (`check_uri`)."""
+    URI MLflow cannot open (`check_uri`), or, unless `create` (the training side, which
+    writes), for a sqlite file that does not exist: MLflow would make an empty store there and
+    report what is asked for as missing from it."""
     check_uri(uri)
+    database = _sqlite_file(uri)
+    if database is not None and not create and not database.is_file():
+        raise RegistryError(
+            f"tracking URI {mask_uri(uri)!r}: no MLflow store at {database} (a store is made "
+            "by `aewatch train --register`)"
+        )
     address = _address(uri)
     if address is None:
         return
