@@ -161,3 +161,38 @@ def test_a_member_that_does_not_stop_is_killed_after_the_grace(monkeypatch):
         if child.poll() is None:
             child.kill()
         child.wait()
+
+
+class _Member:
+    """A member process that exits with `code` at its `exits_at`-th look, or when stopped."""
+
+    def __init__(self, pid: int, code: int | None, exits_at: int = 0) -> None:
+        self.pid, self.code, self.exits_at, self.looks = pid, code, exits_at, 0
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        self.looks += 1
+        if self.returncode is None and self.code is not None and self.looks > self.exits_at:
+            self.returncode = self.code
+        return self.returncode
+
+    def send_signal(self, signum) -> None:
+        if self.returncode is None:
+            self.returncode = -signum
+
+
+def test_the_supervisor_exits_with_the_status_of_the_member_that_failed():
+    from pipeline.worker.supervisor import _wait
+
+    # member 1 fails (a broker nobody answers for: 2); member 0 is stopped by the supervisor
+    members = [_Member(100, None), _Member(101, 2, exits_at=1)]
+    stopping = []
+
+    def stop(signum, _frame):
+        stopping.append(signum)
+        for member in members:
+            member.send_signal(signum)
+
+    status = _wait(members, lambda: bool(stopping), stop)
+    assert [m.returncode for m in members] == [-signal.SIGTERM, 2]
+    assert status == 2  # (was -15, the stopped member's, which the shell showed as 241)

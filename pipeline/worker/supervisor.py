@@ -95,14 +95,17 @@ def supervise(
 
 def _wait(children: list[subprocess.Popen], stopping, stop) -> int:
     """Until every member has exited; once stopping, a member still running `STOP_GRACE_S`
-    later is killed (it has checkpointed, or reads again from its last commit)."""
+    later is killed (it has checkpointed, or reads again from its last commit). The status of
+    the member whose failure stopped the others, else the first other than 0."""
     worst = 0
+    first = None  # the status of the member whose failure stopped the others: the cause
     stopped_at = None
     while any(child.poll() is None for child in children):
         for index, child in enumerate(children):
             code = child.poll()
             if code is not None and code != 0 and not stopping():
                 log.error("member %d (pid %d) exited with %d: stopping all", index, child.pid, code)
+                first = code
                 stop(signal.SIGTERM, None)
         if stopping() and stopped_at is None:
             stopped_at = time.monotonic()
@@ -112,7 +115,7 @@ def _wait(children: list[subprocess.Popen], stopping, stop) -> int:
     for index, child in enumerate(children):
         log.info("member %d (pid %d) exited with %d", index, child.pid, child.returncode)
         worst = worst or child.returncode
-    return worst
+    return worst if first is None else first
 
 
 def _reap(children: list[subprocess.Popen], grace_s: float | None = None) -> None:
