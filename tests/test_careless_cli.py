@@ -172,7 +172,9 @@ def test_a_sqlite_store_that_does_not_exist_is_named_not_made(tmp_path, capsys, 
 
 
 def test_rollback_of_an_unknown_model_is_one_line(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/m.db"
+    from training.tracking import local_store
+
+    uri = local_store(tmp_path, "tests")  # a store without the model
     code = main(["promote", "no-such-model", "--rollback", "--tracking-uri", uri])
     _one_line_error(capsys, code, "no-such-model")
 

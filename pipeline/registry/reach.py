@@ -13,7 +13,6 @@ into the same when it is a network error, so an outage is never reported as a mi
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from pathlib import Path
@@ -66,8 +65,8 @@ _STORES = (
 
 def uri_problem(uri: str | None) -> str | None:
     """Why MLflow opens no registry at a tracking URI (None when it does, or for no URI): a
-    scheme it does not know, or a folder (its file store, which this MLflow refuses unless
-    MLFLOW_ALLOW_FILE_STORE is set). No I/O."""
+    scheme it does not know, or a folder (its file store, which MLflow 3 refuses by default and
+    aewatch does not use). No I/O."""
     if not uri:
         return None
     try:
@@ -76,9 +75,7 @@ def uri_problem(uri: str | None) -> str | None:
         return f"not a URI ({exc})"
     use = "use sqlite:///PATH.db, http(s)://HOST:PORT, postgresql://, mysql:// or mssql://"
     if scheme in ("", "file"):
-        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
-            return None
-        return f"a folder is MLflow's file store, which it refuses; {use}"
+        return f"a folder is MLflow's file store, which aewatch does not use; {use}"
     if scheme not in _STORES:
         return f"no MLflow store has the scheme {scheme!r}; {use}"
     return None
