@@ -118,3 +118,10 @@ def test_a_target_the_windows_cannot_support_is_refused_not_a_threshold_no_score
         assert "cannot support" in str(exc) or "needs" in str(exc)
     else:  # what a method does give is a threshold a float32 score can pass
         assert np.isfinite(threshold.value) and threshold.value <= np.finfo(np.float32).max
+
+
+def test_a_target_below_the_smallest_normal_float_is_refused_in_one_line():
+    scores = np.random.default_rng(0).lognormal(sigma=1.5, size=150)
+    with pytest.raises(CalibrationError, match=r"target FPR of 1e-320") as refused:
+        _calibrate("quantile", scores, target_fpr=1e-320)  # (1 / 1e-320 overflowed to a crash)
+    assert len(str(refused.value)) < 300

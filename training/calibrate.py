@@ -49,6 +49,8 @@ MIN_WINDOWS = 8  # fewest calibration windows the quantile's tail fallback takes
 _TINY = 1e-12
 log = logging.getLogger(__name__)
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass(frozen=True)
 class CalibrationSettings:
@@ -104,10 +106,12 @@ class _Calibrator:
         if self.margin != 1.0:
             # a safety factor on top of the method's threshold, recorded with it
             value, params = value * self.margin, {**params, "margin": self.margin}
-        if not value <= np.finfo(np.float32).max:  # (NaN too) no window score reaches it
+        if not float(value) <= _FLOAT32_MAX:  # (NaN too) no window score reaches it
+            target = params.get("target_fpr")
+            what = f"a target FPR of {target:.3g}" if target is not None else "this rule"
             raise CalibrationError(
-                f"the {self.method} threshold came out as {value:.4g}, beyond any window score "
-                f"(float32): {len(scores)} calibration windows cannot support {params}; give "
+                f"the {self.method} threshold came out as {float(value):.4g}, beyond any window "
+                f"score (float32): {len(scores)} calibration windows cannot support {what}; give "
                 "more normal data or a larger target"
             )
         normal = scores[~self.labels] if self._labels else scores
@@ -142,7 +146,7 @@ class QuantileCalibrator(_Calibrator):
     def _threshold(self, scores: np.ndarray) -> tuple[float, dict]:
         n, alpha = len(scores), self.target_fpr
         rank = math.ceil((n + 1) * (1 - alpha))
-        need = math.ceil(1 / alpha) - 1
+        need = math.ceil(min(1 / alpha, 1e18)) - 1  # (1 / 1e-320 is infinite)
         if rank <= n:
             return float(np.sort(scores)[rank - 1]), {"target_fpr": alpha}
         if n < MIN_WINDOWS:
