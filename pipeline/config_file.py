@@ -9,7 +9,7 @@ import argparse
 import tomllib
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, one_line
 
 __all__ = ["load_config_file"]
 
@@ -35,7 +35,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError("config", f"{path}: {where}{exc.problem or exc.context}") from None
     except (yaml.YAMLError, ValueError) as exc:  # (TOMLDecodeError is a ValueError)
-        raise ConfigError("config", f"{path}: {' '.join(str(exc).split())}") from None
+        raise ConfigError("config", f"{path}: {one_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError("config", f"{path}: expected a table of settings")
     dests = {a.dest: a for a in parser._actions}

@@ -27,7 +27,14 @@ __all__ = [
     "ModelError",
     "RegistryError",
     "RegistryUnreachable",
+    "one_line",
 ]
+
+
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's message on one line (a library's message may run over several: Arrow's,
+    torch's, YAML's), cut at `limit` characters; its type's name when it has no message."""
+    return " ".join((str(exc) or type(exc).__name__).split())[:limit]
 
 
 class AewatchError(Exception):

@@ -36,7 +36,7 @@ from pipeline.detector.models import ModelConfig, build_model
 from pipeline.detector.scaler import Scaler
 from pipeline.detector.scoring import ScoreStats
 from pipeline.detector.threshold import Threshold
-from pipeline.errors import ArtifactError, ConfigError, ModelError
+from pipeline.errors import ArtifactError, ConfigError, ModelError, one_line
 
 __all__ = [
     "FORMAT_NAME",
@@ -227,7 +227,7 @@ def load_detector(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]  # (torch lists every mismatch, a line each)
+        detail = one_line(exc, 300)  # (torch lists every mismatch, a line each)
         raise ArtifactError(
             f"{weights}: weights do not fit the model config: {detail}", reason="weights"
         ) from exc

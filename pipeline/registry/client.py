@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.detector import Detector, load_detector, read_manifest, sha256_file
-from pipeline.errors import ArtifactError, RegistryError
+from pipeline.errors import ArtifactError, RegistryError, one_line
 from pipeline.events import ModelIdentity
 from pipeline.registry.reach import probe, unreachable_error
 
@@ -216,7 +216,7 @@ def _detector_dir(model_dir: Path) -> Path:
         artifacts = meta.get("flavors", {}).get("python_function", {}).get("artifacts") or {}
         path = (artifacts.get("detector") or {}).get("path")
     except (yaml.YAMLError, ValueError, AttributeError) as exc:  # (not YAML, not a mapping)
-        detail = " ".join(str(exc).split())[:200]
+        detail = one_line(exc, 200)
         raise ArtifactError(f"{model_dir}: the MLmodel file is unreadable: {detail}") from None
     if not path or not isinstance(path, str):
         raise ArtifactError(f"{model_dir}: the MLflow model has no 'detector' artifact")

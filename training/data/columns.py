@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, one_line
 from pipeline.modalities.series import SECONDS_LIKE
 
 __all__ = [
@@ -165,7 +165,7 @@ def _read_parquet(file: Path, source: str, *, directory: bool) -> pd.DataFrame:
             table = pq.read_table(file)
         frame = table.to_pandas(date_as_object=False)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        detail = " ".join(str(exc).split())  # (Arrow's messages run over several lines)
+        detail = one_line(exc)
         raise DataError(f"{source}: cannot be read as Parquet: {detail}") from exc
     return frame.reset_index(drop=True)
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from pipeline.detector import STREAMING_KINDS, Scaler, ScalerFit, WindowCarry, WindowSet, WindowSpec
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, one_line
 from training.data.columns import (
     in_float32_range,
     parquet_skipped,
@@ -331,7 +331,7 @@ def _open(path: Path, source: str):
         )
         fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        detail = " ".join(str(exc).split())
+        detail = one_line(exc)
         raise DataError(f"{source}: cannot be read as Parquet: {detail}") from exc
     if path.is_dir():
         parquet_skipped(path, dataset.files, source)
