@@ -59,6 +59,7 @@ class _Declaration:
     help: str
     choices: tuple | None
     minimum: float | None
+    maximum: float | None
     required: bool
     secret: bool
     env: str | None
@@ -77,6 +78,7 @@ class Setting:
     optional: bool
     choices: tuple | None
     minimum: float | None
+    maximum: float | None
     required: bool
     secret: bool
     env: str
@@ -94,13 +96,14 @@ def setting(
     *,
     choices: tuple | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     required: bool = False,
     secret: bool = False,
     env: str | None = None,
     listed: bool = True,
 ) -> Any:
     """A settings field: `default`, and what the flag, the variable and the checks need."""
-    declaration = _Declaration(help, choices, minimum, required, secret, env, listed)
+    declaration = _Declaration(help, choices, minimum, maximum, required, secret, env, listed)
     return dataclasses.field(default=default, repr=not secret, metadata={_KEY: declaration})
 
 
@@ -139,6 +142,7 @@ def declared(cls: type) -> tuple[Setting, ...]:
                 optional=optional,
                 choices=declaration.choices,
                 minimum=declaration.minimum,
+                maximum=declaration.maximum,
                 required=declaration.required,
                 secret=declaration.secret,
                 env=declaration.env or ENV_PREFIX + f.name.upper(),
@@ -160,8 +164,7 @@ def _own(obj) -> Iterator[tuple[Setting, object]]:
 
 
 def check(group) -> None:
-    """Check the group's own settings: required, type (a float one finite), choices, lower
-    bound."""
+    """Check the group's own settings: required, type (a float one finite), choices, bounds."""
     for s, value in _own(group):
         if s.required and not value:
             raise ConfigError(s.name, f"is required ({s.flag} or {s.env})")
@@ -180,6 +183,8 @@ def check(group) -> None:
                 raise ConfigError(s.name, f"{item!r} is not one of {', '.join(s.choices)}")
             if s.minimum is not None and item < s.minimum:
                 raise ConfigError(s.name, f"must be >= {s.minimum:g}, got {item}")
+            if s.maximum is not None and item > s.maximum:
+                raise ConfigError(s.name, f"must be <= {s.maximum:g}, got {item}")
 
 
 def _value(obj, s: Setting):

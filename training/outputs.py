@@ -3,7 +3,7 @@ of PNG files or one `.npy` array).
 
 The file name says the format, so a command checks `--out` before any work is done and a typo in
 the extension fails at once rather than after scoring a large file. An output that is the command's
-input is refused (`not_input`), and files appear whole or not at all: each is written under a
+input is refused (`usable_out`), and files appear whole or not at all: each is written under a
 temporary name in its folder and renamed into place.
 """
 
@@ -26,7 +26,7 @@ __all__ = [
     "TABLE_SUFFIXES",
     "array_out",
     "image_out",
-    "not_input",
+    "usable_out",
     "png_range",
     "table_out",
     "write_array",
@@ -62,7 +62,7 @@ def image_out(out: str | Path, setting: str = "out") -> Path:
     raise ConfigError(setting, f"{out}: write images to a folder of PNG files or to a .npy file")
 
 
-def not_input(out: str | Path, data: str | Path | None, setting: str = "out") -> None:
+def usable_out(out: str | Path, data: str | Path | None, setting: str = "out") -> None:
     """Refuse an output that would overwrite the command's input, or that cannot be written
     (checked by making and removing a file beside it), before any work."""
     if data is not None:

@@ -25,7 +25,7 @@ from pipeline.detector.key_baselines import BaselineConfig
 from pipeline.errors import ConfigError
 from pipeline.worker.settings import AdaptiveStageSettings
 from training.data.for_detector import ALL, DataSource, load_for
-from training.outputs import not_input, table_out, write_table
+from training.outputs import table_out, usable_out, write_table
 from training.sources import ModelSource
 
 __all__ = ["EvaluateSettings", "ScoreSettings", "evaluate_file", "score_file"]
@@ -53,7 +53,7 @@ def score_file(settings: ScoreSettings) -> dict:
     """One row per window (or image) written to `out`: key, window start and end, score,
     threshold, p-value, is_anomaly and the top features. Returns a summary."""
     out = table_out(settings.out)
-    not_input(out, settings.data.path)
+    usable_out(out, settings.data.path)
     detector, ref = settings.model.load()
     data = load_for(detector, settings.data)
     stream = _replay(detector, ref.label, settings.stream)

@@ -24,9 +24,9 @@ from training.data.prepared import SeriesSplits
 from training.outputs import (
     array_out,
     image_out,
-    not_input,
     png_range,
     table_out,
+    usable_out,
     write_array,
     write_images,
     write_table,
@@ -84,7 +84,7 @@ class SampleSettings:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= MAX_SAMPLES:
                 raise ConfigError(name, f"must be between 1 and {MAX_SAMPLES:,}, got {value:,}")
-        not_input(self.out, None if self.data is None else self.data.path)
+        usable_out(self.out, None if self.data is None else self.data.path)
 
 
 def code_table(detector: Detector, data) -> pd.DataFrame:
@@ -97,7 +97,7 @@ def code_table(detector: Detector, data) -> pd.DataFrame:
 
 def encode_file(settings: EncodeSettings) -> dict:
     out = table_out(settings.out)
-    not_input(out, settings.data.path)
+    usable_out(out, settings.data.path)
     detector, ref = settings.model.load(require_calibrated=False)
     frame = code_table(detector, load_for(detector, settings.data))
     write_table(frame, out)
@@ -177,7 +177,7 @@ _OUTPUTS = {"series": _SeriesOutput, "image": _ImageOutput}
 
 
 def reconstruct_file(settings: ReconstructSettings) -> dict:
-    not_input(settings.out, settings.data.path)
+    usable_out(settings.out, settings.data.path)
     detector, ref = settings.model.load(require_calibrated=False)
     output = _OUTPUTS[detector.input.kind]
     out = output.reconstruction_out(settings.out)

@@ -60,7 +60,9 @@ class QualitySettings:
         "how often each version's figures go to its MLflow run (0: never)", 60.0, minimum=0
     )
     http_host: str = setting("address of /metrics, /healthz and /readyz", "0.0.0.0")
-    http_port: int = setting("port of /metrics (0: any free port, -1: off)", 8081, minimum=-1)
+    http_port: int = setting(
+        "port of /metrics (0: any free port, -1: off)", 8081, minimum=-1, maximum=65535
+    )
     stop_after_idle_s: float = setting(
         "exit after this long without records (0: never)", 0.0, minimum=0
     )
@@ -71,10 +73,6 @@ class QualitySettings:
             raise ConfigError("alarm_topic", "give at least one --alarm-topic")
         if self.feedback_topic in self.alarm_topic or self.dlq_topic == self.feedback_topic:
             raise ConfigError("feedback_topic", "must differ from the alarm and DLQ topics")
-        if self.http_port > 65535:
-            raise ConfigError(
-                "http_port", f"must be a port, 0 (any) or -1 (off), got {self.http_port}"
-            )
 
 
 # (model name, version) -> run id, or None when the version names no run

@@ -282,7 +282,10 @@ class HttpSettings:
 
     http_host: str = setting("address of the metrics, health and webhook endpoint", "0.0.0.0")
     http_port: int = setting(
-        "port of /metrics, /healthz, /readyz (0: any free port, -1: off)", 8080, minimum=-1
+        "port of /metrics, /healthz, /readyz (0: any free port, -1: off)",
+        8080,
+        minimum=-1,
+        maximum=65535,
     )
     webhook_secret: str | None = setting(
         "HMAC secret of the MLflow registry webhook (without one the webhook is off)", secret=True
@@ -296,10 +299,6 @@ class HttpSettings:
         if self.webhook_insecure and self.webhook_secret:
             raise ConfigError(
                 "webhook_insecure", "set either a webhook secret or webhook_insecure, not both"
-            )
-        if self.http_port > 65535:
-            raise ConfigError(
-                "http_port", f"must be a port, 0 (any) or -1 (off), got {self.http_port}"
             )
 
 

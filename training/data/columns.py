@@ -130,43 +130,48 @@ def _sniff_separator(file: Path, source: str, time_col: str) -> tuple[str | None
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
-def parquet_skipped(root: Path, read: list[str], source: str) -> None:
-    """DataError naming a file of a Parquet directory that is named as Parquet but that the
-    dataset left out as unreadable (a directory's other files, a README or a CSV, are passed
-    over as its reader does)."""
-    taken = {Path(f).resolve() for f in read}
-    for path in sorted(root.rglob("*")):
-        parts = path.relative_to(root).parts
-        if any(part.startswith((".", "_")) for part in parts) or not path.is_file():
-            continue
-        if path.name.lower().endswith(PARQUET_SUFFIXES) and path.resolve() not in taken:
-            raise DataError(f"{source}: {path.relative_to(root)} cannot be read as Parquet")
+def parquet_dataset(path: Path, source: str):
+    """The pyarrow dataset of a Parquet file or folder (hive partitions; files starting with
+    `.` or `_` left out), read as both readers read it. DataError in one line for one that
+    cannot be opened, a folder without Parquet files, or a file of the folder named as Parquet
+    that the dataset left out as unreadable (its other files, a README or a CSV, are passed
+    over)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    folder = path.is_dir()
+    try:
+        dataset = ds.dataset(
+            path,
+            format="parquet",
+            partitioning="hive" if folder else None,
+            ignore_prefixes=[".", "_"],
+            exclude_invalid_files=True,
+        )
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{source}: cannot be read as Parquet: {one_line(exc)}") from exc
+    if folder:
+        taken = {Path(f).resolve() for f in dataset.files}
+        for file in sorted(path.rglob("*")):
+            parts = file.relative_to(path).parts
+            if any(part.startswith((".", "_")) for part in parts) or not file.is_file():
+                continue
+            if file.name.lower().endswith(PARQUET_SUFFIXES) and file.resolve() not in taken:
+                raise DataError(f"{source}: {file.relative_to(path)} cannot be read as Parquet")
+    if not dataset.files:
+        raise DataError(f"{source}: the directory holds no Parquet files")
+    return dataset
 
 
 def _read_parquet(file: Path, source: str, *, directory: bool) -> pd.DataFrame:
     import pyarrow as pa
-    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
     try:
-        if directory:
-            dataset = ds.dataset(
-                file,
-                format="parquet",
-                partitioning="hive",
-                ignore_prefixes=[".", "_"],
-                exclude_invalid_files=True,
-            )
-            parquet_skipped(file, dataset.files, source)
-            if not dataset.files:
-                raise DataError(f"{source}: the directory holds no Parquet files")
-            table = dataset.to_table()
-        else:
-            table = pq.read_table(file)
+        table = parquet_dataset(file, source).to_table() if directory else pq.read_table(file)
         frame = table.to_pandas(date_as_object=False)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        detail = one_line(exc)
-        raise DataError(f"{source}: cannot be read as Parquet: {detail}") from exc
+        raise DataError(f"{source}: cannot be read as Parquet: {one_line(exc)}") from exc
     return frame.reset_index(drop=True)
 
 

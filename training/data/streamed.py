@@ -37,8 +37,9 @@ import pyarrow.dataset as ds
 from pipeline.detector import STREAMING_KINDS, Scaler, ScalerFit, WindowCarry, WindowSet, WindowSpec
 from pipeline.errors import ConfigError, DataError, one_line
 from training.data.columns import (
+    PARQUET_SUFFIXES,
     in_float32_range,
-    parquet_skipped,
+    parquet_dataset,
     parse_labels,
     parse_numeric,
     parse_times,
@@ -319,24 +320,13 @@ def _open(path: Path, source: str):
     """The pyarrow dataset and its file fragments in sorted path order."""
     if not path.exists():
         raise DataError(f"{source}: no such file or directory")
-    if not path.is_dir() and not path.name.lower().endswith((".parquet", ".pq")):
+    if not path.is_dir() and not path.name.lower().endswith(PARQUET_SUFFIXES):
         raise ConfigError("data", f"{source}: out-of-core data is a Parquet file or directory")
+    dataset = parquet_dataset(path, source)
     try:
-        dataset = ds.dataset(
-            path,
-            format="parquet",
-            partitioning="hive" if path.is_dir() else None,
-            ignore_prefixes=[".", "_"],
-            exclude_invalid_files=True,
-        )
         fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        detail = one_line(exc)
-        raise DataError(f"{source}: cannot be read as Parquet: {detail}") from exc
-    if path.is_dir():
-        parquet_skipped(path, dataset.files, source)
-    if not fragments:
-        raise DataError(f"{source}: the directory holds no Parquet files")
+        raise DataError(f"{source}: cannot be read as Parquet: {one_line(exc)}") from exc
     return dataset, fragments
 
 
