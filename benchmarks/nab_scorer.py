@@ -44,6 +44,7 @@ __all__ = [
     "CorpusScore",
     "NabFile",
     "corpus_sweep",
+    "corpus_layout",
     "load_corpus",
     "normalised",
     "probation_length",
@@ -117,13 +118,37 @@ def _sweep_scores(
     return sweep, wid
 
 
-def load_corpus(root: Path | str = DEFAULT_ROOT, cost: dict = STANDARD) -> list[NabFile]:
-    """Every labelled series under `root`, in sorted name order, with NAB's sweep scores."""
+def corpus_layout(root: Path | str) -> tuple[Path, Path]:
+    """(labels file, data folder) of a NAB corpus: a folder holding `combined_windows.json` beside
+    the category folders (as `../shared/datasets/nab`), NAB's repository (`labels/` and `data/`),
+    or NAB's `data/` folder itself. A corpus that is none of these is one line, naming `root`."""
     root = Path(root)
-    labels = json.loads((root / "combined_windows.json").read_text())
+    for labels, data in (
+        (root / "combined_windows.json", root),
+        (root / "labels" / "combined_windows.json", root / "data"),
+        (root.parent / "labels" / "combined_windows.json", root),
+    ):
+        if labels.is_file() and data.is_dir():
+            return labels, data
+    raise FileNotFoundError(
+        f"no NAB corpus under {root}: expected combined_windows.json beside the category "
+        "folders, or NAB's labels/ and data/ folders"
+    )
+
+
+def load_corpus(root: Path | str = DEFAULT_ROOT, cost: dict = STANDARD) -> list[NabFile]:
+    """Every labelled series of the corpus at `root` (see `corpus_layout`), in sorted name order,
+    with NAB's sweep scores. A series the labels name without its CSV is an error naming it."""
+    labels_path, data = corpus_layout(root)
+    labels = json.loads(labels_path.read_text())
+    missing = sorted(name for name in labels if not (data / name).is_file())
+    if missing:
+        raise FileNotFoundError(
+            f"{labels_path} names {len(missing)} series not under {data}, e.g. {missing[0]}"
+        )
     files = []
     for name in sorted(labels):
-        frame = pd.read_csv(root / name)
+        frame = pd.read_csv(data / name)
         ts = pd.to_datetime(frame["timestamp"]).to_numpy()
         windows = []
         for start, end in labels[name]:

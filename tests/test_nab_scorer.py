@@ -83,3 +83,68 @@ def test_normalisation_and_the_threshold_sweep():
     raw = 1.0 + 1.0 - 1.0 + 0.11 * _sigma((199 - 159) / 9)
     assert half.raw == pytest.approx(raw)
     assert half.normalised == pytest.approx(100 * (raw + 3) / 6)
+
+
+def _write_corpus(data, labels_path) -> None:
+    """Three series of 600 five-minute rows: one window in `realTweets/a.csv` and in
+    `realTraffic/b.csv`, none in `artificialNoAnomaly/c.csv`."""
+    import json
+
+    import pandas as pd
+
+    ts = pd.date_range("2015-01-01", periods=600, freq="5min")
+    rng = np.random.default_rng(0)
+    windows = {}
+    series = (
+        ("realTweets/a.csv", 450),
+        ("realTraffic/b.csv", 500),
+        ("artificialNoAnomaly/c.csv", None),
+    )
+    for name, spike in series:
+        values = np.sin(np.arange(600) / 20) + 0.05 * rng.standard_normal(600)
+        if spike is not None:
+            values[spike] += 8.0
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"timestamp": ts.strftime("%Y-%m-%d %H:%M:%S"), "value": values}).to_csv(
+            data / name, index=False
+        )
+        windows[name] = (
+            [] if spike is None else [[f"{ts[spike - 20]}.000000", f"{ts[spike + 20]}.000000"]]
+        )
+    labels_path.parent.mkdir(parents=True, exist_ok=True)
+    labels_path.write_text(json.dumps(windows))
+
+
+def test_the_corpus_is_found_in_each_of_nabs_layouts(tmp_path):
+    from benchmarks.nab_scorer import corpus_layout, load_corpus
+
+    flat = tmp_path / "flat"
+    _write_corpus(flat, flat / "combined_windows.json")
+    repo = tmp_path / "NAB"
+    _write_corpus(repo / "data", repo / "labels" / "combined_windows.json")
+    assert corpus_layout(flat) == (flat / "combined_windows.json", flat)
+    for root in (repo, repo / "data"):
+        assert corpus_layout(root) == (repo / "labels" / "combined_windows.json", repo / "data")
+    names = [f.name for f in load_corpus(repo)]
+    assert names == ["artificialNoAnomaly/c.csv", "realTraffic/b.csv", "realTweets/a.csv"]
+    with pytest.raises(FileNotFoundError, match="no NAB corpus under"):
+        corpus_layout(tmp_path)
+    (repo / "data" / "realTweets" / "a.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="names 1 series not under .*realTweets/a.csv"):
+        load_corpus(repo)
+
+
+def test_the_benchmark_reports_the_categories_the_corpus_has(tmp_path):
+    import json
+
+    from benchmarks import bench_nab
+
+    repo = tmp_path / "NAB"
+    _write_corpus(repo / "data", repo / "labels" / "combined_windows.json")
+    out = tmp_path / "results"
+    bench_nab.main(["--nab", str(repo / "data"), "--kinds", "pca", "--out", str(out)])
+    result = json.loads((out / "nab.json").read_text())
+    rows = result["results"]["pca"]["median"]["on+rule"]
+    assert set(rows) >= {"realTraffic", "realTweets", "all"}
+    assert "artificialNoAnomaly" not in rows  # no window: its false positives count in "all"
+    assert "| all 3 |" in (out / "nab.md").read_text()
