@@ -43,6 +43,9 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+NOISY_LOGGERS = ("kafka", "mlflow", "alembic", "urllib3", "git")  # WARNING unless DEBUG
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Configure the root logger once: human-readable text or one JSON object per line."""
     handler = logging.StreamHandler(sys.stderr)
@@ -53,7 +56,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("kafka", "mlflow", "alembic", "urllib3", "git"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

@@ -7,6 +7,7 @@ When `CI` is set, a broker or MLflow server that cannot be had fails the test in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,8 +59,30 @@ def _command_line_state() -> Iterator[None]:
     servers it starts are not left without retries or sent to another test's store."""
     from pipeline.cli import process_state
 
-    with process_state(_CLI_VARIABLES):
+    with process_state(_CLI_VARIABLES), _root_logging():
         yield
+
+
+@contextlib.contextmanager
+def _root_logging() -> Iterator[None]:
+    """`configure_logging` gives the root logger a handler on the sys.stderr of its moment, which
+    under capture is the test's own stream, closed when the test ends: the root's handlers and
+    the levels it sets are put back, so a later test's log lines are not written to a closed
+    stream ("--- Logging error ---")."""
+    import logging
+
+    from pipeline.cli import NOISY_LOGGERS
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, value in levels.items():
+            logging.getLogger(name).setLevel(value)
 
 
 # -- Kafka ---------------------------------------------------------------------------------------
