@@ -14,6 +14,7 @@ KAFKA_HOME := deploy/kafka
 KAFKA_STAMP := $(KAFKA_HOME)/.resolved
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_GPU_ARGS ?=
 SKAB_DIR  ?= ../shared/datasets/skab
 NAB_DIR   ?= ../shared/datasets/nab
 NAB_SEEDS ?= 0
@@ -102,7 +103,7 @@ bench: setup
 
 # On a CUDA machine: model-only and end-to-end scoring windows/s per batch size, training speed.
 bench-gpu: setup
-	$(PY) -m benchmarks.bench_gpu --out results
+	$(PY) -m benchmarks.bench_gpu --out results $(BENCH_GPU_ARGS)
 
 # The pictures of the README section "Other uses of a trained model", drawn from what
 # `aewatch encode`, `reconstruct` and `sample` write (a minute or two on a CPU).

@@ -133,12 +133,15 @@ def processes_rate(
     log: Path,
     tag: str,
     cpu: dict | None = None,
+    device: str = "cpu",
+    partitions: int = PARTITIONS,
 ) -> float:
-    """Readings/s of `aewatch worker --processes N` on a topic of its own, filled once every
-    member has joined (so the group's start-up is not timed), from the group's committed
-    offsets: from the first commit that moved to the first past three quarters of the topic
-    (the commits stay behind the readings that open windows still need). With `cpu` (a dict),
-    the cores the members and the broker used over that span (`CpuMeter`) are put in it."""
+    """Readings/s of `aewatch worker --processes N --device D` on a topic of its own
+    (`partitions` of them), filled once every member has joined (so the group's start-up is not
+    timed), from the group's committed offsets: from the first commit that moved to the first
+    past three quarters of the topic (the commits stay behind the readings that open windows
+    still need). With `cpu` (a dict), the cores the members and the broker used over that span
+    (`CpuMeter`) are put in it."""
     import signal
 
     from confluent_kafka import Consumer, TopicPartition
@@ -148,7 +151,7 @@ def processes_rate(
 
     group = f"procs-{processes}-{tag}"
     topic = f"clients-procs-{processes}-{tag}"
-    ensure_topics(bootstrap, {topic: {"num_partitions": PARTITIONS}})
+    ensure_topics(bootstrap, {topic: {"num_partitions": partitions}})
     settings = WorkerSettings.build(
         model=str(model),
         bootstrap_servers=bootstrap,
@@ -156,7 +159,7 @@ def processes_rate(
         input_topic=(topic,),
         output_topic=f"{topic}-events",
         dlq_topic=f"{topic}-dlq",
-        device="cpu",
+        device=device,
         events="both",
         http_port=-1,
         commit_interval_ms=250,
@@ -166,7 +169,7 @@ def processes_rate(
     )
     total = len(records)
     watcher = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
-    partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
+    assigned = [TopicPartition(topic, p) for p in range(partitions)]
     first = last = None
     with open(log, "ab") as out:
         start = out.tell()  # the log may hold earlier runs' lines
@@ -182,7 +185,7 @@ def processes_rate(
             fill(bootstrap, topic, records)
             base = 0
             while proc.poll() is None and time.monotonic() < deadline + 600:
-                done = sum(max(0, tp.offset) for tp in watcher.committed(partitions, timeout=10))
+                done = sum(max(0, tp.offset) for tp in watcher.committed(assigned, timeout=10))
                 now = time.perf_counter()
                 if done and first is None:
                     first, base = now, done

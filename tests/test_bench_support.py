@@ -1,7 +1,7 @@
 """Pieces of the benchmarks: the CPU meter (`/proc`) counts a supervisor's busy member as its
 cores and not this process's idle time, and as the broker's cores only the JVM that runs Kafka;
 the processes figure waits for its own members' joins, not for those an earlier run wrote into
-the same log."""
+the same log; the GPU benchmark's process counts are checked before any work."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from benchmarks import bench_gpu
 from benchmarks.bench_clients import assignments
 from benchmarks.common import CpuMeter, _proc_stats
 
@@ -80,3 +83,11 @@ def test_the_broker_is_the_java_process_running_kafka_and_no_other(tmp_path):
     # the broker's CPU (and that of a broker the suite runs, nearly idle), not the other JVM's
     # (ticks of 10 ms, read at slightly other times)
     assert spent[broker.pid] - 0.05 < used["broker"] < spent[broker.pid] + spent[other.pid] / 2
+
+
+def test_the_gpu_benchmark_refuses_more_processes_than_partitions_before_any_work(capsys):
+
+    with pytest.raises(SystemExit) as exited:
+        bench_gpu.main(["--end-to-end", "--processes", "1", "40", "--partitions", "32"])
+    assert exited.value.code == 2
+    assert "--processes: each count must be 1..--partitions (32)" in capsys.readouterr().err
