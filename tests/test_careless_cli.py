@@ -224,6 +224,16 @@ def test_ops_commands_refuse_bad_input_before_connecting(tmp_path, capsys, argv,
     _one_line_error(capsys, code, *words)
 
 
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_evaluate_refuses_a_feedback_file_without_records(trained, tmp_path, capsys, content):
+    result, data = trained
+    (tmp_path / "verdicts.jsonl").write_text(content)
+    argv = ["evaluate", "--model", str(result.artifact_dir), "--data", str(data), *SERIES[:4]]
+    code = main([*argv, "--feedback", str(tmp_path / "verdicts.jsonl")])
+    # (it ran as if no alarm had been confirmed: every reading normal)
+    _one_line_error(capsys, code, "feedback", "verdicts.jsonl holds no records")
+
+
 def test_alerts_max_must_count_events(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["alerts", "--bootstrap-servers", "127.0.0.1:1", "--max", "-1"])

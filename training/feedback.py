@@ -83,7 +83,10 @@ def judged_alarms(source: FeedbackSource) -> list[Alarm]:
         path = Path(source.feedback)
         if not path.is_file():
             raise ConfigError("feedback", f"no such file: {path} (or give --bootstrap-servers)")
-        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        lines = path.read_bytes().splitlines()
+        if not any(line.strip() for line in lines):
+            raise ConfigError("feedback", f"{path} holds no records (alarm events and verdicts)")
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
