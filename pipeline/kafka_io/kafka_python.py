@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
@@ -380,24 +380,35 @@ class _AdminClient(KafkaAdminClient):
             raise
 
 
+@contextlib.contextmanager
+def _retries_collected(failures: logging.Handler) -> Iterator[None]:
+    """While connecting, kafka-python's retry lines go to `failures`, not to the log: the client
+    logs a line or two at each retry, some 50 before a refusal is final, and the error says the
+    most telling one. At DEBUG they are shown as well."""
+    manager = logging.getLogger("kafka.net.manager")
+    connection = logging.getLogger("kafka.net.connection")
+    saved = manager.level, manager.propagate, connection.level
+    if manager.getEffectiveLevel() > logging.DEBUG:
+        manager.setLevel(logging.WARNING)
+        manager.propagate = False
+        if connection.getEffectiveLevel() > logging.DEBUG:
+            connection.setLevel(logging.CRITICAL)
+    manager.addHandler(failures)
+    try:
+        yield
+    finally:
+        manager.removeHandler(failures)
+        manager.setLevel(saved[0])
+        manager.propagate = saved[1]
+        connection.setLevel(saved[2])
+
+
 def _admin(connection: KafkaConnection, timeout_ms: int = CONNECT_TIMEOUT_MS) -> KafkaAdminClient:
     """An admin client, or a `KafkaConnectError` that says why not: at once for wrong credentials
     or an untrusted certificate, after `timeout_ms` for a broker that does not answer."""
-    logger = logging.getLogger("kafka.net.manager")
     failures = _BootstrapFailures()
-    level, propagate = logger.level, logger.propagate
-    # the failures are collected, not shown (below DEBUG): the error says the most telling one;
-    # the client logs a line or two at each retry, some 50 before a refusal is final
-    connection_log = logging.getLogger("kafka.net.connection")
-    connection_level = connection_log.level
-    if logger.getEffectiveLevel() > logging.DEBUG:
-        logger.setLevel(logging.WARNING)
-        logger.propagate = False
-        if connection_log.getEffectiveLevel() > logging.DEBUG:
-            connection_log.setLevel(logging.CRITICAL)
-    logger.addHandler(failures)
     deadline = time.monotonic() + timeout_ms / 1000
-    try:
+    with _retries_collected(failures):
         while True:  # short attempts, so that a refusal no retry can mend ends the wait
             attempt_ms = max(1, min(CONNECT_ATTEMPT_MS, int((deadline - time.monotonic()) * 1000)))
             try:
@@ -412,11 +423,6 @@ def _admin(connection: KafkaConnection, timeout_ms: int = CONNECT_TIMEOUT_MS) ->
                     raise KafkaConnectError(
                         f"cannot connect to {describe(connection)}: {reason}"
                     ) from exc
-    finally:
-        logger.removeHandler(failures)
-        logger.setLevel(level)
-        logger.propagate = propagate
-        connection_log.setLevel(connection_level)
 
 
 class KafkaPythonClient:
