@@ -425,6 +425,26 @@ def test_npz_with_images_and_labels(tmp_path: Path) -> None:
         load_images(tmp_path / "set.npz", normal_class=5)
 
 
+def test_npz_split_pairs_are_read_together_train_first(tmp_path: Path) -> None:
+    train, test = rng_pixels((3, 5, 5)), rng_pixels((2, 5, 5))
+    # the layout of Keras' mnist.npz, in its order (test first in the archive)
+    np.savez(tmp_path / "mnist.npz", x_test=test, x_train=train, y_train=[1, 2, 1], y_test=[2, 2])
+    images = load_images(tmp_path / "mnist.npz")
+    assert images.labels.tolist() == [1, 2, 1, 2, 2]  # (was x_test alone, without labels)
+    np.testing.assert_array_equal(images.images[:, 0], np.concatenate([train, test]))
+    np.savez(tmp_path / "short.npz", x_train=train, y_train=[1, 2])
+    with pytest.raises(DataError, match=r"short\.npz: 2 labels y_train for 3 images x_train"):
+        load_images(tmp_path / "short.npz")
+
+
+def test_npz_with_several_unnamed_arrays_is_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "two.npz", b=rng_pixels((2, 5, 5)), a=rng_pixels((3, 5, 5)))
+    with pytest.raises(DataError, match=r"two\.npz: holds several arrays \['b', 'a'\]"):
+        load_images(tmp_path / "two.npz")  # (the first was taken without a word)
+    np.savez(tmp_path / "one.npz", rng_pixels((2, 5, 5)))  # arr_0: the one array is the images
+    assert load_images(tmp_path / "one.npz").images.shape == (2, 1, 5, 5)
+
+
 def test_pickled_arrays_are_refused(tmp_path: Path) -> None:
     objects = np.empty(2, dtype=object)
     objects[:] = [{"a": 1}, [2]]

@@ -64,19 +64,57 @@ def _load_npy(path: Path, source: str) -> np.ndarray:
 
 
 def _load_npz(path: Path, source: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The archive's images and labels: the arrays named `images`/`x`/`X` and
+    `labels`/`y`/`Y`; or split pairs `x_<part>` with `y_<part>` (Keras' `mnist.npz`:
+    `x_train`, `y_train`, `x_test`, `y_test`), every part's images together, `train` first; or
+    its one array besides labels. Several arrays that are none of these are refused, naming
+    them, rather than one taken by its place in the archive."""
     with _numpy_file(source, ".npz archive"), np.load(path, allow_pickle=False) as archive:
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise DataError(f"{source}: is not a .npz archive")
         names = list(archive.files)
         image_key = next((k for k in _IMAGE_KEYS if k in names), None)
         if image_key is None:
-            image_key = next((k for k in names if k not in _LABEL_KEYS), None)
+            parts = _split_parts(names)
+            if parts:
+                return _joined_parts(archive, parts, source)
+            others = [k for k in names if k not in _LABEL_KEYS]
+            if len(others) > 1:
+                raise DataError(
+                    f"{source}: holds several arrays {others}; name the images 'images' (and "
+                    "the labels 'labels'), or pair them as x_<part> with y_<part>"
+                )
+            image_key = others[0] if others else None
         if image_key is None:
             raise DataError(f"{source}: holds no image array; its arrays are {names}")
         label_key = next((k for k in _LABEL_KEYS if k in names), None)
         images = archive[image_key]
         labels = archive[label_key] if label_key is not None else None
     return images, labels
+
+
+def _split_parts(names: list[str]) -> list[str]:
+    """The parts of `x_<part>`/`y_<part>` pairs, `train` first, when every `x_` has its `y_`."""
+    parts = [k[2:] for k in names if k.startswith(("x_", "X_"))]
+    paired = all(f"y_{p}" in names or f"Y_{p}" in names for p in parts)
+    return sorted(parts, key=lambda p: (p != "train", p)) if parts and paired else []
+
+
+def _joined_parts(archive, parts: list[str], source: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for part in parts:
+        x = archive[f"x_{part}" if f"x_{part}" in archive.files else f"X_{part}"]
+        y = archive[f"y_{part}" if f"y_{part}" in archive.files else f"Y_{part}"]
+        if len(y) != len(x):
+            raise DataError(f"{source}: {len(y)} labels y_{part} for {len(x)} images x_{part}")
+        if images and x.shape[1:] != images[0].shape[1:]:
+            raise DataError(
+                f"{source}: x_{part} images are {x.shape[1:]}, x_{parts[0]} ones "
+                f"{images[0].shape[1:]}"
+            )
+        images.append(x)
+        labels.append(y)
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def _is_idx(name: str) -> bool:
