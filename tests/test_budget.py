@@ -95,6 +95,44 @@ def test_step_minimum_early_stopping_and_the_report():
     assert summary["plan"]["total_steps"] == plan.total_steps and summary["steps"] == result.steps
 
 
+def test_a_short_plan_may_repeat_up_to_extend_to_times_the_step_minimum():
+    settings = FitConfig()
+    assert FitPlan.make(430, settings).cycles(settings) == 3  # 2006 steps, 3 within 8,000
+    assert FitPlan.make(100_000, settings).cycles(settings) == 1  # 19,550: long enough already
+    for off in (FitConfig(max_steps=3000), FitConfig(extend_to=0), FitConfig(min_steps=0)):
+        assert FitPlan.make(430, off).cycles(off) == 1
+    with pytest.raises(ConfigError, match="extend_to"):
+        FitConfig(extend_to=-1)
+
+
+def test_an_unconverged_plan_goes_on_in_warm_restarts_and_keeps_its_best():
+    config = ModelConfig(input_shape=(1, 12), hidden=(32,), code_size=3)
+    train, val = _data(96, seed=1), _data(48, seed=2)
+    # too few steps at a slow, constant rate: still improving at the end of the plan
+    settings = FitConfig(min_steps=40, epochs=1, lr=1e-3, schedule="constant")
+    torch.manual_seed(0)
+    once = fit(
+        build_model(config),
+        config,
+        make_objective(config),
+        train,
+        val,
+        FitConfig(min_steps=40, epochs=1, lr=1e-3, schedule="constant", extend_to=0),
+    )
+    assert not once.converged and once.cycles == 1 and once.steps == 42  # (was the default)
+    torch.manual_seed(0)
+    model = build_model(config)
+    result = fit(model, config, make_objective(config), train, val, settings)
+    plan = result.plan
+    assert plan.total_steps == 42 and plan.cycles(settings) == 3
+    # it went on until converged (here after a second cycle), never past the three allowed
+    assert result.converged and 2 <= result.cycles <= 3
+    assert result.steps == result.cycles * plan.total_steps
+    assert min(result.val_losses) < 0.98 * min(once.val_losses)
+    assert validation_loss(model, config, val) == pytest.approx(min(result.val_losses), rel=1e-5)
+    assert result.summary()["cycles"] == result.cycles
+
+
 def test_cli_defaults_auto_batch_step_minimum_and_image_widths():
     parse = build_train_parser().parse_args
     series = settings_from_args(parse(["--data", "x.csv", "--time-col", "ts"]))

@@ -66,6 +66,7 @@ class FitResult:
     best_step: int = 0
     eval_steps: list[int] = field(default_factory=list)
     converged: bool = False
+    cycles: int = 1  # cycles of the plan run (more than one: an unconverged short plan went on)
 
     def summary(self) -> dict:
         """What the run reports: its plan, the steps taken and whether it converged."""
@@ -76,6 +77,7 @@ class FitResult:
             "epochs": self.epochs_run,
             "stopped_early": self.stopped_early,
             "converged": self.converged,
+            "cycles": self.cycles,
         }
 
     @property
@@ -104,11 +106,13 @@ class ProgressBar:
         self.epochs = plan.epochs
 
     def on_epoch_end(self, epoch: int, train_loss: float, val_loss: float | None) -> None:
-        done = int(20 * (epoch + 1) / max(1, self.epochs))
+        cycle = max(1, self.epochs)  # a run that goes on past its plan: a line per cycle
+        total = cycle * (epoch // cycle + 1)
+        done = int(20 * (epoch + 1 - (total - cycle)) / cycle)
         val = "" if val_loss is None else f"  val {val_loss:.5f}"
-        end = "\n" if epoch + 1 == self.epochs else ""
+        end = "\n" if epoch + 1 == total else ""
         self.stream.write(
-            f"\r[{'#' * done}{'.' * (20 - done)}] epoch {epoch + 1}/{self.epochs}"
+            f"\r[{'#' * done}{'.' * (20 - done)}] epoch {epoch + 1}/{total}"
             f"  train {train_loss:.5f}{val}{end}"
         )
         self.stream.flush()
@@ -316,9 +320,10 @@ def fit(
     result = FitResult(plan=plan)
     best, best_state, waited = math.inf, None, 0
     counter = [0]
+    cycle_start = [0]  # the step the current cycle of the plan began at
 
     def scheduled(batch: torch.Tensor, weight: float) -> torch.Tensor:
-        set_lr(plan.lr_at(counter[0], settings))
+        set_lr(plan.lr_at(counter[0] - cycle_start[0], settings))
         counter[0] += 1
         return step(batch, weight)
 
@@ -326,11 +331,19 @@ def fit(
         scheduled.ddp = step.ddp  # _train_epoch joins through it
     started = time.perf_counter()
     model.train()
-    for epoch in range(plan.epochs):
+    cycles = plan.cycles(settings)
+    for epoch in range(plan.epochs * cycles):
+        local = epoch % plan.epochs  # the epoch within its cycle
+        if local == 0 and epoch:  # a cycle ended unconverged: go on, a warm restart
+            watched_curve = result.val_losses if result.val_losses else result.train_losses
+            if converged(result.best_step, counter[0], watched_curve):
+                break
+            cycle_start[0], waited = counter[0], 0
+            result.cycles += 1
         running, seen = _train_epoch(scheduled, train.epoch(epoch), device, joined)
         if joined:
             running, seen = all_reduce_sums([float(running), float(seen)], device)
-        evaluate = (epoch + 1) % plan.eval_every == 0 or epoch + 1 == plan.epochs
+        evaluate = (local + 1) % plan.eval_every == 0 or local + 1 == plan.epochs
         if not evaluate:
             val_loss = None
         elif isinstance(val, torch.Tensor) and not joined:

@@ -139,6 +139,7 @@ def log_fit_summary(result: FitResult) -> None:
         "best_step": float(result.best_step),
         "stopped_early": float(result.stopped_early),
         "converged": float(result.converged),
+        "cycles": float(result.cycles),
     }
     if result.windows_seen:
         summary["train_windows_per_second"] = result.windows_per_second

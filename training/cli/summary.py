@@ -12,9 +12,11 @@ def describe(summary: dict, tracking_uri: str, name: str | None) -> str:
     def num(x):
         return "n/a" if x is None else f"{x:.5g}"
 
+    cycles = summary.get("cycles", 1)
+    went_on = f" ({cycles} cycles of its plan: it had not converged)" if cycles > 1 else ""
     lines = [
         f"trained {summary['model_kind']} ({summary['backbone']}) in {summary['epochs']} epochs, "
-        f"{summary['steps']} steps: train loss {num(summary['train_loss'])}, "
+        f"{summary['steps']} steps{went_on}: train loss {num(summary['train_loss'])}, "
         f"validation loss {num(summary['val_loss'])}",
         f"threshold {num(summary['threshold'])} ({summary['calibration']})",
     ]
