@@ -144,3 +144,19 @@ def test_cli_defaults_auto_batch_step_minimum_and_image_widths():
     assert conv.model.hidden == (64, 32)
     given = settings_from_args(parse(["--data", "digits", "--hidden", "32", "--max-steps", "9"]))
     assert given.model.hidden == (32,) and given.fit.max_steps == 9
+
+
+def test_the_progress_bar_gives_each_cycle_its_line():
+    import io
+
+    from training.progress import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(stream=out)
+    bar.on_plan(FitPlan.make(96, FitConfig(min_steps=0, epochs=3)))
+    for epoch in range(6):  # two cycles of a 3-epoch plan
+        bar.on_epoch_end(epoch, 1.0, None)
+    lines = out.getvalue().split("\n")
+    assert lines[0].endswith("epoch 3/3  train 1.00000") and "[" + "#" * 20 + "]" in lines[0]
+    assert "epoch 4/6" in lines[1] and lines[1].endswith("epoch 6/6  train 1.00000")
+    assert "." * 20 not in lines[1].split("\r")[-1]  # the second cycle's bar fills again

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ __all__ = [
     "FitConfig",
     "FitResult",
     "FitPlan",
-    "ProgressBar",
     "TensorBatches",
     "fit",
     "validation_loss",
@@ -94,32 +92,6 @@ class Callback(Protocol):
     `on_plan(plan)` method is also told the run's `FitPlan` before the first epoch."""
 
     def on_epoch_end(self, epoch: int, train_loss: float, val_loss: float | None) -> None: ...
-
-
-class ProgressBar:
-    """A one-line progress display on stderr with the running losses."""
-
-    def __init__(self, epochs: int = 0, stream=sys.stderr) -> None:
-        self.epochs, self.stream = epochs, stream
-
-    def on_plan(self, plan: FitPlan) -> None:
-        self.epochs = plan.epochs
-
-    def on_epoch_end(self, epoch: int, train_loss: float, val_loss: float | None) -> None:
-        cycle = max(1, self.epochs)  # a run that goes on past its plan: a line per cycle
-        total = cycle * (epoch // cycle + 1)
-        done = int(20 * (epoch + 1 - (total - cycle)) / cycle)
-        val = "" if val_loss is None else f"  val {val_loss:.5f}"
-        end = "\n" if epoch + 1 == total else ""
-        self.stream.write(
-            f"\r[{'#' * done}{'.' * (20 - done)}] epoch {epoch + 1}/{total}"
-            f"  train {train_loss:.5f}{val}{end}"
-        )
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ def run_training(
     settings: TrainSettings, options: RunOptions, context: RankContext | None = None
 ) -> dict | None:
     """Train, record and register; returns the summary on rank 0 and None on the others."""
-    from training.fit import ProgressBar
+    from training.progress import ProgressBar
     from training.register import log_run_figures, register_version
     from training.tracking import (
         MlflowEpochLogger,
