@@ -136,29 +136,36 @@ def end_to_end(
                 cpu: dict = {}
                 log = root / f"processes-{n}.log"
                 rate = processes_rate(
-                    bootstrap, records, model, n, log, f"{repeat}", cpu, device, partitions
+                    bootstrap,
+                    records,
+                    model,
+                    n,
+                    log,
+                    f"{repeat}",
+                    cpu=cpu,
+                    device=device,
+                    partitions=partitions,
                 )
                 rates[n].append(rate)
                 if cpu:
                     cores[n].append(cpu)
                 print(f"  --processes {n} --device {device}: {rate:,.0f} readings/s", flush=True)
-    rows = []
-    for n in processes:
-        median = statistics.median(rates[n])
-        rows.append(
-            {
-                "processes": n,
-                "readings_per_second": median,
-                "runs": rates[n],
-                "vs_first": median / statistics.median(rates[processes[0]]),
-                "member_cores": statistics.median(c["members"] for c in cores[n])
-                if cores[n]
-                else None,
-                "broker_cores": statistics.median(c["broker"] for c in cores[n])
-                if cores[n]
-                else None,
-            }
-        )
+
+    def used(n: int, whose: str) -> float | None:
+        return statistics.median(c[whose] for c in cores[n]) if cores[n] else None
+
+    first = statistics.median(rates[processes[0]])
+    rows = [
+        {
+            "processes": n,
+            "readings_per_second": statistics.median(rates[n]),
+            "runs": rates[n],
+            "vs_first": statistics.median(rates[n]) / first,
+            "member_cores": used(n, "members"),
+            "broker_cores": used(n, "broker"),
+        }
+        for n in processes
+    ]
     best = max(rows, key=lambda row: row["readings_per_second"])
     return {
         "device": device,

@@ -92,6 +92,11 @@ class DecodedImage(NamedTuple):
     image: np.ndarray
 
 
+def _detail(exc: BaseException) -> str:
+    """A decoder's message as a rejection's detail: one line, at most 200 characters."""
+    return one_line(exc, 200)
+
+
 def _header_timestamp(raw: bytes | None) -> int:
     """Epoch ms from an `aewatch.ts` header: digits (epoch ms) or an ISO-8601 string."""
     if raw is None:
@@ -155,7 +160,7 @@ class ImageDecoder:
         try:
             data = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
-            return Rejection("decode_error", one_line(exc, 200))
+            return Rejection("decode_error", _detail(exc))
         if not isinstance(data, dict):
             return Rejection("schema_mismatch", "not a JSON object")
         encoded = data.get("image")
@@ -166,7 +171,7 @@ class ImageDecoder:
         try:
             payload = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as exc:
-            return Rejection("decode_error", f"'image' is not valid base64: {one_line(exc, 200)}")
+            return Rejection("decode_error", f"'image' is not valid base64: {_detail(exc)}")
         if not payload:
             return Rejection("decode_error", "'image' is empty")
         return data.get("key"), data.get("ts"), payload
@@ -195,7 +200,7 @@ class ImageDecoder:
             try:
                 return parse_timestamp_ms(envelope_ts)
             except _TIMESTAMP_ERRORS as exc:
-                return Rejection("bad_timestamp", f"'ts': {one_line(exc, 200)}")
+                return Rejection("bad_timestamp", f"'ts': {_detail(exc)}")
         header = None
         found = False
         for name, raw in headers or ():
@@ -205,9 +210,7 @@ class ImageDecoder:
             try:
                 return _header_timestamp(header)
             except _TIMESTAMP_ERRORS as exc:
-                return Rejection(
-                    "bad_timestamp", f"header {TIMESTAMP_HEADER}: {one_line(exc, 200)}"
-                )
+                return Rejection("bad_timestamp", f"header {TIMESTAMP_HEADER}: {_detail(exc)}")
         if timestamp_ms is None or isinstance(timestamp_ms, bool) or timestamp_ms < 0:
             return Rejection("bad_timestamp", "no 'ts', no header and no record timestamp")
         if timestamp_ms >= MS_RANGE[1]:
@@ -262,7 +265,7 @@ class ImageDecoder:
             else:
                 return Rejection("decode_error", f".npy format version {version} not accepted")
         except (ValueError, SyntaxError, EOFError, TypeError, TokenError) as exc:
-            return Rejection("decode_error", f"bad .npy header: {one_line(exc, 200)}")
+            return Rejection("decode_error", f"bad .npy header: {_detail(exc)}")
         if dtype.hasobject:
             return Rejection("decode_error", ".npy object arrays (pickled data) are not accepted")
         if dtype.kind not in "biuf":
@@ -276,7 +279,7 @@ class ImageDecoder:
         try:
             array = np.load(io.BytesIO(payload), allow_pickle=False)
         except (ValueError, OSError, EOFError, TypeError) as exc:
-            return Rejection("decode_error", f"unreadable .npy: {one_line(exc, 200)}")
+            return Rejection("decode_error", f"unreadable .npy: {_detail(exc)}")
         if array.ndim == 2:
             return array[np.newaxis]
         return array.transpose(axes)
@@ -286,9 +289,9 @@ class ImageDecoder:
         try:
             picture = Image.open(io.BytesIO(payload), formats=(fmt,))
         except Image.DecompressionBombError as exc:
-            return Rejection("image_shape", f"expected {list(self.shape)}: {one_line(exc, 200)}")
+            return Rejection("image_shape", f"expected {list(self.shape)}: {_detail(exc)}")
         except _PICTURE_ERRORS as exc:
-            return Rejection("decode_error", f"unreadable {fmt}: {one_line(exc, 200)}")
+            return Rejection("decode_error", f"unreadable {fmt}: {_detail(exc)}")
         with picture:
             got_width, got_height = picture.size  # read from the header, before any pixels
             if (got_height, got_width) != (height, width):
@@ -296,7 +299,7 @@ class ImageDecoder:
             try:
                 array = np.asarray(_conform_mode(picture, channels))
             except _PICTURE_ERRORS as exc:
-                return Rejection("decode_error", f"unreadable {fmt}: {one_line(exc, 200)}")
+                return Rejection("decode_error", f"unreadable {fmt}: {_detail(exc)}")
         array = array[np.newaxis] if array.ndim == 2 else array.transpose(2, 0, 1)
         if array.shape[0] != channels:
             return self._shape_error(array.shape)

@@ -75,9 +75,9 @@ def _load_npz(path: Path, source: str) -> tuple[np.ndarray, np.ndarray | None]:
         names = list(archive.files)
         image_key = next((k for k in _IMAGE_KEYS if k in names), None)
         if image_key is None:
-            parts = _split_parts(names)
-            if parts:
-                return _joined_parts(archive, parts, source)
+            pairs = _split_pairs(names)
+            if pairs:
+                return _joined_parts(archive, pairs, source)
             others = [k for k in names if k not in _LABEL_KEYS]
             if len(others) > 1:
                 raise DataError(
@@ -93,23 +93,31 @@ def _load_npz(path: Path, source: str) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
-def _split_parts(names: list[str]) -> list[str]:
-    """The parts of `x_<part>`/`y_<part>` pairs, `train` first, when every `x_` has its `y_`."""
-    parts = [k[2:] for k in names if k.startswith(("x_", "X_"))]
-    paired = all(f"y_{p}" in names or f"Y_{p}" in names for p in parts)
-    return sorted(parts, key=lambda p: (p != "train", p)) if parts and paired else []
+def _split_pairs(names: list[str]) -> list[tuple[str, str, str]]:
+    """(part, images key, labels key) of `x_<part>`/`y_<part>` pairs, `train` first, when every
+    `x_` array has its `y_` (either letter in either case); else none."""
+    pairs = []
+    for key in names:
+        if key.startswith(("x_", "X_")):
+            part = key[2:]
+            labels = next((y for y in (f"y_{part}", f"Y_{part}") if y in names), None)
+            if labels is None:
+                return []
+            pairs.append((part, key, labels))
+    return sorted(pairs, key=lambda pair: (pair[0] != "train", pair[0]))
 
 
-def _joined_parts(archive, parts: list[str], source: str) -> tuple[np.ndarray, np.ndarray]:
+def _joined_parts(
+    archive, pairs: list[tuple[str, str, str]], source: str
+) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
-    for part in parts:
-        x = archive[f"x_{part}" if f"x_{part}" in archive.files else f"X_{part}"]
-        y = archive[f"y_{part}" if f"y_{part}" in archive.files else f"Y_{part}"]
+    for _, x_key, y_key in pairs:
+        x, y = archive[x_key], archive[y_key]
         if len(y) != len(x):
-            raise DataError(f"{source}: {len(y)} labels y_{part} for {len(x)} images x_{part}")
+            raise DataError(f"{source}: {len(y)} labels {y_key} for {len(x)} images {x_key}")
         if images and x.shape[1:] != images[0].shape[1:]:
             raise DataError(
-                f"{source}: x_{part} images are {x.shape[1:]}, x_{parts[0]} ones "
+                f"{source}: {x_key} images are {x.shape[1:]}, {pairs[0][1]} ones "
                 f"{images[0].shape[1:]}"
             )
         images.append(x)
