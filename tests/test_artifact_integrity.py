@@ -171,3 +171,21 @@ def test_a_version_whose_mlflow_files_changed_is_refused_and_not_promoted(regist
     err = capsys.readouterr().err
     assert code != 0 and named[change] in err and "Traceback" not in err
     assert "champion" not in MlflowClient(uri).get_registered_model("integrity").aliases
+
+
+def test_the_weights_loaded_are_the_bytes_that_were_checked(tmp_path, trained, monkeypatch):
+    """Weights replaced on disk after their hash was checked are not what gets loaded."""
+    from pipeline.detector import artifact
+
+    copy = shutil.copytree(trained.artifact_dir, tmp_path / "det")
+    original = torch.load(copy / "weights.pt", weights_only=True)
+    real_load = torch.load
+
+    def swapped_then_loaded(source, *args, **kwargs):
+        torch.save({k: torch.zeros_like(v) for k, v in original.items()}, copy / "weights.pt")
+        return real_load(source, *args, **kwargs)
+
+    monkeypatch.setattr(artifact.torch, "load", swapped_then_loaded)
+    detector = load_detector(copy)
+    loaded = detector.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in original.items())

@@ -20,6 +20,7 @@ detector stays version 1.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
@@ -194,7 +195,8 @@ def load_detector(
             "refusing unverifiable weights",
             reason="sha256",
         )
-    actual = sha256_file(weights)
+    blob = weights.read_bytes()  # read once: the bytes checked are the bytes loaded
+    actual = hashlib.sha256(blob).hexdigest()
     for expected in (recorded, expected_sha256):
         if expected is not None and actual != expected:
             raise ArtifactError(
@@ -209,7 +211,7 @@ def load_detector(
             reason="artifact_digest",
         )
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any refusal by the safe loader is an artifact error
         raise ArtifactError(
             f"{weights}: not a plain tensor state_dict ({exc})", reason="weights"

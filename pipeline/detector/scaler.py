@@ -48,7 +48,8 @@ class Scaler:
         shape[axis] = self.n_features
         center = np.asarray(self.center, dtype=np.float32).reshape(shape)
         scale = np.asarray(self.scale, dtype=np.float32).reshape(shape)
-        return ((np.asarray(x, dtype=np.float32) - center) / scale).astype(np.float32, copy=False)
+        out = np.subtract(x, center, dtype=np.float32)  # one array the size of x, scaled in place
+        return np.divide(out, scale, out=out)
 
     def inverse_transform(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
         shape = [1] * x.ndim
