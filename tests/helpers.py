@@ -115,3 +115,31 @@ class HostilePickle:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def peak_growth(setup: str, measured: str, size: str) -> float:
+    """Peak resident memory that `measured` adds, in multiples of the bytes `size` evaluates to,
+    run in a fresh interpreter after `setup` (Python source, from the repository root). The peak
+    is the process's own high-water mark, reset before `measured` (`ru_maxrss` would also hold
+    that of the process it was forked from)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = "\n".join(
+        [
+            textwrap.dedent(setup),
+            "def _status(field):",
+            "    for line in open('/proc/self/status'):",
+            "        if line.startswith(field + ':'):",
+            "            return int(line.split()[1]) * 1024",
+            "open('/proc/self/clear_refs', 'w').write('5')  # resets the high-water mark",
+            "before = _status('VmRSS')",
+            textwrap.dedent(measured),
+            f"print((_status('VmHWM') - before) / ({size}))",
+        ]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    )
+    return float(done.stdout.strip().splitlines()[-1])

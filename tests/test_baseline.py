@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.detector import ModelConfig
+from tests.helpers import peak_growth
 from training.calibrate import CalibrationSettings
 from training.cli.train import _describe
 from training.fit import FitConfig
@@ -86,28 +87,21 @@ def test_pca_fitted_through_the_covariance_spans_what_the_svd_spans():
     assert torch.allclose(model.mean.double(), flat.mean(dim=0), atol=1e-6)
 
 
-def test_pca_fit_holds_no_copy_of_its_windows(tmp_path: Path):
+def test_pca_fit_holds_no_copy_of_its_windows():
     """A float64 copy, its centred copy and the SVD's [N, D] factor were each twice the size of
-    the float32 windows: fitting 60,000 windows of 32 x 38 took 2 GiB more than the windows."""
-    import subprocess
-    import sys
-
-    script = """
-import resource, sys, torch
-sys.path.insert(0, "tests")
-from test_baseline import _windows
-from pipeline.detector import ModelConfig
-from pipeline.detector.models.pca import PCAModel
-torch.set_num_threads(1)
-x = _windows(60_000, 32, 38)
-model = PCAModel(ModelConfig(kind="pca", input_shape=(32, 38), code_size=8))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-model.fit(x)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024 / x.numel() / x.element_size())
-"""
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300
+    the float32 windows: fitting 60,000 windows of 32 x 38 took 8 times their size."""
+    growth = peak_growth(
+        """
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from test_baseline import _windows
+        from pipeline.detector import ModelConfig
+        from pipeline.detector.models.pca import PCAModel
+        torch.set_num_threads(1)
+        x = _windows(60_000, 32, 38)
+        model = PCAModel(ModelConfig(kind="pca", input_shape=(32, 38), code_size=8))
+        """,
+        "model.fit(x)",
+        "x.numel() * x.element_size()",
     )
-    growth = float(done.stdout.strip().splitlines()[-1])  # peak growth, in sizes of the windows
-    assert growth < 1.0, growth  # less than the windows themselves (8.2 before)
+    assert growth < 1.0, growth  # less than the windows themselves

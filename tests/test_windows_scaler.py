@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.detector import Scaler, WindowSpec, cut_windows, sliding_windows, window_starts
 from pipeline.errors import ConfigError, DataError
+from tests.helpers import peak_growth
 
 
 def test_windows_follow_length_and_stride():
@@ -68,3 +69,29 @@ def test_scaler_transforms_channels_of_images():
     scaler = Scaler.fit("minmax", np.moveaxis(images, 1, -1).reshape(-1, 3))
     out = scaler.transform(images, axis=1)
     assert out.min() >= 0 and out.max() <= 1 + 1e-6
+
+
+def test_cut_windows_copies_the_windows_once():
+    """Each key's windows were copied, then joined into a second copy of them all."""
+    growth = peak_growth(
+        """
+        import numpy as np
+        from pipeline.detector import WindowSpec, cut_windows
+        rng = np.random.default_rng(0)
+        groups = [(k, np.arange(50_000), rng.standard_normal((50_000, 16)), None) for k in "ab"]
+        spec = WindowSpec(length=32, stride=1)
+        n = 2 * spec.count(50_000)
+        """,
+        "windows = cut_windows(groups, spec)",
+        "n * 32 * 16 * 4",
+    )
+    assert growth < 1.3, growth  # the windows, once
+
+
+def test_keys_with_different_features_are_a_clear_error():
+    groups = [
+        ("a", np.arange(10), np.zeros((10, 2)), None),
+        ("b", np.arange(10), np.zeros((10, 3)), None),
+    ]
+    with pytest.raises(DataError, match="number of features"):
+        cut_windows(groups, WindowSpec(length=4, stride=1))

@@ -69,6 +69,11 @@ def sliding_windows(values: np.ndarray, spec: WindowSpec, *, source: str = "seri
 
     Raises DataError when the series is shorter than one window.
     """
+    return np.ascontiguousarray(_window_view(values, spec, source), dtype=np.float32)
+
+
+def _window_view(values: np.ndarray, spec: WindowSpec, source: str) -> np.ndarray:
+    """The windows of `values` [T, F] as a strided view [N, W, F] (no copy)."""
     if values.ndim != 2:
         raise DataError(f"{source}: expected a [time, feature] array, got shape {values.shape}")
     n = spec.count(len(values))
@@ -78,7 +83,7 @@ def sliding_windows(values: np.ndarray, spec: WindowSpec, *, source: str = "seri
         )
     view = np.lib.stride_tricks.sliding_window_view(values, spec.length, axis=0)
     # sliding_window_view puts the window axis last: [T-W+1, F, W] -> every S-th, as [N, W, F].
-    return np.ascontiguousarray(view[:: spec.stride].transpose(0, 2, 1), dtype=np.float32)
+    return view[:: spec.stride].transpose(0, 2, 1)
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ def cut_windows(groups, spec: WindowSpec, *, source: str = "series") -> WindowSe
             continue
         starts = window_starts(len(values), spec)
         ends = starts + spec.length - 1
-        parts["w"].append(sliding_windows(values, spec, source=f"{source} key {key!r}"))
+        parts["w"].append(_window_view(values, spec, source=f"{source} key {key!r}"))
         parts["k"].append(np.full(len(starts), key, dtype=object))
         parts["s"].append(np.asarray(times)[starts])
         parts["e"].append(np.asarray(times)[ends])
@@ -150,13 +155,26 @@ def cut_windows(groups, spec: WindowSpec, *, source: str = "series") -> WindowSe
             ", ".join(short[:10]) + (", ..." if len(short) > 10 else ""),
         )
     return WindowSet(
-        np.concatenate(parts["w"]),
+        _joined(parts["w"]),
         np.concatenate(parts["k"]),
         np.concatenate(parts["s"]),
         np.concatenate(parts["e"]),
         np.concatenate(parts["el"]) if has_labels else None,
         np.concatenate(parts["al"]) if has_labels else None,
     )
+
+
+def _joined(views: list[np.ndarray]) -> np.ndarray:
+    """The keys' window views copied once into one contiguous float32 array."""
+    shapes = {view.shape[1:] for view in views}
+    if len(shapes) > 1:
+        raise DataError(f"series differ in their number of features: {sorted(shapes)}")
+    out = np.empty((sum(map(len, views)), *views[0].shape[1:]), np.float32)
+    at = 0
+    for view in views:
+        out[at : at + len(view)] = view
+        at += len(view)
+    return out
 
 
 @dataclass
