@@ -144,6 +144,40 @@ def test_recalibrate_registers_same_weights_with_a_new_threshold(mlflow_server, 
     )
 
 
+def test_a_fresh_process_reads_the_registry_the_flag_names(mlflow_server, good, data, tmp_path):
+    """`--tracking-uri` alone (no MLFLOW_TRACKING_URI, nothing set earlier in the process) is the
+    registry a models:/ URI is resolved and downloaded from."""
+    name = _name()
+    register_result(mlflow_server, good, name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    out = tmp_path / "scores.csv"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "score",
+            "--model",
+            f"models:/{name}@challenger",
+            "--tracking-uri",
+            mlflow_server,
+            "--data",
+            str(data),
+            "--key-col",
+            "machine",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,  # (no mlflow.db or mlruns of its own here)
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.is_file() and len(out.read_text().splitlines()) > 1
+
+
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(mlflow_server, good, tmp_path):
     name = _name()

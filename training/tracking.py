@@ -28,7 +28,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import RegistryError, RegistryUnreachable
-from pipeline.registry.client import TAG_PREFIX, package_files
+from pipeline.registry.client import TAG_PREFIX, download_version, package_files
 from pipeline.registry.reach import probe, unreachable_error
 from training.fit import FitResult
 
@@ -236,9 +236,9 @@ def log_model_version(
 def _package_listing(name: str, version: str) -> str:
     """The files of the version as a loader downloads them, with their SHA-256 (JSON)."""
     with tempfile.TemporaryDirectory(prefix="aewatch-register-") as scratch:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=scratch
-        )
+        uri = mlflow.get_tracking_uri()
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        local = download_version(client, name, version, scratch, uri)
         listing = package_files(local)
     return json.dumps(listing, sort_keys=True, separators=(",", ":"))
 

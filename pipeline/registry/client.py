@@ -32,6 +32,7 @@ __all__ = [
     "TAG_PREFIX",
     "ModelRef",
     "alias_version",
+    "download_version",
     "load_model",
     "log_run_metrics",
     "package_files",
@@ -152,6 +153,17 @@ def alias_version(name: str, alias: str, *, tracking_uri: str | None) -> str:
         raise (unreachable or RegistryError(f"{name}@{alias}: {exc}")) from exc
 
 
+def download_version(client, name: str, version: str, dst: str | Path, tracking_uri) -> str:
+    """Download a registered version's files from where `client`'s registry says they are (a
+    models:/ URI would be looked up in the process's default registry instead); its folder."""
+    import mlflow
+
+    source = client.get_model_version_download_uri(name, version)
+    return mlflow.artifacts.download_artifacts(
+        artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri
+    )
+
+
 def resolve_model(
     uri: str, *, tracking_uri: str | None = None, download_dir: str | Path | None = None
 ) -> ModelRef:
@@ -169,7 +181,6 @@ def resolve_model(
                 reason="sha256",
             )
         return ModelRef(uri, directory, weights_sha256=sha)
-    import mlflow
 
     name, alias, version = parsed
     probe(tracking_uri)
@@ -185,11 +196,7 @@ def resolve_model(
     target = Path(download_dir or tempfile.mkdtemp(prefix="aewatch-model-"))
     target = target / f"{name}-v{mv.version}"
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{mv.version}",
-            dst_path=str(target),
-            tracking_uri=tracking_uri,
-        )
+        local = download_version(client, name, str(mv.version), target, tracking_uri)
     except Exception as exc:  # as above
         raise _registry_error(tracking_uri, f"{uri}: download failed", exc) from exc
     tags = mv.tags or {}
