@@ -70,7 +70,12 @@ class ArtifactError(ModelError):
 
 
 class CalibrationError(AewatchError):
-    """A threshold cannot be calibrated from the data given."""
+    """A threshold cannot be calibrated from the data given. `more_data`: whether more windows
+    (another window length or split) could help, as opposed to data that does not vary."""
+
+    def __init__(self, message: str, *, more_data: bool = True) -> None:
+        super().__init__(message)
+        self.more_data = more_data
 
 
 class RegistryError(AewatchError):

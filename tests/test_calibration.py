@@ -125,3 +125,17 @@ def test_a_target_below_the_smallest_normal_float_is_refused_in_one_line():
     with pytest.raises(CalibrationError, match=r"target FPR of 1e-320") as refused:
         _calibrate("quantile", scores, target_fpr=1e-320)  # (1 / 1e-320 overflowed to a crash)
     assert len(str(refused.value)) < 300
+
+
+@pytest.mark.parametrize("method", ["quantile", "pot", "mad", "f1"])
+def test_calibration_windows_that_all_score_the_same_are_refused(method):
+    """A flat-lined recording scored every window alike: the quantile and MAD rules took that
+    one score as the threshold, which a stuck sensor's data would then never reach again."""
+    scores = np.full(2000, 40.405)
+    labels = None
+    if method == "f1":
+        scores = np.concatenate([scores, [90.0, 95.0]])
+        labels = np.r_[np.zeros(2000, bool), True, True]
+    with pytest.raises(CalibrationError, match="score the same") as refused:
+        _calibrate(method, scores, labels, target_fpr=0.01)
+    assert "2000 normal calibration windows" in str(refused.value)

@@ -174,3 +174,36 @@ def test_a_damaged_parquet_file_of_a_folder_is_named_not_left_out(tmp_path, read
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     with pytest.raises(DataError, match=r"machine=b/part-0.parquet cannot be read as Parquet"):
         read()  # (was read without key b, silently)
+
+
+def test_training_on_a_flat_lined_recording_is_refused_in_one_line(tmp_path, capsys):
+    """Every calibration window scored alike; the refusal names that, not window flags that
+    would not help."""
+    from pipeline.cli import main
+
+    frame = _frame(rows=600)
+    frame["s0"], frame["s1"] = 1.5, -2.0
+    frame.to_csv(tmp_path / "flat.csv", index=False)
+    code = main(
+        [
+            "train",
+            "--data",
+            str(tmp_path / "flat.csv"),
+            "--time-col",
+            "ts",
+            "--key-col",
+            "machine",
+            "--out",
+            str(tmp_path / "det"),
+            "--epochs",
+            "1",
+            "--min-steps",
+            "0",
+            "--no-progress",
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not (tmp_path / "det").exists()
+    assert "score the same" in err[-1] and "would work" not in err[-1], err[-1]

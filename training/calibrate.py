@@ -102,6 +102,14 @@ class _Calibrator:
 
     def compute(self) -> Threshold:
         scores = self.scores
+        normal = scores[~self.labels] if self._labels else scores
+        if len(normal) > 1 and normal.min() == normal.max():
+            raise CalibrationError(
+                f"all {len(normal)} normal calibration windows score the same "
+                f"({normal[0]:.6g}): the data does not vary (a constant series or a stuck "
+                "sensor?), so no threshold can be told from it; give data with normal variation",
+                more_data=False,
+            )
         value, params = self._threshold(scores)
         if self.margin != 1.0:
             # a safety factor on top of the method's threshold, recorded with it
@@ -114,7 +122,6 @@ class _Calibrator:
                 f"score (float32): {len(scores)} calibration windows cannot support {what}; give "
                 "more normal data or a larger target"
             )
-        normal = scores[~self.labels] if self._labels else scores
         return Threshold(
             value=float(value),
             method=self.method,
