@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipeline.detector import ModelConfig
 from tests.helpers import peak_growth
 from training.calibrate import CalibrationSettings
@@ -87,21 +89,48 @@ def test_pca_fitted_through_the_covariance_spans_what_the_svd_spans():
     assert torch.allclose(model.mean.double(), flat.mean(dim=0), atol=1e-6)
 
 
-def test_pca_fit_holds_no_copy_of_its_windows():
+@pytest.mark.parametrize("fit", ["covariance", "randomized"])
+def test_pca_fit_holds_no_copy_of_its_windows(fit):
     """A float64 copy, its centred copy and the SVD's [N, D] factor were each twice the size of
-    the float32 windows: fitting 60,000 windows of 32 x 38 took 8 times their size."""
+    the float32 windows: fitting 60,000 windows of 32 x 38 took 8 times their size (inputs
+    too wide for the covariance are made to look so here)."""
+    wide = "pca.GRAM_MAX_INPUTS = 16" if fit == "randomized" else ""
     growth = peak_growth(
-        """
+        f"""
         import sys, torch
         sys.path.insert(0, "tests")
         from test_baseline import _windows
         from pipeline.detector import ModelConfig
-        from pipeline.detector.models.pca import PCAModel
+        from pipeline.detector.models import pca
+        {wide}
         torch.set_num_threads(1)
         x = _windows(60_000, 32, 38)
-        model = PCAModel(ModelConfig(kind="pca", input_shape=(32, 38), code_size=8))
+        model = pca.PCAModel(ModelConfig(kind="pca", input_shape=(32, 38), code_size=8))
         """,
         "model.fit(x)",
         "x.numel() * x.element_size()",
     )
     assert growth < 1.0, growth  # less than the windows themselves
+
+
+def test_pca_of_inputs_too_wide_for_the_covariance_finds_the_leading_directions(monkeypatch):
+    """Wide inputs (a window of 64 x 100 sensors is 6,400) took an exact SVD holding three
+    float64 copies of up to 200,000 windows; the randomized fit holds [N, K + 10] at most."""
+    import numpy as np
+    import torch
+
+    from pipeline.detector.models import pca
+
+    monkeypatch.setattr(pca, "GRAM_MAX_INPUTS", 16)
+    monkeypatch.setattr(pca, "SVD_MAX_ELEMENTS", 1000)
+    rng = np.random.default_rng(0)
+    n, d, k = 9000, 96, 5
+    directions = np.linalg.qr(rng.normal(size=(d, k)))[0].T  # [k, d] orthonormal
+    codes = rng.normal(size=(n, k)) * np.array([10.0, 8.0, 6.0, 4.0, 2.0])
+    flat = codes @ directions + 0.05 * rng.normal(size=(n, d)) + 3.0
+    x = torch.from_numpy(flat.reshape(n, 16, 6).astype(np.float32))
+    model = pca.PCAModel(ModelConfig(kind="pca", input_shape=(16, 6), code_size=k)).fit(x)
+    ours = model.components.double()
+    exact = torch.from_numpy(directions)
+    assert torch.allclose(ours.T @ ours, exact.T @ exact, atol=1e-3)
+    assert torch.allclose(ours @ ours.T, torch.eye(k, dtype=torch.float64), atol=1e-5)
