@@ -151,23 +151,10 @@ def test_a_fresh_process_reads_the_registry_the_flag_names(mlflow_server, good, 
     register_result(mlflow_server, good, name)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     out = tmp_path / "scores.csv"
+    argv = ["score", "--model", f"models:/{name}@challenger", "--tracking-uri", mlflow_server]
+    argv += ["--data", str(data), "--key-col", "machine", "--out", str(out)]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "score",
-            "--model",
-            f"models:/{name}@challenger",
-            "--tracking-uri",
-            mlflow_server,
-            "--data",
-            str(data),
-            "--key-col",
-            "machine",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "pipeline.cli", *argv],
         cwd=tmp_path,  # (no mlflow.db or mlruns of its own here)
         env=env,
         capture_output=True,
