@@ -8,6 +8,8 @@ IPC), in rounds that alternate every measurement (median of `--repeats`):
     of every value (kafka-python, confluent-kafka);
   - the aewatch worker (window 64, stride 8, dense autoencoder, CPU) on each client;
   - the worker on batched records (confluent);
+  - the same worker fed from memory (no Kafka) on each form, and the model alone
+    (`benchmarks.memory_feed`): what one process could do if its client cost nothing;
   - `aewatch worker --processes 1` and `--processes 2` (confluent), on a topic filled once the
     members have joined, timed from outside by the group's committed offsets;
   - p99 latency from a reading's timestamp to its event at half the measured single-process rate
@@ -31,6 +33,7 @@ import orjson
 
 from benchmarks.bench_worker import (
     FEATURES,
+    STRIDE,
     _fleet,
     latency,
     train_model,
@@ -44,6 +47,7 @@ from benchmarks.common import (
     md_table,
     write_results,
 )
+from benchmarks.memory_feed import memory_rate, model_rate
 
 BATCH = 100
 PARTITIONS = 8
@@ -285,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
                     rate * total / count,
                     _worker_cores(cpu, "self"),
                 )
+            note("worker fed from memory (no Kafka)", memory_rate(readings, model, PARTITIONS))
+            for form in ("json", "arrow"):
+                rate = memory_rate(batches[form], model, PARTITIONS) * total / len(batches[form])
+                note(f"worker fed from memory, batches of {BATCH} ({form})", rate)
+            note(f"model alone, windows/s x stride {STRIDE}", model_rate(model) * STRIDE)
             for n in (1, 2):
                 log = root / f"processes-{n}.log"
                 cpu = {}

@@ -1,0 +1,145 @@
+"""What one process could do if its Kafka client cost nothing: the worker fed from memory, and the
+model alone.
+
+`memory_rate` runs the worker's own loop (`pipeline.worker.loop.Worker`: decode, window, score,
+adaptive stage, alarms, event encoding) over records held in memory, spread over partitions as
+a poll brings them, with a sink that drops what it is sent. `model_rate` times `Detector.score`
+alone on windows of the detector's shape. Both on the CPU, beside the broker-backed figures of
+`benchmarks.bench_clients`.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["memory_rate", "model_rate"]
+
+POLL_RECORDS = 10_000  # records a poll brings, over every partition (the worker's max_poll_records)
+
+
+class _Record(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+    headers: list
+    timestamp: int
+
+
+class _MemorySource:
+    """A group member's view of partitions held in memory: each poll takes the next records of
+    every partition, `POLL_RECORDS` in all."""
+
+    def __init__(self, partitions: dict) -> None:
+        self.partitions = partitions
+        self.position = dict.fromkeys(partitions, 0)
+
+    def poll(self, timeout_ms: int) -> dict:
+        share = max(1, POLL_RECORDS // len(self.partitions))
+        out = {}
+        for partition, records in self.partitions.items():
+            start = self.position[partition]
+            if start < len(records):
+                out[partition] = records[start : start + share]
+                self.position[partition] = start + len(out[partition])
+        return out
+
+    def keepalive(self) -> None:
+        pass
+
+    def seek(self, offsets: dict) -> None:
+        self.position.update(offsets)
+
+    def commit(self, offsets: dict) -> None:
+        pass
+
+    def highwaters(self, partitions) -> dict:
+        return {p: len(self.partitions[p]) for p in partitions if p in self.partitions}
+
+    def group_metadata(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class _DroppingSink:
+    transactional = False
+
+    def send(self, topic, key=None, value=None, headers=None, partition=None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def memory_rate(records: list[tuple[str, bytes]], model: Path, partitions: int) -> float:
+    """Records/s of the worker (the settings `bench_worker.worker_rate` gives it) over `records`
+    (key, value), each partition's in their order, keys spread by a hash."""
+    from pipeline.detector import load_detector
+    from pipeline.events import ModelIdentity
+    from pipeline.worker.loop import Worker
+    from pipeline.worker.settings import WorkerSettings
+    from pipeline.worker.state import MemoryStateStore
+
+    held: dict = {("memory", p): [] for p in range(partitions)}
+    for key, value in records:
+        name = key.encode()
+        p = zlib.crc32(name) % partitions
+        part = held[("memory", p)]
+        part.append(_Record("memory", p, len(part), name, value, [], 0))
+    held = {tp: part for tp, part in held.items() if part}
+    settings = WorkerSettings.build(
+        model=str(model),
+        bootstrap_servers="memory:9092",
+        input_topic=("memory",),
+        output_topic="events",
+        dlq_topic="dlq",
+        device="cpu",
+        events="both",
+        http_port=-1,
+        commit_interval_ms=1000,
+        max_poll_records=POLL_RECORDS,
+        stop_after_idle_s=0.05,
+    )
+    detector = load_detector(model)
+    worker = Worker(
+        settings,
+        detector,
+        ModelIdentity("memory", "1", "champion"),
+        _DroppingSink(),
+        MemoryStateStore(),
+    )
+    source = _MemorySource(held)
+    worker.attach(source)
+    worker.on_assigned(set(held))
+    started = time.perf_counter()
+    stats = worker.run()  # returns once idle for stop_after_idle_s, after its final checkpoint
+    elapsed = time.perf_counter() - started - settings.loop.stop_after_idle_s
+    if stats.records_in != len(records):
+        raise RuntimeError(f"the worker took {stats.records_in} of {len(records)} records")
+    return len(records) / elapsed
+
+
+def model_rate(model: Path, batch: int = 2048, seconds: float = 2.0) -> float:
+    """Windows/s of `Detector.score` alone (scaling, forward pass, score terms, attribution) on
+    batches of `batch` random windows, after one untimed batch."""
+    from pipeline.detector import load_detector
+
+    detector = load_detector(model)
+    windows = np.random.default_rng(0).normal(size=(batch, *detector.input.sample_shape))
+    detector.score(windows)
+    started, scored = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        detector.score(windows)
+        scored += batch
+    return scored / (time.perf_counter() - started)
