@@ -236,9 +236,10 @@ def log_model_version(
 def _package_listing(name: str, version: str) -> str:
     """The files of the version as a loader downloads them, with their SHA-256 (JSON)."""
     with tempfile.TemporaryDirectory(prefix="aewatch-register-") as scratch:
-        uri = mlflow.get_tracking_uri()
-        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-        local = download_version(client, name, version, scratch, uri)
+        # the process's registry: where `log_model_version` registered it
+        local = download_version(
+            mlflow.MlflowClient(), name, version, scratch, mlflow.get_tracking_uri()
+        )
         listing = package_files(local)
     return json.dumps(listing, sort_keys=True, separators=(",", ":"))
 

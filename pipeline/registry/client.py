@@ -153,7 +153,9 @@ def alias_version(name: str, alias: str, *, tracking_uri: str | None) -> str:
         raise (unreachable or RegistryError(f"{name}@{alias}: {exc}")) from exc
 
 
-def download_version(client, name: str, version: str, dst: str | Path, tracking_uri) -> str:
+def download_version(
+    client, name: str, version: str, dst: str | Path, tracking_uri: str | None
+) -> str:
     """Download a registered version's files from where `client`'s registry says they are (a
     models:/ URI would be looked up in the process's default registry instead); its folder."""
     import mlflow
