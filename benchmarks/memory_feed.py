@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["memory_rate", "model_rate"]
+__all__ = ["MemorySource", "memory_rate", "model_rate"]
 
 POLL_RECORDS = 10_000  # records a poll brings, over every partition (the worker's max_poll_records)
 
@@ -32,21 +32,21 @@ class _Record(NamedTuple):
     timestamp: int
 
 
-class _MemorySource:
-    """A group member's view of partitions held in memory: each poll takes the next records of
-    every partition, `POLL_RECORDS` in all."""
+class MemorySource:
+    """A group member's view of partitions held in memory ({partition: [record, ...]}): each
+    poll takes the next `chunk` records of every partition; commits are not kept."""
 
-    def __init__(self, partitions: dict) -> None:
-        self.partitions = partitions
-        self.position = dict.fromkeys(partitions, 0)
+    def __init__(self, partitions: dict, chunk: int, committed: dict | None = None) -> None:
+        self.records = partitions
+        self.chunk = chunk
+        self.position = dict(committed or dict.fromkeys(partitions, 0))
 
     def poll(self, timeout_ms: int) -> dict:
-        share = max(1, POLL_RECORDS // len(self.partitions))
         out = {}
-        for partition, records in self.partitions.items():
+        for partition, records in self.records.items():
             start = self.position[partition]
             if start < len(records):
-                out[partition] = records[start : start + share]
+                out[partition] = records[start : start + self.chunk]
                 self.position[partition] = start + len(out[partition])
         return out
 
@@ -60,7 +60,7 @@ class _MemorySource:
         pass
 
     def highwaters(self, partitions) -> dict:
-        return {p: len(self.partitions[p]) for p in partitions if p in self.partitions}
+        return {p: len(self.records[p]) for p in partitions if p in self.records}
 
     def group_metadata(self) -> None:
         return None
@@ -119,7 +119,7 @@ def memory_rate(records: list[tuple[str, bytes]], model: Path, partitions: int) 
         _DroppingSink(),
         MemoryStateStore(),
     )
-    source = _MemorySource(held)
+    source = MemorySource(held, max(1, POLL_RECORDS // len(held)))
     worker.attach(source)
     worker.on_assigned(set(held))
     started = time.perf_counter()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.memory_feed import MemorySource
 from pipeline.events import ModelIdentity
 from pipeline.tools.simulate import FleetStream, simulate_fleet
 from pipeline.worker.settings import WorkerSettings
@@ -89,48 +90,22 @@ def partitioned(stream: FleetStream, topic: str, partitions: int) -> dict:
     return out
 
 
-class FakeSource:
+class FakeSource(MemorySource):
     """Serves per-partition record lists in chunks, from committed offsets, and records commits
     (a `pipeline.kafka_io.protocols.Source` without a group)."""
 
     def __init__(self, records: dict, chunk: int = 500, committed: dict | None = None):
-        self.records = records
-        self.chunk = chunk
-        self.position = dict(committed or {p: 0 for p in records})
+        super().__init__(records, chunk, committed)
         self.commits: list[dict] = []
-
-    def poll(self, timeout_ms: int) -> dict:
-        out = {}
-        for partition, records in self.records.items():
-            start = self.position[partition]
-            if start < len(records):
-                out[partition] = records[start : start + self.chunk]
-                self.position[partition] = start + len(out[partition])
-        return out
-
-    def keepalive(self) -> None:
-        pass
-
-    def seek(self, offsets: dict) -> None:
-        self.position.update(offsets)
 
     def commit(self, offsets: dict) -> None:
         self.commits.append(dict(offsets))
-
-    def highwaters(self, partitions) -> dict:
-        return {p: len(self.records[p]) for p in partitions if p in self.records}
-
-    def group_metadata(self) -> None:
-        return None
 
     def latest_commits(self) -> dict:
         latest: dict = {}
         for commit in self.commits:
             latest.update(commit)
         return latest
-
-    def close(self) -> None:
-        pass
 
 
 class FakeSink:
