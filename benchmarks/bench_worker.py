@@ -143,6 +143,27 @@ def raw_ceiling(bootstrap: str, topic: str, total: int) -> float:
     return total / elapsed
 
 
+def bench_settings(model: Path, bootstrap: str, topic: str, tag: str, **overrides):
+    """The settings of every worker throughput figure: CPU, window and alarm events, commits
+    every second, polls of up to 10,000 records."""
+    from pipeline.worker.settings import WorkerSettings
+
+    return WorkerSettings.build(
+        model=str(model),
+        bootstrap_servers=bootstrap,
+        group_id=f"bench-{tag}",
+        input_topic=(topic,),
+        output_topic=f"{topic}-events-{tag}",
+        dlq_topic=f"{topic}-dlq",
+        device="cpu",
+        events="both",
+        http_port=-1,
+        commit_interval_ms=1000,
+        max_poll_records=10000,
+        **overrides,
+    )
+
+
 def worker_rate(
     bootstrap: str,
     topic: str,
@@ -157,22 +178,9 @@ def worker_rate(
     that brought records; with `cpu` (a dict) the cores it and the broker used meanwhile
     (`CpuMeter`) are put in it."""
     from pipeline.worker.app import WorkerApp
-    from pipeline.worker.settings import WorkerSettings
 
-    settings = WorkerSettings.build(
-        model=str(model),
-        bootstrap_servers=bootstrap,
-        group_id=f"bench-{tag}",
-        input_topic=(topic,),
-        output_topic=f"{topic}-events-{tag}",
-        dlq_topic=f"{topic}-dlq",
-        device="cpu",
-        events="both",
-        http_port=-1,
-        commit_interval_ms=1000,
-        max_poll_records=10000,
-        adaptive_stage=adaptive_stage,
-        **overrides,
+    settings = bench_settings(
+        model, bootstrap, topic, tag, adaptive_stage=adaptive_stage, **overrides
     )
     app = WorkerApp.build(settings)
     started = {}

@@ -17,9 +17,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from benchmarks.bench_worker import bench_settings
+
 __all__ = ["MemorySource", "memory_rate", "model_rate"]
 
-POLL_RECORDS = 10_000  # records a poll brings, over every partition (the worker's max_poll_records)
+POLL_RECORDS = 10_000  # records a poll brings, over every partition (as bench_settings)
 
 
 class _Record(NamedTuple):
@@ -83,12 +85,11 @@ class _DroppingSink:
 
 
 def memory_rate(records: list[tuple[str, bytes]], model: Path, partitions: int) -> float:
-    """Records/s of the worker (the settings `bench_worker.worker_rate` gives it) over `records`
+    """Records/s of the worker (`bench_worker.bench_settings`, as through the broker) over `records`
     (key, value), each partition's in their order, keys spread by a hash."""
     from pipeline.detector import load_detector
     from pipeline.events import ModelIdentity
     from pipeline.worker.loop import Worker
-    from pipeline.worker.settings import WorkerSettings
     from pipeline.worker.state import MemoryStateStore
 
     held: dict = {("memory", p): [] for p in range(partitions)}
@@ -98,19 +99,7 @@ def memory_rate(records: list[tuple[str, bytes]], model: Path, partitions: int) 
         part = held[("memory", p)]
         part.append(_Record("memory", p, len(part), name, value, [], 0))
     held = {tp: part for tp, part in held.items() if part}
-    settings = WorkerSettings.build(
-        model=str(model),
-        bootstrap_servers="memory:9092",
-        input_topic=("memory",),
-        output_topic="events",
-        dlq_topic="dlq",
-        device="cpu",
-        events="both",
-        http_port=-1,
-        commit_interval_ms=1000,
-        max_poll_records=POLL_RECORDS,
-        stop_after_idle_s=0.05,
-    )
+    settings = bench_settings(model, "memory:9092", "memory", "memory", stop_after_idle_s=0.05)
     detector = load_detector(model)
     worker = Worker(
         settings,

@@ -70,10 +70,10 @@ class ArtifactError(ModelError):
 
 
 class CalibrationError(AewatchError):
-    """A threshold cannot be calibrated from the data given. `more_data`: whether more windows
-    (another window length or split) could help, as opposed to data that does not vary."""
+    """A threshold cannot be calibrated from the data given. `more_data`: whether it is for too
+    few (normal) windows, which another window length or split could give."""
 
-    def __init__(self, message: str, *, more_data: bool = True) -> None:
+    def __init__(self, message: str, *, more_data: bool = False) -> None:
         super().__init__(message)
         self.more_data = more_data
 

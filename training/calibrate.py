@@ -107,8 +107,7 @@ class _Calibrator:
             raise CalibrationError(
                 f"all {len(normal)} normal calibration windows score the same "
                 f"({normal[0]:.6g}): the data does not vary (a constant series or a stuck "
-                "sensor?), so no threshold can be told from it; give data with normal variation",
-                more_data=False,
+                "sensor?), so no threshold can be told from it; give data with normal variation"
             )
         value, params = self._threshold(scores)
         if self.margin != 1.0:
@@ -120,7 +119,8 @@ class _Calibrator:
             raise CalibrationError(
                 f"the {self.method} threshold came out as {float(value):.4g}, beyond any window "
                 f"score (float32): {len(scores)} calibration windows cannot support {what}; give "
-                "more normal data or a larger target"
+                "more normal data or a larger target",
+                more_data=True,
             )
         return Threshold(
             value=float(value),
@@ -159,7 +159,8 @@ class QuantileCalibrator(_Calibrator):
         if n < MIN_WINDOWS:
             raise CalibrationError(
                 f"the calibration split has {n} windows; at least {MIN_WINDOWS} are needed even "
-                f"for the tail fallback (a quantile at target FPR {alpha:g} needs {need})"
+                f"for the tail fallback (a quantile at target FPR {alpha:g} needs {need})",
+                more_data=True,
             )
         median, scale = _exponential_tail(scores)
         try:
@@ -227,7 +228,8 @@ class PotCalibrator(_Calibrator):
             need = math.ceil(self.MIN_EXCESSES / (1 - self.initial_quantile))
             raise CalibrationError(
                 f"pot needs at least {self.MIN_EXCESSES} scores above its initial quantile "
-                f"(about {need} calibration windows), got {len(excesses)} of {n}"
+                f"(about {need} calibration windows), got {len(excesses)} of {n}",
+                more_data=True,
             )
         from scipy import stats
 
@@ -261,7 +263,8 @@ class MadCalibrator(_Calibrator):
     def _threshold(self, scores: np.ndarray) -> tuple[float, dict]:
         if len(scores) < self.MIN_SCORES:
             raise CalibrationError(
-                f"mad needs at least {self.MIN_SCORES} calibration windows, got {len(scores)}"
+                f"mad needs at least {self.MIN_SCORES} calibration windows, got {len(scores)}",
+                more_data=True,
             )
         median = float(np.median(scores))
         mad = float(np.median(np.abs(scores - median))) * 1.4826
@@ -288,7 +291,9 @@ class F1Calibrator(_Calibrator):
                 "use quantile, pot or mad on normal data instead"
             )
         if labels.all():
-            raise CalibrationError("f1 calibration needs normal windows too; all are anomalous")
+            raise CalibrationError(
+                "f1 calibration needs normal windows too; all are anomalous", more_data=True
+            )
         precision, recall, thresholds = precision_recall_curve(labels, scores)
         f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
         best = int(np.argmax(f1[:-1]))
@@ -336,7 +341,8 @@ def calibrate(detector, data, settings: CalibrationSettings) -> Threshold:
     """A threshold from the calibration split of `data` (any `Splits`)."""
     if not data.has("calibration"):
         raise CalibrationError(
-            "the calibration split is empty: give it a share in --fractions or more data"
+            "the calibration split is empty: give it a share in --fractions or more data",
+            more_data=True,
         )
     calibrator = make_calibrator(
         settings.method,

@@ -376,8 +376,7 @@ def _calibrate(detector: Detector, data: Splits, settings: TrainSettings):
         return calibrate(detector, data, settings.calibration)
     except CalibrationError as exc:
         table = getattr(data, "table", None)
-        hintable = exc.more_data and any(w in str(exc) for w in ("windows", "empty"))
-        if table is None or not hintable:
+        if table is None or not exc.more_data:
             raise
         key_rows = [len(positions) for _, positions in table._group_positions()]
         window = data.input.window
