@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pytest
 
@@ -226,3 +228,147 @@ def test_forgotten_partitions_free_their_keys_and_others_keep_their_windows():
     windower.push(other, ["b"] * 2, ts[5:7], values[5:7], offsets[5:7], more)
     assert more.counts == [1]
     np.testing.assert_array_equal(more.windows[0][0], values[2:6])
+
+
+def _saved(windower: StreamWindower) -> dict:
+    """The windower's parts of a state record, through the record's encoding."""
+    parts = {name: part.state(PARTITION) for name, part in windower.parts().items()}
+    return decode_state(encode_state(parts))
+
+
+@pytest.mark.parametrize("reread_max", [0, 4, 10**6])
+@pytest.mark.parametrize(("length", "stride", "per_record"), [(16, 4, 1), (8, 8, 5), (5, 1, 3)])
+def test_a_restart_with_parked_readings_gives_the_uninterrupted_windows(
+    length, stride, per_record, reread_max
+):
+    """A key parked at a checkpoint (its held readings in the state record, the commit past
+    them) continues the same windows after a restart from that commit, at any cut, for single
+    and batched records, and ends in the state of an uninterrupted run."""
+    spec = WindowSpec(length, stride)
+    n = 120
+    rng = np.random.default_rng(length + per_record)
+    ts = np.arange(n, dtype=np.int64) * 1000
+    values = rng.normal(size=(n, 2)).astype(np.float32)
+    offsets = (np.arange(n, dtype=np.int64) // per_record) * 5  # other keys' records between
+    uninterrupted = StreamWindower(spec, 2, reread_max)
+    full = _push(uninterrupted, ts, values, offsets)
+    full_ends, full_windows = np.concatenate(full.end_ts), np.concatenate(full.windows)
+    parked = 0
+    for cut in range(per_record, n, per_record):
+        first = StreamWindower(spec, 2, reread_max)
+        before = _push(first, ts[:cut], values[:cut], offsets[:cut])
+        saved = _saved(first)
+        oldest = first.oldest_needed(PARTITION)
+        committed = int(offsets[cut - 1]) + 1 if oldest is None else oldest
+        parked += bool(saved.get("parked"))
+        resumed = StreamWindower(spec, 2, reread_max)
+        resumed.restore(PARTITION, saved["resume"])
+        resumed.parked.restore(PARTITION, saved.get("parked", {}))
+        start = int(np.searchsorted(offsets, committed))
+        after = _push(resumed, ts[start:], values[start:], offsets[start:])
+        ends = np.concatenate(before.end_ts + after.end_ts)
+        assert np.array_equal(ends, full_ends), f"cut {cut}: windows lost or repeated"
+        done = len(ends) - sum(map(len, after.end_ts))
+        np.testing.assert_array_equal(np.concatenate(after.windows), full_windows[done:])
+        assert _saved(resumed) == _saved(uninterrupted)
+    assert (parked > 0) == (reread_max < 10**6)
+
+
+def test_a_parked_keys_readings_read_again_after_a_restart_are_skipped():
+    """Key "slow" (a reading every 10th record) is parked while "fast" holds the commit a few
+    records back: the records read again after a restart hold readings of "slow" that were
+    taken before (they are in its parked readings) and must neither repeat its windows nor
+    count as out of order."""
+    spec = WindowSpec(8, 2)
+    n = 400
+    offsets = np.arange(n, dtype=np.int64)
+    keys = ["slow" if o % 10 == 0 else "fast" for o in offsets.tolist()]
+    ts = offsets * 1000
+    values = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+
+    def push(windower, start, stop):
+        out = ReadyWindows()
+        late, duplicate = windower.push(
+            PARTITION,
+            keys[start:stop],
+            ts[start:stop],
+            values[start:stop],
+            offsets[start:stop],
+            out,
+        )
+        assert len(late) == len(duplicate) == 0
+        if not out.counts:
+            return []
+        names = np.repeat(out.keys, out.counts).tolist()
+        return list(zip(names, np.concatenate(out.end_ts).tolist(), strict=True))
+
+    whole = push(StreamWindower(spec, 2, 30), 0, n)
+    overlapping = 0
+    for cut in range(1, n):
+        first = StreamWindower(spec, 2, 30)
+        before = push(first, 0, cut)
+        saved = _saved(first)
+        committed = first.oldest_needed(PARTITION)
+        parked = saved.get("parked", {}).get("keys", {})
+        if "slow" in parked and committed <= parked["slow"]["next"] - 1:
+            overlapping += 1
+        resumed = StreamWindower(spec, 2, 30)
+        resumed.restore(PARTITION, saved["resume"])
+        resumed.parked.restore(PARTITION, saved.get("parked", {}))
+        after = push(resumed, committed, n)
+        assert sorted(before + after) == sorted(whole), f"cut {cut}"
+    assert overlapping > 0
+
+
+def _parked_state(keys: int = 1, n: int = 6, after: int = 50) -> tuple[StreamWindower, dict]:
+    """A windower (window 8, stride 2) whose `keys` keys sent `n` readings each, then one other
+    key `after`: the first keys are parked (reread_max 10)."""
+    windower = StreamWindower(WindowSpec(8, 2), 2, 10)
+    names = [f"k{i}" for i in range(keys) for _ in range(n)] + ["busy"] * after
+    total = len(names)
+    ts = 1_767_225_600_000 + np.arange(total, dtype=np.int64) * 1000
+    values = np.random.default_rng(1).normal(size=(total, 2)).astype(np.float32)
+    windower.push(PARTITION, names, ts, values, np.arange(total, dtype=np.int64), ReadyWindows())
+    return windower, _saved(windower)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (lambda p: {**p, "head": "9"}, "not {'head'"),
+        (lambda p: {**p, "keys": [1]}, "not {'head'"),
+        (lambda p: {"head": p["head"], "keys": {"k0": [1]}}, "not an object"),
+        (lambda p: _key(p, values="!!"), "Non-base64|base64"),
+        (lambda p: _key(p, values=base64.b64encode(bytes(44)).decode()), "11 values of 2 features"),
+        (
+            lambda p: _key(p, values=base64.b64encode(bytes(47)).decode()),
+            "multiple of element size",
+        ),
+        (lambda p: _key(p, ts=p["keys"]["k0"]["ts"][::-1]), "timestamps increasing"),
+        (lambda p: _key(p, next=0), "offsets before 'next'"),
+        (lambda p: _key(p, ts=[True] * 6), "must be counts"),
+    ],
+    ids=["head", "keys", "key", "base64", "length", "bytes", "order", "next", "bool"],
+)
+def test_parked_readings_that_are_not_so_are_refused(corrupt, reason):
+    _, saved = _parked_state()
+    assert list(saved["parked"]["keys"]) == ["k0"]
+    resumed = StreamWindower(WindowSpec(8, 2), 2, 10)
+    resumed.restore(PARTITION, saved["resume"])
+    with pytest.raises(ValueError, match=reason):
+        resumed.parked.restore(PARTITION, corrupt(saved["parked"]))
+
+
+def _key(parked: dict, **fields) -> dict:
+    return {**parked, "keys": {"k0": {**parked["keys"]["k0"], **fields}}}
+
+
+def test_parked_readings_stay_within_their_budget_furthest_behind_first(monkeypatch):
+    """200 quiet keys of 6 held readings of 2 values (6 x 48 bytes at most each): 50 fit a
+    budget of 50 x 288 bytes, the furthest behind first, and the 51st key's oldest reading is
+    where the commit stays."""
+    monkeypatch.setattr("pipeline.modalities.parking.PARKED_BYTES", 50 * 288 + 287)
+    windower, saved = _parked_state(keys=200)
+    assert list(saved["parked"]["keys"]) == [f"k{i}" for i in range(50)]
+    assert len(encode_state({"parked": saved["parked"]})) < 50 * 288
+    assert windower.oldest_needed(PARTITION) == 50 * 6

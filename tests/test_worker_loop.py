@@ -632,3 +632,68 @@ def test_an_unreadable_state_record_is_refused_for_its_partition_alone(detector,
         != []
     )
     decode_state(state.records[bad])  # the next checkpoint wrote a good record over it
+
+
+def _with_quiet_key(stream, before: int, after: int) -> list:
+    """One partition's records: key "quiet" sends `before` readings, then the fleet's keys all
+    theirs, then "quiet" `after` more (its windows span the gap)."""
+    fleet_records = partitioned(stream, "readings", 1)[("readings", 0)]
+    values = [orjson.loads(r.value)["values"] for r in fleet_records[: before + after]]
+    first, last = int(stream.ts_ms.min()), int(stream.ts_ms.max())
+    ts = [first - 1000 * (before - i) for i in range(before)]
+    ts += [last + 1000 * (i + 1) for i in range(after)]
+    quiet = [
+        orjson.dumps({"key": "quiet", "ts": t, "values": v})
+        for t, v in zip(ts, values, strict=True)
+    ]
+    values_in_order = quiet[:before] + [r.value for r in fleet_records] + quiet[before:]
+    keys = [b"quiet"] * before + [r.key for r in fleet_records] + [b"quiet"] * after
+    return [
+        Record("readings", 0, offset, key, value)
+        for offset, (key, value) in enumerate(zip(keys, values_in_order, strict=True))
+    ]
+
+
+def test_a_silent_key_does_not_hold_the_commit_back(detector):
+    """A key that goes quiet keeps its unfinished window's readings in the state record once
+    they lie more than `reread_max` records back, and the commit moves on past them."""
+    stream = fleet(seed=5, readings_per_key=1500, anomalies=())
+    records = _with_quiet_key(stream, before=20, after=0)
+    source = FakeSource({("readings", 0): records}, chunk=200)
+    state = MemoryStateStore()
+    run_in_memory(detector, source, state, commit_interval_ms=1, reread_max=1000)
+    committed = source.latest_commits()[("readings", 0)]
+    # only the fleet's open windows are read again (the quiet key's 20 readings held it at 0)
+    assert committed >= len(records) - 4 * detector.input.window.length
+    parked = decode_state(state.records[("readings", 0)])["parked"]
+    assert list(parked["keys"]) == ["quiet"]
+    assert parked["keys"]["quiet"]["offsets"] == list(range(8, 20))  # its next window's
+
+
+def test_a_parked_key_continues_its_windows_after_a_restart(detector):
+    """A restart from the commit and the state record gives the quiet key the same windows,
+    scores and event ids as an uninterrupted run, though its first readings are not read
+    again."""
+    stream = fleet(seed=5, readings_per_key=1500, anomalies=())
+    records = {("readings", 0): _with_quiet_key(stream, before=20, after=30)}
+    options = dict(emit_all=True, reread_max=1000)
+    _, clean_sink, _ = run_in_memory(detector, FakeSource(records, chunk=200), **options)
+    clean = {e["id"]: e for e in map(orjson.loads, clean_sink.values("events"))}
+
+    state = MemoryStateStore()
+    half = {p: r[: len(r) // 2] for p, r in records.items()}
+    source = FakeSource(half, chunk=200)
+    first = checkpointed(detector, source, state, commit_interval_ms=1, **options)
+    before = {e["id"]: e for e in map(orjson.loads, first.sink.values("events"))}
+    committed = source.latest_commits()
+    assert committed[("readings", 0)] > 20  # the quiet key's readings are not read again
+
+    second = FakeSource(records, chunk=200, committed=committed)
+    _, second_sink, _ = run_in_memory(detector, second, state=state, **options)
+    after = {e["id"]: e for e in map(orjson.loads, second_sink.values("events"))}
+    assert before.keys() | after.keys() == clean.keys()
+    quiet = {i: e["data"]["score"] for i, e in clean.items() if e["subject"] == "quiet"}
+    assert len(quiet) == 9  # windows ending at positions 15, 19, .., 47
+    assert {i: {**before, **after}[i]["data"]["score"] for i in quiet} == quiet
+    spanning = [i for i, e in after.items() if e["subject"] == "quiet"]
+    assert len(spanning) == 7  # those ending at 23 .. 47 take parked readings

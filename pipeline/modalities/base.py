@@ -50,6 +50,10 @@ class StreamWindows(Protocol):
 
     def forget(self, partitions: set[Partition]) -> None: ...
 
+    def parts(self) -> dict:
+        """Every holder of this per-key state (a `pipeline.worker.state.KeyedState`), by its
+        name in the state record: this one as `resume`, and any others it keeps."""
+
 
 class Intake(Protocol):
     """Turns one partition's records (`take`), or a poll's of several (`take_all`, in one pass
@@ -76,7 +80,7 @@ class Intake(Protocol):
 class Modality(Protocol):
     spec: InputSpec
 
-    def intake(self, max_record_bytes: int) -> Intake: ...
+    def intake(self, max_record_bytes: int, reread_max: int) -> Intake: ...
 
     def event_details(
         self, scored: Scores, rows: np.ndarray, start_ms: np.ndarray, end_ms: np.ndarray

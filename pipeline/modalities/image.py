@@ -47,6 +47,9 @@ class NoWindows:
     def forget(self, partitions: set[Partition]) -> None:
         pass
 
+    def parts(self) -> dict:
+        return {"resume": self}
+
 
 class ImageIntake:
     def __init__(self, spec: InputSpec, max_record_bytes: int) -> None:
@@ -77,7 +80,8 @@ class ImageModality:
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
 
-    def intake(self, max_record_bytes: int) -> ImageIntake:
+    def intake(self, max_record_bytes: int, reread_max: int = 0) -> ImageIntake:
+        """(`reread_max` is for series: an image is its own window, never held.)"""
         return ImageIntake(self.spec, max_record_bytes)
 
     def event_details(

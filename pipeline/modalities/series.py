@@ -20,6 +20,7 @@ from pipeline.events import iso_ms_many
 from pipeline.kafka_io.protocols import record_columns
 from pipeline.modalities.base import Partition, Reject
 from pipeline.modalities.batches import ReadingBatch
+from pipeline.modalities.parking import REREAD_MAX
 from pipeline.modalities.readings import (
     MS_RANGE,
     Decoded,
@@ -57,11 +58,13 @@ class SeriesIntake:
     as one table. A bad record among good ones costs only its own decoding: the poll's other
     readings still take the one pass."""
 
-    def __init__(self, spec: InputSpec, max_record_bytes: int) -> None:
+    def __init__(
+        self, spec: InputSpec, max_record_bytes: int, reread_max: int = REREAD_MAX
+    ) -> None:
         self.decoder = RecordDecoder(
             spec.features, spec.window.length, max_record_bytes, spec.data_features
         )
-        self.windows = StreamWindower(spec.window, len(spec.features))
+        self.windows = StreamWindower(spec.window, len(spec.features), reread_max)
         self.calendar = spec.calendar
 
     def take_all(
@@ -256,8 +259,8 @@ class SeriesModality:
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
 
-    def intake(self, max_record_bytes: int) -> SeriesIntake:
-        return SeriesIntake(self.spec, max_record_bytes)
+    def intake(self, max_record_bytes: int, reread_max: int = REREAD_MAX) -> SeriesIntake:
+        return SeriesIntake(self.spec, max_record_bytes, reread_max)
 
     def event_details(
         self, scored: Scores, rows: np.ndarray, start_ms: np.ndarray, end_ms: np.ndarray

@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.detector import WindowSpec
+from pipeline.modalities.parking import REREAD_MAX, ParkedKeys, Tail, parked
 
 __all__ = ["ReadyWindows", "StreamWindower"]
 
 TopicPartition = tuple[str, int]
 _NONE = np.zeros(0, np.int64)
 _NO_TS = -(2**62)
+_LATER = 2**62  # later than any timestamp
 RESUME_LIMIT = 2**62  # series positions and offsets of a resume point lie below it
 # New readings a key's row takes at least between two compactions (more come in rounds).
 ROOM = 128
@@ -70,9 +72,13 @@ class ReadyWindows:
 class StreamWindower:
     """Every key's kept readings and series state, one slot (row of the store) per key."""
 
-    def __init__(self, spec: WindowSpec, n_features: int) -> None:
+    def __init__(self, spec: WindowSpec, n_features: int, reread_max: int = REREAD_MAX) -> None:
         self.spec = spec
         self.n_features = n_features
+        self.reread_max = reread_max  # see `pipeline.modalities.parking`
+        self.tails: dict[str, Tail] = {}  # restored parked keys, until their next reading
+        self.heads: dict[TopicPartition, int] = {}  # offset after the newest reading taken
+        self.parked = ParkedKeys(self)
         # a key keeps at most W - 1 readings after compaction; the rest of its row takes new ones
         self.capacity = spec.length - 1 + max(spec.length + spec.stride + 1, ROOM)
         self.slots: dict[str, int] = {}
@@ -131,6 +137,14 @@ class StreamWindower:
                 self.count[slot], self.skip_before[slot] = position, offset
                 self.skip_ts[slot] = first_ts
                 self.next_offset[slot], self.replay_until[slot] = offset, done
+                tail = self.tails.pop(key, None)
+                if tail is not None:  # parked: its readings, and everything before them taken
+                    n = len(tail.ts)
+                    self.values[slot, :n], self.ts[slot, :n] = tail.values, tail.ts
+                    self.offsets[slot, :n], self.fill[slot] = tail.offsets, n
+                    self.count[slot], self.last_ts[slot] = position + n, tail.ts[-1]
+                    self.next_offset[slot] = tail.next_offset
+                    self.skip_before[slot], self.skip_ts[slot] = tail.next_offset - 1, _LATER
         self._partitions[slot] = partition
         return slot
 
@@ -216,14 +230,24 @@ class StreamWindower:
 
         Keys restored from the state topic count too, before their first reading arrives and
         while they catch up to where the previous owner stopped: until then, everything from
-        their resume offset is still needed."""
-        heads = [point[2] for point in self._restored.values() if point[0] == partition]
+        their resume offset is still needed. Parked keys do not: their readings are in the state
+        record (`pipeline.modalities.parking`)."""
+        needs = [
+            point[2]
+            for key, point in self._restored.items()
+            if point[0] == partition and key not in self.tails
+        ]
         slots = self._of(partition)
         if len(slots):
             held, _, offset, _ = self._oldest(slots)
             replaying = self.replay_until[slots] > self.count[slots]
-            heads += offset[held | replaying].tolist()
-        return min(heads) if heads else None
+            needed = (held | replaying) & ~parked(self, partition, slots, held, offset)
+            needs += offset[needed].tolist()
+        return min(needs) if needs else None
+
+    def parts(self) -> dict:
+        """Every holder of this per-key state, by its name in the state record."""
+        return {"resume": self, "parked": self.parked}
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         """Drop keys of partitions this member no longer owns."""
@@ -233,6 +257,8 @@ class StreamWindower:
                 self._keys[slot] = self._partitions[slot] = None
                 self._free.append(slot)
         self._restored = {k: v for k, v in self._restored.items() if v[0] not in partitions}
+        self.tails = {k: v for k, v in self.tails.items() if v.partition not in partitions}
+        self.heads = {p: h for p, h in self.heads.items() if p not in partitions}
 
     # -- the batch step --------------------------------------------------------------------------
     def push(

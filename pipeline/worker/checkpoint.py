@@ -10,6 +10,7 @@ A checkpoint (every `commit_interval_ms`, on partition revoke, on shutdown) goes
    events, dead letters, state and offsets;
 4. commit, per partition, the offset of the oldest reading an unfinished window still needs (or of
    the next record): Kafka stores the offset of the next record to read. Offsets never go back.
+   Readings of parked keys (`pipeline.modalities.parking`) are in the state record, not needed.
 
 State is therefore never older than the commit, and never newer than the events: a state record
 that says a window was emitted is written only once that window's event is acknowledged (the

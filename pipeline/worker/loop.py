@@ -106,8 +106,10 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.stats = WorkerStats()
         self.modality = modality = modality_of(detector.input)
-        self.intake = modality.intake(settings.records.max_record_bytes)
-        stages = {"resume": self.intake.windows}  # per-key state, by its name in the state record
+        self.intake = modality.intake(
+            settings.records.max_record_bytes, settings.records.reread_max
+        )
+        stages = self.intake.windows.parts()  # per-key state, by its name in the state record
         self.adaptive = None
         if settings.adaptive.enabled:
             self.adaptive = AdaptiveStage(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pipeline import settings as declared
 from pipeline.errors import ConfigError
 from pipeline.kafka_io.settings import KafkaSettings
+from pipeline.modalities.parking import REREAD_MAX
 from pipeline.registry.reach import uri_problem
 from pipeline.settings import check, setting
 from pipeline.uris import mask_uri
@@ -145,6 +146,13 @@ class RecordSettings:
         "or drop (counted, not forwarded)",
         "reject",
         choices=ORDER_POLICIES,
+    )
+    reread_max: int = setting(
+        "records of a partition a restart reads again, at most: a key whose unfinished window "
+        "reaches further back (silent, or far slower than the others) keeps its readings in "
+        "the state record instead of holding the commit back",
+        REREAD_MAX,
+        minimum=0,
     )
 
     def __post_init__(self) -> None:

@@ -5,6 +5,8 @@ At every checkpoint the worker writes one record per input partition it touched,
 
 - `resume`: each key's resume point, the series position and offset of the oldest reading a
   future window still needs (see `pipeline.modalities.windowing`);
+- `parked`: the held readings of keys far behind their partition's newest reading, which no
+  longer hold the commit back (see `pipeline.modalities.parking`);
 - `alarms`: each key's alarm history and open episode (see `pipeline.worker.alarms`);
 - `adaptive`: each key's adaptive likelihood and detection rule, packed, with the model version
   they were learnt under (see `pipeline.detector.adaptive_stage`).
