@@ -661,8 +661,12 @@ def test_a_silent_key_does_not_hold_the_commit_back(detector):
     records = _with_quiet_key(stream, before=20, after=0)
     source = FakeSource({("readings", 0): records}, chunk=200)
     state = MemoryStateStore()
-    run_in_memory(detector, source, state, commit_interval_ms=1, reread_max=1000)
+    worker, _, _ = run_in_memory(detector, source, state, commit_interval_ms=1, reread_max=1000)
     committed = source.latest_commits()[("readings", 0)]
+    exposed = worker.metrics.exposition().decode()
+    assert 'aewatch_parked_keys{partition="0",topic="readings"} 1.0' in exposed
+    reread = f'aewatch_reread_records{{partition="0",topic="readings"}} {len(records) - committed}'
+    assert reread in exposed
     # only the fleet's open windows are read again (the quiet key's 20 readings held it at 0)
     assert committed >= len(records) - 4 * detector.input.window.length
     parked = decode_state(state.records[("readings", 0)])["parked"]

@@ -100,6 +100,7 @@ class Checkpointer:
         over the new owner's."""
         for stage in self.stages.values():
             stage.forget(partitions)
+        self.metrics.forget(partitions)
         self.touched -= partitions
         for partition in partitions:
             self.processed.pop(partition, None)
@@ -128,9 +129,11 @@ class Checkpointer:
         `started`, has scored and emitted)."""
         if not self.sink.transactional:
             self.sink.flush()
+        parked = {}
         for partition in self.touched & assigned:
             state = {name: stage.state(partition) for name, stage in self.stages.items()}
             self.store.save(partition, state)
+            parked[partition] = len((state.get("parked") or {}).get("keys", ()))
         self.touched.clear()
         offsets = self.commit_offsets() if source is not None else {}
         if self.sink.transactional:
@@ -154,6 +157,11 @@ class Checkpointer:
         if offsets:
             self.committed.update(offsets)
             self._last_commit.update(offsets)
+        reread = {
+            p: n - self.committed[p] for p, n in self.processed.items() if p in self.committed
+        }
+        self.metrics.set_held(reread, parked)
+        if offsets:
             self.stats.commits += 1
             self.metrics.commits.inc()
             log.info(

@@ -25,6 +25,7 @@ observed for every scored window with one numpy call per batch through `BulkHist
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 
@@ -111,6 +112,18 @@ class WorkerMetrics:
         self.lag = Gauge(
             "aewatch_consumer_lag", "records behind the log end", ["topic", "partition"], registry=r
         )
+        self.reread = Gauge(
+            "aewatch_reread_records",
+            "records between the commit and what was processed: what a restart reads again",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.parked = Gauge(
+            "aewatch_parked_keys",
+            "keys whose held readings are in the state record, not holding the commit back",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.assigned = Gauge("aewatch_assigned_partitions", "partitions assigned", registry=r)
         self.alarms_open = Gauge("aewatch_alarms_open", "keys with an open alarm", registry=r)
         self.commits = Counter("aewatch_commits", "offset commits", registry=r)
@@ -144,6 +157,20 @@ class WorkerMetrics:
         self.lag.clear()
         for (topic, partition), value in lag.items():
             self.lag.labels(topic, str(partition)).set(value)
+
+    def set_held(self, reread: dict[tuple[str, int], int], parked: dict) -> None:
+        """Per partition checkpointed: records a restart reads again, and keys parked."""
+        for (topic, partition), value in reread.items():
+            self.reread.labels(topic, str(partition)).set(value)
+        for (topic, partition), value in parked.items():
+            self.parked.labels(topic, str(partition)).set(value)
+
+    def forget(self, partitions) -> None:
+        """Partitions this member no longer owns leave the per-partition gauges."""
+        for topic, partition in partitions:
+            for gauge in (self.reread, self.parked):
+                with contextlib.suppress(KeyError):  # never set for this partition
+                    gauge.remove(topic, str(partition))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
