@@ -372,3 +372,17 @@ def test_parked_readings_stay_within_their_budget_furthest_behind_first(monkeypa
     assert list(saved["parked"]["keys"]) == [f"k{i}" for i in range(50)]
     assert len(encode_state({"parked": saved["parked"]})) < 50 * 288
     assert windower.oldest_needed(PARTITION) == 50 * 6
+
+
+def test_a_state_record_beyond_its_limit_is_refused_naming_its_partition(monkeypatch):
+    from pipeline.worker.state import KafkaStateStore
+
+    monkeypatch.setattr("pipeline.worker.state.STATE_RECORD_MAX", 1000)
+    sent = []
+    store = KafkaStateStore(type("Sink", (), {"send": lambda *a, **k: sent.append(a)})(), None, "s")
+    store.save(PARTITION, {"resume": {"k": [1, 2]}})
+    with pytest.raises(
+        ValueError, match="state record of readings:0 is 1[0-9]{3} bytes, over 1000"
+    ):
+        store.save(PARTITION, {"resume": {f"k{i}": [1, 2] for i in range(100)}})
+    assert len(sent) == 1

@@ -14,6 +14,7 @@ from jsonschema import Draft202012Validator
 from scipy import stats
 
 from pipeline.events import event_schema
+from pipeline.kafka_io.settings import CLIENTS
 from tests.kafka_support import (
     consume,
     produce,
@@ -279,3 +280,32 @@ def test_simulate_and_alerts_commands(kafka_bootstrap, create_topic, tmp_path, c
     assert len(lines) == 6 and lines[0] == lines[5]
     assert "m-1" in lines[0] and "flow" in lines[0] and "pumps v3" in lines[0]
     assert lines[1:5] == [f"(not an aewatch event at offset {i})" for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("kafka_client", CLIENTS)
+def test_a_partition_of_thousands_of_keys_checkpoints_and_restores_its_state(
+    kafka_bootstrap, create_topic, trained, kafka_client
+):
+    """3,000 keys on one partition, with adaptive and alarm state: the partition's state record
+    is larger than Kafka's default 1 MB message limit. It is written, and a second worker
+    restores it and continues every key's windows: each window is scored once over both."""
+    from pipeline.tools.simulate import simulate_fleet
+
+    names = topic_names(f"wide-{kafka_client}")
+    create_topic(names["input"], partitions=1)
+    stream = simulate_fleet(
+        keys=3000, readings_per_key=24, features=4, anomalies=(), seed=0, skip=6000
+    )
+    items = stream_items(stream)
+    order = np.argsort(stream.ts_ms, kind="stable")  # every key's first 16 readings first
+    first = [items[i] for i in order[: 16 * 3000]]
+    produce(kafka_bootstrap, names["input"], first)
+    settings = worker_settings(
+        kafka_bootstrap, names, trained.artifact_dir, events="both", kafka_client=kafka_client
+    )
+    _, stats = run_worker(settings)
+    assert stats.windows_scored == 3000  # each key's window ending at its 16th reading
+    produce(kafka_bootstrap, names["input"], [items[i] for i in order[16 * 3000 :]])
+    worker, stats = run_worker(settings)
+    assert stats.windows_scored == 2 * 3000  # those ending at the 20th and the 24th
+    assert worker.metrics.state_refused._value.get() == 0

@@ -25,7 +25,7 @@ from pipeline.worker.http_server import WorkerHttpServer
 from pipeline.worker.loop import Worker
 from pipeline.worker.metrics import WorkerMetrics, WorkerStats
 from pipeline.worker.settings import RegistrySettings, WorkerSettings
-from pipeline.worker.state import KafkaStateStore
+from pipeline.worker.state import STATE_RECORD_MAX, STATE_TOPIC, KafkaStateStore
 
 __all__ = ["WorkerApp", "load_with_retries"]
 
@@ -77,13 +77,13 @@ class WorkerApp:
                 topics.output_topic: {},
                 topics.dlq_topic: {},
                 topics.alarm_topic_name: {},
-                settings.state_topic_name: {"topic_configs": {"cleanup.policy": "compact"}},
+                settings.state_topic_name: STATE_TOPIC,
             }
         )
         metrics = WorkerMetrics()
         exactly_once = settings.kafka.exactly_once
-        sink = kafka.sink(
-            max_record_bytes=settings.records.max_record_bytes,
+        sink = kafka.sink(  # the largest record it sends: a dead letter, or a state record
+            max_record_bytes=max(settings.records.max_record_bytes, STATE_RECORD_MAX),
             transaction_timeout_ms=(
                 max(10_000, 4 * settings.loop.commit_interval_ms) if exactly_once else None
             ),

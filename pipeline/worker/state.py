@@ -32,6 +32,8 @@ from typing import Protocol
 import orjson
 
 __all__ = [
+    "STATE_RECORD_MAX",
+    "STATE_TOPIC",
     "KafkaStateStore",
     "KeyedState",
     "MemoryStateStore",
@@ -42,6 +44,18 @@ __all__ = [
 
 Partition = tuple[str, int]
 FORMAT_VERSION = 1
+# A partition's record holds a few hundred bytes a key (resume point, adaptive and alarm state):
+# past a few thousand keys a partition it outgrows Kafka's default 1 MB message limit, so the
+# state topic is created with room for this much, and the producer sends records this large.
+STATE_RECORD_MAX = 16 << 20
+STATE_TOPIC = {
+    "topic_configs": {
+        "cleanup.policy": "compact",
+        "max.message.bytes": str(STATE_RECORD_MAX + (64 << 10)),
+        # compacted segment by segment: smaller segments keep what a restoring member reads small
+        "segment.bytes": str(64 << 20),
+    }
+}
 
 
 class KeyedState(Protocol):
@@ -114,4 +128,10 @@ class KafkaStateStore:
         return {wanted[k]: v for k, v in latest.items()}
 
     def save(self, partition: Partition, parts: dict[str, dict]) -> None:
-        self.sink.send(self.topic, key=_key(partition), value=encode_state(parts))
+        value = encode_state(parts)
+        if len(value) > STATE_RECORD_MAX:
+            raise ValueError(
+                f"the state record of {partition[0]}:{partition[1]} is {len(value)} bytes, over "
+                f"{STATE_RECORD_MAX}: spread its keys over more partitions"
+            )
+        self.sink.send(self.topic, key=_key(partition), value=value)
