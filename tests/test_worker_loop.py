@@ -701,3 +701,68 @@ def test_a_parked_key_continues_its_windows_after_a_restart(detector):
     assert {i: {**before, **after}[i]["data"]["score"] for i in quiet} == quiet
     spanning = [i for i, e in after.items() if e["subject"] == "quiet"]
     assert len(spanning) == 7  # those ending at 23 .. 47 take parked readings
+
+
+def _one_key(seed: int = 3) -> list:
+    stream = fleet(seed=seed, readings_per_key=500, anomalies=(), keys=1)
+    return partitioned(stream, "readings", 1)[("readings", 0)]
+
+
+def _restamped(record: Record, ahead_ms: int) -> Record:
+    data = orjson.loads(record.value)
+    data["ts"] = data["ts"] + ahead_ms
+    return Record(record.topic, record.partition, record.offset, record.key, orjson.dumps(data))
+
+
+TEN_YEARS_MS = 10 * 365 * 86_400_000
+
+
+def test_a_reading_stamped_years_ahead_is_refused_and_its_key_keeps_going(detector):
+    """One reading from a clock ten years ahead goes to the DLQ as bad_timestamp, and the key's
+    later readings are windowed as if that record had been unreadable; without the limit
+    (--max-future-s 0) it becomes the key's latest and every later reading is out of order."""
+    records = _one_key()
+    future = records[:100] + [_restamped(records[100], TEN_YEARS_MS)] + records[101:]
+    broken = [*records[:100], Record("readings", 0, 100, records[100].key, b"{"), *records[101:]]
+
+    def run(rs, **extra):
+        source = FakeSource({("readings", 0): rs}, chunk=50)
+        _, sink, _ = run_in_memory(detector, source, emit_all=True, **extra)
+        return sink.values("events"), dead_letters(sink)
+
+    (events, letters), (broken_events, broken_letters) = run(future), run(broken)
+    assert letters == {(0, 100): "bad_timestamp"}
+    assert broken_letters == {(0, 100): "decode_error"}
+    assert events == broken_events != []
+    _, unlimited = run(future, max_future_s=0)
+    assert set(unlimited.values()) == {"out_of_order"}
+    assert len(unlimited) == len(records) - 101
+
+
+def test_windows_and_batches_stamped_in_the_future_are_refused_whole(detector):
+    """A pre-cut window ending years ahead, and a columnar batch holding one reading years
+    ahead, are each dead-lettered once as bad_timestamp; the key's other records are taken."""
+    records = _one_key(seed=4)
+    length = detector.input.window.length
+    rows = [orjson.loads(r.value) for r in records[:length]]
+    names = list(rows[0]["values"])
+    key = records[0].key
+    window = {
+        "key": key.decode(),
+        "ts_start": rows[0]["ts"] + TEN_YEARS_MS,
+        "ts_end": rows[-1]["ts"] + TEN_YEARS_MS,
+        "values": [[r["values"][n] for n in names] for r in rows],
+    }
+    later = [orjson.loads(r.value) for r in records[200:210]]
+    batch = {
+        "key": key.decode(),
+        "ts": [r["ts"] for r in later[:-1]] + [later[-1]["ts"] + TEN_YEARS_MS],
+        "values": {n: [r["values"][n] for r in later] for n in names},
+    }
+    rs = [*records[:150], Record("readings", 0, 0, key, orjson.dumps(window)), *records[150:200]]
+    rs += [Record("readings", 0, 0, key, orjson.dumps(batch)), *records[210:]]
+    for offset, record in enumerate(rs):
+        record.offset = offset
+    _, sink, stats = run_in_memory(detector, FakeSource({("readings", 0): rs}, chunk=37))
+    assert dead_letters(sink) == {(0, 150): "bad_timestamp", (0, 201): "bad_timestamp"}
+    assert stats.records_in == len(rs)

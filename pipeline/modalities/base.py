@@ -80,7 +80,7 @@ class Intake(Protocol):
 class Modality(Protocol):
     spec: InputSpec
 
-    def intake(self, max_record_bytes: int, reread_max: int) -> Intake: ...
+    def intake(self, max_record_bytes: int, reread_max: int, **clock) -> Intake: ...
 
     def event_details(
         self, scored: Scores, rows: np.ndarray, start_ms: np.ndarray, end_ms: np.ndarray

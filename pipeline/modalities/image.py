@@ -80,8 +80,9 @@ class ImageModality:
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
 
-    def intake(self, max_record_bytes: int, reread_max: int = 0) -> ImageIntake:
-        """(`reread_max` is for series: an image is its own window, never held.)"""
+    def intake(self, max_record_bytes: int, reread_max: int = 0, **clock) -> ImageIntake:
+        """(`reread_max` and `clock` are for series: an image is its own window, never held,
+        and its time orders nothing.)"""
         return ImageIntake(self.spec, max_record_bytes)
 
     def event_details(

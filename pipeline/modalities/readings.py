@@ -49,7 +49,7 @@ REASONS = (
     "schema_mismatch",  # JSON, but not the shape of a reading or window
     "missing_feature",  # a feature the model needs is absent
     "non_finite",  # NaN, infinity, or beyond float32 range
-    "bad_timestamp",  # timestamp missing, unparseable or outside the years 1 to 9999
+    "bad_timestamp",  # missing, unparseable, outside the years 1 to 9999, or in the future
     "oversize",  # record larger than max_record_bytes
     "window_shape",  # a pre-cut window of the wrong length or width
     "out_of_order",  # older than the key's latest reading
@@ -59,6 +59,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Epoch milliseconds from 0001-01-01 up to (not including) 10000-01-01: the times an event can
 # carry (RFC 3339 has four-digit years, and so has Python's datetime).
 MS_RANGE = (-62_135_596_800_000, 253_402_300_800_000)
+MAX_FUTURE_S = 86_400.0  # how far ahead of the worker's clock a reading may be stamped, by default
 # Failed typed decodes in a poll after which, if they outnumber the readings decoded, the rest
 # of the poll is decoded one by one without a typed try (a stream of bad records).
 MOSTLY_OTHERS = 16

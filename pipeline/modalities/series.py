@@ -8,8 +8,9 @@ the per-feature errors of their windows.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate, chain, repeat
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from pipeline.modalities.base import Partition, Reject
 from pipeline.modalities.batches import ReadingBatch
 from pipeline.modalities.parking import REREAD_MAX
 from pipeline.modalities.readings import (
+    MAX_FUTURE_S,
     MS_RANGE,
     Decoded,
     RecordDecoder,
@@ -59,13 +61,27 @@ class SeriesIntake:
     readings still take the one pass."""
 
     def __init__(
-        self, spec: InputSpec, max_record_bytes: int, reread_max: int = REREAD_MAX
+        self,
+        spec: InputSpec,
+        max_record_bytes: int,
+        reread_max: int = REREAD_MAX,
+        max_future_s: float = MAX_FUTURE_S,
+        wall_ms: Callable[[], float] = lambda: time.time() * 1000.0,
     ) -> None:
+        """`max_future_s`: readings and windows stamped further ahead of `wall_ms` are refused
+        as `bad_timestamp` (0: no limit). A reading of a wrong clock, years ahead, would
+        otherwise become its key's latest, and every later reading of the key out of order."""
         self.decoder = RecordDecoder(
             spec.features, spec.window.length, max_record_bytes, spec.data_features
         )
         self.windows = StreamWindower(spec.window, len(spec.features), reread_max)
         self.calendar = spec.calendar
+        self.max_future_ms, self.wall_ms = max_future_s * 1000.0, wall_ms
+        self._future = Rejection(
+            "bad_timestamp",
+            f"'ts' is more than {max_future_s:g} s ahead of the worker's clock "
+            "(--max-future-s): a sensor clock that is wrong?",
+        )
 
     def take_all(
         self, polled: Sequence[tuple[Partition, Sequence]], pending: ReadyWindows, reject: Reject
@@ -150,7 +166,12 @@ class SeriesIntake:
     def _push(self, partition, records, offsets, parts: list, cut, pending, reject) -> None:
         """Window the readings of `parts` and pass on the pre-cut windows of `cut`, in record
         order (a key's windows reach the adaptive stage in the order they came); refuse
-        readings out of order."""
+        readings out of order and readings or windows stamped in the future."""
+        latest = self.wall_ms() + self.max_future_ms if self.max_future_ms else np.inf
+        if cut and any(window[3] > latest for _, window in cut):
+            for index, _ in (c for c in cut if c[1][3] > latest):
+                reject(records[index], self._future)
+            cut = [c for c in cut if c[1][3] <= latest]
         if not parts:
             for _, window in cut:
                 pending.add(*window)
@@ -164,11 +185,14 @@ class SeriesIntake:
             names = [names[i] for i in order.tolist()]
             ts, rows, at = ts[order], rows[order], at[order]
         seconds = (ts >= SECONDS_LIKE[0]) & (ts < SECONDS_LIKE[1])
-        wrong = seconds | (ts < MS_RANGE[0]) | (ts >= MS_RANGE[1])
+        future = ts > latest
+        wrong = seconds | future | (ts < MS_RANGE[0]) | (ts >= MS_RANGE[1])
         if wrong.any():  # a batched record is refused once, for its first wrong time
             refused = {}
-            for index, as_seconds in zip(at[wrong].tolist(), seconds[wrong].tolist(), strict=True):
-                refused.setdefault(index, _SECONDS if as_seconds else _BEYOND)
+            why = np.where(seconds, 1, np.where(future, 2, 0))[wrong]
+            reasons = (_BEYOND, _SECONDS, self._future)
+            for index, code in zip(at[wrong].tolist(), why.tolist(), strict=True):
+                refused.setdefault(index, reasons[code])
             for index, rejection in refused.items():
                 reject(records[index], rejection)
             keep = np.flatnonzero(~np.isin(at, at[wrong]))
@@ -259,8 +283,9 @@ class SeriesModality:
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
 
-    def intake(self, max_record_bytes: int, reread_max: int = REREAD_MAX) -> SeriesIntake:
-        return SeriesIntake(self.spec, max_record_bytes, reread_max)
+    def intake(self, max_record_bytes: int, reread_max: int = REREAD_MAX, **clock) -> SeriesIntake:
+        """`clock`: `max_future_s` and `wall_ms` (see `SeriesIntake`)."""
+        return SeriesIntake(self.spec, max_record_bytes, reread_max, **clock)
 
     def event_details(
         self, scored: Scores, rows: np.ndarray, start_ms: np.ndarray, end_ms: np.ndarray

@@ -106,8 +106,12 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.stats = WorkerStats()
         self.modality = modality = modality_of(detector.input)
+        records = settings.records
         self.intake = modality.intake(
-            settings.records.max_record_bytes, settings.records.reread_max
+            records.max_record_bytes,
+            records.reread_max,
+            max_future_s=records.max_future_s,
+            wall_ms=wall_ms,
         )
         stages = self.intake.windows.parts()  # per-key state, by its name in the state record
         self.adaptive = None

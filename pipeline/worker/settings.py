@@ -25,6 +25,7 @@ from pipeline import settings as declared
 from pipeline.errors import ConfigError
 from pipeline.kafka_io.settings import KafkaSettings
 from pipeline.modalities.parking import REREAD_MAX
+from pipeline.modalities.readings import MAX_FUTURE_S
 from pipeline.registry.reach import uri_problem
 from pipeline.settings import check, setting
 from pipeline.uris import mask_uri
@@ -146,6 +147,13 @@ class RecordSettings:
         "or drop (counted, not forwarded)",
         "reject",
         choices=ORDER_POLICIES,
+    )
+    max_future_s: float = setting(
+        "readings stamped further ahead of the worker's clock go to the DLQ as bad_timestamp "
+        "(one from a wrong clock would put every later reading of its key out of order); "
+        "0: no limit",
+        MAX_FUTURE_S,
+        minimum=0,
     )
     reread_max: int = setting(
         "records of a partition a restart reads again, at most: a key whose unfinished window "
