@@ -288,14 +288,8 @@ def test_a_parked_keys_readings_read_again_after_a_restart_are_skipped():
 
     def push(windower, start, stop):
         out = ReadyWindows()
-        late, duplicate = windower.push(
-            PARTITION,
-            keys[start:stop],
-            ts[start:stop],
-            values[start:stop],
-            offsets[start:stop],
-            out,
-        )
+        part = (column[start:stop] for column in (keys, ts, values, offsets))
+        late, duplicate = windower.push(PARTITION, *part, out)
         assert len(late) == len(duplicate) == 0
         if not out.counts:
             return []

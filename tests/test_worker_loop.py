@@ -766,3 +766,41 @@ def test_windows_and_batches_stamped_in_the_future_are_refused_whole(detector):
     _, sink, stats = run_in_memory(detector, FakeSource({("readings", 0): rs}, chunk=37))
     assert dead_letters(sink) == {(0, 150): "bad_timestamp", (0, 201): "bad_timestamp"}
     assert stats.records_in == len(rs)
+
+
+def test_a_key_that_moved_partition_starts_afresh_on_its_new_one(detector):
+    """The input topic grows from one partition to two and machine-001 now lands on the new
+    one, whose offsets start again from 0. Its state, restored from the old partition's
+    record, names offsets of that partition and must not skip its readings on the new one (all
+    1,000 were skipped): it starts a fresh series there, while machine-000 continues."""
+    stream = fleet(seed=3, readings_per_key=3000, anomalies=(), keys=2)
+    records = partitioned(stream, "readings", 1)[("readings", 0)]
+    first, rest = records[:4000], records[4000:]
+    state = MemoryStateStore()
+    source = FakeSource({("readings", 0): first}, chunk=200)
+    _, first_sink, _ = run_in_memory(detector, source, state, emit_all=True)
+
+    def moved(rs, partition, start):
+        return [Record("readings", partition, start + i, r.key, r.value) for i, r in enumerate(rs)]
+
+    stays = moved([r for r in rest if r.key == b"machine-000"], 0, 4000)
+    goes = moved([r for r in rest if r.key == b"machine-001"], 1, 0)
+    grown = {("readings", 0): first + stays, ("readings", 1): goes}
+    committed = {**source.latest_commits(), ("readings", 1): 0}
+    _, sink, _ = run_in_memory(detector, FakeSource(grown, 200, committed), state, emit_all=True)
+
+    def ids(sink, key):
+        return {e["id"] for e in map(orjson.loads, sink.values("events")) if e["subject"] == key}
+
+    whole = {("readings", 0): first + stays}
+    _, uninterrupted, _ = run_in_memory(detector, FakeSource(whole, 200), emit_all=True)
+    _, alone, _ = run_in_memory(detector, FakeSource({("readings", 1): goes}, 200), emit_all=True)
+    continued = ids(uninterrupted, "machine-000") - ids(first_sink, "machine-000")
+    assert ids(sink, "machine-000") == continued != set()
+    # none of its windows on the new partition is lost; the others end before the first of
+    # them (they span the move: its readings after the commit on the old partition, read again)
+    fresh = ids(alone, "machine-001")
+    assert fresh <= ids(sink, "machine-001")
+    ends = {e["id"]: e["data"]["window"]["end"] for e in map(orjson.loads, sink.values("events"))}
+    first_fresh = min(ends[i] for i in fresh)
+    assert all(ends[i] < first_fresh for i in ids(sink, "machine-001") - fresh)

@@ -32,13 +32,13 @@ import numpy as np
 if TYPE_CHECKING:
     from pipeline.modalities.windowing import StreamWindower
 
-__all__ = ["PARKED_BYTES", "REREAD_MAX", "ParkedKeys", "Tail"]
+__all__ = ["PARKED_BYTES", "REREAD_MAX", "ParkedKeys", "Tail", "parked", "unpark"]
 
 Partition = tuple[str, int]
 REREAD_MAX = 100_000  # records of a partition a restart reads again, at most, by default
 PARKED_BYTES = 1 << 18  # of a partition's state record its parked readings take at most
 _READING_BYTES = 36  # a parked reading's timestamp and offset, at most, and 6 bytes a value
-_LIMIT = 2**62  # offsets and timestamps lie below it
+_LIMIT = 2**62  # offsets and timestamps lie below it (and no timestamp reaches it)
 
 
 class Tail(NamedTuple):
@@ -161,3 +161,13 @@ def parked(windower: StreamWindower, partition: Partition, slots, held, offset) 
     restored = sum(len(t.ts) for t in w.tails.values() if t.partition == partition) * size
     out[far[np.cumsum(kept) + restored <= PARKED_BYTES]] = True
     return out
+
+
+def unpark(windower: StreamWindower, slot: int, tail: Tail, position: int) -> None:
+    """A restored parked key's readings back in its row (`slot`), from series `position`; its
+    readings up to its latest one, which were taken already, are skipped when read again."""
+    w, n = windower, len(tail.ts)
+    w.values[slot, :n], w.ts[slot, :n], w.offsets[slot, :n] = tail.values, tail.ts, tail.offsets
+    w.fill[slot], w.count[slot], w.last_ts[slot] = n, position + n, tail.ts[-1]
+    w.next_offset[slot] = tail.next_offset
+    w.skip_before[slot], w.skip_ts[slot] = tail.next_offset - 1, _LIMIT

@@ -26,14 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.detector import WindowSpec
-from pipeline.modalities.parking import REREAD_MAX, ParkedKeys, Tail, parked
+from pipeline.modalities.parking import REREAD_MAX, ParkedKeys, Tail, parked, unpark
 
 __all__ = ["ReadyWindows", "StreamWindower"]
 
 TopicPartition = tuple[str, int]
 _NONE = np.zeros(0, np.int64)
 _NO_TS = -(2**62)
-_LATER = 2**62  # later than any timestamp
 RESUME_LIMIT = 2**62  # series positions and offsets of a resume point lie below it
 # New readings a key's row takes at least between two compactions (more come in rounds).
 ROOM = 128
@@ -132,19 +131,16 @@ class StreamWindower:
             self.fill[slot] = self.count[slot] = self.next_offset[slot] = 0
             self.skip_before[slot], self.replay_until[slot] = -1, 0
             self.last_ts[slot] = self.skip_ts[slot] = _NO_TS
-            if key in self._restored:
-                _, position, offset, done, first_ts = self._restored.pop(key)
+            point, tail = self._restored.pop(key, None), self.tails.pop(key, None)
+            # a key restored from another partition's state moved (the topic's partitions
+            # grew): its resume point names that partition's offsets, so it starts afresh here
+            if point is not None and point[0] == partition:
+                _, position, offset, done, first_ts = point
                 self.count[slot], self.skip_before[slot] = position, offset
                 self.skip_ts[slot] = first_ts
                 self.next_offset[slot], self.replay_until[slot] = offset, done
-                tail = self.tails.pop(key, None)
                 if tail is not None:  # parked: its readings, and everything before them taken
-                    n = len(tail.ts)
-                    self.values[slot, :n], self.ts[slot, :n] = tail.values, tail.ts
-                    self.offsets[slot, :n], self.fill[slot] = tail.offsets, n
-                    self.count[slot], self.last_ts[slot] = position + n, tail.ts[-1]
-                    self.next_offset[slot] = tail.next_offset
-                    self.skip_before[slot], self.skip_ts[slot] = tail.next_offset - 1, _LATER
+                    unpark(self, slot, tail, position)
         self._partitions[slot] = partition
         return slot
 
