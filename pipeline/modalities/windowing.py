@@ -298,6 +298,7 @@ class StreamWindower:
                 index, code, ts, values, offsets = (
                     a[keep] for a in (index, code, ts, values, offsets)
                 )
+            self.skip_before[slots[np.unique(code)]] = -1  # past it: the rest is all new
         late, duplicate, ok = _order(self.last_ts[slots], code, ts)
         late, duplicate = np.sort(index[late]), np.sort(index[duplicate])
         if ok is not None:
