@@ -104,11 +104,11 @@ class ParkedKeys:
         keys = {k: t.encode() for k, t in w.tails.items() if t.partition == partition}
         slots = w._of(partition)
         if len(slots):
-            held, _, offset, _ = w._oldest(slots)
-            start = w._needed(slots)
-            for i in np.flatnonzero(parked(w, partition, slots, held, offset)).tolist():
-                slot, first = int(slots[i]), int(start[i])
+            held, position, offset, _ = w._oldest(slots)
+            for i in np.flatnonzero(parked(w, partition, slots, held, position, offset)).tolist():
+                slot = int(slots[i])
                 fill = int(w.fill[slot])
+                first = fill - int(w.count[slot] - position[i])  # its oldest needed reading
                 tail = Tail(
                     partition,
                     w.ts[slot, first:fill],
@@ -145,9 +145,12 @@ class ParkedKeys:
         pass  # the windower's own `forget` drops them with the rest of the partitions' keys
 
 
-def parked(windower: StreamWindower, partition: Partition, slots, held, offset) -> np.ndarray:
-    """Of `slots` (a partition's, with `held` and the `offset` of their oldest needed reading):
-    those parked, furthest behind first, within `PARKED_BYTES` with the restored ones."""
+def parked(
+    windower: StreamWindower, partition: Partition, slots, held, position, offset
+) -> np.ndarray:
+    """Of `slots` (a partition's, with `held` and the series `position` and `offset` of their
+    oldest needed reading, as `StreamWindower._oldest` gives them): those parked, furthest
+    behind first, within `PARKED_BYTES` with the restored ones."""
     w = windower
     head = max(w.heads.get(partition, 0), int(w.next_offset[slots].max()))
     w.heads[partition] = head
@@ -157,7 +160,7 @@ def parked(windower: StreamWindower, partition: Partition, slots, held, offset) 
         return out
     far = far[np.argsort(offset[far], kind="stable")]
     size = _READING_BYTES + 6 * w.n_features
-    kept = (w.fill[slots] - w._needed(slots))[far] * size
+    kept = (w.count[slots] - position)[far] * size  # held readings: from the oldest needed on
     restored = sum(len(t.ts) for t in w.tails.values() if t.partition == partition) * size
     out[far[np.cumsum(kept) + restored <= PARKED_BYTES]] = True
     return out

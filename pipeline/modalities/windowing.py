@@ -235,9 +235,9 @@ class StreamWindower:
         ]
         slots = self._of(partition)
         if len(slots):
-            held, _, offset, _ = self._oldest(slots)
+            held, position, offset, _ = self._oldest(slots)
             replaying = self.replay_until[slots] > self.count[slots]
-            needed = (held | replaying) & ~parked(self, partition, slots, held, offset)
+            needed = (held | replaying) & ~parked(self, partition, slots, held, position, offset)
             needs += offset[needed].tolist()
         return min(needs) if needs else None
 
