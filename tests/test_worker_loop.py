@@ -674,6 +674,17 @@ def test_a_silent_key_does_not_hold_the_commit_back(detector):
     assert parked["keys"]["quiet"]["offsets"] == list(range(8, 20))  # its next window's
 
 
+def test_with_default_settings_a_quiet_key_holds_the_commit_back_at_most_reread_max(detector):
+    """The same with `--reread-max` at its default (100,000): 104,020 records after the quiet
+    key's 20; the commit ends within 100,000 records of the end (before parking: at 8, the
+    quiet key's oldest needed reading)."""
+    stream = fleet(seed=5, readings_per_key=26_000, anomalies=())
+    records = _with_quiet_key(stream, before=20, after=0)
+    source = FakeSource({("readings", 0): records}, chunk=5000)
+    run_in_memory(detector, source, max_poll_records=5000)
+    assert len(records) - source.latest_commits()[("readings", 0)] <= 100_000
+
+
 def test_a_parked_key_continues_its_windows_after_a_restart(detector):
     """A restart from the commit and the state record gives the quiet key the same windows,
     scores and event ids as an uninterrupted run, though its first readings are not read
