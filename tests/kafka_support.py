@@ -7,7 +7,8 @@ import time
 import uuid
 from pathlib import Path
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import ConfigResource, ConfigResourceType
 
 from pipeline.kafka_io import open_client
 from pipeline.kafka_io.settings import KafkaConnection
@@ -88,6 +89,27 @@ def worker_settings(bootstrap: str, names: dict, model, **kwargs) -> WorkerSetti
 def ensure_topics(bootstrap: str, topics: dict, connection: KafkaConnection | None = None) -> None:
     """Create the topics (a spec per name) through the worker's own Kafka client."""
     open_client(connection or KafkaConnection(bootstrap)).ensure_topics(topics)
+
+
+def topic_settings(bootstrap: str, topic: str, *names: str) -> dict:
+    """The broker's answer for a topic: its partition count and replication factor, and the
+    value of each named setting with where it comes from (`DYNAMIC_TOPIC_CONFIG`: the topic's
+    own)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        (described,) = admin.describe_topics([topic])
+        found = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, configs=dict.fromkeys(names))],
+            config_filter="all",
+        )["topic"][topic]
+    finally:
+        admin.close()
+    partitions = described["partitions"]
+    return {
+        "partitions": len(partitions),
+        "replication_factor": len(partitions[0]["replica_nodes"]),
+        **{name: (entry["value"], entry["config_source"]) for name, entry in found.items()},
+    }
 
 
 def build_app(settings: WorkerSettings) -> WorkerApp:

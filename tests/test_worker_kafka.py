@@ -20,6 +20,7 @@ from tests.kafka_support import (
     produce,
     run_worker,
     stream_items,
+    topic_settings,
     wait_for_log,
     worker_process,
     worker_settings,
@@ -305,6 +306,8 @@ def test_a_partition_of_thousands_of_keys_checkpoints_and_restores_its_state(
     )
     _, stats = run_worker(settings)
     assert stats.windows_scored == 3000  # each key's window ending at its 16th reading
+    made = topic_settings(kafka_bootstrap, settings.state_topic_name, "cleanup.policy")
+    assert made["cleanup.policy"] == ("compact", "DYNAMIC_TOPIC_CONFIG")  # the latest record kept
     produce(kafka_bootstrap, names["input"], [items[i] for i in order[16 * 3000 :]])
     worker, stats = run_worker(settings)
     assert stats.windows_scored == 2 * 3000  # those ending at the 20th and the 24th

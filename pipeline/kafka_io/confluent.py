@@ -19,14 +19,23 @@ The producers live in `pipeline.kafka_io.confluent_sink`, the records and the ta
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ConfigSource,
+    NewTopic,
+)
 
 from pipeline.errors import CommitRejected
+from pipeline.kafka_io import topics as topics_
 from pipeline.kafka_io.confluent_records import FETCHING, ConfluentTail, Records, group, take
 from pipeline.kafka_io.confluent_sink import (
     LOGGER,
@@ -248,6 +257,26 @@ def _admin(connection: KafkaConnection, timeout_s: float = CONNECT_TIMEOUT_S):
                 ) from None
 
 
+def _topic_settings(admin: AdminClient, topic: str, names: Iterable[str]) -> topics_.Current:
+    (future,) = admin.describe_configs([ConfigResource("topic", topic)]).values()
+    found = future.result(timeout=10)
+    return {
+        name: (found[name].value, found[name].source == ConfigSource.DYNAMIC_TOPIC_CONFIG.value)
+        for name in names
+        if name in found
+    }
+
+
+def _set_topic_settings(admin: AdminClient, topic: str, settings: Mapping[str, str]) -> None:
+    entries = [
+        ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+        for name, value in settings.items()
+    ]
+    resource = ConfigResource("topic", topic, incremental_configs=entries)
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=10)
+
+
 class ConfluentClient:
     """The `KafkaClient` of one cluster on confluent-kafka."""
 
@@ -263,27 +292,33 @@ class ConfluentClient:
         admin.list_topics(timeout=request_timeout_ms / 1000.0)
 
     def ensure_topics(self, topics: Mapping[str, TopicSpec]) -> None:
-        """Create topics that do not exist yet."""
+        """Create topics that do not exist yet; give those that do the settings they lack."""
         admin = _admin(self.connection)
         existing = set(admin.list_topics(timeout=10).topics)
         wanted = [
             NewTopic(
                 name,
-                num_partitions=int(spec.get("num_partitions", 1)),
-                replication_factor=int(spec.get("replication_factor", 1)),
-                config={k: str(v) for k, v in dict(spec.get("topic_configs", {})).items()},
+                num_partitions=topics_.partitions(spec),
+                replication_factor=topics_.replication(spec),
+                config=topics_.configs(spec),
             )
             for name, spec in topics.items()
             if name not in existing
         ]
-        if not wanted:
-            return
-        for future in admin.create_topics(wanted, operation_timeout=10).values():
+        for future in admin.create_topics(wanted, operation_timeout=10).values() if wanted else ():
             try:
                 future.result()
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
+        for name, spec in topics.items():
+            if name in existing and topics_.configs(spec):
+                topics_.settle(
+                    name,
+                    topics_.configs(spec),
+                    functools.partial(_topic_settings, admin),
+                    functools.partial(_set_topic_settings, admin),
+                )
 
     def source(self, topics: Sequence[str], pattern: str | None, rebalance: Rebalance):
         return ConfluentSource(self.settings, topics, pattern, rebalance)

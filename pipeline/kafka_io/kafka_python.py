@@ -13,11 +13,13 @@ Size: over 400 lines because every kafka-python call of aewatch is here, by desi
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
 from kafka.coordinator.assignors.range import RangePartitionAssignor
@@ -34,6 +36,7 @@ from kafka.net.transport import KafkaTCPTransport
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.errors import CommitRejected
+from pipeline.kafka_io import topics as topics_
 from pipeline.kafka_io.errors import (
     DeliveryError,
     KafkaConnectError,
@@ -425,6 +428,22 @@ def _admin(connection: KafkaConnection, timeout_ms: int = CONNECT_TIMEOUT_MS) ->
                     ) from exc
 
 
+def _topic_settings(admin: KafkaAdminClient, topic: str, names: Iterable[str]) -> topics_.Current:
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs=dict.fromkeys(names))
+    found = admin.describe_configs([resource], config_filter="all")["topic"][topic]
+    return {
+        name: (entry["value"], entry["config_source"] == "DYNAMIC_TOPIC_CONFIG")
+        for name, entry in found.items()
+    }
+
+
+def _set_topic_settings(admin: KafkaAdminClient, topic: str, settings: Mapping[str, str]) -> None:
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs=dict(settings))
+    outcome = admin.alter_configs([resource])["topic"][topic]  # "OK", or the error's text
+    if outcome != "OK":
+        raise KafkaError(str(outcome))
+
+
 class KafkaPythonClient:
     """The `KafkaClient` of one cluster on kafka-python."""
 
@@ -446,15 +465,15 @@ class KafkaPythonClient:
             admin.close()
 
     def ensure_topics(self, topics: Mapping[str, TopicSpec]) -> None:
-        """Create topics that do not exist yet."""
+        """Create topics that do not exist yet; give those that do the settings they lack."""
         admin = _admin(self.connection)
         try:
             existing = set(admin.list_topics())
             wanted = {
                 name: {
-                    "num_partitions": spec.get("num_partitions", 1),
-                    "replication_factor": spec.get("replication_factor", 1),
-                    "topic_configs": spec.get("topic_configs", {}),
+                    "num_partitions": topics_.partitions(spec),
+                    "replication_factor": topics_.replication(spec),
+                    "configs": topics_.configs(spec),
                 }
                 for name, spec in topics.items()
                 if name not in existing
@@ -462,6 +481,14 @@ class KafkaPythonClient:
             if wanted:
                 with contextlib.suppress(TopicAlreadyExistsError):
                     admin.create_topics(wanted)
+            for name, spec in topics.items():
+                if name in existing and topics_.configs(spec):
+                    topics_.settle(
+                        name,
+                        topics_.configs(spec),
+                        functools.partial(_topic_settings, admin),
+                        functools.partial(_set_topic_settings, admin),
+                    )
         finally:
             admin.close()
 
