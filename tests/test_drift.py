@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.events import DRIFT_SCHEMA, event_schema
 from pipeline.worker.drift import BINS, DriftStage, _Reservoir, psi
+from tests.worker_support import fleet
 
 P = ("in", 0)
 
@@ -122,3 +123,31 @@ def test_drift_events_fire_on_a_shifted_stream_and_not_on_a_stationary_one(
             limit = 0.25 if event["data"]["key"] == "*" else 3.0
             assert event["data"]["limit"] == limit <= event["data"]["value"]
         assert pooled >= 0.25
+
+
+def _psi_keys(worker) -> set[str]:
+    return {
+        sample.labels["key"]
+        for metric in worker.metrics.registry.collect()
+        if metric.name == "aewatch_drift_psi"
+        for sample in metric.samples
+    }
+
+
+def test_a_revoked_partitions_keys_leave_the_per_key_drift_gauge(trained):
+    """After a rebalance the keys' new owner reports their drift; the value this member last
+    set would stay behind, stale, next to it (and a fleet whose keys come and go would grow
+    the gauge without end)."""
+    from tests.worker_support import FakeSource, partitioned, run_in_memory
+
+    stream = fleet(seed=3, keys=4, readings_per_key=600, anomalies=())
+    records = partitioned(stream, "readings", 2)
+    worker, _, _ = run_in_memory(
+        trained.detector, FakeSource(records, chunk=400), drift_window=50, events="alarms"
+    )
+    by_partition = {p: {r.key.decode() for r in rs} for p, rs in records.items()}
+    assert (
+        _psi_keys(worker) == {"*"} | by_partition[("readings", 0)] | by_partition[("readings", 1)]
+    )
+    worker.on_revoked({("readings", 1)})
+    assert _psi_keys(worker) == {"*"} | by_partition[("readings", 0)]

@@ -188,6 +188,10 @@ class DriftStage:
             if reservoir is not None:
                 reservoir.drifting = bool(part.get("drifting"))
 
+    def keys_of(self, partitions: set[Partition]) -> set[str]:
+        """The keys whose reservoirs these partitions hold."""
+        return {key for p in partitions for key in self.keys.get(p, {})}
+
     def forget(self, partitions: set[Partition]) -> None:
         for partition in partitions:
             for reservoir in self.keys.pop(partition, {}).values():

@@ -199,6 +199,8 @@ class Worker:
             # from the last accepted commit: nothing is lost, so the member carries on.
             log.warning("checkpoint on revoke failed, %s read again: %r", sorted(partitions), exc)
         finally:
+            if self.drift is not None:
+                self.metrics.forget_keys(self.drift.keys_of(partitions))
             self.checkpoints.forget(partitions)
             self.assigned -= partitions
         self.metrics.assigned.set(len(self.assigned))

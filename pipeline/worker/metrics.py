@@ -20,7 +20,7 @@ observed for every scored window with one numpy call per batch through `BulkHist
 | `aewatch_commits_total` | counter | |
 | `aewatch_model_info` | gauge (1) | `name`, `version`, `alias` |
 | `aewatch_model_reloads_total` | counter | `outcome` (loaded, refused, unreachable), `reason` |
-| `aewatch_drift_psi` | gauge | `key` (`*`: every key this member holds, pooled) |
+| `aewatch_drift_psi` | gauge | `key`, for the keys this member holds (`*`: all of them, pooled) |
 """
 
 from __future__ import annotations
@@ -171,6 +171,13 @@ class WorkerMetrics:
             for gauge in (self.reread, self.parked):
                 with contextlib.suppress(KeyError):  # never set for this partition
                     gauge.remove(topic, str(partition))
+
+    def forget_keys(self, keys) -> None:
+        """Keys this member no longer holds leave the per-key gauge: their new owner reports
+        them, and a value left here would go stale."""
+        for key in keys:
+            with contextlib.suppress(KeyError):  # never reported: its reservoir was not full
+                self.drift_psi.remove(key)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
