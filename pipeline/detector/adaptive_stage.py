@@ -214,13 +214,21 @@ class AdaptiveStage:
             if len(text) in lengths:
                 self._unpack(self._slot(partition, key), text)
 
+    def drop(self, partition: Partition, keys: Iterable[str]) -> None:
+        """Forget these keys of the partition (`pipeline.modalities.expiry`)."""
+        held = self._slots.get(partition, {})
+        self._release([held.pop(key) for key in keys if key in held])
+
     def forget(self, partitions: set[Partition]) -> None:
         for partition in partitions:
-            for slot in (self._slots.pop(partition, None) or {}).values():
-                for part in self._parts:
-                    part.reset(slot)
-                self.last_end[slot] = _NONE
-                self._free.append(slot)
+            self._release((self._slots.pop(partition, None) or {}).values())
+
+    def _release(self, slots: Iterable[int]) -> None:
+        for slot in slots:
+            for part in self._parts:
+                part.reset(slot)
+            self.last_end[slot] = _NONE
+            self._free.append(slot)
 
 
 @dataclass

@@ -48,6 +48,12 @@ class StreamWindows(Protocol):
     def oldest_needed(self, partition: Partition) -> int | None:
         """The smallest offset of the partition a future window still needs (None if none)."""
 
+    def expire(self, partition: Partition) -> list[str]:
+        """Forget the partition's keys silent for long (`pipeline.modalities.expiry`): their
+        names, for the other stages to drop."""
+
+    def drop(self, partition: Partition, keys) -> None: ...
+
     def forget(self, partitions: set[Partition]) -> None: ...
 
     def parts(self) -> dict:

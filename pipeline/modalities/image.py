@@ -44,6 +44,12 @@ class NoWindows:
     def oldest_needed(self, partition: Partition) -> None:
         return None
 
+    def expire(self, partition: Partition) -> list[str]:
+        return []  # an image key's stage state is forgotten with its partition only
+
+    def drop(self, partition: Partition, keys) -> None:
+        pass
+
     def forget(self, partitions: set[Partition]) -> None:
         pass
 

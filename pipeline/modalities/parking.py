@@ -141,6 +141,9 @@ class ParkedKeys:
                 w.tails[key] = tail  # a key seen already, or without its resume point, stays so
         w.heads[partition] = max(w.heads.get(partition, 0), head)
 
+    def drop(self, partition: Partition, keys) -> None:
+        pass  # the windower's `expire` drops them with the rest of their state
+
     def forget(self, partitions: set[Partition]) -> None:
         pass  # the windower's own `forget` drops them with the rest of the partitions' keys
 

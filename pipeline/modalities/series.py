@@ -21,6 +21,7 @@ from pipeline.events import iso_ms_many
 from pipeline.kafka_io.protocols import record_columns
 from pipeline.modalities.base import Partition, Reject
 from pipeline.modalities.batches import ReadingBatch
+from pipeline.modalities.expiry import KEY_TTL_S
 from pipeline.modalities.parking import REREAD_MAX
 from pipeline.modalities.readings import (
     MAX_FUTURE_S,
@@ -67,14 +68,16 @@ class SeriesIntake:
         reread_max: int = REREAD_MAX,
         max_future_s: float = MAX_FUTURE_S,
         wall_ms: Callable[[], float] = lambda: time.time() * 1000.0,
+        key_ttl_s: float = KEY_TTL_S,
     ) -> None:
         """`max_future_s`: readings and windows stamped further ahead of `wall_ms` are refused
         as `bad_timestamp` (0: no limit). A reading of a wrong clock, years ahead, would
-        otherwise become its key's latest, and every later reading of the key out of order."""
+        otherwise become its key's latest, and every later reading of the key out of order.
+        `key_ttl_s`: keys silent that long are forgotten (`pipeline.modalities.expiry`)."""
         self.decoder = RecordDecoder(
             spec.features, spec.window.length, max_record_bytes, spec.data_features
         )
-        self.windows = StreamWindower(spec.window, len(spec.features), reread_max)
+        self.windows = StreamWindower(spec.window, len(spec.features), reread_max, key_ttl_s)
         self.calendar = spec.calendar
         self.max_future_ms, self.wall_ms = max_future_s * 1000.0, wall_ms
         self._future = Rejection(
@@ -284,7 +287,7 @@ class SeriesModality:
         self.spec = spec
 
     def intake(self, max_record_bytes: int, reread_max: int = REREAD_MAX, **clock) -> SeriesIntake:
-        """`clock`: `max_future_s` and `wall_ms` (see `SeriesIntake`)."""
+        """`clock`: `max_future_s`, `wall_ms` and `key_ttl_s` (see `SeriesIntake`)."""
         return SeriesIntake(self.spec, max_record_bytes, reread_max, **clock)
 
     def event_details(

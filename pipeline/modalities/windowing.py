@@ -12,6 +12,9 @@ reading is limited to numbering its key.
 Ordering policy: per key, timestamps must increase. A reading older than the key's latest is
 `out_of_order`, one with the same timestamp a `duplicate_timestamp`; neither enters a window.
 
+Size: over 400 lines because the batch step and the restart state it keeps are one structure; the
+parked and forgotten keys live in `parking` and `expiry`.
+
 Restart: a key's resume point is the position and offset of the oldest reading it still needs,
 and the position after the latest reading it took (windows ending before it were emitted).
 Stored with each commit (see `pipeline.worker.state`), it lets a restarted worker skip what was already
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.detector import WindowSpec
+from pipeline.modalities.expiry import KEY_TTL_S, expire
 from pipeline.modalities.parking import REREAD_MAX, ParkedKeys, Tail, parked, unpark
 
 __all__ = ["ReadyWindows", "StreamWindower"]
@@ -71,10 +75,13 @@ class ReadyWindows:
 class StreamWindower:
     """Every key's kept readings and series state, one slot (row of the store) per key."""
 
-    def __init__(self, spec: WindowSpec, n_features: int, reread_max: int = REREAD_MAX) -> None:
+    def __init__(
+        self, spec: WindowSpec, n_features: int, reread_max=REREAD_MAX, key_ttl_s=KEY_TTL_S
+    ) -> None:
         self.spec = spec
         self.n_features = n_features
         self.reread_max = reread_max  # see `pipeline.modalities.parking`
+        self.ttl_ms = int(key_ttl_s * 1000)  # see `pipeline.modalities.expiry`
         self.tails: dict[str, Tail] = {}  # restored parked keys, until their next reading
         self.heads: dict[TopicPartition, int] = {}  # offset after the newest reading taken
         self.parked = ParkedKeys(self)
@@ -244,6 +251,13 @@ class StreamWindower:
     def parts(self) -> dict:
         """Every holder of this per-key state, by its name in the state record."""
         return {"resume": self, "parked": self.parked}
+
+    def expire(self, partition: TopicPartition) -> list[str]:
+        """Forget the partition's long-silent keys (`pipeline.modalities.expiry`): their names."""
+        return expire(self, partition)
+
+    def drop(self, partition: TopicPartition, keys) -> None:
+        pass  # `expire` has dropped them
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         """Drop keys of partitions this member no longer owns."""

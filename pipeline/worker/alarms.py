@@ -33,6 +33,11 @@ nothing is counted twice. Episode and event ids are uuid5 values of the key, the
 and the transition kind, so a replay produces the same ids and downstream consumers can drop
 duplicates.
 
+A key forgotten after a long silence (`pipeline.modalities.expiry`) leaves the tracker, unless
+an episode of it is open: that one resolves, with its event, when the key comes back.
+
+Size: over 400 lines because the rule, the episode's bookkeeping and its state part are one unit.
+
 State entries are compact; per key (omitted fields are empty):
 
 * ``e`` - end ms of the latest window taken (always present; needed to skip replayed windows)
@@ -391,6 +396,12 @@ class AlarmTracker:
                 self._open += 1
             keys[key] = st
         self._keys[partition] = keys
+
+    def drop(self, partition: Partition, keys) -> None:
+        """Forget these keys of the partition, but not one with an open episode."""
+        held = self._keys.get(partition, {})
+        for key in [k for k in keys if k in held and held[k].episode is None]:
+            del held[key]
 
     def forget(self, partitions: set) -> None:
         """Drop the keys of these partitions (revoked from this worker)."""

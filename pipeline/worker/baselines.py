@@ -169,6 +169,11 @@ class BaselineStage:
         for key, entry in saved.items():
             part.restore(key, entry)
 
+    def drop(self, partition: Partition, keys) -> None:
+        part = self.parts.get(partition)
+        for key in keys if part is not None else ():
+            part.keys.pop(key, None)  # a key of the training set comes back with its statistics
+
     def forget(self, partitions: set[Partition]) -> None:
         for partition in partitions:
             self.parts.pop(partition, None)

@@ -106,6 +106,17 @@ class Checkpointer:
             self.processed.pop(partition, None)
             self.committed.pop(partition, None)
 
+    def _expire(self, partition: Partition) -> None:
+        """Keys of the partition silent for long leave every stage (`pipeline.modalities.expiry`)."""
+        gone = self.windows.expire(partition)
+        if not gone:
+            return
+        for stage in self.stages.values():
+            stage.drop(partition, gone)
+        self.metrics.forget_keys(gone)
+        self.metrics.keys_expired.inc(len(gone))
+        log.info("forgot %d keys of %s:%d, silent for long: %s", len(gone), *partition, gone[:5])
+
     def commit_offsets(self) -> dict[Partition, int]:
         """Per partition: the oldest reading still needed, else the next record; never back."""
         offsets = {}
@@ -131,6 +142,7 @@ class Checkpointer:
             self.sink.flush()
         parked = {}
         for partition in self.touched & assigned:
+            self._expire(partition)
             state = {name: stage.state(partition) for name, stage in self.stages.items()}
             self.store.save(partition, state)
             parked[partition] = len((state.get("parked") or {}).get("keys", ()))

@@ -192,6 +192,13 @@ class DriftStage:
         """The keys whose reservoirs these partitions hold."""
         return {key for p in partitions for key in self.keys.get(p, {})}
 
+    def drop(self, partition: Partition, keys) -> None:
+        held = self.keys.get(partition, {})
+        for key in keys:
+            reservoir = held.pop(key, None)
+            if reservoir is not None:
+                self.pooled -= reservoir.counts
+
     def forget(self, partitions: set[Partition]) -> None:
         for partition in partitions:
             for reservoir in self.keys.pop(partition, {}).values():

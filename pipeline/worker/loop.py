@@ -112,6 +112,7 @@ class Worker:
             records.reread_max,
             max_future_s=records.max_future_s,
             wall_ms=wall_ms,
+            key_ttl_s=records.key_ttl_s,
         )
         stages = self.intake.windows.parts()  # per-key state, by its name in the state record
         self.adaptive = None

@@ -18,6 +18,9 @@ observed for every scored window with one numpy call per batch through `BulkHist
 | `aewatch_assigned_partitions` | gauge | |
 | `aewatch_alarms_open` | gauge | |
 | `aewatch_commits_total` | counter | |
+| `aewatch_state_refused_total` | counter | |
+| `aewatch_keys_expired_total` | counter | |
+| `aewatch_reread_records`, `aewatch_parked_keys` | gauge | `topic`, `partition` |
 | `aewatch_model_info` | gauge (1) | `name`, `version`, `alias` |
 | `aewatch_model_reloads_total` | counter | `outcome` (loaded, refused, unreachable), `reason` |
 | `aewatch_drift_psi` | gauge | `key`, for the keys this member holds (`*`: all of them, pooled) |
@@ -130,6 +133,11 @@ class WorkerMetrics:
         self.state_refused = Counter(
             "aewatch_state_refused",
             "state records refused as unreadable (their partition's keys started afresh)",
+            registry=r,
+        )
+        self.keys_expired = Counter(
+            "aewatch_keys_expired",
+            "keys forgotten after --key-ttl-s of silence (they start afresh if they come back)",
             registry=r,
         )
         self.model_info = Gauge(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pipeline import settings as declared
 from pipeline.errors import ConfigError
 from pipeline.kafka_io.settings import KafkaSettings
+from pipeline.modalities.expiry import KEY_TTL_S
 from pipeline.modalities.parking import REREAD_MAX
 from pipeline.modalities.readings import MAX_FUTURE_S
 from pipeline.registry.reach import uri_problem
@@ -160,6 +161,12 @@ class RecordSettings:
         "reaches further back (silent, or far slower than the others) keeps its readings in "
         "the state record instead of holding the commit back",
         REREAD_MAX,
+        minimum=0,
+    )
+    key_ttl_s: float = setting(
+        "a key silent this long (event time, and more than --reread-max records) is forgotten: "
+        "it leaves memory and the state record, and starts afresh if it comes back; 0: never",
+        KEY_TTL_S,
         minimum=0,
     )
 

@@ -67,6 +67,9 @@ class KeyedState(Protocol):
     def restore(self, partition: Partition, saved: dict) -> None:
         """Replace the partition's keys with what `state` saved."""
 
+    def drop(self, partition: Partition, keys) -> None:
+        """Forget these keys of the partition: silent for long (`pipeline.modalities.expiry`)."""
+
     def forget(self, partitions: set[Partition]) -> None: ...
 
 
@@ -132,6 +135,7 @@ class KafkaStateStore:
         if len(value) > STATE_RECORD_MAX:
             raise ValueError(
                 f"the state record of {partition[0]}:{partition[1]} is {len(value)} bytes, over "
-                f"{STATE_RECORD_MAX}: spread its keys over more partitions"
+                f"{STATE_RECORD_MAX}: spread its keys over more partitions, or forget silent ones "
+                "sooner (--key-ttl-s)"
             )
         self.sink.send(self.topic, key=_key(partition), value=value)

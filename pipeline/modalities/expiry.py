@@ -1,0 +1,69 @@
+"""Forgotten keys: a key silent for long enough leaves the worker's memory and state record.
+
+A fleet's keys come and go: machines are replaced, devices renamed, containers started with new
+names. Every key seen keeps its row of readings (a few KiB) and, in the partition's state record,
+its resume point and its adaptive and alarm state (about 400 bytes); without an end, memory grows
+with every key ever seen, and a partition's state record reaches its size limit after some 40,000
+keys, where the worker stops.
+
+So a key is forgotten, at a checkpoint, when its latest reading lies both
+
+- more than `ttl_ms` of event time behind the newest reading of its partition, and
+- more than `reread_max` records behind the partition's head (the parked rule of
+  `pipeline.modalities.parking`),
+
+and every stage drops its state (`KeyedState.drop`). The second condition keeps a key that still
+sends, whatever its clock says: a device whose clock was reset to 1970 is behind in event time
+but not in records. When a forgotten key comes back, it starts afresh, as a key never seen: its
+windows begin again with its new readings, and its adaptive state warms up again (`aewatch
+score` on a file keeps each key's series whole, so the two differ for such a key). A key with an
+open alarm keeps its alarm state until the episode resolves (`pipeline.worker.alarms`).
+
+A key restored from a state record and not seen since is judged by the timestamp of its oldest
+held reading (or, parked, of its latest), and by its resume offset.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.modalities.windowing import StreamWindower
+
+__all__ = ["KEY_TTL_S", "expire"]
+
+Partition = tuple[str, int]
+KEY_TTL_S = 7 * 86_400  # a week: longer than any maintenance window a key is expected to keep
+_NO_TS = -(2**62)
+
+
+def expire(windower: StreamWindower, partition: Partition) -> list[str]:
+    """Forget the keys of `partition` silent beyond both limits; returns their names."""
+    w = windower
+    slots = w._of(partition)
+    if w.ttl_ms <= 0 or not len(slots):
+        return []
+    last = w.last_ts[slots]
+    newest = int(last.max())
+    if newest == _NO_TS:
+        return []
+    cutoff_ts = newest - w.ttl_ms
+    head = max(w.heads.get(partition, 0), int(w.next_offset[slots].max()))
+    cutoff_offset = head - w.reread_max
+    silent = (last != _NO_TS) & (last < cutoff_ts) & (w.next_offset[slots] <= cutoff_offset)
+    gone = [w._keys[s] for s in slots[silent].tolist()]
+    for slot in slots[silent].tolist():
+        del w.slots[w._keys[slot]]
+        w._keys[slot] = w._partitions[slot] = None
+        w._free.append(slot)
+    for key, point in list(w._restored.items()):
+        if point[0] != partition:
+            continue
+        tail = w.tails.get(key)
+        ts = int(tail.ts[-1]) if tail is not None else point[4]
+        offset = tail.next_offset if tail is not None else point[2]
+        if ts != _NO_TS and ts < cutoff_ts and offset <= cutoff_offset:
+            del w._restored[key]
+            w.tails.pop(key, None)
+            gone.append(key)
+    return gone
