@@ -311,14 +311,12 @@ class ConfluentClient:
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
-        for name, spec in topics.items():
-            if name in existing and topics_.configs(spec):
-                topics_.settle(
-                    name,
-                    topics_.configs(spec),
-                    functools.partial(_topic_settings, admin),
-                    functools.partial(_set_topic_settings, admin),
-                )
+        topics_.settle_existing(
+            topics,
+            existing,
+            functools.partial(_topic_settings, admin),
+            functools.partial(_set_topic_settings, admin),
+        )
 
     def source(self, topics: Sequence[str], pattern: str | None, rebalance: Rebalance):
         return ConfluentSource(self.settings, topics, pattern, rebalance)

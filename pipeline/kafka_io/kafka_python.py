@@ -481,14 +481,12 @@ class KafkaPythonClient:
             if wanted:
                 with contextlib.suppress(TopicAlreadyExistsError):
                     admin.create_topics(wanted)
-            for name, spec in topics.items():
-                if name in existing and topics_.configs(spec):
-                    topics_.settle(
-                        name,
-                        topics_.configs(spec),
-                        functools.partial(_topic_settings, admin),
-                        functools.partial(_set_topic_settings, admin),
-                    )
+            topics_.settle_existing(
+                topics,
+                existing,
+                functools.partial(_topic_settings, admin),
+                functools.partial(_set_topic_settings, admin),
+            )
         finally:
             admin.close()
 

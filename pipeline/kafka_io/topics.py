@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from pipeline.kafka_io.protocols import TopicSpec
 
-__all__ = ["BROKER_DEFAULT", "configs", "partitions", "replication", "settle"]
+__all__ = ["BROKER_DEFAULT", "configs", "partitions", "replication", "settle", "settle_existing"]
 
 log = logging.getLogger(__name__)
 BROKER_DEFAULT = -1  # a count the broker chooses (Kafka >= 2.4)
@@ -89,6 +89,19 @@ def settle(
             _pairs(lacking or wanted),
         )
         return {}
+
+
+def settle_existing(
+    topics: Mapping[str, TopicSpec],
+    existing: set[str],
+    read: Callable[[str, Iterable[str]], Current],
+    write: Callable[[str, Mapping[str, str]], None],
+) -> None:
+    """`settle` each of `topics` that existed already and asks for settings."""
+    for name, spec in topics.items():
+        wanted = configs(spec)
+        if name in existing and wanted:
+            settle(name, wanted, read, write)
 
 
 def _pairs(settings: Mapping[str, str]) -> str:
