@@ -667,6 +667,9 @@ def test_a_silent_key_does_not_hold_the_commit_back(detector):
     assert 'aewatch_parked_keys{partition="0",topic="readings"} 1.0' in exposed
     reread = f'aewatch_reread_records{{partition="0",topic="readings"}} {len(records) - committed}'
     assert reread in exposed
+    size = len(state.records[("readings", 0)])
+    assert f'aewatch_state_record_bytes{{partition="0",topic="readings"}} {float(size)}' in exposed
+    assert f'aewatch_keys{{partition="0",topic="readings"}} {float(1 + 4)}' in exposed
     # only the fleet's open windows are read again (the quiet key's 20 readings held it at 0)
     assert committed >= len(records) - 4 * detector.input.window.length
     parked = decode_state(state.records[("readings", 0)])["parked"]

@@ -140,12 +140,13 @@ class Checkpointer:
         `started`, has scored and emitted)."""
         if not self.sink.transactional:
             self.sink.flush()
-        parked = {}
+        saved = {}
         for partition in self.touched & assigned:
             self._expire(partition)
             state = {name: stage.state(partition) for name, stage in self.stages.items()}
-            self.store.save(partition, state)
-            parked[partition] = len((state.get("parked") or {}).get("keys", ()))
+            size = self.store.save(partition, state)
+            parked = len((state.get("parked") or {}).get("keys", ()))
+            saved[partition] = (len(state.get("resume") or ()), parked, size)
         self.touched.clear()
         offsets = self.commit_offsets() if source is not None else {}
         if self.sink.transactional:
@@ -172,7 +173,7 @@ class Checkpointer:
         reread = {
             p: n - self.committed[p] for p, n in self.processed.items() if p in self.committed
         }
-        self.metrics.set_held(reread, parked)
+        self.metrics.set_held(reread, saved)
         if offsets:
             self.stats.commits += 1
             self.metrics.commits.inc()

@@ -21,6 +21,7 @@ observed for every scored window with one numpy call per batch through `BulkHist
 | `aewatch_state_refused_total` | counter | |
 | `aewatch_keys_expired_total` | counter | |
 | `aewatch_reread_records`, `aewatch_parked_keys` | gauge | `topic`, `partition` |
+| `aewatch_keys`, `aewatch_state_record_bytes` | gauge | `topic`, `partition` |
 | `aewatch_model_info` | gauge (1) | `name`, `version`, `alias` |
 | `aewatch_model_reloads_total` | counter | `outcome` (loaded, refused, unreachable), `reason` |
 | `aewatch_drift_psi` | gauge | `key`, for the keys this member holds (`*`: all of them, pooled) |
@@ -127,6 +128,18 @@ class WorkerMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.keys = Gauge(
+            "aewatch_keys",
+            "keys whose windows this member holds, at the last checkpoint",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.state_bytes = Gauge(
+            "aewatch_state_record_bytes",
+            "size of the partition's last state record (the worker stops past 16 MiB)",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.assigned = Gauge("aewatch_assigned_partitions", "partitions assigned", registry=r)
         self.alarms_open = Gauge("aewatch_alarms_open", "keys with an open alarm", registry=r)
         self.commits = Counter("aewatch_commits", "offset commits", registry=r)
@@ -166,17 +179,20 @@ class WorkerMetrics:
         for (topic, partition), value in lag.items():
             self.lag.labels(topic, str(partition)).set(value)
 
-    def set_held(self, reread: dict[tuple[str, int], int], parked: dict) -> None:
-        """Per partition checkpointed: records a restart reads again, and keys parked."""
+    def set_held(self, reread: dict[tuple[str, int], int], saved: dict) -> None:
+        """Per partition checkpointed: records a restart reads again, and of its state record
+        (`saved`: partition -> (keys, parked keys, bytes)) the keys, parked keys and size."""
         for (topic, partition), value in reread.items():
             self.reread.labels(topic, str(partition)).set(value)
-        for (topic, partition), value in parked.items():
-            self.parked.labels(topic, str(partition)).set(value)
+        for (topic, partition), (keys, parked, size) in saved.items():
+            self.keys.labels(topic, str(partition)).set(keys)
+            self.parked.labels(topic, str(partition)).set(parked)
+            self.state_bytes.labels(topic, str(partition)).set(size)
 
     def forget(self, partitions) -> None:
         """Partitions this member no longer owns leave the per-partition gauges."""
         for topic, partition in partitions:
-            for gauge in (self.reread, self.parked):
+            for gauge in (self.reread, self.parked, self.keys, self.state_bytes):
                 with contextlib.suppress(KeyError):  # never set for this partition
                     gauge.remove(topic, str(partition))
 

@@ -102,7 +102,8 @@ class StateStore(Protocol):
     def load(self, partitions: set[Partition]) -> dict[Partition, bytes]:
         """The latest record of each of `partitions` that has one (`decode_state` reads it)."""
 
-    def save(self, partition: Partition, parts: dict[str, dict]) -> None: ...
+    def save(self, partition: Partition, parts: dict[str, dict]) -> int:
+        """Write the partition's record; its size in bytes."""
 
 
 class MemoryStateStore:
@@ -114,8 +115,9 @@ class MemoryStateStore:
     def load(self, partitions: set[Partition]) -> dict[Partition, bytes]:
         return {p: self.records[p] for p in partitions if p in self.records}
 
-    def save(self, partition: Partition, parts: dict[str, dict]) -> None:
+    def save(self, partition: Partition, parts: dict[str, dict]) -> int:
         self.records[partition] = encode_state(parts)
+        return len(self.records[partition])
 
 
 class KafkaStateStore:
@@ -130,7 +132,7 @@ class KafkaStateStore:
         latest = self.read_latest(self.topic, list(wanted))
         return {wanted[k]: v for k, v in latest.items()}
 
-    def save(self, partition: Partition, parts: dict[str, dict]) -> None:
+    def save(self, partition: Partition, parts: dict[str, dict]) -> int:
         value = encode_state(parts)
         if len(value) > STATE_RECORD_MAX:
             raise ValueError(
@@ -139,3 +141,4 @@ class KafkaStateStore:
                 "sooner (--key-ttl-s)"
             )
         self.sink.send(self.topic, key=_key(partition), value=value)
+        return len(value)
