@@ -40,8 +40,10 @@ _NO_TS = -(2**62)
 def expire(windower: StreamWindower, partition: Partition) -> list[str]:
     """Forget the keys of `partition` silent beyond both limits; returns their names."""
     w = windower
+    if w.ttl_ms <= 0:
+        return []
     slots = w._of(partition)
-    if w.ttl_ms <= 0 or not len(slots):
+    if not len(slots):
         return []
     last = w.last_ts[slots]
     newest = int(last.max())

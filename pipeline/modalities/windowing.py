@@ -76,7 +76,11 @@ class StreamWindower:
     """Every key's kept readings and series state, one slot (row of the store) per key."""
 
     def __init__(
-        self, spec: WindowSpec, n_features: int, reread_max=REREAD_MAX, key_ttl_s=KEY_TTL_S
+        self,
+        spec: WindowSpec,
+        n_features: int,
+        reread_max: int = REREAD_MAX,
+        key_ttl_s: float = KEY_TTL_S,
     ) -> None:
         self.spec = spec
         self.n_features = n_features

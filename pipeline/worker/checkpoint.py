@@ -5,7 +5,8 @@ A checkpoint (every `commit_interval_ms`, on partition revoke, on shutdown) goes
 1. score what is pending and emit its events (the loop does this before calling `save`), and
    make them durable: flush the producer (every event and dead letter acknowledged);
 2. write each touched partition's state to the compacted state topic: the keys' window positions
-   and whatever else keeps per-key state (alarm episodes), one record per partition;
+   and whatever else keeps per-key state (alarm episodes), one record per partition; keys silent
+   beyond `--key-ttl-s` are forgotten first, by every stage (`pipeline.modalities.expiry`);
 3. make the state durable: flush again, or, exactly-once, commit the transaction that holds the
    events, dead letters, state and offsets;
 4. commit, per partition, the offset of the oldest reading an unfinished window still needs (or of
