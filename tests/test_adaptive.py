@@ -337,3 +337,28 @@ def test_window_extremes_run_no_torch_op():
         lo, hi = window_extremes(windows)
     assert lo.shape == hi.shape == (1000, 2)
     assert [event.key for event in prof.key_averages()] == []
+
+
+def test_a_keys_saved_state_is_its_parts_struct_layouts_in_order():
+    """The state record keeps each key's parts as their `struct` formats lay them out (what
+    earlier versions wrote and read), whether packed key by key or all keys at once."""
+    import struct
+
+    rng = np.random.default_rng(6)
+    lo = rng.normal(0, 1, (300, 2)).cumsum(axis=0) * 0.1
+    stage = _ranged()
+    _feed(stage, lo, lo + 1.0)
+    _feed(stage, lo[:40] * 3, lo[:40] * 3 + 2.0, key="b")
+    saved = stage.state(P)
+    assert set(saved["keys"]) == {"k", "b"}
+    for key, slot in stage._slots[P].items():
+        like, rule, ranged = stage.likelihood, stage.rule, stage.range
+        fields = [*like.m[slot], *like.mu[slot], *like.var[slot]]
+        blob = like.pack_format.pack(int(like.n[slot]), int(like.frozen[slot]), *fields)
+        blob += rule.pack_format.pack(
+            bool(rule.armed[slot]), int(rule.since[slot]), int(rule.below[slot])
+        )
+        blob += ranged.pack_format.pack(*ranged.lo[slot], *ranged.hi[slot])
+        blob += struct.pack("<q", int(stage.last_end[slot]))
+        assert base64.b64decode(saved["keys"][key]) == blob
+        assert b"".join(p.pack(slot) for p in (like, rule, ranged)) == blob[:-8]

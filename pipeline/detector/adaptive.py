@@ -259,9 +259,16 @@ class AdaptiveLikelihood:
         self.var[k] = (1.0 - a) * (var + a * d * d)
         self.m[k], self.n[k] = m, n
 
+    def pack_rows(self, slots: np.ndarray) -> np.ndarray:
+        """The slots' states as `pack_format` lays them out: [len(slots), its size] bytes."""
+        c = self.channels
+        rows = np.empty(len(slots), [("n", "<i8"), ("frozen", "<i4"), ("f", "<f8", (3 * c,))])
+        rows["n"], rows["frozen"] = self.n[slots], self.frozen[slots]
+        rows["f"] = np.concatenate([self.m[slots], self.mu[slots], self.var[slots]], axis=1)
+        return _bytes(rows)
+
     def pack(self, slot: int) -> bytes:
-        fields = np.concatenate([self.m[slot], self.mu[slot], self.var[slot]]).tolist()
-        return self.pack_format.pack(int(self.n[slot]), int(self.frozen[slot]), *fields)
+        return self.pack_rows(np.array([slot])).tobytes()
 
     @property
     def legacy_size(self) -> int:
@@ -326,8 +333,15 @@ class RangeCheck:
         self.hi[k] = np.where(finite, np.maximum(seen_hi, hi), seen_hi)
         return beyond.any(axis=1)
 
+    def pack_rows(self, slots: np.ndarray) -> np.ndarray:
+        """The slots' states as `pack_format` lays them out: [len(slots), its size] bytes."""
+        f = self.features
+        rows = np.empty(len(slots), [("lo", "<f8", (f,)), ("hi", "<f8", (f,))])
+        rows["lo"], rows["hi"] = self.lo[slots], self.hi[slots]
+        return _bytes(rows)
+
     def pack(self, slot: int) -> bytes:
-        return self.pack_format.pack(*self.lo[slot].tolist(), *self.hi[slot].tolist())
+        return self.pack_rows(np.array([slot])).tobytes()
 
     def unpack(self, slot: int, blob: bytes) -> None:
         self.ensure(slot + 1)
@@ -396,14 +410,27 @@ class DetectionRule:
         self.below[k] = below
         return fire
 
-    def pack(self, slot: int) -> bytes:
-        return self.pack_format.pack(
-            bool(self.armed[slot]), int(self.since[slot]), int(self.below[slot])
+    def pack_rows(self, slots: np.ndarray) -> np.ndarray:
+        """The slots' states as `pack_format` lays them out: [len(slots), its size] bytes."""
+        rows = np.empty(len(slots), [("armed", "?"), ("since", "<i8"), ("below", "<i8")])
+        rows["armed"], rows["since"], rows["below"] = (
+            self.armed[slots],
+            self.since[slots],
+            self.below[slots],
         )
+        return _bytes(rows)
+
+    def pack(self, slot: int) -> bytes:
+        return self.pack_rows(np.array([slot])).tobytes()
 
     def unpack(self, slot: int, blob: bytes) -> None:
         self.ensure(slot + 1)
         self.armed[slot], self.since[slot], self.below[slot] = self.pack_format.unpack(blob)
+
+
+def _bytes(rows: np.ndarray) -> np.ndarray:
+    """A packed structured array's rows as bytes: [rows, itemsize] uint8."""
+    return rows.view(np.uint8).reshape(len(rows), rows.dtype.itemsize)
 
 
 def lifted(surprise: np.ndarray, beyond: np.ndarray, floor: float = np.inf) -> np.ndarray:

@@ -175,10 +175,6 @@ class AdaptiveStage:
         return scores_from(logq, live, self.rule.update(slots, surprise, order), beyond)
 
     # -- per-key state (the KeyedState protocol) --------------------------------------------------
-    def _pack(self, slot: int) -> str:
-        blob = b"".join(part.pack(slot) for part in self._parts)
-        return base64.b64encode(blob + _END.pack(int(self.last_end[slot]))).decode()
-
     def _unpack(self, slot: int, text: str) -> None:
         blob = base64.b64decode(text)
         at = 0
@@ -196,11 +192,12 @@ class AdaptiveStage:
 
     def state(self, partition: Partition) -> dict:
         keys = self._slots.get(partition, {})
-        return {
-            "v": self.version,
-            "c": self.channels,
-            "keys": {key: self._pack(slot) for key, slot in keys.items()},
-        }
+        slots = np.fromiter(keys.values(), np.int64, len(keys))
+        ends = self.last_end[slots].astype("<i8").view(np.uint8).reshape(len(slots), _END.size)
+        rows = np.concatenate([*(part.pack_rows(slots) for part in self._parts), ends], axis=1)
+        raw, size, encode = rows.tobytes(), rows.shape[1], base64.b64encode
+        texts = [encode(raw[at : at + size]).decode() for at in range(0, len(raw), size)]
+        return {"v": self.version, "c": self.channels, "keys": dict(zip(keys, texts, strict=True))}
 
     def restore(self, partition: Partition, saved: dict) -> None:
         self.forget({partition})
