@@ -380,3 +380,18 @@ def test_a_state_record_beyond_its_limit_is_refused_naming_its_partition(monkeyp
     ):
         store.save(PARTITION, {"resume": {f"k{i}": [1, 2] for i in range(100)}})
     assert len(sent) == 1
+
+
+def test_an_empty_key_is_a_key_like_any_other():
+    """A reading whose key is "" keeps its resume point and holds the commit like the others
+    (its slot was left out of the partition's keys, and a restart lost its windows)."""
+    windower = StreamWindower(WindowSpec(8, 2), 2)
+    n = 12
+    keys = ["", "a"] * n
+    ts = np.repeat(np.arange(n, dtype=np.int64) * 1000, 2)
+    values = np.ones((2 * n, 2), np.float32)
+    windower.push(PARTITION, keys, ts, values, np.arange(2 * n, dtype=np.int64), ReadyWindows())
+    points = windower.resume_points(PARTITION)
+    assert set(points) == {"", "a"}
+    assert windower.oldest_needed(PARTITION) == min(points[""][1], points["a"][1])
+    assert points[""][1] % 2 == 0  # its own offsets, the even ones

@@ -55,9 +55,7 @@ def expire(windower: StreamWindower, partition: Partition) -> list[str]:
     silent = (last != _NO_TS) & (last < cutoff_ts) & (w.next_offset[slots] <= cutoff_offset)
     gone = [w._keys[s] for s in slots[silent].tolist()]
     for slot in slots[silent].tolist():
-        del w.slots[w._keys[slot]]
-        w._keys[slot] = w._partitions[slot] = None
-        w._free.append(slot)
+        w._free_slot(slot)
     for key, point in list(w._restored.items()):
         if point[0] != partition:
             continue

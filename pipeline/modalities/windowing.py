@@ -94,6 +94,7 @@ class StreamWindower:
         self.slots: dict[str, int] = {}
         self._keys: list[str | None] = []
         self._partitions: list[TopicPartition | None] = []
+        self._owners: dict[TopicPartition, int] = {}  # a number for each partition, from 1
         self._free: list[int] = []
         self._restored: dict[str, tuple[TopicPartition, int, int, int, int]] = {}
         # per slot: its row of readings, and (filled in when a key takes the slot) its state
@@ -107,6 +108,7 @@ class StreamWindower:
         self.skip_ts = np.zeros(0, np.int64)  # and readings at that offset older than this
         self.replay_until = np.zeros(0, np.int64)  # windows ending before it were emitted
         self.last_ts = np.zeros(0, np.int64)
+        self.owner = np.zeros(0, np.int32)  # the number of its key's partition (0: free)
 
     _PER_SLOT = (
         "values",
@@ -119,6 +121,7 @@ class StreamWindower:
         "skip_ts",
         "replay_until",
         "last_ts",
+        "owner",
     )
 
     def _grow(self, size: int) -> None:
@@ -152,7 +155,9 @@ class StreamWindower:
                 self.next_offset[slot], self.replay_until[slot] = offset, done
                 if tail is not None:  # parked: its readings, and everything before them taken
                     unpark(self, slot, tail, position)
-        self._partitions[slot] = partition
+        if self._partitions[slot] != partition:
+            self._partitions[slot] = partition
+            self.owner[slot] = self._owners.setdefault(partition, len(self._owners) + 1)
         return slot
 
     def _needed(self, slots: np.ndarray) -> np.ndarray:
@@ -196,10 +201,9 @@ class StreamWindower:
                 self._restored[key] = (partition, position, offset, done, first_ts)
 
     def _of(self, partition: TopicPartition) -> np.ndarray:
-        return np.array(
-            [s for s, p in enumerate(self._partitions) if p == partition and self._keys[s]],
-            np.int64,
-        )
+        """The slots of the partition's keys."""
+        number = self._owners.get(partition)
+        return np.flatnonzero(self.owner == number) if number else _NONE
 
     def resume_points(self, partition: TopicPartition) -> dict[str, tuple]:
         """Every key of `partition` this member knows, including restored keys not seen since:
@@ -267,12 +271,16 @@ class StreamWindower:
         """Drop keys of partitions this member no longer owns."""
         for slot, partition in enumerate(self._partitions):
             if partition in partitions and self._keys[slot] is not None:
-                del self.slots[self._keys[slot]]
-                self._keys[slot] = self._partitions[slot] = None
-                self._free.append(slot)
+                self._free_slot(slot)
         self._restored = {k: v for k, v in self._restored.items() if v[0] not in partitions}
         self.tails = {k: v for k, v in self.tails.items() if v.partition not in partitions}
         self.heads = {p: h for p, h in self.heads.items() if p not in partitions}
+
+    def _free_slot(self, slot: int) -> None:
+        del self.slots[self._keys[slot]]
+        self._keys[slot] = self._partitions[slot] = None
+        self.owner[slot] = 0
+        self._free.append(slot)
 
     # -- the batch step --------------------------------------------------------------------------
     def push(
