@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.modalities.parking import partition_head
+
 if TYPE_CHECKING:
     from pipeline.modalities.windowing import StreamWindower
 
@@ -50,11 +52,11 @@ def expire(windower: StreamWindower, partition: Partition) -> list[str]:
     if newest == _NO_TS:
         return []
     cutoff_ts = newest - w.ttl_ms
-    head = max(w.heads.get(partition, 0), int(w.next_offset[slots].max()))
-    cutoff_offset = head - w.reread_max
+    cutoff_offset = partition_head(w, partition, slots) - w.reread_max
     silent = (last != _NO_TS) & (last < cutoff_ts) & (w.next_offset[slots] <= cutoff_offset)
-    gone = [w._keys[s] for s in slots[silent].tolist()]
+    gone = []
     for slot in slots[silent].tolist():
+        gone.append(w._keys[slot])
         w._free_slot(slot)
     for key, point in list(w._restored.items()):
         if point[0] != partition:

@@ -32,7 +32,15 @@ import numpy as np
 if TYPE_CHECKING:
     from pipeline.modalities.windowing import StreamWindower
 
-__all__ = ["PARKED_BYTES", "REREAD_MAX", "ParkedKeys", "Tail", "parked", "unpark"]
+__all__ = [
+    "PARKED_BYTES",
+    "REREAD_MAX",
+    "ParkedKeys",
+    "Tail",
+    "parked",
+    "partition_head",
+    "unpark",
+]
 
 Partition = tuple[str, int]
 REREAD_MAX = 100_000  # records of a partition a restart reads again, at most, by default
@@ -155,8 +163,7 @@ def parked(
     oldest needed reading, as `StreamWindower._oldest` gives them): those parked, furthest
     behind first, within `PARKED_BYTES` with the restored ones."""
     w = windower
-    head = max(w.heads.get(partition, 0), int(w.next_offset[slots].max()))
-    w.heads[partition] = head
+    head = w.heads[partition] = partition_head(w, partition, slots)
     out = np.zeros(len(slots), bool)
     far = np.flatnonzero(held & (offset < head - w.reread_max))
     if not len(far):
@@ -167,6 +174,11 @@ def parked(
     restored = sum(len(t.ts) for t in w.tails.values() if t.partition == partition) * size
     out[far[np.cumsum(kept) + restored <= PARKED_BYTES]] = True
     return out
+
+
+def partition_head(windower: StreamWindower, partition: Partition, slots) -> int:
+    """The offset after the newest reading taken on `partition` (its keys' `slots` given)."""
+    return max(windower.heads.get(partition, 0), int(windower.next_offset[slots].max()))
 
 
 def unpark(windower: StreamWindower, slot: int, tail: Tail, position: int) -> None:

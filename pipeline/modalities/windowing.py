@@ -93,7 +93,6 @@ class StreamWindower:
         self.capacity = spec.length - 1 + max(spec.length + spec.stride + 1, ROOM)
         self.slots: dict[str, int] = {}
         self._keys: list[str | None] = []
-        self._partitions: list[TopicPartition | None] = []
         self._owners: dict[TopicPartition, int] = {}  # a number for each partition, from 1
         self._free: list[int] = []
         self._restored: dict[str, tuple[TopicPartition, int, int, int, int]] = {}
@@ -133,7 +132,6 @@ class StreamWindower:
             setattr(self, name, np.concatenate([array, more]))
         self._free.extend(range(size - 1, old - 1, -1))
         self._keys.extend([None] * (size - old))
-        self._partitions.extend([None] * (size - old))
 
     def _slot(self, key: str, partition: TopicPartition) -> int:
         slot = self.slots.get(key)
@@ -155,9 +153,7 @@ class StreamWindower:
                 self.next_offset[slot], self.replay_until[slot] = offset, done
                 if tail is not None:  # parked: its readings, and everything before them taken
                     unpark(self, slot, tail, position)
-        if self._partitions[slot] != partition:
-            self._partitions[slot] = partition
-            self.owner[slot] = self._owners.setdefault(partition, len(self._owners) + 1)
+        self.owner[slot] = self._owners.setdefault(partition, len(self._owners) + 1)
         return slot
 
     def _needed(self, slots: np.ndarray) -> np.ndarray:
@@ -269,17 +265,16 @@ class StreamWindower:
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         """Drop keys of partitions this member no longer owns."""
-        for slot, partition in enumerate(self._partitions):
-            if partition in partitions and self._keys[slot] is not None:
-                self._free_slot(slot)
+        numbers = [self._owners[p] for p in partitions if p in self._owners]
+        for slot in np.flatnonzero(np.isin(self.owner, numbers)).tolist():
+            self._free_slot(slot)
         self._restored = {k: v for k, v in self._restored.items() if v[0] not in partitions}
         self.tails = {k: v for k, v in self.tails.items() if v.partition not in partitions}
         self.heads = {p: h for p, h in self.heads.items() if p not in partitions}
 
     def _free_slot(self, slot: int) -> None:
         del self.slots[self._keys[slot]]
-        self._keys[slot] = self._partitions[slot] = None
-        self.owner[slot] = 0
+        self._keys[slot], self.owner[slot] = None, 0
         self._free.append(slot)
 
     # -- the batch step --------------------------------------------------------------------------
