@@ -21,6 +21,7 @@ import orjson
 
 __all__ = [
     "ALARM_SCHEMA",
+    "ALARM_RESOLVED_BY",
     "ALARM_TYPES",
     "DRIFT_SCHEMA",
     "DRIFT_TYPE",
@@ -40,6 +41,9 @@ EVENT_TYPE = "aewatch.anomaly.v1"
 EVENT_SCHEMA = "anomaly-event.v1.schema.json"
 ALARM_TYPES = {"opened": "aewatch.alarm.opened", "resolved": "aewatch.alarm.resolved"}
 ALARM_SCHEMA = "alarm-event.v1.schema.json"
+# Kafka header of a resolved alarm event: "windows" (normal windows resolved it) or "silence"
+# (its key was forgotten after `--key-ttl-s` of silence, `pipeline.worker.alarms`)
+ALARM_RESOLVED_BY = "aewatch.alarm.resolved_by"
 DRIFT_TYPE = "aewatch.drift.v1"
 DRIFT_SCHEMA = "drift-event.v1.schema.json"
 _NAMESPACE = uuid.UUID("6f6e1a52-8b3b-4e1e-9a55-616577617463")

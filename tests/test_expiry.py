@@ -132,7 +132,7 @@ def test_every_stage_drops_the_forgotten_keys_and_keeps_the_others():
     for key, flag in (("a", False), ("open", True)):
         list(alarms.update(key, P, ends[:1], ends[:1], np.array([2.0]), np.array([flag]), None))
     alarms.drop(P, ["a", "open"])
-    assert set(alarms.state(P)) == {"open"}  # its episode resolves if it comes back
+    assert set(alarms.state(P)) == {"open"}  # an open episode is resolved first, not dropped
 
     rng = np.random.default_rng(0)
     drift = DriftStage(rng.normal(size=1000), window=50, limit=0.25)
@@ -141,6 +141,27 @@ def test_every_stage_drops_the_forgotten_keys_and_keeps_the_others():
     drift.drop(P, ["a"])
     assert set(drift.state(P)) == {"b", "*"}
     assert drift.pooled.sum() == 50
+
+
+def test_an_alarm_open_on_a_forgotten_key_resolves_at_its_last_window():
+    alarms = AlarmTracker(AlarmRules(k=2, n=3, resolve_after=5))
+    ends = T0 + 1000 * np.arange(1, 7, dtype=np.int64)
+    flags = np.array([False, True, True, False, True, False])
+    scores = np.where(flags, 3.0, 0.5)
+    opened = alarms.update("gone", P, ends - 1000, ends, scores, flags, None)
+    alarms.update("quiet", P, ends - 1000, ends, scores * 0, flags & False, None)
+    assert [t.kind for t in opened] == ["opened"] and alarms.open_count == 1
+
+    [resolved] = alarms.resolve_silent(P, ["gone", "quiet", "unknown"])
+    assert (resolved.kind, resolved.cause, resolved.key) == ("resolved", "silence", "gone")
+    assert resolved.episode_id == opened[0].episode_id
+    assert resolved.time_ms == ends[-1]  # the end of its last window
+    assert resolved.end_ms == ends[4]  # the end of its last anomalous window
+    assert (resolved.windows, resolved.anomalous_windows) == (5, 3)
+    assert alarms.open_count == 0
+    alarms.drop(P, ["gone", "quiet"])
+    assert alarms.state(P) == {}
+    assert alarms.resolve_silent(P, ["gone"]) == []
 
 
 def test_a_negative_ttl_is_refused_naming_the_setting():
@@ -153,40 +174,47 @@ def trained(tmp_path_factory):
     return train_fleet_detector(tmp_path_factory.mktemp("fleet"))
 
 
-def _generations(count: int, per_key: int = 120) -> list[list[Record]]:
+def _generations(count: int, per_key: int = 120, fault: int = 0) -> list[list[Record]]:
     """`count` generations of the trained machines under new names, each sending `per_key`
-    readings after the one before it stopped."""
+    readings after the one before it stopped; with `fault`, the first generation's first machine
+    reads 20 times its values in its last `fault` readings."""
     base = [
         orjson.loads(p) for p in fleet(keys=6, readings_per_key=per_key, anomalies=()).payloads()
     ]
     span = per_key * 1000
+    first = base[0]["key"]
+    last_ts = max(r["ts"] for r in base if r["key"] == first)
     out, offset = [], 0
     for g in range(count):
         records = []
         for reading in base:
             key = f"g{g}-{reading['key']}"
-            value = orjson.dumps(dict(reading, key=key, ts=reading["ts"] + g * span))
+            values = reading["values"]
+            if g == 0 and reading["key"] == first and reading["ts"] > last_ts - 1000 * fault:
+                values = {name: 20.0 * v + 20.0 for name, v in values.items()}
+            reading = dict(reading, key=key, ts=reading["ts"] + g * span, values=values)
+            value = orjson.dumps(reading)
             records.append(Record("readings", 0, offset, key.encode(), value))
             offset += 1
         out.append(records)
     return out
 
 
-def _churn(detector, ttl_s: float):
+def _churn(detector, ttl_s: float, fault: int = 0, sink=None, state=None):
     from pipeline.worker.loop import Worker
 
-    state = MemoryStateStore()
+    state = state or MemoryStateStore()
     worker = Worker(
         settings(events="both", key_ttl_s=ttl_s, reread_max=100, commit_interval_ms=10**9),
         detector,
         FLEET_MODEL,
-        FakeSink(),
+        sink or FakeSink(),
         state,
     )
     worker.attach(FakeSource({("readings", 0): []}))
     worker.on_assigned({("readings", 0)})
     keys_after = []
-    for records in _generations(5):
+    for records in _generations(5, fault=fault):
         worker.process({("readings", 0): records})
         worker.checkpoint()
         saved = decode_state(state.records[("readings", 0)])
@@ -213,3 +241,49 @@ def test_a_fleet_whose_keys_come_and_go_keeps_the_keys_of_the_last_ttl(trained):
     assert worker.metrics.keys_expired._value.get() == 18
     _, everything = _churn(trained.detector, ttl_s=0)
     assert everything[-1]["resume"] == {"g0", "g1", "g2", "g3", "g4"}
+
+
+def test_an_alarm_open_when_its_key_falls_silent_resolves_when_the_key_is_forgotten(trained):
+    """A machine whose readings go wild just before it stops sending: its alarm opens, and
+    resolves, with the header saying why, at the checkpoint that forgets it, not never."""
+    steps: list[str] = []
+
+    class Sink(FakeSink):
+        def send(self, topic, key=None, value=None, headers=None, partition=None):
+            super().send(topic, key, value, headers, partition)
+            steps.append("resolved" if b"aewatch.alarm.resolved" in value else "event")
+
+        def flush(self):
+            super().flush()
+            steps.append("flush")
+
+    class Store(MemoryStateStore):
+        def save(self, partition, parts):
+            steps.append("state")
+            return super().save(partition, parts)
+
+    sink = Sink()
+    worker, kept = _churn(trained.detector, ttl_s=180, fault=30, sink=sink, state=Store())
+    # the event is durable before the state record that no longer holds the episode
+    after = steps[steps.index("resolved") :]
+    assert after.index("flush") < after.index("state")
+    alarms = [
+        (orjson.loads(value), dict(headers))
+        for _, _, value, headers in sink.sent
+        if b"aewatch.alarm." in value
+    ]
+    [(opened, _), (resolved, headers)] = alarms
+    assert opened["type"] == "aewatch.alarm.opened" and opened["subject"].startswith("g0-")
+    assert resolved["type"] == "aewatch.alarm.resolved"
+    assert resolved["data"]["episode_id"] == opened["data"]["episode_id"]
+    assert headers == {"aewatch.alarm.resolved_by": b"silence"}
+    # at the end of the key's last window (anomalous, as the fault lasts to the end)
+    windows = [
+        orjson.loads(v)
+        for t, k, v, _ in sink.sent
+        if k == opened["subject"].encode() and b"aewatch.anomaly.v1" in v
+    ]
+    assert resolved["time"] == resolved["data"]["end"] == max(e["time"] for e in windows)
+    assert kept[2]["alarms"] == {"g1", "g2"}  # g0 left with its episode
+    assert worker.alarms.open_count == 0
+    assert worker.metrics.alarms_open._value.get() == 0

@@ -16,8 +16,8 @@ and every stage drops its state (`KeyedState.drop`). The second condition keeps 
 sends, whatever its clock says: a device whose clock was reset to 1970 is behind in event time
 but not in records. When a forgotten key comes back, it starts afresh, as a key never seen: its
 windows begin again with its new readings, and its adaptive state warms up again (`aewatch
-score` on a file keeps each key's series whole, so the two differ for such a key). A key with an
-open alarm keeps its alarm state until the episode resolves (`pipeline.worker.alarms`).
+score` on a file keeps each key's series whole, so the two differ for such a key). An alarm still
+open on a forgotten key resolves first, with its event (`AlarmTracker.resolve_silent`).
 
 A key restored from a state record and not seen since is judged by the timestamp of its oldest
 held reading (or, parked, of its latest), and by its resume offset.

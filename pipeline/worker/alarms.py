@@ -33,8 +33,10 @@ nothing is counted twice. Episode and event ids are uuid5 values of the key, the
 and the transition kind, so a replay produces the same ids and downstream consumers can drop
 duplicates.
 
-A key forgotten after a long silence (`pipeline.modalities.expiry`) leaves the tracker, unless
-an episode of it is open: that one resolves, with its event, when the key comes back.
+A key forgotten after a long silence (`pipeline.modalities.expiry`) leaves the tracker. An
+episode still open on it resolves first (`resolve_silent`), at the end of the key's last window:
+a machine that stopped sending, was replaced or renamed would otherwise keep its alarm open for
+ever. Its transition's ``cause`` is ``silence``; one resolved by normal windows has ``windows``.
 
 Size: over 400 lines because the rule, the episode's bookkeeping and its state part are one unit.
 
@@ -100,6 +102,7 @@ class AlarmTransition:
     windows: int  # windows in the episode so far, the ones that opened it included
     anomalous_windows: int
     top_features: list[tuple[str, float]]  # up to 3 (name, mean error), largest first
+    cause: str = "windows"  # resolved: "windows" (normal ones) or "silence" (key forgotten)
 
 
 class _Episode:
@@ -297,15 +300,29 @@ class AlarmTracker:
         self._open += 1
         return self._transition("opened", key, partition, ep, entries[-1][1], None)
 
-    def _resolve(self, st: _KeyState, key: str, partition: Partition, time_ms: int):
+    def resolve_silent(self, partition: Partition, keys) -> list[AlarmTransition]:
+        """Resolve the open episodes of these keys of the partition, forgotten after a long
+        silence, at the end of each one's last window (cause ``silence``)."""
+        held = self._keys.get(partition, {})
+        return [
+            self._resolve(held[key], key, partition, held[key].last_end, cause="silence")
+            for key in keys
+            if key in held and held[key].episode is not None
+        ]
+
+    def _resolve(self, st, key, partition: Partition, time_ms: int, cause: str = "windows"):
         ep = st.episode
-        transition = self._transition("resolved", key, partition, ep, time_ms, ep.last_anomalous)
+        transition = self._transition(
+            "resolved", key, partition, ep, time_ms, ep.last_anomalous, cause
+        )
         st.episode, st.bits, st.hist = None, 0, None
         st.cool_until = time_ms + self.rules.cooldown_ms
         self._open -= 1
         return transition
 
-    def _transition(self, kind, key, partition, ep: _Episode, time_ms, end_ms) -> AlarmTransition:
+    def _transition(
+        self, kind, key, partition, ep: _Episode, time_ms, end_ms, cause="windows"
+    ) -> AlarmTransition:
         return AlarmTransition(
             kind=kind,
             key=key,
@@ -320,6 +337,7 @@ class AlarmTracker:
             windows=ep.windows,
             anomalous_windows=ep.anomalous,
             top_features=self._top_features(ep),
+            cause=cause,
         )
 
     def _top_features(self, ep: _Episode) -> list[tuple[str, float]]:
@@ -398,7 +416,8 @@ class AlarmTracker:
         self._keys[partition] = keys
 
     def drop(self, partition: Partition, keys) -> None:
-        """Forget these keys of the partition, but not one with an open episode."""
+        """Forget these keys of the partition, but not one with an open episode (the
+        checkpoint resolves those first, `resolve_silent`)."""
         held = self._keys.get(partition, {})
         for key in [k for k in keys if k in held and held[k].episode is None]:
             del held[key]

@@ -5,8 +5,9 @@ A checkpoint (every `commit_interval_ms`, on partition revoke, on shutdown) goes
 1. score what is pending and emit its events (the loop does this before calling `save`), and
    make them durable: flush the producer (every event and dead letter acknowledged);
 2. write each touched partition's state to the compacted state topic: the keys' window positions
-   and whatever else keeps per-key state (alarm episodes), one record per partition; keys silent
-   beyond `--key-ttl-s` are forgotten first, by every stage (`pipeline.modalities.expiry`);
+   and whatever else keeps per-key state (alarm episodes), one record per partition. Keys silent
+   beyond `--key-ttl-s` are forgotten first, by every stage (`pipeline.modalities.expiry`), after
+   `on_expired` has emitted what their going ends (an open alarm resolves), before step 1's flush;
 3. make the state durable: flush again, or, exactly-once, commit the transaction that holds the
    events, dead letters, state and offsets;
 4. commit, per partition, the offset of the oldest reading an unfinished window still needs (or of
@@ -49,8 +50,10 @@ class Checkpointer:
         metrics: WorkerMetrics,
         stats: WorkerStats,
         clock: Callable[[], float],
+        on_expired: Callable[[Partition, list[str]], None] = lambda partition, keys: None,
     ) -> None:
         self.sink, self.store, self.windows = sink, store, windows
+        self.on_expired = on_expired  # called with a partition's forgotten keys, before they go
         self.stages = stages  # every holder of per-key state, by its name in the state record
         self.metrics, self.stats, self.clock = metrics, stats, clock
         self.processed: dict[Partition, int] = {}  # next offset after what was processed
@@ -112,6 +115,7 @@ class Checkpointer:
         gone = self.windows.expire(partition)
         if not gone:
             return
+        self.on_expired(partition, gone)
         for stage in self.stages.values():
             stage.drop(partition, gone)
         self.metrics.forget_keys(gone)
@@ -139,11 +143,13 @@ class Checkpointer:
     ) -> None:
         """The flush of step 1, and steps 2 to 4 of the module notes (step 1, begun at
         `started`, has scored and emitted)."""
+        partitions = self.touched & assigned
+        for partition in partitions:
+            self._expire(partition)
         if not self.sink.transactional:
             self.sink.flush()
         saved = {}
-        for partition in self.touched & assigned:
-            self._expire(partition)
+        for partition in partitions:
             state = {name: stage.state(partition) for name, stage in self.stages.items()}
             size = self.store.save(partition, state)
             parked = len((state.get("parked") or {}).get("keys", ()))

@@ -147,7 +147,14 @@ class Worker:
             sink, settings.topics, settings.events, modality, self.metrics, self.stats
         )
         self.checkpoints = Checkpointer(
-            sink, state, self.intake.windows, stages, self.metrics, self.stats, clock
+            sink,
+            state,
+            self.intake.windows,
+            stages,
+            self.metrics,
+            self.stats,
+            clock,
+            on_expired=self._expired,
         )
         self.scorer = BatchScorer(
             settings.batching.max_batch,
@@ -397,6 +404,15 @@ class Worker:
                 None if errors is None else errors[rows],
             ):
                 self.writer.alarm(transition, threshold, self.model)
+        self.metrics.alarms_open.set(self.alarms.open_count)
+
+    def _expired(self, partition: Partition, keys: list[str]) -> None:
+        """Keys forgotten after a long silence: an alarm still open on one resolves now."""
+        if self.alarms is None:
+            return
+        threshold = self.detector.threshold.value
+        for transition in self.alarms.resolve_silent(partition, keys):
+            self.writer.alarm(transition, threshold, self.model)
         self.metrics.alarms_open.set(self.alarms.open_count)
 
     def _update_drift(self, batch: ScoredBatch) -> None:

@@ -23,6 +23,7 @@ import orjson
 from pipeline.detector import Threshold
 from pipeline.detector.adaptive import AdaptiveScores
 from pipeline.events import (
+    ALARM_RESOLVED_BY,
     ALARM_TYPES,
     DRIFT_TYPE,
     EVENT_TYPE,
@@ -191,16 +192,19 @@ class EventWriter:
 
     def alarm(self, transition: AlarmTransition, threshold: float, model: ModelIdentity) -> None:
         event = alarm_event(model, transition, threshold)
+        resolved = transition.kind == "resolved"
         self.sink.send(
             self.topics.alarm_topic_name,
             key=transition.key.encode(),
             value=orjson.dumps(event),
+            headers=[(ALARM_RESOLVED_BY, transition.cause.encode())] if resolved else None,
         )
         self.stats.alarms[transition.kind] += 1
         self.metrics.events.labels(f"alarm_{transition.kind}").inc()
         log.info(
-            "alarm %s: %s (episode %s, peak %.4g)",
+            "alarm %s%s: %s (episode %s, peak %.4g)",
             transition.kind,
+            f" by {transition.cause}" if resolved else "",
             transition.key,
             transition.episode_id,
             transition.peak_score,
