@@ -103,7 +103,8 @@ def score_keyed(
             scales = np.concatenate(
                 [np.broadcast_to(part.scaling(k)[1], (len(r), len(part.c))) for k, r in plan]
             )
-            scored = detector.score(windows.windows[index], scaling=(centers, scales))
+            chunk = windows.subset(index).windows  # copied out batch by batch as scored
+            scored = detector.score(chunk, scaling=(centers, scales))
             flags = scored.scores > threshold if threshold is not None else scored.scores < 0
             at = 0
             for key, rows in plan:

@@ -191,3 +191,46 @@ def test_labelled_anomalies_never_reach_training(tmp_path: Path):
     assert "label" not in result.detector.input.features
     assert not result.data.splits["train"].any_labels.any()
     assert result.data.splits["train"].any_labels is not None
+
+
+@pytest.mark.parametrize("own_keys", [False, True], ids=["scaler", "key-baselines"])
+def test_training_holds_the_scaled_series_and_cuts_the_windows_per_batch(own_keys):
+    """The training input was a tensor of every scaled window, W times the series; now it is
+    the scaled series with each window's first row, giving the same batches bit for bit."""
+    import torch
+
+    from pipeline.detector import Scaler, WindowSpec, cut_windows
+    from pipeline.detector.baselines import KeyStats
+    from pipeline.detector.models import ModelConfig
+    from training.data.prepared import SeriesSplits
+
+    rng = np.random.default_rng(3)
+    series = {k: rng.normal(10 * i, 1 + i, size=(300, 4)) for i, k in enumerate("abc")}
+    windows = cut_windows([(k, np.arange(300), v, None) for k, v in series.items()], WindowSpec(16))
+    part = windows.subset(np.flatnonzero(np.arange(len(windows)) % 7 != 3))  # windows left out
+    scaler = Scaler.fit("standard", np.concatenate(list(series.values())))
+    stats = None
+    if own_keys:
+        stats = KeyStats(
+            keys={k: (tuple(v.mean(0)), tuple(v.std(0)), 300) for k, v in series.items()}
+        )
+    splits = SeriesSplits(None, scaler, {"train": part}, {}, None, stats)
+    config = ModelConfig(kind="undercomplete", input_shape=(16, 4), code_size=4)
+    x_train, _ = splits.fit_inputs(
+        config, batch_size=64, shuffle_windows=0, seed=0, context=None, device=torch.device("cpu")
+    )
+    # the windows as one tensor, scaled the way the detector scales them
+    raw = np.asarray(part.windows)
+    scaling = splits.scaling(None, "train")
+    if scaling is None:
+        expected = scaler.transform(raw, axis=2)
+    else:
+        assert own_keys
+        center, scale = (a[:, None, :] for a in scaling)
+        expected = ((raw.astype(np.float32) - center) / scale).astype(np.float32)
+    assert len(x_train) == len(expected)
+    index = torch.randperm(len(expected), generator=torch.Generator().manual_seed(0))[:100]
+    assert torch.equal(x_train.index_select(0, index), torch.from_numpy(expected)[index])
+    assert torch.equal(x_train[10:50], torch.from_numpy(expected)[10:50])
+    held = x_train.rows.numel() * x_train.rows.element_size()
+    assert held <= 3 * 300 * 4 * 4 < expected.nbytes / 10

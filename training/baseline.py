@@ -19,6 +19,7 @@ import torch
 from pipeline.detector import Detector, ModelConfig, build_model
 from pipeline.errors import CalibrationError
 from training.data.splits import Splits
+from training.data.window_tensor import WindowTensor
 from training.fit import validation_loss
 
 __all__ = ["MAX_BASELINE_WINDOWS", "Baseline", "fit_baseline"]
@@ -126,7 +127,11 @@ def fit_baseline(
         return None
     if len(train) > MAX_BASELINE_WINDOWS:
         index = torch.linspace(0, len(train) - 1, MAX_BASELINE_WINDOWS, device=train.device)
-        train = train.index_select(0, index.long())
+        index = index.long()
+        if isinstance(train, WindowTensor):
+            train = train.subset(index)
+        else:
+            train = train.index_select(0, index)
     pca_config = ModelConfig(kind="pca", input_shape=config.input_shape, code_size=config.code_size)
     model = build_model(pca_config).to(train.device).fit(train)
     model.eval()

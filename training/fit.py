@@ -31,6 +31,7 @@ from pipeline.detector.models import ModelConfig
 from pipeline.detector.scoring import score_tensor
 from pipeline.errors import ConfigError
 from training.budget import FitConfig, FitPlan, converged
+from training.data.window_tensor import held
 from training.dense_step import DenseStep
 from training.distributed import RankContext, all_reduce_sums, keep_triton_out
 from training.objectives import Objective
@@ -164,7 +165,7 @@ def _global_validation_loss(
     device: torch.device,
 ) -> float | None:
     """Validation loss over every rank's share: each rank scores its part, the sums are added."""
-    if isinstance(val, torch.Tensor):
+    if held(val):
         shard = val[context.rank :: context.world_size]
         batches = (shard[i : i + 4096] for i in range(0, len(shard), 4096))
     else:
@@ -259,10 +260,10 @@ def fit(
     the module notes).
     """
     context = context or RankContext()
-    device = device or (train.device if isinstance(train, torch.Tensor) else torch.device("cpu"))
+    device = device or (train.device if held(train) else torch.device("cpu"))
     keep_triton_out()
     torch.manual_seed(settings.seed)
-    if isinstance(train, torch.Tensor):
+    if held(train):
         n_train = len(train)
         plan = FitPlan.make(n_train, settings)
         train = TensorBatches(train, plan.batch_size, settings.seed, context)
@@ -318,7 +319,7 @@ def fit(
         evaluate = (local + 1) % plan.eval_every == 0 or local + 1 == plan.epochs
         if not evaluate:
             val_loss = None
-        elif isinstance(val, torch.Tensor) and not joined:
+        elif held(val) and not joined:
             val_loss = validation_loss(model, config, val) if len(val) else None
         elif val is not None:
             val_loss = _global_validation_loss(model, config, val, context, device)

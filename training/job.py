@@ -37,6 +37,7 @@ from training.data.out_of_core import prepare_streamed
 from training.data.prepared import prepare_images, prepare_series, scaler_kind
 from training.data.splits import PARTS, Splits, SplitScores, calibration_hints, check_fractions
 from training.data.streamed import STREAM_FILL_POLICIES
+from training.data.window_tensor import held
 from training.distributed import RankContext
 from training.fit import Callback, FitConfig, FitResult, fit, validation_loss
 from training.fpr_check import FprCheck, check_fpr, window_of
@@ -332,7 +333,7 @@ def train(
     }
     info["evaluation"] = evaluation
     baseline = None
-    if isinstance(train_source, torch.Tensor):
+    if held(train_source):
         baseline = fit_baseline(
             detector,
             data,

@@ -54,6 +54,7 @@ Partition = tuple[str, int]
 FILE_PARTITION = ("file", 0)
 _END = struct.Struct("<q")
 _NONE = np.iinfo(np.int64).min
+EXTREMES_CHUNK = 65_536  # windows of a file whose extremes are taken at once
 
 
 def score_reference(threshold) -> float:
@@ -262,7 +263,11 @@ def replay(stage: AdaptiveStage, windows, scores: np.ndarray) -> AdaptiveScores:
     ]
     extremes = None
     if stage.range is not None:
-        extremes = window_extremes(np.asarray(windows.windows)[order])
+        parts = [
+            window_extremes(windows.windows[order[at : at + EXTREMES_CHUNK]])
+            for at in range(0, max(len(order), 1), EXTREMES_CHUNK)
+        ]  # a chunk of windows copied out at a time
+        extremes = tuple(np.concatenate([part[i] for part in parts]) for i in (0, 1))
     got = stage.update(groups, end_ms[order], np.asarray(scores)[order], extremes)
     out = AdaptiveScores.empty(len(order))
     for name in ("likelihood", "log_likelihood", "surprise", "detection", "beyond"):

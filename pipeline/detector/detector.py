@@ -27,7 +27,7 @@ from pipeline.detector.scoring import (
 )
 from pipeline.detector.threshold import Threshold
 from pipeline.detector.traced import ScoringPass
-from pipeline.detector.windows import WindowSpec
+from pipeline.detector.windows import SlidingWindows, WindowSpec
 from pipeline.errors import ConfigError, DataError, ModelError
 
 __all__ = ["Detector", "InputSpec", "resolve_device"]
@@ -119,6 +119,12 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return (t.float() if t.is_floating_point() else t).cpu().numpy()
 
 
+def _inputs(raw) -> np.ndarray | SlidingWindows:
+    """Windows or images to score batch by batch: windows cut on demand stay so (each batch is
+    copied out as it is scored); anything else as one float32 array."""
+    return raw if isinstance(raw, SlidingWindows) else np.asarray(raw, dtype=np.float32)
+
+
 @dataclass
 class Detector:
     input: InputSpec
@@ -206,7 +212,8 @@ class Detector:
             ):
                 raise DataError("per-window scaling needs [N, F] centers and scales of windows")
         for start in range(0, len(raw), batch_size):
-            batch = torch.from_numpy(raw[start : start + batch_size]).to(device)
+            part = np.ascontiguousarray(raw[start : start + batch_size], dtype=np.float32)
+            batch = torch.from_numpy(part).to(device)
             if scaling is not None:
                 center, scale = (
                     torch.from_numpy(a[start : start + batch_size]).to(device)[:, None, :]
@@ -228,7 +235,7 @@ class Detector:
         Scaling happens on the model's device, batch by batch. `scaling`, per-window (center,
         scale) [N, F] of series windows, replaces the detector's scaler (per-key baselines);
         with the scaler's own values it gives the same scores bit for bit."""
-        raw = np.ascontiguousarray(raw, dtype=np.float32)
+        raw = _inputs(raw)
         parts: list[tuple] = []
         if self._pass is None:
             self._pass = ScoringPass(self.model, self.config, self.score_stats)
@@ -260,7 +267,7 @@ class Detector:
     ) -> np.ndarray:
         """The `terms` score's statistics (before the log) of raw windows: [N, T, F] float64,
         what `fit_score_stats` fits the normalisation on (`scaling` as in `score`)."""
-        raw = np.ascontiguousarray(raw, dtype=np.float32)
+        raw = _inputs(raw)
         parts = []
         with torch.inference_mode():
             for x in self._batches(raw, batch_size, scaling):

@@ -7,6 +7,11 @@ window that ends at reading t exists exactly when t + 1 >= W and (t + 1 - W) % S
 `WindowCarry` applies the same rule to series that arrive in chunks (files, record batches): each
 key carries over only the readings a later window still needs, so the windows are exactly those
 `cut_windows` gives for the whole series.
+
+Windows overlap: at stride 1 a series of T readings gives nearly T windows, each W readings long,
+so a copy of them all is W times the series. `cut_windows` therefore keeps the series once, laid
+end to end, with each window's first row (`SlidingWindows`); a window is copied out only when
+asked for, a batch at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from pipeline.errors import ConfigError, DataError
 
 __all__ = [
+    "SlidingWindows",
     "WindowCarry",
     "WindowSet",
     "WindowSpec",
@@ -86,6 +92,48 @@ def _window_view(values: np.ndarray, spec: WindowSpec, source: str) -> np.ndarra
     return view[:: spec.stride].transpose(0, 2, 1)
 
 
+class SlidingWindows:
+    """Windows [N, W, F] of series laid end to end in `rows` [R, F]: window i is rows
+    `starts[i]` to `starts[i] + W`. Indexing copies out the windows asked for (an int gives a
+    view of one); `np.asarray` copies them all, W times the rows."""
+
+    ndim = 3
+
+    def __init__(self, rows: np.ndarray, starts: np.ndarray, length: int) -> None:
+        self.rows, self.starts, self.length = rows, np.asarray(starts, np.int64), length
+        self._steps = np.arange(length, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.starts), self.length, self.rows.shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.rows.dtype
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, tuple):
+            return self[index[0]][(slice(None),) * (not np.isscalar(index[0])) + index[1:]]
+        if np.isscalar(index):
+            start = self.starts[index]
+            return self.rows[start : start + self.length]
+        return self.rows[self.starts[index][:, None] + self._steps]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        return np.asarray(self, dtype)
+
+    def subset(self, index) -> SlidingWindows:
+        """The windows at `index`, still uncopied."""
+        return SlidingWindows(self.rows, self.starts[index], self.length)
+
+
 @dataclass(frozen=True)
 class WindowSet:
     """Windows cut from one or more entities' series, with where each came from.
@@ -94,7 +142,7 @@ class WindowSet:
     moment); `any_labels` is whether any reading in the window is labelled anomalous.
     """
 
-    windows: np.ndarray
+    windows: np.ndarray | SlidingWindows
     keys: np.ndarray
     start_times: np.ndarray
     end_times: np.ndarray
@@ -106,8 +154,9 @@ class WindowSet:
 
     def subset(self, index: np.ndarray) -> WindowSet:
         pick = lambda a: None if a is None else a[index]  # noqa: E731
+        windows = self.windows
         return WindowSet(
-            self.windows[index],
+            windows.subset(index) if isinstance(windows, SlidingWindows) else windows[index],
             self.keys[index],
             self.start_times[index],
             self.end_times[index],
@@ -120,8 +169,8 @@ def cut_windows(groups, spec: WindowSpec, *, source: str = "series") -> WindowSe
     """Cut windows from `groups`: an iterable of (key, times [T], values [T, F], labels [T] or
     None), each series in time order. Keys shorter than one window give no windows; if no key
     has enough readings, that is a DataError."""
-    parts: dict[str, list] = {k: [] for k in ("w", "k", "s", "e", "el", "al")}
-    longest, has_labels = 0, False
+    parts: dict[str, list] = {k: [] for k in ("w", "i", "k", "s", "e", "el", "al")}
+    longest, has_labels, rows = 0, False, 0
     short: list[str] = []
     for key, times, values, labels in groups:
         longest = max(longest, len(values))
@@ -130,7 +179,9 @@ def cut_windows(groups, spec: WindowSpec, *, source: str = "series") -> WindowSe
             continue
         starts = window_starts(len(values), spec)
         ends = starts + spec.length - 1
-        parts["w"].append(_window_view(values, spec, source=f"{source} key {key!r}"))
+        parts["w"].append(_series_rows(values, f"{source} key {key!r}"))
+        parts["i"].append(starts + rows)
+        rows += len(values)
         parts["k"].append(np.full(len(starts), key, dtype=object))
         parts["s"].append(np.asarray(times)[starts])
         parts["e"].append(np.asarray(times)[ends])
@@ -155,7 +206,7 @@ def cut_windows(groups, spec: WindowSpec, *, source: str = "series") -> WindowSe
             ", ".join(short[:10]) + (", ..." if len(short) > 10 else ""),
         )
     return WindowSet(
-        _joined(parts["w"]),
+        SlidingWindows(_joined(parts["w"]), np.concatenate(parts["i"]), spec.length),
         np.concatenate(parts["k"]),
         np.concatenate(parts["s"]),
         np.concatenate(parts["e"]),
@@ -164,16 +215,23 @@ def cut_windows(groups, spec: WindowSpec, *, source: str = "series") -> WindowSe
     )
 
 
-def _joined(views: list[np.ndarray]) -> np.ndarray:
-    """The keys' window views copied once into one contiguous float32 array."""
-    shapes = {view.shape[1:] for view in views}
+def _series_rows(values, source: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise DataError(f"{source}: expected a [time, feature] array, got shape {values.shape}")
+    return values
+
+
+def _joined(series: list[np.ndarray]) -> np.ndarray:
+    """The keys' series copied once, end to end, into one contiguous float32 array."""
+    shapes = {values.shape[1:] for values in series}
     if len(shapes) > 1:
         raise DataError(f"series differ in their number of features: {sorted(shapes)}")
-    out = np.empty((sum(map(len, views)), *views[0].shape[1:]), np.float32)
+    out = np.empty((sum(map(len, series)), *series[0].shape[1:]), np.float32)
     at = 0
-    for view in views:
-        out[at : at + len(view)] = view
-        at += len(view)
+    for values in series:
+        out[at : at + len(values)] = values
+        at += len(values)
     return out
 
 
