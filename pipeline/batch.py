@@ -89,7 +89,7 @@ def score_keyed(
     while active:
         plan, later = [], []
         for key, rows in active:
-            warm, take = part.take(key, windows.windows[rows])
+            warm, take = part.take(key, windows.subset(rows).windows)  # read window by window
             now = rows[warm : warm + take]
             if len(now):
                 plan.append((key, now))
@@ -108,7 +108,7 @@ def score_keyed(
             flags = scored.scores > threshold if threshold is not None else scored.scores < 0
             at = 0
             for key, rows in plan:
-                part.follow(key, windows.windows[rows], ~flags[at : at + len(rows)])
+                part.follow(key, windows.subset(rows).windows, ~flags[at : at + len(rows)])
                 at += len(rows)
             chosen.append(index)
             parts.append(scored)
