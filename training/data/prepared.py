@@ -7,6 +7,9 @@ on the train part); `aewatch score`, `evaluate`, `recalibrate`, `promote`, `enco
 `reconstruct` load them for an existing detector (`training.data.for_detector`), whole (the part
 `ALL`) or cut into calibration and held-out test data (`holdout`).
 
+Size: over 400 lines because the two kinds held in memory share `_InMemory` and are read
+together.
+
 Labels are per window (or image) here: for a series window, the label of its last reading (the
 decision a stream has at that moment) and whether any of its readings is labelled; for an image,
 whether it is of another class than the normal one.
@@ -36,7 +39,7 @@ from training.data.series import (
     split_series,
 )
 from training.data.splits import PARTS, SplitScores, short_series_settings
-from training.data.window_tensor import WindowTensor
+from training.data.window_tensor import WindowTensor, extremes, scaled_windows
 from training.evaluate import SeriesPoints, evaluate_images, evaluate_series
 from training.score_stats import normal_term_statistics
 
@@ -100,10 +103,7 @@ class _InMemory:
         """The training and validation inputs of `fit`: the scaled parts as tensors."""
         x_train, x_val = self._scaled("train", device), self._scaled("validation", device)
         if config.loss == "bce":
-            if isinstance(x_train, WindowTensor):
-                low, high = x_train.extremes()
-            else:
-                low, high = float(x_train.min()), float(x_train.max())
+            low, high = extremes(x_train)
             if low < 0.0 or high > 1.0:
                 raise ConfigError(
                     "loss",
@@ -118,9 +118,7 @@ class _InMemory:
         scaling = self.scaling(None, split)
         raw = self.raw(split)
         if isinstance(raw, SlidingWindows):  # the series scaled once, the windows cut per batch
-            rows = _scaled_rows(raw, self.scaler, scaling, self.parts[split].keys)
-            starts = torch.from_numpy(raw.starts)
-            return WindowTensor(torch.from_numpy(rows).to(device), starts, raw.length)
+            return scaled_windows(raw, self.scaler, scaling, self.parts[split].keys, device)
         if scaling is None:
             scaled = self.scaler.transform(self.raw(split), axis=self.input.feature_axis)
         else:  # each key by its own statistics: the arithmetic of Detector.score
@@ -153,24 +151,6 @@ class _InMemory:
     def figures(self, detector: Detector, split: str, scores: np.ndarray) -> dict:
         """Figures of this kind of data for the training run (none but for images)."""
         return {}
-
-
-def _scaled_rows(windows: SlidingWindows, scaler: Scaler, scaling, keys) -> np.ndarray:
-    """The rows under `windows`, scaled as their windows would be: by `scaler`, or by each
-    window's (center, scale) [N, F] of its key (the same for every window of a key, whose
-    windows cover rows of its own)."""
-    if scaling is None:
-        return scaler.transform(windows.rows, axis=-1)
-    center = np.zeros_like(windows.rows)
-    scale = np.ones_like(windows.rows)
-    starts = windows.starts
-    runs = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])  # the first window of each run
-    lows = np.minimum.reduceat(starts, runs).tolist()
-    highs = (np.maximum.reduceat(starts, runs) + windows.length).tolist()
-    for first, low, high in zip(runs.tolist(), lows, highs, strict=True):
-        center[low:high], scale[low:high] = scaling[0][first], scaling[1][first]
-    out = np.subtract(windows.rows, center, dtype=np.float32)
-    return np.divide(out, scale, out=out)
 
 
 @dataclass

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
-__all__ = ["FlatWindows", "WindowTensor", "held"]
+from pipeline.detector import Scaler
+from pipeline.detector.windows import SlidingWindows
+
+__all__ = ["FlatWindows", "WindowTensor", "extremes", "held", "scaled_windows"]
 
 
 class WindowTensor:
@@ -58,14 +62,6 @@ class WindowTensor:
         """The windows at `index`, still uncopied."""
         return WindowTensor(self.rows, self.starts.index_select(0, index), self.length)
 
-    def extremes(self, chunk: int = 8192) -> tuple[float, float]:
-        """The smallest and largest value of any window."""
-        low, high = float("inf"), float("-inf")
-        for start in range(0, len(self), chunk):
-            part = self[start : start + chunk]
-            low, high = min(low, float(part.min())), max(high, float(part.max()))
-        return low, high
-
     def reshape(self, n: int, rest: int) -> FlatWindows:
         """The windows flattened to [N, W * F], for code that reads them chunk by chunk."""
         if n != len(self) or rest != -1:
@@ -90,6 +86,42 @@ class FlatWindows:
 
     def to(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.cat(list(self.split(65_536))).to(dtype)
+
+
+def scaled_windows(
+    windows: SlidingWindows, scaler: Scaler, scaling, keys, device: torch.device
+) -> WindowTensor:
+    """`windows` scaled as `Detector.score` scales them (by `scaler`, or per window by
+    `scaling`, its key's (center, scale) [N, F]), on `device`: their rows scaled once."""
+    rows = torch.from_numpy(_scaled_rows(windows, scaler, scaling, keys)).to(device)
+    return WindowTensor(rows, torch.from_numpy(windows.starts), windows.length)
+
+
+def _scaled_rows(windows: SlidingWindows, scaler: Scaler, scaling, keys) -> np.ndarray:
+    """The rows under `windows`, scaled as their windows would be: by `scaler`, or by each
+    window's (center, scale) [N, F] of its key (the same for every window of a key, whose
+    windows cover rows of its own)."""
+    if scaling is None:
+        return scaler.transform(windows.rows, axis=-1)
+    center = np.zeros_like(windows.rows)
+    scale = np.ones_like(windows.rows)
+    starts = windows.starts
+    runs = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])  # the first window of each run
+    lows = np.minimum.reduceat(starts, runs).tolist()
+    highs = (np.maximum.reduceat(starts, runs) + windows.length).tolist()
+    for first, low, high in zip(runs.tolist(), lows, highs, strict=True):
+        center[low:high], scale[low:high] = scaling[0][first], scaling[1][first]
+    out = np.subtract(windows.rows, center, dtype=np.float32)
+    return np.divide(out, scale, out=out)
+
+
+def extremes(x: torch.Tensor | WindowTensor, chunk: int = 8192) -> tuple[float, float]:
+    """The smallest and largest value of any window, a chunk of windows at a time."""
+    low, high = float("inf"), float("-inf")
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk]
+        low, high = min(low, float(part.min())), max(high, float(part.max()))
+    return low, high
 
 
 def held(x) -> bool:
