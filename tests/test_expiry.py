@@ -287,3 +287,34 @@ def test_an_alarm_open_when_its_key_falls_silent_resolves_when_the_key_is_forgot
     assert kept[2]["alarms"] == {"g1", "g2"}  # g0 left with its episode
     assert worker.alarms.open_count == 0
     assert worker.metrics.alarms_open._value.get() == 0
+
+
+def test_an_image_key_silent_beyond_both_limits_is_forgotten_like_a_series_key():
+    from pipeline.modalities.image import ImageKeys
+
+    keys = ImageKeys(reread_max=10, key_ttl_s=100.0)
+    keys.saw(P, ["quiet"] * 5, (T0 + np.arange(5) * 1000).tolist(), list(range(5)))
+    for i in range(300):  # one a second; `reset`'s clock is back in 1970, but it still sends
+        keys.saw(P, ["busy", "reset"], [T0 + 5000 + i * 1000, i * 1000], [5 + 2 * i, 6 + 2 * i])
+    restored = ImageKeys(reread_max=10, key_ttl_s=100.0)
+    restored.restore(P, orjson.loads(orjson.dumps(keys.state(P))))
+    for tracker in (keys, restored):
+        assert tracker.expire(P) == ["quiet"]
+        assert set(tracker.state(P)) == {"busy", "reset"}
+        assert tracker.expire(P) == []
+    for ttl_s, reread_max in ((0, 10), (400, 10), (100, 1000)):
+        kept = ImageKeys(reread_max, ttl_s)
+        kept.restore(P, {"quiet": [T0, 0], "busy": [T0 + 305_000, 605]})
+        assert kept.expire(P) == []
+
+
+def test_the_image_intake_forgets_by_the_worker_settings():
+    """The worker hands `--key-ttl-s` and `--reread-max` to whichever intake its model needs."""
+    from pipeline.detector import InputSpec
+    from pipeline.modalities.image import ImageModality
+
+    intake = ImageModality(InputSpec("image", image_shape=(1, 8, 8))).intake(
+        1000, 7, key_ttl_s=5, max_future_s=60, wall_ms=lambda: 0.0
+    )
+    assert (intake.windows.ttl_ms, intake.windows.reread_max) == (5000, 7)
+    assert intake.windows.parts() == {"resume": intake.windows}

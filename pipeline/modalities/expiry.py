@@ -20,7 +20,8 @@ score` on a file keeps each key's series whole, so the two differ for such a key
 open on a forgotten key resolves first, with its event (`AlarmTracker.resolve_silent`).
 
 A key restored from a state record and not seen since is judged by the timestamp of its oldest
-held reading (or, parked, of its latest), and by its resume offset.
+held reading (or, parked, of its latest), and by its resume offset. Image keys follow the same
+rule by their latest image (`pipeline.modalities.image.ImageKeys`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Images: a detector that takes one image [C, H, W] per record.
 
 Records are PNG, JPEG or `.npy` bytes, or a JSON envelope (see `pipeline.modalities.images`);
-each is scored on its own, so nothing is held between polls. An anomaly event carries a small
+each is scored on its own, so no image is held between polls; of each key only when it last
+sent is kept, so that a key silent for `--key-ttl-s` is forgotten as a series key is. An anomaly event carries a small
 picture of where the reconstruction error lies and the hottest regions; alarm episodes carry no
 per-feature summary.
 """
@@ -18,6 +19,7 @@ from PIL import Image
 
 from pipeline.events import iso_ms_many
 from pipeline.modalities.base import Partition, Reject
+from pipeline.modalities.expiry import KEY_TTL_S
 from pipeline.modalities.images import ImageDecoder
 from pipeline.modalities.readings import Rejection
 from pipeline.modalities.windowing import ReadyWindows
@@ -32,35 +34,59 @@ __all__ = ["ImageModality", "error_map_png", "top_regions"]
 TOP_REGIONS = 3
 
 
-class NoWindows:
-    """Images keep no stream state: there is nothing to resume, nothing still needed."""
+class ImageKeys:
+    """When each key of a partition last sent (event time ms and offset of its latest record):
+    nothing to resume and nothing that holds the commit back, but a key silent beyond both
+    limits of `pipeline.modalities.expiry` (`ttl_ms` of event time behind its partition's newest
+    record, `reread_max` records behind its latest) is forgotten at a checkpoint, by every stage.
+    The state record keeps ``{key: [ts_ms, offset]}``."""
+
+    def __init__(self, reread_max: int = 0, key_ttl_s: float = KEY_TTL_S) -> None:
+        self.reread_max, self.ttl_ms = reread_max, int(key_ttl_s * 1000)
+        self._seen: dict[Partition, dict[str, tuple[int, int]]] = {}
+
+    def saw(self, partition: Partition, keys: list[str], ts: list[int], offsets: list[int]):
+        """Records of these keys arrived (in offset order)."""
+        seen = self._seen.setdefault(partition, {})
+        seen.update(zip(keys, zip(ts, offsets, strict=True), strict=True))
 
     def state(self, partition: Partition) -> dict:
-        return {}
+        return {key: list(last) for key, last in self._seen.get(partition, {}).items()}
 
     def restore(self, partition: Partition, saved: dict) -> None:
-        pass
+        self._seen[partition] = {key: (int(ts), int(at)) for key, (ts, at) in saved.items()}
 
     def oldest_needed(self, partition: Partition) -> None:
         return None
 
     def expire(self, partition: Partition) -> list[str]:
-        return []  # an image key's stage state is forgotten with its partition only
+        seen = self._seen.get(partition)
+        if self.ttl_ms <= 0 or not seen:
+            return []
+        cutoff_ts = max(ts for ts, _ in seen.values()) - self.ttl_ms
+        cutoff_offset = max(at for _, at in seen.values()) - self.reread_max
+        gone = [k for k, (ts, at) in seen.items() if ts < cutoff_ts and at <= cutoff_offset]
+        for key in gone:
+            del seen[key]
+        return gone
 
     def drop(self, partition: Partition, keys) -> None:
-        pass
+        pass  # `expire` has let them go
 
     def forget(self, partitions: set[Partition]) -> None:
-        pass
+        for partition in partitions:
+            self._seen.pop(partition, None)
 
     def parts(self) -> dict:
         return {"resume": self}
 
 
 class ImageIntake:
-    def __init__(self, spec: InputSpec, max_record_bytes: int) -> None:
+    def __init__(
+        self, spec: InputSpec, max_record_bytes: int, reread_max: int = 0, key_ttl_s=KEY_TTL_S
+    ) -> None:
         self.decoder = ImageDecoder(spec.image_shape, max_record_bytes)
-        self.windows = NoWindows()
+        self.windows = ImageKeys(reread_max, key_ttl_s)
 
     def take_all(
         self, polled: Sequence[tuple[Partition, Sequence]], pending: ReadyWindows, reject: Reject
@@ -71,6 +97,7 @@ class ImageIntake:
     def take(
         self, partition: Partition, records: Sequence, pending: ReadyWindows, reject: Reject
     ) -> None:
+        keys, times, offsets = [], [], []
         for record in records:
             decoded = self.decoder.decode(
                 record.key, record.value, record.headers, record.timestamp
@@ -80,6 +107,10 @@ class ImageIntake:
                 continue
             ts = decoded.ts_ms
             pending.add(decoded.image, decoded.key, ts, ts, partition, record.offset)
+            keys.append(decoded.key)
+            times.append(ts)
+            offsets.append(record.offset)
+        self.windows.saw(partition, keys, times, offsets)
 
 
 class ImageModality:
@@ -87,9 +118,11 @@ class ImageModality:
         self.spec = spec
 
     def intake(self, max_record_bytes: int, reread_max: int = 0, **clock) -> ImageIntake:
-        """(`reread_max` and `clock` are for series: an image is its own window, never held,
-        and its time orders nothing.)"""
-        return ImageIntake(self.spec, max_record_bytes)
+        """An image is its own window, never held, and its time orders nothing: of `clock`
+        only `key_ttl_s` applies, with `reread_max`, to forget silent keys (`ImageKeys`)."""
+        return ImageIntake(
+            self.spec, max_record_bytes, reread_max, clock.get("key_ttl_s", KEY_TTL_S)
+        )
 
     def event_details(
         self, scored: Scores, rows: np.ndarray, start_ms: np.ndarray, end_ms: np.ndarray
