@@ -300,13 +300,16 @@ class Detector:
     def encode(self, raw: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
         """Bottleneck codes [N, code_size] (a VAE gives its latent mean): a compact, non-linear
         reduction of each window or image."""
-        return self._apply(self.model.encode, self.prepare(raw), batch_size)
+        raw = _inputs(raw)
+        return self._apply(self.model.encode, self._batches(raw, batch_size), raw.shape[1:])
 
     def reconstruct(self, raw: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
         """The model's reconstruction of raw windows or images, in the input's units.
 
         For a denoising model this is the cleaned-up input; a VAE decodes its latent mean."""
-        scaled = self._apply(self.model.reconstruct, self.prepare(raw), batch_size)
+        raw = _inputs(raw)
+        batches = self._batches(raw, batch_size)
+        scaled = self._apply(self.model.reconstruct, batches, raw.shape[1:])
         return self.scaler.inverse_transform(scaled, axis=self.input.feature_axis)
 
     def decode(self, codes: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
@@ -317,22 +320,22 @@ class Detector:
             raise DataError(
                 f"expected codes of shape [N, {self.config.code_size}], got {codes.shape}"
             )
-        scaled = self._apply(self.model.decode, codes, batch_size)
+        batches = (
+            torch.from_numpy(codes[start : start + batch_size]).to(self.device)
+            for start in range(0, len(codes), batch_size)
+        )
+        scaled = self._apply(self.model.decode, batches, codes.shape[1:])
         return self.scaler.inverse_transform(scaled, axis=self.input.feature_axis)
 
     def _apply(
-        self, step: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, batch_size: int
+        self, step: Callable[[torch.Tensor], torch.Tensor], batches, sample_shape: tuple
     ) -> np.ndarray:
-        """`step` (a tensor function of the model) over `inputs` in batches on the model's
-        device, gathered as float32 on the host."""
-        parts = []
+        """`step` (a tensor function of the model) over `batches` (tensors on the model's
+        device, of samples shaped `sample_shape`), gathered as float32 on the host."""
         with torch.inference_mode():
-            for start in range(0, len(inputs), batch_size):
-                x = torch.from_numpy(inputs[start : start + batch_size]).to(self.device)
-                parts.append(step(x).float().cpu().numpy())
-        if parts:
-            return np.concatenate(parts)
-        # an empty batch still tells the output shape
-        with torch.inference_mode():
-            probe = torch.zeros((1, *inputs.shape[1:]), device=self.device)
+            parts = [step(x).float().cpu().numpy() for x in batches]
+            if parts:
+                return np.concatenate(parts)
+            # an empty batch still tells the output shape
+            probe = torch.zeros((1, *sample_shape), device=self.device)
             return np.zeros((0, *step(probe).shape[1:]), dtype=np.float32)

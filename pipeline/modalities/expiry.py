@@ -28,16 +28,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pipeline.modalities.parking import partition_head
 
 if TYPE_CHECKING:
     from pipeline.modalities.windowing import StreamWindower
 
-__all__ = ["KEY_TTL_S", "expire"]
+__all__ = ["KEY_TTL_S", "expire", "silent"]
 
 Partition = tuple[str, int]
 KEY_TTL_S = 7 * 86_400  # a week: longer than any maintenance window a key is expected to keep
 _NO_TS = -(2**62)
+
+
+def silent(last_ts, next_offset, newest: int, head: int, ttl_ms: int, reread_max: int):
+    """Which of a partition's keys are silent beyond both limits, the rule of this module: the
+    latest reading (`last_ts`, ms) more than `ttl_ms` behind the partition's `newest`, and the
+    offset after it (`next_offset`) more than `reread_max` records behind its `head`. A key with
+    no reading yet (`_NO_TS`) is not."""
+    last_ts, next_offset = np.asarray(last_ts, np.int64), np.asarray(next_offset, np.int64)
+    return (last_ts != _NO_TS) & (last_ts < newest - ttl_ms) & (next_offset <= head - reread_max)
 
 
 def expire(windower: StreamWindower, partition: Partition) -> list[str]:
@@ -52,21 +63,24 @@ def expire(windower: StreamWindower, partition: Partition) -> list[str]:
     newest = int(last.max())
     if newest == _NO_TS:
         return []
-    cutoff_ts = newest - w.ttl_ms
-    cutoff_offset = partition_head(w, partition, slots) - w.reread_max
-    silent = (last != _NO_TS) & (last < cutoff_ts) & (w.next_offset[slots] <= cutoff_offset)
+    limits = (newest, partition_head(w, partition, slots), w.ttl_ms, w.reread_max)
     gone = []
-    for slot in slots[silent].tolist():
+    for slot in slots[silent(last, w.next_offset[slots], *limits)].tolist():
         gone.append(w._keys[slot])
         w._free_slot(slot)
-    for key, point in list(w._restored.items()):
-        if point[0] != partition:
-            continue
-        tail = w.tails.get(key)
-        ts = int(tail.ts[-1]) if tail is not None else point[4]
-        offset = tail.next_offset if tail is not None else point[2]
-        if ts != _NO_TS and ts < cutoff_ts and offset <= cutoff_offset:
+    restored = [key for key, point in w._restored.items() if point[0] == partition]
+    if restored:
+        ts, offsets = np.array([_latest(w, key) for key in restored], np.int64).T
+        for key in np.asarray(restored, object)[silent(ts, offsets, *limits)].tolist():
             del w._restored[key]
             w.tails.pop(key, None)
             gone.append(key)
     return gone
+
+
+def _latest(w: StreamWindower, key: str) -> tuple[int, int]:
+    """A restored key's latest reading: its parked tail's, else its saved resume point's."""
+    tail, point = w.tails.get(key), w._restored[key]
+    if tail is not None:
+        return int(tail.ts[-1]), tail.next_offset
+    return point[4], point[2]

@@ -2,9 +2,9 @@
 
 Records are PNG, JPEG or `.npy` bytes, or a JSON envelope (see `pipeline.modalities.images`);
 each is scored on its own, so no image is held between polls; of each key only when it last
-sent is kept, so that a key silent for `--key-ttl-s` is forgotten as a series key is. An anomaly event carries a small
-picture of where the reconstruction error lies and the hottest regions; alarm episodes carry no
-per-feature summary.
+sent is kept, so that a key silent for `--key-ttl-s` is forgotten as a series key is. An anomaly
+event carries a small picture of where the reconstruction error lies and the hottest regions;
+alarm episodes carry no per-feature summary.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.events import iso_ms_many
 from pipeline.modalities.base import Partition, Reject
-from pipeline.modalities.expiry import KEY_TTL_S
+from pipeline.modalities.expiry import KEY_TTL_S, silent
 from pipeline.modalities.images import ImageDecoder
 from pipeline.modalities.readings import Rejection
 from pipeline.modalities.windowing import ReadyWindows
@@ -38,7 +38,8 @@ class ImageKeys:
     """When each key of a partition last sent (event time ms and offset of its latest record):
     nothing to resume and nothing that holds the commit back, but a key silent beyond both
     limits of `pipeline.modalities.expiry` (`ttl_ms` of event time behind its partition's newest
-    record, `reread_max` records behind its latest) is forgotten at a checkpoint, by every stage.
+    record, `reread_max` records behind its latest; `expiry.silent`) is forgotten at a
+    checkpoint, by every stage.
     The state record keeps ``{key: [ts_ms, offset]}``."""
 
     def __init__(self, reread_max: int = 0, key_ttl_s: float = KEY_TTL_S) -> None:
@@ -63,9 +64,9 @@ class ImageKeys:
         seen = self._seen.get(partition)
         if self.ttl_ms <= 0 or not seen:
             return []
-        cutoff_ts = max(ts for ts, _ in seen.values()) - self.ttl_ms
-        cutoff_offset = max(at for _, at in seen.values()) - self.reread_max
-        gone = [k for k, (ts, at) in seen.items() if ts < cutoff_ts and at <= cutoff_offset]
+        ts, at = np.array(list(seen.values()), np.int64).T
+        limits = (int(ts.max()), int(at.max()) + 1, self.ttl_ms, self.reread_max)
+        gone = np.asarray(list(seen), object)[silent(ts, at + 1, *limits)].tolist()
         for key in gone:
             del seen[key]
         return gone

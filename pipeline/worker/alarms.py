@@ -310,7 +310,9 @@ class AlarmTracker:
             if key in held and held[key].episode is not None
         ]
 
-    def _resolve(self, st, key, partition: Partition, time_ms: int, cause: str = "windows"):
+    def _resolve(
+        self, st: _KeyState, key: str, partition: Partition, time_ms: int, cause: str = "windows"
+    ) -> AlarmTransition:
         ep = st.episode
         transition = self._transition(
             "resolved", key, partition, ep, time_ms, ep.last_anomalous, cause
