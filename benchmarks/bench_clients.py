@@ -6,7 +6,9 @@ IPC), in rounds that alternate every measurement (median of `--repeats`):
 
   - each client's ceiling: consume every record and do nothing else, and consume + `orjson.loads`
     of every value (kafka-python, confluent-kafka);
-  - the aewatch worker (window 64, stride 8, dense autoencoder, CPU) on each client;
+  - the aewatch worker (window 64, stride 8, dense autoencoder, CPU) on each client, and on
+    confluent-kafka and from memory also with `--switch-interval-ms 0` (the interpreter's 5 ms
+    instead of the loop's 0.5 ms);
   - the worker on batched records (confluent);
   - the same worker fed from memory (no Kafka) on each form, and the model alone
     (`benchmarks.memory_feed`): what one process could do if its client cost nothing;
@@ -52,6 +54,8 @@ from benchmarks.memory_feed import memory_rate, model_rate
 BATCH = 100
 PARTITIONS = 8
 CLIENTS = ("kafka-python", "confluent")
+# The worker beside itself with `--switch-interval-ms 0`: the interpreter's own switch interval.
+DEFAULT_SWITCH = "interpreter's 5 ms switch interval"
 
 
 def fill(bootstrap: str, topic: str, records: list[tuple[str, bytes]]) -> None:
@@ -272,6 +276,18 @@ def main(argv: list[str] | None = None) -> int:
                     kafka_client=client,
                 )
                 note(f"worker {client}", rate, _worker_cores(cpu, "self"))
+            cpu = {}
+            rate, _ = worker_rate(
+                bootstrap,
+                topics["single"],
+                total,
+                model,
+                f"switch-{repeat}-{tag}",
+                cpu=cpu,
+                kafka_client="confluent",
+                switch_interval_ms=0,
+            )
+            note(f"worker confluent, {DEFAULT_SWITCH}", rate, _worker_cores(cpu, "self"))
             for form in ("json", "arrow"):
                 count = len(batches[form])
                 cpu = {}
@@ -290,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                     _worker_cores(cpu, "self"),
                 )
             note("worker fed from memory (no Kafka)", memory_rate(readings, model, PARTITIONS))
+            note(
+                f"worker fed from memory, {DEFAULT_SWITCH}",
+                memory_rate(readings, model, PARTITIONS, switch_interval_ms=0),
+            )
             for form in ("json", "arrow"):
                 rate = memory_rate(batches[form], model, PARTITIONS) * total / len(batches[form])
                 note(f"worker fed from memory, batches of {BATCH} ({form})", rate)
@@ -328,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         for c in CLIENTS
     }
     ratios["worker confluent / worker kafka-python"] = single / median["worker kafka-python"]
+    for path in ("worker confluent", "worker fed from memory"):
+        plain = "worker fed from memory (no Kafka)" if "memory" in path else path
+        ratios[f"{path}: loop's switch interval / {DEFAULT_SWITCH}"] = (
+            median[plain] / median[f"{path}, {DEFAULT_SWITCH}"]
+        )
     ratios["processes 2 / processes 1"] = (
         median["worker confluent --processes 2"] / median["worker confluent --processes 1"]
     )

@@ -84,9 +84,12 @@ class _DroppingSink:
         pass
 
 
-def memory_rate(records: list[tuple[str, bytes]], model: Path, partitions: int) -> float:
-    """Records/s of the worker (`bench_worker.bench_settings`, as through the broker) over `records`
-    (key, value), each partition's in their order, keys spread by a hash."""
+def memory_rate(
+    records: list[tuple[str, bytes]], model: Path, partitions: int, **overrides
+) -> float:
+    """Records/s of the worker (`bench_worker.bench_settings`, as through the broker, and
+    `overrides`) over `records` (key, value), each partition's in their order, keys spread by a
+    hash."""
     from pipeline.detector import load_detector
     from pipeline.events import ModelIdentity
     from pipeline.worker.loop import Worker
@@ -99,7 +102,9 @@ def memory_rate(records: list[tuple[str, bytes]], model: Path, partitions: int) 
         part = held[("memory", p)]
         part.append(_Record("memory", p, len(part), name, value, [], 0))
     held = {tp: part for tp, part in held.items() if part}
-    settings = bench_settings(model, "memory:9092", "memory", "memory", stop_after_idle_s=0.05)
+    settings = bench_settings(
+        model, "memory:9092", "memory", "memory", stop_after_idle_s=0.05, **overrides
+    )
     detector = load_detector(model)
     worker = Worker(
         settings,

@@ -366,6 +366,50 @@ def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
     assert all(ends == sorted(ends) for ends in by_key.values())
 
 
+@pytest.mark.parametrize(("switch_interval_ms", "during"), [(0.5, 0.0005), (0, 0.004)])
+def test_the_loop_runs_with_its_switch_interval_and_gives_the_interpreters_back(
+    detector, switch_interval_ms, during
+):
+    """The scoring thread and the client's threads get Python back from the busy loop within
+    `switch_interval_ms` (0 leaves the interpreter's own); the interpreter's is restored after."""
+    import sys
+
+    seen: dict[str, set] = {"poll": set(), "score": set()}
+
+    class Watching(FakeSource):
+        def poll(self, timeout_ms):
+            seen["poll"].add(sys.getswitchinterval())
+            return super().poll(timeout_ms)
+
+    class Watched:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def score(self, windows, **kwargs):
+            seen["score"].add(sys.getswitchinterval())
+            return self.inner.score(windows, **kwargs)
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        source = Watching(partitioned(fleet(seed=1), "readings", 2), chunk=2500)
+        _, _, stats = run_in_memory(
+            Watched(detector), source, switch_interval_ms=switch_interval_ms
+        )
+        after = sys.getswitchinterval()
+    finally:
+        sys.setswitchinterval(before)
+    assert stats.windows_scored > 0
+    assert {name: sorted(values) for name, values in seen.items()} == {
+        "poll": [pytest.approx(during)],
+        "score": [pytest.approx(during)],
+    }
+    assert after == pytest.approx(0.004)
+
+
 def test_a_small_batch_runs_on_one_thread_and_a_large_one_on_the_members_threads():
     import torch
 

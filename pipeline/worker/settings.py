@@ -201,13 +201,22 @@ class BatchSettings:
 
 @dataclass(frozen=True)
 class LoopSettings:
-    """How often the loop checkpoints, and when it stops by itself."""
+    """How often the loop checkpoints, when it stops by itself, and how it shares the
+    interpreter with the scoring thread and the client's threads."""
 
     commit_interval_ms: int = setting("how often offsets are committed", 1000, minimum=1)
     stop_after_idle_s: float = setting(
         "exit after this long without input (0: never)", 0.0, minimum=0
     )
     processes: int = setting("group members run as processes sharing the device", 1, minimum=1)
+    switch_interval_ms: float = setting(
+        "the interpreter's thread switch interval while the loop runs: how long the scoring "
+        "thread and the Kafka client's threads wait for the loop to hand Python over "
+        "(0: the interpreter's own, 5 ms)",
+        0.5,
+        minimum=0,
+        maximum=1000,
+    )
 
     def __post_init__(self) -> None:
         check(self)
