@@ -33,6 +33,20 @@ def detector(tmp_path_factory):
     return train_fleet_detector(tmp_path_factory.mktemp("fleet")).detector
 
 
+class Watched:
+    """The detector, with `before(windows)` called on the scoring thread before each pass."""
+
+    def __init__(self, inner, before) -> None:
+        self.inner, self.before = inner, before
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, windows, **kwargs):
+        self.before(windows)
+        return self.inner.score(windows, **kwargs)
+
+
 def test_every_window_is_scored_and_events_match_batch_scoring(detector):
     stream = fleet(seed=1)
     source = FakeSource(partitioned(stream, "readings", 2), chunk=333)
@@ -327,20 +341,11 @@ def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
     scoring, polled_meanwhile = threading.Event(), threading.Event()
     overlapped: list[bool] = []
 
-    class Slow:
-        """The detector, whose first pass lasts until the loop has polled again (at most 5 s)."""
-
-        def __init__(self, inner) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def score(self, windows, **kwargs):
-            if not scoring.is_set():
-                scoring.set()
-                overlapped.append(len(windows) >= SMALL_BATCH and polled_meanwhile.wait(5.0))
-            return self.inner.score(windows, **kwargs)
+    def first_pass_waits(windows) -> None:
+        """The first pass lasts until the loop has polled again (at most 5 s)."""
+        if not scoring.is_set():
+            scoring.set()
+            overlapped.append(len(windows) >= SMALL_BATCH and polled_meanwhile.wait(5.0))
 
     class Watching(FakeSource):
         def poll(self, timeout_ms):
@@ -349,7 +354,7 @@ def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
             return super().poll(timeout_ms)
 
     source = Watching(partitioned(stream, "readings", 2), chunk=2500)
-    _, sink, stats = run_in_memory(Slow(detector), source)
+    _, sink, stats = run_in_memory(Watched(detector, first_pass_waits), source)
     assert overlapped == [True]
     windows, scores, flags = flags_by_window(stream, detector)
     assert stats.windows_scored == len(windows)
@@ -381,23 +386,14 @@ def test_the_loop_runs_with_its_switch_interval_and_gives_the_interpreters_back(
             seen["poll"].add(sys.getswitchinterval())
             return super().poll(timeout_ms)
 
-    class Watched:
-        def __init__(self, inner) -> None:
-            self.inner = inner
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def score(self, windows, **kwargs):
-            seen["score"].add(sys.getswitchinterval())
-            return self.inner.score(windows, **kwargs)
-
     before = sys.getswitchinterval()
     sys.setswitchinterval(0.004)
     try:
         source = Watching(partitioned(fleet(seed=1), "readings", 2), chunk=2500)
         _, _, stats = run_in_memory(
-            Watched(detector), source, switch_interval_ms=switch_interval_ms
+            Watched(detector, lambda _: seen["score"].add(sys.getswitchinterval())),
+            source,
+            switch_interval_ms=switch_interval_ms,
         )
         after = sys.getswitchinterval()
     finally:
