@@ -11,7 +11,9 @@ IPC), in rounds that alternate every measurement (median of `--repeats`):
     instead of the loop's 0.5 ms);
   - the worker on batched records (confluent);
   - the same worker fed from memory (no Kafka) on each form, and the model alone
-    (`benchmarks.memory_feed`): what one process could do if its client cost nothing;
+    (`benchmarks.memory_feed`): what one process could do if its client cost nothing; and one
+    scoring pass on one thread alone and beside a thread that runs Python without pause, at
+    the interpreter's 5 ms switch interval and the loop's 0.5 ms;
   - `aewatch worker --processes 1` and `--processes 2` (confluent), on a topic filled once the
     members have joined, timed from outside by the group's committed offsets;
   - p99 latency from a reading's timestamp to its event at half the measured single-process rate
@@ -49,7 +51,7 @@ from benchmarks.common import (
     md_table,
     write_results,
 )
-from benchmarks.memory_feed import memory_rate, model_rate
+from benchmarks.memory_feed import memory_rate, model_rate, pass_beside_busy
 
 BATCH = 100
 PARTITIONS = 8
@@ -321,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 note(f"worker confluent --processes {n}", rate, _worker_cores(cpu, "members"))
 
         median = {name: statistics.median(values) for name, values in rates.items()}
+        beside = pass_beside_busy(model)
+        print(f"one scoring pass beside a busy Python thread: {beside}")
         single = median["worker confluent"]
         warm_broker(bootstrap, model, single / 2, args.keys, root, kafka_client="confluent")
         runs = []
@@ -410,6 +414,16 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{run['p99_ms']:.0f}" for run in runs)
             + " ms).",
             "",
+            f"One scoring pass of {beside['windows']:,} windows on one thread (median): alone "
+            f"{beside['alone_ms']:.1f} ms; beside a thread that runs Python without pause (as "
+            "the worker's loop does while it has work): "
+            + ", ".join(
+                f"{value:.1f} ms at a {name.split('_')[2][:-2]} ms switch interval"
+                for name, value in beside.items()
+                if name.startswith("beside_busy")
+            )
+            + " (`--switch-interval-ms`).",
+            "",
             f"Targets met: {targets}",
         ]
     )
@@ -424,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": cores,
             "cpu_median": cpu_median,
             "latency": live,
+            "scoring_pass_beside_busy_thread": beside,
             "targets": targets,
         },
         markdown,

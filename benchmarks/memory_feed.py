@@ -4,7 +4,8 @@ model alone.
 `memory_rate` runs the worker's own loop (`pipeline.worker.loop.Worker`: decode, window, score,
 adaptive stage, alarms, event encoding) over records held in memory, spread over partitions as
 a poll brings them, with a sink that drops what it is sent. `model_rate` times `Detector.score`
-alone on windows of the detector's shape. Both on the CPU, beside the broker-backed figures of
+alone on windows of the detector's shape, and `pass_beside_busy` one pass on one thread beside a
+thread that runs Python all the time, as the worker's scoring thread runs beside its loop. Both on the CPU, beside the broker-backed figures of
 `benchmarks.bench_clients`.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from benchmarks.bench_worker import bench_settings
 
-__all__ = ["MemorySource", "memory_rate", "model_rate"]
+__all__ = ["MemorySource", "memory_rate", "model_rate", "pass_beside_busy"]
 
 POLL_RECORDS = 10_000  # records a poll brings, over every partition (as bench_settings)
 
@@ -137,3 +138,54 @@ def model_rate(model: Path, batch: int = 2048, seconds: float = 2.0) -> float:
         detector.score(windows)
         scored += batch
     return scored / (time.perf_counter() - started)
+
+
+def pass_beside_busy(
+    model: Path, windows: int = 1340, switch_intervals_ms: tuple = (5.0, 0.5), runs: int = 15
+) -> dict:
+    """Median milliseconds of one `Detector.score` of `windows` windows on one thread: alone, and
+    beside a thread that runs Python without pause at each switch interval (the worker's loop
+    holds the interpreter lock whenever it has work; each time the pass takes the lock back it
+    waits up to one switch interval)."""
+    import sys
+    import threading
+
+    import torch
+
+    from pipeline.detector import load_detector
+
+    detector = load_detector(model)
+    batch = np.random.default_rng(0).normal(size=(windows, *detector.input.sample_shape))
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    torch.set_num_threads(1)
+
+    def median_ms() -> float:
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            detector.score(batch, batch_size=len(batch))
+            times.append(time.perf_counter() - started)
+        return 1000 * float(np.median(times))
+
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            sum(range(100))
+
+    try:
+        detector.score(batch, batch_size=len(batch))
+        out = {"windows": windows, "alone_ms": median_ms()}
+        runner = threading.Thread(target=busy, daemon=True)
+        runner.start()
+        try:
+            for ms in switch_intervals_ms:
+                sys.setswitchinterval(ms / 1000)
+                out[f"beside_busy_{ms:g}ms_switch_ms"] = median_ms()
+        finally:
+            stop.set()
+            runner.join()
+    finally:
+        sys.setswitchinterval(interval)
+        torch.set_num_threads(threads)
+    return out
