@@ -26,9 +26,9 @@ the offsets it commits form one transaction, so a `read_committed` consumer sees
 
 While the loop runs, the interpreter's thread switch interval is `switch_interval_ms`. A thread
 that gives Python up around a C call (the scoring pass, a client's network thread after a read)
-waits that long for the loop, which always holds it, to hand it back: at the interpreter's 5 ms a
-pass of 1,340 windows that takes 12 ms alone took 45 to 55 ms beside a busy Python thread, and
-17 ms at 0.5 ms.
+waits that long for the loop, which always holds it, to hand it back: a pass of 1,340 windows
+that takes 16 ms alone takes 39 ms beside a busy Python thread at the interpreter's 5 ms, and 18 ms
+at 0.5 ms (`benchmarks.memory_feed.pass_beside_busy`).
 
 Between two batches the loop may swap in a new model version that the follower (see
 `pipeline.registry.follower`) has downloaded and checked; windows waiting at that moment are
