@@ -256,6 +256,22 @@ def main(argv: list[str] | None = None) -> int:
                 used = f" ({cpu['worker']:.2f} cores, broker {cpu['broker']:.2f})"
             print(f"  {name}: {value:,.0f} readings/s{used}", flush=True)
 
+        def worker(name: str, form: str, client: str, run: str, **overrides) -> None:
+            """The worker over the topic of `form` on `client`, in readings/s."""
+            count = total if form == "single" else len(batches[form])
+            cpu: dict = {}
+            rate, _ = worker_rate(
+                bootstrap,
+                topics[form],
+                count,
+                model,
+                f"{run}-{tag}",
+                cpu=cpu,
+                kafka_client=client,
+                **overrides,
+            )
+            note(name, rate * total / count, _worker_cores(cpu, "self"))
+
         for repeat in range(args.repeats):
             print(f"round {repeat + 1}")
             for client in CLIENTS:
@@ -267,45 +283,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"{client} consume+decode",
                     consume_rate(bootstrap, topics["single"], total, client, True),
                 )
-                cpu: dict = {}
-                rate, _ = worker_rate(
-                    bootstrap,
-                    topics["single"],
-                    total,
-                    model,
-                    f"{client}-{repeat}-{tag}",
-                    cpu=cpu,
-                    kafka_client=client,
-                )
-                note(f"worker {client}", rate, _worker_cores(cpu, "self"))
-            cpu = {}
-            rate, _ = worker_rate(
-                bootstrap,
-                topics["single"],
-                total,
-                model,
-                f"switch-{repeat}-{tag}",
-                cpu=cpu,
-                kafka_client="confluent",
+                worker(f"worker {client}", "single", client, f"{client}-{repeat}")
+            worker(
+                f"worker confluent, {DEFAULT_SWITCH}",
+                "single",
+                "confluent",
+                f"switch-{repeat}",
                 switch_interval_ms=0,
             )
-            note(f"worker confluent, {DEFAULT_SWITCH}", rate, _worker_cores(cpu, "self"))
             for form in ("json", "arrow"):
-                count = len(batches[form])
-                cpu = {}
-                rate, _ = worker_rate(
-                    bootstrap,
-                    topics[form],
-                    count,
-                    model,
-                    f"{form}-{repeat}-{tag}",
-                    cpu=cpu,
-                    kafka_client="confluent",
-                )
-                note(
+                worker(
                     f"worker confluent, batches of {BATCH} ({form})",
-                    rate * total / count,
-                    _worker_cores(cpu, "self"),
+                    form,
+                    "confluent",
+                    f"{form}-{repeat}",
                 )
             note("worker fed from memory (no Kafka)", memory_rate(readings, model, PARTITIONS))
             note(
@@ -352,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in CLIENTS
     }
     ratios["worker confluent / worker kafka-python"] = single / median["worker kafka-python"]
-    for path in ("worker confluent", "worker fed from memory"):
-        plain = "worker fed from memory (no Kafka)" if "memory" in path else path
+    for path, plain in (
+        ("worker confluent", "worker confluent"),
+        ("worker fed from memory", "worker fed from memory (no Kafka)"),
+    ):
         ratios[f"{path}: loop's switch interval / {DEFAULT_SWITCH}"] = (
             median[plain] / median[f"{path}, {DEFAULT_SWITCH}"]
         )

@@ -119,11 +119,10 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return (t.float() if t.is_floating_point() else t).cpu().numpy()
 
 
-def _joined(parts: list[tuple], i: int, dtype) -> np.ndarray:
-    """Output `i` of every batch as one array of `dtype`, copied only where it must be: numpy
-    hands the interpreter lock back around a large copy, and on the worker's scoring thread each
+def _joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    """The batches' arrays as one array of `dtype`, copied only where it must be: numpy hands
+    the interpreter lock back around a large copy, and on the worker's scoring thread each
     hand-back waits for the loop's thread."""
-    arrays = [p[i] for p in parts]
     joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
     return joined.astype(dtype, copy=False)
 
@@ -254,16 +253,16 @@ class Detector:
                 parts.append(tuple(None if t is None else _host(t) for t in out))
         if not parts:
             return Scores(np.zeros(0), None, None, None)
-        scores = _joined(parts, 0, np.float64)
+        scores = _joined([p[0] for p in parts], np.float64)
         if not attribution:
             return Scores(scores)
-        first = _joined(parts, 1, np.float32)
+        first = _joined([p[1] for p in parts], np.float32)
         if self.input.kind == "image":
             return Scores(scores, pixel_map=first)
-        step = _joined(parts, 2, np.float32)
+        step = _joined([p[2] for p in parts], np.float32)
         if self.score_stats is None:
             return Scores(scores, per_feature=first, per_step=step)
-        terms = _joined(parts, 3, np.int64)
+        terms = _joined([p[3] for p in parts], np.int64)
         return Scores(scores, first, step, None, terms, self.score_stats.terms)
 
     def term_statistics(
@@ -344,7 +343,7 @@ class Detector:
         with torch.inference_mode():
             parts = [step(x).float().cpu().numpy() for x in batches]
             if parts:
-                return np.concatenate(parts)
+                return _joined(parts, np.float32)
             # an empty batch still tells the output shape
             probe = torch.zeros((1, *sample_shape), device=self.device)
             return np.zeros((0, *step(probe).shape[1:]), dtype=np.float32)
