@@ -169,6 +169,7 @@ class Worker:
             keepalive=lambda: self.source.keepalive(),
             on_wait=self._turned,
             threads=settings.batching.threads(),
+            extremes=self.adaptive.range_features if self.adaptive is not None else 0,
         )
         self.pending = ReadyWindows()
         self.pending_since: float | None = None
@@ -395,7 +396,9 @@ class Worker:
         if self.adaptive is None:
             return None
         rows = adaptive_rows(self.settings.adaptive.adaptive_columns, batch, self.detector)
-        extremes = window_extremes(batch.windows) if self.adaptive.range is not None else None
+        extremes = batch.extremes
+        if extremes is None and self.adaptive.range is not None:
+            extremes = window_extremes(batch.windows)
         return self.adaptive.update(batch.groups(), batch.end_ts, rows, extremes)
 
     def _refs(self, detector: Detector) -> list[float]:

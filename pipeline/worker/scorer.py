@@ -20,6 +20,10 @@ On the CPU, a batch of fewer than `SMALL_BATCH` windows runs on one thread (larg
 1.2x slower than on two (measured on 2 cores), and the idle threads of a parallel pass spin
 afterwards against the loop and the Kafka client, which a member that keeps up with a live
 stream (small batches) feels most.
+
+With `extremes`, the pass also takes each window's minimum and maximum of the first features
+(the adaptive stage's range check, `window_extremes`): numpy gives the interpreter lock up over
+those folds, so on the scoring thread they overlap the loop's intake instead of adding to it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.detector import Detector, Scores
+from pipeline.detector.adaptive_stage import window_extremes
 from pipeline.modalities.windowing import ReadyWindows
 
 __all__ = ["BatchScorer", "ScoredBatch"]
@@ -59,6 +64,7 @@ class ScoredBatch:
     end_ts: np.ndarray
     seconds: float  # of the forward pass
     scaling: tuple | None = None  # per-window (center, scale) of per-key baselines
+    extremes: tuple[np.ndarray, np.ndarray] | None = None  # [N, F'] minima, maxima (`extremes`)
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -103,11 +109,14 @@ class BatchScorer:
         keepalive: Callable[[], None],
         on_wait: Callable[[], None] = lambda: None,
         threads: int = 1,
+        extremes: int = 0,
     ) -> None:
         """`threads`: CPU threads of a pass of `SMALL_BATCH` windows or more (a smaller one
-        takes one)."""
+        takes one). `extremes`: how many first features of each series window the pass also
+        takes the extremes of (`ScoredBatch.extremes`; 0: none)."""
         self.max_batch = max_batch
         self.threads = threads
+        self.extremes = extremes
         self.keepalive_every_s = keepalive_every_s
         self.keepalive = keepalive
         self.on_wait = on_wait
@@ -166,12 +175,14 @@ class BatchScorer:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="aewatch-score")
         windows = np.concatenate(pending.windows)
-        future = self._pool.submit(_score, detector, windows, self.max_batch, scaling, threads)
+        future = self._pool.submit(
+            _score, detector, windows, self.max_batch, scaling, threads, self.extremes
+        )
         return _InFlight(pending, windows, future, scaling)
 
     def _finish(self, batch: _InFlight) -> ScoredBatch:
         self._inflight = None
-        scored, seconds = batch.future.result()
+        scored, seconds, extremes = batch.future.result()
         pending = batch.pending
         return ScoredBatch(
             pending,
@@ -181,6 +192,7 @@ class BatchScorer:
             np.concatenate(pending.end_ts),
             seconds,
             batch.scaling,
+            extremes,
         )
 
     def close(self) -> None:
@@ -190,11 +202,13 @@ class BatchScorer:
 
 
 def _score(
-    detector: Detector, windows, batch_size: int, scaling, threads: int
-) -> tuple[Scores, float]:
-    """The scores of `windows` and the seconds the pass took."""
+    detector: Detector, windows, batch_size: int, scaling, threads: int, extremes: int = 0
+) -> tuple[Scores, float, tuple | None]:
+    """The scores of `windows`, the seconds the pass took, and the extremes of the windows'
+    first `extremes` features (None for 0)."""
     started = time.perf_counter()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     scored = detector.score(windows, batch_size=batch_size, scaling=scaling)
-    return scored, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return scored, seconds, window_extremes(windows[..., :extremes]) if extremes else None
