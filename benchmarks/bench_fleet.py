@@ -106,8 +106,11 @@ class _Source:
     def seek(self, offsets) -> None:
         pass
 
-    def commit(self, offsets) -> None:
+    def commit(self, offsets, *, wait: bool = True) -> None:
         pass
+
+    def refused_commits(self) -> set:
+        return set()
 
     def highwaters(self, partitions) -> dict:
         return {p: len(self.records) for p in partitions}

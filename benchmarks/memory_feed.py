@@ -59,8 +59,11 @@ class MemorySource:
     def seek(self, offsets: dict) -> None:
         self.position.update(offsets)
 
-    def commit(self, offsets: dict) -> None:
+    def commit(self, offsets: dict, *, wait: bool = True) -> None:
         pass
+
+    def refused_commits(self) -> set:
+        return set()
 
     def highwaters(self, partitions) -> dict:
         return {p: len(self.records[p]) for p in partitions if p in self.records}

@@ -149,6 +149,29 @@ def test_group_members_share_partitions_and_hand_over_from_the_commit(
     assert sorted(o for _, o, _ in again) == list(range(10, 100)), "no commit past partition 0's"
 
 
+def test_a_commit_not_waited_for_lands_by_a_later_poll(kafka_bootstrap, kafka_client):
+    """The worker's interval checkpoints send their commit and go on: it lands all the same,
+    and the group's next member reads on from it."""
+    topic, group = _topic("async"), _topic("g")
+    client = _client(kafka_bootstrap, kafka_client, group_id=group)
+    client.ensure_topics({topic: {"num_partitions": 2}})
+    _produce(client, topic, 40, 2)
+    first = Member(client, topic)
+    assert len(first.read(40)) == 40
+    first.source.commit({(topic, 0): 20, (topic, 1): 10}, wait=False)
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:  # the outcome comes back in a poll
+        assert first.poll(100) == []
+    assert first.source.refused_commits() == set()
+    first.source.close()
+
+    second = Member(_client(kafka_bootstrap, kafka_client, group_id=group), topic)
+    again = second.read(10, timeout_s=15)
+    assert second.poll(500) == []
+    second.source.close()
+    assert sorted((p, o) for p, o, _ in again) == [((topic, 1), o) for o in range(10, 20)]
+
+
 def test_seeks_inside_the_assignment_and_after_it(kafka_bootstrap, kafka_client):
     topic = _topic("seek")
     client = _client(kafka_bootstrap, kafka_client, group_id=_topic("g"))

@@ -251,11 +251,58 @@ class TimingOutSource(RetainingSource):
         super().__init__(*args, **kwargs)
         self.fail_next = False
 
-    def commit(self, offsets: dict) -> None:
+    def commit(self, offsets: dict, *, wait: bool = True) -> None:
         if self.fail_next:
             self.fail_next = False
             raise TimeoutError("commit timed out")
-        super().commit(offsets)
+        super().commit(offsets, wait=wait)
+
+
+class RefusingSource(FakeSource):
+    """Records whether each commit was waited for; `refuse` is handed out once as refused."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waited: list[bool] = []
+        self.refuse: set = set()
+
+    def commit(self, offsets: dict, *, wait: bool = True) -> None:
+        self.waited.append(wait)
+        super().commit(offsets, wait=wait)
+
+    def refused_commits(self) -> set:
+        refused, self.refuse = self.refuse, set()
+        return refused
+
+
+def test_interval_commits_are_not_waited_for_and_a_refused_one_is_sent_again(detector):
+    """A checkpoint of the interval sends its commit and goes on (the group's answer is a round
+    trip); one on revoke or at shutdown waits for it. A commit refused after the checkpoint went
+    on is sent again by the next checkpoint, though its partition took nothing since."""
+    records = partitioned(fleet(seed=2, readings_per_key=300, anomalies=()), "readings", 2)
+    source = RefusingSource(records, chunk=400)
+    worker = Worker(settings(), detector, MODEL, FakeSink(), MemoryStateStore())
+    worker.attach(source)
+    worker.on_assigned(set(records))
+    worker.process(source.poll(0))
+    worker.checkpoint()
+    first = source.commits[-1]
+    assert source.waited == [False] and set(first) == set(records)
+
+    source.refuse = {("readings", 0)}  # the group refused it meanwhile
+    worker.checkpoint()
+    assert source.commits[-1] == {("readings", 0): first[("readings", 0)]}
+    worker.checkpoint()  # mended: nothing more to commit
+    assert len(source.commits) == 2 and source.waited == [False, False]
+
+    worker.process(source.poll(0))
+    worker.on_revoked({("readings", 1)})
+    assert ("readings", 1) in source.commits[-1] and source.waited[-1] is True
+    worker.process(source.poll(0))
+    worker.stop()
+    worker.run()  # its last checkpoint
+    assert ("readings", 0) in source.commits[-1] and source.waited[-1] is True
+    assert source.waited.count(False) == 2
 
 
 def test_a_checkpoint_failing_on_revoke_keeps_the_member_and_loses_nothing(detector):

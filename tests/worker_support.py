@@ -98,7 +98,7 @@ class FakeSource(MemorySource):
         super().__init__(records, chunk, committed)
         self.commits: list[dict] = []
 
-    def commit(self, offsets: dict) -> None:
+    def commit(self, offsets: dict, *, wait: bool = True) -> None:
         self.commits.append(dict(offsets))
 
     def latest_commits(self) -> dict:

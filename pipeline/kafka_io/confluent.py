@@ -89,6 +89,7 @@ class ConfluentSource:
         self.cooperative = settings.assignor == "cooperative-sticky"
         self._seeks: dict[Partition, int] | None = None  # seeks asked for inside on_assigned
         self._closing = False
+        self._refused: set[Partition] = set()  # of commits not waited for (`refused_commits`)
         conf = config(settings.connection, settings.client_id)
         conf.update(
             {
@@ -105,6 +106,7 @@ class ConfluentSource:
                 "isolation.level": (
                     "read_committed" if settings.exactly_once else "read_uncommitted"
                 ),
+                "on_commit": self._on_commit,
             }
         )
         if settings.group_instance_id:
@@ -192,10 +194,16 @@ class ConfluentSource:
                         raise
                     time.sleep(0.01)
 
-    def commit(self, offsets: Mapping[Partition, int]) -> None:
+    def commit(self, offsets: Mapping[Partition, int], *, wait: bool = True) -> None:
         if not offsets:
             return
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        if not wait:  # its outcome comes back to `_on_commit`, served by a later poll
+            try:
+                self.consumer.commit(offsets=tps, asynchronous=True)
+            except KafkaException as exc:  # (not even sent: no group coordinator yet)
+                self._refused_later(set(offsets), exc.args[0])
+            return
         try:
             results = self.consumer.commit(offsets=tps, asynchronous=False)
         except KafkaException as exc:
@@ -205,6 +213,26 @@ class ConfluentSource:
         for tp in results or ():
             if tp.error is not None:
                 raise CommitRejected(f"{tp.topic}[{tp.partition}]: {tp.error}")
+
+    def _on_commit(self, error, partitions) -> None:
+        """The outcome of a commit (librdkafka reports those waited for here as well)."""
+        refused = {(tp.topic, tp.partition) for tp in partitions if tp.error is not None}
+        if error is not None:
+            refused = _tps(partitions)
+        if refused:
+            self._refused_later(refused, error or next(tp.error for tp in partitions if tp.error))
+
+    def _refused_later(self, partitions: set[Partition], error) -> None:
+        self._refused |= partitions
+        log.warning(
+            "offset commit of %s refused (%s): committed again at the next checkpoint",
+            sorted(partitions),
+            error,
+        )
+
+    def refused_commits(self) -> set[Partition]:
+        refused, self._refused = self._refused, set()
+        return refused
 
     def highwaters(self, partitions: Iterable[Partition]) -> dict[Partition, int]:
         """The log-end offsets last seen in fetch responses (no network call)."""

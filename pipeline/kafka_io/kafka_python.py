@@ -122,6 +122,7 @@ class KafkaSource:
         pattern: str | None,
         rebalance: Rebalance,
     ) -> None:
+        self._refused: set[Partition] = set()  # of commits not waited for (`refused_commits`)
         self.consumer = KafkaConsumer(
             group_id=settings.group_id,
             client_id=settings.client_id,
@@ -176,13 +177,33 @@ class KafkaSource:
         for (topic, partition), offset in offsets.items():
             self.consumer.seek(TopicPartition(topic, partition), offset)
 
-    def commit(self, offsets: Mapping[Partition, int]) -> None:
+    def commit(self, offsets: Mapping[Partition, int], *, wait: bool = True) -> None:
         if not offsets:
+            return
+        if not wait:  # its outcome comes back to `_committed`, called by a later poll
+            try:
+                self.consumer.commit_async(_offsets(offsets), callback=self._committed)
+            except KafkaError as exc:  # (not even sent)
+                self._committed(_offsets(offsets), exc)
             return
         try:
             self.consumer.commit(_offsets(offsets))
         except (CommitFailedError, RebalanceInProgressError) as exc:
             raise CommitRejected(str(exc)) from exc
+
+    def _committed(self, offsets, outcome) -> None:
+        if isinstance(outcome, Exception):
+            refused = {(tp.topic, tp.partition) for tp in offsets}
+            self._refused |= refused
+            log.warning(
+                "offset commit of %s refused (%s): committed again at the next checkpoint",
+                sorted(refused),
+                outcome,
+            )
+
+    def refused_commits(self) -> set[Partition]:
+        refused, self._refused = self._refused, set()
+        return refused
 
     def highwaters(self, partitions: Iterable[Partition]) -> dict[Partition, int]:
         """The log-end offsets last seen in fetch responses (no network call)."""

@@ -71,9 +71,15 @@ class Source(Protocol):
     def seek(self, offsets: Mapping[Partition, int]) -> None:
         """Read these partitions again from these offsets (the next poll starts there)."""
 
-    def commit(self, offsets: Mapping[Partition, int]) -> None:
+    def commit(self, offsets: Mapping[Partition, int], *, wait: bool = True) -> None:
         """Commit the offset of the NEXT record to read, per partition; raises `CommitRejected`
-        when the group refuses (the member was evicted or a rebalance is under way)."""
+        when the group refuses (the member was evicted or a rebalance is under way). With
+        `wait=False` the commit is sent and not waited for: a refusal that comes back later (in a
+        poll) is logged, and its partitions are handed out by `refused_commits`."""
+
+    def refused_commits(self) -> set[Partition]:
+        """The partitions of commits sent with `wait=False` that the group refused since the
+        last call."""
 
     def highwaters(self, partitions: Iterable[Partition]) -> dict[Partition, int]:
         """The log-end offsets last seen, for the lag metric (partitions unknown left out)."""

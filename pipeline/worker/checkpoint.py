@@ -13,6 +13,10 @@ A checkpoint (every `commit_interval_ms`, on partition revoke, on shutdown) goes
 4. commit, per partition, the offset of the oldest reading an unfinished window still needs (or of
    the next record): Kafka stores the offset of the next record to read. Offsets never go back.
    Readings of parked keys (`pipeline.modalities.parking`) are in the state record, not needed.
+   A checkpoint of the interval sends its commit without waiting for the group's answer (a round
+   trip to the group coordinator, about half of such a checkpoint on a busy broker); a refusal
+   comes back in a later poll, and the next checkpoint commits those partitions again. On revoke
+   and on shutdown the commit is waited for: the partitions' next owner reads from it.
 
 State is therefore never older than the commit, and never newer than the events: a state record
 that says a window was emitted is written only once that window's event is acknowledged (the
@@ -59,6 +63,7 @@ class Checkpointer:
         self.processed: dict[Partition, int] = {}  # next offset after what was processed
         self.committed: dict[Partition, int] = {}
         self._last_commit: dict[Partition, int] = {}  # kept across revocations
+        self._recommit: set[Partition] = set()  # commits refused after the checkpoint went on
         self.touched: set[Partition] = set()
 
     def took(self, partition: Partition, next_offset: int) -> None:
@@ -109,6 +114,7 @@ class Checkpointer:
         for partition in partitions:
             self.processed.pop(partition, None)
             self.committed.pop(partition, None)
+        self._recommit -= partitions
 
     def _expire(self, partition: Partition) -> None:
         """Keys of the partition silent for long leave every stage (`pipeline.modalities.expiry`)."""
@@ -128,8 +134,8 @@ class Checkpointer:
         for partition, next_offset in self.processed.items():
             oldest = self.windows.oldest_needed(partition)
             offset = next_offset if oldest is None else min(next_offset, oldest)
-            if offset > self.committed.get(partition, -1):
-                offsets[partition] = offset
+            if offset > self.committed.get(partition, -1) or partition in self._recommit:
+                offsets[partition] = max(offset, self.committed.get(partition, -1))
         return offsets
 
     def save(
@@ -155,6 +161,8 @@ class Checkpointer:
             parked = len((state.get("parked") or {}).get("keys", ()))
             saved[partition] = (len(state.get("resume") or ()), parked, size)
         self.touched.clear()
+        if source is not None and not self.sink.transactional:
+            self._recommit |= source.refused_commits() & self.processed.keys()
         offsets = self.commit_offsets() if source is not None else {}
         if self.sink.transactional:
             metadata = source.group_metadata() if source is not None else None
@@ -163,7 +171,8 @@ class Checkpointer:
             self.sink.flush()
             if offsets:
                 try:
-                    source.commit(offsets)
+                    source.commit(offsets, wait=reason != "interval")
+                    self._recommit -= offsets.keys()
                 except CommitRejected as exc:
                     # evicted (or rebalancing): the next poll rejoins, and whoever owns these
                     # partitions then reads them again from the last accepted commit
