@@ -151,7 +151,7 @@ def test_group_members_share_partitions_and_hand_over_from_the_commit(
 
 def test_a_commit_not_waited_for_lands_by_a_later_poll(kafka_bootstrap, kafka_client):
     """The worker's interval checkpoints send their commit and go on: it lands all the same,
-    and the group's next member reads on from it."""
+    and the group's next member reads on from it; one the broker refuses is handed out once."""
     topic, group = _topic("async"), _topic("g")
     client = _client(kafka_bootstrap, kafka_client, group_id=group)
     client.ensure_topics({topic: {"num_partitions": 2}})
@@ -159,9 +159,11 @@ def test_a_commit_not_waited_for_lands_by_a_later_poll(kafka_bootstrap, kafka_cl
     first = Member(client, topic)
     assert len(first.read(40)) == 40
     first.source.commit({(topic, 0): 20, (topic, 1): 10}, wait=False)
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:  # the outcome comes back in a poll
+    first.source.commit({(topic, 5): 3}, wait=False)  # a partition the topic does not have
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # the outcomes come back in polls
         assert first.poll(100) == []
+    assert first.source.refused_commits() == {(topic, 5)}
     assert first.source.refused_commits() == set()
     first.source.close()
 

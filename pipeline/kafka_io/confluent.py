@@ -43,7 +43,13 @@ from pipeline.kafka_io.confluent_sink import (
     TransactionalConfluentSink,
     config,
 )
-from pipeline.kafka_io.errors import KafkaConnectError, describe, most_telling, telling
+from pipeline.kafka_io.errors import (
+    KafkaConnectError,
+    RefusedCommits,
+    describe,
+    most_telling,
+    telling,
+)
 from pipeline.kafka_io.protocols import Partition, Rebalance, TopicSpec
 from pipeline.kafka_io.settings import KafkaConnection, KafkaSettings
 
@@ -89,7 +95,7 @@ class ConfluentSource:
         self.cooperative = settings.assignor == "cooperative-sticky"
         self._seeks: dict[Partition, int] | None = None  # seeks asked for inside on_assigned
         self._closing = False
-        self._refused: set[Partition] = set()  # of commits not waited for (`refused_commits`)
+        self.refused = RefusedCommits()  # of commits not waited for
         conf = config(settings.connection, settings.client_id)
         conf.update(
             {
@@ -202,7 +208,7 @@ class ConfluentSource:
             try:
                 self.consumer.commit(offsets=tps, asynchronous=True)
             except KafkaException as exc:  # (not even sent: no group coordinator yet)
-                self._refused_later(set(offsets), exc.args[0])
+                self.refused.add(set(offsets), exc.args[0])
             return
         try:
             results = self.consumer.commit(offsets=tps, asynchronous=False)
@@ -220,19 +226,10 @@ class ConfluentSource:
         if error is not None:
             refused = _tps(partitions)
         if refused:
-            self._refused_later(refused, error or next(tp.error for tp in partitions if tp.error))
-
-    def _refused_later(self, partitions: set[Partition], error) -> None:
-        self._refused |= partitions
-        log.warning(
-            "offset commit of %s refused (%s): committed again at the next checkpoint",
-            sorted(partitions),
-            error,
-        )
+            self.refused.add(refused, error or next(tp.error for tp in partitions if tp.error))
 
     def refused_commits(self) -> set[Partition]:
-        refused, self._refused = self._refused, set()
-        return refused
+        return self.refused.take()
 
     def highwaters(self, partitions: Iterable[Partition]) -> dict[Partition, int]:
         """The log-end offsets last seen in fetch responses (no network call)."""

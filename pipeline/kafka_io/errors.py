@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 from pipeline.errors import AewatchError
 from pipeline.kafka_io.settings import KafkaConnection
 
-__all__ = ["DeliveryError", "KafkaConnectError", "describe", "most_telling", "telling"]
+__all__ = [
+    "DeliveryError",
+    "KafkaConnectError",
+    "RefusedCommits",
+    "describe",
+    "most_telling",
+    "telling",
+]
+
+log = logging.getLogger(__name__)
+Partition = tuple[str, int]
 
 
 class DeliveryError(AewatchError):
@@ -38,3 +50,25 @@ def describe(connection: KafkaConnection) -> str:
     if connection.sasl_mechanism:
         who = f", SASL {connection.sasl_mechanism} as {connection.sasl_username!r}"
     return f"Kafka at {connection.bootstrap_servers} ({connection.security_protocol}{who})"
+
+
+class RefusedCommits:
+    """The partitions of commits sent without waiting (`Source.commit(wait=False)`) that the group
+    refused, as a later poll reports them: logged, and kept until `take`."""
+
+    def __init__(self) -> None:
+        self._refused: set[Partition] = set()
+
+    def add(self, partitions: set[Partition], error) -> None:
+        if not partitions:
+            return
+        self._refused |= partitions
+        log.warning(
+            "offset commit of %s refused (%s): committed again at the next checkpoint",
+            sorted(partitions),
+            error,
+        )
+
+    def take(self) -> set[Partition]:
+        refused, self._refused = self._refused, set()
+        return refused

@@ -40,6 +40,7 @@ from pipeline.kafka_io import topics as topics_
 from pipeline.kafka_io.errors import (
     DeliveryError,
     KafkaConnectError,
+    RefusedCommits,
     describe,
     most_telling,
     telling,
@@ -122,7 +123,7 @@ class KafkaSource:
         pattern: str | None,
         rebalance: Rebalance,
     ) -> None:
-        self._refused: set[Partition] = set()  # of commits not waited for (`refused_commits`)
+        self.refused = RefusedCommits()  # of commits not waited for
         self.consumer = KafkaConsumer(
             group_id=settings.group_id,
             client_id=settings.client_id,
@@ -193,17 +194,10 @@ class KafkaSource:
 
     def _committed(self, offsets, outcome) -> None:
         if isinstance(outcome, Exception):
-            refused = {(tp.topic, tp.partition) for tp in offsets}
-            self._refused |= refused
-            log.warning(
-                "offset commit of %s refused (%s): committed again at the next checkpoint",
-                sorted(refused),
-                outcome,
-            )
+            self.refused.add({(tp.topic, tp.partition) for tp in offsets}, outcome)
 
     def refused_commits(self) -> set[Partition]:
-        refused, self._refused = self._refused, set()
-        return refused
+        return self.refused.take()
 
     def highwaters(self, partitions: Iterable[Partition]) -> dict[Partition, int]:
         """The log-end offsets last seen in fetch responses (no network call)."""
