@@ -15,6 +15,9 @@ What differs under the hood, and how the protocols stay the same:
 
 The producers live in `pipeline.kafka_io.confluent_sink`, the records and the tail in
 `pipeline.kafka_io.confluent_records`.
+
+Size: over 400 lines because the group member (rebalance callbacks, seeks, commits waited for
+or not) and the admin side mirror `pipeline.kafka_io.kafka_python` call for call.
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ class ConfluentSource:
                 "isolation.level": (
                     "read_committed" if settings.exactly_once else "read_uncommitted"
                 ),
-                "on_commit": self._on_commit,
+                # (librdkafka reports the commits waited for there as well)
+                "on_commit": self.refused.reported,
             }
         )
         if settings.group_instance_id:
@@ -219,14 +223,6 @@ class ConfluentSource:
         for tp in results or ():
             if tp.error is not None:
                 raise CommitRejected(f"{tp.topic}[{tp.partition}]: {tp.error}")
-
-    def _on_commit(self, error, partitions) -> None:
-        """The outcome of a commit (librdkafka reports those waited for here as well)."""
-        refused = {(tp.topic, tp.partition) for tp in partitions if tp.error is not None}
-        if error is not None:
-            refused = _tps(partitions)
-        if refused:
-            self.refused.add(refused, error or next(tp.error for tp in partitions if tp.error))
 
     def refused_commits(self) -> set[Partition]:
         return self.refused.take()

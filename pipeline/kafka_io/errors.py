@@ -69,6 +69,13 @@ class RefusedCommits:
             error,
         )
 
+    def reported(self, error, partitions) -> None:
+        """A client's report of one commit: `error` for all of it, else each partition's own."""
+        errors = [error] if error is not None else [p.error for p in partitions if p.error]
+        if errors:
+            refused = {(p.topic, p.partition) for p in partitions if error or p.error}
+            self.add(refused, errors[0])
+
     def take(self) -> set[Partition]:
         refused, self._refused = self._refused, set()
         return refused
