@@ -208,7 +208,7 @@ class ConfluentSource:
         if not offsets:
             return
         tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        if not wait:  # its outcome comes back to `_on_commit`, served by a later poll
+        if not wait:  # its outcome comes back to `RefusedCommits.reported` in a later poll
             try:
                 self.consumer.commit(offsets=tps, asynchronous=True)
             except KafkaException as exc:  # (not even sent: no group coordinator yet)

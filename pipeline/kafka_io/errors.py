@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.errors import AewatchError
+from pipeline.kafka_io.protocols import Partition
 from pipeline.kafka_io.settings import KafkaConnection
 
 __all__ = [
@@ -17,7 +18,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-Partition = tuple[str, int]
 
 
 class DeliveryError(AewatchError):
