@@ -90,6 +90,46 @@ def test_the_traced_pass_scores_as_the_eager_one_bit_for_bit(kind, backbone, ter
     assert traced[True] is not None and traced[False] is not None, "the graphs were not traced"
 
 
+@pytest.mark.parametrize("terms", [False, True])
+@pytest.mark.parametrize(("kind", "backbone"), COMBOS)
+def test_a_batch_in_slices_scores_as_the_eager_pass_in_one_piece(
+    monkeypatch, kind, backbone, terms
+):
+    """A large CPU batch goes through the graph slice by slice (`slice_rows`): each window's
+    results are the ones it has in one piece, per-window scaling sliced with it."""
+    asked = []
+
+    def eight(shape, threads):
+        asked.append((shape, threads))
+        return 8
+
+    monkeypatch.setattr(traced_module, "slice_rows", eight)
+    rng = np.random.default_rng(4)
+    windows = rng.normal(size=(43, WINDOW, FEATURES)).astype(np.float32)
+    detector = _detector(kind, backbone, terms, windows)
+    scaling = (
+        rng.normal(size=(43, FEATURES)).astype(np.float32),
+        rng.uniform(0.5, 2, size=(43, FEATURES)).astype(np.float32),
+    )
+    for options in ({}, {"attribution": False}, {"scaling": scaling}):
+        got = detector.score(windows, batch_size=43, **options)
+        want = _eager(detector, windows, batch_size=43, **options)
+        for name in FIELDS:
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None) == (b is None), (name, options)
+            if a is not None:
+                assert np.array_equal(a, b), (name, options)
+    assert detector._pass._traced[True] is not None and detector._pass._traced[False] is not None
+    assert set(asked) == {((WINDOW, FEATURES), torch.get_num_threads())}
+
+
+def test_slices_are_whole_row_blocks_of_about_the_set_size_per_thread():
+    assert traced_module.slice_rows((64, 8)) == traced_module.CPU_SLICE_VALUES // 512
+    assert traced_module.slice_rows((64, 8), 2) == 2 * traced_module.CPU_SLICE_VALUES // 512
+    assert traced_module.slice_rows((1, 28, 28)) % traced_module.ROW_BLOCK == 0
+    assert traced_module.slice_rows((3, 1024, 1024)) == traced_module.ROW_BLOCK
+
+
 def test_a_model_that_cannot_be_traced_is_scored_op_by_op(monkeypatch, caplog):
     rng = np.random.default_rng(2)
     windows = rng.normal(size=(12, WINDOW, FEATURES)).astype(np.float32)
