@@ -123,6 +123,23 @@ def test_a_batch_in_slices_scores_as_the_eager_pass_in_one_piece(
     assert set(asked) == {((WINDOW, FEATURES), torch.get_num_threads())}
 
 
+def test_without_a_scripted_slice_loop_the_graph_scores_in_one_piece(monkeypatch):
+    rng = np.random.default_rng(5)
+    windows = rng.normal(size=(21, WINDOW, FEATURES)).astype(np.float32)
+    detector = _detector("undercomplete", "dense", True, windows)
+    want = _eager(detector, windows)
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("no scripting here")
+
+    monkeypatch.setattr(torch.jit, "script", refuse)
+    monkeypatch.setattr(traced_module, "slice_rows", lambda shape, threads: 4)
+    got = detector.score(windows)
+    assert detector._pass._traced[True] is not None, "scored op by op, not by the traced graph"
+    for name in FIELDS:
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+
+
 def test_slices_are_whole_row_blocks_of_about_the_set_size_per_thread():
     assert traced_module.slice_rows((64, 8)) == traced_module.CPU_SLICE_VALUES // 512
     assert traced_module.slice_rows((64, 8), 2) == 2 * traced_module.CPU_SLICE_VALUES // 512

@@ -27,7 +27,6 @@ import warnings
 
 import torch
 from torch import nn
-from torch.jit.frontend import FrontendError
 
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scoring import ScoreStats, score_parts
@@ -155,16 +154,26 @@ def _trace(step: _Pass, raw, center, scale) -> tuple | None:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", FutureWarning)  # (tracing is kept for this use)
             traced = torch.jit.trace(step, two, check_trace=False, strict=False)
-            graph = torch.jit.script(_Slices(traced))
+            graph = _sliced(traced)
         want, got = step.forward(*three), graph(*three, ROW_BLOCK)
         same = len(got) == len(want) and all(map(torch.equal, got, want))
-    except (AttributeError, RuntimeError, TypeError, ValueError, FrontendError) as exc:
+    except (AttributeError, RuntimeError, TypeError, ValueError) as exc:
         log.warning("scoring op by op: the model could not be traced (%s)", exc)
         return None
     if not same:
         log.warning("scoring op by op: the traced model does not score as the model does")
         return None
     return graph, absent
+
+
+def _sliced(traced: torch.jit.ScriptModule):
+    """`traced` looped over slices in TorchScript, or called in one piece where this torch
+    cannot script the loop."""
+    try:
+        return torch.jit.script(_Slices(traced))
+    except Exception as exc:  # any failure to script it: the graph in one piece
+        log.info("scoring batches in one piece: the slice loop could not be scripted (%s)", exc)
+        return lambda raw, center, scale, rows: traced(raw, center, scale)
 
 
 def _rows(raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, index: torch.Tensor):
