@@ -115,7 +115,7 @@ def group(messages: list, topic: str | None = None) -> dict[Partition, Records]:
     names = topics[starts].tolist() if topic is None else repeat(topic)
     partitions = zip(names, numbers[starts].tolist(), strict=False)  # (a topic repeated)
     out: dict[Partition, list] = {}
-    for start, end, partition in zip(starts, [*starts[1:], n], partitions, strict=False):
+    for start, end, partition in zip(starts, [*starts[1:], n], partitions, strict=True):
         batch = out.get(partition)
         if batch is None:
             out[partition] = messages[start:end]
