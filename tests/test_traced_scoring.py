@@ -62,16 +62,31 @@ def _eager(detector: Detector, windows: np.ndarray, **options):
 FIELDS = ("scores", "per_feature", "per_step", "terms")
 
 
+def _windows_and_scaling(seed: int, n: int) -> tuple[np.ndarray, tuple]:
+    """`n` random windows and a per-window (center, scale) for them."""
+    rng = np.random.default_rng(seed)
+    windows = rng.normal(size=(n, WINDOW, FEATURES)).astype(np.float32)
+    scaling = (
+        rng.normal(size=(n, FEATURES)).astype(np.float32),
+        rng.uniform(0.5, 2, size=(n, FEATURES)).astype(np.float32),
+    )
+    return windows, scaling
+
+
+def _assert_same(got, want, context=None) -> None:
+    """Every field of two `Scores` bit for bit (or both absent)."""
+    for name in FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), (name, context)
+        if a is not None:
+            assert np.array_equal(a, b), (name, context)
+
+
 @pytest.mark.parametrize("terms", [False, True])
 @pytest.mark.parametrize(("kind", "backbone"), COMBOS)
 def test_the_traced_pass_scores_as_the_eager_one_bit_for_bit(kind, backbone, terms):
-    rng = np.random.default_rng(1)
-    windows = rng.normal(size=(40, WINDOW, FEATURES)).astype(np.float32)
+    windows, scaling = _windows_and_scaling(1, 40)
     detector = _detector(kind, backbone, terms, windows)
-    scaling = (
-        rng.normal(size=(40, FEATURES)).astype(np.float32),
-        rng.uniform(0.5, 2, size=(40, FEATURES)).astype(np.float32),
-    )
     for options in (
         {"batch_size": 7},
         {"batch_size": 64},
@@ -81,11 +96,7 @@ def test_the_traced_pass_scores_as_the_eager_one_bit_for_bit(kind, backbone, ter
     ):
         got = detector.score(windows, **options)
         want = _eager(detector, windows, **options)
-        for name in FIELDS:
-            a, b = getattr(got, name), getattr(want, name)
-            assert (a is None) == (b is None), (name, options)
-            if a is not None:
-                assert np.array_equal(a, b), (name, options)
+        _assert_same(got, want, options)
     traced = detector._pass._traced
     assert traced[True] is not None and traced[False] is not None, "the graphs were not traced"
 
@@ -104,40 +115,14 @@ def test_a_batch_in_slices_scores_as_the_eager_pass_in_one_piece(
         return 8
 
     monkeypatch.setattr(traced_module, "slice_rows", eight)
-    rng = np.random.default_rng(4)
-    windows = rng.normal(size=(43, WINDOW, FEATURES)).astype(np.float32)
+    windows, scaling = _windows_and_scaling(4, 43)
     detector = _detector(kind, backbone, terms, windows)
-    scaling = (
-        rng.normal(size=(43, FEATURES)).astype(np.float32),
-        rng.uniform(0.5, 2, size=(43, FEATURES)).astype(np.float32),
-    )
     for options in ({}, {"attribution": False}, {"scaling": scaling}):
         got = detector.score(windows, batch_size=43, **options)
         want = _eager(detector, windows, batch_size=43, **options)
-        for name in FIELDS:
-            a, b = getattr(got, name), getattr(want, name)
-            assert (a is None) == (b is None), (name, options)
-            if a is not None:
-                assert np.array_equal(a, b), (name, options)
+        _assert_same(got, want, options)
     assert detector._pass._traced[True] is not None and detector._pass._traced[False] is not None
     assert set(asked) == {((WINDOW, FEATURES), torch.get_num_threads())}
-
-
-def test_without_a_scripted_slice_loop_the_graph_scores_in_one_piece(monkeypatch):
-    rng = np.random.default_rng(5)
-    windows = rng.normal(size=(21, WINDOW, FEATURES)).astype(np.float32)
-    detector = _detector("undercomplete", "dense", True, windows)
-    want = _eager(detector, windows)
-
-    def refuse(*args, **kwargs):
-        raise NotImplementedError("no scripting here")
-
-    monkeypatch.setattr(torch.jit, "script", refuse)
-    monkeypatch.setattr(traced_module, "slice_rows", lambda shape, threads: 4)
-    got = detector.score(windows)
-    assert detector._pass._traced[True] is not None, "scored op by op, not by the traced graph"
-    for name in FIELDS:
-        assert np.array_equal(getattr(got, name), getattr(want, name)), name
 
 
 def test_slices_are_whole_row_blocks_of_about_the_set_size_per_thread():
@@ -147,21 +132,27 @@ def test_slices_are_whole_row_blocks_of_about_the_set_size_per_thread():
     assert traced_module.slice_rows((3, 1024, 1024)) == traced_module.ROW_BLOCK
 
 
-def test_a_model_that_cannot_be_traced_is_scored_op_by_op(monkeypatch, caplog):
+@pytest.mark.parametrize(("refused", "by_graph"), [("trace", False), ("script", True)])
+def test_a_model_not_traced_or_a_loop_not_scripted_still_scores_the_same(
+    monkeypatch, caplog, refused, by_graph
+):
+    """A model that cannot be traced is scored op by op, with a warning; where torch cannot
+    script the slice loop, the traced graph scores each batch in one piece."""
     rng = np.random.default_rng(2)
-    windows = rng.normal(size=(12, WINDOW, FEATURES)).astype(np.float32)
+    windows = rng.normal(size=(21, WINDOW, FEATURES)).astype(np.float32)
     detector = _detector("undercomplete", "dense", True, windows)
     want = _eager(detector, windows)
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("not traceable")
+        raise RuntimeError(f"no {refused} here")
 
-    monkeypatch.setattr(torch.jit, "trace", refuse)
+    monkeypatch.setattr(torch.jit, refused, refuse)
+    monkeypatch.setattr(traced_module, "slice_rows", lambda shape, threads: 4)
     with caplog.at_level(logging.WARNING, logger="pipeline.detector.traced"):
         got = detector.score(windows)
-    assert "could not be traced" in caplog.text
-    assert np.array_equal(got.scores, want.scores)
-    assert np.array_equal(got.per_feature, want.per_feature)
+    assert (detector._pass._traced[True] is not None) == by_graph
+    assert ("could not be traced" in caplog.text) == (not by_graph)
+    _assert_same(got, want)
 
 
 @pytest.mark.parametrize("backbone", ["dense", "conv"])
