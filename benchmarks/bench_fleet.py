@@ -34,6 +34,7 @@ import orjson
 import pandas as pd
 
 from benchmarks.common import md_table, read_skab, skab_features, write_results
+from benchmarks.memory_feed import MemorySource
 from pipeline.detector import load_detector
 from pipeline.events import ModelIdentity
 from pipeline.worker.loop import Worker
@@ -85,38 +86,6 @@ class Record:
     value: bytes | None
     headers: list = field(default_factory=list)
     timestamp: int = 0
-
-
-class _Source:
-    """Interleaved records, `CHUNK` readings of every key per poll, from one partition."""
-
-    def __init__(self, records: list[Record], per_poll: int) -> None:
-        self.records, self.per_poll, self.at = records, per_poll, 0
-
-    def poll(self, timeout_ms: int) -> dict:
-        if self.at >= len(self.records):
-            return {}
-        part = self.records[self.at : self.at + self.per_poll]
-        self.at += len(part)
-        return {("valve1", 0): part}
-
-    def keepalive(self) -> None:
-        pass
-
-    def seek(self, offsets) -> None:
-        pass
-
-    def commit(self, offsets, *, wait: bool = True) -> None:
-        pass
-
-    def refused_commits(self) -> set:
-        return set()
-
-    def highwaters(self, partitions) -> dict:
-        return {p: len(self.records) for p in partitions}
-
-    def group_metadata(self):
-        return None
 
 
 class _Sink:
@@ -205,7 +174,7 @@ def run_fleet(detector, records, spans, overrides: dict) -> dict:
     settings = WorkerSettings.build(**{**base, **overrides})
     sink = _Sink()
     worker = Worker(settings, detector, MODEL, sink, MemoryStateStore())
-    worker.attach(_Source(records, CHUNK * len(spans)))
+    worker.attach(MemorySource({("valve1", 0): records}, CHUNK * len(spans)))
     worker.on_assigned({("valve1", 0)})
     started = time.perf_counter()
     worker.run()

@@ -172,7 +172,7 @@ class ConfluentSource:
     # -- the Source protocol -----------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> dict[Partition, Records]:
         messages = take(self.consumer, self.max_records, timeout_ms)
-        return group(messages, self.topic) if messages else {}
+        return group(messages, self.topic)
 
     def keepalive(self) -> None:
         """A poll with every partition paused: it resets the max.poll.interval.ms clock and runs

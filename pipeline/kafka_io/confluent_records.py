@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from itertools import repeat
 
 import numpy as np
 from confluent_kafka import (
@@ -112,8 +111,8 @@ def group(messages: list, topic: str | None = None) -> dict[Partition, Records]:
         topics = np.array(list(map(_TOPIC, messages)), dtype=object)
         change |= topics[1:] != topics[:-1]
     starts = [0, *(np.flatnonzero(change) + 1).tolist()]
-    names = topics[starts].tolist() if topic is None else repeat(topic)
-    partitions = zip(names, numbers[starts].tolist(), strict=False)  # (a topic repeated)
+    names = topics[starts].tolist() if topic is None else [topic] * len(starts)
+    partitions = zip(names, numbers[starts].tolist(), strict=True)
     out: dict[Partition, list] = {}
     for start, end, partition in zip(starts, [*starts[1:], n], partitions, strict=True):
         batch = out.get(partition)
@@ -194,7 +193,7 @@ class ConfluentTail:
         if time.monotonic() - self._looked > TAIL_METADATA_S:
             self._look()
         messages = take(self.consumer, 10000, timeout_ms)
-        return group(messages) if messages else {}
+        return group(messages)
 
     def end_offsets(self) -> dict[Partition, int]:
         """The end offset now of each assigned partition that holds records."""
