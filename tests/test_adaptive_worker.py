@@ -118,39 +118,51 @@ def test_alarming_on_the_adaptive_stage_is_a_setting(trained):
         settings(adaptive_rearm=1.5)
 
 
-def test_the_range_check_takes_its_extremes_on_the_scoring_thread(trained, monkeypatch):
-    """Each window's extremes (the range check's input) are taken by the scoring thread beside
-    the pass, not by the loop's, and decide the same windows as when the loop takes them."""
+def test_the_range_check_takes_its_extremes_in_the_scoring_pass(trained, monkeypatch):
+    """Each window's extremes (the range check's input) are taken by the scoring pass, on the
+    scoring thread, not by the loop's thread, and decide the same windows as when the loop
+    takes them."""
     import threading
 
     import pipeline.worker.loop as loop_module
     import pipeline.worker.scorer as scorer_module
+    from pipeline.detector import Detector
     from pipeline.detector.adaptive_stage import window_extremes
 
-    takers: list[str] = []
+    passes: list[tuple[str, int]] = []
+    on_loop: list[str] = []
+    score = Detector.score
+
+    def watched_score(self, raw, **options):
+        passes.append((threading.current_thread().name, options.get("extremes", 0)))
+        return score(self, raw, **options)
 
     def watched(windows):
-        takers.append(threading.current_thread().name)
+        on_loop.append(threading.current_thread().name)
         return window_extremes(windows)
 
-    monkeypatch.setattr(scorer_module, "window_extremes", watched)
+    monkeypatch.setattr(Detector, "score", watched_score)
     monkeypatch.setattr(loop_module, "window_extremes", watched)
     records = partitioned(drifting_fleet(readings_per_key=1500), "readings", 2)
-    beside = _run(trained.detector, records, alarm_on="adaptive")
-    assert takers and all(name.startswith("aewatch-score") for name in takers)
+    features = len(trained.detector.input.features)
+    in_pass = _run(trained.detector, records, alarm_on="adaptive")
+    assert passes and all(name.startswith("aewatch-score") for name, _ in passes)
+    assert {asked for _, asked in passes} == {features}
+    assert not on_loop
 
-    takers.clear()  # the loop's thread takes them when the scorer is asked for none
+    passes.clear()  # the loop's thread takes them when the scorer is asked for none
     built = scorer_module.BatchScorer.__init__
     monkeypatch.setattr(
         scorer_module.BatchScorer,
         "__init__",
         lambda self, *args, **kwargs: built(self, *args, **{**kwargs, "extremes": 0}),
     )
-    on_loop = _run(trained.detector, records, alarm_on="adaptive")
-    assert takers and not any(name.startswith("aewatch-score") for name in takers)
-    assert [e["id"] for e in beside] == [e["id"] for e in on_loop]
-    assert [e["data"]["is_anomaly"] for e in beside] == [e["data"]["is_anomaly"] for e in on_loop]
-    assert any(e["data"]["is_anomaly"] and e["data"]["surprise"] < 5.0 for e in beside)
+    by_loop = _run(trained.detector, records, alarm_on="adaptive")
+    assert {asked for _, asked in passes} == {0}
+    assert on_loop and not any(name.startswith("aewatch-score") for name in on_loop)
+    assert [e["id"] for e in in_pass] == [e["id"] for e in by_loop]
+    assert [e["data"]["is_anomaly"] for e in in_pass] == [e["data"]["is_anomaly"] for e in by_loop]
+    assert any(e["data"]["is_anomaly"] and e["data"]["surprise"] < 5.0 for e in in_pass)
 
 
 def _run(detector, records, **overrides) -> list[dict]:

@@ -5,6 +5,7 @@ without attribution and per-window scaling, in any batch."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from pipeline.detector import Detector, InputSpec, ModelConfig, Scaler, WindowSpec, build_model
 from pipeline.detector import traced as traced_module
+from pipeline.detector.adaptive_stage import window_extremes
 from pipeline.detector.scoring import fit_score_stats
 from tests.test_detector_contract import COMBOS
 
@@ -59,7 +61,7 @@ def _eager(detector: Detector, windows: np.ndarray, **options):
         traced_module._trace = original
 
 
-FIELDS = ("scores", "per_feature", "per_step", "terms")
+FIELDS = ("scores", "per_feature", "per_step", "terms", "extremes")
 
 
 def _windows_and_scaling(seed: int, n: int) -> tuple[np.ndarray, tuple]:
@@ -98,7 +100,7 @@ def test_the_traced_pass_scores_as_the_eager_one_bit_for_bit(kind, backbone, ter
         want = _eager(detector, windows, **options)
         _assert_same(got, want, options)
     traced = detector._pass._traced
-    assert traced[True] is not None and traced[False] is not None, "the graphs were not traced"
+    assert traced[(True, 0)] is not None and traced[(False, 0)] is not None, "not traced"
 
 
 @pytest.mark.parametrize("terms", [False, True])
@@ -117,12 +119,47 @@ def test_a_batch_in_slices_scores_as_the_eager_pass_in_one_piece(
     monkeypatch.setattr(traced_module, "slice_rows", eight)
     windows, scaling = _windows_and_scaling(4, 43)
     detector = _detector(kind, backbone, terms, windows)
-    for options in ({}, {"attribution": False}, {"scaling": scaling}):
+    for options in (
+        {},
+        {"attribution": False},
+        {"scaling": scaling},
+        {"extremes": 2, "scaling": scaling},
+        {"extremes": FEATURES, "attribution": False},
+    ):
         got = detector.score(windows, batch_size=43, **options)
         want = _eager(detector, windows, batch_size=43, **options)
         _assert_same(got, want, options)
-    assert detector._pass._traced[True] is not None and detector._pass._traced[False] is not None
+    assert all(graph is not None for graph in detector._pass._traced.values())
+    assert len(detector._pass._traced) == 4
     assert set(asked) == {((WINDOW, FEATURES), torch.get_num_threads())}
+
+
+@pytest.mark.parametrize("n", [1, 6, 8, 43])
+@pytest.mark.parametrize("traced", [True, False])
+def test_the_pass_takes_each_windows_extremes_as_window_extremes(monkeypatch, n, traced):
+    """With `extremes`, the pass also gives each window's minimum and maximum of its first
+    features, the values `window_extremes` gives, traced in slices (with rows padded to whole
+    blocks) or op by op; the scores are the ones without them."""
+    monkeypatch.setattr(traced_module, "slice_rows", lambda shape, threads: 4)
+    windows, _ = _windows_and_scaling(5, n)
+    detector = _detector("undercomplete", "dense", True, windows)
+    if not traced:
+        monkeypatch.setattr(traced_module, "_trace", lambda *args: None)
+    for first in (1, FEATURES):
+        got = detector.score(windows, extremes=first)
+        want = window_extremes(windows[..., :first])
+        assert [a.dtype for a in got.extremes] == [np.float32, np.float32]
+        assert all(map(np.array_equal, got.extremes, want))
+        _assert_same(replace(got, extremes=None), detector.score(windows))
+    assert (detector._pass._traced[(True, FEATURES)] is not None) == traced
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 16])
+def test_window_extremes_fold_tensors_with_torchs_minimum_and_maximum(length):
+    windows = np.random.default_rng(length).normal(size=(9, length, 3)).astype(np.float32)
+    lo, hi = window_extremes(torch.from_numpy(windows), torch.minimum, torch.maximum)
+    assert np.array_equal(lo.numpy(), windows.min(axis=1))
+    assert np.array_equal(hi.numpy(), windows.max(axis=1))
 
 
 def test_slices_are_whole_row_blocks_of_about_the_set_size_per_thread():
@@ -150,7 +187,7 @@ def test_a_model_not_traced_or_a_loop_not_scripted_still_scores_the_same(
     monkeypatch.setattr(traced_module, "slice_rows", lambda shape, threads: 4)
     with caplog.at_level(logging.WARNING, logger="pipeline.detector.traced"):
         got = detector.score(windows)
-    assert (detector._pass._traced[True] is not None) == by_graph
+    assert (detector._pass._traced[(True, 0)] is not None) == by_graph
     assert ("could not be traced" in caplog.text) == (not by_graph)
     _assert_same(got, want)
 
@@ -175,7 +212,7 @@ def test_images_score_the_same_traced_one_at_a_time_or_many(backbone):
     first = detector.score(images[:1], batch_size=1)  # traced on a batch of one image
     got = detector.score(images, batch_size=4)
     want = _eager(detector, images, batch_size=4)
-    assert detector._pass._traced[True] is not None
+    assert detector._pass._traced[(True, 0)] is not None
     assert np.array_equal(got.scores, want.scores)
     assert np.array_equal(got.pixel_map, want.pixel_map)
     assert np.array_equal(first.scores, want.scores[:1])

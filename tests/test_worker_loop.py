@@ -415,7 +415,7 @@ def test_a_small_batch_runs_on_one_thread_and_a_large_one_on_the_members_threads
         def __init__(self) -> None:
             self.threads: list[int] = []
 
-        def score(self, windows, *, batch_size, scaling=None):
+        def score(self, windows, *, batch_size, scaling=None, extremes=0):
             self.threads.append(torch.get_num_threads())
             return windows.sum(axis=(1, 2))
 
@@ -444,7 +444,7 @@ def test_a_pass_in_flight_is_finished_with_keepalives_before_the_next_starts():
         def __init__(self) -> None:
             self.passes: list[int] = []
 
-        def score(self, windows, *, batch_size, scaling=None):
+        def score(self, windows, *, batch_size, scaling=None, extremes=0):
             time.sleep(0.5)
             self.passes.append(len(windows))
             return windows.sum(axis=(1, 2))

@@ -236,34 +236,40 @@ class Detector:
         batch_size: int = 8192,
         attribution: bool = True,
         scaling: tuple[np.ndarray, np.ndarray] | None = None,
+        extremes: int = 0,
     ) -> Scores:
         """Score raw (unscaled) windows or images in batches of `batch_size`, with the score
         the detector was trained with (`score_mode`).
 
         Scaling happens on the model's device, batch by batch. `scaling`, per-window (center,
         scale) [N, F] of series windows, replaces the detector's scaler (per-key baselines);
-        with the scaler's own values it gives the same scores bit for bit."""
+        with the scaler's own values it gives the same scores bit for bit. `extremes`: the pass
+        also takes each series window's minimum and maximum of its first `extremes` features
+        (`Scores.extremes`, the values of `window_extremes`)."""
         raw = _inputs(raw)
         parts: list[tuple] = []
         if self._pass is None:
             self._pass = ScoringPass(self.model, self.config, self.score_stats)
         with torch.inference_mode():
             for batch, center, scale in self._raw_batches(raw, batch_size, scaling):
-                out = self._pass(batch, center, scale, attribution)
+                out = self._pass(batch, center, scale, attribution, extremes)
                 parts.append(tuple(None if t is None else _host(t) for t in out))
         if not parts:
             return Scores(np.zeros(0), None, None, None)
+        found = {}
+        if extremes:
+            found["extremes"] = tuple(_joined([p[i] for p in parts], np.float32) for i in (4, 5))
         scores = _joined([p[0] for p in parts], np.float64)
         if not attribution:
-            return Scores(scores)
+            return Scores(scores, **found)
         first = _joined([p[1] for p in parts], np.float32)
         if self.input.kind == "image":
-            return Scores(scores, pixel_map=first)
+            return Scores(scores, pixel_map=first, **found)
         step = _joined([p[2] for p in parts], np.float32)
         if self.score_stats is None:
-            return Scores(scores, per_feature=first, per_step=step)
+            return Scores(scores, per_feature=first, per_step=step, **found)
         terms = _joined([p[3] for p in parts], np.int64)
-        return Scores(scores, first, step, None, terms, self.score_stats.terms)
+        return Scores(scores, first, step, None, terms, self.score_stats.terms, **found)
 
     def term_statistics(
         self,

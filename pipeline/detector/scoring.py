@@ -87,7 +87,8 @@ class Scores:
     """Scores for N inputs plus attribution: per feature and per time step for windows [N, W, F],
     a per-pixel error map [N, H, W] for images (channels averaged). With the `terms` score,
     `per_feature` holds each feature's contribution and `terms` [N, F] the index, in
-    `term_names`, of the term that weighed most."""
+    `term_names`, of the term that weighed most. `extremes`, when asked for, are the windows'
+    minima and maxima [N, F'] of their first F' features."""
 
     scores: np.ndarray
     per_feature: np.ndarray | None = None
@@ -95,6 +96,7 @@ class Scores:
     pixel_map: np.ndarray | None = None
     terms: np.ndarray | None = None
     term_names: tuple[str, ...] = ()
+    extremes: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.scores)

@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch import nn
 
+from pipeline.detector.adaptive_stage import window_extremes
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scoring import ScoreStats, score_parts
 
@@ -58,20 +59,30 @@ def slice_rows(sample_shape: tuple[int, ...], threads: int = 1) -> int:
 
 
 class _Pass(nn.Module):
-    """Raw inputs scaled by (center, scale), then `score_parts`."""
+    """Raw inputs scaled by (center, scale), then `score_parts`; with `extremes`, also each raw
+    window's minimum and maximum of its first `extremes` features (`window_extremes`)."""
 
     def __init__(
-        self, model: nn.Module, config: ModelConfig, stats: ScoreStats | None, attribution: bool
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        stats: ScoreStats | None,
+        attribution: bool,
+        extremes: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
         self.config, self.stats, self.attribution = config, stats, attribution
+        self.extremes = extremes
 
     def eager(self, raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor) -> Outputs:
         x = (raw - center) / scale
-        return score_parts(
+        out = score_parts(
             self.model, self.config, x, attribution=self.attribution, stats=self.stats
         )
+        if not self.extremes:
+            return out
+        return out + window_extremes(raw[..., : self.extremes], torch.minimum, torch.maximum)
 
     def forward(self, raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor):
         """What a graph can return: the outputs, the Nones left out."""
@@ -108,33 +119,39 @@ class ScoringPass:
 
     def __init__(self, model: nn.Module, config: ModelConfig, stats: ScoreStats | None) -> None:
         self.model, self.config, self.stats = model, config, stats
-        self._steps: dict[bool, _Pass] = {}  # attribution -> the pass, op by op
-        self._traced: dict[bool, tuple | None] = {}  # attribution -> (graph, which are None)
+        # (attribution, extremes) -> the pass op by op; -> (graph, which outputs are None)
+        self._steps: dict[tuple[bool, int], _Pass] = {}
+        self._traced: dict[tuple[bool, int], tuple | None] = {}
 
     def __call__(
-        self, raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, attribution: bool
+        self,
+        raw: torch.Tensor,
+        center: torch.Tensor,
+        scale: torch.Tensor,
+        attribution: bool,
+        extremes: int = 0,
     ) -> Outputs:
+        """(scores, map_a, map_b, terms) as `score_parts` gives them, then with `extremes` the
+        windows' minima and maxima of their first `extremes` features."""
         n = len(raw)
         pad = -n % ROW_BLOCK if raw.device.type == "cpu" else 0
         if pad:  # the last row again: each row's result is that of a batch of whole blocks
             index = torch.arange(n + pad).clamp_(max=n - 1)
             raw, center, scale = _rows(raw, center, scale, index)
-        out = self._run(raw, center, scale, attribution)
+        out = self._run(raw, center, scale, (attribution, extremes))
         return tuple(None if t is None else t[:n] for t in out) if pad else out
 
     def _run(
-        self, raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, attribution: bool
+        self, raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, kind: tuple[bool, int]
     ) -> Outputs:
-        step = self._steps.get(attribution)
+        step = self._steps.get(kind)
         if step is None:
-            step = self._steps[attribution] = _Pass(
-                self.model, self.config, self.stats, attribution
-            )
+            step = self._steps[kind] = _Pass(self.model, self.config, self.stats, *kind)
         if raw.device.type != "cpu" or torch.is_grad_enabled():
             return step.eager(raw, center, scale)
-        if attribution not in self._traced:
-            self._traced[attribution] = _trace(step, raw, center, scale)
-        traced = self._traced[attribution]
+        if kind not in self._traced:
+            self._traced[kind] = _trace(step, raw, center, scale)
+        traced = self._traced[kind]
         if traced is None:
             return step.eager(raw, center, scale)
         graph, absent = traced

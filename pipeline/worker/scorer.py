@@ -22,8 +22,9 @@ afterwards against the loop and the Kafka client, which a member that keeps up w
 stream (small batches) feels most.
 
 With `extremes`, the pass also takes each window's minimum and maximum of the first features
-(the adaptive stage's range check, `window_extremes`): numpy gives the interpreter lock up over
-those folds, so on the scoring thread they overlap the loop's intake instead of adding to it.
+(the adaptive stage's range check, `window_extremes`), inside its graph: numpy would give the
+interpreter lock up and take it back at each step of the folds, and beside the busy loop thread
+each take waits for the loop's switch interval.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import numpy as np
 import torch
 
 from pipeline.detector import Detector, Scores
-from pipeline.detector.adaptive_stage import window_extremes
 from pipeline.modalities.windowing import ReadyWindows
 
 __all__ = ["BatchScorer", "ScoredBatch"]
@@ -209,6 +209,5 @@ def _score(
     started = time.perf_counter()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    scored = detector.score(windows, batch_size=batch_size, scaling=scaling)
-    seconds = time.perf_counter() - started
-    return scored, seconds, window_extremes(windows[..., :extremes]) if extremes else None
+    scored = detector.score(windows, batch_size=batch_size, scaling=scaling, extremes=extremes)
+    return scored, time.perf_counter() - started, scored.extremes if extremes else None
