@@ -154,14 +154,6 @@ def test_the_pass_takes_each_windows_extremes_as_window_extremes(monkeypatch, n,
     assert (detector._pass._traced[(True, FEATURES)] is not None) == traced
 
 
-@pytest.mark.parametrize("length", [1, 2, 7, 16])
-def test_window_extremes_fold_tensors_with_torchs_minimum_and_maximum(length):
-    windows = np.random.default_rng(length).normal(size=(9, length, 3)).astype(np.float32)
-    lo, hi = window_extremes(torch.from_numpy(windows), torch.minimum, torch.maximum)
-    assert np.array_equal(lo.numpy(), windows.min(axis=1))
-    assert np.array_equal(hi.numpy(), windows.max(axis=1))
-
-
 def test_slices_are_whole_row_blocks_of_about_the_set_size_per_thread():
     assert traced_module.slice_rows((64, 8)) == traced_module.CPU_SLICE_VALUES // 512
     assert traced_module.slice_rows((64, 8), 2) == 2 * traced_module.CPU_SLICE_VALUES // 512

@@ -282,18 +282,15 @@ def range_features(detector) -> int:
     return len(detector.input.features) - len(detector.input.calendar)
 
 
-def window_extremes(windows, minimum=np.minimum, maximum=np.maximum) -> tuple:
+def window_extremes(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each series window's minimum and maximum per feature: [N, W, F] -> two [N, F].
 
     Folded in halves along time (the elementwise extremes of the two halves, again and again):
     numpy's vector loops over contiguous runs, several times faster than a reduction over the
     middle axis, and no thread pool on the worker's loop thread (whose idle threads would spin
-    against the scoring thread and the client). `minimum` and `maximum` of another array type
-    fold its arrays the same way: the scoring pass folds its tensors with torch's, inside its
-    graph (`Detector.score(extremes=...)`), to the same values."""
-    if minimum is np.minimum:
-        windows = np.asarray(windows)
-    return _fold(windows, minimum), _fold(windows, maximum)
+    against the scoring thread and the client)."""
+    windows = np.asarray(windows)
+    return _fold(windows, np.minimum), _fold(windows, np.maximum)
 
 
 def _ends_before(slots: np.ndarray, end_ts: np.ndarray, last_end: np.ndarray) -> np.ndarray:
@@ -318,11 +315,11 @@ def _ends_before(slots: np.ndarray, end_ts: np.ndarray, last_end: np.ndarray) ->
     return out
 
 
-def _fold(a, op):
+def _fold(a: np.ndarray, op: np.ufunc) -> np.ndarray:
     while a.shape[1] > 1:
         half = a.shape[1] // 2
         folded = op(a[:, :half], a[:, half : 2 * half])
         if a.shape[1] % 2:  # the odd step joins the first
             folded[:, 0] = op(folded[:, 0], a[:, -1])
         a = folded
-    return op(a[:, 0], a[:, 0])  # (a new array, also where the windows are one step long)
+    return a[:, 0].copy()
