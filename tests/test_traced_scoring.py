@@ -15,6 +15,7 @@ from pipeline.detector import Detector, InputSpec, ModelConfig, Scaler, WindowSp
 from pipeline.detector import traced as traced_module
 from pipeline.detector.adaptive_stage import window_extremes
 from pipeline.detector.scoring import fit_score_stats
+from pipeline.errors import DataError
 from tests.test_detector_contract import COMBOS
 
 WINDOW, FEATURES = 16, 3
@@ -152,6 +153,22 @@ def test_the_pass_takes_each_windows_extremes_as_window_extremes(monkeypatch, n,
         assert all(map(np.array_equal, got.extremes, want))
         _assert_same(replace(got, extremes=None), detector.score(windows))
     assert (detector._pass._traced[(True, FEATURES)] is not None) == traced
+    empty = detector.score(windows[:0], extremes=2).extremes
+    assert [a.shape for a in empty] == [(0, 2), (0, 2)]
+
+
+def test_window_extremes_are_refused_for_images():
+    images = np.random.default_rng(6).uniform(size=(3, 1, 8, 8)).astype(np.float32)
+    config = ModelConfig(kind="undercomplete", backbone="dense", input_shape=(1, 8, 8))
+    detector = Detector(
+        InputSpec("image", image_shape=(1, 8, 8)),
+        Scaler.fit("standard", images.reshape(-1, 1)),
+        config,
+        build_model(config),
+    )
+    assert len(detector.score(images).scores) == 3
+    with pytest.raises(DataError, match="series windows only"):
+        detector.score(images, extremes=1)
 
 
 def test_slices_are_whole_row_blocks_of_about_the_set_size_per_thread():

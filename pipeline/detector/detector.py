@@ -246,6 +246,8 @@ class Detector:
         with the scaler's own values it gives the same scores bit for bit. `extremes`: the pass
         also takes each series window's minimum and maximum of its first `extremes` features
         (`Scores.extremes`, the values of `window_extremes`)."""
+        if extremes and self.input.kind != "series":
+            raise DataError("window extremes are taken of series windows only")
         raw = _inputs(raw)
         parts: list[tuple] = []
         if self._pass is None:
@@ -254,11 +256,14 @@ class Detector:
             for batch, center, scale in self._raw_batches(raw, batch_size, scaling):
                 out = self._pass(batch, center, scale, attribution, extremes)
                 parts.append(tuple(None if t is None else _host(t) for t in out))
-        if not parts:
-            return Scores(np.zeros(0), None, None, None)
         found = {}
         if extremes:
-            found["extremes"] = tuple(_joined([p[i] for p in parts], np.float32) for i in (4, 5))
+            none = np.zeros((0, min(extremes, raw.shape[2])), np.float32)
+            found["extremes"] = tuple(
+                _joined([p[i] for p in parts] or [none], np.float32) for i in (4, 5)
+            )
+        if not parts:
+            return Scores(np.zeros(0), None, None, None, **found)
         scores = _joined([p[0] for p in parts], np.float64)
         if not attribution:
             return Scores(scores, **found)
