@@ -53,3 +53,40 @@ def test_a_command_run_in_process_puts_back_what_it_set_for_its_process(tmp_path
     assert "MLFLOW_DISABLE_TELEMETRY" not in os.environ
     assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "7"
     assert reach.retry_budget() == budget != 3.0
+
+
+def test_the_broker_command_fails_naming_a_broker_that_exited_by_itself(tmp_path):
+    """`aewatch broker` whose Kafka process dies says so on one line and exits non-zero, instead
+    of ending as if it had been stopped."""
+    import re
+    import signal
+    import time
+
+    command = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "broker", "--data-dir", str(tmp_path / "k")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert command.stdout.readline().startswith("KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:")
+        started = (tmp_path / "k" / "broker.log").exists()
+        pid = None
+        for _ in range(50):
+            out = subprocess.run(
+                ["pgrep", "-f", str(tmp_path / "k")], capture_output=True, text=True
+            )
+            pids = [int(p) for p in out.stdout.split() if int(p) != command.pid]
+            if pids:
+                pid = pids[0]
+                break
+            time.sleep(0.1)
+        assert started and pid is not None
+        os.kill(pid, signal.SIGKILL)
+        assert command.wait(timeout=20) == 1
+        last = command.stderr.read().strip().splitlines()[-1]  # (after the ready line)
+        assert re.search(r"Kafka broker exited by itself \(exit code -?\d+\); last log", last)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()

@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -353,4 +354,13 @@ def _run_broker(args: argparse.Namespace) -> int:
         print(f"KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
         while not stop["now"] and broker.running:
             time.sleep(0.5)
+        if not stop["now"]:  # (its log goes with a temporary data folder: its last line here)
+            lines = broker.log_path.read_text(errors="replace").strip().splitlines()
+            print(
+                f"aewatch broker: the Kafka broker exited by itself (exit code "
+                f"{broker._proc.returncode}); last log line: {lines[-1] if lines else '(none)'}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
     return 0
