@@ -355,10 +355,9 @@ def _run_broker(args: argparse.Namespace) -> int:
         while not stop["now"] and broker.running:
             time.sleep(0.5)
         if not stop["now"]:  # (its log goes with a temporary data folder: its last line here)
-            lines = broker.log_path.read_text(errors="replace").strip().splitlines()
             print(
                 f"aewatch broker: the Kafka broker exited by itself (exit code "
-                f"{broker._proc.returncode}); last log line: {lines[-1] if lines else '(none)'}",
+                f"{broker._proc.returncode}); last log line: {broker._log_tail(1)}",
                 file=sys.stderr,
                 flush=True,
             )
