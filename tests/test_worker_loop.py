@@ -21,6 +21,7 @@ from tests.worker_support import (
     dead_letters,
     flags_by_window,
     fleet,
+    in_memory_worker,
     partitioned,
     run_in_memory,
     settings,
@@ -338,23 +339,28 @@ def test_the_next_poll_is_taken_while_a_batch_is_scored(detector):
     import threading
 
     stream = fleet(seed=1)
-    scoring, polled_meanwhile = threading.Event(), threading.Event()
+    polled_meanwhile = threading.Event()
+    passes: list[int] = []
     overlapped: list[bool] = []
 
     def first_pass_waits(windows) -> None:
-        """The first pass lasts until the loop has polled again (at most 5 s)."""
-        if not scoring.is_set():
-            scoring.set()
-            overlapped.append(len(windows) >= SMALL_BATCH and polled_meanwhile.wait(5.0))
+        """The first pass lasts until the loop has polled with it in flight (at most 5 s)."""
+        passes.append(len(windows))
+        if len(passes) == 1:
+            overlapped.append(polled_meanwhile.wait(5.0))
 
     class Watching(FakeSource):
         def poll(self, timeout_ms):
-            if scoring.is_set():
+            # a poll the loop takes once it has handed a batch over, whenever the scoring
+            # thread gets to start its pass
+            if worker.scorer.busy:
                 polled_meanwhile.set()
             return super().poll(timeout_ms)
 
     source = Watching(partitioned(stream, "readings", 2), chunk=2500)
-    _, sink, stats = run_in_memory(Watched(detector, first_pass_waits), source)
+    worker, sink = in_memory_worker(Watched(detector, first_pass_waits), source)
+    stats = worker.run()
+    assert passes[0] >= SMALL_BATCH
     assert overlapped == [True]
     windows, scores, flags = flags_by_window(stream, detector)
     assert stats.windows_scored == len(windows)

@@ -133,9 +133,9 @@ class FakeSink:
 FLEET_MODEL = ModelIdentity("fleet", "1", "champion")
 
 
-def run_in_memory(detector, source, state=None, **overrides) -> tuple:
-    """A worker of `settings(**overrides)` over `source` until it idles, with a fresh sink:
-    (worker, sink, stats)."""
+def in_memory_worker(detector, source, state=None, **overrides) -> tuple:
+    """A worker of `settings(**overrides)` attached to `source`, with every partition of it
+    assigned and a fresh sink: (worker, sink)."""
     from pipeline.worker.loop import Worker
     from pipeline.worker.state import MemoryStateStore
 
@@ -143,8 +143,14 @@ def run_in_memory(detector, source, state=None, **overrides) -> tuple:
     worker = Worker(settings(**overrides), detector, FLEET_MODEL, sink, state or MemoryStateStore())
     worker.attach(source)
     worker.on_assigned(set(source.records))
-    stats = worker.run()
-    return worker, sink, stats
+    return worker, sink
+
+
+def run_in_memory(detector, source, state=None, **overrides) -> tuple:
+    """A worker of `settings(**overrides)` over `source` until it idles, with a fresh sink:
+    (worker, sink, stats)."""
+    worker, sink = in_memory_worker(detector, source, state, **overrides)
+    return worker, sink, worker.run()
 
 
 def checkpointed(detector, source, state, **overrides):
