@@ -129,7 +129,11 @@ def _segments(labels, times, keys):
     return out
 
 
-def test_evaluate_on_the_verdicts_equals_evaluate_on_the_labels_they_give(good, data, tmp_path):
+def test_evaluate_on_the_verdicts_equals_evaluate_on_the_labels_they_give(
+    good, data, tmp_path, monkeypatch
+):
+    import tempfile
+
     import pandas as pd
 
     from pipeline.cli import main
@@ -161,6 +165,9 @@ def test_evaluate_on_the_verdicts_equals_evaluate_on_the_labels_they_give(good, 
     import contextlib
     import io
 
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     results = []
     for extra in (["--label-col", "label"], ["--feedback", str(tmp_path / "verdicts.jsonl")]):
         out = io.StringIO()
@@ -170,3 +177,4 @@ def test_evaluate_on_the_verdicts_equals_evaluate_on_the_labels_they_give(good, 
     by_labels, by_verdicts = results
     assert by_verdicts["auroc"] == pytest.approx(by_labels["auroc"])
     assert by_verdicts == by_labels
+    assert list(scratch.iterdir()) == []  # the labelled copy went with the command

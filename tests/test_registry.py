@@ -106,9 +106,16 @@ def test_worse_challengers_are_not_promoted_and_rollback_restores(
     assert client.get_model_version_by_alias(name, "champion").version == first
 
 
-def test_recalibrate_registers_same_weights_with_a_new_threshold(mlflow_server, good, data, capsys):
+def test_recalibrate_registers_same_weights_with_a_new_threshold(
+    mlflow_server, good, data, capsys, monkeypatch, tmp_path
+):
+    import tempfile
+
     from pipeline.cli import main
 
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     name = _name()
     version = register_result(mlflow_server, good, name)
     code = main(
@@ -136,6 +143,8 @@ def test_recalibrate_registers_same_weights_with_a_new_threshold(mlflow_server, 
     assert out["from_version"] == version and out["version"] != version
     old, _ = load_model(f"models:/{name}/{version}", tracking_uri=mlflow_server)
     new, new_ref = load_model(f"models:/{name}@challenger", tracking_uri=mlflow_server)
+    # the command's and the loads' downloads are gone with them
+    assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("aewatch-")) == []
     assert new_ref.version == out["version"]
     assert new.threshold.value < old.threshold.value  # 5% FPR target sits lower than 1%
     assert (

@@ -9,6 +9,7 @@ import hmac
 import json
 import pickle
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -115,6 +116,9 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
     v7 = _register_dir(mlflow_server, trained, pickled_weights(trained, tmp_path, marker), name)
     client.set_registered_model_alias(name, "champion", v1)
 
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     topics = names("reload")
     create_topic(topics["input"], partitions=2)
     stream = fleet(seed=31, keys=4, readings_per_key=3500)
@@ -159,6 +163,8 @@ def test_promotions_swap_the_model_while_streaming_and_broken_versions_are_refus
             wait_until(lambda key=key: _metrics(port).get(key) == 1, 15, f"refusal of {reason}")
             assert app.worker.model.version == v2
         assert not marker.exists(), "the pickle was refused before any code in it ran"
+        # every version's download is gone once it is loaded or refused
+        assert sorted(p.name for p in scratch.iterdir() if p.name.startswith("aewatch-")) == []
         metrics = _metrics(port)
         info = ("aewatch_model_info", (("alias", "champion"), ("name", name), ("version", v2)))
         assert metrics[info] == 1

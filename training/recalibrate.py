@@ -82,7 +82,13 @@ def recalibrate(settings: RecalibrateSettings) -> dict:
     """Calibrate, measure, register; returns the summary of the new version."""
     if parse_model_uri(settings.model.uri) is None:
         raise ConfigError("model", "recalibrate registers a version: give models:/NAME@ALIAS")
-    detector, ref = settings.model.load()
+    with tempfile.TemporaryDirectory(prefix="aewatch-recal-") as scratch:
+        return _recalibrate(settings, Path(scratch))
+
+
+def _recalibrate(settings: RecalibrateSettings, scratch: Path) -> dict:
+    """`recalibrate`, with the served version's files and the new one's in `scratch`."""
+    detector, ref = settings.model.load(download_dir=scratch / "served")
     data = load_for(detector, settings.data).holdout(settings.holdout)
     served = detector.threshold.value
     detector.threshold = calibrate(detector, data, settings.calibration)
@@ -100,7 +106,7 @@ def recalibrate(settings: RecalibrateSettings) -> dict:
             **({"feedback": feedback} if feedback else {}),
         },
     }
-    out = Path(tempfile.mkdtemp(prefix="aewatch-recal-")) / "detector"
+    out = scratch / "detector"
     save_detector(detector.to("cpu"), out)
     # The weights file must stay byte-identical: the same weights, a new threshold.
     shutil.copyfile(ref.directory / "weights.pt", out / "weights.pt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.detector import Detector
 from pipeline.registry.client import ModelRef, load_model
@@ -19,11 +20,15 @@ class ModelSource:
     tracking_uri: str | None = None
     device: str = "cpu"
 
-    def load(self, *, require_calibrated: bool = True) -> tuple[Detector, ModelRef]:
-        """The detector and where it came from, resolved and verified as the worker does."""
+    def load(
+        self, *, require_calibrated: bool = True, download_dir: Path | None = None
+    ) -> tuple[Detector, ModelRef]:
+        """The detector and where it came from, resolved and verified as the worker does; a
+        registry version's files stay in `download_dir` when one is given."""
         return load_model(
             self.uri,
             tracking_uri=self.tracking_uri,
             device=self.device,
             require_calibrated=require_calibrated,
+            download_dir=download_dir,
         )

@@ -169,7 +169,8 @@ def download_version(
 def resolve_model(
     uri: str, *, tracking_uri: str | None = None, download_dir: str | Path | None = None
 ) -> ModelRef:
-    """Find and download (registry) or locate (folder) the detector that `uri` names."""
+    """Find and download (registry) or locate (folder) the detector that `uri` names; a
+    registry version goes into `download_dir`, or a new temporary folder the caller removes."""
     parsed = parse_model_uri(uri)
     if parsed is None:
         directory = Path(uri)
@@ -244,7 +245,19 @@ def load_model(
     download_dir: str | Path | None = None,
 ) -> tuple[Detector, ModelRef]:
     """Resolve, download and load a detector; a registry version must match its weights'
-    SHA-256 tag, its whole-artifact digest tag and (where tagged) its files' listing."""
+    SHA-256 tag, its whole-artifact digest tag and (where tagged) its files' listing. A
+    registry version is downloaded into `download_dir`, which is kept, or without one into a
+    temporary folder removed once the detector is loaded (the ref's `directory` and `package`
+    then name where it was)."""
+    if download_dir is None and parse_model_uri(uri) is not None:
+        with tempfile.TemporaryDirectory(prefix="aewatch-model-") as scratch:
+            return load_model(
+                uri,
+                tracking_uri=tracking_uri,
+                device=device,
+                require_calibrated=require_calibrated,
+                download_dir=scratch,
+            )
     ref = resolve_model(uri, tracking_uri=tracking_uri, download_dir=download_dir)
     if ref.name and not ref.weights_sha256:
         raise ArtifactError(

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
@@ -99,7 +96,6 @@ class ModelFollower:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._downloads = Path(tempfile.mkdtemp(prefix="aewatch-reload-"))
         self._thread = threading.Thread(target=self._run, name="aewatch-reload", daemon=True)
 
     # -- the loop's side -------------------------------------------------------------------------
@@ -126,7 +122,6 @@ class ModelFollower:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=10)
-        shutil.rmtree(self._downloads, ignore_errors=True)
 
     # -- the thread ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -160,24 +155,20 @@ class ModelFollower:
             return "unchanged"
         if self._ready is not None and self._ready[1].version == version:
             return "pending"
-        target = self._downloads / f"v{version}"
         try:
             detector, ref = load_model(
                 f"models:/{self.name}/{version}",
                 tracking_uri=self.tracking_uri,
                 device=self.device,
                 require_calibrated=True,
-                download_dir=target,
             )
             check_compatible(self.serving, detector)
             warm_up(detector, self.sample)
-        except RegistryError:
-            shutil.rmtree(target, ignore_errors=True)
+        except RegistryError:  # unreachable: retried later, not refused
             raise
         except (AewatchError, ValueError, RuntimeError, OSError) as exc:
             reason = getattr(exc, "reason", type(exc).__name__)
             self.refused[version] = reason
-            shutil.rmtree(target, ignore_errors=True)
             self.on_outcome("refused", reason)
             log.warning(
                 "refused %s version %s (%s): %s; still serving version %s",

@@ -9,6 +9,7 @@ environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 from training.data.columns import FILL_POLICIES
@@ -141,8 +142,10 @@ def feedback_source(args: argparse.Namespace):
     return FeedbackSource(args.feedback, args.alarm_topic, args.bootstrap_servers)
 
 
+@contextlib.contextmanager
 def labelled_data_source(args: argparse.Namespace):
-    """`--data`, labelled by the operators' verdicts when `--feedback` is given."""
+    """`--data`, labelled by the operators' verdicts when `--feedback` is given: a copy in a
+    temporary folder, removed when the block ends."""
     import tempfile
     from pathlib import Path
 
@@ -150,5 +153,7 @@ def labelled_data_source(args: argparse.Namespace):
 
     data, feedback = data_source(args), feedback_source(args)
     if feedback is None or data is None:
-        return data
-    return labelled_copy(data, feedback, Path(tempfile.mkdtemp(prefix="aewatch-feedback-")))
+        yield data
+        return
+    with tempfile.TemporaryDirectory(prefix="aewatch-feedback-") as folder:
+        yield labelled_copy(data, feedback, Path(folder))

@@ -114,10 +114,11 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from training.scoring import EvaluateSettings, evaluate_file
 
-    settings = EvaluateSettings(
-        model_source(args), labelled_data_source(args), args.point_rule, _stream_settings(args)
-    )
-    result = evaluate_file(settings)
+    with labelled_data_source(args) as data:
+        settings = EvaluateSettings(
+            model_source(args), data, args.point_rule, _stream_settings(args)
+        )
+        result = evaluate_file(settings)
     if args.json:
         print(json.dumps(result, default=str))
     else:
@@ -246,17 +247,18 @@ def _run_promote(args: argparse.Namespace) -> int:
         line = f"{args.name}: @champion moved back from v{current} to v{previous}"
         _print(args, {"from": current, "to": previous}, line)
         return 0
-    settings = PromoteSettings(
-        args.name,
-        tracking_uri,
-        labelled_data_source(args),
-        tolerance=args.tolerance,
-        max_fpr=args.max_fpr,
-        pca_gate=not args.no_pca_gate,
-        dry_run=args.dry_run,
-        allow_high_fpr=args.allow_high_fpr,
-    )
-    report, promoted = promote(settings)
+    with labelled_data_source(args) as data:
+        settings = PromoteSettings(
+            args.name,
+            tracking_uri,
+            data,
+            tolerance=args.tolerance,
+            max_fpr=args.max_fpr,
+            pca_gate=not args.no_pca_gate,
+            dry_run=args.dry_run,
+            allow_high_fpr=args.allow_high_fpr,
+        )
+        report, promoted = promote(settings)
     if args.json:
         summary = {**report.to_dict(), "promoted": promoted, "dry_run": args.dry_run}
         print(json.dumps(summary, default=str))
