@@ -140,6 +140,38 @@ def test_a_number_flag_of_nan_or_infinity_fails_as_it_is_read(
     assert flag in err[0] and "finite number" in err[0] and "--help" in err[0], err
 
 
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [  # each was a traceback, or accepted: a negative rate ran as fast as it could
+        (["simulate", "--keys", "0"], "--keys"),
+        (["simulate", "--readings", "-5"], "--readings"),
+        (["simulate", "--seed", "-1"], "--seed"),
+        (["simulate", "--anomalous-keys", "-1"], "--anomalous-keys"),
+        (["simulate", "--skip", "-10"], "--skip"),
+        (["simulate", "--warmup", "-100"], "--warmup"),
+        (["simulate", "--rate", "-5"], "--rate"),
+        (["simulate", "--rate", "1e-300"], "rate"),
+        (["simulate", "--features", "0"], "features"),
+        (["simulate", "--features", "a,,b"], "features"),
+        (["simulate", "--topic", "bad topic"], "--topic"),
+        (["alerts", "--topic", "^aewatch.*"], "--topic"),
+        (["alerts", "--feedback-topic", "a/b"], "--feedback-topic"),
+        (["alerts", "--timeout", "-1"], "--timeout"),
+    ],
+)
+def test_a_tools_careless_value_is_one_line_before_any_io(tmp_path, capsys, argv, named):
+    """Nothing is written and no broker is asked (nothing listens at 127.0.0.1:1)."""
+    out = tmp_path / "fleet.csv"
+    where = ["--bootstrap-servers", "127.0.0.1:1"]
+    where += ["--csv", str(out)] if argv[0] == "simulate" else []
+    try:
+        code = main([*argv, *where])
+    except SystemExit as exited:  # argparse's own refusal
+        code = exited.code
+    _one_line_error(capsys, code, named)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("uri", ["foo://bar", "FOLDER", "file://FOLDER"])
 @pytest.mark.parametrize("command", ["train", "promote", "recalibrate"])
 def test_a_tracking_uri_mlflow_cannot_open_is_one_line_before_any_io(

@@ -69,6 +69,28 @@ def test_environment_fills_in_and_flags_win():
         (["--client-id", " "], {}, "client_id"),
         ([], {"MLFLOW_TRACKING_URI": "foo://bar"}, "tracking_uri"),
         ([], {"MLFLOW_TRACKING_URI": "/var/lib/mlruns"}, "tracking_uri"),
+        # a topic the worker writes that it also reads, or that mixes what it holds: accepted
+        # before, and the state topic was then made compacted (the input's readings deleted)
+        (["--state-topic", "in"], {}, "state_topic"),
+        (["--alarm-topic", "in"], {}, "alarm_topic"),
+        (["--dlq-topic", "in"], {}, "dlq_topic"),
+        (["--output-topic", "x", "--dlq-topic", "x"], {}, "dlq_topic"),
+        (["--state-topic", "aewatch.anomalies"], {}, "state_topic"),
+        (["--alarm-topic", "aewatch.dlq"], {}, "dlq_topic"),
+        (["--input-pattern", "aewatch[.].*"], {}, "output_topic"),
+        (["--input-pattern", "pumps.*", "--group-id", "pumps"], {}, "state_topic"),
+        # values that overflowed or asked for the impossible once the worker had connected
+        (["--alarm-cooldown-s", "1e308"], {}, "alarm_cooldown_s"),
+        ([], {"AEWATCH_KEY_TTL_S": "1e308"}, "key_ttl_s"),
+        (["--drift-window", "100000000000000000"], {}, "drift_window"),
+        (["--cpu-threads", "100000000000"], {}, "cpu_threads"),
+        (["--processes", "100000"], {}, "processes"),
+        (["--processes", "2", "--http-port", "65535"], {}, "processes"),  # member 1: 65536
+        (["--session-timeout-ms", "300"], {}, "session_timeout_ms"),  # not above its heartbeat
+        (["--max-poll-interval-ms", "5000"], {}, "max_poll_interval_ms"),  # below the session
+        (["--bootstrap-servers", "http://k:9092"], {}, "bootstrap_servers"),
+        # credentials PLAINTEXT never sends: the protocol was forgotten
+        (["--sasl-mechanism", "PLAIN", "--sasl-username", "u"], {}, "security_protocol"),
     ],
 )
 def test_invalid_settings_fail_at_start_naming_the_setting(argv, environ, setting):
@@ -76,6 +98,28 @@ def test_invalid_settings_fail_at_start_naming_the_setting(argv, environ, settin
     with pytest.raises(ConfigError) as error:
         _settings(base + argv, environ)
     assert error.value.setting == setting
+
+
+@pytest.mark.parametrize("where", ["port in use", "no such host"])
+def test_an_endpoint_that_cannot_listen_fails_before_the_model_or_kafka(where):
+    """A port in use or a host that is not this machine's: named at once (it was a traceback
+    after the model was loaded and the topics were made)."""
+    import socket
+
+    from pipeline.worker.app import WorkerApp
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        host = "127.0.0.1" if where == "port in use" else "nosuch.invalid"
+        settings = _settings(  # nothing is at the model's folder or the broker's port
+            ["--model", "/no/such/detector", "--bootstrap-servers", "127.0.0.1:1"]
+            + ["--input-topic", "in", "--http-host", host, "--http-port", str(port)]
+        )
+        with pytest.raises(ConfigError) as error:
+            WorkerApp.build(settings)
+    assert error.value.setting == ("http_port" if where == "port in use" else "http_host")
 
 
 def test_missing_required_settings_are_named():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ __all__ = [
     "KafkaSettings",
     "add_connection_arguments",
     "connection_from_args",
+    "is_topic_name",
+    "topic_name",
 ]
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -32,6 +35,7 @@ ASSIGNORS = ("range", "roundrobin", "cooperative-sticky")
 # The Kafka client libraries: kafka-python (pure Python, the default and the reference) and
 # confluent-kafka (librdkafka, the `fast` extra); `pipeline.kafka_io.open_client` picks one.
 CLIENTS = ("kafka-python", "confluent")
+INT32_MAX = 2**31 - 1  # Kafka's protocol carries these settings as 32-bit integers
 # The connection flags of the companion commands (`simulate`, `alerts`).
 TOOL_FLAGS = (
     "kafka_client",
@@ -43,8 +47,28 @@ TOOL_FLAGS = (
 )
 
 
+# What Kafka accepts as a topic name (a name with any other character, such as a leading "^",
+# would be taken by librdkafka as a pattern).
+TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def is_topic_name(name: str) -> bool:
+    return TOPIC_NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
+def topic_name(text: str) -> str:
+    """An argparse type: a Kafka topic name."""
+    if not is_topic_name(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"
+        )
+    return text
+
+
 def _server_problem(server: str) -> str | None:
     """Why `server` is not a bootstrap address `host:port` (None when it is one)."""
+    if "://" in server:
+        return "not host:port (a Kafka address has no scheme)"
     host, colon, port = server.rpartition(":")
     if not colon or not host.strip("[]"):
         return "not host:port"
@@ -101,6 +125,25 @@ class KafkaConnection:
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(name, f"no such file: {path}")
+        unused = [  # given, but the protocol would never use them: a forgotten protocol
+            name
+            for name, used in (
+                ("sasl_mechanism", "SASL"),
+                ("sasl_username", "SASL"),
+                ("sasl_password", "SASL"),
+                ("ssl_cafile", "SSL"),
+                ("ssl_certfile", "SSL"),
+                ("ssl_keyfile", "SSL"),
+                ("ssl_password", "SSL"),
+            )
+            if getattr(self, name) and used not in self.security_protocol
+        ]
+        if unused:
+            raise ConfigError(
+                "security_protocol",
+                f"{self.security_protocol} does not use {unused[0]}: "
+                "give the protocol it belongs to (SASL_SSL, SASL_PLAINTEXT or SSL)",
+            )
 
 
 @dataclass(frozen=True)
@@ -110,10 +153,20 @@ class KafkaSettings:
     connection: KafkaConnection
     client_id: str = setting("Kafka client id", "aewatch-worker")
     group_id: str = setting("consumer group id", "aewatch-worker")
-    max_poll_records: int = setting("most records one poll returns", 5000, minimum=1)
-    session_timeout_ms: int = setting("consumer group session timeout", 10000, minimum=1)
+    max_poll_records: int = setting(
+        "most records one poll returns", 5000, minimum=1, maximum=INT32_MAX
+    )
+    session_timeout_ms: int = setting(
+        "consumer group session timeout (its heartbeat is a quarter of it)",
+        10000,
+        minimum=1000,
+        maximum=INT32_MAX,
+    )
     max_poll_interval_ms: int = setting(
-        "longest gap between polls before the group evicts us", 300000, minimum=1
+        "longest gap between polls before the group evicts us (at least the session timeout)",
+        300000,
+        minimum=1,
+        maximum=INT32_MAX,
     )
     exactly_once: bool = setting("events, dead letters and offsets in one Kafka transaction", False)
     transactional_id: str | None = setting(
@@ -133,6 +186,12 @@ class KafkaSettings:
         for name in ("client_id", "group_id"):
             if not getattr(self, name).strip():
                 raise ConfigError(name, "must not be blank")
+        if self.max_poll_interval_ms < self.session_timeout_ms:
+            raise ConfigError(
+                "max_poll_interval_ms",
+                f"must be at least session_timeout_ms ({self.session_timeout_ms}), "
+                f"got {self.max_poll_interval_ms}",
+            )
 
     @property
     def transactional_id_value(self) -> str:

@@ -15,8 +15,8 @@ import time
 
 import orjson
 
-from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args
-from pipeline.settings import count, finite_float
+from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args, topic_name
+from pipeline.settings import count, non_negative
 
 __all__ = ["ANSWERS", "answer_feedback", "format_event", "read_event", "register_alerts"]
 
@@ -99,11 +99,11 @@ def register_alerts(subparsers: argparse._SubParsersAction) -> None:
         "alerts", help="tail anomaly and alarm events from a Kafka topic"
     )
     parser.add_argument("--bootstrap-servers", required=True)
-    parser.add_argument("--topic", default="aewatch.anomalies")
+    parser.add_argument("--topic", type=topic_name, default="aewatch.anomalies")
     parser.add_argument("--from-beginning", action="store_true")
     parser.add_argument("--json", action="store_true", help="one JSON event per line")
     parser.add_argument("--max", type=count, help="stop after this many events")
-    parser.add_argument("--timeout", type=finite_float, help="stop after this many idle seconds")
+    parser.add_argument("--timeout", type=non_negative, help="stop after this many idle seconds")
     parser.add_argument(
         "--read-committed",
         action="store_true",
@@ -114,7 +114,7 @@ def register_alerts(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="after each alarm, ask for a verdict and write it to --feedback-topic",
     )
-    parser.add_argument("--feedback-topic", default="aewatch.feedback")
+    parser.add_argument("--feedback-topic", type=topic_name, default="aewatch.feedback")
     parser.add_argument("--who", help="who answers (default: the user name)")
     add_connection_arguments(parser)
     parser.set_defaults(handler=_run_alerts)

@@ -22,13 +22,14 @@ import numpy as np
 import orjson
 
 from pipeline.errors import ConfigError
-from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args
-from pipeline.settings import finite_float
+from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args, topic_name
+from pipeline.settings import count, non_negative, whole
 from pipeline.tools.synthetic import ANOMALY_KINDS, Injection, inject, normal_series
 
 __all__ = ["FleetStream", "TruthRow", "register_simulate", "simulate_fleet"]
 
 log = logging.getLogger(__name__)
+MAX_PERIOD_MS = 86_400_000  # the slowest --rate: a reading of each key a day
 
 
 @dataclass(frozen=True)
@@ -196,15 +197,17 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0],
     )
     parser.add_argument("--bootstrap-servers", help="the broker (not needed with only --csv)")
-    parser.add_argument("--topic", help="topic for the readings (not needed with only --csv)")
+    parser.add_argument(
+        "--topic", type=topic_name, help="topic for the readings (not needed with only --csv)"
+    )
     parser.add_argument(
         "--csv", help="also write the readings to this CSV (ts, key, sensors, label), e.g. to train"
     )
     parser.add_argument(
-        "--skip", type=int, default=0, help="continue each machine after this many readings"
+        "--skip", type=whole, default=0, help="continue each machine after this many readings"
     )
-    parser.add_argument("--keys", type=int, default=4, help="machines (default: %(default)s)")
-    parser.add_argument("--readings", type=int, default=2500, help="readings per machine")
+    parser.add_argument("--keys", type=count, default=4, help="machines (default: %(default)s)")
+    parser.add_argument("--readings", type=count, default=2500, help="readings per machine")
     parser.add_argument(
         "--features",
         default="6",
@@ -215,11 +218,11 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
         default=",".join(ANOMALY_KINDS),
         help="kinds to inject, comma-separated ('' for none)",
     )
-    parser.add_argument("--anomalous-keys", type=int, help="machines that get anomalies")
-    parser.add_argument("--warmup", type=int, default=0, help="normal readings first, per key")
+    parser.add_argument("--anomalous-keys", type=whole, help="machines that get anomalies")
+    parser.add_argument("--warmup", type=whole, default=0, help="normal readings first, per key")
     parser.add_argument(
         "--rate",
-        type=finite_float,
+        type=non_negative,
         default=0.0,
         help="readings per second in total (0: as fast as possible)",
     )
@@ -230,7 +233,7 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--batch",
-        type=int,
+        type=count,
         default=1,
         help="readings of one key per record (1: one reading per record, the default)",
     )
@@ -240,7 +243,7 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
         default="json",
         help="form of batched records: columnar JSON or Arrow IPC (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=whole, default=0)
     parser.add_argument("--truth", help="write the injected anomalies to this CSV")
     add_connection_arguments(parser)
     parser.set_defaults(handler=_run_simulate)
@@ -249,12 +252,15 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
 def _run_simulate(args: argparse.Namespace) -> int:
     if not args.csv and not (args.bootstrap_servers and args.topic):
         raise ConfigError("topic", "give --bootstrap-servers and --topic, or --csv, or both")
-    if args.batch < 1:
-        raise ConfigError("batch", f"must be >= 1, got {args.batch}")
-
+    if args.rate and 1000 * args.keys / args.rate > MAX_PERIOD_MS:
+        raise ConfigError("rate", f"{args.rate:g} readings/s gives each key less than one a day")
     features = (
         tuple(args.features.split(",")) if not args.features.isdigit() else int(args.features)
     )
+    if features == 0 or (isinstance(features, tuple) and not all(features)):
+        raise ConfigError(
+            "features", f"give a number of at least 1 or names, got {args.features!r}"
+        )
     kinds = tuple(k for k in args.anomalies.split(",") if k)
     start_ms = int(time.time() * 1000) if args.live else 1_767_225_600_000
     period_ms = int(1000 * args.keys / args.rate) if args.rate else 1000

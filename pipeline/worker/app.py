@@ -21,7 +21,7 @@ from pipeline.errors import RegistryError
 from pipeline.kafka_io import open_client
 from pipeline.registry.client import ModelRef, load_model, parse_model_uri
 from pipeline.registry.follower import ModelFollower
-from pipeline.worker.http_server import WorkerHttpServer
+from pipeline.worker.http_server import WorkerHttpServer, check_bindable
 from pipeline.worker.loop import Worker
 from pipeline.worker.metrics import WorkerMetrics, WorkerStats
 from pipeline.worker.settings import RegistrySettings, WorkerSettings
@@ -69,6 +69,8 @@ class WorkerApp:
         import torch
 
         torch.set_num_threads(settings.batching.threads())
+        if settings.http.http_port > 0:  # a port in use is told before anything is loaded
+            check_bindable(settings.http.http_host, settings.http.http_port)
         detector, ref = load_with_retries(settings.registry, settings.batching.device)
         topics = settings.topics
         kafka = open_client(settings.kafka)

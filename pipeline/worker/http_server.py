@@ -20,10 +20,12 @@ thread-safe methods.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import hmac
 import logging
 import re
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from pipeline.errors import ConfigError
 
 __all__ = ["MAX_BODY", "WorkerHttpServer", "verify_mlflow_signature"]
 
@@ -82,6 +86,27 @@ class _Deliveries:
                 return False
             self._seen[delivery_id] = now
             return True
+
+
+def check_bindable(host: str, port: int) -> None:
+    """A `ConfigError` naming `http_host` or `http_port` if the endpoint cannot listen there
+    (checked at start-up, before the worker connects to anything)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind((host, port))
+    except OSError as exc:
+        raise _bind_error(exc, host, port) from None
+
+
+def _bind_error(exc: OSError, host: str, port: int) -> ConfigError:
+    if isinstance(exc, socket.gaierror):
+        return ConfigError("http_host", f"{host!r} is not an address of this machine: {exc}")
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError("http_port", f"port {port} on {host} is in use by another process")
+    if exc.errno == errno.EACCES:
+        return ConfigError("http_port", f"port {port} on {host} needs privileges: {exc.strerror}")
+    return ConfigError("http_host", f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
 
 class _BoundedServer(ThreadingHTTPServer):
@@ -237,7 +262,10 @@ class WorkerHttpServer:
                     hook(name, alias, version)
                 self._json(200, {"ok": True})
 
-        self.httpd = _BoundedServer((host, port), Handler, max_connections)
+        try:
+            self.httpd = _BoundedServer((host, port), Handler, max_connections)
+        except OSError as exc:
+            raise _bind_error(exc, host, port) from None
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, name="aewatch-http", daemon=True

@@ -11,6 +11,9 @@ Each part of the worker gets its own group: the registry and the model follower 
 Kafka adapter `kafka`, the event writer `events` and `topics`, the alarm tracker `alarms`, the
 HTTP server `http`, the record decoders `records`, the scorer `batching`, the loop `loop`, the
 per-key adaptive stage `adaptive`, the drift statistic `drift`.
+
+Size: over 400 lines because every setting of the worker is declared here, once, with its checks,
+and the checks across groups (topics that must stay apart, the members' ports) need all of them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 from pipeline import settings as declared
 from pipeline.errors import ConfigError
-from pipeline.kafka_io.settings import KafkaSettings
+from pipeline.kafka_io.settings import KafkaSettings, is_topic_name
 from pipeline.modalities.expiry import KEY_TTL_S
 from pipeline.modalities.parking import REREAD_MAX
 from pipeline.modalities.readings import MAX_FUTURE_S
@@ -53,6 +56,12 @@ __all__ = [
 ]
 
 ORDER_POLICIES = ("reject", "drop")
+# Bounds of settings that a careless value would overflow (a duration in seconds made into
+# integer milliseconds), or that would ask for memory or processes no machine has.
+MAX_SECONDS = 10 * 365 * 86_400  # ten years
+MAX_THREADS = 1024
+MAX_PROCESSES = 256
+MAX_DRIFT_WINDOW = 100_000
 EVENT_MODES = ("alarms", "windows", "both")
 
 
@@ -64,12 +73,16 @@ class RegistrySettings:
         "detector: models:/NAME@ALIAS, models:/NAME/VERSION or a folder", required=True
     )
     reload_interval_s: float = setting(
-        "how often the model alias is checked for a new version (0: never)", 30.0, minimum=0
+        "how often the model alias is checked for a new version (0: never)",
+        30.0,
+        minimum=0,
+        maximum=MAX_SECONDS,
     )
     registry_wait_s: float = setting(
         "at start, how long to keep retrying an unreachable registry (0: fail at once)",
         0.0,
         minimum=0,
+        maximum=MAX_SECONDS,
     )
     tracking_uri: str | None = setting(
         "MLflow tracking URI", env="MLFLOW_TRACKING_URI", listed=False
@@ -80,15 +93,6 @@ class RegistrySettings:
         problem = uri_problem(self.tracking_uri) if self.model.startswith("models:/") else None
         if problem is not None:
             raise ConfigError("tracking_uri", f"{mask_uri(self.tracking_uri)!r}: {problem}")
-
-
-# What Kafka accepts as a topic name (a name with any other character, such as a leading "^",
-# would be taken by librdkafka as a pattern).
-TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-
-def _is_topic_name(name: str) -> bool:
-    return TOPIC_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ class TopicSettings:
             if getattr(self, setting_name) is not None:
                 named.append((setting_name, getattr(self, setting_name)))
         for setting_name, name in named:
-            if not _is_topic_name(name):
+            if not is_topic_name(name):
                 raise ConfigError(
                     setting_name,
                     f"{name!r} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -); "
@@ -128,8 +132,6 @@ class TopicSettings:
                 re.compile(self.input_pattern)
             except re.error as exc:
                 raise ConfigError("input_pattern", f"not a regular expression: {exc}") from None
-        if self.output_topic in self.input_topic or self.dlq_topic in self.input_topic:
-            raise ConfigError("output_topic", "output and DLQ topics must differ from the input")
 
     @property
     def alarm_topic_name(self) -> str:
@@ -155,6 +157,7 @@ class RecordSettings:
         "0: no limit",
         MAX_FUTURE_S,
         minimum=0,
+        maximum=MAX_SECONDS,
     )
     reread_max: int = setting(
         "records of a partition a restart reads again, at most: a key whose unfinished window "
@@ -168,6 +171,7 @@ class RecordSettings:
         "it leaves memory and the state record, and starts afresh if it comes back; 0: never",
         KEY_TTL_S,
         minimum=0,
+        maximum=MAX_SECONDS,
     )
 
     def __post_init__(self) -> None:
@@ -182,7 +186,10 @@ class BatchSettings:
     max_batch: int = setting("most windows scored in one forward pass", 4096, minimum=1)
     max_wait_ms: int = setting("longest a ready window waits for a fuller batch", 20, minimum=0)
     cpu_threads: int = setting(
-        "threads of a forward pass on the CPU (0: this member's share of the cores)", 0, minimum=0
+        "threads of a forward pass on the CPU (0: this member's share of the cores)",
+        0,
+        minimum=0,
+        maximum=MAX_THREADS,
     )
 
     def __post_init__(self) -> None:
@@ -206,9 +213,14 @@ class LoopSettings:
 
     commit_interval_ms: int = setting("how often offsets are committed", 1000, minimum=1)
     stop_after_idle_s: float = setting(
-        "exit after this long without input (0: never)", 0.0, minimum=0
+        "exit after this long without input (0: never)", 0.0, minimum=0, maximum=MAX_SECONDS
     )
-    processes: int = setting("group members run as processes sharing the device", 1, minimum=1)
+    processes: int = setting(
+        "group members run as processes sharing the device",
+        1,
+        minimum=1,
+        maximum=MAX_PROCESSES,
+    )
     switch_interval_ms: float = setting(
         "the interpreter's thread switch interval while the loop runs: how long the scoring "
         "thread and the Kafka client's threads wait for the loop to hand Python over "
@@ -258,7 +270,10 @@ class AlarmSettings:
         "consecutive normal windows that resolve an alarm", 10, minimum=1
     )
     alarm_cooldown_s: float = setting(
-        "after a resolve, seconds before the key can alarm again", 60.0, minimum=0
+        "after a resolve, seconds before the key can alarm again",
+        60.0,
+        minimum=0,
+        maximum=MAX_SECONDS,
     )
 
     def __post_init__(self) -> None:
@@ -289,6 +304,7 @@ class DriftSettings:
         "(0: no drift statistic)",
         0,
         minimum=0,
+        maximum=MAX_DRIFT_WINDOW,
     )
     drift_psi: float = setting(
         "pooled population stability index at which a drift event is emitted", 0.25, minimum=0.001
@@ -352,12 +368,51 @@ class WorkerSettings:
     http: HttpSettings
 
     def __post_init__(self) -> None:
-        if not _is_topic_name(self.state_topic_name):  # named after a group id of any characters
+        if not is_topic_name(self.state_topic_name):  # named after a group id of any characters
             raise ConfigError(
                 "state_topic",
                 f"the default {self.state_topic_name!r} (from --group-id) is not a Kafka topic "
                 "name: give --state-topic",
             )
+        self._check_topics_apart()
+        last_port = self.http.http_port + self.loop.processes - 1  # member i serves port + i
+        if self.http.http_port > 0 and last_port > 65535:
+            raise ConfigError(
+                "processes",
+                f"{self.loop.processes} members serve ports {self.http.http_port} to "
+                f"{last_port}: past 65535, lower --http-port",
+            )
+
+    def _check_topics_apart(self) -> None:
+        """No topic the worker writes is one it reads; the state topic, which the worker makes
+        compacted, and the DLQ, whose records are not events, are topics of their own."""
+        topics = self.topics
+        written = {
+            "output_topic": topics.output_topic,
+            "alarm_topic": topics.alarm_topic_name,
+            "dlq_topic": topics.dlq_topic,
+            "state_topic": self.state_topic_name,
+        }
+        pattern = re.compile(topics.input_pattern) if topics.input_pattern else None
+        for name, topic in written.items():
+            if topic in topics.input_topic or (pattern is not None and pattern.match(topic)):
+                read_by = "--input-pattern" if pattern is not None else "--input-topic"
+                raise ConfigError(
+                    name,
+                    f"{topic!r} is also read ({read_by}): the worker would read what it writes",
+                )
+        for name in ("dlq_topic", "state_topic"):
+            for other, topic in written.items():
+                if other != name and topic == written[name]:
+                    raise ConfigError(
+                        name,
+                        f"{topic!r} is also the {other}: "
+                        + (
+                            "the state topic is compacted, a topic of its own"
+                            if "state_topic" in (name, other)
+                            else "dead letters are not events, they go to a topic of their own"
+                        ),
+                    )
 
     @classmethod
     def build(cls, **values) -> WorkerSettings:
