@@ -122,6 +122,22 @@ def test_an_endpoint_that_cannot_listen_fails_before_the_model_or_kafka(where):
     assert error.value.setting == ("http_port" if where == "port in use" else "http_host")
 
 
+def test_a_registry_model_without_a_tracking_uri_is_looked_up_where_the_commands_look(
+    tmp_path, monkeypatch
+):
+    """Without MLFLOW_TRACKING_URI the worker reads the store of the working directory, as every
+    command does; a missing one is one line, not an empty store made there by MLflow."""
+    from pipeline.errors import RegistryError
+    from pipeline.worker.app import WorkerApp
+
+    monkeypatch.chdir(tmp_path)
+    settings = _settings(BASE[:2] + ["--bootstrap-servers", "127.0.0.1:1", *BASE[4:]])
+    assert settings.registry.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    with pytest.raises(RegistryError, match="no MLflow store at"):
+        WorkerApp.build(settings.replace(http_port=-1))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_required_settings_are_named():
     with pytest.raises(ConfigError, match="model"):
         _settings(["--bootstrap-servers", "k:9092", "--input-topic", "in"])

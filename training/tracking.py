@@ -35,7 +35,6 @@ from training.fit import FitResult
 __all__ = [
     "MlflowEpochLogger",
     "Registry",
-    "default_tracking_uri",
     "flatten_params",
     "local_store",
     "log_artifacts",
@@ -50,11 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PACKAGE_TAG = f"{TAG_PREFIX}package_files"
-
-
-def default_tracking_uri(directory: Path | None = None) -> str:
-    """A local sqlite store in `directory` (the working directory by default)."""
-    return f"sqlite:///{(directory or Path.cwd()).resolve() / 'mlflow.db'}"
 
 
 def local_store(root: Path, experiment: str) -> str:

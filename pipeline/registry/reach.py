@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_RETRY_BUDGET_S",
     "check_uri",
     "client_environment",
+    "default_tracking_uri",
     "probe",
     "retry_budget",
     "set_retry_budget",
@@ -61,6 +62,12 @@ _STORES = (
     "databricks-uc",
     "uc",
 )
+
+
+def default_tracking_uri(directory: Path | None = None) -> str:
+    """Where every command looks without `--tracking-uri` or MLFLOW_TRACKING_URI: a local sqlite
+    store in `directory` (the working directory by default)."""
+    return f"sqlite:///{(directory or Path.cwd()).resolve() / 'mlflow.db'}"
 
 
 def uri_problem(uri: str | None) -> str | None:

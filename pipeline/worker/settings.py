@@ -30,7 +30,7 @@ from pipeline.kafka_io.settings import KafkaSettings, is_topic_name
 from pipeline.modalities.expiry import KEY_TTL_S
 from pipeline.modalities.parking import REREAD_MAX
 from pipeline.modalities.readings import MAX_FUTURE_S
-from pipeline.registry.reach import uri_problem
+from pipeline.registry.reach import default_tracking_uri, uri_problem
 from pipeline.settings import check, setting
 from pipeline.uris import mask_uri
 from pipeline.worker.adaptive_settings import AdaptiveStageSettings
@@ -85,11 +85,18 @@ class RegistrySettings:
         maximum=MAX_SECONDS,
     )
     tracking_uri: str | None = setting(
-        "MLflow tracking URI", env="MLFLOW_TRACKING_URI", listed=False
+        "MLflow tracking URI (default: sqlite:///mlflow.db in the working directory, as for "
+        "every command)",
+        env="MLFLOW_TRACKING_URI",
+        listed=False,
     )
 
     def __post_init__(self) -> None:
         check(self)
+        if self.model.startswith("models:/") and not self.tracking_uri:
+            # the store every command finds without one (a missing store is refused at start-up,
+            # not made empty by MLflow)
+            object.__setattr__(self, "tracking_uri", default_tracking_uri())
         problem = uri_problem(self.tracking_uri) if self.model.startswith("models:/") else None
         if problem is not None:
             raise ConfigError("tracking_uri", f"{mask_uri(self.tracking_uri)!r}: {problem}")

@@ -90,8 +90,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def tracking_uri_from(args: argparse.Namespace) -> str:
     """The tracking URI of the command line, the environment or the default, checked to be one
     MLflow can open before anything else is done (`check_uri`)."""
-    from pipeline.registry.reach import check_uri
-    from training.tracking import default_tracking_uri
+    from pipeline.registry.reach import check_uri, default_tracking_uri
 
     uri = (
         getattr(args, "tracking_uri", None)
