@@ -248,28 +248,25 @@ def finite_float(text: str) -> float:
     return value
 
 
+def _at_least(value, minimum: int, text: str):
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text!r}")
+    return value
+
+
 def count(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return value
+    return _at_least(int(text), 1, text)
 
 
 def whole(text: str) -> int:
     """An argparse type: a whole number of at least 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
-    return value
+    return _at_least(int(text), 0, text)
 
 
 def non_negative(text: str) -> float:
     """An argparse type: a finite number of at least 0."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
-    return value
+    return _at_least(finite_float(text), 0, text)
 
 
 def _parse_bool(text: str) -> bool:
