@@ -46,9 +46,15 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         if dest is None or dest in ("config", "help"):
             raise ConfigError(f"config: {key}", f"unknown setting in {path}")
         action = dests[dest]
-        if isinstance(value, list | tuple):
+        if action.nargs == 0:  # an on/off flag: a quoted "false" would have turned it on
+            if not isinstance(value, bool):
+                raise ConfigError(f"config: {key}", f"{value!r} is not true or false")
+            value = action.const if value else action.default
+        elif isinstance(value, bool):  # `window = true` would have been taken as 1
+            raise ConfigError(f"config: {key}", f"takes a value, not {str(value).lower()}")
+        elif isinstance(value, list | tuple):
             value = ",".join(str(v) for v in value)
-        elif action.type is not None and not isinstance(value, bool):
+        elif action.type is not None:
             try:
                 value = action.type(value)
             except (TypeError, ValueError, argparse.ArgumentTypeError):

@@ -131,6 +131,39 @@ def test_a_config_number_of_nan_names_its_key(tmp_path: Path, capsys):
 
 
 @pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('overwrite = "false"', "overwrite"),  # was taken as on: an existing detector replaced
+        ("overwrite = 0", "overwrite"),
+        ("window = true", "window"),  # was taken as a window of 1
+    ],
+)
+def test_a_config_on_off_flag_takes_only_true_or_false(tmp_path: Path, capsys, line, key):
+    config = tmp_path / "train.toml"
+    config.write_text(f'data = "x.csv"\n{line}\n')
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"config: {key}" in err, err
+
+
+def test_a_config_true_or_false_sets_an_on_off_flag_as_the_flag_would(tmp_path: Path):
+    import argparse
+
+    from pipeline.config_file import load_config_file
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-gate", dest="gate", action="store_false")
+    for text, expected in [
+        ("overwrite = true\nno-gate = true\n", {"overwrite": True, "gate": False}),
+        ("overwrite = false\nno-gate = false\n", {"overwrite": False, "gate": True}),
+    ]:
+        config = tmp_path / "c.toml"
+        config.write_text(text)
+        assert load_config_file(str(config), parser) == expected
+
+
+@pytest.mark.parametrize(
     ("name", "content", "says"),
     [
         ("train.yaml", b"data: [x.csv\n", "line 2"),  # a flow sequence never closed
