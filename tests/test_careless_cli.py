@@ -49,6 +49,40 @@ def test_an_output_that_is_the_input_is_refused(trained, tmp_path, capsys, comma
     assert copy.read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["score", "reconstruct", "encode"])
+def test_an_output_inside_an_input_folder_or_that_is_a_folder_is_refused(
+    trained, tmp_path, capsys, command
+):
+    """An output in a Parquet folder that is the input was read as input by the next command
+    (reconstructed rows taking the place of the real ones); a folder named `x.csv` was found
+    only once the work was done, with a traceback."""
+    result, data = trained
+    folder = tmp_path / "readings"
+    folder.mkdir()
+    pd.read_csv(data).to_parquet(folder / "part-0.parquet")
+    (tmp_path / "taken.csv").mkdir()
+    common = [command, "--model", str(result.artifact_dir), "--data", str(folder), *SERIES[:4]]
+    for out, says in [
+        (folder / "out.parquet", "inside the input"),
+        (tmp_path / "taken.csv", "folder"),
+    ]:
+        code = main([*common, "--out", str(out)])
+        _one_line_error(capsys, code, "out", says)
+    assert sorted(p.name for p in folder.iterdir()) == ["part-0.parquet"]
+    assert list((tmp_path / "taken.csv").iterdir()) == []
+
+
+def test_simulate_refuses_a_truth_file_that_is_its_csv_or_a_folder(tmp_path, capsys):
+    readings = tmp_path / "fleet.csv"
+    for argv, named in [
+        (["--csv", str(readings), "--truth", str(tmp_path / "." / "fleet.csv")], "truth"),
+        (["--csv", str(tmp_path), "--truth", str(tmp_path / "truth.csv")], "csv"),
+    ]:
+        code = main(["simulate", "--keys", "1", "--readings", "300", *argv])
+        _one_line_error(capsys, code, named)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def _train(data: Path, out: Path, *extra: str) -> int:
     return main(
         [

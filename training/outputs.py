@@ -43,7 +43,7 @@ def table_out(out: str | Path, setting: str = "out") -> Path:
     path = Path(out)
     if path.suffix.lower() not in TABLE_SUFFIXES:
         raise ConfigError(setting, f"{out}: write tables to a .csv or .parquet file")
-    return path
+    return _not_a_folder(path, setting)
 
 
 def array_out(out: str | Path, setting: str = "out") -> Path:
@@ -51,6 +51,12 @@ def array_out(out: str | Path, setting: str = "out") -> Path:
     path = Path(out)
     if path.suffix.lower() not in (*TABLE_SUFFIXES, _ARRAY_SUFFIX):
         raise ConfigError(setting, f"{out}: write windows to a .csv, .parquet or .npy file")
+    return _not_a_folder(path, setting)
+
+
+def _not_a_folder(path: Path, setting: str) -> Path:
+    if path.is_dir():
+        raise ConfigError(setting, f"{path} is a folder; give the file to write")
     return path
 
 
@@ -72,6 +78,12 @@ def usable_out(out: str | Path, data: str | Path | None, setting: str = "out") -
             same = os.path.samefile(target, source)
         if same:
             raise ConfigError(setting, f"{out} is the input (--data); write the output elsewhere")
+        if source.is_dir() and source.resolve() in target.resolve().parents:
+            raise ConfigError(
+                setting,
+                f"{out} is inside the input folder (--data), which would read it as input next "
+                "time; write the output elsewhere",
+            )
     writable(Path(out).parent, out, setting)
 
 

@@ -252,6 +252,12 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
 def _run_simulate(args: argparse.Namespace) -> int:
     if not args.csv and not (args.bootstrap_servers and args.topic):
         raise ConfigError("topic", "give --bootstrap-servers and --topic, or --csv, or both")
+    for name in ("csv", "truth"):
+        path = getattr(args, name)
+        if path and Path(path).is_dir():
+            raise ConfigError(name, f"{path} is a folder; give the file to write")
+    if args.csv and args.truth and Path(args.csv).resolve() == Path(args.truth).resolve():
+        raise ConfigError("truth", f"{args.truth} is also --csv: write the truth elsewhere")
     if args.rate and 1000 * args.keys / args.rate > MAX_PERIOD_MS:
         raise ConfigError("rate", f"{args.rate:g} readings/s gives each key less than one a day")
     features = (
