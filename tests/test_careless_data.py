@@ -46,6 +46,16 @@ def test_a_numeric_column_with_a_text_cell_is_an_error_not_a_dropped_sensor(tmp_
         _load(frame, tmp_path)
 
 
+@pytest.mark.parametrize("sep", [",", ";"])
+def test_a_column_named_twice_in_the_header_is_an_error_not_a_made_up_sensor(tmp_path, sep):
+    """pandas renamed the second `s0` to `s0.1`, a feature no reading would ever carry."""
+    path = tmp_path / "data.csv"
+    frame = _frame()
+    frame.to_csv(path, index=False, sep=sep, header=["ts", "machine", "s0", "s0"])
+    with pytest.raises(DataError, match=r"the header names column 's0' more than once"):
+        load_series(path, time_col="ts", key_col="machine")
+
+
 def test_text_and_label_like_columns_are_left_out_with_a_warning(tmp_path, caplog):
     frame = _frame()
     frame["status"] = "running"

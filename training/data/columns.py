@@ -82,6 +82,9 @@ def _read_csv(
             raise DataError(f"{source}: the file is empty")
     elif len(sep) == 1:
         header = _header_fields(file, source, sep)
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:  # pandas would rename the second one (`s0.1`), which no reading carries
+        raise DataError(f"{source}: the header names column {repeated[0]!r} more than once")
     options: dict[str, object] = {"encoding": "utf-8-sig", "sep": sep}
     if sep is None or len(sep) > 1:
         options["engine"] = "python"
