@@ -141,6 +141,13 @@ def test_an_unusable_out_fails_before_training(trained, tmp_path, capsys, case):
         (["--fractions", "0.5,0.5,0.5,0.1"], "fractions"),
         (["--register", "a/b@c"], "register"),  # MLflow refused it after the training
         (["--register", " "], "register"),
+        # found only after the training (calibration), or after MLflow's store was opened
+        (["--threshold-margin", "0"], "threshold_margin"),
+        (["--calibration", "mad", "--mad-k", "-1"], "mad_k"),
+        (["--calibration", "pot", "--pot-initial-quantile", "1.5"], "pot_initial_quantile"),
+        (["--device", "foo"], "device"),
+        (["--train-until", "notadate"], "train_until"),
+        (["--weight-decay", "-1"], "weight_decay"),  # was named "patience"
     ],
 )
 def test_bad_flags_fail_before_any_io(tmp_path, capsys, flags, setting):
@@ -148,6 +155,28 @@ def test_bad_flags_fail_before_any_io(tmp_path, capsys, flags, setting):
     code = main(
         ["train", "--data", str(missing), *SERIES, "--epochs", "1", "--min-steps", "0", *flags]
         + ["--out", str(tmp_path / "det"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    )
+    _one_line_error(capsys, code, setting)
+    assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "setting"),
+    [
+        (["--holdout", "0"], "holdout"),
+        (["--holdout", "1.5"], "holdout"),
+        (["--target-fpr", "2"], "target_fpr"),
+        (["--method", "mad", "--mad-k", "-1"], "mad_k"),
+        (["--method", "pot", "--pot-initial-quantile", "1.5"], "pot_initial_quantile"),
+    ],
+)
+def test_bad_recalibrate_flags_fail_before_the_model_or_data_is_read(
+    tmp_path, capsys, flags, setting
+):
+    missing = tmp_path / "does-not-exist.csv"  # the flags were checked only after reading it
+    code = main(
+        ["recalibrate", "--model", "models:/m@champion", "--data", str(missing), *flags]
+        + ["--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     )
     _one_line_error(capsys, code, setting)
     assert not (tmp_path / "m.db").exists()

@@ -77,10 +77,13 @@ class FitConfig:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ConfigError("schedule", f"choose one of {', '.join(SCHEDULES)}")
-        if not (0 <= self.warmup < 1 and 0 <= self.final_lr <= 1) or self.patience_steps < 0:
-            raise ConfigError("warmup", "warmup in [0, 1), final_lr in [0, 1], patience_steps >= 0")
-        if self.patience < 0 or self.weight_decay < 0 or self.min_delta < 0:
-            raise ConfigError("patience", "patience, weight_decay and min_delta must be >= 0")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError("warmup", f"must be in [0, 1), got {self.warmup}")
+        if not 0 <= self.final_lr <= 1:
+            raise ConfigError("final_lr", f"must be in [0, 1], got {self.final_lr}")
+        for name in ("patience_steps", "patience", "weight_decay", "min_delta"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.batch_min > self.batch_max:
             raise ConfigError("batch_min", "must be <= batch_max")
 

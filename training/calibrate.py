@@ -60,6 +60,15 @@ class CalibrationSettings:
     pot_initial_quantile: float = 0.95
     margin: float = 1.0
 
+    def __post_init__(self) -> None:  # every value checked before data is read or a model fit
+        make_calibrator(
+            self.method,
+            target_fpr=self.target_fpr,
+            mad_k=self.mad_k,
+            pot_initial_quantile=self.pot_initial_quantile,
+            margin=self.margin,
+        )
+
 
 def _digest(scores: np.ndarray) -> str:
     return hashlib.sha256(np.sort(scores).astype(np.float64).tobytes()).hexdigest()

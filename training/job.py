@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.detector import Detector, ModelConfig, build_model, save_detector
+from pipeline.detector import Detector, ModelConfig, build_model, resolve_device, save_detector
 from pipeline.errors import CalibrationError, ConfigError, DataError
 from training.baseline import Baseline, fit_baseline
 from training.budget import NOT_CONVERGED
@@ -35,7 +35,14 @@ from training.data.columns import FILL_POLICIES
 from training.data.images import is_image_source
 from training.data.out_of_core import prepare_streamed
 from training.data.prepared import prepare_images, prepare_series, scaler_kind
-from training.data.splits import PARTS, Splits, SplitScores, calibration_hints, check_fractions
+from training.data.splits import (
+    PARTS,
+    Splits,
+    SplitScores,
+    calibration_hints,
+    check_fractions,
+    parse_time_limit,
+)
 from training.data.streamed import STREAM_FILL_POLICIES
 from training.data.window_tensor import held
 from training.distributed import RankContext
@@ -108,6 +115,12 @@ class TrainSettings:
         target = self.calibration.target_fpr
         if not 0 < target < 1:
             raise ConfigError("target_fpr", f"must be in (0, 1), got {target}")
+        resolve_device(self.device)
+        if self.train_until is not None:
+            try:
+                parse_time_limit(self.train_until, "train_until")
+            except DataError as exc:
+                raise ConfigError("train_until", str(exc).removeprefix("train_until: ")) from None
         try:
             check_fractions(self.fractions, "fractions")
         except DataError as exc:

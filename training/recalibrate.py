@@ -25,6 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.registry.client import TAG_PREFIX, parse_model_uri
 from training.calibrate import CalibrationSettings, calibrate, estimate_fpr
 from training.data.for_detector import DataSource, load_for
+from training.data.prepared import check_holdout
 from training.feedback import FeedbackSource, judged_alarms, threshold_from_feedback
 from training.register import register_version
 from training.sources import ModelSource
@@ -42,6 +43,9 @@ class RecalibrateSettings:
     experiment: str = "aewatch"
     feedback: FeedbackSource | None = None
     allow_below_calibration: bool = False
+
+    def __post_init__(self) -> None:  # before the model or the data is read
+        check_holdout(self.holdout)
 
 
 def _apply_feedback(settings: RecalibrateSettings, detector, name: str, served: float) -> dict:

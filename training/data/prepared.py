@@ -48,6 +48,7 @@ __all__ = [
     "ImagePart",
     "ImageSplits",
     "SeriesSplits",
+    "check_holdout",
     "prepare_images",
     "prepare_series",
     "scaler_kind",
@@ -209,7 +210,7 @@ class SeriesSplits(_InMemory):
 
     def holdout(self, fraction: float) -> SeriesSplits:
         """Calibration data and, the last `fraction` of each key's readings, a test part."""
-        _check_holdout(fraction)
+        check_holdout(fraction)
         cut = split_series(self.table, (1 - fraction, 0.0, 0.0, fraction))
         tables = {"calibration": cut["train"], "test": cut["test"]}
         spec = self.input.window
@@ -285,7 +286,7 @@ class ImageSplits(_InMemory):
 
     def holdout(self, fraction: float) -> ImageSplits:
         """The first images for calibration, the last `fraction` of them as a test part."""
-        _check_holdout(fraction)
+        check_holdout(fraction)
         whole = self.parts[ALL]
         cut = int(len(whole) * (1 - fraction))
         parts = {"calibration": whole[:cut], "test": whole[cut:]}
@@ -320,7 +321,7 @@ class ImageSplits(_InMemory):
         return {"image_errors": plots.image_errors(scaled, recon, maps)}
 
 
-def _check_holdout(fraction: float) -> None:
+def check_holdout(fraction: float) -> None:
     if not 0 < fraction < 1:
         raise ConfigError("holdout", f"must be in (0, 1), got {fraction}")
 
