@@ -113,6 +113,14 @@ def test_train_into_an_existing_detector_needs_overwrite(trained, tmp_path, caps
     assert not (tmp_path / "m.db").exists(), "refused before any MLflow run was opened"
 
 
+def test_a_fit_that_diverges_is_one_line_naming_the_learning_rate(trained, tmp_path, capsys):
+    """`--lr 1e3` for 1e-3: a 27-line FloatingPointError traceback before."""
+    _, data = trained
+    out = tmp_path / "det"
+    _one_line_error(capsys, _train(Path(data), out, "--lr", "1e3"), "diverged", "--lr")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("case", ["file", "unwritable"])
 def test_an_unusable_out_fails_before_training(trained, tmp_path, capsys, case):
     _, data = trained

@@ -29,7 +29,7 @@ from torch import nn
 
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scoring import score_tensor
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelError
 from training.budget import FitConfig, FitPlan, converged
 from training.data.window_tensor import held
 from training.dense_step import DenseStep
@@ -333,7 +333,10 @@ def fit(
         for callback in callbacks:
             callback.on_epoch_end(epoch, train_loss, val_loss)
         if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss became {train_loss} at epoch {epoch + 1}")
+            raise ModelError(
+                f"training loss became {train_loss} at epoch {epoch + 1}: the fit diverged; "
+                f"try a lower --lr (it was {settings.lr:g})"
+            )
         if not evaluate:
             continue
         watched = val_loss if val_loss is not None else train_loss
