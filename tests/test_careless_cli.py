@@ -72,6 +72,16 @@ def test_an_output_inside_an_input_folder_or_that_is_a_folder_is_refused(
     assert list((tmp_path / "taken.csv").iterdir()) == []
 
 
+def test_a_negative_top_k_is_refused_as_the_flag_is_read(tmp_path, capsys):
+    """`--top-k -1` named all features but one."""
+    out = tmp_path / "scores.csv"
+    argv = ["score", "--model", str(tmp_path), "--data", str(tmp_path / "x.csv")]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--out", str(out), "--top-k", "-1"])
+    _one_line_error(capsys, exited.value.code, "--top-k")
+    assert not out.exists()
+
+
 def test_simulate_refuses_a_truth_file_that_is_its_csv_or_a_folder(tmp_path, capsys):
     readings = tmp_path / "fleet.csv"
     for argv, named in [

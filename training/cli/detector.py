@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from pipeline.settings import add_arguments, build, finite_float, read
+from pipeline.settings import add_arguments, build, finite_float, read, whole
 from pipeline.worker.settings import AdaptiveStageSettings, BaselineSettings
 from training.calibrate import CALIBRATION_METHODS, CalibrationSettings
 from training.cli.args import (
@@ -64,7 +64,9 @@ def register_score(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_data_arguments(parser, labels=False)
     parser.add_argument("--out", required=True, help="output .csv or .parquet")
-    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument(
+        "--top-k", type=whole, default=3, help="features named per window, by error (0: none)"
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
     add_arguments(
         parser.add_argument_group("per-key baselines (as the worker's)"), BaselineSettings
