@@ -123,6 +123,17 @@ def test_train_into_an_existing_detector_needs_overwrite(trained, tmp_path, caps
     assert not (tmp_path / "m.db").exists(), "refused before any MLflow run was opened"
 
 
+@pytest.mark.parametrize("case", ["missing", "empty"])
+def test_missing_or_empty_data_fails_before_an_mlflow_run_is_opened(tmp_path, capsys, case):
+    """The store was made and a failed run left in it, with 3 lines of MLflow's logs."""
+    data = tmp_path / "series.csv"
+    if case == "empty":
+        data.write_bytes(b"")
+    code = _train(data, tmp_path / "det")
+    _one_line_error(capsys, code, str(data), "no such file" if case == "missing" else "empty")
+    assert not (tmp_path / "m.db").exists()
+
+
 def test_a_fit_that_diverges_is_one_line_naming_the_learning_rate(trained, tmp_path, capsys):
     """`--lr 1e3` for 1e-3: a 27-line FloatingPointError traceback before."""
     _, data = trained

@@ -32,7 +32,7 @@ from training.calibrate import (
     estimate_fpr,
 )
 from training.data.columns import FILL_POLICIES
-from training.data.images import is_image_source
+from training.data.images import DIGITS, is_image_source
 from training.data.out_of_core import prepare_streamed
 from training.data.prepared import prepare_images, prepare_series, scaler_kind
 from training.data.splits import (
@@ -139,7 +139,8 @@ class TrainSettings:
 
     def check_out(self) -> None:
         """`out` can take the artifact: not a file, not a finished detector folder unless
-        `overwrite`, and writable; checked before any data is read or run opened."""
+        `overwrite`, and writable, and `data` is there and not an empty file; checked before
+        any data is read or run opened."""
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise ConfigError("out", f"{out} is a file; the artifact is a folder")
@@ -153,6 +154,11 @@ class TrainSettings:
                 "out", f"{out} holds the input (--data {self.data}); write the detector elsewhere"
             )
         writable(out, out)
+        source = Path(self.data)  # said as the readers say it, before an MLflow run is opened
+        if not source.exists() and self.data != DIGITS:
+            raise DataError(f"{self.data}: no such file or directory")
+        if source.is_file() and source.stat().st_size == 0:
+            raise DataError(f"{self.data}: the file is empty")
 
     def series_columns(self) -> dict:
         """How the series' columns are read, the same in memory and out of core."""

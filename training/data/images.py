@@ -26,7 +26,9 @@ from training.data.image_files import (
 )
 from training.data.splits import PARTS, check_fractions, floor_counts
 
-__all__ = ["ImageSet", "is_image_source", "load_images", "split_images"]
+__all__ = ["DIGITS", "ImageSet", "is_image_source", "load_images", "split_images"]
+
+DIGITS = "digits"  # `--data digits`: scikit-learn's 8x8 digits, no file
 
 
 def is_image_source(data: str) -> bool:
@@ -34,7 +36,7 @@ def is_image_source(data: str) -> bool:
     than a series table."""
     path = Path(data)
     suffixes = ARRAY_SUFFIXES + PICTURE_SUFFIXES
-    if data == "digits" or path.suffix.lower() in suffixes or "idx" in path.name:
+    if data == DIGITS or path.suffix.lower() in suffixes or "idx" in path.name:
         return True
     if path.is_dir():
         return not any(path.rglob("*.parquet")) and any(
@@ -148,7 +150,7 @@ def load_images(
     name = str(source)
     if labels_path is not None and not Path(labels_path).exists():
         raise DataError(f"{labels_path}: no such labels file")
-    if name == "digits" and not Path(name).exists():
+    if name == DIGITS and not Path(name).exists():
         if labels_path is not None:
             raise DataError("sklearn:digits: carries its own labels; labels_path is not used")
         images, labels, class_names, name = load_digits()
