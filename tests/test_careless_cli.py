@@ -50,25 +50,29 @@ def test_an_output_that_is_the_input_is_refused(trained, tmp_path, capsys, comma
 
 
 @pytest.mark.parametrize("command", ["score", "reconstruct", "encode"])
-def test_an_output_inside_an_input_folder_or_that_is_a_folder_is_refused(
+def test_an_output_inside_an_input_or_detector_folder_or_that_is_a_folder_is_refused(
     trained, tmp_path, capsys, command
 ):
     """An output in a Parquet folder that is the input was read as input by the next command
-    (reconstructed rows taking the place of the real ones); a folder named `x.csv` was found
-    only once the work was done, with a traceback."""
+    (reconstructed rows taking the place of the real ones); one in the detector's folder was
+    written among its files; a folder named `x.csv` was found only once the work was done, with
+    a traceback."""
     result, data = trained
     folder = tmp_path / "readings"
     folder.mkdir()
     pd.read_csv(data).to_parquet(folder / "part-0.parquet")
     (tmp_path / "taken.csv").mkdir()
     common = [command, "--model", str(result.artifact_dir), "--data", str(folder), *SERIES[:4]]
+    detector_files = sorted(p.name for p in Path(result.artifact_dir).iterdir())
     for out, says in [
         (folder / "out.parquet", "inside the input"),
         (tmp_path / "taken.csv", "folder"),
+        (Path(result.artifact_dir) / "out.csv", "detector's folder"),
     ]:
         code = main([*common, "--out", str(out)])
         _one_line_error(capsys, code, "out", says)
     assert sorted(p.name for p in folder.iterdir()) == ["part-0.parquet"]
+    assert sorted(p.name for p in Path(result.artifact_dir).iterdir()) == detector_files
     assert list((tmp_path / "taken.csv").iterdir()) == []
 
 

@@ -68,9 +68,18 @@ def image_out(out: str | Path, setting: str = "out") -> Path:
     raise ConfigError(setting, f"{out}: write images to a folder of PNG files or to a .npy file")
 
 
-def usable_out(out: str | Path, data: str | Path | None, setting: str = "out") -> None:
-    """Refuse an output that would overwrite the command's input, or that cannot be written
+def usable_out(
+    out: str | Path, data: str | Path | None, setting: str = "out", *, model: str | None = None
+) -> None:
+    """Refuse an output that would overwrite the command's input, land in its input folder or
+    in the detector's folder (`model`, when one is a folder), or that cannot be written
     (checked by making and removing a file beside it), before any work."""
+    if model is not None and Path(model).is_dir():
+        target, folder = Path(out).resolve(), Path(model).resolve()
+        if target == folder or folder in target.parents:
+            raise ConfigError(
+                setting, f"{out} is in the detector's folder (--model); write the output elsewhere"
+            )
     if data is not None:
         target, source = Path(out), Path(data)
         same = target.resolve() == source.resolve()

@@ -53,7 +53,7 @@ def score_file(settings: ScoreSettings) -> dict:
     """One row per window (or image) written to `out`: key, window start and end, score,
     threshold, p-value, is_anomaly and the top features. Returns a summary."""
     out = table_out(settings.out)
-    usable_out(out, settings.data.path)
+    usable_out(out, settings.data.path, model=settings.model.uri)
     detector, ref = settings.model.load()
     data = load_for(detector, settings.data)
     stream = _replay(detector, ref.label, settings.stream)

@@ -84,7 +84,8 @@ class SampleSettings:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= MAX_SAMPLES:
                 raise ConfigError(name, f"must be between 1 and {MAX_SAMPLES:,}, got {value:,}")
-        usable_out(self.out, None if self.data is None else self.data.path)
+        data = None if self.data is None else self.data.path
+        usable_out(self.out, data, model=self.model.uri)
 
 
 def code_table(detector: Detector, data) -> pd.DataFrame:
@@ -97,7 +98,7 @@ def code_table(detector: Detector, data) -> pd.DataFrame:
 
 def encode_file(settings: EncodeSettings) -> dict:
     out = table_out(settings.out)
-    usable_out(out, settings.data.path)
+    usable_out(out, settings.data.path, model=settings.model.uri)
     detector, ref = settings.model.load(require_calibrated=False)
     frame = code_table(detector, load_for(detector, settings.data))
     write_table(frame, out)
@@ -177,7 +178,7 @@ _OUTPUTS = {"series": _SeriesOutput, "image": _ImageOutput}
 
 
 def reconstruct_file(settings: ReconstructSettings) -> dict:
-    usable_out(settings.out, settings.data.path)
+    usable_out(settings.out, settings.data.path, model=settings.model.uri)
     detector, ref = settings.model.load(require_calibrated=False)
     output = _OUTPUTS[detector.input.kind]
     out = output.reconstruction_out(settings.out)
