@@ -138,6 +138,18 @@ def test_missing_or_empty_data_fails_before_an_mlflow_run_is_opened(tmp_path, ca
     assert not (tmp_path / "m.db").exists()
 
 
+def test_windows_of_one_reading_train_with_the_raw_score(trained, tmp_path, capsys):
+    """The default score (terms, statistics over a window's readings) had NaN statistics at
+    `--window 1` and failed after the training; a single reading is scored by its raw error."""
+    from pipeline.detector import load_detector
+
+    _, data = trained
+    out = tmp_path / "det"
+    assert _train(Path(data), out, "--window", "1") == 0, capsys.readouterr().err
+    detector = load_detector(out)
+    assert detector.input.window.length == 1 and detector.score_mode == "raw"
+
+
 def test_a_fit_that_diverges_is_one_line_naming_the_learning_rate(trained, tmp_path, capsys):
     """`--lr 1e3` for 1e-3: a 27-line FloatingPointError traceback before."""
     _, data = trained
@@ -181,6 +193,7 @@ def test_an_unusable_out_fails_before_training(trained, tmp_path, capsys, case):
         (["--device", "foo"], "device"),
         (["--train-until", "notadate"], "train_until"),
         (["--weight-decay", "-1"], "weight_decay"),  # was named "patience"
+        (["--window", "1", "--score", "terms"], "score"),  # failed after the training
     ],
 )
 def test_bad_flags_fail_before_any_io(tmp_path, capsys, flags, setting):

@@ -128,7 +128,13 @@ class TrainSettings:
         if self.out_of_core:
             self._check_out_of_core()
         check_scale(self, distributed=False)
-        check_score(self.score, self.score_aggregation, image=self.is_image, config=self.model)
+        check_score(
+            self.score,
+            self.score_aggregation,
+            image=self.is_image,
+            config=self.model,
+            window=self.window,
+        )
 
     @property
     def is_image(self) -> bool:
@@ -332,7 +338,9 @@ def train(
         info["fit"]["world_size"] = context.world_size
     baselines = getattr(data, "baselines", None)
     detector = Detector(data.input, data.scaler, config, model, info=info, baselines=baselines)
-    mode = score_mode(settings.score, image=data.input.kind == "image", config=config)
+    image = data.input.kind == "image"
+    window = None if image else data.input.window.length
+    mode = score_mode(settings.score, image=image, config=config, window=window)
     if mode == "terms":
         detector.score_stats = fit_stats(detector, data, settings.score_aggregation)
     info["score"] = {"mode": mode, "aggregation": settings.score_aggregation}

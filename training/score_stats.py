@@ -35,12 +35,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 SCORE_CHOICES = ("auto", "raw", "terms")
+MIN_TERMS_WINDOW = 2  # the terms take statistics over a window's readings
 MAX_STAT_WINDOWS = 20_000  # windows per split the statistics are fitted on (evenly spaced)
 
 
-def check_score(choice: str, aggregation: str, *, image: bool | None, config) -> None:
+def check_score(
+    choice: str, aggregation: str, *, image: bool | None, config, window: int | None = None
+) -> None:
     """Refuse a score setting that cannot apply, before any data is read (`image` None: not
-    known yet)."""
+    known yet; `window`: a series window's length, where known)."""
     if choice not in SCORE_CHOICES:
         raise ConfigError("score", f"{choice!r} is not one of {', '.join(SCORE_CHOICES)}")
     if aggregation not in AGGREGATIONS:
@@ -53,15 +56,21 @@ def check_score(choice: str, aggregation: str, *, image: bool | None, config) ->
         raise ConfigError("score", "terms score series windows; images score the raw mean error")
     if config.kind == "vae" and config.vae_score == "elbo":
         raise ConfigError("score", "terms has no ELBO form; use --vae-score reconstruction")
+    if not image and window is not None and window < MIN_TERMS_WINDOW:
+        raise ConfigError(
+            "score", "terms compare readings within a window, which --window 1 has not; use raw"
+        )
 
 
-def score_mode(choice: str, *, image: bool, config) -> str:
-    """`raw` or `terms` for `choice` (auto: the rule above)."""
-    check_score(choice, "max", image=image, config=config)
+def score_mode(choice: str, *, image: bool, config, window: int | None = None) -> str:
+    """`raw` or `terms` for `choice` (auto: the rule above, and raw for windows of one
+    reading)."""
+    check_score(choice, "max", image=image, config=config, window=window)
     if choice != "auto":
         return choice
     elbo = config.kind == "vae" and config.vae_score == "elbo"
-    return "raw" if image or elbo else "terms"
+    single = not image and window is not None and window < MIN_TERMS_WINDOW
+    return "raw" if image or elbo or single else "terms"
 
 
 def normal_term_statistics(data, detector: Detector, split: str, limit: int) -> np.ndarray:
