@@ -163,7 +163,8 @@ class KafkaSettings:
         maximum=INT32_MAX,
     )
     max_poll_interval_ms: int = setting(
-        "longest gap between polls before the group evicts us (at least the session timeout)",
+        "longest gap between polls before the group evicts us (with confluent: at least the "
+        "session timeout)",
         300000,
         minimum=1,
         maximum=INT32_MAX,
@@ -186,11 +187,12 @@ class KafkaSettings:
         for name in ("client_id", "group_id"):
             if not getattr(self, name).strip():
                 raise ConfigError(name, "must not be blank")
-        if self.max_poll_interval_ms < self.session_timeout_ms:
+        confluent = self.connection.kafka_client == "confluent"
+        if confluent and self.max_poll_interval_ms < self.session_timeout_ms:  # librdkafka's rule
             raise ConfigError(
                 "max_poll_interval_ms",
-                f"must be at least session_timeout_ms ({self.session_timeout_ms}), "
-                f"got {self.max_poll_interval_ms}",
+                f"must be at least session_timeout_ms ({self.session_timeout_ms}) with the "
+                f"confluent client, got {self.max_poll_interval_ms}",
             )
 
     @property
