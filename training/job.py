@@ -8,6 +8,9 @@ The data is prepared once into `Splits` (`training.data`): series or images in m
 `out_of_core`, a Parquet dataset read in record batches; training, calibration and evaluation ask
 the same questions of each. In a distributed job every rank trains and rank 0 alone calibrates,
 evaluates and writes the artifact (the other ranks' `train` returns None).
+
+Size: over 400 lines because every setting of a training is checked here, before any data is
+read or an MLflow run opened, next to the job that uses it.
 """
 
 from __future__ import annotations
