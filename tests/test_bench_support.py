@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,13 @@ SPIN_JAVA = """public class Spin {
 """
 
 
+def _runs_kafka(pid: int) -> bool:
+    try:
+        return b"kafka.Kafka" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False  # ended meanwhile
+
+
 def test_the_broker_is_the_java_process_running_kafka_and_no_other(tmp_path):
     source = tmp_path / "Spin.java"
     source.write_text(SPIN_JAVA)
@@ -80,9 +88,12 @@ def test_the_broker_is_the_java_process_running_kafka_and_no_other(tmp_path):
             proc.wait()
     spent = {p.pid: (after[p.pid][2] - before[p.pid][2]) / used["seconds"] for p in (other, broker)}
     assert spent[other.pid] > 0.2 and spent[broker.pid] > 0.2  # both spun
-    # the broker's CPU (and that of a broker the suite runs, nearly idle), not the other JVM's
-    # (ticks of 10 ms, read at slightly other times)
-    assert spent[broker.pid] - 0.05 < used["broker"] < spent[broker.pid] + spent[other.pid] / 2
+    # brokers already running here (the suite's, or one starting beside it) count as brokers too
+    brokers = [p for p in after.keys() & before.keys() - {broker.pid} if _runs_kafka(p)]
+    running = sum(after[p][2] - before[p][2] for p in brokers) / used["seconds"]
+    # the brokers' CPU, not the other JVM's (ticks of 10 ms, read at slightly other times)
+    expected = spent[broker.pid] + running
+    assert expected - 0.05 < used["broker"] < expected + spent[other.pid] / 2
 
 
 def test_the_gpu_benchmark_refuses_more_processes_than_partitions_before_any_work(capsys):
