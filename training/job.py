@@ -157,13 +157,14 @@ class TrainSettings:
             raise ConfigError(
                 "out", f"{out} holds a detector already; give --overwrite to replace it"
             )
-        data = Path(self.data).resolve()
+        source = Path(self.data)
+        data = source.resolve()
         if out.resolve() == data or out.resolve() in data.parents:
             raise ConfigError(
                 "out", f"{out} holds the input (--data {self.data}); write the detector elsewhere"
             )
         writable(out, out)
-        source = Path(self.data)  # said as the readers say it, before an MLflow run is opened
+        # said as the readers say it, before an MLflow run is opened
         if not source.exists() and self.data != DIGITS:
             raise DataError(f"{self.data}: no such file or directory")
         if source.is_file() and source.stat().st_size == 0:

@@ -26,6 +26,7 @@ __all__ = [
     "add_connection_arguments",
     "connection_from_args",
     "is_topic_name",
+    "not_a_topic_name",
     "topic_name",
 ]
 
@@ -56,12 +57,15 @@ def is_topic_name(name: str) -> bool:
     return TOPIC_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
+def not_a_topic_name(name: str) -> str:
+    """What a setting or flag says of a name that `is_topic_name` refuses."""
+    return f"{name!r} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"
+
+
 def topic_name(text: str) -> str:
     """An argparse type: a Kafka topic name."""
     if not is_topic_name(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"
-        )
+        raise argparse.ArgumentTypeError(not_a_topic_name(text))
     return text
 
 

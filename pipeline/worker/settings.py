@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from pipeline import settings as declared
 from pipeline.errors import ConfigError
-from pipeline.kafka_io.settings import KafkaSettings, is_topic_name
+from pipeline.kafka_io.settings import KafkaSettings, is_topic_name, not_a_topic_name
 from pipeline.modalities.expiry import KEY_TTL_S
 from pipeline.modalities.parking import REREAD_MAX
 from pipeline.modalities.readings import MAX_FUTURE_S
@@ -130,9 +130,7 @@ class TopicSettings:
         for setting_name, name in named:
             if not is_topic_name(name):
                 raise ConfigError(
-                    setting_name,
-                    f"{name!r} is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -); "
-                    "a pattern goes in --input-pattern",
+                    setting_name, f"{not_a_topic_name(name)}; a pattern goes in --input-pattern"
                 )
         if self.input_pattern:
             try:
