@@ -1,14 +1,18 @@
 """Plumbing under the Kafka tests and clients: the kafka-python socket reader hands the protocol
 every byte the broker sent before it closed (a refused login's reason arrives together with the
-close and must not be lost), and a local broker's listeners get different ports."""
+close and must not be lost), a connection's failures are ranked by what they explain, and a local
+broker's listeners get different ports."""
 
 from __future__ import annotations
 
 import socket
 
+import pytest
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError, SaslAuthenticationFailedError
 from kafka.net.transport import KafkaTCPTransport
 
 import pipeline.kafka_io.kafka_python  # noqa: F401  (installs the reader)
+from pipeline.kafka_io.errors import most_telling, telling
 from pipeline.tools.local_broker import LocalKafkaBroker, free_ports
 
 
@@ -62,6 +66,31 @@ def test_bytes_sent_just_before_the_close_reach_the_protocol_before_the_loss():
     transport._read = True
     _run(transport._read_from_sock())
     assert protocol.events == [("data", reason), ("lost", "KafkaConnectionError")]
+
+
+@pytest.mark.parametrize(
+    "text, rank",
+    [
+        ("SaslAuthenticationFailedError: Authentication failed: invalid credentials", 0),
+        ("KafkaException: SASL authentication error: Authentication failed", 0),
+        ("SSLCertVerificationError: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed", 1),
+        ("KafkaTimeoutError: SASL Authentication timed out", 2),
+        ("KafkaConnectionError: socket disconnected", 2),
+    ],
+)
+def test_only_a_refusal_no_retry_can_mend_ends_the_connection_wait(text, rank):
+    assert telling(text) == rank
+
+
+def test_a_refused_login_explains_more_than_a_later_login_that_timed_out():
+    """A busy broker can let one attempt's login time out after others were refused: the
+    refusal is the reason to show, not the timeout."""
+    errors = [
+        KafkaConnectionError("socket disconnected"),
+        SaslAuthenticationFailedError("Authentication failed due to invalid credentials"),
+        KafkaTimeoutError("SASL Authentication timed out"),
+    ]
+    assert most_telling(errors).startswith("SaslAuthenticationFailedError")
 
 
 def test_ports_found_together_are_all_different():

@@ -140,6 +140,8 @@ def test_wrong_credentials_fail_fast_with_the_reason(
         build_app(settings)
     assert time.monotonic() - started < 30, "an error, not a hang"
     assert address in str(raised.value) and PASSWORD not in str(raised.value)
+    retries = [r.getMessage() for r in caplog.records if r.name.startswith("kafka.")]
+    assert not retries, "the client's retry lines are folded into the one error"
 
     for command in (
         ["simulate", "--topic", topics["input"], "--keys", "1", "--readings", "400"],

@@ -29,7 +29,10 @@ class KafkaConnectError(AewatchError):
 
 
 def telling(text: str) -> int:
-    """0 for a refused login, 1 for a refused certificate: failures no retry will mend; 2 else."""
+    """0 for a refused login, 1 for a refused certificate: failures no retry will mend; 2 else,
+    a login that timed out among them (a busy broker or client is slow, not a refusal)."""
+    if "timed out" in text.lower():
+        return 2
     if "Authentication" in text or "Authorization" in text:
         return 0
     if "CERTIFICATE" in text.upper():  # not any SSL error: a broker still starting can cut TLS

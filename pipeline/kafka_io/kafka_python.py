@@ -402,23 +402,28 @@ class _AdminClient(KafkaAdminClient):
 def _retries_collected(failures: logging.Handler) -> Iterator[None]:
     """While connecting, kafka-python's retry lines go to `failures`, not to the log: the client
     logs a line or two at each retry, some 50 before a refusal is final, and the error says the
-    most telling one. At DEBUG they are shown as well."""
-    manager = logging.getLogger("kafka.net.manager")
+    most telling one. The transport's lines count too: a refused login can reach the connection
+    as a bare disconnect, while the transport's abort names the refusal. At DEBUG they are shown
+    as well."""
+    collected = [logging.getLogger(f"kafka.net.{name}") for name in ("manager", "transport")]
     connection = logging.getLogger("kafka.net.connection")
-    saved = manager.level, manager.propagate, connection.level
-    if manager.getEffectiveLevel() > logging.DEBUG:
-        manager.setLevel(logging.WARNING)
-        manager.propagate = False
-        if connection.getEffectiveLevel() > logging.DEBUG:
-            connection.setLevel(logging.CRITICAL)
-    manager.addHandler(failures)
+    saved = [(logger.level, logger.propagate) for logger in collected], connection.level
+    quiet = collected[0].getEffectiveLevel() > logging.DEBUG
+    for logger in collected:
+        if quiet:
+            logger.setLevel(logging.WARNING)
+            logger.propagate = False
+        logger.addHandler(failures)
+    if quiet and connection.getEffectiveLevel() > logging.DEBUG:
+        connection.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        manager.removeHandler(failures)
-        manager.setLevel(saved[0])
-        manager.propagate = saved[1]
-        connection.setLevel(saved[2])
+        for logger, (level, propagate) in zip(collected, saved[0], strict=True):
+            logger.removeHandler(failures)
+            logger.setLevel(level)
+            logger.propagate = propagate
+        connection.setLevel(saved[1])
 
 
 def _admin(connection: KafkaConnection, timeout_ms: int = CONNECT_TIMEOUT_MS) -> KafkaAdminClient:
