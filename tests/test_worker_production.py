@@ -22,7 +22,7 @@ from pipeline.events import ALARM_SCHEMA, event_id, event_schema
 from pipeline.modalities.images import encode_image_record
 from pipeline.registry.client import resolve_model
 from pipeline.tools.local_broker import free_port
-from tests.helpers import metric_values
+from tests.helpers import metric_values, wait_until
 from tests.kafka_support import (
     build_app,
     consume,
@@ -106,6 +106,18 @@ def test_alarm_episodes_and_metrics_over_http(kafka_bootstrap, create_topic, tra
     assert values[("aewatch_commits_total", ())] >= 1
     lags = [v for (name, _), v in values.items() if name == "aewatch_consumer_lag"]
     assert len(lags) == 2 and all(v == 0 for v in lags), "both partitions read to the end"
+
+
+def _log_end(bootstrap: str, topic: str) -> int:
+    """The topic's records and transaction markers, committed or not (its log-end offsets)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        return sum(consumer.end_offsets(partitions).values())
+    finally:
+        consumer.close()
 
 
 def _ids(bootstrap: str, topic: str, **kwargs) -> list[str]:
@@ -192,9 +204,13 @@ def test_exactly_once_output_survives_a_sigkill(kafka_bootstrap, create_topic, t
             produce(kafka_bootstrap, topics["input"], items[start : start + 100])
             time.sleep(0.05)
 
+    written = _log_end(kafka_bootstrap, topics["output"])  # the first transaction, committed
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
-    time.sleep(1.5)
+    wait_until(
+        lambda: _log_end(kafka_bootstrap, topics["output"]) > written, 60, "events of a new one"
+    )
+    time.sleep(0.3)  # (events keep coming: one committed meanwhile leaves the next one open)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     second = worker_process(kafka_bootstrap, topics, trained.artifact_dir, log, *eos)
