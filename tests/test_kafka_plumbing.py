@@ -5,6 +5,7 @@ broker's listeners get different ports."""
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import pytest
@@ -12,7 +13,9 @@ from kafka.errors import KafkaConnectionError, KafkaTimeoutError, SaslAuthentica
 from kafka.net.transport import KafkaTCPTransport
 
 import pipeline.kafka_io.kafka_python  # noqa: F401  (installs the reader)
-from pipeline.kafka_io.errors import most_telling, telling
+from pipeline.kafka_io.errors import KafkaConnectError, most_telling, telling
+from pipeline.kafka_io.kafka_python import _admin
+from pipeline.kafka_io.settings import KafkaConnection
 from pipeline.tools.local_broker import LocalKafkaBroker, free_ports
 
 
@@ -91,6 +94,16 @@ def test_a_refused_login_explains_more_than_a_later_login_that_timed_out():
         KafkaTimeoutError("SASL Authentication timed out"),
     ]
     assert most_telling(errors).startswith("SaslAuthenticationFailedError")
+
+
+def test_the_clients_loggers_are_as_they_were_after_a_connection_attempt():
+    """Its retry lines are held back while connecting only: a running client's are logged."""
+    loggers = [logging.getLogger(f"kafka.net.{n}") for n in ("manager", "transport", "connection")]
+    before = [(logger.level, logger.propagate, list(logger.handlers)) for logger in loggers]
+    [port] = free_ports(1)  # nobody listens there
+    with pytest.raises(KafkaConnectError, match=f"127.0.0.1:{port}"):
+        _admin(KafkaConnection(f"127.0.0.1:{port}"), timeout_ms=300)
+    assert [(logger.level, logger.propagate, list(logger.handlers)) for logger in loggers] == before
 
 
 def test_ports_found_together_are_all_different():

@@ -407,7 +407,8 @@ def _retries_collected(failures: logging.Handler) -> Iterator[None]:
     as well."""
     collected = [logging.getLogger(f"kafka.net.{name}") for name in ("manager", "transport")]
     connection = logging.getLogger("kafka.net.connection")
-    saved = [(logger.level, logger.propagate) for logger in collected], connection.level
+    saved = [(logger.level, logger.propagate) for logger in collected]
+    connection_level = connection.level
     quiet = collected[0].getEffectiveLevel() > logging.DEBUG
     for logger in collected:
         if quiet:
@@ -419,11 +420,11 @@ def _retries_collected(failures: logging.Handler) -> Iterator[None]:
     try:
         yield
     finally:
-        for logger, (level, propagate) in zip(collected, saved[0], strict=True):
+        for logger, (level, propagate) in zip(collected, saved, strict=True):
             logger.removeHandler(failures)
             logger.setLevel(level)
             logger.propagate = propagate
-        connection.setLevel(saved[1])
+        connection.setLevel(connection_level)
 
 
 def _admin(connection: KafkaConnection, timeout_ms: int = CONNECT_TIMEOUT_MS) -> KafkaAdminClient:
