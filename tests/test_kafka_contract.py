@@ -241,10 +241,10 @@ def test_a_backlog_is_read_without_the_fetcher_pausing(kafka_bootstrap, kafka_cl
             polled = sum(map(len, source.poll(200).values()))
             if not polled:
                 waiting += time.monotonic() - started
-            elif read:
+                continue
+            if read:
                 waits.append(waiting)
-            if polled:
-                read, waiting = read + polled, 0.0
+            read, waiting = read + polled, 0.0
     finally:
         source.close()
     assert read == count

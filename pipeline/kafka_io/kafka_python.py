@@ -398,6 +398,15 @@ class _AdminClient(KafkaAdminClient):
             raise
 
 
+# kafka-python's loggers while a connection is made: the level each is held at (unless at DEBUG),
+# and whether its lines say why the connection failed (collected for the error)
+_WHILE_CONNECTING = {
+    "manager": (logging.WARNING, True),
+    "transport": (logging.WARNING, True),
+    "connection": (logging.CRITICAL, False),
+}
+
+
 @contextlib.contextmanager
 def _retries_collected(failures: logging.Handler) -> Iterator[None]:
     """While connecting, kafka-python's retry lines go to `failures`, not to the log: the client
@@ -405,26 +414,23 @@ def _retries_collected(failures: logging.Handler) -> Iterator[None]:
     most telling one. The transport's lines count too: a refused login can reach the connection
     as a bare disconnect, while the transport's abort names the refusal. At DEBUG they are shown
     as well."""
-    collected = [logging.getLogger(f"kafka.net.{name}") for name in ("manager", "transport")]
-    connection = logging.getLogger("kafka.net.connection")
-    saved = [(logger.level, logger.propagate) for logger in collected]
-    connection_level = connection.level
-    quiet = collected[0].getEffectiveLevel() > logging.DEBUG
-    for logger in collected:
-        if quiet:
-            logger.setLevel(logging.WARNING)
+    loggers = {
+        logging.getLogger(f"kafka.net.{name}"): how for name, how in _WHILE_CONNECTING.items()
+    }
+    saved = {logger: (logger.level, logger.propagate) for logger in loggers}
+    for logger, (level, collect) in loggers.items():
+        if logger.getEffectiveLevel() > logging.DEBUG:
+            logger.setLevel(level)
             logger.propagate = False
-        logger.addHandler(failures)
-    if quiet and connection.getEffectiveLevel() > logging.DEBUG:
-        connection.setLevel(logging.CRITICAL)
+        if collect:
+            logger.addHandler(failures)
     try:
         yield
     finally:
-        for logger, (level, propagate) in zip(collected, saved, strict=True):
+        for logger, (level, propagate) in saved.items():
             logger.removeHandler(failures)
             logger.setLevel(level)
             logger.propagate = propagate
-        connection.setLevel(connection_level)
 
 
 def _admin(connection: KafkaConnection, timeout_ms: int = CONNECT_TIMEOUT_MS) -> KafkaAdminClient:
