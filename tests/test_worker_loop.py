@@ -898,3 +898,62 @@ def test_a_moved_key_read_again_on_its_old_partition_first_keeps_its_new_reading
         if e["subject"] == "machine-001" and e["data"]["window"]["end"] >= start
     ]
     assert len(new) == len(goes) // 4  # stride 4: every window ending at its new readings
+
+
+class _Joining(FakeSource):
+    """A group member whose join takes `join_s` of a fake clock: its polls bring nothing until
+    the group's rebalance hands it every partition (never, for None). Each poll takes 0.5 s."""
+
+    def __init__(self, records, clock, join_s):
+        super().__init__(records, chunk=500)
+        self.clock, self.join_s, self.worker = clock, join_s, None
+
+    def poll(self, timeout_ms):
+        self.clock[0] += 0.5
+        if not self.worker.joined:
+            if self.join_s is None or self.clock[0] < self.join_s:
+                return {}
+            self.worker.on_assigned(set(self.records))
+        return super().poll(timeout_ms)
+
+
+def _joining_worker(detector, stream, join_s):
+    clock = [0.0]
+    worker = Worker(
+        settings(stop_after_idle_s=1.0),
+        detector,
+        MODEL,
+        FakeSink(),
+        MemoryStateStore(),
+        clock=lambda: clock[0],
+    )
+    source = _Joining(partitioned(stream, "readings", 2), clock, join_s)
+    source.worker = worker
+    worker.attach(source)
+    return worker, source, clock
+
+
+def test_waiting_to_be_taken_into_the_group_is_not_idleness(detector):
+    """`stop_after_idle_s` counts once the group has taken the member in: a join slower than it
+    (a broker's first join waits group.initial.rebalance.delay.ms, 3 s by default) does not end
+    the worker before it has read anything."""
+    stream = fleet(seed=4, readings_per_key=200, anomalies=())
+    worker, source, clock = _joining_worker(detector, stream, join_s=4.0)
+    stats = worker.run()
+    assert stats.records_in == sum(map(len, source.records.values())) > 0
+    assert stats.windows_scored == len(flags_by_window(stream, detector)[0])
+
+
+def test_a_member_never_taken_into_the_group_stops_past_the_join_wait(detector, caplog):
+    """A member with `stop_after_idle_s` that no group takes in still ends: after the idle time
+    plus the longest a join may take (max.poll.interval.ms), with a warning naming the group."""
+    stream = fleet(seed=4, readings_per_key=200, anomalies=())
+    worker, _, clock = _joining_worker(detector, stream, join_s=None)
+    stats = worker.run()
+    wait_s = 1.0 + worker.settings.kafka.max_poll_interval_ms / 1000.0
+    assert stats.records_in == 0
+    assert wait_s <= clock[0] <= wait_s + 0.5
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        line == f"not taken into group {worker.settings.kafka.group_id} in {wait_s:.1f}s; stopping"
+    )

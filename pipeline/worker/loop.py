@@ -264,6 +264,10 @@ class Worker:
         idle_since = self.clock()
         interval = self.settings.loop.commit_interval_ms / 1000.0
         idle_limit = self.settings.loop.stop_after_idle_s
+        # Before the group has taken this member in, waiting is not idleness: a join may take up
+        # to the rebalance timeout (max.poll.interval.ms; a broker's first join waits
+        # group.initial.rebalance.delay.ms, 3 s by default). Only past that does it give up.
+        join_wait = self.settings.kafka.max_poll_interval_ms / 1000.0
         switch_interval = sys.getswitchinterval()
         if self.settings.loop.switch_interval_ms:
             sys.setswitchinterval(self.settings.loop.switch_interval_ms / 1000.0)
@@ -295,8 +299,17 @@ class Worker:
                     self.score_pending(wait=False)
                 if now - self._last_checkpoint >= interval:
                     self.checkpoint()
-                if idle_limit and now - idle_since >= idle_limit:
-                    log.info("no input for %.1fs; stopping", idle_limit)
+                if idle_limit and now - idle_since >= idle_limit + (
+                    0 if self.joined else join_wait
+                ):
+                    if self.joined:
+                        log.info("no input for %.1fs; stopping", idle_limit)
+                    else:
+                        log.warning(
+                            "not taken into group %s in %.1fs; stopping",
+                            self.settings.kafka.group_id,
+                            idle_limit + join_wait,
+                        )
                     break
         finally:
             try:

@@ -218,7 +218,10 @@ class LoopSettings:
 
     commit_interval_ms: int = setting("how often offsets are committed", 1000, minimum=1)
     stop_after_idle_s: float = setting(
-        "exit after this long without input (0: never)", 0.0, minimum=0, maximum=MAX_SECONDS
+        "exit after this long in the group without input (0: never)",
+        0.0,
+        minimum=0,
+        maximum=MAX_SECONDS,
     )
     processes: int = setting(
         "group members run as processes sharing the device",
