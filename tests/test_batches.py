@@ -498,3 +498,52 @@ def test_a_worker_scores_microsecond_arrow_times_and_dead_letters_unreadable_one
     _, sink, stats = run_in_memory(detector, FakeSource({("readings", 0): records}))
     assert stats.windows_scored == (40 - 16) // 4 + 1
     assert list(dead_letters(sink).values()) == ["decode_error"]
+
+
+def test_a_poll_of_arrow_records_of_alternating_schemas_is_windowed_in_record_order(detector):
+    """Arrow records of one key whose schemas alternate (float64 and float32 columns: a producer
+    that changed its schema, or types inferred from each batch's values) were read together per
+    schema and windowed schema by schema: a record of the first schema after one of the second
+    was refused as out_of_order, its readings lost."""
+    import pyarrow as pa
+
+    stream = fleet(seed=5, keys=1, readings_per_key=240, anomalies=())
+    key = stream.keys[0]
+    records = []
+    for i, start in enumerate(range(0, len(stream.keys), 20)):
+        part = slice(start, start + 20)
+        kind = pa.float64() if i % 2 == 0 else pa.float32()
+        columns = [pa.array(stream.ts_ms[part], pa.int64())]
+        columns += [pa.array(stream.values[part, j], kind) for j in range(len(NAMES))]
+        value = _arrow_table(pa.table(columns, names=["ts", *NAMES]))
+        records.append(Record("readings", 0, i, key.encode(), value))
+    expected = len(flags_by_window(stream, detector)[0])
+    for chunk in (len(records), 1):
+        _, sink, stats = run_in_memory(detector, FakeSource({("readings", 0): records}, chunk))
+        assert dead_letters(sink) == {}
+        assert stats.windows_scored == expected == (240 - 16) // 4 + 1
+
+
+@pytest.mark.parametrize(
+    ("ts", "column", "reason"),
+    [
+        ([True, 1_767_225_600_000], [0.5, 0.6], ("bad_timestamp", "a boolean is not a timestamp")),
+        (
+            [1_767_225_600_000, 1_767_225_600_001],
+            [True, 0.6],
+            ("schema_mismatch", "a feature value is bool"),
+        ),
+    ],
+)
+def test_a_boolean_among_numbers_in_a_columnar_batch_is_refused_as_in_a_reading(ts, column, reason):
+    """numpy takes [true, 1767225600000] as integers and [true, 0.6] as floats: the batch was
+    taken with a reading at 1970's first millisecond or a value of 1.0, where the same reading
+    in a record of its own is refused."""
+    from pipeline.modalities.readings import RecordDecoder, Rejection
+
+    decoder = RecordDecoder(NAMES, 16, 1 << 20)
+    values = {name: column if j == 0 else [0.5, 0.5] for j, name in enumerate(NAMES)}
+    batch = orjson.dumps({"key": "k", "ts": ts, "values": values})
+    first = {name: column[0] if j == 0 else 0.5 for j, name in enumerate(NAMES)}
+    alone = orjson.dumps({"key": "k", "ts": ts[0], "values": first})
+    assert decoder.decode(b"k", batch) == Rejection(*reason) == decoder.decode(b"k", alone)

@@ -216,3 +216,77 @@ def test_fuzzed_records_through_the_real_broker(kafka_bootstrap, create_topic, g
         assert record.value == items[int(dict(record.headers)["aewatch.source.offset"])][1]
     windows, _, _ = flags_by_window(stream, trained.detector)
     assert stats.windows_scored == len(windows)
+
+
+def _with(records: list, extra: dict) -> list:
+    """`records` (of one partition) with `extra` {position: (key, value)} put in, renumbered."""
+    out = list(records)
+    for at in sorted(extra, reverse=True):
+        out.insert(at, Record("readings", 0, 0, *extra[at]))
+    return [Record("readings", 0, offset, r.key, r.value) for offset, r in enumerate(out)]
+
+
+def _stream_of_one_key():
+    stream = fleet(seed=11, keys=1, readings_per_key=400, anomalies=())
+    return stream, partitioned(stream, "readings", 1)[("readings", 0)]
+
+
+def test_a_deeply_nested_record_is_dead_lettered_not_raised(detector):
+    """An ignored field nested 1,500 deep (3 KB) made the typed decoder raise RecursionError out
+    of the loop: the member ended, and its restart read the same record again."""
+    stream, records = _stream_of_one_key()
+    deep = b"[" * 1500 + b"]" * 1500
+    single = b'{"key":"%s","ts":1,"values":%s,"x":%s}' % (
+        KEY.encode(),
+        orjson.dumps(_values()),
+        deep,
+    )
+    columnar = b'{"key":"%s","ts":[1],"values":%s,"x":%s}' % (
+        KEY.encode(),
+        orjson.dumps({name: [0.5] for name in NAMES}),
+        deep,
+    )
+    polled = _with(records, {100: (KEY.encode(), single), 200: (KEY.encode(), columnar)})
+    for chunk in (len(polled), 1):
+        worker = Worker(worker_settings(), detector, MODEL, FakeSink(), MemoryStateStore())
+        source = FakeSource({("readings", 0): polled}, chunk=chunk)
+        worker.attach(source)
+        worker.on_assigned(set(source.records))
+        stats = worker.run()
+        dead = [dict(h) for topic, _, _, h in worker.writer.sink.sent if topic == "dlq"]
+        assert [(d["aewatch.source.offset"], d["aewatch.dlq.reason"]) for d in dead] == [
+            (b"100", b"decode_error"),
+            (b"201", b"decode_error"),
+        ]
+        assert stats.windows_scored == len(flags_by_window(stream, detector)[0])
+
+
+def test_a_record_is_taken_or_refused_whatever_else_its_poll_holds(detector):
+    """What a reading carries besides its key, time and features is not looked at: a reading
+    with a field that is not UTF-8 or a number beyond float64 there was taken in a poll decoded
+    together and refused as decode_error in a poll that went one by one (one record without a
+    message key, or a tombstone, sends a poll that way)."""
+    _, records = _stream_of_one_key()
+    end = len(records)
+    last = int(orjson.loads(records[-1].value)["ts"])
+    odd = [
+        b'{"key":"%s","ts":%d,"values":%s,%s}'
+        % (KEY.encode(), last + 1000 * (i + 1), orjson.dumps(_values()), field)
+        for i, field in enumerate((b'"note":"caf\xe9"', b'"x":1e999'))
+    ]
+    answers = []
+    for neighbour in (None, (b"other", None), (None, b"{}")):
+        extra = {end: (KEY.encode(), odd[0]), end + 1: (KEY.encode(), odd[1])}
+        if neighbour is not None:
+            extra[10] = neighbour
+        source = FakeSource({("readings", 0): _with(records, extra)}, chunk=10_000)
+        worker = Worker(worker_settings(), detector, MODEL, FakeSink(), MemoryStateStore())
+        worker.attach(source)
+        worker.on_assigned(set(source.records))
+        stats = worker.run()
+        dead = [dict(h) for topic, _, _, h in worker.writer.sink.sent if topic == "dlq"]
+        answers.append(
+            (stats.records_in, stats.windows_scored, [d["aewatch.source.offset"] for d in dead])
+        )
+    n, windows = end + 2, answers[0][1]
+    assert answers == [(n, windows, []), (n + 1, windows, [b"10"]), (n + 1, windows, [b"10"])]

@@ -59,6 +59,8 @@ def _timestamps(items: list):
     """Epoch ms of a list of timestamps (int64 array), or the reason it is not one."""
     from pipeline.modalities.readings import parse_timestamp_ms
 
+    if bool in set(map(type, items)):  # numpy would take True beside numbers as 1
+        return ("bad_timestamp", "a boolean is not a timestamp")
     array = np.asarray(items) if items else np.zeros(0, np.int64)
     if array.ndim == 1 and array.dtype.kind == "i":
         return array.astype(np.int64, copy=False)
@@ -72,6 +74,8 @@ def _column(items, n: int):
     """A feature's list as float64 [n], or the reason it is not one."""
     if items.__class__ is not list or len(items) != n:
         return "schema_mismatch", "each feature needs a list as long as 'ts'"
+    if bool in set(map(type, items)):  # numpy would take True beside numbers as 1.0
+        return "schema_mismatch", "a feature value is bool"
     array = np.asarray(items)
     if array.ndim != 1 or array.dtype.kind not in "if":
         if array.dtype.kind == "O" and all(
@@ -237,6 +241,10 @@ class ArrowBatches:
             return parts[0], rest
         keys = list(chain.from_iterable(part[0] for part in parts))
         ts, rows, at = (np.concatenate([part[j] for part in parts]) for j in (1, 2, 3))
+        if (at[1:] < at[:-1]).any():  # schemas interleaved: back in record order, for windowing
+            order = np.argsort(at, kind="stable")
+            keys = np.asarray(keys, object)[order].tolist()
+            ts, rows, at = ts[order], rows[order], at[order]
         return (keys, ts, rows, at), rest
 
     def _one_batch(self, value: bytes):

@@ -63,6 +63,9 @@ MAX_FUTURE_S = 86_400.0  # how far ahead of the worker's clock a reading may be 
 # Failed typed decodes in a poll after which, if they outnumber the readings decoded, the rest
 # of the poll is decoded one by one without a typed try (a stream of bad records).
 MOSTLY_OTHERS = 16
+# How a typed decode fails: a record of another shape, or one nested deeper than the decoder
+# recurses (an ignored field of a few KB can be; orjson refuses it as "depth limit exceeded").
+_TYPED_FAILS = (msgspec.DecodeError, RecursionError)
 
 
 def finite_rows(values: np.ndarray) -> np.ndarray:
@@ -183,7 +186,7 @@ class RecordDecoder:
             try:
                 data.extend(map(self._decode_reading, remaining))
                 break
-            except msgspec.DecodeError:
+            except _TYPED_FAILS:
                 others.append(len(data) + len(others))
                 if len(others) > MOSTLY_OTHERS and len(others) > len(data):
                     others.extend(range(len(data) + len(others), len(values)))
@@ -227,6 +230,9 @@ class RecordDecoder:
         batch = self._columnar(message_key, value)
         if batch is not None:
             return batch
+        common = self._common(message_key, value)
+        if common is not None:
+            return common
         try:
             data = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
@@ -249,6 +255,22 @@ class RecordDecoder:
             return self._window(key, data, values)
         return Rejection("schema_mismatch", "'values' must be an object or a list of rows")
 
+    def _common(self, message_key: bytes | None, value: bytes) -> Decoded | None:
+        """A reading of the common shape, decoded as `decode_many` decodes a poll's (what it
+        ignores is not looked at either way: a record is taken or refused whatever else its poll
+        holds); None for any other record."""
+        try:
+            reading = self._decode_reading(value)
+        except _TYPED_FAILS:
+            return None
+        if message_key is not None:
+            try:
+                if message_key.decode() != reading.key:
+                    return None
+            except UnicodeDecodeError:
+                return None
+        return Decoded(reading.key, reading.ts, list(_FIELDS(reading.values)))
+
     def _columnar(self, message_key: bytes | None, value: bytes) -> ReadingBatch | Rejection | None:
         """A columnar batch of the common shape, decoded and checked (`checked_batch`); None
         for any other record, which is then parsed in full and looked at closely (the same
@@ -257,7 +279,7 @@ class RecordDecoder:
             return None
         try:
             batch = self._decode_columnar(value)
-        except msgspec.DecodeError:
+        except _TYPED_FAILS:
             return None
         key = batch.key
         if key is None:
