@@ -144,6 +144,15 @@ def _add_decision(frame: pd.DataFrame, detector: Detector) -> None:
         frame["is_anomaly"] = False
 
 
+def _times(column: pd.Series) -> pd.Series:
+    """A time column as naive UTC: epoch ms (a fraction cut, as the worker cuts it) or ISO-8601."""
+    kind = pd.api.types
+    if kind.is_numeric_dtype(column) and not kind.is_bool_dtype(column):
+        stamps = pd.to_datetime(np.trunc(column.to_numpy(np.float64)), unit="ms")
+        return pd.Series(stamps, index=column.index)
+    return pd.to_datetime(column, utc=True, format="ISO8601").dt.tz_localize(None)
+
+
 def score_readings(
     detector: Detector, frame: pd.DataFrame, *, key_col: str = "key", time_col: str = "ts"
 ) -> pd.DataFrame:
@@ -160,7 +169,7 @@ def score_readings(
     keys = frame[key_col].astype(str) if key_col in frame.columns else pd.Series("", frame.index)
     order = np.arange(len(frame))
     if time_col in frame.columns:
-        times = pd.to_datetime(frame[time_col], utc=True, format="ISO8601").dt.tz_localize(None)
+        times = _times(frame[time_col])
     else:
         times = pd.Series(order, index=frame.index)
     work = pd.DataFrame({"key": keys.to_numpy(), "time": times.to_numpy(), "row": order})

@@ -108,3 +108,16 @@ def test_worker_batch_and_pyfunc_make_the_same_calendar_inputs(tmp_path):
     per_row = score_readings(detector, rows)
     scored = per_row["score"].dropna().astype(float).to_numpy()
     np.testing.assert_allclose(scored, batch["score"].to_numpy(), rtol=1e-6)
+
+
+def test_the_pyfunc_reads_epoch_ms_times_as_the_worker_does(tmp_path):
+    """The served model read a time column only as ISO-8601 text: epoch milliseconds, which
+    `score` and the worker take, failed ("is not ISO8601 format"). A fractional millisecond is
+    cut, as the worker cuts it."""
+    detector = load_detector(_train(tmp_path, days=5, calendar="auto").artifact_dir)
+    frame = _daily(1, seed=2)
+    iso = score_readings(detector, frame.assign(ts=frame["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S")))
+    ms = frame["ts"].to_numpy().astype("datetime64[ms]").astype(np.int64)
+    assert iso["score"].notna().sum() > 100
+    pd.testing.assert_frame_equal(score_readings(detector, frame.assign(ts=ms)), iso)
+    pd.testing.assert_frame_equal(score_readings(detector, frame.assign(ts=ms + 0.7)), iso)

@@ -608,3 +608,28 @@ def test_image_digest_ignores_the_path_and_sees_pixels(tmp_path: Path) -> None:
     pixels[0, 0, 0] ^= 1
     np.save(tmp_path / "b.npy", pixels)
     assert load_images(tmp_path / "b.npy").digest() != digest
+
+
+def test_times_a_table_cannot_hold_are_refused_not_wrapped(tmp_path: Path) -> None:
+    """Times are held as nanoseconds since 1970 in int64 (the years 1677 to 2262): later ones,
+    as epoch ms or ISO text, came out of the cast wrapped around (2300 read as 1715) and were
+    trained and scored so, without a word."""
+    for stamp in ("10000000000000", "2300-01-01T00:00:00Z", "1582-10-15T00:00:00"):
+        path = write_csv(tmp_path / "far.csv", f"ts,x\n2024-01-01T00:00:00Z,1\n{stamp},2\n")
+        if stamp.isdigit():
+            path = write_csv(tmp_path / "far.csv", f"ts,x\n1704067200000,1\n{stamp},2\n")
+        with pytest.raises(
+            DataError,
+            match=r"far\.csv: column 'ts', data row 2: .* outside the years 1678 to 2261",
+        ):
+            load_series(path, time_col="ts")
+
+
+def test_fractional_epoch_ms_are_cut_as_the_worker_cuts_them(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "ms.csv", "ts,x\n1704067200000.7,1\n1704067201000.2,2\n")
+    times = load_series(path, time_col="ts").frame["ts"].to_numpy()
+    assert times.astype("datetime64[ms]").astype(np.int64).tolist() == [
+        1704067200000,
+        1704067201000,
+    ]
+    assert (times == times.astype("datetime64[ms]")).all()  # no fraction of a millisecond left

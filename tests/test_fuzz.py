@@ -290,3 +290,18 @@ def test_a_record_is_taken_or_refused_whatever_else_its_poll_holds(detector):
         )
     n, windows = end + 2, answers[0][1]
     assert answers == [(n, windows, []), (n + 1, windows, [b"10"]), (n + 1, windows, [b"10"])]
+
+
+def test_iso_times_are_read_to_the_exact_millisecond():
+    """`int(datetime.timestamp() * 1000)` went through float seconds: about 1 in 160 times of
+    1970-2005 and after 2038 came out a millisecond early (1987-02-01T19:42:15.333Z as ...332),
+    and their windows' event ids differed from `aewatch score`'s."""
+    from pipeline.events import iso_ms
+    from pipeline.modalities.readings import parse_timestamp_ms
+
+    rng = np.random.default_rng(0)
+    stamps = rng.integers(-2_208_988_800_000, 4_102_444_800_000, size=20_000)  # 1900 to 2100
+    assert [parse_timestamp_ms(iso_ms(t)) for t in stamps.tolist()] == stamps.tolist()
+    assert parse_timestamp_ms("1987-02-01T19:42:15.333Z") == 539_206_935_333
+    assert parse_timestamp_ms("1987-02-01T21:42:15.333+02:00") == 539_206_935_333
+    assert parse_timestamp_ms("2026-01-01T00:00:00.0009Z") == 1_767_225_600_000  # cut, not rounded

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import chain
 from operator import attrgetter
 from typing import NamedTuple
@@ -90,6 +90,10 @@ class Decoded(NamedTuple):
     ts_start_ms: int = 0
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def parse_timestamp_ms(value) -> int:
     """Epoch milliseconds from epoch ms (int or float) or an ISO-8601 string (UTC if naive)."""
     if isinstance(value, bool):
@@ -107,7 +111,9 @@ def parse_timestamp_ms(value) -> int:
         parsed = datetime.fromisoformat(text)
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        return int(parsed.timestamp() * 1000)
+        # in whole microseconds, not float seconds (x 1000 those miss the millisecond now and then)
+        micros = (parsed - _EPOCH) // _MICROSECOND
+        return micros // 1000 if micros >= 0 else -(-micros // 1000)  # toward zero, as a float
     raise ValueError(f"unsupported timestamp type {type(value).__name__}")
 
 

@@ -298,7 +298,10 @@ def parse_times(series: pd.Series, source: str, column: str) -> np.ndarray:
                 parsed = series.dt.tz_convert("UTC").dt.tz_localize(None)
         elif kind.is_numeric_dtype(series):
             _refuse_epoch_seconds(series, source, column)
-            parsed = pd.to_datetime(series, unit="ms", errors="coerce")
+            whole = series.transform(np.trunc) if kind.is_float_dtype(series) else series
+            parsed = pd.to_datetime(
+                whole, unit="ms", errors="coerce"
+            )  # a fraction cut, as the worker does
         else:
             parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")
             parsed = parsed.dt.tz_localize(None)
@@ -308,6 +311,16 @@ def parse_times(series: pd.Series, source: str, column: str) -> np.ndarray:
             raise DataError(
                 f"{source}: column {column!r}, data row {row + 1}: {series.iloc[row]!r} is not a "
                 f"time (ISO-8601 text or numeric epoch milliseconds); {int(bad.sum())} such rows"
+            )
+        beyond = ((parsed < pd.Timestamp.min) | (parsed > pd.Timestamp.max)).to_numpy()
+        if beyond.any():  # nanoseconds since 1970 in int64, as tables hold times here
+            row = first_true(beyond)
+            value = series.iloc[row]
+            shown = value.item() if isinstance(value, np.generic) else value
+            raise DataError(
+                f"{source}: column {column!r}, data row {row + 1}: {shown!r} is "
+                f"outside the years {pd.Timestamp.min.year + 1} to {pd.Timestamp.max.year - 1} "
+                f"that tables of readings hold; {int(beyond.sum())} such rows"
             )
         return parsed.to_numpy(dtype="datetime64[ns]")
     except (ValueError, TypeError, OverflowError, pd.errors.OutOfBoundsDatetime) as exc:
