@@ -247,3 +247,36 @@ def test_a_window_scores_the_same_alone_or_in_any_batch(kind, backbone, threads)
                 assert np.array_equal(a, b), (name, size)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("kind", "shape", "hidden", "code"),
+    [("undercomplete", (64, 8), (128, 64), 16), ("pca", (16, 6), (), 4)],
+)
+def test_a_wider_window_scores_the_same_alone_or_in_any_batch(kind, shape, hidden, code, threads):
+    """The BLAS computes a row of a matrix product by another kernel, summing in another order,
+    unless the rows come in whole blocks of its tile: blocks of 4 were not enough for a window of
+    64 x 8 readings into 128 units (the worker benchmarks' model) or a PCA of 16 x 6 into 4
+    (scores in passes of 1 to 4 windows differed by 1.5e-5 from one pass of 39)."""
+    rng = np.random.default_rng(7)
+    windows = rng.normal(2.0, 1.5, size=(200, *shape)).astype(np.float32)
+    config = ModelConfig(
+        kind=kind, backbone="dense", input_shape=shape, hidden=hidden, code_size=code
+    )
+    torch.manual_seed(0)
+    model = build_model(config)
+    scaler = Scaler.fit("standard", windows.reshape(-1, shape[1]))
+    if kind == "pca":
+        model.fit(torch.from_numpy(scaler.transform(windows, axis=2)))
+    names = tuple(f"s{i}" for i in range(shape[1]))
+    detector = Detector(InputSpec("series", names, WindowSpec(shape[0], 4)), scaler, config, model)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = detector.score(windows, batch_size=256).scores
+        torch.set_num_threads(threads)
+        for size in (1, 2, 3, 4, 5, 8, 13, 16, 24, 40, 100):
+            assert np.array_equal(detector.score(windows, batch_size=size).scores, whole), size
+    finally:
+        torch.set_num_threads(before)

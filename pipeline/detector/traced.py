@@ -36,12 +36,15 @@ __all__ = ["ScoringPass"]
 log = logging.getLogger(__name__)
 
 Outputs = tuple[torch.Tensor | None, ...]
-# CPU batches are scored in whole blocks of this many rows. The BLAS behind a linear layer takes
-# another code path for a matrix (or a thread's share of one) of fewer rows, and sums the row's
-# products in another order: the same window scored alone and in a batch would differ in the
-# last bits (measured with MKL 2024.2: batches of 1-3 rows on one thread; 5-7, 9-11, 17-19 and
-# 25-27 rows on 2 to 16 threads; never a multiple of 4).
-ROW_BLOCK = 4
+# CPU batches are scored in whole blocks of this many rows. The BLAS behind a linear layer computes
+# the rows past its last whole tile by another kernel, summing a row's products in another order:
+# the same window scored alone and in a batch would differ in the last bits. Measured with MKL
+# 2024.2 on AVX-512, products of 4,096 rows of 16 to 3,072 inputs into 3 to 512 outputs, cut into
+# matrices of whole blocks: blocks of 4 or 8 rows changed 32 of 56 shapes (a window of 64 x 8 into
+# 128 units among them), blocks of 16 none on one thread. On several threads a product of 1,024
+# inputs or more is also split along its inputs, by the thread count: such a window's last bits
+# can depend on how many threads scored it.
+ROW_BLOCK = 16
 # Input values per slice of a CPU pass and thread: 1 MiB of float32 (512 windows of 64 x 8).
 # Measured on 2 cores, 4,096 windows of 64 x 8 through an undercomplete dense model with the terms
 # score, one thread: 49 ms and 10,400 page faults a pass in one piece, 31 ms and none in slices
