@@ -157,7 +157,8 @@ def score_readings(
     detector: Detector, frame: pd.DataFrame, *, key_col: str = "key", time_col: str = "ts"
 ) -> pd.DataFrame:
     """One output row per input reading: the score of the window that ends at that reading
-    (null where none ends there), in the input's row order. Used by the MLflow pyfunc."""
+    (null where none ends there, and for a reading that repeats its key's time, left out as
+    `score` and the worker leave it), in the input's row order. Used by the MLflow pyfunc."""
     spec_in = detector.input
     features = list(spec_in.data_features)
     missing = [f for f in features if f not in frame.columns]
@@ -174,6 +175,10 @@ def score_readings(
         times = pd.Series(order, index=frame.index)
     work = pd.DataFrame({"key": keys.to_numpy(), "time": times.to_numpy(), "row": order})
     work = work.sort_values(["key", "time"], kind="stable")
+    if (
+        time_col in frame.columns
+    ):  # a repeated time is left out (null), as `score` and the worker do
+        work = work[~work.duplicated(["key", "time"], keep="first")]
     wide = frame[features].to_numpy(dtype=np.float64)
     with np.errstate(invalid="ignore"):
         usable = np.isfinite(wide) & (np.abs(wide) <= np.finfo(np.float32).max)

@@ -121,3 +121,18 @@ def test_the_pyfunc_reads_epoch_ms_times_as_the_worker_does(tmp_path):
     assert iso["score"].notna().sum() > 100
     pd.testing.assert_frame_equal(score_readings(detector, frame.assign(ts=ms)), iso)
     pd.testing.assert_frame_equal(score_readings(detector, frame.assign(ts=ms + 0.7)), iso)
+
+
+def test_the_pyfunc_leaves_out_a_reading_that_repeats_its_time(tmp_path):
+    """`score` and the worker keep a key's first reading of a time and leave the rest out; the
+    pyfunc windowed the repeat too, and every later window ended a reading early."""
+    detector = load_detector(_train(tmp_path, days=5, calendar="auto").artifact_dir)
+    frame = _daily(1, seed=2)
+    frame = frame.assign(ts=frame["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S"))
+    repeated = pd.concat(
+        [frame.iloc[:50], frame.iloc[49:50].assign(value=9.0), frame.iloc[50:]], ignore_index=True
+    )
+    got = score_readings(detector, repeated)
+    assert got["score"].iloc[50] is None and not got["is_anomaly"].iloc[50]
+    want = score_readings(detector, frame)
+    pd.testing.assert_frame_equal(got.drop(index=50).reset_index(drop=True), want)
