@@ -55,9 +55,11 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         elif isinstance(value, list | tuple):
             value = ",".join(str(v) for v in value)
         elif action.type is not None:
+            # a number as the command line would give it: int(16.9) would be 16, int(inf) raise
+            given = repr(value) if isinstance(value, float) else value
             try:
-                value = action.type(value)
-            except (TypeError, ValueError, argparse.ArgumentTypeError):
+                value = action.type(given)
+            except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError):
                 raise ConfigError(f"config: {key}", f"invalid value {value!r}") from None
         if action.choices is not None and value not in action.choices:
             raise ConfigError(f"config: {key}", f"{value!r} is not one of {list(action.choices)}")

@@ -264,6 +264,22 @@ def whole(text: str) -> int:
     return _at_least(int(text), 0, text)
 
 
+def non_empty(text: str) -> str:
+    """An argparse type: text with something besides spaces in it (an MLflow experiment name)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def random_seed(text: str) -> int:
+    """An argparse type: a random seed, a whole number that fits 63 bits (torch and numpy take
+    it; a larger one failed in torch after the data was read)."""
+    value = whole(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {text!r}")
+    return value
+
+
 def non_negative(text: str) -> float:
     """An argparse type: a finite number of at least 0."""
     return _at_least(finite_float(text), 0, text)

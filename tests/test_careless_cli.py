@@ -262,6 +262,9 @@ def test_a_number_flag_of_nan_or_infinity_fails_as_it_is_read(
         (["simulate", "--rate", "1e-300"], "rate"),
         (["simulate", "--features", "0"], "features"),
         (["simulate", "--features", "a,,b"], "features"),
+        (["simulate", "--features", "ts,key"], "features"),  # a traceback from pandas
+        (["simulate", "--features", "label,x"], "features"),  # the labels overwrote a sensor
+        (["simulate", "--features", "a,a"], "features"),  # a CSV that train refuses
         (["simulate", "--topic", "bad topic"], "--topic"),
         (["alerts", "--topic", "^aewatch.*"], "--topic"),
         (["alerts", "--feedback-topic", "a/b"], "--feedback-topic"),
@@ -418,3 +421,26 @@ def test_an_out_that_cannot_be_created_is_one_line_before_any_work(
     else:
         code = _train(Path(data), Path(out))
     _one_line_error(capsys, code, "out", "cannot write")
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [  # torch refused the seed, MLflow the name, each with a traceback after the data was read
+        (["train", "--seed", "99999999999999999999"], "--seed"),
+        (["train", "--seed", "-1"], "--seed"),
+        (["sample", "--model", "m", "--seed", str(2**64)], "--seed"),
+        (["simulate", "--csv", "x.csv", "--seed", str(2**63)], "--seed"),
+        (["train", "--experiment", ""], "--experiment"),
+        (["recalibrate", "--model", "models:/m@champion", "--experiment", " "], "--experiment"),
+    ],
+)
+def test_a_seed_or_experiment_name_the_libraries_refuse_fails_as_it_is_read(
+    tmp_path, capsys, argv, named
+):
+    argv = [arg.replace("x.csv", str(tmp_path / "x.csv")) for arg in argv]
+    if argv[0] in ("train", "recalibrate"):
+        argv += ["--data", str(tmp_path / "does-not-exist.csv")]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    _one_line_error(capsys, exited.value.code, named)
+    assert not list(tmp_path.iterdir())

@@ -136,9 +136,13 @@ def test_a_config_number_of_nan_names_its_key(tmp_path: Path, capsys):
         ('overwrite = "false"', "overwrite"),  # was taken as on: an existing detector replaced
         ("overwrite = 0", "overwrite"),
         ("window = true", "window"),  # was taken as a window of 1
+        ("window = 16.9", "window"),  # was taken as 16
+        ("epochs = 2.7", "epochs"),  # was taken as 2
+        ("window = 1e400", "window"),  # infinity: was an OverflowError traceback
+        ("window = inf", "window"),
     ],
 )
-def test_a_config_on_off_flag_takes_only_true_or_false(tmp_path: Path, capsys, line, key):
+def test_a_config_value_that_is_not_the_flags_type_names_its_key(tmp_path: Path, capsys, line, key):
     config = tmp_path / "train.toml"
     config.write_text(f'data = "x.csv"\n{line}\n')
     assert main(["train", "--config", str(config)]) == 2

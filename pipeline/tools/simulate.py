@@ -23,7 +23,7 @@ import orjson
 
 from pipeline.errors import ConfigError
 from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args, topic_name
-from pipeline.settings import count, non_negative, whole
+from pipeline.settings import count, non_negative, random_seed, whole
 from pipeline.tools.synthetic import ANOMALY_KINDS, Injection, inject, normal_series
 
 __all__ = ["FleetStream", "TruthRow", "register_simulate", "simulate_fleet"]
@@ -243,7 +243,7 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
         default="json",
         help="form of batched records: columnar JSON or Arrow IPC (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=whole, default=0)
+    parser.add_argument("--seed", type=random_seed, default=0)
     parser.add_argument("--truth", help="write the injected anomalies to this CSV")
     add_connection_arguments(parser)
     parser.set_defaults(handler=_run_simulate)
@@ -267,6 +267,12 @@ def _run_simulate(args: argparse.Namespace) -> int:
         raise ConfigError(
             "features", f"give a number of at least 1 or names, got {args.features!r}"
         )
+    if isinstance(features, tuple):  # the CSV's other columns; and a name twice is one column
+        taken = [n for n in features if n in ("ts", "key", "label") or features.count(n) > 1]
+        if taken:
+            raise ConfigError(
+                "features", f"{taken[0]!r} is taken (by ts, key, label or another feature)"
+            )
     kinds = tuple(k for k in args.anomalies.split(",") if k)
     start_ms = int(time.time() * 1000) if args.live else 1_767_225_600_000
     period_ms = int(1000 * args.keys / args.rate) if args.rate else 1000

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipeline.settings import finite_float
+from pipeline.settings import finite_float, random_seed
 from training.demo import DEMO_KINDS, DemoSettings
 
 __all__ = ["register_demo"]
@@ -34,7 +34,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
         help="kinds to inject into the live stream (default: %(default)s)",
     )
     parser.add_argument("--images", action="store_true", help="an image stream of digits instead")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=random_seed, default=7)
     parser.set_defaults(handler=_run_demo)
 
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from pipeline.settings import add_arguments, build, finite_float, read, whole
+from pipeline.settings import add_arguments, build, finite_float, non_empty, read, whole
 from pipeline.worker.settings import AdaptiveStageSettings, BaselineSettings
 from training.calibrate import CALIBRATION_METHODS, CalibrationSettings
 from training.cli.args import (
@@ -149,7 +149,7 @@ def register_recalibrate(subparsers: argparse._SubParsersAction) -> None:
         default=0.3,
         help="last share of the data kept to measure the FPR (default: %(default)s)",
     )
-    parser.add_argument("--experiment", default="aewatch")
+    parser.add_argument("--experiment", type=non_empty, default="aewatch")
     add_feedback_arguments(parser, "they move the threshold")
     parser.add_argument(
         "--allow-below-calibration",

@@ -23,7 +23,7 @@ from pipeline.detector.models import (
 )
 from pipeline.detector.scaler import SCALER_KINDS
 from pipeline.errors import ConfigError
-from pipeline.settings import finite_float
+from pipeline.settings import finite_float, non_empty, random_seed
 from training.calibrate import CALIBRATION_METHODS
 from training.cli import args as shared
 from training.cli.args import tracking_uri_from
@@ -167,7 +167,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--lr", type=finite_float, default=1e-3)
     fit.add_argument("--weight-decay", type=finite_float, default=1e-4)
     fit.add_argument("--patience", type=int, default=5, help="early stopping patience (0: off)")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=random_seed, default=0)
     fit.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     fit.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
@@ -180,7 +180,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--overwrite", action="store_true", help="replace the detector already in --out"
     )
-    out.add_argument("--experiment", default="aewatch")
+    out.add_argument("--experiment", type=non_empty, default="aewatch")
     out.add_argument("--run-name")
     out.add_argument(
         "--register",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.settings import random_seed
 from training.cli.args import add_data_arguments, add_model_arguments, data_source, model_source
 
 __all__ = ["register_encode", "register_reconstruct", "register_sample"]
@@ -109,7 +110,9 @@ def register_sample(subparsers: argparse._SubParsersAction) -> None:
         default=8,
         help="points with --interpolate, ends included (%(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prior draws (%(default)s)")
+    parser.add_argument(
+        "--seed", type=random_seed, default=0, help="seed of the prior draws (%(default)s)"
+    )
     add_data_arguments(parser, labels=False, required=False)
     parser.add_argument(
         "--out",
