@@ -194,6 +194,7 @@ def test_an_unusable_out_fails_before_training(trained, tmp_path, capsys, case):
         (["--train-until", "notadate"], "train_until"),
         (["--weight-decay", "-1"], "weight_decay"),  # was named "patience"
         (["--window", "1", "--score", "terms"], "score"),  # failed after the training
+        (["--fractions", "0.6,0.4,0,0"], "fractions"),  # so did an empty calibration part
     ],
 )
 def test_bad_flags_fail_before_any_io(tmp_path, capsys, flags, setting):
@@ -444,3 +445,14 @@ def test_a_seed_or_experiment_name_the_libraries_refuse_fails_as_it_is_read(
         main(argv)
     _one_line_error(capsys, exited.value.code, named)
     assert not list(tmp_path.iterdir())
+
+
+def test_f1_calibration_without_labels_fails_before_any_io(tmp_path, capsys):
+    """It trained, then found no labelled anomaly to calibrate on."""
+    missing = tmp_path / "does-not-exist.csv"
+    code = main(
+        ["train", "--data", str(missing), "--time-col", "ts", "--calibration", "f1"]
+        + ["--out", str(tmp_path / "det"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    )
+    _one_line_error(capsys, code, "calibration", "--label-col")
+    assert not (tmp_path / "m.db").exists()

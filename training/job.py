@@ -128,6 +128,13 @@ class TrainSettings:
             check_fractions(self.fractions, "fractions")
         except DataError as exc:
             raise ConfigError("fractions", str(exc).removeprefix("fractions: ")) from None
+        # found only once the model was trained, otherwise
+        if self.fractions[2] == 0 and self.train_until is None:
+            raise ConfigError("fractions", "the threshold is calibrated on the third part: not 0")
+        if self.calibration.method == "f1" and not (self.label_col or self.labels_path):
+            raise ConfigError(
+                "calibration", "f1 needs labelled anomalies: give --label-col (images: --labels)"
+            )
         if self.out_of_core:
             self._check_out_of_core()
         check_scale(self, distributed=False)
