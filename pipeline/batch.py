@@ -175,9 +175,7 @@ def score_readings(
         times = pd.Series(order, index=frame.index)
     work = pd.DataFrame({"key": keys.to_numpy(), "time": times.to_numpy(), "row": order})
     work = work.sort_values(["key", "time"], kind="stable")
-    if (
-        time_col in frame.columns
-    ):  # a repeated time is left out (null), as `score` and the worker do
+    if time_col in frame.columns:  # a repeated time is left out, as `score` and the worker do
         work = work[~work.duplicated(["key", "time"], keep="first")]
     wide = frame[features].to_numpy(dtype=np.float64)
     with np.errstate(invalid="ignore"):
