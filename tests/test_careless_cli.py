@@ -5,6 +5,7 @@ such failure is one line."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -377,6 +378,23 @@ def test_evaluate_refuses_a_feedback_file_without_records(trained, tmp_path, cap
     code = main([*argv, "--feedback", str(tmp_path / "verdicts.jsonl")])
     # (it ran as if no alarm had been confirmed: every reading normal)
     _one_line_error(capsys, code, "feedback", "verdicts.jsonl holds no records")
+
+
+def test_evaluate_refuses_feedback_that_judges_no_alarm(trained, tmp_path, capsys):
+    """Verdicts without the alarm events they judge (the alarm topic's export forgotten): it
+    ran as if no alarm had been confirmed, every reading normal, and printed the metrics."""
+    result, data = trained
+    verdict = {
+        "schema": "aewatch.feedback.v1",
+        "episode_id": "0123456789abcdef",
+        "verdict": "true_positive",
+        "who": "ops",
+        "time": "2026-01-01T00:00:00Z",
+    }
+    (tmp_path / "verdicts.jsonl").write_text(json.dumps(verdict) + "\n[1, 2]\n")
+    argv = ["evaluate", "--model", str(result.artifact_dir), "--data", str(data), *SERIES[:4]]
+    code = main([*argv, "--feedback", str(tmp_path / "verdicts.jsonl")])
+    _one_line_error(capsys, code, "feedback", "judges an alarm event")
 
 
 def test_alerts_max_must_count_events(capsys):

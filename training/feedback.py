@@ -181,6 +181,13 @@ def labelled_copy(data, source: FeedbackSource, folder: Path):
     parquet = path.suffix == ".parquet"
     frame = pd.read_parquet(path) if parquet else pd.read_csv(path)
     alarms = judged_alarms(source)
+    if not alarms:  # every reading would be labelled normal, and the metrics read as if so
+        whose = f" of model {source.model_name}" if source.model_name else ""
+        raise ConfigError(
+            "feedback",
+            f"no verdict in {source.feedback} judges an alarm event{whose} it holds: give the "
+            "alarm topic's events with the verdicts",
+        )
     frame["feedback_label"] = feedback_labels(frame, alarms, data.time_col, data.key_col)
     out = folder / f"feedback-labelled{'.parquet' if parquet else '.csv'}"
     frame.to_parquet(out) if parquet else frame.to_csv(out, index=False)
