@@ -150,3 +150,32 @@ def test_out_of_core_training_memory_does_not_grow_with_the_dataset(tmp_path: Pa
     assert growth_mib < BOUND_MIB, (
         f"peak grew by {growth_mib:.0f} MiB on a {size / 2**20:.0f} MiB dataset"
     )
+
+
+def test_a_column_only_some_files_hold_is_read_and_said(tmp_path: Path, caplog):
+    """A folder's dataset took its columns from its first file: a feature a later file adds was
+    left out without a word. It is now read (missing where a file lacks it) with a warning; with
+    `--fill drop` a batch whose every row lacks it yields no rows (it raised ValueError out of
+    core), and a column that is text in one file and numbers in another names both files."""
+    import pyarrow as pa
+
+    root = write_parquet_series(tmp_path / "ds", n_keys=2, n=400, days=2)
+    files = sorted(root.rglob("*.parquet"))
+    later = pq.read_table(files[-1])
+    pq.write_table(later.append_column("extra", pa.array(np.ones(later.num_rows))), files[-1])
+    for stream in (True, False):
+        if stream:
+            reader = SeriesStream(root, time_col="ts", key_col="machine", fill="drop")
+            plan = reader.plan(FRACTIONS)
+            rows = sum(plan.rows(name) for name in ("train", "validation", "calibration", "test"))
+            features = reader.features
+        else:
+            table = load_series(root, time_col="ts", key_col="machine", fill="drop")
+            rows, features = len(table.frame), table.features
+        assert "extra" in features and rows == later.num_rows
+    assert "'extra' are not in every file" in caplog.text
+    pq.write_table(later.append_column("text", pa.array(["x"] * later.num_rows)), files[-1])
+    first = pq.read_table(files[0])
+    pq.write_table(first.append_column("text", pa.array(np.ones(first.num_rows))), files[0])
+    with pytest.raises(DataError, match=r"column 'text' is string in .* and double in"):
+        load_series(root, time_col="ts", key_col="machine")

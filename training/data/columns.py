@@ -163,7 +163,63 @@ def parquet_dataset(path: Path, source: str):
                 raise DataError(f"{source}: {file.relative_to(path)} cannot be read as Parquet")
     if not dataset.files:
         raise DataError(f"{source}: the directory holds no Parquet files")
+    if folder and len(dataset.files) > 1:
+        dataset = _every_files_columns(dataset, path, source)
     return dataset
+
+
+def _every_files_columns(dataset, path: Path, source: str):
+    """The folder's dataset with the columns of every file, not only of the first (columns a
+    later file adds were left out without a word), read as missing in the files without them;
+    a column that is text in one file and numbers in another is refused naming both files."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    def name(file: str) -> str:
+        return str(Path(file).relative_to(path)) if Path(file).is_relative_to(path) else file
+
+    fields = {field.name: (field, dataset.files[0]) for field in dataset.schema}
+    added: dict[str, str] = {}
+    for file in dataset.files[1:]:
+        try:
+            schema = pq.read_schema(file)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{source}: {name(file)} cannot be read as Parquet: {exc}") from exc
+        for field in schema:
+            known = fields.get(field.name)
+            if known is None:
+                fields[field.name] = (field, file)
+                added.setdefault(field.name, file)
+            elif _is_text(known[0].type) != _is_text(field.type):
+                raise DataError(
+                    f"{source}: column {field.name!r} is {field.type} in {name(file)} and "
+                    f"{known[0].type} in {name(known[1])}"
+                )
+    if not added:
+        return dataset
+    log.warning(
+        "%s: column(s) %s are not in every file (the first without them: %s); read as missing "
+        "values in the files without them",
+        source,
+        ", ".join(map(repr, added)),
+        name(next(f for f in dataset.files if not set(added) <= set(pq.read_schema(f).names))),
+    )
+    schema = pa.schema([field for field, _ in fields.values()])
+    return ds.dataset(
+        path,
+        schema=schema,
+        format="parquet",
+        partitioning="hive",
+        ignore_prefixes=[".", "_"],
+        exclude_invalid_files=True,
+    )
+
+
+def _is_text(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
 
 
 def _read_parquet(file: Path, source: str, *, directory: bool) -> pd.DataFrame:

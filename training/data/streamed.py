@@ -177,6 +177,8 @@ class SeriesStream:
             keep = ~np.isnan(values).any(axis=1)
             times, codes, values = times[keep], codes[keep], values[keep]
             labels = labels[keep] if labels is not None else None
+            if not keep.any():  # a batch of rows that all had a gap
+                return []
         order = np.argsort(codes, kind="stable")
         starts = np.flatnonzero(np.diff(codes[order], prepend=-1))
         out = []
