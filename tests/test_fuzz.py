@@ -24,6 +24,7 @@ from tests.worker_support import (
     flags_by_window,
     fleet,
     partitioned,
+    run_in_memory,
     train_fleet_detector,
 )
 from tests.worker_support import FLEET_MODEL as MODEL
@@ -226,6 +227,10 @@ def _with(records: list, extra: dict) -> list:
     return [Record("readings", 0, offset, r.key, r.value) for offset, r in enumerate(out)]
 
 
+def _dead_headers(sink) -> list[dict]:
+    return [dict(h) for topic, _, _, h in sink.sent if topic == "dlq"]
+
+
 def _stream_of_one_key():
     stream = fleet(seed=11, keys=1, readings_per_key=400, anomalies=())
     return stream, partitioned(stream, "readings", 1)[("readings", 0)]
@@ -248,12 +253,8 @@ def test_a_deeply_nested_record_is_dead_lettered_not_raised(detector):
     )
     polled = _with(records, {100: (KEY.encode(), single), 200: (KEY.encode(), columnar)})
     for chunk in (len(polled), 1):
-        worker = Worker(worker_settings(), detector, MODEL, FakeSink(), MemoryStateStore())
-        source = FakeSource({("readings", 0): polled}, chunk=chunk)
-        worker.attach(source)
-        worker.on_assigned(set(source.records))
-        stats = worker.run()
-        dead = [dict(h) for topic, _, _, h in worker.writer.sink.sent if topic == "dlq"]
+        _, sink, stats = run_in_memory(detector, FakeSource({("readings", 0): polled}, chunk))
+        dead = _dead_headers(sink)
         assert [(d["aewatch.source.offset"], d["aewatch.dlq.reason"]) for d in dead] == [
             (b"100", b"decode_error"),
             (b"201", b"decode_error"),
@@ -280,11 +281,8 @@ def test_a_record_is_taken_or_refused_whatever_else_its_poll_holds(detector):
         if neighbour is not None:
             extra[10] = neighbour
         source = FakeSource({("readings", 0): _with(records, extra)}, chunk=10_000)
-        worker = Worker(worker_settings(), detector, MODEL, FakeSink(), MemoryStateStore())
-        worker.attach(source)
-        worker.on_assigned(set(source.records))
-        stats = worker.run()
-        dead = [dict(h) for topic, _, _, h in worker.writer.sink.sent if topic == "dlq"]
+        _, sink, stats = run_in_memory(detector, source)
+        dead = _dead_headers(sink)
         answers.append(
             (stats.records_in, stats.windows_scored, [d["aewatch.source.offset"] for d in dead])
         )

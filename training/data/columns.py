@@ -140,17 +140,10 @@ def parquet_dataset(path: Path, source: str):
     that the dataset left out as unreadable (its other files, a README or a CSV, are passed
     over)."""
     import pyarrow as pa
-    import pyarrow.dataset as ds
 
     folder = path.is_dir()
     try:
-        dataset = ds.dataset(
-            path,
-            format="parquet",
-            partitioning="hive" if folder else None,
-            ignore_prefixes=[".", "_"],
-            exclude_invalid_files=True,
-        )
+        dataset = _open_dataset(path, folder)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{source}: cannot be read as Parquet: {one_line(exc)}") from exc
     if folder:
@@ -168,19 +161,31 @@ def parquet_dataset(path: Path, source: str):
     return dataset
 
 
+def _open_dataset(path: Path, folder: bool, schema=None):
+    import pyarrow.dataset as ds
+
+    return ds.dataset(
+        path,
+        schema=schema,
+        format="parquet",
+        partitioning="hive" if folder else None,
+        ignore_prefixes=[".", "_"],
+        exclude_invalid_files=True,
+    )
+
+
 def _every_files_columns(dataset, path: Path, source: str):
     """The folder's dataset with the columns of every file, not only of the first (columns a
     later file adds were left out without a word), read as missing in the files without them;
     a column that is text in one file and numbers in another is refused naming both files."""
     import pyarrow as pa
-    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
     def name(file: str) -> str:
         return str(Path(file).relative_to(path)) if Path(file).is_relative_to(path) else file
 
     fields = {field.name: (field, dataset.files[0]) for field in dataset.schema}
-    added: dict[str, str] = {}
+    added: list[str] = []  # columns the first file lacks
     for file in dataset.files[1:]:
         try:
             schema = pq.read_schema(file)
@@ -190,7 +195,7 @@ def _every_files_columns(dataset, path: Path, source: str):
             known = fields.get(field.name)
             if known is None:
                 fields[field.name] = (field, file)
-                added.setdefault(field.name, file)
+                added.append(field.name)
             elif _is_text(known[0].type) != _is_text(field.type):
                 raise DataError(
                     f"{source}: column {field.name!r} is {field.type} in {name(file)} and "
@@ -203,17 +208,9 @@ def _every_files_columns(dataset, path: Path, source: str):
         "values in the files without them",
         source,
         ", ".join(map(repr, added)),
-        name(next(f for f in dataset.files if not set(added) <= set(pq.read_schema(f).names))),
+        name(dataset.files[0]),  # (a column another file adds is never in the first)
     )
-    schema = pa.schema([field for field, _ in fields.values()])
-    return ds.dataset(
-        path,
-        schema=schema,
-        format="parquet",
-        partitioning="hive",
-        ignore_prefixes=[".", "_"],
-        exclude_invalid_files=True,
-    )
+    return _open_dataset(path, True, pa.schema([field for field, _ in fields.values()]))
 
 
 def _is_text(kind) -> bool:
