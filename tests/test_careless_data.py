@@ -217,3 +217,28 @@ def test_training_on_a_flat_lined_recording_is_refused_in_one_line(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not (tmp_path / "det").exists()
     assert "score the same" in err[-1] and "would work" not in err[-1], err[-1]
+
+
+def test_a_gap_row_does_not_hide_a_later_reading_of_its_time_when_gaps_are_dropped(tmp_path):
+    """The worker refuses a reading with a missing value and takes the next of its time; with
+    `--fill drop` both readers of files do the same, rather than keep the gap row as the time's
+    first reading and then drop it, which lost the time."""
+    from training.data.streamed import SeriesStream
+
+    frame = _frame()
+    gap = frame.iloc[[7]].copy()
+    frame.loc[7, "s0"] = np.nan  # the first reading of its time has a gap, a later one has not
+    frame = pd.concat([frame, gap], ignore_index=True).sort_values(["machine", "ts"], kind="stable")
+    table = _load(frame, tmp_path, fill="drop")
+    part = table.frame[table.frame["machine"] == "a"]
+    assert len(part) == 40
+    assert part["s0"].tolist()[7] == gap["s0"].item()
+
+    frame["ts"] = pd.to_datetime(frame["ts"])
+    frame.to_parquet(tmp_path / "gap.parquet", index=False)
+    stream = SeriesStream(
+        tmp_path / "gap.parquet", time_col="ts", key_col="machine", fill="drop", batch_rows=5
+    )
+    chunks = [c for batch in stream.chunks() for c in batch if c.key == "a"]
+    streamed = np.concatenate([c.values for c in chunks])
+    assert np.array_equal(streamed, part[["s0", "s1"]].to_numpy(np.float32))

@@ -187,10 +187,18 @@ def load_series(
     labels = parse_labels(raw[label_col], source, label_col) if label_col is not None else None
     if fill == "error":
         refuse_gaps(values, names, source)
+    rows = np.arange(len(raw))  # each row's place in the file, for messages
+    if fill == "drop":  # before the repeats, as the worker refuses a reading with a gap first
+        keep = ~np.isnan(values).any(axis=1)
+        if not keep.any():
+            raise DataError(f"{source}: fill='drop' leaves no rows; every row has a missing value")
+        times, values, rows = times[keep], values[keep], rows[keep]
+        labels = labels[keep] if labels is not None else None
+        keys = keys[keep] if keys is not None else None
 
     if keys is None:
         order = np.argsort(times.view(np.int64), kind="stable")
-        codes = np.zeros(len(raw), dtype=np.int64)
+        codes = np.zeros(len(times), dtype=np.int64)
         unique_keys = np.asarray([""], dtype=object)
     else:
         codes, unique_keys = pd.factorize(keys, sort=True)
@@ -198,7 +206,7 @@ def load_series(
     repeated = np.zeros(len(order), dtype=bool)
     repeated[1:] = (codes[order][1:] == codes[order][:-1]) & (times[order][1:] == times[order][:-1])
     if repeated.any():  # as the worker does: the first reading of a timestamp counts
-        first = order[first_true(repeated)]
+        first = rows[order[first_true(repeated)]]
         tell_repeats(source, int(repeated.sum()), f"data row {first + 1}")
         order = order[~repeated]
     times, codes, values = times[order], codes[order], values[order]
@@ -207,14 +215,7 @@ def load_series(
 
     starts = np.flatnonzero(np.diff(codes, prepend=-1))
     bounds = list(zip(starts, [*starts[1:], len(codes)], strict=True))
-    if fill == "drop":
-        keep = ~np.isnan(values).any(axis=1)
-        times, values = times[keep], values[keep]
-        labels = labels[keep] if labels is not None else None
-        keys = keys[keep] if keys is not None else None
-        if len(times) == 0:
-            raise DataError(f"{source}: fill='drop' leaves no rows; every row has a missing value")
-    elif fill in ("ffill", "interpolate"):
+    if fill in ("ffill", "interpolate"):
         group_keys = [str(unique_keys[codes[start]]) for start, _ in bounds]
         fill_gaps(values, bounds, group_keys, names, fill, source, keyed=key_col is not None)
 
