@@ -242,3 +242,14 @@ def test_a_gap_row_does_not_hide_a_later_reading_of_its_time_when_gaps_are_dropp
     chunks = [c for batch in stream.chunks() for c in batch if c.key == "a"]
     streamed = np.concatenate([c.values for c in chunks])
     assert np.array_equal(streamed, part[["s0", "s1"]].to_numpy(np.float32))
+
+
+def test_a_time_in_epoch_seconds_among_milliseconds_is_refused_as_the_worker_refuses_it(tmp_path):
+    """The worker refuses each reading whose `ts` reads as 1970-1973; a file of epoch ms with
+    one such row is refused naming it, not read with that row as a 1970 reading."""
+    frame = _frame()
+    ms = (pd.to_datetime(frame["ts"]) - pd.Timestamp(0)) // pd.Timedelta(milliseconds=1)
+    frame["ts"] = ms.astype(np.int64)
+    frame.loc[12, "ts"] = frame.loc[12, "ts"] // 1000
+    with pytest.raises(DataError, match=r"data row 13: 1767225612 .* epoch seconds\?"):
+        _load(frame, tmp_path)

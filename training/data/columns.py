@@ -381,16 +381,20 @@ def parse_times(series: pd.Series, source: str, column: str) -> np.ndarray:
 
 
 def _refuse_epoch_seconds(series: pd.Series, source: str, column: str) -> None:
-    """Numeric times are epoch milliseconds (as the worker reads a reading's `ts`); numbers
-    that would all fall between 1970-01-02 and 1973 as milliseconds are epoch seconds."""
-    values = np.abs(series.to_numpy(dtype=np.float64, na_value=np.nan))
-    values = values[np.isfinite(values)]
-    if len(values) and SECONDS_LIKE[0] <= values.max() < SECONDS_LIKE[1]:
-        first = series.iloc[int(np.argmax(np.isfinite(series.to_numpy(np.float64))))]
+    """Numeric times are epoch milliseconds (as the worker reads a reading's `ts`); a number
+    that falls between 1970-01-02 and 1973 as milliseconds is epoch seconds, refused as the
+    worker refuses such a reading, naming the first."""
+    values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    seconds = (values >= SECONDS_LIKE[0]) & (values < SECONDS_LIKE[1])
+    if seconds.any():
+        row = first_true(seconds)
+        first = series.iloc[row]
+        first = first.item() if isinstance(first, np.generic) else first
         raise DataError(
-            f"{source}: column {column!r} holds numeric times that read as epoch milliseconds "
-            f"fall in 1970-1973 ({first!r} is {pd.to_datetime(first, unit='ms')}); epoch "
-            "seconds? multiply them by 1000, or give ISO-8601 text"
+            f"{source}: column {column!r}, data row {row + 1}: {first!r} read as epoch "
+            f"milliseconds falls in 1970-1973 ({pd.to_datetime(first, unit='ms')}); "
+            f"{int(seconds.sum())} such rows; epoch seconds? multiply them by 1000, or give "
+            "ISO-8601 text"
         )
 
 
