@@ -18,6 +18,7 @@ from pipeline.detector.calendar import calendar_columns
 from pipeline.detector.key_baselines import BaselineConfig, KeyBaselines
 from pipeline.errors import DataError
 from pipeline.events import ModelIdentity, event_ids
+from pipeline.modalities.batches import seconds_like
 
 __all__ = ["score_images", "score_keyed", "score_readings", "score_window_set"]
 
@@ -148,7 +149,15 @@ def _times(column: pd.Series) -> pd.Series:
     """A time column as naive UTC: epoch ms (a fraction cut, as the worker cuts it) or ISO-8601."""
     kind = pd.api.types
     if kind.is_numeric_dtype(column) and not kind.is_bool_dtype(column):
-        stamps = pd.to_datetime(np.trunc(column.to_numpy(np.float64)), unit="ms")
+        numbers = column.to_numpy(np.float64)
+        seconds = seconds_like(numbers)
+        if seconds.any():
+            row = int(np.argmax(seconds))
+            raise DataError(
+                f"time column, input row {row + 1}: {column.iloc[row]!r} read as epoch "
+                "milliseconds falls in 1970-1973: epoch seconds? send milliseconds"
+            )
+        stamps = pd.to_datetime(np.trunc(numbers), unit="ms")
         return pd.Series(stamps, index=column.index)
     return pd.to_datetime(column, utc=True, format="ISO8601").dt.tz_localize(None)
 

@@ -12,7 +12,7 @@ import pytest
 from pipeline.batch import score_readings
 from pipeline.detector import load_detector
 from pipeline.detector.calendar import auto_calendar, calendar_columns
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.events import ModelIdentity
 from pipeline.worker.loop import Worker
 from pipeline.worker.state import MemoryStateStore
@@ -121,6 +121,10 @@ def test_the_pyfunc_reads_epoch_ms_times_as_the_worker_does(tmp_path):
     assert iso["score"].notna().sum() > 100
     pd.testing.assert_frame_equal(score_readings(detector, frame.assign(ts=ms)), iso)
     pd.testing.assert_frame_equal(score_readings(detector, frame.assign(ts=ms + 0.7)), iso)
+    seconds = ms.copy()
+    seconds[30] //= 1000  # one time in epoch seconds: refused as the worker refuses that reading
+    with pytest.raises(DataError, match=r"input row 31: .* epoch seconds\?"):
+        score_readings(detector, frame.assign(ts=seconds))
 
 
 def test_the_pyfunc_leaves_out_a_reading_that_repeats_its_time(tmp_path):

@@ -106,6 +106,71 @@ def test_the_worker_refuses_epoch_seconds_as_training_does():
     assert len(pending) == 8 - 3  # the 8 readings in milliseconds make 5 windows of 4
 
 
+def _records_of_1971(form: str, as_text: bool) -> list:
+    """Six readings of key "a" from 1971-06-01, a second apart, in one of the record forms,
+    their times as text (an Arrow timestamp) or as epoch-ms numbers."""
+    import pyarrow as pa
+
+    from tests.worker_support import Record
+
+    ms = 44_582_400_000 + np.arange(6, dtype=np.int64) * 1000  # 1971-06-01T00:00:00Z on
+    text = [pd.Timestamp(t, unit="ms").isoformat() + "Z" for t in ms.tolist()]
+    times = text if as_text else ms.tolist()
+    if form == "single":
+        values = [
+            {"key": "a", "ts": t, "values": {"s0": float(i), "s1": 1.0}}
+            for i, t in enumerate(times)
+        ]
+    elif form == "columnar":
+        values = [
+            {"key": "a", "ts": times[i : i + 3], "values": {"s0": [1.0] * 3, "s1": [2.0] * 3}}
+            for i in (0, 3)
+        ]
+    else:
+        stamps = pa.array(ms, pa.timestamp("ms") if as_text else pa.int64())
+        values = []
+        for i in (0, 3):
+            batch = pa.RecordBatch.from_pydict(
+                {"ts": stamps[i : i + 3], "s0": [1.0] * 3, "s1": [2.0] * 3}
+            )
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, batch.schema) as writer:
+                writer.write_batch(batch)
+            values.append(sink.getvalue().to_pybytes())
+    return [
+        Record("in", 0, i, b"a", v if isinstance(v, bytes) else orjson.dumps(v))
+        for i, v in enumerate(values)
+    ]
+
+
+@pytest.mark.parametrize("form", ["single", "columnar", "arrow"])
+def test_times_of_1971_given_as_text_are_taken_numbers_are_read_as_epoch_seconds(form):
+    """The epoch-seconds rule is for numbers: an ISO-8601 time (or an Arrow timestamp) of
+    1970-01-02 to 1973 says what it is and is windowed, as training reads such a column."""
+    from pipeline.detector import InputSpec, WindowSpec
+    from pipeline.modalities.series import SeriesIntake
+    from pipeline.modalities.windowing import ReadyWindows
+
+    spec = InputSpec("series", ("s0", "s1"), WindowSpec(4, 1))
+    for as_text in (True, False):
+        intake = SeriesIntake(spec, 1 << 20)
+        refused, pending = [], ReadyWindows()
+        records = _records_of_1971(form, as_text)
+        intake.take(("in", 0), records, pending, lambda r, why, out=refused: out.append(why))
+        if as_text:
+            assert refused == [] and len(pending) == 6 - 3
+        else:
+            assert len(refused) == len(records) and len(pending) == 0
+            assert all("epoch seconds" in why.detail for why in refused)
+        for record in records:  # and one record a poll
+            intake = SeriesIntake(spec, 1 << 20)
+            alone = []
+            intake.take(
+                ("in", 0), [record], ReadyWindows(), lambda r, why, out=alone: out.append(why)
+            )
+            assert len(alone) == (0 if as_text else 1)
+
+
 def test_repeated_timestamps_are_dropped_as_the_worker_drops_them(tmp_path, caplog):
     frame = _frame()
     repeats = frame.iloc[[5, 6, 50]].copy()

@@ -26,6 +26,8 @@ import numpy as np
 __all__ = [
     "ARROW_MAGIC",
     "ArrowBatches",
+    "SECONDS",
+    "SECONDS_LIKE",
     "ReadingBatch",
     "arrow_record",
     "checked_batch",
@@ -36,6 +38,16 @@ ARROW_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream message starts with it;
 _ARROW_END = ARROW_MAGIC + b"\x00\x00\x00\x00"  # the end-of-stream marker
 _BEYOND_YEARS = ("bad_timestamp", "'ts' in epoch ms is outside the years 1 to 9999")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# A number as `ts` is epoch milliseconds; one that falls between 1970-01-02 and 1973 is epoch
+# seconds (the same rule as training's for numeric times). A time given as text or as an Arrow
+# timestamp says what it is and is taken whatever its year.
+SECONDS_LIKE = (100_000_000, 100_000_000_000)
+SECONDS = ("bad_timestamp", "'ts' reads as 1970-1973 in epoch ms: epoch seconds? send milliseconds")
+
+
+def seconds_like(ts: np.ndarray) -> np.ndarray:
+    """Which of these numeric epoch-ms times read as epoch seconds (`SECONDS_LIKE`)."""
+    return (ts >= SECONDS_LIKE[0]) & (ts < SECONDS_LIKE[1])
 
 
 class ReadingBatch(NamedTuple):
@@ -63,11 +75,13 @@ def _timestamps(items: list):
         return ("bad_timestamp", "a boolean is not a timestamp")
     array = np.asarray(items) if items else np.zeros(0, np.int64)
     if array.ndim == 1 and array.dtype.kind == "i":
-        return array.astype(np.int64, copy=False)
+        return SECONDS if seconds_like(array).any() else array.astype(np.int64, copy=False)
     try:
-        return np.array([parse_timestamp_ms(item) for item in items], np.int64)
+        stamps = np.array([parse_timestamp_ms(item) for item in items], np.int64)
     except (ValueError, OverflowError, OSError, TypeError) as exc:
         return ("bad_timestamp", str(exc)[:200])
+    numeric = np.fromiter((item.__class__ is not str for item in items), bool, len(items))
+    return SECONDS if (seconds_like(stamps) & numeric).any() else stamps
 
 
 def _column(items, n: int):
@@ -196,6 +210,8 @@ class ArrowBatches:
         ts = _epoch_ms(ts, plan)
         if ts.__class__ is tuple:
             return ts
+        if plan.ts_integer and seconds_like(ts).any():
+            return SECONDS
         columns = []
         for name, index, numeric in plan.features:
             if index is None:
@@ -318,6 +334,8 @@ class ArrowBatches:
         bad = np.zeros(len(taken), bool)
         bad[record[1:][(np.diff(ts) <= 0) & (record[1:] == record[:-1])]] = True
         bad[record[~(np.abs(values) <= _FLOAT32_MAX).all(axis=1)]] = True  # NaN compares False
+        if plan.ts_integer:
+            bad[record[seconds_like(ts)]] = True
         if bad.any():
             keep = ~bad[record]
             ts, values, record = ts[keep], values[keep], record[keep]

@@ -28,10 +28,13 @@ import orjson
 
 from pipeline.modalities.batches import (
     ARROW_MAGIC,
+    SECONDS,
+    SECONDS_LIKE,
     ArrowBatches,
     ReadingBatch,
     checked_batch,
     columnar_batch,
+    seconds_like,
 )
 
 __all__ = [
@@ -77,6 +80,9 @@ def finite_rows(values: np.ndarray) -> np.ndarray:
 class Rejection:
     reason: str
     detail: str
+
+
+_SECONDS = Rejection(*SECONDS)
 
 
 class Decoded(NamedTuple):
@@ -214,6 +220,16 @@ class RecordDecoder:
             ts = np.fromiter(map(_TS, data), np.int64, count=len(data))
         except OverflowError:  # integers beyond int64
             return None
+        seconds = seconds_like(ts)
+        if seconds.any():  # refused one by one, with the reason
+            others = sorted(others + at[seconds].tolist())
+            keep = np.flatnonzero(~seconds).tolist()
+            data, keys, at, ts = (
+                [data[i] for i in keep],
+                [keys[i] for i in keep],
+                at[keep],
+                ts[keep],
+            )
         width = len(self.reading_features)
         flat = chain.from_iterable(map(_FIELDS, map(_VALUES, data)))  # each reading's in order
         values = np.fromiter(flat, np.float64, count=len(data) * width).reshape(len(data), width)
@@ -275,6 +291,8 @@ class RecordDecoder:
                     return None
             except UnicodeDecodeError:
                 return None
+        if SECONDS_LIKE[0] <= reading.ts < SECONDS_LIKE[1]:
+            return None
         return Decoded(reading.key, reading.ts, list(_FIELDS(reading.values)))
 
     def _columnar(self, message_key: bytes | None, value: bytes) -> ReadingBatch | Rejection | None:
@@ -301,6 +319,8 @@ class RecordDecoder:
         try:
             ts = np.array(batch.ts, np.int64)
         except OverflowError:
+            return None
+        if seconds_like(ts).any():
             return None
         values = np.empty((n, len(columns)))
         for j, column in enumerate(columns):
@@ -329,9 +349,14 @@ class RecordDecoder:
             if ts is None:
                 return Rejection("bad_timestamp", "no 'ts'")
             try:
+                number = ts.__class__ is not str
                 ts = parse_timestamp_ms(ts)
             except (ValueError, OverflowError, OSError) as exc:
                 return Rejection("bad_timestamp", str(exc)[:200])
+        else:
+            number = True
+        if number and SECONDS_LIKE[0] <= ts < SECONDS_LIKE[1]:
+            return _SECONDS
         try:
             row = [values[name] for name in self.reading_features]
         except KeyError as exc:

@@ -43,12 +43,6 @@ __all__ = ["SeriesModality"]
 TOP_FEATURES = 3
 TOP_STEPS = 3
 _NON_FINITE = Rejection("non_finite", "a value is NaN, infinite or beyond float32")
-# `ts` is epoch milliseconds; one that falls between 1970-01-02 and 1973 is epoch seconds (the
-# same rule as training's for numeric times)
-SECONDS_LIKE = (100_000_000, 100_000_000_000)
-_SECONDS = Rejection(
-    "bad_timestamp", "'ts' reads as 1970-1973 in epoch ms: epoch seconds? send milliseconds"
-)
 _BEYOND = Rejection("bad_timestamp", "'ts' in epoch ms is outside the years 1 to 9999")
 _NO_INDEX = np.zeros(0, np.int64)
 
@@ -187,13 +181,12 @@ class SeriesIntake:
             order = np.argsort(at, kind="stable")
             names = [names[i] for i in order.tolist()]
             ts, rows, at = ts[order], rows[order], at[order]
-        seconds = (ts >= SECONDS_LIKE[0]) & (ts < SECONDS_LIKE[1])
         future = ts > latest
-        wrong = seconds | future | (ts < MS_RANGE[0]) | (ts >= MS_RANGE[1])
+        wrong = future | (ts < MS_RANGE[0]) | (ts >= MS_RANGE[1])
         if wrong.any():  # a batched record is refused once, for its first wrong time
             refused = {}
-            why = np.where(seconds, 1, np.where(future, 2, 0))[wrong]
-            reasons = (_BEYOND, _SECONDS, self._future)
+            why = future[wrong].astype(np.int64)
+            reasons = (_BEYOND, self._future)
             for index, code in zip(at[wrong].tolist(), why.tolist(), strict=True):
                 refused.setdefault(index, reasons[code])
             for index, rejection in refused.items():

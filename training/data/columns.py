@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import DataError, one_line
-from pipeline.modalities.series import SECONDS_LIKE
+from pipeline.modalities.batches import SECONDS_LIKE
 
 __all__ = [
     "FILL_POLICIES",
