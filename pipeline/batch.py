@@ -18,7 +18,7 @@ from pipeline.detector.calendar import calendar_columns
 from pipeline.detector.key_baselines import BaselineConfig, KeyBaselines
 from pipeline.errors import DataError
 from pipeline.events import ModelIdentity, event_ids
-from pipeline.modalities.batches import seconds_like
+from pipeline.modalities.batches import cut_to_ms, seconds_like, too_short
 
 __all__ = ["score_images", "score_keyed", "score_readings", "score_window_set"]
 
@@ -159,7 +159,16 @@ def _times(column: pd.Series) -> pd.Series:
             )
         stamps = pd.to_datetime(np.trunc(numbers), unit="ms")
         return pd.Series(stamps, index=column.index)
-    return pd.to_datetime(column, utc=True, format="ISO8601").dt.tz_localize(None)
+    stamps = pd.to_datetime(column, utc=True, format="ISO8601", errors="coerce")
+    stamps = stamps.dt.tz_localize(None).to_numpy("datetime64[ns]", copy=True)
+    stamps[too_short(column)] = np.datetime64("NaT")
+    if np.isnat(stamps).any():
+        row = int(np.argmax(np.isnat(stamps)))
+        raise DataError(
+            f"time column, input row {row + 1}: {column.iloc[row]!r} is not a time "
+            "(ISO-8601 text or epoch milliseconds)"
+        )
+    return pd.Series(cut_to_ms(stamps), index=column.index)
 
 
 def score_readings(

@@ -318,3 +318,43 @@ def test_a_time_in_epoch_seconds_among_milliseconds_is_refused_as_the_worker_ref
     frame.loc[12, "ts"] = frame.loc[12, "ts"] // 1000
     with pytest.raises(DataError, match=r"data row 13: 1767225612 .* epoch seconds\?"):
         _load(frame, tmp_path)
+
+
+def test_a_time_text_is_read_alike_by_tables_the_pyfunc_and_the_worker_or_refused_by_all():
+    """Every combination of ISO-8601's date, time, fraction and offset forms (and some that are
+    not ISO-8601 as pandas reads it: week dates, comma fractions, offsets with seconds, a year
+    or a month alone) gives one millisecond, cut toward zero, or a refusal, whoever reads it."""
+    import itertools
+
+    from pipeline.batch import _times
+    from pipeline.modalities.readings import parse_timestamp_ms
+    from training.data.columns import parse_times
+
+    dates = ["2026-03-04", "20260304", "2026-03", "202603", "2026", "2026-W10-3", "1969-12-31"]
+    times = ["", "T05", "T05:06", "T0506", " 05:06:07", "T050607", "T05:06:07.1"]
+    times += ["T23:59:59.9996", "T05:06:07.123456", "T05:06:07,5", "T05:06:07.1234567"]
+    offsets = ["", "Z", "+01", "+01:00", "-0530", "+01:00:30", "+000000"]
+    cases = [d + t + o for d, t, o in itertools.product(dates, times, offsets) if t or not o]
+
+    def read(reader, text):
+        try:
+            return reader(text)
+        except (ValueError, DataError):
+            return "refused"
+
+    def table(text):
+        return int(parse_times(pd.Series([text], dtype=object), "f", "ts").view(np.int64)[0])
+
+    def pyfunc(text):
+        return int(
+            _times(pd.Series([text], dtype=object)).to_numpy("datetime64[ns]").view(np.int64)[0]
+        )
+
+    differ = []
+    for text in cases:
+        worker = read(parse_timestamp_ms, text)
+        ns = {read(table, text), read(pyfunc, text)}
+        if ns != ({worker * 1_000_000} if worker != "refused" else {"refused"}):
+            differ.append((text, worker, ns))
+    assert differ == [], f"{len(differ)} of {len(cases)} differ, e.g. {differ[:3]}"
+    assert sum(read(parse_timestamp_ms, text) != "refused" for text in cases) > 100

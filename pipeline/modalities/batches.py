@@ -32,6 +32,9 @@ __all__ = [
     "arrow_record",
     "checked_batch",
     "columnar_batch",
+    "cut_to_ms",
+    "seconds_like",
+    "too_short",
 ]
 
 ARROW_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream message starts with it; JSON never does
@@ -48,6 +51,21 @@ SECONDS = ("bad_timestamp", "'ts' reads as 1970-1973 in epoch ms: epoch seconds?
 def seconds_like(ts: np.ndarray) -> np.ndarray:
     """Which of these numeric epoch-ms times read as epoch seconds (`SECONDS_LIKE`)."""
     return (ts >= SECONDS_LIKE[0]) & (ts < SECONDS_LIKE[1])
+
+
+def too_short(texts) -> np.ndarray:
+    """Which of these time texts (a pandas Series) hold less than a whole date: a year or a
+    month alone is no time of a reading; pandas reads one as its first day, the worker not."""
+    return texts.astype(str).str.strip().str.len().to_numpy() < len("YYYYMMDD")
+
+
+def cut_to_ms(times: np.ndarray) -> np.ndarray:
+    """datetime64[ns] times cut to the millisecond toward zero, as the worker reads a time of
+    any form (a table holds what the worker would; NaT stays NaT)."""
+    ns = times.astype("datetime64[ns]").view(np.int64)
+    cut = (ns - np.fmod(ns, 1_000_000)).view("datetime64[ns]")
+    cut[np.isnat(times)] = np.datetime64("NaT")
+    return cut
 
 
 class ReadingBatch(NamedTuple):

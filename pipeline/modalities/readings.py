@@ -98,6 +98,7 @@ class Decoded(NamedTuple):
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+_OFFSET_SECONDS = re.compile(r"[+-]\d\d:?\d\d:?\d\d").search  # past the date's 8 characters
 
 
 def parse_timestamp_ms(value) -> int:
@@ -112,8 +113,12 @@ def parse_timestamp_ms(value) -> int:
         return int(value)
     if isinstance(value, str):
         text = value.strip()
+        if "W" in text or "," in text:  # what tables of readings cannot read either
+            raise ValueError(f"{value!r}: ISO week dates and comma fractions are not taken")
         if text.endswith("Z"):
             text = text[:-1] + "+00:00"
+        if _OFFSET_SECONDS(text, 8):
+            raise ValueError(f"{value!r}: a UTC offset with seconds is not taken")
         parsed = datetime.fromisoformat(text)
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)

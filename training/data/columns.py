@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import DataError, one_line
-from pipeline.modalities.batches import SECONDS_LIKE
+from pipeline.modalities.batches import SECONDS_LIKE, cut_to_ms, too_short
 
 __all__ = [
     "FILL_POLICIES",
@@ -358,6 +358,7 @@ def parse_times(series: pd.Series, source: str, column: str) -> np.ndarray:
         else:
             parsed = pd.to_datetime(series, format="ISO8601", utc=True, errors="coerce")
             parsed = parsed.dt.tz_localize(None)
+            parsed[too_short(series)] = pd.NaT
         bad = parsed.isna().to_numpy()
         if bad.any():
             row = first_true(bad)
@@ -375,7 +376,7 @@ def parse_times(series: pd.Series, source: str, column: str) -> np.ndarray:
                 f"outside the years {pd.Timestamp.min.year + 1} to {pd.Timestamp.max.year - 1} "
                 f"that tables of readings hold; {int(beyond.sum())} such rows"
             )
-        return parsed.to_numpy(dtype="datetime64[ns]")
+        return cut_to_ms(parsed.to_numpy(dtype="datetime64[ns]"))
     except (ValueError, TypeError, OverflowError, pd.errors.OutOfBoundsDatetime) as exc:
         raise DataError(f"{source}: column {column!r} cannot be read as times: {exc}") from exc
 
