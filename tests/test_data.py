@@ -359,6 +359,28 @@ def test_split_with_train_until(tmp_path: Path) -> None:
     assert_time_contiguous(parts, table)
     with pytest.raises(DataError, match=r"m\.csv: the train part would be empty"):
         split_series(table, train_until="2023-12-31")
+    with pytest.raises(DataError, match=r"validation part would be empty: every row is at or"):
+        split_series(table, train_until="2025-01-01")  # after the data: nothing is left
+    with pytest.raises(DataError, match=r"the 2 rows after train_until=.* \(2 keys, each split"):
+        split_series(table, train_until="2024-01-01T00:00:18")
+
+
+def test_a_split_too_fine_for_short_keys_says_that_keys_are_split_on_their_own(tmp_path):
+    """100 keys of 4 rows: 400 rows, but each key is split on its own, and 4 rows have no 10 %
+    test part; the message says so, not that 400 rows are too few for 0.1."""
+    from training.data.streamed import SeriesStream
+
+    rows = [f"2024-01-01T00:00:0{i},k{k},{i}" for k in range(100) for i in range(4)]
+    path = write_csv(tmp_path / "short.csv", "datetime,machine,x\n" + "\n".join(rows) + "\n")
+    table = load_series(path, time_col="datetime", key_col="machine")
+    why = r"the longest of the 100 keys has 4 rows, too few for fraction 0.15 \(each key's"
+    with pytest.raises(DataError, match=why):
+        split_series(table)
+    frame = pd.read_csv(path, parse_dates=["datetime"])
+    frame.to_parquet(tmp_path / "short.parquet", index=False)
+    stream = SeriesStream(tmp_path / "short.parquet", time_col="datetime", key_col="machine")
+    with pytest.raises(DataError, match=why):
+        stream.plan((0.6, 0.15, 0.15, 0.1))
 
 
 def test_zero_fraction_gives_an_empty_part_with_the_same_columns(tmp_path: Path) -> None:

@@ -257,7 +257,9 @@ def split_series(
     limit = parse_time_limit(train_until, source) if train_until is not None else None
     times = table._times_ns()
     chosen: dict[str, list[np.ndarray]] = {part: [] for part in PARTS}
+    sizes = []
     for key, positions in table._group_positions():
+        sizes.append(len(positions))
         n_train = None
         if limit is not None:
             n_train = int(np.searchsorted(times[positions], limit, side="right"))
@@ -271,7 +273,15 @@ def split_series(
             start += count
 
     totals = [sum(len(p) for p in chosen[part]) for part in PARTS]
-    check_part_sizes(totals, weights, len(table), source=source, train_until=train_until)
+    check_part_sizes(
+        totals,
+        weights,
+        len(table),
+        source=source,
+        train_until=train_until,
+        keys=len(sizes),
+        longest=max(sizes),
+    )
     parts: dict[str, SeriesTable] = {}
     for part in PARTS:
         positions = np.concatenate(chosen[part]) if chosen[part] else np.empty(0, np.int64)

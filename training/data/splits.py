@@ -154,17 +154,30 @@ def check_part_sizes(
     *,
     source: str,
     train_until: str | None = None,
+    keys: int = 1,
+    longest: int | None = None,
 ) -> None:
-    """Refuse an empty part whose fraction is not 0 (or an empty train part with train_until)."""
+    """Refuse an empty part whose fraction is not 0 (or an empty train part with train_until),
+    saying why: `keys` series were split, each on its own, the `longest` of `n_rows` in all."""
     for part, weight, total in zip(_PARTS, weights, totals, strict=True):
         required = weight > 0 or (part == "train" and train_until is not None)
-        if required and total == 0:
-            why = (
-                f"no row is at or before train_until={train_until}"
-                if part == "train" and train_until is not None
-                else f"{n_rows} rows are too few for fraction {weight:g}"
-            )
-            raise DataError(f"{source}: the {part} part would be empty: {why}")
+        if not required or total:
+            continue
+        each = f" ({keys} keys, each split on its own in time order)" if keys > 1 else ""
+        if part == "train" and train_until is not None:
+            why = f"no row is at or before train_until={train_until}"
+        elif train_until is not None and totals[0] == n_rows:
+            why = f"every row is at or before train_until={train_until}"
+        elif train_until is not None:
+            rest = n_rows - totals[0]
+            why = f"the {rest} rows after train_until={train_until}{each} are too few for "
+            why += f"fraction {weight:g} of them"
+        elif keys > 1:
+            why = f"the longest of the {keys} keys has {longest} rows, too few for fraction "
+            why += f"{weight:g} (each key's rows are split on their own, in time order)"
+        else:
+            why = f"{n_rows} rows are too few for fraction {weight:g}"
+        raise DataError(f"{source}: the {part} part would be empty: {why}")
 
 
 def check_fractions(fractions: Sequence[float], source: str) -> list[float]:

@@ -268,6 +268,8 @@ class SeriesStream:
             sum(survey.counts.values()),
             source=self.source,
             train_until=train_until,
+            keys=len(survey.counts),
+            longest=max(survey.counts.values()),
         )
         span = (pd.Timestamp(survey.first).isoformat(), pd.Timestamp(survey.last).isoformat())
         return SplitPlan(bounds, _digest(survey.hashes), span)
