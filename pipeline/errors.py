@@ -61,8 +61,8 @@ class ModelError(AewatchError):
 class ArtifactError(ModelError):
     """A detector artifact on disk is malformed, tampered with, or from a newer format.
 
-    `reason` names the failed check for logs and metrics: manifest (the default), sha256,
-    weights, non_finite_weights."""
+    `reason` names the failed check for logs and metrics: manifest (the default),
+    manifest_sha256, sha256, artifact_digest, weights, non_finite_weights."""
 
     def __init__(self, message: str, *, reason: str = "manifest") -> None:
         super().__init__(message)

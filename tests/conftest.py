@@ -59,8 +59,22 @@ def _command_line_state() -> Iterator[None]:
     servers it starts are not left without retries or sent to another test's store."""
     from pipeline.cli import process_state
 
-    with process_state(_CLI_VARIABLES), _root_logging():
+    with process_state(_CLI_VARIABLES), _root_logging(), _registry_uri():
         yield
+
+
+@contextlib.contextmanager
+def _registry_uri() -> Iterator[None]:
+    """A training run in process leaves MLflow's registry URI set to its store (in the module,
+    beside the environment variable put back above): a later test's `MlflowClient(server)`
+    would be sent to that store's registry ("Registered Model ... not found"). Put back."""
+    from mlflow.tracking._model_registry import utils as registry
+
+    saved = registry._registry_uri
+    try:
+        yield
+    finally:
+        registry._registry_uri = saved
 
 
 @contextlib.contextmanager

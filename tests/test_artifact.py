@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pipeline.detector import (
     sha256_file,
 )
 from pipeline.errors import ArtifactError
-from tests.helpers import HostilePickle
+from tests.helpers import HostilePickle, edit_manifest
 
 
 @pytest.fixture
@@ -42,10 +41,7 @@ def saved(tmp_path: Path) -> Path:
 
 
 def _rewrite_manifest(directory: Path, **changes) -> None:
-    path = directory / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest.update(changes)
-    path.write_text(json.dumps(manifest))
+    edit_manifest(directory, lambda manifest: manifest.update(changes))
 
 
 def test_round_trip_keeps_everything(saved: Path):
@@ -87,9 +83,9 @@ def test_pickle_where_weights_belong_never_runs(saved: Path, tmp_path: Path):
     with open(saved / "weights.pt", "wb") as handle:
         pickle.dump({"encoder.1.weight": HostilePickle(marker)}, handle)
     # Even with a matching hash the safe loader must refuse it.
-    manifest = json.loads((saved / "manifest.json").read_text())
-    manifest["weights"]["sha256"] = sha256_file(saved / "weights.pt")
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    _rewrite_manifest(
+        saved, weights={"file": "weights.pt", "sha256": sha256_file(saved / "weights.pt")}
+    )
     with pytest.raises(ArtifactError, match="not a plain tensor state_dict"):
         load_detector(saved)
     assert not marker.exists()
@@ -108,9 +104,7 @@ def test_nan_weights_are_refused(saved: Path):
 
 
 def test_weights_of_another_shape_are_refused(saved: Path):
-    manifest = json.loads((saved / "manifest.json").read_text())
-    manifest["model"]["code_size"] = 3
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(saved, lambda manifest: manifest["model"].update(code_size=3))
     with pytest.raises(ArtifactError, match="do not fit") as refused:
         load_detector(saved)
     assert "\n" not in str(refused.value)  # one line (torch gives a line per mismatch)
@@ -128,15 +122,16 @@ def test_weights_of_another_shape_are_refused(saved: Path):
     ],
 )
 def test_manifest_numbers_that_cannot_score_are_refused(saved: Path, path, value):
-    manifest = json.loads((saved / "manifest.json").read_text())
-    size = len(manifest["scaler"]["scale"])
-    if isinstance(value, str):
-        value = {"zeros": 0.0, "negative": -1.0, "nan": float("nan")}[value]
-        value = [value] * size
-    if path == ("threshold", "value"):
-        manifest["threshold"]["calibrated"] = True
-    manifest[path[0]][path[1]] = value
-    (saved / "manifest.json").write_text(json.dumps(manifest))  # (json writes NaN and Infinity)
+    def change(manifest: dict) -> None:
+        numbers = value
+        if isinstance(numbers, str):
+            numbers = {"zeros": 0.0, "negative": -1.0, "nan": float("nan")}[numbers]
+            numbers = [numbers] * len(manifest["scaler"]["scale"])
+        if path == ("threshold", "value"):
+            manifest["threshold"]["calibrated"] = True
+        manifest[path[0]][path[1]] = numbers
+
+    edit_manifest(saved, change)
     with pytest.raises(ArtifactError, match="finite"):
         load_detector(saved)
 
@@ -152,12 +147,13 @@ def test_manifest_numbers_that_cannot_score_are_refused(saved: Path, path, value
     ],
 )
 def test_a_manifest_field_of_the_wrong_type_is_refused_as_an_artifact_error(saved, path, value):
-    manifest = json.loads((saved / "manifest.json").read_text())
-    holder = manifest
-    for name in path[:-1]:
-        holder = holder[name]
-    holder[path[-1]] = value
-    (saved / "manifest.json").write_text(json.dumps(manifest))
+    def change(manifest: dict) -> None:
+        holder = manifest
+        for name in path[:-1]:
+            holder = holder[name]
+        holder[path[-1]] = value
+
+    edit_manifest(saved, change)
     with pytest.raises(ArtifactError, match=str(saved)):
         load_detector(saved)
 
@@ -200,3 +196,23 @@ def test_a_registry_model_whose_mlmodel_file_is_unreadable_is_refused(tmp_path: 
     (tmp_path / "MLmodel").write_bytes(mlmodel)
     with pytest.raises(ArtifactError, match=str(tmp_path)):
         _detector_dir(tmp_path)
+
+
+def test_a_hand_edited_manifest_in_a_local_folder_is_refused(saved: Path, caplog):
+    """A local folder's manifest (a threshold raised by hand, a scaler changed) is refused as
+    changed weights are, naming the file; `aewatch recalibrate` is the way to a new threshold.
+    A manifest of an aewatch before the seal loads, with a warning."""
+
+    def raise_threshold(manifest: dict) -> None:
+        manifest["threshold"].update(value=1e9, calibrated=True)
+
+    edit_manifest(saved, lambda manifest: None, seal=False)  # reformatted only: the same
+    load_detector(saved)
+    edit_manifest(saved, raise_threshold, seal=False)
+    with pytest.raises(ArtifactError, match=r"manifest\.json: SHA-256 .* edited") as refused:
+        load_detector(saved)
+    assert refused.value.reason == "manifest_sha256"
+    edit_manifest(saved, lambda manifest: manifest.pop("manifest_sha256"), seal=False)
+    with caplog.at_level("WARNING", logger="pipeline.detector.artifact"):
+        load_detector(saved)
+    assert "records no manifest_sha256" in caplog.text

@@ -6,6 +6,7 @@ pyfunc's code) are listed with their SHA-256 in another tag and checked too."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,12 @@ from pipeline.cli import main
 from pipeline.detector import artifact_digest, load_detector
 from pipeline.errors import ArtifactError
 from pipeline.registry.client import TAG_PREFIX, load_model, package_files, resolve_model
-from tests.helpers import labelled_series_csv, register_result, train_series_detector
+from tests.helpers import (
+    edit_manifest,
+    labelled_series_csv,
+    register_result,
+    train_series_detector,
+)
 from training.tracking import local_store
 
 
@@ -41,9 +47,8 @@ def _stored_manifests(root: Path) -> list[Path]:
 
 
 def _edit(path: Path, change) -> None:
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_text(json.dumps(manifest, indent=2))
+    """The manifest at `path` changed and sealed again: the registry's digest still tells."""
+    edit_manifest(path.parent, change, indent=2)
 
 
 def _raise_threshold(manifest: dict) -> None:
@@ -86,12 +91,17 @@ def test_the_pyfunc_refuses_an_edited_manifest(registry):
     import mlflow
 
     uri, version, root = registry
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     for path in _stored_manifests(root):
         _edit(path, _raise_threshold)
-    with pytest.raises(Exception, match="digest"):
-        mlflow.pyfunc.load_model(f"models:/integrity/{version}")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        with pytest.raises(Exception, match="digest"):
+            mlflow.pyfunc.load_model(f"models:/integrity/{version}")
+    finally:  # a later test's MlflowClient(server) must not be sent to this store's registry
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri exports it
 
 
 def test_a_version_without_the_digest_tag_is_refused(registry):

@@ -3,7 +3,6 @@ their state, and the artifact's check of them."""
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,6 +15,7 @@ from pipeline.detector.baselines import KeyStats, short_span_ratio
 from pipeline.detector.key_baselines import FOLLOW_BLOCK, BaselineConfig, KeyBaselines
 from pipeline.errors import ArtifactError, ConfigError
 from tests.fleet_support import fleet_frame, machine, train_on
+from tests.helpers import edit_manifest
 
 W, S, F = 8, 2, 3
 
@@ -173,9 +173,11 @@ def test_edited_baselines_are_refused(keyed, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(root / "keyed", copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["baselines"]["keys"]["high"]["mean"][0] += 1.0
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+    def change(manifest: dict) -> None:
+        manifest["baselines"]["keys"]["high"]["mean"][0] += 1.0
+
+    edit_manifest(copy, change)  # sealed again: the baselines' own SHA-256 tells
     with pytest.raises(ArtifactError, match="SHA-256") as info:
         load_detector(copy)
     assert info.value.reason == "sha256"

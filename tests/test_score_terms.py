@@ -16,7 +16,7 @@ from pipeline.detector.artifact import artifact_digest
 from pipeline.detector.scoring import TERMS, ScoreStats
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.tools.synthetic import normal_series
-from tests.helpers import anomalous_windows, labelled_series_csv
+from tests.helpers import anomalous_windows, edit_manifest, labelled_series_csv
 
 WINDOW = 16
 
@@ -126,14 +126,19 @@ def test_the_statistics_travel_in_the_manifest_and_are_verified(trained, fresh, 
     assert np.shape(manifest["score"]["upper"]) == (len(TERMS), 6)
     copy = tmp_path / "copy"
     save_detector(result.detector, copy)
-    edited = json.loads((copy / "manifest.json").read_text())
-    edited["score"]["upper"][0][0] *= 10  # a threshold would silently move
-    (copy / "manifest.json").write_text(json.dumps(edited))
+
+    def scale(edited: dict) -> None:
+        edited["score"]["upper"][0][0] *= 10  # a threshold would silently move
+
+    edit_manifest(copy, scale)  # sealed again: the statistics' own SHA-256 tells
     with pytest.raises(ArtifactError, match="SHA-256"):
         load_detector(copy)
-    edited["score"]["upper"][0][0] = -1.0
-    edited["score"]["sha256"] = ScoreStats.from_dict(manifest["score"]).digest()
-    (copy / "manifest.json").write_text(json.dumps(edited))
+
+    def negative(edited: dict) -> None:
+        edited["score"]["upper"][0][0] = -1.0
+        edited["score"]["sha256"] = ScoreStats.from_dict(manifest["score"]).digest()
+
+    edit_manifest(copy, negative)
     with pytest.raises(ArtifactError):
         load_detector(copy)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import pickle
 import shutil
 import tempfile
@@ -28,7 +27,13 @@ from pipeline.registry.follower import ModelFollower
 from pipeline.tools.local_broker import free_port
 from pipeline.worker.cli import worker_environment
 from pipeline.worker.http_server import WorkerHttpServer
-from tests.helpers import HostilePickle, metric_values, register_result, wait_until
+from tests.helpers import (
+    HostilePickle,
+    edit_manifest,
+    metric_values,
+    register_result,
+    wait_until,
+)
 from tests.kafka_support import build_app, consume, names, produce, stream_items, worker_settings
 from tests.worker_support import flags_by_window, fleet, train_fleet_detector
 
@@ -48,9 +53,11 @@ def _copy(result, root: Path, name: str) -> Path:
 
 def renamed_features(result, root: Path) -> Path:
     target = _copy(result, root, "renamed")
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["input"]["features"] = [f"x_{f}" for f in manifest["input"]["features"]]
-    (target / "manifest.json").write_text(json.dumps(manifest))
+
+    def rename(manifest: dict) -> None:
+        manifest["input"]["features"] = [f"x_{f}" for f in manifest["input"]["features"]]
+
+    edit_manifest(target, rename)
     return target
 
 
@@ -60,17 +67,13 @@ def nan_weights(result, root: Path) -> Path:
     first = next(k for k, v in state.items() if v.is_floating_point())
     state[first] = torch.full_like(state[first], float("nan"))
     torch.save(state, target / "weights.pt")
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["weights"]["sha256"] = sha256_file(target / "weights.pt")
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(target, lambda m: m["weights"].update(sha256=sha256_file(target / "weights.pt")))
     return target
 
 
 def newer_format(result, root: Path) -> Path:
     target = _copy(result, root, "newer")
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["format_version"] = 99
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(target, lambda manifest: manifest.update(format_version=99))
     return target
 
 
@@ -79,9 +82,7 @@ def pickled_weights(result, root: Path, marker: Path) -> Path:
     target = _copy(result, root, "pickled")
     with open(target / "weights.pt", "wb") as handle:
         pickle.dump({"encoder.1.weight": HostilePickle(marker)}, handle)
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["weights"]["sha256"] = sha256_file(target / "weights.pt")
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(target, lambda m: m["weights"].update(sha256=sha256_file(target / "weights.pt")))
     return target
 
 

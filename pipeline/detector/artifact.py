@@ -6,6 +6,10 @@ and the SHA-256 of the weights. Loading checks format and hash before the weight
 then reads it with `torch.load(weights_only=True)`, which refuses anything but tensors. A weights
 hash that is missing, null or not 64 hex digits is refused like one that differs.
 
+The manifest seals itself: `manifest_sha256` is the SHA-256 of its canonical JSON without that
+field, so a hand-edited threshold or scaler in a local folder is refused as a changed weights file
+is (a manifest of an aewatch before the seal loads with a warning that edits cannot be told).
+
 `artifact_digest` covers the whole artifact: the manifest in canonical JSON (sorted keys, no
 whitespace, so reformatting does not change it, any value does) and the weights' bytes. A
 registered version carries it as a tag (`aewatch.artifact_sha256`) and every registry loader
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 from datetime import UTC, datetime
@@ -39,6 +44,8 @@ from pipeline.detector.scoring import ScoreStats
 from pipeline.detector.threshold import Threshold
 from pipeline.errors import ArtifactError, ConfigError, ModelError, one_line
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -46,6 +53,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "artifact_digest",
     "load_detector",
+    "manifest_seal",
     "read_manifest",
     "save_detector",
     "sha256_file",
@@ -67,6 +75,35 @@ def sha256_file(path: Path) -> str:
 
 def _canonical(manifest: dict) -> bytes:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+SEAL = "manifest_sha256"
+
+
+def manifest_seal(manifest: dict) -> str:
+    """The SHA-256 a manifest records of itself: its canonical JSON without the `SEAL` field."""
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    return hashlib.sha256(b"aewatch.manifest/1\0" + _canonical(body)).hexdigest()
+
+
+def _check_seal(manifest: dict, directory: Path) -> None:
+    recorded = manifest.get(SEAL)
+    if SEAL not in manifest:
+        log.warning(
+            "%s: the manifest records no %s (written by an aewatch before it): edits to it "
+            "cannot be told",
+            directory,
+            SEAL,
+        )
+        return
+    actual = manifest_seal(manifest)
+    if recorded != actual:
+        raise ArtifactError(
+            f"{directory / MANIFEST_FILE}: SHA-256 {actual[:12]}... does not match the recorded "
+            f"{str(recorded)[:12]}...; refusing an edited manifest (a new threshold: "
+            "`aewatch recalibrate`)",
+            reason="manifest_sha256",
+        )
 
 
 def _digest(manifest: dict, weights_sha256: str) -> str:
@@ -122,6 +159,7 @@ def save_detector(detector: Detector, directory: str | Path) -> Path:
         },
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(staged)},
     }
+    manifest[SEAL] = manifest_seal(manifest)
     # Each file appears whole: written under a temporary name, then renamed into place.
     path = directory / MANIFEST_FILE
     staged_manifest = directory / f".{MANIFEST_FILE}.partial"
@@ -171,6 +209,7 @@ def load_detector(
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    _check_seal(manifest, directory)
     try:
         input_spec = InputSpec.from_dict(manifest["input"])
         scaler = Scaler.from_dict(manifest["scaler"])
