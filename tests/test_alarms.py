@@ -115,6 +115,23 @@ def test_a_noisy_anomalous_stretch_gives_one_episode_with_its_start_end_peak_and
     assert means[0] == pytest.approx(w.per_feature[90:120][flags[90:120], HOT].mean())
 
 
+def test_the_peak_is_an_anomalous_windows_when_something_else_decides_what_is_anomalous():
+    """Under `--alarm-on adaptive` surprise decides, not the score: a normal window may score
+    higher than the anomalous ones (in the episode's opening history or while it resolves). The
+    peak is the anomalous windows' highest, so `peak_time` lies within [start, end]."""
+    flags = stretch_flags(200, (90, 100))
+    w = series(flags)
+    w.scores[88] = 9.0  # before the episode, among its opening history: not part of it
+    w.scores[[92, 105]] = [8.0, 9.5]  # one anomalous, one normal while it resolves
+    w.flags[92] = False  # decided normal (the surprise was low) though it scored high
+    transitions = feed(AlarmTracker(AlarmRules(), FEATURES), w)
+    assert [t.kind for t in transitions] == ["opened", "resolved"]
+    for transition in transitions:
+        anomalous = w.flags & (w.end <= transition.time_ms)
+        assert transition.peak_score == w.scores[anomalous].max() < 8.0
+        assert transition.start_ms <= transition.peak_ms <= w.end[99]
+
+
 def test_top_features_are_empty_without_names_or_errors():
     w = series(stretch_flags(60, (10, 30)))
     without_names = feed(AlarmTracker(AlarmRules()), w)

@@ -1,7 +1,11 @@
 """Feature scaling fitted on the training split only, stored in the detector manifest.
 
 `transform(x) = (x - center) / scale` along the feature axis. A feature whose spread is zero in the
-training data keeps scale 1, so it neither divides by zero nor amplifies later noise.
+training data keeps scale 1, so it neither divides by zero nor amplifies later noise. Scaled values
+are held within +-`SCALED_LIMIT`: a reading within float32's range (3e38) but thousands of
+billions of spreads from normal would overflow the model's arithmetic into a score that is not a
+number; held there, its window's score is far above any threshold and finite (measured: a value
+at the limit gives a mean error near 2e22, float32 holds 3e38).
 
 `ScalerFit` is the one fitting rule, an accumulator: `update(samples)` as often as needed, then
 `compute()`. Fitted in one `update`, it gives exactly what the in-memory `Scaler.fit` always gave;
@@ -19,12 +23,13 @@ import numpy as np
 
 from pipeline.errors import ConfigError, DataError
 
-__all__ = ["SCALER_KINDS", "STREAMING_KINDS", "Scaler", "ScalerFit"]
+__all__ = ["SCALED_LIMIT", "SCALER_KINDS", "STREAMING_KINDS", "Scaler", "ScalerFit"]
 
 SCALER_KINDS = ("standard", "minmax", "robust", "none")
 STREAMING_KINDS = ("standard", "minmax", "none")
 """The kinds `ScalerFit` fits in constant memory, whatever the number of samples."""
 _TINY = 1e-12
+SCALED_LIMIT = 1e12
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,8 @@ class Scaler:
         center = np.asarray(self.center, dtype=np.float32).reshape(shape)
         scale = np.asarray(self.scale, dtype=np.float32).reshape(shape)
         out = np.subtract(x, center, dtype=np.float32)  # one array the size of x, scaled in place
-        return np.divide(out, scale, out=out)
+        np.divide(out, scale, out=out)
+        return np.clip(out, -SCALED_LIMIT, SCALED_LIMIT, out=out)
 
     def inverse_transform(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
         shape = [1] * x.ndim

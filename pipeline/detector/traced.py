@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pipeline.detector.models import ModelConfig
+from pipeline.detector.scaler import SCALED_LIMIT
 from pipeline.detector.scoring import ScoreStats, score_parts
 
 __all__ = ["ScoringPass"]
@@ -80,7 +81,7 @@ class _Pass(nn.Module):
         self.extremes = extremes
 
     def eager(self, raw: torch.Tensor, center: torch.Tensor, scale: torch.Tensor) -> Outputs:
-        x = (raw - center) / scale
+        x = ((raw - center) / scale).clamp_(-SCALED_LIMIT, SCALED_LIMIT)  # (in place: no copy)
         out = score_parts(
             self.model, self.config, x, attribution=self.attribution, stats=self.stats
         )

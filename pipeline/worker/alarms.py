@@ -16,8 +16,8 @@ each key's stream of window decisions into episodes with an opening and a resolu
   opening. A fault that is still present when the cooldown ends therefore needs ``k`` fresh
   anomalous windows, and the new episode starts at the first of those, after the cooldown.
 
-Every transition carries the episode's peak score (highest window score seen in the episode) and
-when it happened, how many windows and anomalous windows it spans so far, and the three features
+Every transition carries the episode's peak score (the highest score of its anomalous windows, so
+the peak lies within the episode's span whatever decides a window anomalous) and when it happened, how many windows and anomalous windows it spans so far, and the three features
 with the largest mean error over its anomalous windows.
 
 Cost: ``AlarmTracker.update`` takes all windows of one key from a scored batch as numpy arrays. A
@@ -97,7 +97,7 @@ class AlarmTransition:
     time_ms: int  # end ms of the window that caused the transition
     start_ms: int  # start ms of the episode's first anomalous window
     end_ms: int | None  # resolved: end ms of the episode's last anomalous window; opened: None
-    peak_score: float  # highest window score so far in the episode
+    peak_score: float  # highest score of the episode's anomalous windows so far
     peak_ms: int  # end ms of the window with the peak score
     windows: int  # windows in the episode so far, the ones that opened it included
     anomalous_windows: int
@@ -261,10 +261,9 @@ class AlarmTracker:
                         out.append(self._open_episode(st, key, partition))
             else:
                 ep.windows += 1
-                score = values[i]
-                if score > ep.peak:
-                    ep.peak, ep.peak_ms = score, end
                 if flag:
+                    if values[i] > ep.peak:  # the peak of the anomalous windows: within the span
+                        ep.peak, ep.peak_ms = values[i], end
                     ep.anomalous += 1
                     ep.normal_run = 0
                     ep.last_anomalous = end
@@ -289,9 +288,9 @@ class AlarmTracker:
         ep.peak_ms = entries[0][1]
         for _, end, score, flag, row in entries:
             ep.windows += 1
-            if score > ep.peak:
-                ep.peak, ep.peak_ms = score, end
             if flag:
+                if score > ep.peak:
+                    ep.peak, ep.peak_ms = score, end
                 ep.anomalous += 1
                 ep.last_anomalous = end
                 if row is not None:

@@ -394,7 +394,7 @@ class Worker:
         if self.settings.adaptive.alarm_on == "adaptive":
             flags = adaptive.anomalous(self.settings.adaptive.adaptive_threshold)
         else:
-            flags = batch.scored.scores > threshold.value
+            flags = ~(batch.scored.scores <= threshold.value)  # as `Detector.is_anomaly`
         if self.settings.events.windows:
             self.writer.windows(batch, flags, threshold, self.model, adaptive)
         if self.alarms is not None:
