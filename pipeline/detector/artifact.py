@@ -87,7 +87,7 @@ def manifest_seal(manifest: dict) -> str:
 
 
 def _check_seal(manifest: dict, directory: Path) -> None:
-    recorded = manifest.get(SEAL)
+    """Refuse a manifest whose recorded seal is not its own (`manifest_seal`)."""
     if SEAL not in manifest:
         log.warning(
             "%s: the manifest records no %s (written by an aewatch before it): edits to it "
@@ -96,7 +96,7 @@ def _check_seal(manifest: dict, directory: Path) -> None:
             SEAL,
         )
         return
-    actual = manifest_seal(manifest)
+    actual, recorded = manifest_seal(manifest), manifest[SEAL]
     if recorded != actual:
         raise ArtifactError(
             f"{directory / MANIFEST_FILE}: SHA-256 {actual[:12]}... does not match the recorded "
