@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import orjson
+import pandas as pd
 import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -469,3 +470,72 @@ def test_encode_image_record_refuses_what_png_cannot_hold():
     with pytest.raises(ValueError):
         encode_image_record(np.zeros((8, 8)), "gif")
     assert encode_image_record(np.zeros((8, 8))).startswith(b"\x93NUMPY")
+
+
+def test_epoch_seconds_in_the_envelope_or_header_are_refused_as_for_readings(digits):
+    """A numeric time that reads as 1970-1973 in epoch ms is epoch seconds: refused as a
+    reading's is (it stamped the image's events in 1970), while ISO text of those years is taken."""
+    raw = encode_image_record(digits[0])
+    seconds = RECORD_TS // 1000
+    refused = rejected(decode(GREY, envelope(ts=seconds, image=b64(raw))), "bad_timestamp")
+    assert "epoch seconds" in refused.detail
+    for header in (str(seconds).encode(), f"{seconds}.5".encode()):
+        refused = rejected(decode(GREY, raw, headers=[("aewatch.ts", header)]), "bad_timestamp")
+        assert "aewatch.ts" in refused.detail and "epoch seconds" in refused.detail
+    iso_1971 = "1971-06-01T00:00:00Z"
+    assert accepted(decode(GREY, envelope(ts=iso_1971, image=b64(raw)))).ts_ms == 44_582_400_000
+    header = [("aewatch.ts", iso_1971.encode())]
+    assert accepted(decode(GREY, raw, headers=header)).ts_ms == 44_582_400_000
+
+
+def test_a_dead_letters_detail_is_the_same_for_the_same_record():
+    """PIL names the stream object it could not read, with its address: the detail differed
+    from one run (and one decode) to the next."""
+    junk = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
+    details = {rejected(decode(GREY, junk), "decode_error").detail for _ in range(3)}
+    assert len(details) == 1 and "0x" not in details.pop()
+
+
+def test_an_array_is_laid_out_as_aewatch_score_lays_out_a_stack_of_it():
+    """An array that is both [C, H, W] and [H, W, C] (C = H = W) is read channels-last, as
+    training and `score` read a stack of such arrays; one that fits only [H, W, C] is taken even
+    when its first side equals the channel count (it was refused)."""
+    from training.data.image_files import _to_nchw
+
+    cube = np.arange(27, dtype=np.float32).reshape(3, 3, 3)
+    got = accepted(decode((3, 3, 3), encode_image_record(cube))).image
+    np.testing.assert_array_equal(got, _to_nchw(cube[None], "test")[0])
+    tall = np.arange(72, dtype=np.float32).reshape(3, 8, 3)  # [H, W, C] for a (3, 3, 8) model
+    got = accepted(decode((3, 3, 8), encode_image_record(tall))).image
+    np.testing.assert_array_equal(got, tall.transpose(2, 0, 1))
+
+
+def test_pyfunc_rows_are_read_as_the_worker_reads_an_array():
+    """The served model reshaped each row to [C, H, W] whatever its layout: an [H, W, C] image
+    was scored scrambled, a NaN pixel scored NaN, a wrong size raised numpy's ValueError."""
+    from pipeline.detector import Detector, InputSpec, ModelConfig, Scaler
+    from pipeline.detector.models import build_model
+    from pipeline.errors import DataError
+    from pipeline.modalities.image import ImageModality
+
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0, 255, size=(4, *RGB)).astype(np.float32)
+    config = ModelConfig(kind="undercomplete", backbone="dense", input_shape=RGB)
+    spec = InputSpec("image", image_shape=RGB)
+    scaler = Scaler.fit("standard", images.transpose(0, 2, 3, 1).reshape(-1, 3))
+    detector = Detector(spec, scaler, config, build_model(config))
+    modality = ImageModality(spec)
+    expected = detector.score(images).scores
+
+    def scores(rows) -> np.ndarray:
+        return modality.score_rows(detector, pd.DataFrame({"image": rows}))["score"].to_numpy()
+
+    for layout in (images, images.transpose(0, 2, 3, 1)):
+        np.testing.assert_allclose(scores([image.tolist() for image in layout]), expected)
+    np.testing.assert_allclose(scores([image.ravel().tolist() for image in images]), expected)
+    nan = images[1].copy()
+    nan[0, 2, 2] = np.nan
+    with pytest.raises(DataError, match=r"row 1: 'image' holds NaN"):
+        scores([images[0].tolist(), nan.tolist()])
+    with pytest.raises(DataError, match=r"row 0: 'image' of shape \[3, 8, 7\]"):
+        scores([images[0][:, :, :7].tolist()])

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import DataError
 from pipeline.events import iso_ms_many
 from pipeline.modalities.base import Partition, Reject
 from pipeline.modalities.expiry import KEY_TTL_S, silent
-from pipeline.modalities.images import ImageDecoder
+from pipeline.modalities.images import ImageDecoder, image_axes
 from pipeline.modalities.readings import Rejection
 from pipeline.modalities.windowing import ReadyWindows
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["ImageModality", "error_map_png", "top_regions"]
 
 TOP_REGIONS = 3
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ImageKeys:
@@ -157,11 +159,13 @@ class ImageModality:
         return None
 
     def score_rows(self, detector: Detector, rows: pd.DataFrame) -> pd.DataFrame:
-        """A column `image` holding each image as nested or flat lists of pixels."""
+        """A column `image` holding each image as nested lists of pixels ([C, H, W], [H, W, C] or
+        [H, W] as the worker reads an array) or flat ones in [C, H, W] order; a row of another
+        shape, or with a pixel a float32 model cannot hold, is refused naming it."""
         from pipeline.batch import score_images
 
-        shape = self.spec.image_shape
-        images = np.stack([np.asarray(v, dtype=np.float32).reshape(shape) for v in rows["image"]])
+        shape = tuple(self.spec.image_shape)
+        images = np.stack([_row_image(i, v, shape) for i, v in enumerate(rows["image"])])
         return score_images(detector, images)[["score", "threshold", "p_value", "is_anomaly"]]
 
     def version_tags(self) -> dict[str, str]:
@@ -171,6 +175,27 @@ class ImageModality:
         import pandas as pd
 
         return pd.DataFrame({"image": [sample.ravel().tolist()]})
+
+
+def _row_image(row: int, value, shape: tuple[int, int, int]) -> np.ndarray:
+    """One pyfunc row's image as float32 [C, H, W], read as the worker reads an array."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"row {row}: 'image' is not an array of numbers ({exc})") from exc
+    if array.ndim == 1 and array.size == np.prod(shape):
+        array = array.reshape(shape)
+    else:
+        axes = image_axes(array.shape, shape)
+        if axes is None:
+            raise DataError(
+                f"row {row}: 'image' of shape {list(array.shape)}; the model takes {list(shape)} "
+                "([C, H, W], [H, W, C], [H, W] for one channel, or flat)"
+            )
+        array = array.reshape(shape) if array.ndim == 2 else array.transpose(axes)
+    if not (np.abs(array) <= _FLOAT32_MAX).all():  # NaN compares False
+        raise DataError(f"row {row}: 'image' holds NaN, infinity or values beyond float32")
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 # -- summaries of a per-pixel error map ---------------------------------------------------------

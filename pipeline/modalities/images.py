@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from tokenize import TokenError  # numpy's .npy header parser raises it
 from typing import NamedTuple
 
@@ -49,6 +50,7 @@ import orjson
 from PIL import Image
 
 from pipeline.errors import one_line
+from pipeline.modalities.batches import SECONDS, SECONDS_LIKE
 from pipeline.modalities.readings import MS_RANGE, REASONS, Rejection, parse_timestamp_ms
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "DecodedImage",
     "ImageDecoder",
     "encode_image_record",
+    "image_axes",
 ]
 
 TIMESTAMP_HEADER = "aewatch.ts"
@@ -92,25 +95,51 @@ class DecodedImage(NamedTuple):
     image: np.ndarray
 
 
+# An object's repr in a decoder's message (`<_io.BytesIO object at 0x7f...>`): a new address
+# each run, in a dead letter's detail.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
 def _detail(exc: BaseException) -> str:
-    """A decoder's message as a rejection's detail: one line, at most 200 characters."""
-    return one_line(exc, 200)
+    """A decoder's message as a rejection's detail: one line, at most 200 characters, the same
+    for the same record (object addresses left out)."""
+    return one_line(_OBJECT_REPR.sub("", str(exc)) or type(exc).__name__, 200)
 
 
-def _header_timestamp(raw: bytes | None) -> int:
-    """Epoch ms from an `aewatch.ts` header: digits (epoch ms) or an ISO-8601 string."""
+def image_axes(shape: tuple[int, ...], expected: tuple[int, int, int]) -> tuple[int, ...] | None:
+    """How one image array of `shape` maps to the model's (C, H, W): the axes to transpose, or
+    None. [H, W] for one channel, [C, H, W] or [H, W, C]; an array that is both (C = H = W) is
+    read as training reads a stack of them: channels-last."""
+    channels, height, width = expected
+    if len(shape) == 2:
+        return (0, 1) if channels == 1 and shape == (height, width) else None
+    if shape == (height, width, channels):
+        return (2, 0, 1)
+    if shape == (channels, height, width):
+        return (0, 1, 2)
+    return None
+
+
+def _epoch_seconds(ms: int, numeric: bool) -> bool:
+    """A numeric time that reads as 1970-1973 in epoch ms: epoch seconds, as for readings."""
+    return numeric and SECONDS_LIKE[0] <= ms < SECONDS_LIKE[1]
+
+
+def _header_timestamp(raw: bytes | None) -> tuple[int, bool]:
+    """Epoch ms from an `aewatch.ts` header: digits (epoch ms) or an ISO-8601 string; and
+    whether it was a number."""
     if raw is None:
         raise ValueError(f"header {TIMESTAMP_HEADER} has no value")
     text = raw.decode().strip()
     try:
-        return parse_timestamp_ms(int(text))
+        return parse_timestamp_ms(int(text)), True
     except ValueError:
         pass
     try:
         number = float(text)
     except ValueError:
-        return parse_timestamp_ms(text)
-    return parse_timestamp_ms(number)
+        return parse_timestamp_ms(text), False
+    return parse_timestamp_ms(number), True
 
 
 class ImageDecoder:
@@ -198,9 +227,12 @@ class ImageDecoder:
     ) -> int | Rejection:
         if envelope_ts is not None:
             try:
-                return parse_timestamp_ms(envelope_ts)
+                ms = parse_timestamp_ms(envelope_ts)
             except _TIMESTAMP_ERRORS as exc:
                 return Rejection("bad_timestamp", f"'ts': {_detail(exc)}")
+            if _epoch_seconds(ms, envelope_ts.__class__ is not str):
+                return Rejection(*SECONDS)
+            return ms
         header = None
         found = False
         for name, raw in headers or ():
@@ -208,9 +240,12 @@ class ImageDecoder:
                 header, found = raw, True
         if found:
             try:
-                return _header_timestamp(header)
+                ms, numeric = _header_timestamp(header)
             except _TIMESTAMP_ERRORS as exc:
                 return Rejection("bad_timestamp", f"header {TIMESTAMP_HEADER}: {_detail(exc)}")
+            if _epoch_seconds(ms, numeric):
+                return Rejection("bad_timestamp", f"header {TIMESTAMP_HEADER}: {SECONDS[1]}")
+            return ms
         if timestamp_ms is None or isinstance(timestamp_ms, bool) or timestamp_ms < 0:
             return Rejection("bad_timestamp", "no 'ts', no header and no record timestamp")
         if timestamp_ms >= MS_RANGE[1]:
@@ -240,19 +275,6 @@ class ImageDecoder:
     def _shape_error(self, got: tuple[int, ...]) -> Rejection:
         return Rejection("image_shape", f"expected {list(self.shape)}, got {list(got)}")
 
-    def _layout(self, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
-        """How an array of `shape` maps to (C, H, W): the axes to transpose, or None."""
-        channels, height, width = self.shape
-        if len(shape) == 2:
-            return (0, 1, 2) if channels == 1 and shape == (height, width) else None
-        if len(shape) != 3:
-            return None
-        if shape[0] == channels:
-            return (0, 1, 2) if shape[1:] == (height, width) else None
-        if shape[2] == channels:
-            return (2, 0, 1) if shape[:2] == (height, width) else None
-        return None
-
     def _read_npy(self, payload: bytes) -> np.ndarray | Rejection:
         stream = io.BytesIO(payload)
         fmt = np.lib.format
@@ -270,7 +292,7 @@ class ImageDecoder:
             return Rejection("decode_error", ".npy object arrays (pickled data) are not accepted")
         if dtype.kind not in "biuf":
             return Rejection("decode_error", f".npy dtype {dtype} is not numeric")
-        axes = self._layout(tuple(shape))
+        axes = image_axes(tuple(shape), self.shape)
         if axes is None:
             return self._shape_error(tuple(shape))
         needed = stream.tell() + int(np.prod(shape)) * dtype.itemsize

@@ -6,7 +6,8 @@ whole artifact's digest that registration put in the model config. Input rows:
 
 - series detectors: one reading per row with the feature columns, plus optional `key` and `ts`;
   each row gets the score of the window ending at it (null where no window ends);
-- image detectors: a column `image` holding each image as nested or flat lists of pixels.
+- image detectors: a column `image` holding each image as nested lists of pixels ([C, H, W],
+  [H, W, C] or [H, W], as the worker reads an array) or flat ones in [C, H, W] order.
 
 Output per row: score, threshold, p_value, is_anomaly.
 """
