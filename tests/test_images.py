@@ -539,3 +539,35 @@ def test_pyfunc_rows_are_read_as_the_worker_reads_an_array():
         scores([images[0].tolist(), nan.tolist()])
     with pytest.raises(DataError, match=r"row 0: 'image' of shape \[3, 8, 7\]"):
         scores([images[0][:, :, :7].tolist()])
+
+
+def test_a_folder_of_pictures_is_read_for_a_detector_as_the_worker_reads_each(tmp_path):
+    """The worker conforms a record's picture to the model's channels (palette, grey+alpha and
+    RGBA pictures); `score` read a folder by fixed rules and refused what the worker scores
+    ("images are (4, 8, 8), detector expects (3, 8, 8)", "unsupported image mode LA")."""
+    from pipeline.detector import Detector, InputSpec, ModelConfig, Scaler
+    from pipeline.detector.models import build_model
+    from training.data.for_detector import ALL, DataSource, load_for
+
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, size=(8, 8, 4), dtype=np.uint8)
+    pictures = {
+        "rgb": {3: Image.fromarray(rgba[..., :3], "RGB")},
+        "rgba": {3: Image.fromarray(rgba, "RGBA")},
+        "palette": {3: Image.fromarray(rgba[..., :3], "RGB").quantize(16)},
+        "grey-alpha": {1: Image.fromarray(rgba[..., :2], "LA")},
+    }
+    for name, by_channels in pictures.items():
+        for channels, picture in by_channels.items():
+            shape = (channels, 8, 8)
+            folder = tmp_path / name
+            folder.mkdir()
+            png = png_of(picture)
+            (folder / "a.png").write_bytes(png)
+            config = ModelConfig(kind="undercomplete", backbone="dense", input_shape=shape)
+            scaler = Scaler.fit("standard", rng.uniform(0, 255, size=(64, channels)))
+            spec = InputSpec("image", image_shape=shape)
+            detector = Detector(spec, scaler, config, build_model(config))
+            read = load_for(detector, DataSource(str(folder))).parts[ALL].images
+            streamed = accepted(decode(shape, png)).image
+            np.testing.assert_array_equal(read[0], streamed, err_msg=name)

@@ -58,6 +58,7 @@ __all__ = [
     "TIMESTAMP_HEADER",
     "DecodedImage",
     "ImageDecoder",
+    "conform_mode",
     "encode_image_record",
     "image_axes",
 ]
@@ -319,7 +320,7 @@ class ImageDecoder:
             if (got_height, got_width) != (height, width):
                 return self._shape_error((len(picture.getbands()), got_height, got_width))
             try:
-                array = np.asarray(_conform_mode(picture, channels))
+                array = np.asarray(conform_mode(picture, channels))
             except _PICTURE_ERRORS as exc:
                 return Rejection("decode_error", f"unreadable {fmt}: {_detail(exc)}")
         array = array[np.newaxis] if array.ndim == 2 else array.transpose(2, 0, 1)
@@ -328,7 +329,7 @@ class ImageDecoder:
         return array
 
 
-def _conform_mode(picture: Image.Image, channels: int) -> Image.Image:
+def conform_mode(picture: Image.Image, channels: int) -> Image.Image:
     """Convert palette, bilevel and alpha pictures to the model's channel count where that is
     a change of representation rather than of content; others are left for the shape check."""
     mode = picture.mode

@@ -58,7 +58,8 @@ def _series_for(detector: Detector, source: DataSource) -> SeriesSplits:
 
 def _images_for(detector: Detector, source: DataSource) -> ImageSplits:
     spec = detector.input
-    images = load_images(source.path, labels_path=source.labels_path)
+    channels = spec.image_shape[0]  # pictures conformed to them as the worker conforms them
+    images = load_images(source.path, labels_path=source.labels_path, channels=channels)
     if images.images.shape[1:] != tuple(spec.image_shape):
         raise DataError(
             f"{source.path}: images are {images.images.shape[1:]}, the detector "

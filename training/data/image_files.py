@@ -253,9 +253,10 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def load_folder(
-    root: Path, source: str
+    root: Path, source: str, channels: int | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
-    """A folder of PNG/JPEG images: flat (no labels) or one subfolder per class."""
+    """A folder of PNG/JPEG images: flat (no labels) or one subfolder per class; with
+    `channels` (a detector's), each conformed to them as the worker conforms a record's."""
     flat = _image_files(root)
     class_dirs = [
         d
@@ -274,11 +275,11 @@ def load_folder(
         files += [(f, index) for f in _image_files(folder)]
 
     first_file = files[0][0]
-    first, mode = _read_image(first_file)
+    first, mode = _read_image(first_file, channels)
     images = np.empty((len(files), *first.shape), dtype=np.float32)
     images[0] = first
     for i, (file, _) in enumerate(files[1:], start=1):
-        pixels, file_mode = _read_image(file)
+        pixels, file_mode = _read_image(file, channels)
         if file_mode != mode or pixels.shape != first.shape:
             raise DataError(
                 f"{file}: mode {file_mode} and size {pixels.shape[2]}x{pixels.shape[1]} differ "
@@ -292,15 +293,21 @@ def load_folder(
     return images, labels, tuple(d.name for d in class_dirs)
 
 
-def _read_image(file: Path) -> tuple[np.ndarray, str]:
-    """One image as `[C, H, W]` raw pixel values, with its Pillow mode."""
+def _read_image(file: Path, channels: int | None = None) -> tuple[np.ndarray, str]:
+    """One image as `[C, H, W]` raw pixel values, with its Pillow mode. With `channels` (a
+    detector's), its mode is conformed to them as the worker conforms a record's picture."""
     from PIL import Image
+
+    from pipeline.modalities.images import conform_mode
 
     try:
         with Image.open(file) as image:
             image.load()
             mode = image.mode
-            if mode == "1":
+            if channels is not None:
+                image = conform_mode(image, channels)
+                mode = image.mode
+            elif mode == "1":
                 image = image.convert("L")
             elif mode == "P":
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")

@@ -136,6 +136,7 @@ def load_images(
     *,
     normal_class: int | str | None = None,
     labels_path: str | Path | None = None,
+    channels: int | None = None,
 ) -> ImageSet:
     """Load an image set as float32 `[N, C, H, W]` raw pixel values with optional labels.
 
@@ -146,6 +147,8 @@ def load_images(
     = index of the folder name in sorted order). `labels_path` (`.npy`, `.npz` or IDX) gives
     labels to array and IDX sources. Arrays are never unpickled. `normal_class` keeps only the
     images of that class: a label value, or for class folders the folder name or its index.
+    `channels` (a detector's) conforms a folder's pictures to them as the worker conforms a
+    record's (a palette or RGBA picture for a 3-channel model read as RGB).
     """
     name = str(source)
     if labels_path is not None and not Path(labels_path).exists():
@@ -164,7 +167,7 @@ def load_images(
                     f"{name}: an image folder takes its labels from class subfolders; "
                     "labels_path is not used"
                 )
-            images, labels, class_names = load_folder(path, name)
+            images, labels, class_names = load_folder(path, name, channels)
         else:
             images, labels = load_array_file(path, name)
             class_names = None
