@@ -129,9 +129,15 @@ def _segments(labels, times, keys):
     return out
 
 
+@pytest.mark.parametrize("form", ["csv", "semicolons", "pq"])
 def test_evaluate_on_the_verdicts_equals_evaluate_on_the_labels_they_give(
-    good, data, tmp_path, monkeypatch
+    good, data, tmp_path, monkeypatch, form
 ):
+    """The verdicts label the readings their confirmed alarms cover. The rows' times were read
+    through pandas' datetime unit (microseconds under pandas 3: no reading fell in an alarm's
+    epoch-ms span, and every metric read as if nothing was anomalous), and the data only as a
+    comma CSV or a `.parquet` file (a `.pq` file raised UnicodeDecodeError, a `;` file lacked
+    its columns)."""
     import tempfile
 
     import pandas as pd
@@ -140,7 +146,14 @@ def test_evaluate_on_the_verdicts_equals_evaluate_on_the_labels_they_give(
     from pipeline.events import iso_ms
 
     frame = pd.read_csv(data)
-    times = pd.to_datetime(frame["ts"], utc=True).astype("int64").to_numpy() // 1_000_000
+    epoch = pd.Timestamp(0, tz="UTC")
+    times = ((pd.to_datetime(frame["ts"], utc=True) - epoch) // pd.Timedelta(1, "ms")).to_numpy()
+    if form == "semicolons":
+        data = tmp_path / "series.txt"
+        frame.to_csv(data, sep=";", index=False)
+    elif form == "pq":
+        data = tmp_path / "series.pq"
+        frame.to_parquet(data, index=False)
     keys = frame["machine"].astype(str).to_numpy()
     real = _segments(frame["label"].to_numpy(), times, keys)
     assert real, "the labelled data has no anomaly"

@@ -148,15 +148,18 @@ def threshold_from_feedback(alarms: list[Alarm]) -> FeedbackThreshold:
     )
 
 
-def feedback_labels(frame, alarms: list[Alarm], time_col: str, key_col: str | None) -> np.ndarray:
+def feedback_labels(
+    frame, alarms: list[Alarm], time_col: str, key_col: str | None, source: str = "data"
+) -> np.ndarray:
     """0/1 per row of a series table: 1 inside the span of a confirmed alarm of the row's key
     (the operator's corrected span when given, else the alarm's start to end), 0 elsewhere
-    (refuted alarms, and time no alarm covered, count as normal)."""
-    import pandas as pd
+    (refuted alarms, and time no alarm covered, count as normal). The rows' times are read as
+    tables read them (ISO-8601 text or epoch ms) and compared in epoch ms, the alarms' unit."""
+    from training.data.columns import parse_times
 
     if time_col not in frame.columns or (key_col and key_col not in frame.columns):
         raise ConfigError("feedback", f"the data needs the columns {time_col!r} and {key_col!r}")
-    times = pd.to_datetime(frame[time_col], utc=True).astype("int64").to_numpy() // 1_000_000
+    times = parse_times(frame[time_col], source, time_col).view(np.int64) // 1_000_000
     keys = frame[key_col].astype(str).to_numpy() if key_col else None
     labels = np.zeros(len(frame), dtype=np.int8)
     for alarm in alarms:
@@ -175,11 +178,11 @@ def labelled_copy(data, source: FeedbackSource, folder: Path):
     operators' verdicts, for `evaluate` and `promote`."""
     import dataclasses
 
-    import pandas as pd
+    from training.data.columns import PARQUET_SUFFIXES, read_table
 
     path = Path(data.path)
-    parquet = path.suffix == ".parquet"
-    frame = pd.read_parquet(path) if parquet else pd.read_csv(path)
+    parquet = path.is_dir() or path.name.lower().endswith(PARQUET_SUFFIXES)
+    frame = read_table(path, data.path, time_col=data.time_col, key_col=data.key_col, sep=None)
     alarms = judged_alarms(source)
     if not alarms:  # every reading would be labelled normal, and the metrics read as if so
         whose = f" of model {source.model_name}" if source.model_name else ""
@@ -188,7 +191,8 @@ def labelled_copy(data, source: FeedbackSource, folder: Path):
             f"no verdict in {source.feedback} judges an alarm event{whose} it holds: give the "
             "alarm topic's events with the verdicts",
         )
-    frame["feedback_label"] = feedback_labels(frame, alarms, data.time_col, data.key_col)
+    labels = feedback_labels(frame, alarms, data.time_col, data.key_col, data.path)
+    frame["feedback_label"] = labels
     out = folder / f"feedback-labelled{'.parquet' if parquet else '.csv'}"
     frame.to_parquet(out) if parquet else frame.to_csv(out, index=False)
     return dataclasses.replace(data, path=str(out), label_col="feedback_label")
