@@ -18,7 +18,7 @@ from pipeline.detector.calendar import calendar_columns
 from pipeline.detector.key_baselines import BaselineConfig, KeyBaselines
 from pipeline.errors import DataError
 from pipeline.events import ModelIdentity, event_ids
-from pipeline.modalities.batches import cut_to_ms, seconds_like, too_short
+from pipeline.modalities.times import cut_to_ms, seconds_like, too_short
 
 __all__ = ["score_images", "score_keyed", "score_readings", "score_window_set"]
 

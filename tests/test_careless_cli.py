@@ -346,6 +346,8 @@ def test_tables_are_written_atomically(tmp_path, monkeypatch):
         (["--tolerance", "-1"], "tolerance"),  # (each was promoted)
         (["--max-fpr", "0"], "max_fpr"),
         (["--max-fpr", "2"], "max_fpr"),
+        (["--feedback", "verdicts.jsonl"], "data"),  # (each was left unused, exit 0)
+        (["--label-col", "label"], "data"),
     ],
 )
 def test_promote_gates_that_cannot_hold_fail_before_the_registry(tmp_path, capsys, flags, setting):

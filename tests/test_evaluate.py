@@ -44,3 +44,24 @@ def test_series_metrics_events_and_delay():
     assert result["false_alarms_per_day"] == 1 / (16 / 86400)
     assert result["anomalous_windows"] == 4
     assert result["auroc"] is not None and result["precision"] == 2 / 3
+
+
+def test_an_event_on_a_key_too_short_for_a_window_counts_as_missed():
+    """The point metrics counted a short key's anomalous readings as missed; the event metrics
+    left its anomaly out (recall 1.0 over 1 event where 2 were labelled)."""
+    times = np.arange(20).astype("datetime64[s]").astype("datetime64[ns]")
+    labels = np.zeros(20, dtype=int)
+    labels[10:14] = 1
+    window, ends = 3, np.arange(2, 20)
+    scores = np.where(np.isin(ends, [12, 13]), 5.0, 0.0)
+    short = SeriesPoints("short", times[:2], np.array([1, 1]))  # 2 readings, window 3
+    result = evaluate_series(
+        [SeriesPoints("k", times, labels), short],
+        np.full(len(ends), "k"),
+        times[ends],
+        window,
+        scores,
+        threshold=1.0,
+    )
+    assert result["point"]["fn"] == 2 + 2
+    assert result["events"] == 2 and result["event_recall"] == 0.5

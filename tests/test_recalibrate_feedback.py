@@ -44,6 +44,13 @@ def _judged(model: ModelIdentity, peaks: dict[str, list[float]]):
     return events, verdicts
 
 
+def served_method(mlflow_server, name, version) -> str:
+    from pipeline.registry.client import load_model
+
+    detector, _ = load_model(f"models:/{name}/{version}", tracking_uri=mlflow_server)
+    return detector.threshold.method
+
+
 def _recalibrate(mlflow_server, name, data, *feedback_flags, allow=False) -> dict:
     from pipeline.cli import main
 
@@ -90,6 +97,8 @@ def test_verdicts_move_the_threshold_up_and_never_below_the_calibrated_bound_una
     flags, events, verdicts = topics_with(up)
     raised = _recalibrate(mlflow_server, name, data, *flags)
     assert raised["threshold"] == pytest.approx(70 * t0)
+    assert raised["method"] == served_method(mlflow_server, name, raised["version"])
+    assert raised["method"].endswith("+feedback")  # (the summary said "quantile")
     assert raised["threshold"] > raised["feedback"]["calibrated_threshold"]
     assert raised["feedback"]["removed_refuted"] == 2
     assert raised["feedback"]["removed_confirmed"] == 0

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from pipeline.errors import ArtifactError
+from pipeline.errors import ArtifactError, RegistryError
 from pipeline.registry.client import TAG_PREFIX, load_model
 from pipeline.tools.local_broker import free_port
 from tests.helpers import labelled_series_csv, register_result, train_series_detector
@@ -83,6 +83,8 @@ def test_worse_challengers_are_not_promoted_and_rollback_restores(
     name = _name()
     first = register_result(mlflow_server, good, name)
     assert apply_promotion(compare(name, tracking_uri=mlflow_server), tracking_uri=mlflow_server)
+    with pytest.raises(RegistryError, match="already @champion: nothing to promote"):
+        compare(name, tracking_uri=mlflow_server)  # (it "promoted" v1 over v1, exit 0)
 
     # PCA keeping every dimension reconstructs anomalies perfectly: it cannot rank them.
     blind = train_series_detector(data, tmp_path / "blind", kind="pca", hidden=(), code_size=48)
@@ -102,7 +104,13 @@ def test_worse_challengers_are_not_promoted_and_rollback_restores(
     assert apply_promotion(report, tracking_uri=mlflow_server)
     assert client.get_model_version_by_alias(name, "champion").version == second
 
+    assert rollback(name, tracking_uri=mlflow_server, dry_run=True) == (second, first)
+    assert client.get_model_version_by_alias(name, "champion").version == second  # (it moved)
     assert rollback(name, tracking_uri=mlflow_server) == (second, first)
+    assert client.get_model_version_by_alias(name, "champion").version == first
+    # @challenger still names the version rolled back: promote does not undo the rollback
+    with pytest.raises(RegistryError, match=f"v{second} was rolled back from @champion"):
+        compare(name, tracking_uri=mlflow_server, load_data=_data_loader(data))
     assert client.get_model_version_by_alias(name, "champion").version == first
 
 

@@ -155,8 +155,9 @@ def evaluate_series(
     for series in points:
         index = np.flatnonzero(window_keys == series.key)
         labels = np.asarray(series.labels).astype(bool)
-        if len(index) == 0:
+        if len(index) == 0:  # a key too short for a window: its anomalies are missed
             counts.add(np.zeros(len(labels), dtype=bool), labels)
+            _count_events(series.times, labels, np.zeros(len(labels), dtype=bool), events)
             continue
         ends = np.searchsorted(series.times, window_ends[index])
         if (ends >= len(series.times)).any() or (series.times[ends] != window_ends[index]).any():

@@ -177,8 +177,21 @@ def compare(
         role: registry.version(name, alias)
         for role, alias in (("challenger", CHALLENGER), ("champion", CHAMPION))
     }
-    if versions["challenger"] is None:
+    challenger, champion = versions["challenger"], versions["champion"]
+    if challenger is None:
         raise RegistryError(f"{name} has no @{CHALLENGER} version to promote")
+    if champion is not None and str(challenger.version) == str(champion.version):
+        raise RegistryError(
+            f"{name}: @{CHALLENGER} is v{challenger.version}, already @{CHAMPION}: nothing to "
+            "promote"
+        )
+    rolled_back = (challenger.tags or {}).get(TAG_PREFIX + "rolled_back")
+    if rolled_back:
+        raise RegistryError(
+            f"{name}: @{CHALLENGER} v{challenger.version} was rolled back from @{CHAMPION} at "
+            f"{rolled_back}; point @{CHALLENGER} at another version, or remove the version's "
+            f"{TAG_PREFIX}rolled_back tag to promote it again"
+        )
     report = PromotionReport(
         name,
         str(versions["challenger"].version),
@@ -280,8 +293,9 @@ def apply_promotion(report: PromotionReport, *, tracking_uri: str | None) -> boo
     return True
 
 
-def rollback(name: str, *, tracking_uri: str | None) -> tuple[str, str]:
-    """Move `champion` back to the version that held it before; returns (from, to)."""
+def rollback(name: str, *, tracking_uri: str | None, dry_run: bool = False) -> tuple[str, str]:
+    """Move `champion` back to the version that held it before (with `dry_run`, only say
+    which); returns (from, to)."""
     registry = Registry(tracking_uri)
     history = _history(registry, name)
     champion = registry.version(name, CHAMPION)
@@ -293,6 +307,8 @@ def rollback(name: str, *, tracking_uri: str | None) -> tuple[str, str]:
     if not history:
         raise RegistryError(f"{name}: no previous champion to roll back to")
     previous = history[-1]
+    if dry_run:
+        return current, previous
     registry.set_alias(name, CHAMPION, previous)
     registry.set_model_tag(name, HISTORY_TAG, json.dumps(history))
     registry.set_version_tag(

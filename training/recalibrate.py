@@ -114,7 +114,7 @@ def _recalibrate(settings: RecalibrateSettings, scratch: Path) -> dict:
     save_detector(detector.to("cpu"), out)
     # The weights file must stay byte-identical: the same weights, a new threshold.
     shutil.copyfile(ref.directory / "weights.pt", out / "weights.pt")
-    method = settings.calibration.method
+    method = detector.threshold.method  # with --feedback: the calibration method +feedback
     params = {
         "recalibrated_from": ref.label,
         "method": method,

@@ -23,49 +23,21 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.modalities.times import SECONDS, parse_timestamp_ms, seconds_like
+
 __all__ = [
     "ARROW_MAGIC",
     "ArrowBatches",
-    "SECONDS",
-    "SECONDS_LIKE",
     "ReadingBatch",
     "arrow_record",
     "checked_batch",
     "columnar_batch",
-    "cut_to_ms",
-    "seconds_like",
-    "too_short",
 ]
 
 ARROW_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream message starts with it; JSON never does
 _ARROW_END = ARROW_MAGIC + b"\x00\x00\x00\x00"  # the end-of-stream marker
 _BEYOND_YEARS = ("bad_timestamp", "'ts' in epoch ms is outside the years 1 to 9999")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-# A number as `ts` is epoch milliseconds; one that falls between 1970-01-02 and 1973 is epoch
-# seconds (the same rule as training's for numeric times). A time given as text or as an Arrow
-# timestamp says what it is and is taken whatever its year.
-SECONDS_LIKE = (100_000_000, 100_000_000_000)
-SECONDS = ("bad_timestamp", "'ts' reads as 1970-1973 in epoch ms: epoch seconds? send milliseconds")
-
-
-def seconds_like(ts: np.ndarray) -> np.ndarray:
-    """Which of these numeric epoch-ms times read as epoch seconds (`SECONDS_LIKE`)."""
-    return (ts >= SECONDS_LIKE[0]) & (ts < SECONDS_LIKE[1])
-
-
-def too_short(texts) -> np.ndarray:
-    """Which of these time texts (a pandas Series) hold less than a whole date: a year or a
-    month alone is no time of a reading; pandas reads one as its first day, the worker not."""
-    return texts.astype(str).str.strip().str.len().to_numpy() < len("YYYYMMDD")
-
-
-def cut_to_ms(times: np.ndarray) -> np.ndarray:
-    """datetime64[ns] times cut to the millisecond toward zero, as the worker reads a time of
-    any form (a table holds what the worker would; NaT stays NaT)."""
-    ns = times.astype("datetime64[ns]").view(np.int64)
-    cut = (ns - np.fmod(ns, 1_000_000)).view("datetime64[ns]")
-    cut[np.isnat(times)] = np.datetime64("NaT")
-    return cut
 
 
 class ReadingBatch(NamedTuple):
@@ -87,8 +59,6 @@ def checked_batch(key: str, ts: np.ndarray, values: np.ndarray):
 
 def _timestamps(items: list):
     """Epoch ms of a list of timestamps (int64 array), or the reason it is not one."""
-    from pipeline.modalities.readings import parse_timestamp_ms
-
     if bool in set(map(type, items)):  # numpy would take True beside numbers as 1
         return ("bad_timestamp", "a boolean is not a timestamp")
     array = np.asarray(items) if items else np.zeros(0, np.int64)

@@ -50,8 +50,8 @@ import orjson
 from PIL import Image
 
 from pipeline.errors import one_line
-from pipeline.modalities.batches import SECONDS, SECONDS_LIKE
-from pipeline.modalities.readings import MS_RANGE, REASONS, Rejection, parse_timestamp_ms
+from pipeline.modalities.readings import REASONS, Rejection
+from pipeline.modalities.times import MS_RANGE, SECONDS, SECONDS_LIKE, parse_timestamp_ms
 
 __all__ = [
     "IMAGE_REASONS",

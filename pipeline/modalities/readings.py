@@ -14,10 +14,8 @@ record. Rejections carry one of the documented DLQ reasons.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from itertools import chain
 from operator import attrgetter
 from typing import NamedTuple
@@ -28,12 +26,16 @@ import orjson
 
 from pipeline.modalities.batches import (
     ARROW_MAGIC,
-    SECONDS,
-    SECONDS_LIKE,
     ArrowBatches,
     ReadingBatch,
     checked_batch,
     columnar_batch,
+)
+from pipeline.modalities.times import (
+    MS_RANGE,
+    SECONDS,
+    SECONDS_LIKE,
+    parse_timestamp_ms,
     seconds_like,
 )
 
@@ -59,9 +61,6 @@ REASONS = (
     "duplicate_timestamp",  # same timestamp as the key's latest reading
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-# Epoch milliseconds from 0001-01-01 up to (not including) 10000-01-01: the times an event can
-# carry (RFC 3339 has four-digit years, and so has Python's datetime).
-MS_RANGE = (-62_135_596_800_000, 253_402_300_800_000)
 MAX_FUTURE_S = 86_400.0  # how far ahead of the worker's clock a reading may be stamped, by default
 # Failed typed decodes in a poll after which, if they outnumber the readings decoded, the rest
 # of the poll is decoded one by one without a typed try (a stream of bad records).
@@ -94,38 +93,6 @@ class Decoded(NamedTuple):
     values: list
     is_window: bool = False
     ts_start_ms: int = 0
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-_OFFSET_SECONDS = re.compile(r"[+-]\d\d:?\d\d:?\d\d").search  # past the date's 8 characters
-
-
-def parse_timestamp_ms(value) -> int:
-    """Epoch milliseconds from epoch ms (int or float) or an ISO-8601 string (UTC if naive)."""
-    if isinstance(value, bool):
-        raise ValueError("a boolean is not a timestamp")
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError("non-finite timestamp")
-        if not MS_RANGE[0] <= value < MS_RANGE[1]:
-            raise ValueError(f"epoch ms {value} is outside the years 1 to 9999")
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if "W" in text or "," in text:  # what tables of readings cannot read either
-            raise ValueError(f"{value!r}: ISO week dates and comma fractions are not taken")
-        if text.endswith("Z"):
-            text = text[:-1] + "+00:00"
-        if _OFFSET_SECONDS(text, 8):
-            raise ValueError(f"{value!r}: a UTC offset with seconds is not taken")
-        parsed = datetime.fromisoformat(text)
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        # in whole microseconds, not float seconds (x 1000 those miss the millisecond now and then)
-        micros = (parsed - _EPOCH) // _MICROSECOND
-        return micros // 1000 if micros >= 0 else -(-micros // 1000)  # toward zero, as a float
-    raise ValueError(f"unsupported timestamp type {type(value).__name__}")
 
 
 _KEY, _TS, _VALUES = attrgetter("key"), attrgetter("ts"), attrgetter("values")

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import os
 
+from pipeline.errors import ConfigError
 from training.data.columns import FILL_POLICIES
 from training.data.for_detector import DataSource
 from training.sources import ModelSource
@@ -151,6 +152,8 @@ def labelled_data_source(args: argparse.Namespace):
     from training.feedback import labelled_copy
 
     data, feedback = data_source(args), feedback_source(args)
+    if data is None and (feedback is not None or getattr(args, "label_col", None)):
+        raise ConfigError("data", "--feedback and --label-col label the readings of --data")
     if feedback is None or data is None:
         yield data
         return

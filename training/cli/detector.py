@@ -245,9 +245,12 @@ def _run_promote(args: argparse.Namespace) -> int:
 
     tracking_uri = tracking_uri_from(args)
     if args.rollback:
-        current, previous = rollback(args.name, tracking_uri=tracking_uri)
+        current, previous = rollback(args.name, tracking_uri=tracking_uri, dry_run=args.dry_run)
         line = f"{args.name}: @champion moved back from v{current} to v{previous}"
-        _print(args, {"from": current, "to": previous}, line)
+        if args.dry_run:
+            line = f"{args.name}: @champion would move back from v{current} to v{previous}"
+            line += " (dry run: nothing changed)"
+        _print(args, {"from": current, "to": previous, "dry_run": args.dry_run}, line)
         return 0
     with labelled_data_source(args) as data:
         settings = PromoteSettings(

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import DataError, one_line
-from pipeline.modalities.batches import SECONDS_LIKE, cut_to_ms, too_short
+from pipeline.modalities.times import SECONDS_LIKE, cut_to_ms, too_short
 
 __all__ = [
     "FILL_POLICIES",
