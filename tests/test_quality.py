@@ -500,3 +500,50 @@ def test_operators_answer_alarms_as_they_arrive_and_from_the_command_line(
         ("true_positive", "dan", None, second["id"], None),
     ]
     assert records[1].span == (T0 + HOUR, T0 + HOUR + 1_800_000)
+
+
+def test_a_time_its_zone_puts_beyond_the_years_is_refused_not_raised():
+    """`0001-01-01T00:00:00+01:00` is a valid RFC 3339 date-time before year 1 in UTC: the
+    parser raised OverflowError (a traceback from `aewatch feedback`, and a crash of the quality
+    service, which dead-letters only FeedbackError)."""
+    early = {**GOOD, "time": "0001-01-01T00:00:00+01:00"}
+    late = {**GOOD, "span": {"start": "2026-01-01T00:00:00Z", "end": "9999-12-31T23:59:59-01:00"}}
+    for bad, field in ((early, "time"), (late, "span")):
+        with pytest.raises(FeedbackError, match=f"{field}.*outside the years 1 to 9999"):
+            parse_feedback(_bytes(bad))
+
+
+def test_an_answer_on_the_terminal_sends_only_what_the_service_would_take(monkeypatch, capsys):
+    """`aewatch alerts --interactive` sent its verdicts unchecked: a note over 4,000 characters
+    or a `who` over 200, which the quality service then refuses, and an event with no id to
+    judge raised AttributeError."""
+    import io
+
+    from pipeline.tools.alerts import _Asker
+
+    sent = []
+
+    class _Kafka:
+        def ensure_topics(self, topics) -> None:
+            pass
+
+        def sink(self):
+            class _Sink(_NoSink):
+                def send(self, topic, key=None, value=None, **kwargs) -> None:
+                    sent.append(value)
+
+            return _Sink()
+
+    opened = {"type": "aewatch.alarm.opened", "id": "ev1", "data": {"episode_id": "ep1"}}
+    no_id = {"type": "aewatch.anomaly.v1", "data": {"is_anomaly": True}}
+    for event, answer, who in (
+        (opened, "f " + "n" * 5000, "alice"),
+        (opened, "t", "w" * 300),
+        (no_id, "t", "alice"),
+        (opened, "t seal leak", "alice"),
+    ):
+        monkeypatch.setattr("sys.stdin", io.StringIO(answer + "\n"))
+        _Asker(_Kafka(), "fb", who)(event)
+    assert [parse_feedback(value).note for value in sent] == ["seal leak"]
+    err = capsys.readouterr().err
+    assert err.count("not sent") == 3 and "longer than 4000" in err and "no id" in err

@@ -93,7 +93,12 @@ def parse_time_ms(text: object, field: str = "time") -> int:
         ) from None
     if parsed.tzinfo is None:
         raise FeedbackError("invalid_feedback", f"{field}: the date-time needs a zone: {text!r}")
-    return int(round(parsed.astimezone(UTC).timestamp() * 1000))
+    try:
+        return int(round(parsed.astimezone(UTC).timestamp() * 1000))
+    except (OverflowError, OSError):  # its zone puts it before year 1 or after 9999 in UTC
+        raise FeedbackError(
+            "invalid_feedback", f"{field}: outside the years 1 to 9999 in UTC: {text!r}"
+        ) from None
 
 
 def _text(record: dict, field: str, limit: int, *, required: bool = False) -> str | None:

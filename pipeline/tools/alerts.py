@@ -167,14 +167,22 @@ class _Asker:
         self.sink, self.topic, self.who = kafka.sink(), topic, who
 
     def __call__(self, event: dict) -> None:
-        from pipeline.quality.feedback import feedback_record
+        from pipeline.quality.feedback import FeedbackError, feedback_record, parse_feedback
 
         print(PROMPT, end="", file=sys.stderr, flush=True)
         answer = sys.stdin.readline()
         feedback = answer_feedback(event, answer, self.who, int(time.time() * 1000))
         if feedback is None:
             return
+        if feedback.episode_id is None and feedback.event_id is None:
+            print("  not sent: the event has no id to judge", file=sys.stderr, flush=True)
+            return
         key, value = feedback_record(feedback)
+        try:  # what `aewatch feedback` and the quality service would refuse is not sent
+            parse_feedback(value)
+        except FeedbackError as exc:
+            print(f"  not sent: {exc}", file=sys.stderr, flush=True)
+            return
         self.sink.send(self.topic, key=key, value=value)
         self.sink.flush()
         print(f"  {feedback.verdict} -> {self.topic}", file=sys.stderr, flush=True)
