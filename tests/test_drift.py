@@ -151,3 +151,19 @@ def test_a_revoked_partitions_keys_leave_the_per_key_drift_gauge(trained):
     )
     worker.on_revoked({("readings", 1)})
     assert _psi_keys(worker) == {"*"} | by_partition[("readings", 0)]
+
+
+def test_tied_calibration_scores_give_no_drift_for_scores_drawn_from_them():
+    """60 % of the calibration scores equal (a model that reconstructs most normal windows
+    exactly): the cut points repeat, the bins do not hold 10 % each, and scores drawn from the
+    calibration sample itself read as PSI 3.2, far past any limit. Each bin is now judged
+    against its calibration share."""
+    rng = np.random.default_rng(0)
+    calibration = np.concatenate([np.zeros(600), rng.exponential(size=400)])
+    stage = DriftStage(calibration, window=500, limit=0.25)
+    same = np.bincount(stage.bins(rng.choice(calibration, 500)), minlength=BINS)
+    assert psi(same, stage.expected) < 0.05
+    shifted = np.bincount(stage.bins(rng.exponential(size=500) + 1.0), minlength=BINS)
+    assert psi(shifted, stage.expected) > 1.0
+    untied = DriftStage(rng.exponential(size=1000), window=500, limit=0.25)
+    assert untied.expected is None  # deciles: the equal shares, as before

@@ -8,7 +8,9 @@ shares `a_i`, and
 
     PSI = sum_i (a_i - 0.1) * ln(a_i / 0.1),   a_i = (count_i + 0.5) / (window + 5)
 
-(half a count added to every bin so an empty one stays finite). A key's PSI is known once its
+(half a count added to every bin so an empty one stays finite). Where calibration scores tie
+(a share of them equal, cut points repeated), each bin's expected share is its calibration share
+instead of 0.1, and the bins no score can fall in are left out. A key's PSI is known once its
 reservoir is full; "overall" pools the reservoirs of every key this member holds. Under no drift
 PSI is about 9 / window for independent scores, more for overlapping windows; 0.1 is commonly read
 as a moderate shift and 0.25 as a large one.
@@ -38,11 +40,18 @@ EXPECTED = 1.0 / BINS
 OVERALL = "*"  # the key of the pooled statistic
 
 
-def psi(counts: np.ndarray) -> float:
-    """Population stability index of bin counts against equal calibration shares."""
-    total = float(counts.sum())
-    shares = (counts + 0.5) / (total + 0.5 * BINS)
-    return float(np.sum((shares - EXPECTED) * np.log(shares / EXPECTED)))
+def psi(counts: np.ndarray, expected: np.ndarray | None = None) -> float:
+    """Population stability index of bin counts against the calibration shares: equal (the
+    deciles') unless `expected` gives them; a bin whose expected share is 0 is left out (no
+    score can fall in it)."""
+    if expected is None:
+        total = float(counts.sum())
+        shares = (counts + 0.5) / (total + 0.5 * BINS)
+        return float(np.sum((shares - EXPECTED) * np.log(shares / EXPECTED)))
+    used = expected > 0
+    counts, expected = counts[used], expected[used]
+    shares = (counts + 0.5) / (float(counts.sum()) + 0.5 * len(counts))
+    return float(np.sum((shares - expected) * np.log(shares / expected)))
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,11 @@ class DriftStage:
     ) -> None:
         cal = np.sort(np.asarray(calibration_scores, dtype=np.float64))
         self.edges = np.quantile(cal, np.arange(1, BINS) / BINS) if len(cal) else None
+        # Tied calibration scores repeat a cut point: the bins then do not hold 10 % each (a bin
+        # between equal cuts holds none), so each bin's expected share is its calibration share.
+        self.expected = None
+        if self.edges is not None and (np.diff(self.edges) == 0).any():
+            self.expected = np.bincount(self.bins(cal), minlength=BINS) / len(cal)
         self.window, self.limit, self.key_limit = window, limit, key_limit
         self.keys: dict[Partition, dict[str, _Reservoir]] = {}
         self.pooled = np.zeros(BINS, dtype=np.int64)
@@ -143,7 +157,7 @@ class DriftStage:
         return self._judge(key, reservoir, reservoir.counts, end_ms)
 
     def _judge(self, key: str, holder, counts: np.ndarray, end_ms: int):
-        value = psi(counts)
+        value = psi(counts, self.expected)
         pooled = holder is self
         limit = self.limit if pooled else self.key_limit
         flag = "pooled_drifting" if pooled else "drifting"
