@@ -51,7 +51,7 @@ from PIL import Image
 
 from pipeline.errors import one_line
 from pipeline.modalities.readings import REASONS, Rejection
-from pipeline.modalities.times import MS_RANGE, SECONDS, SECONDS_LIKE, parse_timestamp_ms
+from pipeline.modalities.times import MS_RANGE, SECONDS, parse_timestamp_ms, seconds_like
 
 __all__ = [
     "IMAGE_REASONS",
@@ -119,11 +119,6 @@ def image_axes(shape: tuple[int, ...], expected: tuple[int, int, int]) -> tuple[
     if shape == (channels, height, width):
         return (0, 1, 2)
     return None
-
-
-def _epoch_seconds(ms: int, numeric: bool) -> bool:
-    """A numeric time that reads as 1970-1973 in epoch ms: epoch seconds, as for readings."""
-    return numeric and SECONDS_LIKE[0] <= ms < SECONDS_LIKE[1]
 
 
 def _header_timestamp(raw: bytes | None) -> tuple[int, bool]:
@@ -231,7 +226,7 @@ class ImageDecoder:
                 ms = parse_timestamp_ms(envelope_ts)
             except _TIMESTAMP_ERRORS as exc:
                 return Rejection("bad_timestamp", f"'ts': {_detail(exc)}")
-            if _epoch_seconds(ms, envelope_ts.__class__ is not str):
+            if envelope_ts.__class__ is not str and seconds_like(ms):
                 return Rejection(*SECONDS)
             return ms
         header = None
@@ -244,7 +239,7 @@ class ImageDecoder:
                 ms, numeric = _header_timestamp(header)
             except _TIMESTAMP_ERRORS as exc:
                 return Rejection("bad_timestamp", f"header {TIMESTAMP_HEADER}: {_detail(exc)}")
-            if _epoch_seconds(ms, numeric):
+            if numeric and seconds_like(ms):
                 return Rejection("bad_timestamp", f"header {TIMESTAMP_HEADER}: {SECONDS[1]}")
             return ms
         if timestamp_ms is None or isinstance(timestamp_ms, bool) or timestamp_ms < 0:

@@ -34,7 +34,6 @@ from pipeline.modalities.batches import (
 from pipeline.modalities.times import (
     MS_RANGE,
     SECONDS,
-    SECONDS_LIKE,
     parse_timestamp_ms,
     seconds_like,
 )
@@ -263,7 +262,7 @@ class RecordDecoder:
                     return None
             except UnicodeDecodeError:
                 return None
-        if SECONDS_LIKE[0] <= reading.ts < SECONDS_LIKE[1]:
+        if seconds_like(reading.ts):
             return None
         return Decoded(reading.key, reading.ts, list(_FIELDS(reading.values)))
 
@@ -327,7 +326,7 @@ class RecordDecoder:
                 return Rejection("bad_timestamp", str(exc)[:200])
         else:
             number = True
-        if number and SECONDS_LIKE[0] <= ts < SECONDS_LIKE[1]:
+        if number and seconds_like(ts):
             return _SECONDS
         try:
             row = [values[name] for name in self.reading_features]

@@ -67,8 +67,9 @@ def parse_timestamp_ms(value) -> int:
     raise ValueError(f"unsupported timestamp type {type(value).__name__}")
 
 
-def seconds_like(ts: np.ndarray) -> np.ndarray:
-    """Which of these numeric epoch-ms times read as epoch seconds (`SECONDS_LIKE`)."""
+def seconds_like(ts):
+    """Which of these numeric epoch-ms times (an array, or one number) read as epoch seconds
+    (`SECONDS_LIKE`)."""
     return (ts >= SECONDS_LIKE[0]) & (ts < SECONDS_LIKE[1])
 
 
