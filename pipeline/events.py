@@ -71,8 +71,11 @@ def event_ids(model: ModelIdentity, keys: Iterable[str], window_ends_ms: Iterabl
     return _uuid5(f"{model.name}\x1f{model.version}\x1f", names)
 
 
-def drift_event_id(model: ModelIdentity, key: str, time_ms: int) -> str:
-    return _uuid5(f"drift\x1f{model.name}\x1f{model.version}\x1f", [f"{key}\x1f{time_ms}"])[0]
+def drift_event_id(model: ModelIdentity, key: str, time_ms: int, pooled: bool = False) -> str:
+    """The pooled statistic's crossings are named `*`; a key's by its key, set apart when the key
+    is itself `*`."""
+    name = "*" if pooled else ("\x1e*" if key == "*" else key)
+    return _uuid5(f"drift\x1f{model.name}\x1f{model.version}\x1f", [f"{name}\x1f{time_ms}"])[0]
 
 
 def _uuid5(prefix: str, names: Iterable[str]) -> list:

@@ -55,6 +55,30 @@ def test_the_state_round_trips_and_pooled_counts_follow_forget():
     assert stage.pooled.tolist() == other.pooled.tolist()
 
 
+def test_a_key_named_like_the_pooled_statistic_is_a_key_of_its_own():
+    rng = np.random.default_rng(5)
+    cal = rng.normal(size=2000)
+    stage = DriftStage(cal, window=100, limit=0.25, key_limit=0.25)
+    _, first = stage.update("*", P, stage.bins(rng.normal(3.0, size=100)), 10)
+    stage.update("a", P, stage.bins(rng.normal(3.0, size=100)), 10)
+    assert first is not None and first.key == "*" and not first.pooled
+    assert stage.limit_of(first) == stage.key_limit
+    _, pooled = stage._judge("*", stage, stage.pooled, 10)
+    assert pooled is not None and pooled.pooled
+    assert stage.pooled_drifting and stage.keys[P]["*"].drifting
+
+    saved = orjson.loads(orjson.dumps(stage.state(P)))
+    other = DriftStage(cal, window=100, limit=0.25, key_limit=0.25)
+    other.restore(P, saved)
+    assert other.keys[P]["*"].ordered().tolist() == stage.keys[P]["*"].ordered().tolist()
+    assert other.keys[P]["*"].drifting and other.pooled_drifting
+    assert other.pooled.tolist() == stage.pooled.tolist()
+    # a record of a worker that knew no key `*`: the entry is the pooled flag alone
+    older = DriftStage(cal, window=100, limit=0.25)
+    older.restore(P, {"*": {"drifting": True}})
+    assert older.pooled_drifting and "*" not in older.keys.get(P, {})
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from tests.worker_support import train_fleet_detector

@@ -35,7 +35,10 @@ def test_event_ids_are_the_uuid5_of_model_key_and_window_end():
     assert [event_id(model, k, e) for k, e in zip(keys, ends, strict=True)] == expected
     assert event_ids(model, [], []) == []
     drift = f"drift\x1f{model.name}\x1f{model.version}\x1f*\x1f5"
-    assert drift_event_id(model, "*", 5) == str(uuid.uuid5(_NAMESPACE, drift))
+    assert drift_event_id(model, "*", 5, pooled=True) == str(uuid.uuid5(_NAMESPACE, drift))
+    assert drift_event_id(model, "k", 5) == str(uuid.uuid5(_NAMESPACE, drift.replace("*", "k")))
+    # a key named `*` crossing with the pooled statistic is a second event, not a repeat of it
+    assert drift_event_id(model, "*", 5) != drift_event_id(model, "*", 5, pooled=True)
 
 
 def test_times_are_exact_milliseconds_over_the_whole_range():

@@ -23,7 +23,9 @@ So the pooled PSI reaching `drift_psi` emits a drift event, and a key's only if 
 is set (a limit chosen for the fleet); one event per crossing, re-armed once the PSI falls below
 half its limit. Each key's reservoir and whether it is drifting
 travel in the state record under `drift` (with the pooled flag under `*` in every partition's
-record), so a restart continues them.
+record, as `pooled_drifting` beside the reservoir of a key that is itself named `*`), so a restart
+continues them. A key named `*` is a key like any other: its crossings say `scope: "key"`; only its
+per-key gauge is not exported, the label `key="*"` being the pooled statistic's.
 """
 
 from __future__ import annotations
@@ -56,13 +58,14 @@ def psi(counts: np.ndarray, expected: np.ndarray | None = None) -> float:
 
 @dataclass(frozen=True)
 class DriftCrossing:
-    """A key's (or, with key `*`, the pooled) PSI reached the setting."""
+    """A key's (or, `pooled`, with key `*`, every key's pooled) PSI reached the setting."""
 
     key: str
     psi: float
     shares: tuple[float, ...]  # observed share of each calibration decile
     windows: int  # scores the statistic covers
     time_ms: int  # end of the window that crossed
+    pooled: bool = False
 
 
 class _Reservoir:
@@ -170,10 +173,10 @@ class DriftStage:
         setattr(holder, flag, True)
         total = counts.sum()
         shares = tuple(round(float(c) / float(total), 4) for c in counts)
-        return value, DriftCrossing(key, value, shares, int(total), end_ms)
+        return value, DriftCrossing(key, value, shares, int(total), end_ms, pooled)
 
-    def limit_of(self, key: str) -> float:
-        return self.limit if key == OVERALL else self.key_limit
+    def limit_of(self, crossing: DriftCrossing) -> float:
+        return self.limit if crossing.pooled else self.key_limit
 
     def recalibrate(self, calibration_scores) -> None:
         """A new model version: new deciles, and every reservoir starts again."""
@@ -185,15 +188,22 @@ class DriftStage:
             key: {"bins": "".join(map(str, r.ordered().tolist())), "drifting": r.drifting}
             for key, r in self.keys.get(partition, {}).items()
         }
-        saved[OVERALL] = {"drifting": self.pooled_drifting}  # the member's pooled statistic
+        if OVERALL in saved:  # a key named `*`: the pooled flag rides beside its reservoir
+            saved[OVERALL]["pooled_drifting"] = self.pooled_drifting
+        else:
+            saved[OVERALL] = {"drifting": self.pooled_drifting}  # the member's pooled statistic
         return saved
 
     def restore(self, partition: Partition, saved: dict) -> None:
         self.forget({partition})
         for key, part in saved.items():
             if key == OVERALL:
-                self.pooled_drifting |= bool(part.get("drifting"))
-                continue
+                pooled = part.get(
+                    "pooled_drifting", None if "bins" in part else part.get("drifting")
+                )
+                self.pooled_drifting |= bool(pooled)
+                if "bins" not in part:
+                    continue
             bins = np.frombuffer(str(part.get("bins", "")).encode(), dtype=np.uint8) - ord("0")
             bins = bins[(bins < BINS)][-self.window :].astype(np.uint8)
             if len(bins):

@@ -64,7 +64,7 @@ from pipeline.modalities.windowing import ReadyWindows
 from pipeline.worker.alarms import AlarmTracker
 from pipeline.worker.baselines import BaselineStage, adaptive_rows, column_refs
 from pipeline.worker.checkpoint import Checkpointer
-from pipeline.worker.drift import DriftStage
+from pipeline.worker.drift import OVERALL, DriftStage
 from pipeline.worker.metrics import WorkerMetrics, WorkerStats
 from pipeline.worker.scorer import KEEPALIVE_FRACTION, BatchScorer, ScoredBatch
 from pipeline.worker.settings import WorkerSettings
@@ -445,11 +445,12 @@ class Worker:
     def _update_drift(self, batch: ScoredBatch) -> None:
         values, pooled, crossings = self.drift.take(batch)
         for key, value in values.items():
-            self.metrics.drift_psi.labels(key).set(value)
+            if key != OVERALL:  # the label `key="*"` is the pooled statistic's
+                self.metrics.drift_psi.labels(key).set(value)
         if pooled is not None:
-            self.metrics.drift_psi.labels("*").set(pooled)
+            self.metrics.drift_psi.labels(OVERALL).set(pooled)
         for crossing in crossings:
-            self.writer.drift(crossing, self.drift.limit_of(crossing.key), self.model)
+            self.writer.drift(crossing, self.drift.limit_of(crossing), self.model)
 
     # -- checkpoint ------------------------------------------------------------------------------
     def checkpoint(self, reason: str = "interval") -> None:

@@ -24,7 +24,7 @@ observed for every scored window with one numpy call per batch through `BulkHist
 | `aewatch_keys`, `aewatch_state_record_bytes` | gauge | `topic`, `partition` |
 | `aewatch_model_info` | gauge (1) | `name`, `version`, `alias` |
 | `aewatch_model_reloads_total` | counter | `outcome` (loaded, refused, unreachable), `reason` |
-| `aewatch_drift_psi` | gauge | `key`, for the keys this member holds (`*`: all of them, pooled) |
+| `aewatch_drift_psi` | gauge | `key`, for the keys this member holds (`*`: all of them, pooled; a key named `*` has no gauge of its own) |
 """
 
 from __future__ import annotations
@@ -200,6 +200,8 @@ class WorkerMetrics:
         """Keys this member no longer holds leave the per-key gauge: their new owner reports
         them, and a value left here would go stale."""
         for key in keys:
+            if key == "*":  # a key named `*` is not exported: the label is the pooled statistic's
+                continue
             with contextlib.suppress(KeyError):  # never reported: its reservoir was not full
                 self.drift_psi.remove(key)
 

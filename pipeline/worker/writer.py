@@ -38,7 +38,7 @@ from pipeline.kafka_io.protocols import Record, Sink
 from pipeline.modalities.base import Modality
 from pipeline.modalities.readings import Rejection
 from pipeline.worker.alarms import AlarmTransition
-from pipeline.worker.drift import BINS, OVERALL, DriftCrossing
+from pipeline.worker.drift import BINS, DriftCrossing
 from pipeline.worker.metrics import WorkerMetrics, WorkerStats
 from pipeline.worker.scorer import ScoredBatch
 from pipeline.worker.settings import EventSettings, TopicSettings
@@ -215,7 +215,7 @@ class EventWriter:
         c = crossing
         data = {
             "key": c.key,
-            "scope": "overall" if c.key == OVERALL else "key",
+            "scope": "overall" if c.pooled else "key",
             "statistic": "psi",
             "value": c.psi,
             "limit": limit,
@@ -224,13 +224,13 @@ class EventWriter:
             "expected_share": 1.0 / BINS,
             "model": _model(model),
         }
-        event_id_ = drift_event_id(model, c.key, c.time_ms)
+        event_id_ = drift_event_id(model, c.key, c.time_ms, c.pooled)
         event = _cloud_event(DRIFT_TYPE, event_id_, model, c.key, iso_ms(c.time_ms), data)
         self.sink.send(self.topics.alarm_topic_name, key=c.key.encode(), value=orjson.dumps(event))
         self.metrics.events.labels("drift").inc()
         log.warning(
             "score drift: %s PSI %.3f >= %.3g over %d windows",
-            "overall" if c.key == OVERALL else c.key,
+            "overall" if c.pooled else c.key,
             c.psi,
             limit,
             c.windows,
