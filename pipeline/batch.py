@@ -16,6 +16,7 @@ from pipeline.detector import Detector, Scores, WindowSet, WindowSpec, cut_windo
 from pipeline.detector.adaptive_stage import StreamReplay, replay
 from pipeline.detector.calendar import calendar_columns
 from pipeline.detector.key_baselines import BaselineConfig, KeyBaselines
+from pipeline.detector.threshold import anomalous
 from pipeline.errors import DataError
 from pipeline.events import ModelIdentity, event_ids
 from pipeline.modalities.times import cut_to_ms, seconds_like, too_short
@@ -106,7 +107,9 @@ def score_keyed(
             )
             chunk = windows.subset(index).windows  # copied out batch by batch as scored
             scored = detector.score(chunk, scaling=(centers, scales))
-            flags = scored.scores > threshold if threshold is not None else scored.scores < 0
+            flags = (
+                anomalous(scored.scores, threshold) if threshold is not None else scored.scores < 0
+            )
             at = 0
             for key, rows in plan:
                 part.follow(key, windows.subset(rows).windows, ~flags[at : at + len(rows)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.evaluate import SeriesPoints, evaluate_series, point_flags
+from training.evaluate import SeriesPoints, evaluate_images, evaluate_series, point_flags
 
 
 def test_point_rules():
@@ -65,3 +65,18 @@ def test_an_event_on_a_key_too_short_for_a_window_counts_as_missed():
     )
     assert result["point"]["fn"] == 2 + 2
     assert result["events"] == 2 and result["event_recall"] == 0.5
+
+
+def test_a_score_that_is_not_finite_is_flagged_as_score_and_the_worker_flag_it():
+    times = np.arange(10).astype("datetime64[s]").astype("datetime64[ns]")
+    labels = np.zeros(10, dtype=int)
+    labels[6] = 1
+    ends = np.arange(1, 10)  # windows of 2, stride 1
+    scores = np.zeros(len(ends))
+    scores[ends == 6] = np.nan  # the model could not hold the reading: anomalous everywhere
+    result = evaluate_series(
+        [SeriesPoints("k", times, labels)], np.full(len(ends), "k"), times[ends], 2, scores, 1.0
+    )
+    assert result["point"]["tp"] == 1 and result["point"]["fn"] == 0
+    images = evaluate_images(np.array([1, 0]), np.array([np.inf, 0.0]), 1.0)
+    assert images["recall"] == 1.0 and images["auroc"] == 1.0

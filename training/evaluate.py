@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.detector.threshold import anomalous
 from pipeline.errors import DataError
 
 __all__ = [
@@ -93,6 +94,11 @@ def ranking_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
 
     if labels.all() or not labels.any():
         return {"auroc": None, "auprc": None}
+    scores = np.asarray(scores, dtype=np.float64)
+    bad = ~np.isfinite(scores)
+    if bad.any():  # ranked above every finite score, as `anomalous` decides them
+        top = scores[~bad].max() if (~bad).any() else 0.0
+        scores = np.where(bad, top + max(1.0, abs(top)), scores)
     return {
         "auroc": float(roc_auc_score(labels, scores)),
         "auprc": float(average_precision_score(labels, scores)),
@@ -149,7 +155,7 @@ def evaluate_series(
     """Evaluate window scores against per-reading labels. `window_ends` are the window end times;
     windows are matched to readings of their key by time."""
     scores = np.asarray(scores, dtype=np.float64)
-    flagged_windows = scores > threshold
+    flagged_windows = anomalous(scores, threshold)
     counts, events = PointCounts(), _Events()
     window_labels = np.zeros(len(scores), dtype=bool)
     for series in points:
@@ -206,7 +212,7 @@ def _count_events(times: np.ndarray, labels: np.ndarray, flags: np.ndarray, acc:
 def evaluate_images(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
-    flagged = scores > threshold
+    flagged = anomalous(scores, threshold)
     counts = PointCounts()
     counts.add(flagged, labels)
     return {

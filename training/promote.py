@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pipeline.detector import Detector
+from pipeline.detector.threshold import anomalous
 from pipeline.errors import ConfigError, RegistryError
 from pipeline.registry.client import TAG_PREFIX, load_model
 from training.calibrate import estimate_fpr
@@ -121,7 +122,7 @@ def _scored_figures(detector: Detector, data) -> dict:
     if labels is not None:
         labels = labels.astype(bool)
         figures.update(ranking_metrics(labels, scores))
-        figures["f1"] = decision_metrics(labels, scores > threshold)["f1"]
+        figures["f1"] = decision_metrics(labels, anomalous(scores, threshold))["f1"]
     return figures
 
 

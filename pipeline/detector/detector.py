@@ -25,7 +25,7 @@ from pipeline.detector.scoring import (
     term_statistics,
     window_errors,
 )
-from pipeline.detector.threshold import Threshold
+from pipeline.detector.threshold import Threshold, anomalous
 from pipeline.detector.traced import ScoringPass
 from pipeline.detector.windows import SlidingWindows, WindowSpec
 from pipeline.errors import ConfigError, DataError, ModelError
@@ -297,9 +297,8 @@ class Detector:
         return np.concatenate(parts).astype(np.float64)
 
     def is_anomaly(self, scores: np.ndarray) -> np.ndarray:
-        """The decision: score strictly above the calibrated threshold; a score that is not
-        finite (an input the model could not hold) is never taken for normal."""
-        return ~(np.asarray(scores) <= self.threshold.require())
+        """The decision (`anomalous`) against the calibrated threshold."""
+        return anomalous(scores, self.threshold.require())
 
     def top_features(self, per_feature: np.ndarray, k: int = 3) -> list[list[str]]:
         """Names of the `k` features with the largest error (with the terms score: the largest

@@ -14,7 +14,14 @@ import numpy as np
 
 from pipeline.errors import ModelError
 
-__all__ = ["Threshold"]
+__all__ = ["Threshold", "anomalous"]
+
+
+def anomalous(scores, threshold: float) -> np.ndarray:
+    """The decision everywhere a score meets a threshold (`score`, the worker, `evaluate`,
+    `promote`): strictly above it, and a score that is not finite (an input the model could not
+    hold) is never taken for normal."""
+    return ~(np.asarray(scores) <= threshold)
 
 
 @dataclass(frozen=True)

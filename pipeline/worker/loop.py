@@ -56,6 +56,7 @@ from pipeline.detector.adaptive_stage import (
     score_reference,
     window_extremes,
 )
+from pipeline.detector.threshold import anomalous
 from pipeline.events import ModelIdentity
 from pipeline.kafka_io.protocols import Record, Sink, Source
 from pipeline.modalities import modality_of
@@ -394,7 +395,7 @@ class Worker:
         if self.settings.adaptive.alarm_on == "adaptive":
             flags = adaptive.anomalous(self.settings.adaptive.adaptive_threshold)
         else:
-            flags = ~(batch.scored.scores <= threshold.value)  # as `Detector.is_anomaly`
+            flags = anomalous(batch.scored.scores, threshold.value)
         if self.settings.events.windows:
             self.writer.windows(batch, flags, threshold, self.model, adaptive)
         if self.alarms is not None:
