@@ -83,6 +83,13 @@ def test_every_metric_the_dashboard_and_rules_name_is_exported():
     assert set(rule_queries()) >= ALERTS
 
 
+def test_the_event_counters_exist_at_zero_before_the_first_event():
+    # a series born at 1 with the first drift event would show no increase to the alert rule
+    text = WorkerMetrics().exposition().decode()
+    for kind in ("anomaly", "alarm_opened", "alarm_resolved", "drift"):
+        assert f'aewatch_events_total{{type="{kind}"}} 0.0' in text
+
+
 def test_the_check_finds_a_metric_nobody_exports():
     assert named_metrics("rate(aewatch_recordz_total[5m]) + aewatch_alarms_open") - exported() == {
         "aewatch_recordz_total"

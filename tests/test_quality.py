@@ -278,6 +278,7 @@ def test_precision_and_counts_are_exact_on_a_scripted_sequence(kafka_bootstrap, 
     # v1 recent (emitted after now - 24 h = T0 + 6 h): 2 confirmed, 1 refuted
     assert value("aewatch_feedback_precision", **one) == pytest.approx(2 / 3)
     assert value("aewatch_feedback_precision", **two) == pytest.approx(1.0)
+    assert value("aewatch_feedback_precision_judged", **one) == 3  # what the 2 / 3 stands on
     assert value("aewatch_feedback_alarms_confirmed", **one, key="a") == 1  # T0 was refuted later
     assert value("aewatch_feedback_alarms_refuted", **one, key="a") == 2
     assert value("aewatch_feedback_alarms_confirmed", **one, key="b") == 1

@@ -9,6 +9,7 @@ so they are exact at every scrape and rebuilt whole after a restart:
 | `aewatch_feedback_alarms_refuted` | gauge | `model`, `version`, `key` |
 | `aewatch_feedback_alarms_unsure` | gauge | `model`, `version`, `key` |
 | `aewatch_feedback_precision` | gauge | `model`, `version` |
+| `aewatch_feedback_precision_judged` | gauge | `model`, `version` |
 | `aewatch_feedback_key_precision` | gauge | `model`, `version`, `key` |
 | `aewatch_feedback_ack_seconds` | histogram | `model`, `version` |
 | `aewatch_feedback_waiting` | gauge | |
@@ -16,7 +17,8 @@ so they are exact at every scrape and rebuilt whole after a restart:
 | `aewatch_alarm_events_total` | counter | |
 
 Precision covers the alarms emitted in the last `--period-s` that have a verdict; a version (or
-key) without one has no precision sample.
+key) without one has no precision sample. `..._precision_judged` is how many alarms it covers
+(the confirmed, refuted and unsure counts cover every alarm read, whatever its age).
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ class QualityCollector(Collector):
             "confirmed / judged alarms emitted in the sliding period",
             labels=["model", "version"],
         )
+        judged = GaugeMetricFamily(
+            "aewatch_feedback_precision_judged",
+            "confirmed and refuted alarms emitted in the sliding period (what precision covers)",
+            labels=["model", "version"],
+        )
         key_precision = GaugeMetricFamily(
             "aewatch_feedback_key_precision",
             "confirmed / judged alarms of a key emitted in the sliding period",
@@ -78,6 +85,7 @@ class QualityCollector(Collector):
         for (model, version), quality in sorted(versions.items()):
             if quality.precision is not None:
                 precision.add_metric([model, version], quality.precision)
+                judged.add_metric([model, version], quality.recent_judged)
             for key, per_key in sorted(quality.keys.items()):
                 labels = [model, version, key]
                 counts["confirmed"].add_metric(labels, per_key.confirmed)
@@ -92,6 +100,7 @@ class QualityCollector(Collector):
             ack.add_metric([model, version], buckets, float(seconds.sum()))
         yield from counts.values()
         yield precision
+        yield judged
         yield key_precision
         yield ack
         yield GaugeMetricFamily(

@@ -62,9 +62,14 @@ class VersionQuality:
     keys: dict[str, VersionQuality] = field(default_factory=dict)
 
     @property
+    def recent_judged(self) -> int:
+        """Confirmed and refuted alarms of the sliding period."""
+        return self.recent_confirmed + self.recent_refuted
+
+    @property
     def precision(self) -> float | None:
         """Precision over the sliding period; None without judged alarms in it."""
-        judged = self.recent_confirmed + self.recent_refuted
+        judged = self.recent_judged
         return self.recent_confirmed / judged if judged else None
 
     def add(self, alarm: Alarm, since_ms: int) -> None:

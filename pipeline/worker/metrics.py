@@ -42,6 +42,7 @@ __all__ = ["BulkHistogram", "WorkerMetrics", "WorkerStats"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+EVENT_KINDS = ("anomaly", "alarm_opened", "alarm_resolved", "drift")
 SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -90,6 +91,8 @@ class WorkerMetrics:
         self.records = Counter("aewatch_records", "records consumed", ["topic"], registry=r)
         self.windows = Counter("aewatch_windows_scored", "windows (or images) scored", registry=r)
         self.events = Counter("aewatch_events", "events produced", ["type"], registry=r)
+        for kind in EVENT_KINDS:  # at 0 from the start: the first event is an increase
+            self.events.labels(kind)
         self.dead_letters = Counter(
             "aewatch_dead_letters", "records sent to the dead-letter topic", ["reason"], registry=r
         )
