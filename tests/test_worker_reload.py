@@ -4,6 +4,8 @@ without a restart; broken versions are refused while the old one keeps serving."
 from __future__ import annotations
 
 import base64
+import dataclasses
+import errno
 import hashlib
 import hmac
 import pickle
@@ -22,9 +24,11 @@ from mlflow import MlflowClient
 
 from pipeline.detector import artifact
 from pipeline.detector.artifact import sha256_file
+from pipeline.registry import follower as follower_module
 from pipeline.registry.client import load_model
 from pipeline.registry.follower import ModelFollower
 from pipeline.tools.local_broker import free_port
+from pipeline.worker.app import WorkerApp
 from pipeline.worker.cli import worker_environment
 from pipeline.worker.http_server import WorkerHttpServer
 from tests.helpers import (
@@ -35,7 +39,13 @@ from tests.helpers import (
     wait_until,
 )
 from tests.kafka_support import build_app, consume, names, produce, stream_items, worker_settings
-from tests.worker_support import flags_by_window, fleet, train_fleet_detector
+from tests.worker_support import (
+    FakeSource,
+    flags_by_window,
+    fleet,
+    in_memory_worker,
+    train_fleet_detector,
+)
 
 pytestmark = pytest.mark.mlflow_server
 
@@ -267,6 +277,105 @@ def test_the_registry_webhook_triggers_a_reload_and_needs_its_signature(
     finally:
         server.close()
         follower.close()
+
+
+def test_a_version_the_settings_cannot_serve_is_refused_and_tried_again_once_moved_back(
+    mlflow_server, trained, tmp_path
+):
+    name = f"serve-{tmp_path.name[-8:]}"
+    client = MlflowClient(mlflow_server)
+    v1 = register_result(mlflow_server, trained, name)
+    robust = _copy(trained, tmp_path, "robust")  # per-key baselines take a standard scaler
+    edit_manifest(robust, lambda m: m["scaler"].update(kind="robust"))
+    v2 = _register_dir(mlflow_server, trained, robust, name)
+    v3 = register_result(mlflow_server, trained, name)
+    good_tag = client.get_model_version(name, v3).tags["aewatch.weights_sha256"]
+    client.set_model_version_tag(name, v3, "aewatch.weights_sha256", "0" * 64)
+    client.set_registered_model_alias(name, "champion", v1)
+    detector, ref = load_model(
+        f"models:/{name}@champion", tracking_uri=mlflow_server, download_dir=tmp_path / "dl"
+    )
+    outcomes: list[tuple[str, str]] = []
+    follower = ModelFollower(
+        f"models:/{name}@champion",
+        detector,
+        ref,
+        tracking_uri=mlflow_server,
+        device="cpu",
+        interval_s=0,
+        on_outcome=lambda outcome, reason: outcomes.append((outcome, reason)),
+    )
+    worker, _ = in_memory_worker(detector, FakeSource({}), follower=follower, key_baselines=True)
+    assert follower.accepts == worker.accepts
+
+    client.set_registered_model_alias(name, "champion", v2)
+    assert follower.check() == "refused" and outcomes[-1] == ("refused", "key_baselines")
+    assert follower.take() is None and worker.detector is detector
+
+    client.set_registered_model_alias(name, "champion", v3)
+    assert follower.check() == "refused" and outcomes[-1] == ("refused", "sha256")
+    client.set_model_version_tag(name, v3, "aewatch.weights_sha256", good_tag)  # mended
+    assert follower.check() == "unchanged"  # while the alias stays on it
+    client.set_registered_model_alias(name, "champion", v1)
+    assert follower.check() == "unchanged"
+    client.set_registered_model_alias(name, "champion", v3)  # moved away and back
+    assert follower.check() == "ready"
+    taken = follower.take()
+    worker.swap_model(taken[0], taken[1].identity())
+    assert worker.model.version == v3
+
+    # an alias deleted from a registry that answers: missing, not unreachable, not refused
+    client.delete_registered_model_alias(name, "champion")
+    follower.interval_s = 30.0
+    follower.start()
+    try:
+        follower.trigger(name, "champion", "")
+        wait_until(lambda: outcomes[-1][0] != "refused", 30, "the look at the deleted alias")
+    finally:
+        follower.close()
+    assert outcomes[-1] == ("missing", "alias") and follower.take() is None
+
+
+def test_with_no_interval_the_webhook_alone_wakes_the_follower(trained):
+    registry = worker_settings("unused:9092", names("hook0"), "models:/fleet@champion").registry
+    registry = dataclasses.replace(registry, reload_interval_s=0.0)
+    ref = SimpleNamespace(version="1")
+    make = WorkerApp._follower
+    assert make(registry, "cpu", trained.detector, ref) is None  # nothing would wake it
+    follower = make(registry, "cpu", trained.detector, ref, webhook=True)
+    assert follower is not None and follower.interval_s == 0
+
+
+def test_a_download_that_fails_for_a_local_cause_is_tried_again(
+    mlflow_server, trained, tmp_path, monkeypatch
+):
+    name = f"disk-{tmp_path.name[-8:]}"
+    client = MlflowClient(mlflow_server)
+    v1 = register_result(mlflow_server, trained, name)
+    v2 = register_result(mlflow_server, trained, name)
+    client.set_registered_model_alias(name, "champion", v1)
+    detector, ref = load_model(
+        f"models:/{name}@champion", tracking_uri=mlflow_server, download_dir=tmp_path / "dl"
+    )
+    outcomes: list[tuple[str, str]] = []
+    follower = ModelFollower(
+        f"models:/{name}@champion",
+        detector,
+        ref,
+        tracking_uri=mlflow_server,
+        device="cpu",
+        interval_s=0,
+        on_outcome=lambda outcome, reason: outcomes.append((outcome, reason)),
+    )
+    client.set_registered_model_alias(name, "champion", v2)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as full:
+        full.setattr(follower_module, "load_model", full_disk)
+        assert follower.check() == "failed" and outcomes[-1] == ("failed", "ENOSPC")
+    assert follower.check() == "ready" and follower.take()[1].version == v2
 
 
 def test_an_unreachable_registry_is_retried_with_backoff(trained):

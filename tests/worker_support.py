@@ -133,14 +133,16 @@ class FakeSink:
 FLEET_MODEL = ModelIdentity("fleet", "1", "champion")
 
 
-def in_memory_worker(detector, source, state=None, **overrides) -> tuple:
+def in_memory_worker(detector, source, state=None, follower=None, **overrides) -> tuple:
     """A worker of `settings(**overrides)` attached to `source`, with every partition of it
     assigned and a fresh sink: (worker, sink)."""
     from pipeline.worker.loop import Worker
     from pipeline.worker.state import MemoryStateStore
 
     sink = FakeSink()
-    worker = Worker(settings(**overrides), detector, FLEET_MODEL, sink, state or MemoryStateStore())
+    config = settings(**overrides)
+    state = state or MemoryStateStore()
+    worker = Worker(config, detector, FLEET_MODEL, sink, state, follower=follower)
     worker.attach(source)
     worker.on_assigned(set(source.records))
     return worker, sink

@@ -9,17 +9,24 @@ points to every `reload_interval_s` seconds, or at once when the MLflow webhook
 2. loaded (manifest format version, calibrated threshold) and checked against the serving model:
    same input kind, the same features in the same order and the same window (or image shape),
    so the open windows and the input topics stay valid;
-3. warmed up on the latest scored windows (zeros before any), which must give finite scores.
+3. one the worker can serve with its settings (`accepts`: per-key baselines need a standard
+   scaler), warmed up on the latest scored windows (zeros before any), which must give finite
+   scores.
 
 A version that passes waits in a slot until the loop takes it between two batches; one that fails
 is refused, logged with the reason, counted in `aewatch_model_reloads_total{outcome="refused"}`
-and not tried again unless the alias moves away and back. An unreachable registry is retried with
-exponential backoff (doubling from 1 s, or a quarter of the cap, up to the interval) while the current model keeps serving.
+and not tried again while the alias stays on it (moved away and back, it is tried again). A
+download that fails for want of local room or resources (a full disk) is `failed` and tried again
+at the next look. An unreachable registry is retried with exponential backoff (doubling from 1 s,
+or a quarter of the cap, up to the interval); a registry that answers but has no such alias (or
+model) any more is `missing`, looked at again each interval. Meanwhile the current model keeps
+serving.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import threading
 from collections.abc import Callable
@@ -27,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.detector import Detector
-from pipeline.errors import AewatchError, RegistryError
+from pipeline.errors import AewatchError, ConfigError, RegistryError, RegistryUnreachable
 from pipeline.modalities import modality_of
 from pipeline.registry.client import ModelRef, alias_version, load_model, parse_model_uri
 from pipeline.registry.reach import probe
@@ -36,6 +43,10 @@ __all__ = ["ModelFollower", "check_compatible"]
 
 log = logging.getLogger(__name__)
 WARMUP_WINDOWS = 64
+# local conditions a later attempt may not meet: the version is not to blame
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN}
+)
 
 
 class Refused(AewatchError):
@@ -88,6 +99,8 @@ class ModelFollower:
         self.interval_s = interval_s
         self.max_backoff_s = max_backoff_s or max(1.0, interval_s)
         self.on_outcome = on_outcome
+        # raises `ConfigError` for a detector the worker's settings cannot serve (set by it)
+        self.accepts: Callable[[Detector], None] = lambda detector: None
         self.serving = serving
         self.serving_version = serving_ref.version
         self.refused: dict[str, str] = {}
@@ -133,24 +146,35 @@ class ModelFollower:
                 return
             try:
                 self.check()
-            except RegistryError as exc:
+            except RegistryUnreachable as exc:
                 first = min(1.0, self.max_backoff_s / 4)
                 backoff = min(self.max_backoff_s, backoff * 2 if backoff else first)
                 delay = backoff
                 self.on_outcome("unreachable", "registry")
                 log.warning(
-                    "registry unreachable (%s); serving %s, retry in %.0fs",
+                    "registry unreachable (%s); serving %s, retry in %.3gs",
                     exc,
                     self.serving_version,
                     delay,
                 )
                 continue
+            except RegistryError as exc:  # it answers, but the alias (or the model) is gone
+                self.on_outcome("missing", "alias")
+                log.warning(
+                    "%s@%s cannot be followed (%s); still serving version %s",
+                    self.name,
+                    self.alias,
+                    str(exc).splitlines()[0],
+                    self.serving_version,
+                )
             delay, backoff = self.interval_s, 0.0
 
     def check(self) -> str:
         """One look at the registry; returns what happened (for logs and tests)."""
         probe(self.tracking_uri, budget_s=0.0)  # one attempt: the follower paces its retries
         version = alias_version(self.name, self.alias, tracking_uri=self.tracking_uri)
+        # a refusal holds while the alias stays on its version
+        self.refused = {v: why for v, why in self.refused.items() if v == version}
         if version == self.serving_version or version in self.refused:
             return "unchanged"
         if self._ready is not None and self._ready[1].version == version:
@@ -163,25 +187,45 @@ class ModelFollower:
                 require_calibrated=True,
             )
             check_compatible(self.serving, detector)
+            try:
+                self.accepts(detector)
+            except ConfigError as exc:
+                raise Refused(exc.setting, exc.problem) from exc
             warm_up(detector, self.sample)
-        except RegistryError:  # unreachable: retried later, not refused
+        except RegistryUnreachable:  # retried later, not refused
             raise
-        except (AewatchError, ValueError, RuntimeError, OSError) as exc:
-            reason = getattr(exc, "reason", type(exc).__name__)
-            self.refused[version] = reason
-            self.on_outcome("refused", reason)
+        except OSError as exc:
+            if exc.errno not in TRANSIENT_ERRNOS:
+                return self._refuse(version, type(exc).__name__, exc)
+            self.on_outcome("failed", errno.errorcode.get(exc.errno, "OSError"))
             log.warning(
-                "refused %s version %s (%s): %s; still serving version %s",
+                "%s version %s could not be loaded here (%s); tried again in the next look, "
+                "still serving version %s",
                 self.name,
                 version,
-                reason,
                 exc,
                 self.serving_version,
             )
-            return "refused"
+            return "failed"
+        except (AewatchError, ValueError, RuntimeError) as exc:
+            reason = "registry" if isinstance(exc, RegistryError) else None
+            return self._refuse(version, reason or getattr(exc, "reason", type(exc).__name__), exc)
         ref = dataclasses.replace(ref, alias=self.alias)
         with self._lock:
             self._ready = (detector, ref)
         self.serving_version = version
         log.info("%s version %s checked and ready to serve", self.name, version)
         return "ready"
+
+    def _refuse(self, version: str, reason: str, exc: BaseException) -> str:
+        self.refused[version] = reason
+        self.on_outcome("refused", reason)
+        log.warning(
+            "refused %s version %s (%s): %s; still serving version %s",
+            self.name,
+            version,
+            reason,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            self.serving_version,
+        )
+        return "refused"

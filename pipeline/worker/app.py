@@ -90,7 +90,10 @@ class WorkerApp:
                 max(10_000, 4 * settings.loop.commit_interval_ms) if exactly_once else None
             ),
         )
-        follower = cls._follower(settings.registry, settings.batching.device, detector, ref)
+        webhook = bool(settings.http.webhook_secret or settings.http.webhook_insecure)
+        follower = cls._follower(
+            settings.registry, settings.batching.device, detector, ref, webhook=webhook
+        )
         if follower is not None:
             follower.on_outcome = lambda outcome, why: metrics.reloads.labels(outcome, why).inc()
         state = KafkaStateStore(sink, kafka.read_latest, settings.state_topic_name)
@@ -123,11 +126,19 @@ class WorkerApp:
 
     @staticmethod
     def _follower(
-        registry: RegistrySettings, device: str, detector: Detector, ref: ModelRef
+        registry: RegistrySettings,
+        device: str,
+        detector: Detector,
+        ref: ModelRef,
+        *,
+        webhook: bool = False,
     ) -> ModelFollower | None:
-        """A follower for a registry alias that is polled (none for a folder or a version)."""
+        """A follower for a registry alias that is polled, or woken by the webhook only
+        (`--reload-interval-s 0` with a webhook); none for a folder or a version."""
         parsed = parse_model_uri(registry.model)
-        if parsed is None or parsed[1] is None or registry.reload_interval_s <= 0:
+        if parsed is None or parsed[1] is None:
+            return None
+        if registry.reload_interval_s <= 0 and not webhook:
             return None
         return ModelFollower(
             registry.model,

@@ -56,6 +56,7 @@ from pipeline.detector.adaptive_stage import (
     score_reference,
     window_extremes,
 )
+from pipeline.detector.key_baselines import KeyBaselines
 from pipeline.detector.threshold import anomalous
 from pipeline.events import ModelIdentity
 from pipeline.kafka_io.protocols import Record, Sink, Source
@@ -111,6 +112,8 @@ class Worker:
     ) -> None:
         self.settings, self.detector, self.model = settings, detector, model
         self.sink, self.follower, self.clock, self.wall_ms = sink, follower, clock, wall_ms
+        if follower is not None:
+            follower.accepts = self.accepts
         self.metrics = metrics or WorkerMetrics()
         self.stats = WorkerStats()
         self.modality = modality = modality_of(detector.input)
@@ -245,10 +248,10 @@ class Worker:
     def swap_model(self, detector: Detector, model: ModelIdentity) -> None:
         """Serve `detector` from the next batch on; what is pending is scored by the old one."""
         self.score_pending()
+        self._use_baselines(detector)  # first: it refuses a detector it cannot serve (`accepts`)
         previous, self.detector, self.model = self.model, detector, model
         if self.adaptive is not None:  # scores of another version: every key warms up again
             self.adaptive.reset(self._refs(detector), _version(model))
-        self._use_baselines(detector)
         self.stats.reloads += 1
         if self.drift is not None:  # the new version's calibration deciles, fresh reservoirs
             self.drift.recalibrate(detector.threshold.calibration_scores)
@@ -349,6 +352,13 @@ class Worker:
             self.writer.dead_letter(record, rejection)
 
     # -- scoring and emitting --------------------------------------------------------------------
+    def accepts(self, detector: Detector) -> None:
+        """`ConfigError` if these settings cannot serve `detector` (the follower asks before a
+        version is taken): per-key baselines, kept or needed, take a standard scaler."""
+        config = self.settings.baselines.config()
+        if self.baselines is not None or BaselineStage.needed(config, detector):
+            KeyBaselines(config, detector)
+
     def _use_baselines(self, detector: Detector) -> None:
         """Per-key baselines for `detector`, when any key is scored with its own."""
         config = self.settings.baselines.config()

@@ -23,7 +23,7 @@ observed for every scored window with one numpy call per batch through `BulkHist
 | `aewatch_reread_records`, `aewatch_parked_keys` | gauge | `topic`, `partition` |
 | `aewatch_keys`, `aewatch_state_record_bytes` | gauge | `topic`, `partition` |
 | `aewatch_model_info` | gauge (1) | `name`, `version`, `alias` |
-| `aewatch_model_reloads_total` | counter | `outcome` (loaded, refused, unreachable), `reason` |
+| `aewatch_model_reloads_total` | counter | `outcome` (loaded, refused, failed, unreachable, missing), `reason` |
 | `aewatch_drift_psi` | gauge | `key`, for the keys this member holds (`*`: all of them, pooled; a key named `*` has no gauge of its own) |
 """
 

@@ -73,7 +73,7 @@ class RegistrySettings:
         "detector: models:/NAME@ALIAS, models:/NAME/VERSION or a folder", required=True
     )
     reload_interval_s: float = setting(
-        "how often the model alias is checked for a new version (0: never)",
+        "how often the model alias is checked for a new version (0: on webhook deliveries only)",
         30.0,
         minimum=0,
         maximum=MAX_SECONDS,
