@@ -243,3 +243,31 @@ def test_score_evaluate_worker_and_pyfunc_agree(trained, tmp_path):
     for event in events:
         end = int(pd.Timestamp(event["window"]["end"]).value // 1_000_000)
         assert [f.get("term") for f in event["top_features"]] == terms[end]
+
+
+def test_a_feature_constant_in_training_does_not_alarm_on_jitter_but_on_a_change(tmp_path, caplog):
+    from tests.helpers import series_frame
+
+    frame = series_frame(n_keys=2, n=1500, n_features=3, seed=4)
+    frame["k"] = 3.0  # a set point that never moved in training
+    frame["label"] = 0
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    with caplog.at_level("WARNING"):
+        result = _train(tmp_path / "train.csv", tmp_path / "det")
+    detector = result.detector
+    assert detector.score_stats is not None
+    assert "k never moved within a training window" in caplog.text
+    fresh = normal_series(2700, 3, seed=400)[1500:]  # machine m0 after its training history
+    rng = np.random.default_rng(1)
+    jitter = 3.0 + np.where(rng.random(len(fresh)) < 0.3, 1e-6, 0.0)  # float32-sized noise
+    windows = np.lib.stride_tricks.sliding_window_view(
+        np.column_stack([fresh, jitter]).astype(np.float32), WINDOW, axis=0
+    ).transpose(0, 2, 1)[::4]
+    calm = np.column_stack([fresh, np.full(len(fresh), 3.0)]).astype(np.float32)
+    calm = np.lib.stride_tricks.sliding_window_view(calm, WINDOW, axis=0).transpose(0, 2, 1)[::4]
+    jittered_rate = float(detector.is_anomaly(detector.score(windows).scores).mean())
+    calm_rate = float(detector.is_anomaly(detector.score(calm).scores).mean())
+    assert jittered_rate <= calm_rate + 0.02, (jittered_rate, calm_rate)
+    moved = windows.copy()
+    moved[:, :, 3] += np.sin(np.arange(WINDOW))[None, :].astype(np.float32)  # it starts to move
+    assert detector.is_anomaly(detector.score(moved).scores).mean() > 0.9

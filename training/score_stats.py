@@ -103,4 +103,13 @@ def fit_stats(detector: Detector, data, aggregation: str = "max") -> ScoreStats:
         )
         validation = train
     shape = np.concatenate([train, validation]) if validation is not train else train
-    return fit_score_stats(validation, shape, terms=TERMS, aggregation=aggregation)
+    stats = fit_score_stats(validation, shape, terms=TERMS, aggregation=aggregation)
+    still = sorted({f for _, f in stats.left_out()})
+    if still:
+        names = [detector.input.features[f] for f in still]
+        log.warning(
+            "feature(s) %s never moved within a training window: their shape terms "
+            "(variance, roughness, centroid) are left out; the error term still watches them",
+            ", ".join(names),
+        )
+    return stats

@@ -66,6 +66,12 @@ AGGREGATIONS = ("max", "mean", "rms")
 _EPS = 1e-6
 _OUTSIDE = -math.log(_EPS)
 _TINY = 1e-12
+# A shape term of a feature that never moved within a training window (all its values 0) has no
+# normal spread to measure a change by: the smallest jitter would read as many spreads. Its
+# spreads are set this wide, which leaves the term out for that feature (the error term still
+# watches it: a feature that starts to move is reconstructed worse).
+STILL_SPREAD = 1e9
+_STILL = 1e-9
 
 
 def element_errors(recon: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
@@ -144,6 +150,11 @@ class ScoreStats:
     @property
     def n_features(self) -> int:
         return int(np.shape(self.center)[1])
+
+    def left_out(self) -> list[tuple[str, int]]:
+        """(term, feature index) pairs left out: the feature never moved in training."""
+        off = np.asarray(self.upper) >= STILL_SPREAD
+        return [(self.terms[t], int(f)) for t, f in zip(*np.nonzero(off), strict=True)]
 
     def _content(self) -> dict:
         out: dict = {
@@ -236,7 +247,8 @@ def fit_score_stats(
     of windows the model did not train on (the error term is taken from these), `shape_values`
     [M, T, F] those of every normal window at hand (the terms that need no model). Spreads are
     floored at `floor` log units; with fewer than 1 / (1 - tail) windows the quantile is taken
-    at 1 - 1 / n."""
+    at 1 - 1 / n. A shape term whose values are all 0 for a feature (constant in every
+    window) is left out for it (`STILL_SPREAD`)."""
     terms = tuple(terms)
     rows = []
     for i, term in enumerate(terms):
@@ -249,6 +261,12 @@ def fit_score_stats(
         level = min(tail, 1.0 - 1.0 / max(len(logs), 2))
         upper = np.maximum(np.quantile(logs, level, axis=0) - center, floor)
         lower = np.maximum(center - np.quantile(logs, 1.0 - level, axis=0), floor)
+        if term != "error":
+            still = np.max(np.abs(values), axis=0) <= _STILL
+            upper, lower = (
+                np.where(still, STILL_SPREAD, upper),
+                np.where(still, STILL_SPREAD, lower),
+            )
         rows.append((eps, center, upper, lower))
     eps, center, upper, lower = (np.stack(column) for column in zip(*rows, strict=True))
     return ScoreStats(terms, aggregation, tail, floor, eps, center, upper, lower)
