@@ -655,3 +655,30 @@ def test_fractional_epoch_ms_are_cut_as_the_worker_cuts_them(tmp_path: Path) -> 
         1704067201000,
     ]
     assert (times == times.astype("datetime64[ms]")).all()  # no fraction of a millisecond left
+
+
+def test_rows_labelled_anomalous_set_no_scale_in_memory_or_out_of_core(tmp_path: Path) -> None:
+    from pipeline.tools.synthetic import write_parquet_series
+    from training.data.out_of_core import prepare_streamed
+    from training.data.prepared import prepare_series
+    from training.job import TrainSettings
+
+    root = write_parquet_series(tmp_path / "ds", n_keys=2, n=1200, days=2, label_every=0)
+    table = load_series(root, time_col="ts", key_col="machine")
+    frame = table.frame.copy()
+    frame["label"] = 0
+    clean = split_series(table, (0.6, 0.15, 0.15, 0.1))["train"].values()
+    glitch = frame.index[frame["machine"] == "m0"][100:103]  # inside the train split
+    frame.loc[glitch, "s0"] = 1000.0
+    frame.loc[glitch, "label"] = 1
+    frame.to_csv(tmp_path / "glitch.csv", index=False)
+    (tmp_path / "pq").mkdir()
+    frame.to_parquet(tmp_path / "pq" / "part.parquet", index=False)
+    common = dict(time_col="ts", key_col="machine", label_col="label", window=16, stride=4)
+    expected = np.std(clean, axis=0)
+    in_memory = prepare_series(TrainSettings(data=str(tmp_path / "glitch.csv"), **common))
+    streamed = prepare_streamed(
+        TrainSettings(data=str(tmp_path / "pq"), out_of_core=True, **common), "standard"
+    )
+    for scaler in (in_memory.scaler, streamed.scaler):
+        np.testing.assert_allclose(scaler.scale, expected, rtol=2e-3)

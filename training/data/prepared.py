@@ -371,8 +371,9 @@ def prepare_series(settings) -> SeriesSplits:
             raise DataError(f"{settings.data}: every training window holds a labelled anomaly")
         parts["train"] = train.subset(np.flatnonzero(keep))
     kind = scaler_kind(settings, image=False)
-    scaler = Scaler.fit(kind, tables["train"].values())
-    scaler, baselines = key_baselines(settings, kind, tables["train"], scaler)
+    normal = tables["train"].normal_rows()  # a labelled glitch sets no feature's scale
+    scaler = Scaler.fit(kind, normal.values())
+    scaler, baselines = key_baselines(settings, kind, normal, scaler)
     spec_in = InputSpec("series", features=tuple(table.features), window=spec, calendar=calendar)
     return SeriesSplits(spec_in, scaler, parts, tables, table, baselines)
 

@@ -98,6 +98,19 @@ class SeriesTable:
         for key, positions in self._group_positions():
             yield key, self.frame.iloc[positions]
 
+    def normal_rows(self) -> SeriesTable:
+        """The rows not labelled anomalous (all of them without a label column): what the
+        scaler and the keys' baselines are fitted on."""
+        if self.label_col is None:
+            return self
+        normal = self.frame[self.label_col].to_numpy() == 0
+        if normal.all():
+            return self
+        frame = self.frame.loc[normal].reset_index(drop=True)
+        return SeriesTable(
+            frame, self.time_col, self.key_col, self.features, self.label_col, self.source
+        )
+
     def values(self) -> np.ndarray:
         """The features as float32 `[n, F]`, columns in `features` order."""
         return self.frame.loc[:, list(self.features)].to_numpy(dtype=np.float32)

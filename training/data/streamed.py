@@ -295,8 +295,8 @@ class SeriesStream:
                 "scaler", f"out-of-core data takes {', '.join(STREAMING_KINDS)}, not {kind!r}"
             )
         fitted = ScalerFit(kind)
-        for chunk in self.part(plan, "train"):
-            fitted.update(chunk.values)
+        for chunk in self.part(plan, "train"):  # rows labelled anomalous set no scale
+            fitted.update(chunk.values if chunk.labels is None else chunk.values[chunk.labels == 0])
         return fitted.compute()
 
     def windows(self, plan: SplitPlan, part: str, spec: WindowSpec) -> Iterator[WindowSet]:
