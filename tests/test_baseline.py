@@ -134,3 +134,42 @@ def test_pca_of_inputs_too_wide_for_the_covariance_finds_the_leading_directions(
     exact = torch.from_numpy(directions)
     assert torch.allclose(ours.T @ ours, exact.T @ exact, atol=1e-3)
     assert torch.allclose(ours @ ours.T, torch.eye(k, dtype=torch.float64), atol=1e-5)
+
+
+def _detector(loss: str, code_size: int = 4):
+    from pipeline.detector import Detector, InputSpec, Scaler, WindowSpec, build_model
+
+    config = ModelConfig(input_shape=(16, 3), hidden=(16,), code_size=code_size, loss=loss)
+    spec = InputSpec("series", features=("a", "b", "c"), window=WindowSpec(16, 4))
+    return Detector(spec, Scaler("none", (0.0,) * 3, (1.0,) * 3), config, build_model(config))
+
+
+@pytest.mark.parametrize("loss", ["l1", "bce"])
+def test_pca_and_the_autoencoder_are_compared_under_the_models_loss(loss):
+    import torch
+
+    from pipeline.detector.models.pca import PCAModel
+    from pipeline.detector.scoring import element_errors
+    from training.baseline import fit_baseline
+
+    x, val = _windows(400, 16, 3), _windows(200, 16, 3, seed=1)
+    if loss == "bce":  # inputs in [0, 1], as min-max scaling gives them
+        x, val = (x + 1.2) / 2.4, (val + 1.2) / 2.4
+    baseline = fit_baseline(_detector(loss), None, x, val, "end", None, calibrate=lambda d: None)
+    pca = PCAModel(ModelConfig(kind="pca", input_shape=(16, 3), code_size=4)).fit(x)
+    with torch.no_grad():
+        expected = float(element_errors(pca.reconstruct(val), val, loss).double().mean())
+    assert baseline.val_loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_code_size_beyond_the_training_windows_gives_no_baseline_and_pca_says_why():
+    from pipeline.detector.models.pca import PCAModel
+    from pipeline.errors import DataError
+    from training.baseline import fit_baseline
+
+    x = _windows(6, 16, 3)
+    assert fit_baseline(_detector("mse", 8), None, x, x, "end", None, calibrate=None) is None
+    with pytest.raises(
+        DataError, match="code size 8 needs at least 8 training windows, there are 6"
+    ):
+        PCAModel(ModelConfig(kind="pca", input_shape=(16, 3), code_size=8)).fit(x)

@@ -3,9 +3,10 @@
 Every `aewatch train` of an autoencoder also fits PCA with the same code size (closed form, a few
 seconds at most), calibrates it with the same settings and evaluates it on the same test split,
 so that the run shows whether the autoencoder earned its place. The comparison is by test AUROC
-when the test split is labelled, else by validation error (the mean anomaly score of clean
-validation windows, the quantity early stopping watches, in the same scaled space). Data out of
-core has no baseline (PCA is fitted in memory), nor has a code size above the number of inputs.
+when the test split is labelled, else by validation error (the mean reconstruction error of
+clean validation windows under the model's loss, both in the same scaled space; a VAE's from its
+latent mean, without the KL term). Data out of core has no baseline (PCA is fitted in memory), nor
+has a code size above the number of inputs or at least the number of training windows.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.detector import Detector, ModelConfig, build_model
+from pipeline.detector.scoring import window_errors
 from pipeline.errors import CalibrationError
 from training.data.splits import Splits
 from training.data.window_tensor import WindowTensor
-from training.fit import validation_loss
 
 __all__ = ["MAX_BASELINE_WINDOWS", "Baseline", "fit_baseline"]
 
@@ -132,13 +133,20 @@ def fit_baseline(
             train = train.subset(index)
         else:
             train = train.index_select(0, index)
-    pca_config = ModelConfig(kind="pca", input_shape=config.input_shape, code_size=config.code_size)
+    if config.code_size >= len(train):  # it would reconstruct every training window exactly
+        log.info(
+            "no PCA baseline: code size %d for %d training windows", config.code_size, len(train)
+        )
+        return None
+    pca_config = ModelConfig(
+        kind="pca", input_shape=config.input_shape, code_size=config.code_size, loss=config.loss
+    )
     model = build_model(pca_config).to(train.device).fit(train)
     model.eval()
     pca = Detector(detector.input, detector.scaler, pca_config, model, baselines=detector.baselines)
     has_val = val is not None and len(val) > 0
-    val_loss = validation_loss(model, pca_config, val) if has_val else None
-    model_val = validation_loss(detector.model, config, val) if has_val else None
+    val_loss = reconstruction_error(model, pca_config, val) if has_val else None
+    model_val = reconstruction_error(detector.model, config, val) if has_val else None
     evaluation = None
     if detector.score_stats is not None and score_stats is not None:
         pca.score_stats = score_stats(pca)
@@ -155,3 +163,18 @@ def fit_baseline(
     if baseline.pca_better:
         log.warning("%s", baseline.verdict())
     return baseline
+
+
+@torch.no_grad()
+def reconstruction_error(model, config: ModelConfig, x: torch.Tensor, batch: int = 4096) -> float:
+    """Mean element error of clean inputs under the model's own loss (a VAE's from its latent
+    mean, without its KL term): what PCA and the autoencoder are compared on."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(x), batch):
+        errors = window_errors(model, config, x[start : start + batch])
+        total += float(errors.double().sum())
+        count += errors.numel()
+    model.train(was_training)
+    return total / max(1, count)

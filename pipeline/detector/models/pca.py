@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.detector.models.config import ModelConfig
+from pipeline.errors import DataError
 
 __all__ = ["PCAModel"]
 
@@ -45,6 +46,11 @@ class PCAModel(nn.Module):
         flat = x.reshape(len(x), -1)
         n, d = flat.shape
         k = self.config.code_size
+        if k > min(n, d):
+            raise DataError(
+                f"a PCA of code size {k} needs at least {k} training windows, there are {n}: "
+                "lower --code-size or give more data"
+            )
         mean = sum(chunk.to(torch.float64).sum(dim=0) for chunk in flat.split(GRAM_CHUNK)) / n
         if d <= GRAM_MAX_INPUTS and n > d:
             gram = torch.zeros(d, d, dtype=torch.float64, device=flat.device)
