@@ -160,3 +160,10 @@ def test_the_progress_bar_gives_each_cycle_its_line():
     assert lines[0].endswith("epoch 3/3  train 1.00000") and "[" + "#" * 20 + "]" in lines[0]
     assert "epoch 4/6" in lines[1] and lines[1].endswith("epoch 6/6  train 1.00000")
     assert "." * 20 not in lines[1].split("\r")[-1]  # the second cycle's bar fills again
+
+
+def test_a_step_cap_under_one_epoch_trains_one_epoch_and_says_so(caplog):
+    with caplog.at_level("WARNING"):
+        plan = FitPlan.make(1000, FitConfig(batch_size=64, max_steps=5))
+    assert plan.epochs == 1 and plan.total_steps == 16
+    assert "max_steps 5 is less than one epoch of 16 steps" in caplog.text

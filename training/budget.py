@@ -3,7 +3,8 @@ steps, the learning-rate schedule, the validation cadence and the early-stopping
 
 The budget fits the data: the batch size defaults to clamp(n // 16, 16, 256) windows (never
 more than n), and a run takes at least `min_steps` optimizer steps (epochs = max(epochs,
-ceil(min_steps / steps per epoch)), optionally capped by `max_steps`), so ~500 images get ~2,000
+ceil(min_steps / steps per epoch)), optionally capped by `max_steps` in whole epochs, at least
+one), so ~500 images get ~2,000
 steps instead of ~100, while data with more than epochs * batch_max windows (12,800 at the
 defaults) trains exactly as many epochs as a plain epoch budget. The learning rate warms up
 linearly over 5 % of the planned steps (at most 500), then follows a cosine to 1 % of `lr` at the
@@ -27,12 +28,15 @@ steps bring it to 0.008.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
 
 __all__ = ["NOT_CONVERGED", "SCHEDULES", "FitConfig", "FitPlan", "converged"]
+
+log = logging.getLogger(__name__)
 
 NOT_CONVERGED = (
     "training did not converge in %d steps (best at step %d): consider a larger --min-steps or "
@@ -114,6 +118,15 @@ class FitPlan:
         per_epoch = max(1, math.ceil(n_train / batch))
         epochs = max(settings.epochs, math.ceil(settings.min_steps / per_epoch))
         if settings.max_steps:
+            if settings.max_steps < per_epoch:
+                log.warning(
+                    "max_steps %d is less than one epoch of %d steps (%d windows in batches "
+                    "of %d): one epoch is trained",
+                    settings.max_steps,
+                    per_epoch,
+                    n_train,
+                    batch,
+                )
             epochs = max(1, min(epochs, settings.max_steps // per_epoch))
         total = epochs * per_epoch
         warmup = (
