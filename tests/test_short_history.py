@@ -99,3 +99,21 @@ def test_too_few_rows_for_any_flag_say_how_many_are_needed(tmp_path):
     data = _series_csv(tmp_path / "tiny.csv", 30)
     with pytest.raises(Exception, match="rows per key are too few: about 60 are needed"):
         _train([*_common(data, tmp_path / "det"), "--window", "8", "--device", "cpu"])
+
+
+def test_the_run_records_what_was_trained_beside_what_was_asked(tmp_path, mlflow_embedded):
+    from mlflow import MlflowClient
+
+    from training.cli.train import build_train_parser, settings_from_args
+    from training.runner import RunOptions, run_training
+
+    data = _series_csv(tmp_path / "short.csv", 186)
+    args = [*_common(data, tmp_path / "det"), "--device", "cpu", "--kind", "pca"]
+    settings = settings_from_args(build_train_parser().parse_args(args))
+    summary = run_training(settings, RunOptions(mlflow_embedded, progress=False))
+    params = MlflowClient(mlflow_embedded).get_run(summary["run_id"]).data.params
+    assert params["window"] == "32" and params["trained.window"] == "16"  # adapted to 186 rows
+    assert params["scaler"] == "auto" and params["trained.scaler"] == "standard"
+    assert params["trained.model.kind"] == "pca" and "trained.model.hidden" not in params
+    assert params["trained.model.input_shape"] == "(16, 5)"  # 5 features
+    assert int(params["trained.windows.calibration"]) >= MIN_WINDOWS

@@ -53,6 +53,7 @@ def run_training(
         log_artifacts,
         log_fit_summary,
         log_quality,
+        log_trained,
         tracking_run,
     )
 
@@ -72,6 +73,7 @@ def run_training(
         if progress and result.fit.stopped_early:
             progress.close()
         log_fit_summary(result.fit)
+        log_trained(result)
         log_quality(result)
         log_run_figures(result)
         log_artifacts(result.artifact_dir, "detector_files")

@@ -120,6 +120,32 @@ def log_artifacts(directory: Path, artifact_path: str) -> None:
     mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
 
 
+def trained_params(result) -> dict[str, str]:
+    """What was trained, where the run adapted the settings (a short series gets a smaller
+    window and other fractions; `--scaler auto` picks a kind; a kind ignores the knobs of
+    another): `trained.*` beside the requested settings' params."""
+    detector = result.detector
+    params = {"trained.scaler": detector.scaler.kind, "trained.score": detector.score_mode}
+    if detector.input.window is not None:
+        params["trained.window"] = str(detector.input.window.length)
+        params["trained.stride"] = str(detector.input.window.stride)
+    else:
+        params["trained.image_shape"] = str(tuple(detector.input.image_shape))
+    config = detector.config
+    fields = {"kind", "backbone", "input_shape", "code_size", "loss"}
+    if config.kind != "pca":
+        fields |= {"hidden"}
+    for name in sorted(fields):
+        params[f"trained.model.{name}"] = str(getattr(config, name))
+    for part, count in (result.data.window_counts() or {}).items():
+        params[f"trained.windows.{part}"] = str(count)
+    return params
+
+
+def log_trained(result) -> None:
+    mlflow.log_params(trained_params(result))
+
+
 def log_fit_summary(result: FitResult) -> None:
     """The run's budget (plan.* parameters) and what it took: epochs, steps, the best step,
     whether it stopped early and converged (1/0), losses and speed."""
