@@ -508,16 +508,28 @@ def test_k8s_credentials_come_from_a_secret_that_is_not_in_the_repo(k8s):
                 assert "value" not in entry, f"{entry['name']} has a literal value"
 
 
+def _members(deployment) -> int:
+    env = {e["name"]: e.get("value") for e in worker_container(deployment)["env"]}
+    return int(env.get("AEWATCH_PROCESSES") or 1)
+
+
 def test_k8s_ports_and_probes(k8s):
+    from pipeline.worker.supervisor import STOP_GRACE_S
+
     for deployment in deployments(k8s):
         container = worker_container(deployment)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"http": HTTP_PORT}
+        members = _members(deployment)
+        # member i serves on HTTP_PORT + i: every one named, so that every one is scraped
+        names = ["http"] + [f"http-{i}" for i in range(1, members)]
+        assert ports == {name: HTTP_PORT + i for i, name in enumerate(names)}
         assert HTTP_PORT == 8080
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
         spec = deployment["spec"]["template"]["spec"]
-        assert spec["terminationGracePeriodSeconds"] == 60
+        grace = spec["terminationGracePeriodSeconds"]
+        # a supervisor gives its members STOP_GRACE_S to checkpoint before it stops them
+        assert grace > STOP_GRACE_S if members > 1 else grace == 60
         resources = container["resources"]
         assert resources["requests"] and resources["limits"]
         selector = deployment["spec"]["selector"]["matchLabels"]
@@ -528,8 +540,11 @@ def test_k8s_ports_and_probes(k8s):
 
 def test_k8s_prometheus_annotations_match_the_container(k8s):
     for deployment in deployments(k8s):
-        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
         container = worker_container(deployment)
+        if _members(deployment) > 1:  # an annotation names one port: the ServiceMonitor's job
+            assert "prometheus.io/scrape" not in annotations
+            continue
         assert annotations["prometheus.io/scrape"] == "true"
         assert annotations["prometheus.io/port"] == str(container["ports"][0]["containerPort"])
         assert annotations["prometheus.io/path"] == "/metrics"
@@ -538,24 +553,30 @@ def test_k8s_prometheus_annotations_match_the_container(k8s):
 def test_k8s_service_and_servicemonitor_reach_the_workers(k8s):
     service = k8s_object(k8s, "Service")
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
-    [port] = service["spec"]["ports"]
-    assert port["name"] == "http" and port["port"] == HTTP_PORT and port["targetPort"] == "http"
+    served = {p["name"]: p for p in service["spec"]["ports"]}
+    port = served["http"]
+    assert port["port"] == HTTP_PORT and port["targetPort"] == "http"
     for deployment in deployments(k8s):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()
+        for member in worker_container(deployment)["ports"]:  # every member of every pod
+            exposed = served[member["name"]]
+            assert exposed["targetPort"] == member["name"]
+            assert exposed["port"] == member["containerPort"]
     monitor = k8s_object(k8s, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
-    [endpoint] = monitor["spec"]["endpoints"]
-    assert endpoint["port"] == port["name"]
-    assert endpoint["path"] == "/metrics"
+    endpoints = monitor["spec"]["endpoints"]
+    assert sorted(e["port"] for e in endpoints) == sorted(served)
+    assert {e["path"] for e in endpoints} == {"/metrics"}
 
 
 def test_k8s_pdb_covers_the_workers(k8s):
     pdb = k8s_object(k8s, "PodDisruptionBudget")
-    assert pdb["spec"]["minAvailable"] == 1
+    # a drain must be able to evict the last worker the ScaledObject keeps (minimum 1)
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
     labels = cpu_deployment(k8s)["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
 

@@ -72,6 +72,28 @@ def test_cpu_threads_default_to_each_members_share_of_the_cores(processes, cores
     assert chosen.threads(processes, cores) == 6
 
 
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2),  # a container limited to 2 CPUs (cgroup v2)
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: rounded up
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),  # no limit: every core it may run on
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_the_cores_a_container_may_use_follow_its_cpu_limit(tmp_path, files, cores):
+    from pipeline.worker.settings import available_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    every = len(os.sched_getaffinity(0))
+    assert available_cores(tmp_path) == min(every, cores or every)
+
+
 def test_members_get_their_share_of_cpu_threads(trained):
     settings = worker_settings("127.0.0.1:1", names("thr"), trained.artifact_dir, processes=2)
     members = [member_settings(settings, i) for i in range(2)]

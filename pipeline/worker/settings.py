@@ -19,10 +19,12 @@ and the checks across groups (topics that must stay apart, the members' ports) n
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline import settings as declared
 from pipeline.errors import ConfigError
@@ -191,7 +193,7 @@ class BatchSettings:
     max_batch: int = setting("most windows scored in one forward pass", 4096, minimum=1)
     max_wait_ms: int = setting("longest a ready window waits for a fuller batch", 20, minimum=0)
     cpu_threads: int = setting(
-        "threads of a forward pass on the CPU (0: this member's share of the cores)",
+        "threads of a forward pass on the CPU (0: this member's share of the cores, within a container's CPU limit)",
         0,
         minimum=0,
         maximum=MAX_THREADS,
@@ -206,9 +208,35 @@ class BatchSettings:
         if self.cpu_threads:
             return self.cpu_threads
         if cores is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-            cores = cores or os.cpu_count() or 1
+            cores = available_cores()
         return max(1, cores // processes)
+
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cores(cgroup: Path = CGROUP) -> int:
+    """The cores this process may use: those it may run on, fewer under a CPU quota (a
+    container's CPU limit: cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us`), rounded up."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    cores = cores or os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of time the cgroup may take per period; None without a limit."""
+    try:
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return limit / period if limit > 0 and period > 0 else None
 
 
 @dataclass(frozen=True)
