@@ -173,3 +173,24 @@ def test_a_code_size_beyond_the_training_windows_gives_no_baseline_and_pca_says_
         DataError, match="code size 8 needs at least 8 training windows, there are 6"
     ):
         PCAModel(ModelConfig(kind="pca", input_shape=(16, 3), code_size=8)).fit(x)
+
+
+def test_the_baselines_calibration_does_not_repeat_the_models_warnings(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from training.baseline import fit_baseline
+
+    def calibrate(detector):  # as the model's calibration warned on too few windows
+        logging.getLogger("training.calibrate").warning("the threshold comes from a tail")
+        return detector.threshold
+
+    data = SimpleNamespace(has=lambda part: True, evaluate=lambda *a: {"auroc": 0.5})
+    x = _windows(400, 16, 3)
+    with caplog.at_level("WARNING"):
+        baseline = fit_baseline(
+            _detector("mse"), data, x, x, "end", {"auroc": 0.6}, calibrate=calibrate
+        )
+    assert baseline.evaluation["auroc"] == 0.5  # calibrated and evaluated
+    assert "comes from a tail" not in caplog.text
+    assert logging.getLogger("training.calibrate").level == logging.NOTSET  # put back

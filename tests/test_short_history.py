@@ -74,6 +74,9 @@ def test_186_rows_train_and_calibrate_without_a_flag(tmp_path, caplog):
     assert result.detector.threshold.params["rule"] == "tail"
     assert result.data.window_counts()["calibration"] >= MIN_WINDOWS
     assert "short for the default split" in caplog.text
+    assert result.summary()["calibration"] == (
+        "quantile, exponential tail: too few windows for the quantile"
+    )
 
 
 @pytest.mark.parametrize("rows", [186, 60])

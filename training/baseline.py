@@ -151,6 +151,9 @@ def fit_baseline(
     if detector.score_stats is not None and score_stats is not None:
         pca.score_stats = score_stats(pca)
     if model_evaluation is not None and data.has("test"):
+        quiet = logging.getLogger("training.calibrate")  # the model's calibration said it once
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
         try:
             pca.threshold = calibrate(pca)
         except CalibrationError as exc:
@@ -158,6 +161,8 @@ def fit_baseline(
         else:
             full = data.evaluate(pca, "test", point_rule)
             evaluation = {k: full.get(k) for k in RANKING} if full else None
+        finally:
+            quiet.setLevel(level)
     ours = {k: model_evaluation.get(k) for k in RANKING} if model_evaluation else None
     baseline = Baseline(config.code_size, val_loss, model_val, evaluation, ours)
     if baseline.pca_better:

@@ -255,13 +255,20 @@ class TrainResult:
             "windows_per_second": _finite_or_none(self.fit.windows_per_second),
             "score": self.detector.score_mode,
             "threshold": self.detector.threshold.value,
-            "calibration": self.detector.threshold.method,
+            "calibration": _calibration_said(self.detector.threshold),
             "fpr_estimate": self.fpr_estimate.to_dict() if self.fpr_estimate else None,
             "fpr_check": self.fpr_check.to_dict() if self.fpr_check else None,
             "evaluation": self.evaluation,
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "registered_version": self.version,
         }
+
+
+def _calibration_said(threshold) -> str | None:
+    """The method, and the exponential tail where too few windows gave no quantile."""
+    if threshold.params.get("rule") == "tail":
+        return f"{threshold.method}, exponential tail: too few windows for the quantile"
+    return threshold.method
 
 
 def _finite_or_none(x: float) -> float | None:
