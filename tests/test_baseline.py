@@ -194,3 +194,26 @@ def test_the_baselines_calibration_does_not_repeat_the_models_warnings(caplog):
     assert baseline.evaluation["auroc"] == 0.5  # calibrated and evaluated
     assert "comes from a tail" not in caplog.text
     assert logging.getLogger("training.calibrate").level == logging.NOTSET  # put back
+
+
+def test_the_summary_gives_the_validation_loss_of_the_weights_kept():
+    from training.fit import FitResult
+
+    fit = FitResult(val_losses=[0.3, 0.1, 0.12], eval_steps=[10, 20, 30], best_step=20)
+    assert fit.kept_val_loss == 0.1
+    summary = {
+        "model_kind": "undercomplete",
+        "backbone": "dense",
+        "epochs": 3,
+        "steps": 30,
+        "best_step": 20,
+        "train_loss": 0.2,
+        "val_loss": 0.12,
+        "kept_val_loss": fit.kept_val_loss,
+        "threshold": 1.0,
+        "calibration": "quantile",
+        "artifact": "det",
+        "run_id": "r",
+    }
+    first = _describe(summary, "sqlite:///m.db", None).splitlines()[0]
+    assert first.endswith("validation loss 0.12 (the weights kept: 0.1, step 20)")

@@ -84,6 +84,15 @@ class FitResult:
         return len(self.train_losses)
 
     @property
+    def kept_val_loss(self) -> float | None:
+        """The validation loss of the weights kept (those of the best evaluation)."""
+        if not self.val_losses:
+            return None
+        if len(self.eval_steps) == len(self.val_losses) and self.best_step in self.eval_steps:
+            return self.val_losses[self.eval_steps.index(self.best_step)]
+        return min(self.val_losses)
+
+    @property
     def windows_per_second(self) -> float:
         return self.windows_seen / self.seconds if self.seconds > 0 else math.nan
 

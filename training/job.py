@@ -252,6 +252,7 @@ class TrainResult:
             **{k: v for k, v in self.fit.summary().items() if k != "epochs"},
             "train_loss": self.fit.train_losses[-1] if self.fit.train_losses else None,
             "val_loss": self.fit.val_losses[-1] if self.fit.val_losses else None,
+            "kept_val_loss": self.fit.kept_val_loss,
             "windows_per_second": _finite_or_none(self.fit.windows_per_second),
             "score": self.detector.score_mode,
             "threshold": self.detector.threshold.value,

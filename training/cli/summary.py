@@ -14,10 +14,15 @@ def describe(summary: dict, tracking_uri: str, name: str | None) -> str:
 
     cycles = summary.get("cycles", 1)
     went_on = f" ({cycles} cycles of its plan: it had not converged)" if cycles > 1 else ""
+    kept = summary.get("kept_val_loss")
+    if kept is not None and kept != summary["val_loss"]:
+        kept = f" (the weights kept: {num(kept)}, step {summary['best_step']})"
+    else:
+        kept = ""
     lines = [
         f"trained {summary['model_kind']} ({summary['backbone']}) in {summary['epochs']} epochs, "
         f"{summary['steps']} steps{went_on}: train loss {num(summary['train_loss'])}, "
-        f"validation loss {num(summary['val_loss'])}",
+        f"validation loss {num(summary['val_loss'])}{kept}",
         f"threshold {num(summary['threshold'])} ({summary['calibration']})",
     ]
     fpr = summary.get("fpr_estimate")
