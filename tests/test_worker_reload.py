@@ -279,6 +279,25 @@ def test_the_registry_webhook_triggers_a_reload_and_needs_its_signature(
         follower.close()
 
 
+def _following(tracking_uri: str, name: str, tmp_path: Path):
+    """The version @champion names, loaded, and a follower of the alias woken by hand
+    (`check()`), with the outcomes it reports: (detector, follower, outcomes)."""
+    detector, ref = load_model(
+        f"models:/{name}@champion", tracking_uri=tracking_uri, download_dir=tmp_path / "dl"
+    )
+    outcomes: list[tuple[str, str]] = []
+    follower = ModelFollower(
+        f"models:/{name}@champion",
+        detector,
+        ref,
+        tracking_uri=tracking_uri,
+        device="cpu",
+        interval_s=0,
+        on_outcome=lambda outcome, reason: outcomes.append((outcome, reason)),
+    )
+    return detector, follower, outcomes
+
+
 def test_a_version_the_settings_cannot_serve_is_refused_and_tried_again_once_moved_back(
     mlflow_server, trained, tmp_path
 ):
@@ -292,19 +311,7 @@ def test_a_version_the_settings_cannot_serve_is_refused_and_tried_again_once_mov
     good_tag = client.get_model_version(name, v3).tags["aewatch.weights_sha256"]
     client.set_model_version_tag(name, v3, "aewatch.weights_sha256", "0" * 64)
     client.set_registered_model_alias(name, "champion", v1)
-    detector, ref = load_model(
-        f"models:/{name}@champion", tracking_uri=mlflow_server, download_dir=tmp_path / "dl"
-    )
-    outcomes: list[tuple[str, str]] = []
-    follower = ModelFollower(
-        f"models:/{name}@champion",
-        detector,
-        ref,
-        tracking_uri=mlflow_server,
-        device="cpu",
-        interval_s=0,
-        on_outcome=lambda outcome, reason: outcomes.append((outcome, reason)),
-    )
+    detector, follower, outcomes = _following(mlflow_server, name, tmp_path)
     worker, _ = in_memory_worker(detector, FakeSource({}), follower=follower, key_baselines=True)
     assert follower.accepts == worker.accepts
 
@@ -354,19 +361,7 @@ def test_a_download_that_fails_for_a_local_cause_is_tried_again(
     v1 = register_result(mlflow_server, trained, name)
     v2 = register_result(mlflow_server, trained, name)
     client.set_registered_model_alias(name, "champion", v1)
-    detector, ref = load_model(
-        f"models:/{name}@champion", tracking_uri=mlflow_server, download_dir=tmp_path / "dl"
-    )
-    outcomes: list[tuple[str, str]] = []
-    follower = ModelFollower(
-        f"models:/{name}@champion",
-        detector,
-        ref,
-        tracking_uri=mlflow_server,
-        device="cpu",
-        interval_s=0,
-        on_outcome=lambda outcome, reason: outcomes.append((outcome, reason)),
-    )
+    detector, follower, outcomes = _following(mlflow_server, name, tmp_path)
     client.set_registered_model_alias(name, "champion", v2)
 
     def full_disk(*args, **kwargs):
