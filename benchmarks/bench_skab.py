@@ -1,5 +1,6 @@
 """SKAB under its own protocol (one model per run, trained on its first 400 rows; point-wise F1,
-FAR and MAR summed over the 34 runs' later rows), reported two ways:
+FAR and MAR summed over the 34 runs' rows: every row, as SKAB's metric and leaderboard count
+them, and the rows from 400 on), reported two ways:
 
 1. honest (`benchmarks.skab_honest`): per model kind, procedures fixed before the test parts
    are read, as rules written down (the command line as a user runs it) or selected on SKAB's
@@ -41,19 +42,25 @@ def main(argv: list[str] | None = None) -> int:
         rows = honest_table(args.kinds, files, args.skab)
         payload["honest"] = rows
         selected = [r for r in rows if r["procedure"].startswith("selected")]
-        best = max(selected, key=lambda r: r["f1"])
+        # the kind, too, is chosen without a test label: the best proxy F1 (anomaly-free file)
+        best = max(selected, key=lambda r: r["proxy_f1"])
+        every = best["all_rows"]
         payload["summary"] = {
-            "f1": best["f1"],
-            "far": best["far"],
-            "mar": best["mar"],
+            "f1": every["f1"],
+            "far": every["far"],
+            "mar": every["mar"],
+            "later_rows": {k: best[k] for k in ("f1", "far", "mar")},
             "configuration": {"kind": best["kind"], "procedure": best["procedure"]},
-            "target_met": any(r["f1"] >= 0.80 and r["far"] <= 0.1355 for r in selected),
+            "target_met": every["f1"] >= 0.80 and every["far"] <= 0.1355,
         }
         table = [
             [
                 r["kind"],
                 r["procedure"],
                 f"x{r['margin']:g}",
+                r["all_rows"]["f1"],
+                100 * r["all_rows"]["far"],
+                100 * r["all_rows"]["mar"],
                 r["f1"],
                 100 * r["far"],
                 100 * r["mar"],
@@ -61,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ]
         board = [
-            [n, "(published leaderboard)", "", f1, far, mar] for n, f1, far, mar in LEADERBOARD
+            [n, "(published leaderboard)", "", f1, far, mar, "", "", ""]
+            for n, f1, far, mar in LEADERBOARD
         ]
         parts += [
             "## SKAB, procedures fixed before the test parts are read (34 runs)",
@@ -72,9 +80,24 @@ def main(argv: list[str] | None = None) -> int:
             "margin chosen on SKAB's anomaly-free file only (margin: pooled FAR <= 5 % on 15 "
             "pseudo-runs' later rows; score: best F1 on injected anomalies).",
             "",
-            md_table(["model", "procedure", "margin", "F1", "FAR %", "MAR %"], table + board),
+            md_table(
+                [
+                    "model",
+                    "procedure",
+                    "margin",
+                    "F1",
+                    "FAR %",
+                    "MAR %",
+                    "F1 rows >= 400",
+                    "FAR %",
+                    "MAR %",
+                ],
+                table + board,
+            ),
             "",
-            f"Target F1 >= 0.80 at FAR <= 13.55 % with a procedure fixed in advance: "
+            f"Headline (kind and procedure chosen on the anomaly-free file only): "
+            f"{best['kind']}, {best['procedure']}. Target F1 >= 0.80 at FAR <= 13.55 % over "
+            f"every row, as the leaderboard counts: "
             f"{'met' if payload['summary']['target_met'] else 'NOT met'}.",
             "",
         ]
