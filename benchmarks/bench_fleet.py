@@ -23,6 +23,7 @@ oracle.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import statistics
 import time
@@ -140,8 +141,19 @@ def read_fleet(skab: Path, groups=("valve1",)) -> tuple[list[Record], dict, list
     return records, spans, features
 
 
+def training_code_digest() -> str:
+    """SHA-256 (12 hex digits) of the code that decides what a training run fits: a cached
+    detector is used only by the code that trained it."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder in ("training", "pipeline/detector"):
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def train(skab: Path, seed: int, cache: Path):
-    out = cache / f"fleet-anomaly-free-seed{seed}"
+    out = cache / f"fleet-anomaly-free-seed{seed}-{training_code_digest()}"
     if not (out / "manifest.json").is_file():
         from training.fit import FitConfig
         from training.job import TrainSettings

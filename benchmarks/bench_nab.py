@@ -15,14 +15,17 @@ Per series, read once in order, NAB's protocol:
        off       today's decision: severity s / q99(training scores), every distinct value swept;
        on+rule   the adaptive stage's detection rule (`DetectionRule`, worker defaults but its
                  threshold), the threshold swept over a grid on the surprise (0.5 ... 20);
-       on+rule@5 the same at the worker's default threshold 5, nothing chosen on the labels.
+       on+rule@5 the same at the worker's default threshold 5 (one for every series; the stage's
+                 defaults, 5 among them, were tuned on these series: see below).
 Models: PCA, undercomplete and denoising autoencoders (dense 64-32, code 4), medians over seeds
 (PCA is deterministic). The scorer's checks run first: null 0, perfect 100, NAB's windowed
 Gaussian (28.16 on the 24 series given). Targets (from the issue): >= 70 with the adaptive stages,
 the autoencoders above PCA.
 
-The stage's defaults were chosen on two disjoint halves of these series (each half's choice
-scored on the other), not on the figures reported here; see the README.
+The stage's defaults were chosen on two disjoint halves of these same series (each half's choice
+scored on the other: 64.8 and 67.1, the held-out figures; a development procedure that this
+benchmark does not run), so the figures reported here are in-sample for those defaults; see the
+README.
 
     python -m benchmarks.bench_nab --out results [--nab ../shared/datasets/nab] [--seeds 0 1 2]
 
