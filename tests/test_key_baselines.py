@@ -20,10 +20,10 @@ from tests.helpers import edit_manifest
 W, S, F = 8, 2, 3
 
 
-def _stub(rho=None, keys=None, scale=(1.0, 2.0, 4.0)):
+def _stub(rho=None, keys=None, scale=(1.0, 2.0, 4.0), calendar=()):
     stats = KeyStats({10 * W: tuple(rho)} if rho else {}, keys or {})
     return SimpleNamespace(
-        input=SimpleNamespace(kind="series", window=WindowSpec(W, S)),
+        input=SimpleNamespace(kind="series", window=WindowSpec(W, S), calendar=calendar),
         scaler=Scaler("standard", (0.0,) * F, tuple(scale)),
         baselines=stats,
     )
@@ -189,3 +189,65 @@ def test_key_baselines_need_a_key_column_and_the_standard_scaler(tmp_path):
         train_on(frame.drop(columns="machine"), tmp_path, "x", keyed=True)
     with pytest.raises(ConfigError, match="standard"):
         train_on(frame, tmp_path, "y", keyed=True, scaler="minmax")
+
+
+def test_a_state_saved_under_other_training_statistics_is_not_restored():
+    """Retrained on key `a` at another level, promoted, then restarted: the record holds v1's
+    statistics for `a`; v2's own must score it (v1's made every window anomalous)."""
+    v1 = {"a": ((-5.0, -5.0, -5.0), (1.0, 1.0, 1.0), 500), "gone": ((1.0,) * 3, (2.0,) * 3, 500)}
+    v2 = {"a": ((20.0, 20.0, 20.0), (1.0, 1.0, 1.0), 500)}
+    config = BaselineConfig(warmup=True, half_life=50.0)
+    old = KeyBaselines(config, _stub(keys=v1))
+    for key in ("a", "gone", "learned"):
+        windows = _windows(_series(600, level=(-5.0, -5.0, -5.0)))
+        warm, now = old.take(key, windows)
+        old.follow(key, windows[warm : warm + now], np.ones(now, bool))
+    saved = {key: orjson.loads(orjson.dumps(old.state(key))) for key in old.keys}
+    new = KeyBaselines(config, _stub(keys=v2))
+    for key, entry in saved.items():
+        new.restore(key, entry)
+    assert new.scaling("a")[0].tolist() == [20.0, 20.0, 20.0]  # v2's, not v1's followed level
+    assert not new.ready("gone")  # trained only under v1: learns again, as a hot reload has it
+    assert new.scaling("learned")[0].tolist() == old.scaling("learned")[0].tolist()
+    # under the same version everything continues, the followed level included
+    same = KeyBaselines(config, _stub(keys=v1))
+    for key, entry in saved.items():
+        same.restore(key, entry)
+    for key in ("a", "gone", "learned"):
+        assert same.scaling(key)[0].tolist() == old.scaling(key)[0].tolist()
+    assert old.scaling("a")[0].tolist() != [-5.0, -5.0, -5.0]  # it had followed
+
+
+def test_calendar_inputs_keep_the_detectors_center_and_scale_for_a_learned_key():
+    calendar = ("tod_sin",)  # the last feature is a function of the time
+    part = KeyBaselines(
+        BaselineConfig(warmup=True, half_life=20.0), _stub(rho=(1.0, 1.0, 1.0), calendar=calendar)
+    )
+    values = _series(1000, level=(5.0, -3.0, 0.9), sd=(1.0, 0.5, 0.01))  # mid-morning only
+    windows = _windows(values)
+    warm, now = part.take("k", windows)
+    center, scale = part.scaling("k")
+    assert center[2] == 0.0 and scale[2] == 4.0  # the detector's, not 0.9 and 0.01
+    assert center[0] != 0.0 and scale[0] != 1.0  # the sensors' own
+    part.follow("k", windows[warm : warm + now], np.ones(now, bool))
+    assert part.scaling("k")[0][2] == 0.0  # not followed either
+
+
+def test_level_following_without_per_key_baselines_is_refused_not_ignored():
+    from pipeline.detector.key_baselines import check_following
+
+    following = BaselineConfig(half_life=100.0)
+    with pytest.raises(ConfigError, match="^level_half_life: follows per-key baselines"):
+        check_following(following, _stub())  # nothing to follow: it did nothing
+    check_following(BaselineConfig(warmup=True, half_life=100.0), _stub())
+    trained = {"a": ((0.0,) * F, (1.0,) * F, 500)}
+    check_following(following, _stub(keys=trained))  # the trained keys have their own
+
+
+def test_adaptive_counts_beyond_the_int64_counters_are_refused_at_start():
+    from pipeline.worker.settings import WorkerSettings
+
+    with pytest.raises(ConfigError, match="^adaptive_max_freeze: must be <="):
+        WorkerSettings.build(
+            model="m", bootstrap_servers="b:1", input_topic=("t",), adaptive_max_freeze=10**19
+        )

@@ -21,7 +21,7 @@ from pipeline.detector.adaptive_stage import (
     replay,
     score_reference,
 )
-from pipeline.detector.key_baselines import BaselineConfig
+from pipeline.detector.key_baselines import BaselineConfig, check_following
 from pipeline.errors import ConfigError
 from pipeline.worker.settings import AdaptiveStageSettings
 from training.data.for_detector import ALL, DataSource, load_for
@@ -55,6 +55,8 @@ def score_file(settings: ScoreSettings) -> dict:
     out = table_out(settings.out)
     usable_out(out, settings.data.path, model=settings.model.uri)
     detector, ref = settings.model.load()
+    if settings.baselines is not None:
+        check_following(settings.baselines, detector)
     data = load_for(detector, settings.data)
     stream = _replay(detector, ref.label, settings.stream)
     following = settings.baselines is not None and settings.baselines.half_life > 0

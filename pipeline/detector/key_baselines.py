@@ -15,7 +15,8 @@ scoring (`pipeline.batch`), so a file scored per key and the same readings strea
                         long-run spread the model's scaler was fitted on;
       center:           scale_k = the detector's scale (only the level is the key's own);
 
-  floored at 1 % of the detector's scale (a sensor constant during the warm-up).
+  floored at 1 % of the detector's scale (a sensor constant during the warm-up). Calendar inputs
+  (functions of the time) keep the detector's center and scale, here and in level following.
 - Any other key (warm-up off) is scored with the detector's scaler, as without baselines.
 
 Level following (`half_life` > 0 readings, off by default): mean_k moves by an exponentially
@@ -30,12 +31,15 @@ State per key (`state`, JSON with base64 little-endian arrays): a finished basel
 mean and scale as float32 (F = 8: about 110 bytes); following adds the block position, a float64
 accumulator and its decay (about 120 bytes more); a warm-up in progress keeps a float64 running
 mean and sum of squares. Values are rounded to float32 where they are set, so a restart from the
-state continues exactly.
+state continues exactly. A key of the training set also saves a checksum of its training
+statistics: a record written under another version (retrained on the key, or no longer trained on
+it) is not restored, and the key starts as a hot reload would start it.
 """
 
 from __future__ import annotations
 
 import base64
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +47,14 @@ import numpy as np
 from pipeline.detector.baselines import KeyStats
 from pipeline.errors import ConfigError
 
-__all__ = ["FOLLOW_BLOCK", "SCALE_RULES", "WARMUP_WINDOWS", "BaselineConfig", "KeyBaselines"]
+__all__ = [
+    "FOLLOW_BLOCK",
+    "SCALE_RULES",
+    "WARMUP_WINDOWS",
+    "BaselineConfig",
+    "KeyBaselines",
+    "check_following",
+]
 
 SCALE_RULES = ("ratio", "center")
 WARMUP_WINDOWS = 10  # default warm-up: ten windows' worth of readings
@@ -94,6 +105,18 @@ class _Key:
         self.planned = 0  # windows taken for scoring whose decisions are not back yet
 
 
+def check_following(config: BaselineConfig, detector) -> None:
+    """Level following moves keys' own baselines: refuse it where no key would have one (no
+    warm-up, a detector trained without per-key statistics), as it would silently do nothing."""
+    trained = detector.baselines is not None and bool(detector.baselines.keys)
+    if config.half_life and not (config.warmup or trained):
+        raise ConfigError(
+            "level_half_life",
+            "follows per-key baselines: give --key-baselines too (or serve a detector trained "
+            "with --key-baselines); without them there is no level to follow",
+        )
+
+
 class KeyBaselines:
     """The baselines of the keys of one partition (worker) or one file (batch)."""
 
@@ -112,6 +135,10 @@ class KeyBaselines:
         self.rho = stats.rho_for(self.warmup_n, len(self.c))
         self.trained = stats.keys
         self.keys: dict[str, _Key] = {}
+        # calendar inputs are functions of the time, not a machine's level: they keep the
+        # detector's center and scale through a warm-up and level following
+        self.sensors = np.ones(len(self.c), dtype=bool)
+        self.sensors[len(self.c) - len(detector.input.calendar) :] = False
 
     def _get(self, key: str) -> _Key:
         st = self.keys.get(key)
@@ -160,8 +187,8 @@ class KeyBaselines:
         sd = np.sqrt(st.wm2 / st.n)
         scale = sd / self.rho if self.config.scale_rule == "ratio" else self.s.copy()
         scale = np.where(sd > 0, np.maximum(scale, MIN_SCALE_RATIO * self.s), self.s)
-        st.mean = _f32(st.wmean)
-        st.scale = _f32(scale)
+        st.mean = _f32(np.where(self.sensors, st.wmean, self.c))
+        st.scale = _f32(np.where(self.sensors, scale, self.s))
         st.wmean, st.wm2 = np.zeros_like(st.wmean), np.zeros_like(st.wm2)
 
     def scaling(self, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -190,15 +217,28 @@ class KeyBaselines:
             st.block_left -= 1
             if st.block_left == 0:
                 if st.decay < 1.0:
-                    st.mean = _f32(st.decay * st.mean + st.acc)
+                    followed = st.decay * st.mean + st.acc
+                    st.mean = _f32(np.where(self.sensors, followed, st.mean))
                 st.acc, st.decay, st.block_left = np.zeros_like(st.acc), 1.0, FOLLOW_BLOCK
 
     # -- state -----------------------------------------------------------------------------------
+    def _trained_mark(self, key: str) -> str | None:
+        """Which training statistics a key of the training set started from (None for a key
+        the detector was not trained on): a record of another version's are not restored."""
+        if key not in self.trained:
+            return None
+        mean, scale, _ = self.trained[key]
+        packed = np.asarray([*mean, *scale], "<f4").tobytes()
+        return f"{zlib.crc32(packed):08x}"
+
     def state(self, key: str) -> dict:
         st = self._get(key)
+        mark = self._trained_mark(key)
         if st.mean is None:
             return {"n": st.n, "wm": _pack(st.wmean, "<f8"), "w2": _pack(st.wm2, "<f8")}
         out = {"n": st.n, "m": _pack(st.mean, "<f4"), "s": _pack(st.scale, "<f4")}
+        if mark is not None:
+            out["t"] = mark
         if self.config.follow_rate:
             out["b"] = st.block_left
             if st.decay < 1.0:
@@ -206,6 +246,11 @@ class KeyBaselines:
         return out
 
     def restore(self, key: str, entry: dict) -> None:
+        """A key's saved state, unless it was saved under other statistics than this detector
+        gives the key (a version trained on it anew, or one that no longer was): the key then
+        starts as `use` would have it (its training statistics, or a warm-up)."""
+        if entry.get("t") != self._trained_mark(key):
+            return
         st = self.keys[key] = _Key(len(self.c))
         st.n = int(entry.get("n", 0))
         if "m" in entry:

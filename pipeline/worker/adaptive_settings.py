@@ -14,6 +14,7 @@ __all__ = ["ALARM_SOURCES", "STAGE_MODES", "AdaptiveStageSettings"]
 
 STAGE_MODES = ("on", "off")
 ALARM_SOURCES = ("raw", "adaptive")
+MAX_COUNT = 2**53  # window counts: exact as floats, far inside the int64 counters
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,14 @@ class AdaptiveStageSettings:
         choices=ALARM_SOURCES,
     )
     adaptive_columns: str = setting(COLUMNS_HELP, "score", choices=ADAPTIVE_COLUMNS)
-    adaptive_short: int = setting("windows in a key's short-term mean of scores", 30, minimum=1)
-    adaptive_long: int = setting("windows in a key's long-term mean and variance", 1000, minimum=1)
+    adaptive_short: int = setting(
+        "windows in a key's short-term mean of scores", 30, minimum=1, maximum=MAX_COUNT
+    )
+    adaptive_long: int = setting(
+        "windows in a key's long-term mean and variance", 1000, minimum=1, maximum=MAX_COUNT
+    )
     adaptive_warmup: int = setting(
-        "first windows of a key that only learn (surprise 0)", 200, minimum=0
+        "first windows of a key that only learn (surprise 0)", 200, minimum=0, maximum=MAX_COUNT
     )
     adaptive_clip: float = setting("winsorise the long-term estimate's input at this many sd", 3.0)
     adaptive_min_std: float = setting(
@@ -51,7 +56,9 @@ class AdaptiveStageSettings:
         0.0,
         minimum=0,
     )
-    adaptive_max_freeze: int = setting("... for at most this many in a row", 1000, minimum=0)
+    adaptive_max_freeze: int = setting(
+        "... for at most this many in a row", 1000, minimum=0, maximum=MAX_COUNT
+    )
     adaptive_range: float = setting(
         "a window beyond its key's range so far by more than this share of it is anomalous at "
         "any surprise (0: off; 0.05 as in Numenta's NAB detector)",
@@ -61,9 +68,12 @@ class AdaptiveStageSettings:
     adaptive_rearm: float = setting(
         "the rule re-arms once the surprise stays below this share of the threshold ...", 0.9
     )
-    adaptive_quiet: int = setting("... for this many windows ...", 10, minimum=1)
+    adaptive_quiet: int = setting("... for this many windows ...", 10, minimum=1, maximum=MAX_COUNT)
     adaptive_cooldown: int = setting(
-        "... and more than this many windows passed since its last detection", 100, minimum=0
+        "... and more than this many windows passed since its last detection",
+        100,
+        minimum=0,
+        maximum=MAX_COUNT,
     )
 
     def __post_init__(self) -> None:

@@ -56,7 +56,7 @@ from pipeline.detector.adaptive_stage import (
     score_reference,
     window_extremes,
 )
-from pipeline.detector.key_baselines import KeyBaselines
+from pipeline.detector.key_baselines import KeyBaselines, check_following
 from pipeline.detector.threshold import anomalous
 from pipeline.events import ModelIdentity
 from pipeline.kafka_io.protocols import Record, Sink, Source
@@ -356,12 +356,14 @@ class Worker:
         """`ConfigError` if these settings cannot serve `detector` (the follower asks before a
         version is taken): per-key baselines, kept or needed, take a standard scaler."""
         config = self.settings.baselines.config()
+        check_following(config, detector)
         if self.baselines is not None or BaselineStage.needed(config, detector):
             KeyBaselines(config, detector)
 
     def _use_baselines(self, detector: Detector) -> None:
         """Per-key baselines for `detector`, when any key is scored with its own."""
         config = self.settings.baselines.config()
+        check_following(config, detector)
         if self.baselines is not None:
             self.baselines.use(detector)
         elif BaselineStage.needed(config, detector):
