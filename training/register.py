@@ -138,5 +138,6 @@ def register_version(
         tags=tags,
         alias=alias,
         model_config={"artifact_sha256": tags[TAG_PREFIX + "artifact_sha256"]},
-        free_columns=("image",) if detector.input.kind == "image" else (),
+        free_columns=("image",) if detector.input.kind == "image" else ("key", "ts"),
+        optional_columns=() if detector.input.kind == "image" else ("key", "ts"),
     )

@@ -209,22 +209,30 @@ def log_model_version(
     alias: str | None,
     model_config: dict | None = None,
     free_columns: tuple[str, ...] = (),
+    optional_columns: tuple[str, ...] = (),
 ) -> str:
     """Log a detector folder as a pyfunc model ("models from code": `model_code` is the file
     MLflow runs, the folder its `detector` artifact) in the active run, register it as a new
-    version of `name` with `tags` (also set on the run) and point `alias` at it. The signature is inferred from `input_example`,
-    except that `free_columns` take any value (an image as flat or nested pixel lists)."""
+    version of `name` with `tags` (also set on the run) and point `alias` at it. The signature
+    is that of `input_example`, except that `free_columns` take any value (an image as flat or
+    nested pixel lists; a time as text or epoch ms), `optional_columns` may be left out, and a
+    float column is a double (MLflow refuses to narrow float64, as `pd.read_csv` gives, to the
+    example's float32; the pyfunc reads either)."""
     signature = None
-    if free_columns and input_example is not None:
+    if input_example is not None:
         from mlflow.models import ModelSignature, infer_signature
+        from mlflow.types import DataType
         from mlflow.types.schema import AnyType, ColSpec, Schema
 
+        def column(c: ColSpec) -> ColSpec:
+            required = c.name not in optional_columns
+            if c.name in free_columns:
+                return ColSpec(AnyType(), c.name, required=required)
+            kind = DataType.double if c.type == DataType.float else c.type
+            return ColSpec(kind, c.name, required=required)
+
         inferred = infer_signature(input_example).inputs.inputs
-        signature = ModelSignature(
-            inputs=Schema(
-                [ColSpec(AnyType(), c.name) if c.name in free_columns else c for c in inferred]
-            )
-        )
+        signature = ModelSignature(inputs=Schema([column(c) for c in inferred]))
     info = mlflow.pyfunc.log_model(
         name="detector",
         python_model=str(model_code),
