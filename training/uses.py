@@ -91,7 +91,7 @@ class SampleSettings:
 def code_table(detector: Detector, data) -> pd.DataFrame:
     """One row per window (key, window_start, window_end) or image (index, and label when the
     source has classes), followed by the code columns code_0 ... code_{k-1}."""
-    codes = detector.encode(data.raw(ALL))
+    codes = detector.encode(data.raw(ALL), scaling=data.scaling(detector, ALL))
     names = [f"code_{i}" for i in range(codes.shape[1])]
     return pd.concat([data.index_frame(ALL), pd.DataFrame(codes, columns=names)], axis=1)
 
@@ -116,7 +116,7 @@ def reconstructed_series(detector: Detector, data: SeriesSplits) -> pd.DataFrame
     Columns are those of the input (key, time, then the detector's features), so the output can
     be read back with the same flags. Readings no window covers are left out."""
     table, windows = data.tables[ALL], data.parts[ALL]
-    recon = detector.reconstruct(windows.windows)
+    recon = detector.reconstruct(windows.windows, scaling=data.scaling(detector, ALL))
     ids = [c for c in (table.key_col, table.time_col) if c is not None]
     parts, used = [], 0
     for key, rows in table.groups():

@@ -315,20 +315,25 @@ class Detector:
         order = np.argsort(-scored.per_feature, axis=1, kind="stable")[:, :k]
         return names[np.take_along_axis(scored.terms, order, axis=1)].tolist()
 
-    def encode(self, raw: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
+    def encode(self, raw: np.ndarray, *, batch_size: int = 8192, scaling=None) -> np.ndarray:
         """Bottleneck codes [N, code_size] (a VAE gives its latent mean): a compact, non-linear
-        reduction of each window or image."""
+        reduction of each window or image. `scaling` as in `score` (keys' own baselines)."""
         raw = _inputs(raw)
-        return self._apply(self.model.encode, self._batches(raw, batch_size), raw.shape[1:])
+        batches = self._batches(raw, batch_size, scaling)
+        return self._apply(self.model.encode, batches, raw.shape[1:])
 
-    def reconstruct(self, raw: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
-        """The model's reconstruction of raw windows or images, in the input's units.
+    def reconstruct(self, raw: np.ndarray, *, batch_size: int = 8192, scaling=None) -> np.ndarray:
+        """The model's reconstruction of raw windows or images, in the input's units (with
+        `scaling`, as in `score`, each window's own).
 
         For a denoising model this is the cleaned-up input; a VAE decodes its latent mean."""
         raw = _inputs(raw)
-        batches = self._batches(raw, batch_size)
+        batches = self._batches(raw, batch_size, scaling)
         scaled = self._apply(self.model.reconstruct, batches, raw.shape[1:])
-        return self.scaler.inverse_transform(scaled, axis=self.input.feature_axis)
+        if scaling is None:
+            return self.scaler.inverse_transform(scaled, axis=self.input.feature_axis)
+        center, scale = (np.asarray(a, np.float32)[:, None, :] for a in scaling)
+        return (np.asarray(scaled, np.float32) * scale + center).astype(np.float32, copy=False)
 
     def decode(self, codes: np.ndarray, *, batch_size: int = 8192) -> np.ndarray:
         """Windows or images, in the input's units, that the decoder makes of `codes`
