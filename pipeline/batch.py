@@ -188,6 +188,17 @@ def score_readings(
     if spec_in.calendar and time_col not in frame.columns:
         raise DataError(f"input rows lack the time column {time_col!r} (calendar inputs)")
     spec: WindowSpec = detector.input.window
+    if key_col in frame.columns and frame[key_col].isna().any():
+        row = int(np.flatnonzero(frame[key_col].isna().to_numpy())[0])
+        raise DataError(
+            f"input row {row + 1}: no key (leave the {key_col!r} column out for one unnamed key)"
+        )
+    flags = [f for f in features if pd.api.types.is_bool_dtype(frame[f])]
+    if flags:
+        raise DataError(
+            f"input rows: feature {flags[0]!r} holds true/false, not numbers (the worker "
+            "dead-letters such a reading as schema_mismatch)"
+        )
     keys = frame[key_col].astype(str) if key_col in frame.columns else pd.Series("", frame.index)
     order = np.arange(len(frame))
     if time_col in frame.columns:
@@ -204,7 +215,7 @@ def score_readings(
     if not usable.all():
         row, column = np.argwhere(~usable)[0]
         raise DataError(
-            f"input row {row}: feature {features[column]!r} is {wide[row, column]!r}, NaN, "
+            f"input row {row + 1}: feature {features[column]!r} is {wide[row, column]!r}, NaN, "
             "infinite or beyond float32; refusing to score it (the worker dead-letters such a "
             "reading as non_finite)"
         )

@@ -67,8 +67,20 @@ def test_pyfunc_rows_with_an_out_of_range_value_are_refused(trained):
     result, data = trained
     rows = pd.read_csv(data).head(40).rename(columns={"machine": "key"})
     rows.loc[20, "s1"] = 1e300
-    with pytest.raises(DataError, match=r"row 20.*'s1'"):
+    with pytest.raises(DataError, match=r"row 21: feature 's1'"):  # rows counted from 1
         score_readings(result.detector, rows)
+
+
+def test_pyfunc_rows_without_a_key_or_with_true_false_are_refused_as_the_worker_refuses(trained):
+    result, data = trained
+    rows = pd.read_csv(data).head(40).rename(columns={"machine": "key"})
+    rows.loc[20:, "key"] = None  # were scored as no key at all: their scores all null
+    with pytest.raises(DataError, match=r"^input row 21: no key"):
+        score_readings(result.detector, rows)
+    flagged = pd.read_csv(data).head(40).rename(columns={"machine": "key"})
+    flagged["s1"] = flagged["s1"] > 0  # were read as 1.0 and 0.0
+    with pytest.raises(DataError, match="feature 's1' holds true/false"):
+        score_readings(result.detector, flagged)
 
 
 def test_a_score_that_is_not_finite_is_never_normal(trained):
