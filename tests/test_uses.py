@@ -274,6 +274,16 @@ def test_an_output_of_the_wrong_kind_is_refused_by_name(digits, denoiser, tmp_pa
         ["reconstruct", "--model", model, "--data", held, "--out", str(tmp_path / "r.csv")], capsys
     )
     assert "out:" in err and "PNG" in err
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "99999.png").write_bytes(b"an older run's picture")  # would be read back with them
+    plain = tmp_path / "plain"
+    plain.write_text("a file")  # failed after every image was reconstructed
+    for out, said in ((used, "holds files"), (plain, "is a file")):
+        err = _fails(["reconstruct", "--model", model, "--data", held, "--out", str(out)], capsys)
+        assert said in err and err.count("\n") == 1
+    assert (used / "99999.png").read_bytes() == b"an older run's picture"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
 
 
 def test_encode_through_the_registry_matches_the_folder(

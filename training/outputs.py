@@ -10,6 +10,7 @@ temporary name in its folder and renamed into place.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import suppress
@@ -61,9 +62,18 @@ def _not_a_folder(path: Path, setting: str) -> Path:
 
 
 def image_out(out: str | Path, setting: str = "out") -> Path:
-    """`out` as an image destination: a `.npy` file, or a folder (no extension) for PNGs."""
+    """`out` as an image destination: a `.npy` file, or a new or empty folder (no extension) for
+    PNGs (a folder's old pictures would be read back with the new ones)."""
     path = Path(out)
-    if path.suffix.lower() == _ARRAY_SUFFIX or path.is_dir() or not path.suffix:
+    if path.suffix.lower() == _ARRAY_SUFFIX:
+        return _not_a_folder(path, setting)
+    if path.is_dir():
+        if any(path.iterdir()):
+            raise ConfigError(setting, f"{out}: the folder holds files; give a new or empty one")
+        return path
+    if path.exists():
+        raise ConfigError(setting, f"{out} is a file; give a folder for PNG files or a .npy file")
+    if not path.suffix:
         return path
     raise ConfigError(setting, f"{out}: write images to a folder of PNG files or to a .npy file")
 
@@ -164,11 +174,21 @@ def write_images(images: np.ndarray, out: Path, value_range: tuple[np.ndarray, n
     ... in the folder `out`, `value_range` stretched to 0..255 and clipped."""
     if out.suffix.lower() == _ARRAY_SUFFIX:
         return write_array(images, out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     low, high = (np.asarray(v, dtype=np.float64)[None, :, None, None] for v in value_range)
     span = np.where(high > low, high - low, 1.0)
     pixels = np.rint(np.clip((images - low) / span, 0.0, 1.0) * 255.0).astype(np.uint8)
     width = max(5, len(str(len(images) - 1)))
-    for index, picture in enumerate(pixels):
-        (out / f"{index:0{width}d}.png").write_bytes(encode_image_record(picture, "png"))
+    partial = out.parent / f".{out.name}.{os.getpid()}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed
+    partial.mkdir()
+    try:  # written beside it, then renamed into place: never a folder half written
+        for index, picture in enumerate(pixels):
+            (partial / f"{index:0{width}d}.png").write_bytes(encode_image_record(picture, "png"))
+        if out.is_dir():
+            out.rmdir()  # empty (image_out), or the rename below says why not
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return out
