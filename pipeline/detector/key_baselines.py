@@ -134,6 +134,7 @@ class KeyBaselines:
         self.warmup_n = config.warmup_readings or WARMUP_WINDOWS * spec.length
         self.rho = stats.rho_for(self.warmup_n, len(self.c))
         self.trained = stats.keys
+        self.marks: dict[str, str] = {}  # `_trained_mark` of each trained key, once
         self.keys: dict[str, _Key] = {}
         # calendar inputs are functions of the time, not a machine's level: they keep the
         # detector's center and scale through a warm-up and level following
@@ -227,9 +228,12 @@ class KeyBaselines:
         the detector was not trained on): a record of another version's are not restored."""
         if key not in self.trained:
             return None
-        mean, scale, _ = self.trained[key]
-        packed = np.asarray([*mean, *scale], "<f4").tobytes()
-        return f"{zlib.crc32(packed):08x}"
+        mark = self.marks.get(key)
+        if mark is None:
+            mean, scale, _ = self.trained[key]
+            packed = np.asarray([*mean, *scale], "<f4").tobytes()
+            mark = self.marks[key] = f"{zlib.crc32(packed):08x}"
+        return mark
 
     def state(self, key: str) -> dict:
         st = self._get(key)

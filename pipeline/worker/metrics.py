@@ -38,6 +38,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from pipeline.worker.drift import OVERALL
+
 __all__ = ["BulkHistogram", "WorkerMetrics", "WorkerStats"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -203,7 +205,7 @@ class WorkerMetrics:
         """Keys this member no longer holds leave the per-key gauge: their new owner reports
         them, and a value left here would go stale."""
         for key in keys:
-            if key == "*":  # a key named `*` is not exported: the label is the pooled statistic's
+            if key == OVERALL:  # a key named `*` is not exported: the label is the pooled one's
                 continue
             with contextlib.suppress(KeyError):  # never reported: its reservoir was not full
                 self.drift_psi.remove(key)
