@@ -142,3 +142,23 @@ def test_a_file_replay_refuses_what_it_would_not_replay_as_the_worker(
     argv += ["--key-baselines", "--stream", *flags]
     assert main(argv) == 2
     assert setting in capsys.readouterr().err
+
+
+def test_the_worker_refuses_level_following_for_its_model_before_any_kafka_io(reference):
+    """A model whose keys have no baselines of their own cannot follow levels: the worker says
+    so as soon as the model is loaded (it made its topics first, and with no broker reachable
+    told of the broker instead)."""
+    from pipeline.errors import ConfigError
+    from pipeline.worker.app import WorkerApp
+    from pipeline.worker.settings import WorkerSettings
+
+    settings = WorkerSettings.build(
+        model=str(reference.artifact_dir),
+        bootstrap_servers="127.0.0.1:1",  # nothing listens there
+        input_topic=("readings",),
+        level_half_life=300.0,
+        http_port=-1,
+    )
+    with pytest.raises(ConfigError) as error:
+        WorkerApp.build(settings)
+    assert error.value.setting == "level_half_life"

@@ -1,9 +1,10 @@
 """The worker application: the loop with everything that lives as long as it.
 
 `WorkerApp.build(settings)` loads the detector (retrying an unreachable registry for
-`registry_wait_s`), opens the Kafka client the settings select and makes sure the topics exist,
-then wires the loop to a source, a sink and the state topic, starts the model follower (for an
-alias) and the HTTP server (unless `http_port` is -1). `run` runs the loop until it stops; `close`
+`registry_wait_s`), refuses settings it cannot serve (`check_serves`) before any Kafka I/O, opens
+the Kafka client the settings select and makes sure the topics exist, then wires the loop to a
+source, a sink and the state topic, starts the model follower (for an alias) and the HTTP server
+(unless `http_port` is -1). `run` runs the loop until it stops; `close`
 releases, once and in order, what `build` made: the follower's thread, the consumer (leaving the
 group), the producer and the HTTP port.
 
@@ -22,7 +23,7 @@ from pipeline.kafka_io import open_client
 from pipeline.registry.client import ModelRef, load_model, parse_model_uri
 from pipeline.registry.follower import ModelFollower
 from pipeline.worker.http_server import WorkerHttpServer, check_bindable
-from pipeline.worker.loop import Worker
+from pipeline.worker.loop import Worker, check_serves
 from pipeline.worker.metrics import WorkerMetrics, WorkerStats
 from pipeline.worker.settings import RegistrySettings, WorkerSettings
 from pipeline.worker.state import STATE_RECORD_MAX, STATE_TOPIC, KafkaStateStore
@@ -72,6 +73,7 @@ class WorkerApp:
         if settings.http.http_port > 0:  # a port in use is told before anything is loaded
             check_bindable(settings.http.http_host, settings.http.http_port)
         detector, ref = load_with_retries(settings.registry, settings.batching.device)
+        check_serves(settings, detector)  # a setting this model cannot take: before any topic
         topics = settings.topics
         kafka = open_client(settings.kafka)
         kafka.ensure_topics(

@@ -73,7 +73,7 @@ from pipeline.worker.settings import WorkerSettings
 from pipeline.worker.state import StateStore
 from pipeline.worker.writer import EventWriter
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "check_serves"]
 
 log = logging.getLogger(__name__)
 Partition = tuple[str, int]
@@ -94,6 +94,17 @@ ORDER_REASONS = ("out_of_order", "duplicate_timestamp")
 
 def _version(model: ModelIdentity) -> str:
     return f"{model.name}/{model.version}"
+
+
+def check_serves(settings: WorkerSettings, detector: Detector, *, keeping: bool = False) -> None:
+    """`ConfigError`, naming the setting, if `settings` cannot serve `detector`: level following
+    needs keys with their own baselines, and per-key baselines (needed, or `keeping` those of a
+    version served now) take a standard scaler. `WorkerApp.build` asks once the model is loaded,
+    before any Kafka I/O; the model follower asks before a version is taken."""
+    config = settings.baselines.config()
+    check_following(config, detector)
+    if keeping or BaselineStage.needed(config, detector):
+        KeyBaselines(config, detector)
 
 
 class Worker:
@@ -354,11 +365,8 @@ class Worker:
     # -- scoring and emitting --------------------------------------------------------------------
     def accepts(self, detector: Detector) -> None:
         """`ConfigError` if these settings cannot serve `detector` (the follower asks before a
-        version is taken): per-key baselines, kept or needed, take a standard scaler."""
-        config = self.settings.baselines.config()
-        check_following(config, detector)
-        if self.baselines is not None or BaselineStage.needed(config, detector):
-            KeyBaselines(config, detector)
+        version is taken): see `check_serves`."""
+        check_serves(self.settings, detector, keeping=self.baselines is not None)
 
     def _use_baselines(self, detector: Detector) -> None:
         """Per-key baselines for `detector`, when any key is scored with its own."""
