@@ -105,3 +105,31 @@ def test_launch_settings_are_checked_at_start(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="^distributed: .*LOCAL_RANK"):
         RankContext.from_environment(__import__("os").environ)
+
+
+@pytest.mark.parametrize(("local_world_size", "share"), [(1, 3), (2, 1), (4, 1)])
+def test_training_on_the_cpu_takes_its_share_of_the_cores_a_container_may_use(
+    tmp_path: Path, monkeypatch, local_world_size, share
+):
+    """Under a CPU limit of 3 cores on a 64-core node (a cgroup quota, not fewer visible cores)
+    each of N ranks on a node takes its share of 3 and a one-process job at most 3 threads; the
+    ranks divided `os.cpu_count()` and a one-process job kept torch's default (every core)."""
+    import training.distributed as distributed
+    from pipeline.detector.cores import available_cores
+
+    (tmp_path / "cpu.max").write_text("300000 100000\n")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr(distributed, "available_cores", lambda: available_cores(tmp_path))
+    context = RankContext(world_size=local_world_size, local_world_size=local_world_size)
+    assert context.cpu_threads() == share
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)  # torch's default on a node of 8 physical cores
+        assert RankContext().device("cpu").type == "cpu"
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(2)  # fewer than the limit: kept
+        RankContext().device("cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

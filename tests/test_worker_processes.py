@@ -85,7 +85,7 @@ def test_cpu_threads_default_to_each_members_share_of_the_cores(processes, cores
     ],
 )
 def test_the_cores_a_container_may_use_follow_its_cpu_limit(tmp_path, files, cores):
-    from pipeline.worker.settings import available_cores
+    from pipeline.detector.cores import available_cores
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ stops the other ranks and `launch` raises `DistributedError` naming the rank and
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import uuid
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.detector.cores import available_cores
 from pipeline.errors import ConfigError, DistributedError
 
 __all__ = [
@@ -111,18 +111,27 @@ class RankContext:
             raise ConfigError("distributed", f"not an integer in {_ENV_KEYS}: {exc}") from None
 
     def device(self, requested: str) -> torch.device:
-        """This rank's device: `cuda:LOCAL_RANK` when CUDA is asked for (or `auto` finds it)."""
+        """This rank's device: `cuda:LOCAL_RANK` when CUDA is asked for (or `auto` finds it). On
+        the CPU, the process takes at most its share of the cores it may use (`cpu_threads`)."""
         cuda = requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
         if cuda and self.distributed:
             return torch.device("cuda", self.local_rank)
         from pipeline.detector import resolve_device
 
-        return resolve_device(requested)
+        device = resolve_device(requested)
+        if device.type == "cpu":
+            torch.set_num_threads(min(torch.get_num_threads(), self.cpu_threads()))
+        return device
+
+    def cpu_threads(self) -> int:
+        """This rank's share of the cores the process may use: a container's CPU limit, not
+        every core of its node (`available_cores`)."""
+        return max(1, available_cores() // self.local_world_size)
 
     def join(self, backend: str, device: torch.device) -> None:
         """Join the process group (env:// rendezvous); CPU ranks share the cores evenly."""
         if device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
+            torch.set_num_threads(self.cpu_threads())
         else:
             torch.cuda.set_device(device)
         chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")

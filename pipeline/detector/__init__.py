@@ -15,6 +15,7 @@ _EXPORTS = {
     "read_manifest": "artifact",
     "save_detector": "artifact",
     "sha256_file": "artifact",
+    "available_cores": "cores",
     "Detector": "detector",
     "InputSpec": "detector",
     "resolve_device": "detector",

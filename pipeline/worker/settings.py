@@ -19,14 +19,12 @@ and the checks across groups (topics that must stay apart, the members' ports) n
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline import settings as declared
+from pipeline.detector.cores import available_cores
 from pipeline.errors import ConfigError
 from pipeline.kafka_io.settings import KafkaSettings, is_topic_name, not_a_topic_name
 from pipeline.modalities.expiry import KEY_TTL_S
@@ -210,33 +208,6 @@ class BatchSettings:
         if cores is None:
             cores = available_cores()
         return max(1, cores // processes)
-
-
-CGROUP = Path("/sys/fs/cgroup")
-
-
-def available_cores(cgroup: Path = CGROUP) -> int:
-    """The cores this process may use: those it may run on, fewer under a CPU quota (a
-    container's CPU limit: cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us`), rounded up."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-    cores = cores or os.cpu_count() or 1
-    quota = _cpu_quota(cgroup)
-    return max(1, min(cores, math.ceil(quota))) if quota else cores
-
-
-def _cpu_quota(cgroup: Path) -> float | None:
-    """CPUs' worth of time the cgroup may take per period; None without a limit."""
-    try:
-        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
-        return None if limit == "max" else int(limit) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        limit = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
-        return None
-    return limit / period if limit > 0 and period > 0 else None
 
 
 @dataclass(frozen=True)
