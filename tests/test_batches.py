@@ -146,10 +146,40 @@ def bad_batches() -> st.SearchStrategy[tuple[bytes, str]]:
         ts.map(lambda t: (_json(["x"] * len(t), _good_columns(len(t))), "bad_timestamp")),
         st.just((_json([], {}), "schema_mismatch")),
         st.binary(max_size=64).map(lambda raw: (b"\xff\xff\xff\xff" + raw, "decode_error")),
+        # lists of unequal shapes inside, a null column: refused, not raised out of the intake
+        ts.map(lambda t: (_json([*t[:-1], [t[-1]]], _good_columns(len(t))), "bad_timestamp")),
+        ts.map(
+            lambda t: (
+                _json(t, _columns(len(t), NAMES[1], [0.5] * (len(t) - 1) + [[0.5]])),
+                "schema_mismatch",
+            )
+        ),
+        ts.map(lambda t: (_json(t, {**_good_columns(len(t)), NAMES[2]: None}), "schema_mismatch")),
+        # a single reading stamped beyond int64 ms (JSON integers reach 2**64)
+        st.integers(2**63, 2**64 - 1).map(
+            lambda big: (_json(big, {n: 0.5 for n in NAMES}), "bad_timestamp")
+        ),
         ts.map(lambda t: (_arrow(t, drop=NAMES[1]), "missing_feature")),
+        ts.map(lambda t: (_arrow_table(_with_key_column(t, [["k"]] * len(t))), "schema_mismatch")),
+        ts.map(lambda t: (_arrow_table(_with_null_time(t)), "bad_timestamp")),
         ts.map(lambda t: (_arrow(t, value=np.inf), "non_finite")),
         shuffled.map(lambda t: (_arrow(t), "out_of_order")),
     )
+
+
+def _with_key_column(ts, keys):
+    """A good batch of times `ts` with a `key` column of `keys` (a list column: not strings)."""
+    import pyarrow as pa
+
+    columns = {"ts": pa.array(ts, pa.int64()), "key": pa.array(keys)}
+    return pa.table({**columns, **{n: pa.array([0.5] * len(ts)) for n in NAMES}})
+
+
+def _with_null_time(ts):
+    import pyarrow as pa
+
+    times = pa.array([*ts[:-1], None], pa.int64())
+    return pa.table({"ts": times, **{n: pa.array([0.5] * len(ts)) for n in NAMES}})
 
 
 def _arrow(ts, drop: str | None = None, value: float = 0.5) -> bytes:
@@ -547,3 +577,43 @@ def test_a_boolean_among_numbers_in_a_columnar_batch_is_refused_as_in_a_reading(
     first = {name: column[0] if j == 0 else 0.5 for j, name in enumerate(NAMES)}
     alone = orjson.dumps({"key": "k", "ts": ts[0], "values": first})
     assert decoder.decode(b"k", batch) == Rejection(*reason) == decoder.decode(b"k", alone)
+
+
+def test_integers_beyond_int64_are_numbers_in_a_batch_whatever_form_its_times_take():
+    """A column of integers from 2**63 (numpy reads them as uint64) was refused as "not numbers"
+    beside ISO times and taken beside epoch-ms times; they are numbers either way, as in a
+    single reading."""
+    from pipeline.modalities.batches import ReadingBatch
+    from pipeline.modalities.readings import RecordDecoder
+
+    decoder = RecordDecoder(NAMES, 4, 1 << 20)
+    big = {name: [2**63, 2**64 - 1] for name in NAMES}
+    epoch = decoder.decode(b"k", _json([1767225600000, 1767225600001], big))
+    iso = decoder.decode(b"k", _json(["2026-01-01T00:00:00Z", "2026-01-01T00:00:00.001Z"], big))
+    assert epoch.__class__ is iso.__class__ is ReadingBatch, (epoch, iso)
+    assert np.array_equal(epoch.ts, iso.ts) and np.array_equal(epoch.values, iso.values)
+    assert epoch.values[0, 0] == float(2**63)
+
+
+def test_a_record_whose_decoding_raises_is_dead_lettered_and_the_rest_scored(detector, monkeypatch):
+    """Whatever a decoder raises on one record, that record goes to the DLQ with the error and
+    the poll's other records are windowed and scored (it stopped the worker, and a restart read
+    the same record again)."""
+    from pipeline.modalities.readings import RecordDecoder
+
+    stream = fleet(seed=7, keys=2, readings_per_key=300, anomalies=())
+    records = batched(stream, 10, "json", 1)[("readings", 0)]
+    poison = records[5].value
+    decode = RecordDecoder.decode
+
+    def failing(self, key, value):
+        if value == poison:
+            raise RuntimeError("no rule foresaw this record")
+        return decode(self, key, value)
+
+    monkeypatch.setattr(RecordDecoder, "decode", failing)
+    _, sink, stats = run_in_memory(detector, FakeSource({("readings", 0): records}, chunk=500))
+    dead = dead_letters(sink)
+    assert list(dead) == [(0, 5)], dead
+    assert dead[(0, 5)] == "decode_error"
+    assert stats.windows_scored > 0

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.modalities.times import SECONDS, parse_timestamp_ms, seconds_like
+from pipeline.modalities.times import BEYOND_YEARS, SECONDS, parse_timestamp_ms, seconds_like
 
 __all__ = [
     "ARROW_MAGIC",
@@ -36,7 +36,6 @@ __all__ = [
 
 ARROW_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream message starts with it; JSON never does
 _ARROW_END = ARROW_MAGIC + b"\x00\x00\x00\x00"  # the end-of-stream marker
-_BEYOND_YEARS = ("bad_timestamp", "'ts' in epoch ms is outside the years 1 to 9999")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -61,7 +60,10 @@ def _timestamps(items: list):
     """Epoch ms of a list of timestamps (int64 array), or the reason it is not one."""
     if bool in set(map(type, items)):  # numpy would take True beside numbers as 1
         return ("bad_timestamp", "a boolean is not a timestamp")
-    array = np.asarray(items) if items else np.zeros(0, np.int64)
+    try:
+        array = np.asarray(items) if items else np.zeros(0, np.int64)
+    except ValueError:  # lists of unequal shapes inside
+        return ("bad_timestamp", "each timestamp must be a number or a string")
     if array.ndim == 1 and array.dtype.kind == "i":
         return SECONDS if seconds_like(array).any() else array.astype(np.int64, copy=False)
     try:
@@ -78,8 +80,11 @@ def _column(items, n: int):
         return "schema_mismatch", "each feature needs a list as long as 'ts'"
     if bool in set(map(type, items)):  # numpy would take True beside numbers as 1.0
         return "schema_mismatch", "a feature value is bool"
-    array = np.asarray(items)
-    if array.ndim != 1 or array.dtype.kind not in "if":
+    try:
+        array = np.asarray(items)
+    except ValueError:  # lists of unequal shapes inside
+        return "schema_mismatch", "feature values must be numbers"
+    if array.ndim != 1 or array.dtype.kind not in "iuf":  # u: integers beyond int64 alone
         if array.dtype.kind == "O" and all(
             x.__class__ is int or x.__class__ is float for x in items
         ):  # integers beyond int64 beside floats: they are numbers, if not float32 ones
@@ -97,10 +102,9 @@ def columnar_batch(features: tuple[str, ...], key: str, ts: list, values: dict):
         return "schema_mismatch", "an empty batch"
     columns = []
     for name in features:
-        items = values.get(name)
-        if items is None:
+        if name not in values:  # a null column is there, and refused by `_column`
             return "missing_feature", f"missing feature {name!r}"
-        column = _column(items, len(stamps))
+        column = _column(values[name], len(stamps))
         if column.__class__ is tuple:
             return column
         columns.append(column)
@@ -193,8 +197,10 @@ class ArrowBatches:
         if key.__class__ is tuple:
             return key
         ts = table.column(plan.ts)
-        if not (plan.ts_timestamp or plan.ts_integer) or ts.null_count:
+        if not (plan.ts_timestamp or plan.ts_integer):
             return "bad_timestamp", f"'ts' must be integer epoch ms or a timestamp, not {ts.type}"
+        if ts.null_count:
+            return "bad_timestamp", "'ts' holds a null"
         ts = _epoch_ms(ts, plan)
         if ts.__class__ is tuple:
             return ts
@@ -345,12 +351,24 @@ def _epoch_ms(ts, plan: _ArrowPlan):
             ts = ts.cast(pa.timestamp("ms"), safe=ts.type.unit == "s")
         return ts.cast(pa.int64()).to_numpy().astype(np.int64)
     except pa.ArrowInvalid:
-        return _BEYOND_YEARS
+        return BEYOND_YEARS
+
+
+def _holds_strings(kind) -> bool:
+    """Whether an Arrow type holds strings: (large) strings, or a dictionary of them."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def _arrow_key(table, index: int | None, message_key: bytes | None):
     if index is not None:
-        keys = table.column(index).unique().to_pylist()
+        column = table.column(index)
+        if not _holds_strings(column.type):  # (a list or struct of strings has no `unique`)
+            return "schema_mismatch", "the 'key' column must hold one string key"
+        keys = column.unique().to_pylist()
         if len(keys) != 1 or keys[0].__class__ is not str:
             return "schema_mismatch", "the 'key' column must hold one string key"
         key = keys[0]

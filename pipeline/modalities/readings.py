@@ -32,6 +32,7 @@ from pipeline.modalities.batches import (
     columnar_batch,
 )
 from pipeline.modalities.times import (
+    BEYOND_YEARS,
     MS_RANGE,
     SECONDS,
     parse_timestamp_ms,
@@ -81,6 +82,7 @@ class Rejection:
 
 
 _SECONDS = Rejection(*SECONDS)
+_BEYOND_YEARS = Rejection(*BEYOND_YEARS)
 
 
 class Decoded(NamedTuple):
@@ -262,7 +264,7 @@ class RecordDecoder:
                     return None
             except UnicodeDecodeError:
                 return None
-        if seconds_like(reading.ts):
+        if seconds_like(reading.ts) or not MS_RANGE[0] <= reading.ts < MS_RANGE[1]:
             return None
         return Decoded(reading.key, reading.ts, list(_FIELDS(reading.values)))
 
@@ -324,6 +326,8 @@ class RecordDecoder:
                 ts = parse_timestamp_ms(ts)
             except (ValueError, OverflowError, OSError) as exc:
                 return Rejection("bad_timestamp", str(exc)[:200])
+        elif not MS_RANGE[0] <= ts < MS_RANGE[1]:  # (beyond int64 too: JSON reads up to 2**64)
+            return _BEYOND_YEARS
         else:
             number = True
         if number and seconds_like(ts):

@@ -8,6 +8,7 @@ the per-feature errors of their windows.
 
 from __future__ import annotations
 
+import logging
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ from pipeline.modalities.batches import ReadingBatch
 from pipeline.modalities.expiry import KEY_TTL_S
 from pipeline.modalities.parking import REREAD_MAX
 from pipeline.modalities.readings import (
+    BEYOND_YEARS,
     MAX_FUTURE_S,
     MS_RANGE,
     Decoded,
@@ -40,10 +42,12 @@ if TYPE_CHECKING:
 
 __all__ = ["SeriesModality"]
 
+log = logging.getLogger(__name__)
+
 TOP_FEATURES = 3
 TOP_STEPS = 3
 _NON_FINITE = Rejection("non_finite", "a value is NaN, infinite or beyond float32")
-_BEYOND = Rejection("bad_timestamp", "'ts' in epoch ms is outside the years 1 to 9999")
+_BEYOND = Rejection(*BEYOND_YEARS)
 _NO_INDEX = np.zeros(0, np.int64)
 
 
@@ -137,7 +141,11 @@ class SeriesIntake:
         parts: list[tuple] = []
         cut: list[tuple] = []
         for i in indices:
-            decoded = self.decoder.decode(keys[i], values[i])
+            try:
+                decoded = self.decoder.decode(keys[i], values[i])
+            except Exception as exc:  # a record no rule foresaw: a dead letter, not a crash loop
+                log.warning("record %d of the poll: decoding raised %r", i, exc, exc_info=True)
+                decoded = Rejection("decode_error", f"{type(exc).__name__}: {exc}"[:200])
             kind = decoded.__class__
             if kind is Decoded:
                 if decoded.is_window:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 __all__ = [
+    "BEYOND_YEARS",
     "MS_RANGE",
     "SECONDS",
     "SECONDS_LIKE",
@@ -33,6 +34,7 @@ MS_RANGE = (-62_135_596_800_000, 253_402_300_800_000)
 # seconds (the same rule as training's for numeric times). A time given as text or as an Arrow
 # timestamp says what it is and is taken whatever its year.
 SECONDS_LIKE = (100_000_000, 100_000_000_000)
+BEYOND_YEARS = ("bad_timestamp", "'ts' in epoch ms is outside the years 1 to 9999")
 SECONDS = ("bad_timestamp", "'ts' reads as 1970-1973 in epoch ms: epoch seconds? send milliseconds")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
