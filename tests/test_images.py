@@ -571,3 +571,36 @@ def test_a_folder_of_pictures_is_read_for_a_detector_as_the_worker_reads_each(tm
             read = load_for(detector, DataSource(str(folder))).parts[ALL].images
             streamed = accepted(decode(shape, png)).image
             np.testing.assert_array_equal(read[0], streamed, err_msg=name)
+
+
+def test_an_image_whose_decoding_raises_is_dead_lettered_and_the_rest_taken(monkeypatch):
+    """Whatever the image decoder raises on one record (a Pillow error no rule foresaw, say),
+    that record is refused as decode_error with the error, and the others are taken (it stopped
+    the worker, which read the same record again after a restart)."""
+    from types import SimpleNamespace
+
+    from pipeline.detector import InputSpec
+    from pipeline.modalities.image import ImageModality
+    from pipeline.modalities.images import ImageDecoder
+    from pipeline.modalities.windowing import ReadyWindows
+
+    intake = ImageModality(InputSpec("image", image_shape=(1, 8, 8))).intake(1 << 20)
+    good = encode_image_record(np.zeros((8, 8), np.float32))
+    poison = encode_image_record(np.ones((8, 8), np.float32))
+    decode = ImageDecoder.decode
+
+    def failing(self, key, value, headers, timestamp_ms):
+        if value == poison:
+            raise Image.DecompressionBombError("no rule foresaw this picture")
+        return decode(self, key, value, headers, timestamp_ms)
+
+    monkeypatch.setattr(ImageDecoder, "decode", failing)
+    records = [
+        SimpleNamespace(key=b"cam", value=v, headers=[], timestamp=1_767_225_600_000 + i, offset=i)
+        for i, v in enumerate([good, poison, good])
+    ]
+    pending, refused = ReadyWindows(), []
+    intake.take_all([(("images", 0), records)], pending, lambda r, why: refused.append((r, why)))
+    assert [(r.offset, why.reason) for r, why in refused] == [(1, "decode_error")]
+    assert "DecompressionBombError" in refused[0][1].detail
+    assert len(pending) == 2

@@ -22,7 +22,7 @@ from pipeline.events import iso_ms_many
 from pipeline.modalities.base import Partition, Reject
 from pipeline.modalities.expiry import KEY_TTL_S, silent
 from pipeline.modalities.images import ImageDecoder, image_axes
-from pipeline.modalities.readings import Rejection
+from pipeline.modalities.readings import Rejection, unforeseen
 from pipeline.modalities.windowing import ReadyWindows
 
 if TYPE_CHECKING:
@@ -102,9 +102,12 @@ class ImageIntake:
     ) -> None:
         keys, times, offsets = [], [], []
         for record in records:
-            decoded = self.decoder.decode(
-                record.key, record.value, record.headers, record.timestamp
-            )
+            try:
+                decoded = self.decoder.decode(
+                    record.key, record.value, record.headers, record.timestamp
+                )
+            except Exception as exc:
+                decoded = unforeseen(exc)
             if isinstance(decoded, Rejection):
                 reject(record, decoded)
                 continue

@@ -14,6 +14,7 @@ record. Rejections carry one of the documented DLQ reasons.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from itertools import chain
@@ -47,7 +48,10 @@ __all__ = [
     "RecordDecoder",
     "finite_rows",
     "parse_timestamp_ms",
+    "unforeseen",
 ]
+
+log = logging.getLogger(__name__)
 
 REASONS = (
     "decode_error",  # not UTF-8 JSON
@@ -83,6 +87,14 @@ class Rejection:
 
 _SECONDS = Rejection(*SECONDS)
 _BEYOND_YEARS = Rejection(*BEYOND_YEARS)
+
+
+def unforeseen(exc: Exception) -> Rejection:
+    """The rejection of a record whose decoding raised what no rule foresaw (logged with its
+    traceback): a dead letter, where an exception would stop the worker and a restart would
+    read the same record again."""
+    log.warning("decoding a record raised %r; it goes to the DLQ", exc, exc_info=True)
+    return Rejection("decode_error", f"{type(exc).__name__}: {exc}"[:200])
 
 
 class Decoded(NamedTuple):

@@ -8,7 +8,6 @@ the per-feature errors of their windows.
 
 from __future__ import annotations
 
-import logging
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +31,7 @@ from pipeline.modalities.readings import (
     RecordDecoder,
     Rejection,
     finite_rows,
+    unforeseen,
 )
 from pipeline.modalities.windowing import ReadyWindows, StreamWindower
 
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from pipeline.detector import Detector, InputSpec, Scores
 
 __all__ = ["SeriesModality"]
-
-log = logging.getLogger(__name__)
 
 TOP_FEATURES = 3
 TOP_STEPS = 3
@@ -143,9 +141,8 @@ class SeriesIntake:
         for i in indices:
             try:
                 decoded = self.decoder.decode(keys[i], values[i])
-            except Exception as exc:  # a record no rule foresaw: a dead letter, not a crash loop
-                log.warning("record %d of the poll: decoding raised %r", i, exc, exc_info=True)
-                decoded = Rejection("decode_error", f"{type(exc).__name__}: {exc}"[:200])
+            except Exception as exc:
+                decoded = unforeseen(exc)
             kind = decoded.__class__
             if kind is Decoded:
                 if decoded.is_window:
