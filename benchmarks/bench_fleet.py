@@ -141,10 +141,13 @@ def read_fleet(skab: Path, groups=("valve1",)) -> tuple[list[Record], dict, list
     return records, spans, features
 
 
-def training_code_digest() -> str:
-    """SHA-256 (12 hex digits) of the code that decides what a training run fits: a cached
-    detector is used only by the code that trained it."""
-    root = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def training_code_digest(root: Path = ROOT) -> str:
+    """SHA-256 (12 hex digits) of the code that decides what a training run fits (`training/`
+    and `pipeline/detector/` under `root`): a cached detector is used only by the code that
+    trained it."""
     digest = hashlib.sha256()
     for folder in ("training", "pipeline/detector"):
         for path in sorted((root / folder).rglob("*.py")):

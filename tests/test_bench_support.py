@@ -102,3 +102,23 @@ def test_the_gpu_benchmark_refuses_more_processes_than_partitions_before_any_wor
         bench_gpu.main(["--end-to-end", "--processes", "1", "40", "--partitions", "32"])
     assert exited.value.code == 2
     assert "--processes: each count must be 1..--partitions (32)" in capsys.readouterr().err
+
+
+def test_the_fleet_benchmarks_cached_detector_is_keyed_on_the_training_code(tmp_path):
+    """A detector cached by the fleet benchmark is reused only by the code that trained it: a
+    change to training or to the detector core makes a new key, other code does not."""
+    from benchmarks.bench_fleet import training_code_digest
+
+    for name in ("training/fit.py", "pipeline/detector/scaler.py", "pipeline/worker/loop.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    first = training_code_digest(tmp_path)
+    (tmp_path / "pipeline/worker/loop.py").write_text("x = 2\n")
+    assert training_code_digest(tmp_path) == first
+    keys = {first}
+    for name in ("training/fit.py", "pipeline/detector/scaler.py", "training/new.py"):
+        (tmp_path / name).write_text("x = 3\n")
+        keys.add(training_code_digest(tmp_path))
+    assert len(keys) == 4
+    (tmp_path / "training/new.py").rename(tmp_path / "training/renamed.py")
+    assert training_code_digest(tmp_path) not in keys  # a file's name counts too
