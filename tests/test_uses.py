@@ -374,3 +374,24 @@ def test_overlap_average_means_every_covering_window():
     assert values[3, 0] == (windows[0, 3, 0] + windows[1, 0, 0]) / 2
     assert values[4, 0] == windows[1, 1, 0]
     assert len(values) == 10
+
+
+def test_a_folder_is_written_beside_its_place_and_renamed_in_or_left_as_it_was(tmp_path):
+    from training.outputs import atomic_write
+
+    def fill(folder, fail=False):
+        (folder / "00000.png").write_bytes(b"one")
+        if fail:
+            raise OSError("disk full")
+
+    out = tmp_path / "pictures"
+    out.mkdir()  # empty: replaced
+    assert atomic_write(out, fill, folder=True) == out
+    assert [p.name for p in out.iterdir()] == ["00000.png"]
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(fresh, lambda f: fill(f, fail=True), folder=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pictures"]  # nothing half written
+    with pytest.raises(OSError):
+        atomic_write(out, fill, folder=True)  # holds files: refused by the rename, kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pictures"]

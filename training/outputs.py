@@ -122,19 +122,31 @@ def writable(folder: Path, out: str | Path, setting: str = "out") -> None:
         ) from None
 
 
-def atomic_write(out: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(out: Path, write: Callable[[Path], None], *, folder: bool = False) -> Path:
     """`write(temporary)` in `out`'s folder, then rename it to `out`; nothing is left behind
-    when writing fails, and an existing `out` stays as it was."""
+    when writing fails, and an existing `out` stays as it was. With `folder`, `temporary` is a
+    folder to fill, renamed in place of `out` when that is absent or empty: never a folder half
+    written."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-    os.close(handle)
-    temporary = Path(name)
+    if folder:
+        temporary = Path(
+            tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        )
+    else:
+        handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+        os.close(handle)
+        temporary = Path(name)
     try:
         write(temporary)
+        if folder and out.is_dir():
+            out.rmdir()  # empty, or the rename below says why not
         os.replace(temporary, out)
     finally:
-        with suppress(FileNotFoundError):
-            temporary.unlink()
+        if folder:
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            with suppress(FileNotFoundError):
+                temporary.unlink()
     return out
 
 
@@ -174,21 +186,13 @@ def write_images(images: np.ndarray, out: Path, value_range: tuple[np.ndarray, n
     ... in the folder `out`, `value_range` stretched to 0..255 and clipped."""
     if out.suffix.lower() == _ARRAY_SUFFIX:
         return write_array(images, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     low, high = (np.asarray(v, dtype=np.float64)[None, :, None, None] for v in value_range)
     span = np.where(high > low, high - low, 1.0)
     pixels = np.rint(np.clip((images - low) / span, 0.0, 1.0) * 255.0).astype(np.uint8)
     width = max(5, len(str(len(images) - 1)))
-    partial = out.parent / f".{out.name}.{os.getpid()}.partial"
-    shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed
-    partial.mkdir()
-    try:  # written beside it, then renamed into place: never a folder half written
+
+    def save(folder: Path) -> None:
         for index, picture in enumerate(pixels):
-            (partial / f"{index:0{width}d}.png").write_bytes(encode_image_record(picture, "png"))
-        if out.is_dir():
-            out.rmdir()  # empty (image_out), or the rename below says why not
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return out
+            (folder / f"{index:0{width}d}.png").write_bytes(encode_image_record(picture, "png"))
+
+    return atomic_write(out, save, folder=True)
