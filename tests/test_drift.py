@@ -191,3 +191,17 @@ def test_tied_calibration_scores_give_no_drift_for_scores_drawn_from_them():
     assert psi(shifted, stage.expected) > 1.0
     untied = DriftStage(rng.exponential(size=1000), window=500, limit=0.25)
     assert untied.expected is None  # deciles: the equal shares, as before
+
+
+def test_the_worker_exports_its_pooled_limit_beside_the_pooled_statistic(trained):
+    """The alert rule compares the pooled PSI with the worker's own --drift-psi (it compared
+    with a fixed 0.25: a worker run at 0.5 was alerted on at 0.25), and nothing is exported
+    where the statistic is off."""
+    from tests.worker_support import FakeSource, in_memory_worker
+
+    source = FakeSource({("readings", 0): []})
+    worker, _ = in_memory_worker(trained.detector, source, drift_window=50, drift_psi=0.5)
+    text = worker.metrics.exposition().decode()
+    assert 'aewatch_drift_psi_limit{key="*"} 0.5' in text
+    off, _ = in_memory_worker(trained.detector, source)
+    assert "aewatch_drift_psi_limit{" not in off.metrics.exposition().decode()

@@ -160,6 +160,7 @@ class Worker:
                 settings.drift.drift_key_psi,
             )
             stages["drift"] = self.drift
+            self.metrics.drift_psi_limit.labels(OVERALL).set(settings.drift.drift_psi)
             if not self.drift.enabled:
                 log.warning("the detector holds no calibration scores: no drift statistic")
         self.stages = stages

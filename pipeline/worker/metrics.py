@@ -25,6 +25,7 @@ observed for every scored window with one numpy call per batch through `BulkHist
 | `aewatch_model_info` | gauge (1) | `name`, `version`, `alias` |
 | `aewatch_model_reloads_total` | counter | `outcome` (loaded, refused, failed, unreachable, missing), `reason` |
 | `aewatch_drift_psi` | gauge | `key`, for the keys this member holds (`*`: all of them, pooled; a key named `*` has no gauge of its own) |
+| `aewatch_drift_psi_limit` | gauge | `key` (`*`): `--drift-psi`, where the drift statistic is on |
 """
 
 from __future__ import annotations
@@ -171,6 +172,12 @@ class WorkerMetrics:
         self.drift_psi = Gauge(
             "aewatch_drift_psi",
             "population stability index of recent scores against the calibration deciles",
+            ["key"],
+            registry=r,
+        )
+        self.drift_psi_limit = Gauge(  # beside the pooled gauge, for alert rules to compare
+            "aewatch_drift_psi_limit",
+            "the pooled PSI at which a drift event is emitted (--drift-psi)",
             ["key"],
             registry=r,
         )
