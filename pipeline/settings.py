@@ -355,6 +355,15 @@ def to_argv(obj) -> list[str]:
     return argv
 
 
+def child_environment(obj, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a child process run with `to_argv(obj)`: `environ` without the
+    variables of the settings the flags give (the child would read one wherever `to_argv` leaves
+    a default out), with the secrets' variables (`secret_variables`)."""
+    given = {s.env for s in declared(type(obj)) if s.listed and not s.secret and s.env}
+    kept = {name: value for name, value in environ.items() if name not in given}
+    return {**kept, **secret_variables(obj)}
+
+
 def secret_variables(obj) -> dict[str, str]:
     """The environment variables that give the secrets `to_argv` leaves out (for a child
     process of the same settings)."""

@@ -194,3 +194,39 @@ def test_settings_survive_a_trip_through_the_command_line():
         parser.parse_args(argv), {"AEWATCH_SASL_PASSWORD": "kept-out-of-argv"}
     )
     assert back == settings
+
+
+def test_members_take_their_settings_from_their_flags_not_the_supervisors_environment():
+    """The GPU Deployment sets AEWATCH_PROCESSES: each member read it again and supervised
+    members of its own (15 processes in 12 s, the machine out of memory in minutes). A member's
+    flags leave defaults out, so any AEWATCH_ variable stood in for them: member 1's port 8080
+    (the default) became the supervisor's 8079, and --max-batch 4096 (the default, over an
+    AEWATCH_MAX_BATCH of 8) became 8."""
+    from pipeline.worker.supervisor import member_process
+
+    environ = {
+        "AEWATCH_PROCESSES": "2",
+        "AEWATCH_HTTP_PORT": "8079",
+        "AEWATCH_MAX_BATCH": "8",
+        "AEWATCH_ORDER_POLICY": "drop",
+        "AEWATCH_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "AEWATCH_SASL_MECHANISM": "PLAIN",
+        "AEWATCH_SASL_USERNAME": "aewatch",
+        "AEWATCH_SASL_PASSWORD": "s3cret",
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "HOME": "/home/aewatch",
+    }
+    flags = ["--max-batch", "4096", "--order-policy", "reject"]
+    settings = _settings(BASE + flags, environ)
+    assert settings.loop.processes == 2 and settings.batching.max_batch == 4096
+    members = []
+    for index in range(2):
+        argv, env = member_process(settings, index, environ)
+        assert "AEWATCH_PROCESSES" not in env and "AEWATCH_SASL_PASSWORD" not in argv
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["HOME"] == "/home/aewatch"
+        members.append(_settings(argv[argv.index("worker") + 1 :], env))
+    assert [m.loop.processes for m in members] == [1, 1]
+    assert [m.http.http_port for m in members] == [8079, 8080]
+    assert {(m.batching.max_batch, m.records.order_policy) for m in members} == {(4096, "reject")}
+    assert {m.kafka.connection.sasl_password for m in members} == {"s3cret"}
+    assert {m.registry.tracking_uri for m in members} == {"http://mlflow:5000"}

@@ -178,7 +178,8 @@ def test_a_member_that_does_not_stop_is_killed_after_the_grace(monkeypatch):
         )
         waiter.start()
         waiter.join(30)
-        assert codes == [-signal.SIGKILL], "the supervisor still waits on a member past its grace"
+        # as a shell shows a process killed by SIGKILL (it was -9, which exit() made 247)
+        assert codes == [128 + signal.SIGKILL], "the supervisor waits on a member past its grace"
     finally:
         if child.poll() is None:
             child.kill()
@@ -202,6 +203,12 @@ class _Member:
         if self.returncode is None:
             self.returncode = -signum
 
+    def wait(self, timeout=None) -> int | None:
+        return self.poll()
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
 
 def test_the_supervisor_exits_with_the_status_of_the_member_that_failed():
     from pipeline.worker.supervisor import _wait
@@ -218,3 +225,27 @@ def test_the_supervisor_exits_with_the_status_of_the_member_that_failed():
     status = _wait(members, lambda: bool(stopping), stop)
     assert [m.returncode for m in members] == [-signal.SIGTERM, 2]
     assert status == 2  # (was -15, the stopped member's, which the shell showed as 241)
+
+
+def test_a_signal_while_members_start_starts_no_more_and_stops_the_started(monkeypatch):
+    """SIGTERM as member 0 of 6 started: the others were started all the same and only killed
+    when the 60 s grace ran out (the supervisor exited 61 s after the signal)."""
+    from pipeline.worker import supervisor
+
+    started: list[_Member] = []
+
+    def popen(argv, env, preexec_fn):
+        started.append(_Member(200 + len(started), None))
+        if len(started) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the orchestrator stops the pod now
+        return started[-1]
+
+    monkeypatch.setattr(supervisor.subprocess, "Popen", popen)
+    settings = WorkerSettings.build(
+        model="m", bootstrap_servers="127.0.0.1:1", input_topic=("t",), processes=6
+    )
+    begun = time.monotonic()
+    status = supervisor.supervise(settings, {})
+    assert time.monotonic() - begun < 5
+    assert [m.returncode for m in started] == [-signal.SIGTERM]
+    assert status == 128 + signal.SIGTERM

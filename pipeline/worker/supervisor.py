@@ -26,10 +26,10 @@ import sys
 import time
 from collections.abc import Mapping
 
-from pipeline.settings import secret_variables
+from pipeline.settings import child_environment
 from pipeline.worker.settings import WorkerSettings
 
-__all__ = ["member_settings", "supervise"]
+__all__ = ["member_process", "member_settings", "supervise"]
 
 log = logging.getLogger(__name__)
 # How long children may take to checkpoint and leave after SIGTERM before they are killed.
@@ -52,6 +52,18 @@ def member_settings(settings: WorkerSettings, index: int) -> WorkerSettings:
     return settings.replace(**changes)
 
 
+def member_process(
+    settings: WorkerSettings, index: int, environ: Mapping[str, str], log_format: str = "text"
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of member `index`: its settings as flags, and the
+    supervisor's environment without the AEWATCH_ variables those flags give (a member reading
+    `AEWATCH_PROCESSES` would supervise members of its own)."""
+    from pipeline.worker.cli import worker_command
+
+    member = member_settings(settings, index)
+    return worker_command(member, log_format=log_format), child_environment(member, environ)
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -61,8 +73,6 @@ def supervise(
     settings: WorkerSettings, environ: Mapping[str, str], *, log_format: str = "text"
 ) -> int:
     """Run `settings.loop.processes` members until they all stop; their worst exit status."""
-    from pipeline.worker.cli import worker_command
-
     children: list[subprocess.Popen] = []
     stopping = False
 
@@ -76,15 +86,16 @@ def supervise(
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for index in range(settings.loop.processes):
-            member = member_settings(settings, index)
-            env = {**environ, **secret_variables(member)}
+            if stopping:  # a signal while members start: no more of them
+                break
+            argv, env = member_process(settings, index, environ, log_format)
             children.append(
                 subprocess.Popen(
-                    worker_command(member, log_format=log_format),
-                    env=env,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                    argv, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None
                 )
             )
+            if stopping:  # the signal came as it started: it stops with the others
+                children[-1].send_signal(signal.SIGTERM)
             log.info("member %d started (pid %d)", index, children[-1].pid)
         return _wait(children, lambda: stopping, _stop)
     finally:
@@ -115,7 +126,13 @@ def _wait(children: list[subprocess.Popen], stopping, stop) -> int:
     for index, child in enumerate(children):
         log.info("member %d (pid %d) exited with %d", index, child.pid, child.returncode)
         worst = worst or child.returncode
-    return worst if first is None else first
+    return exit_status(worst if first is None else first)
+
+
+def exit_status(returncode: int) -> int:
+    """A member's status as a shell gives it: killed by signal s (returncode -s) is 128 + s,
+    not the 256 - s that `sys.exit(-s)` would make of it."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _reap(children: list[subprocess.Popen], grace_s: float | None = None) -> None:
