@@ -476,3 +476,15 @@ def test_f1_calibration_without_labels_fails_before_any_io(tmp_path, capsys):
     )
     _one_line_error(capsys, code, "calibration", "--label-col")
     assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize("command", ["score", "encode"])
+def test_a_device_there_is_not_is_refused_before_the_registry_is_asked(tmp_path, capsys, command):
+    """`--device gpu7` with the registry unreachable: named after the registry's 15 s budget,
+    as an unreachable registry, never as the device."""
+    data = tmp_path / "in.csv"
+    data.write_text("ts,a\n2026-01-01T00:00:00Z,1.0\n")
+    argv = [command, "--model", "models:/fleet@champion", "--data", str(data)]
+    argv += ["--out", str(tmp_path / "out.parquet"), "--device", "gpu7"]
+    code = main([*argv, "--tracking-uri", "http://127.0.0.1:1"])
+    _one_line_error(capsys, code, "device", "gpu7")

@@ -96,6 +96,9 @@ def test_environment_fills_in_and_flags_win():
         (["--bootstrap-servers", "http://k:9092"], {}, "bootstrap_servers"),
         # credentials PLAINTEXT never sends: the protocol was forgotten
         (["--sasl-mechanism", "PLAIN", "--sasl-username", "u"], {}, "security_protocol"),
+        # named only once the model was loaded (after the registry's wait, 22 s)
+        (["--device", "gpu7"], {}, "device"),
+        ([], {"AEWATCH_DEVICE": "cuda7"}, "device"),
     ],
 )
 def test_invalid_settings_fail_at_start_naming_the_setting(argv, environ, setting):
@@ -230,3 +233,21 @@ def test_members_take_their_settings_from_their_flags_not_the_supervisors_enviro
     assert {(m.batching.max_batch, m.records.order_policy) for m in members} == {(4096, "reject")}
     assert {m.kafka.connection.sasl_password for m in members} == {"s3cret"}
     assert {m.registry.tracking_uri for m in members} == {"http://mlflow:5000"}
+
+
+def test_cuda_where_there_is_none_is_refused_before_the_registry_is_asked(monkeypatch):
+    """With the registry unreachable, the worker waited for it (`--registry-wait-s`) and then
+    named the registry, never the device."""
+    import torch
+
+    from pipeline.worker.app import WorkerApp
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = _settings(
+        ["--model", "models:/m@champion", "--bootstrap-servers", "127.0.0.1:1"]
+        + ["--input-topic", "in", "--device", "cuda", "--registry-wait-s", "60"],
+        {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"},
+    )
+    with pytest.raises(ConfigError) as error:
+        WorkerApp.build(settings)
+    assert error.value.setting == "device"

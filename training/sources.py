@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.detector import Detector
+from pipeline.detector import Detector, resolve_device
 from pipeline.registry.client import ModelRef, load_model
 
 __all__ = ["ModelSource"]
@@ -19,6 +19,9 @@ class ModelSource:
     uri: str
     tracking_uri: str | None = None
     device: str = "cpu"
+
+    def __post_init__(self) -> None:  # a device there is not: before the registry is asked
+        resolve_device(self.device)
 
     def load(
         self, *, require_calibrated: bool = True, download_dir: Path | None = None

@@ -1,4 +1,5 @@
-"""The CPU cores a process may use, for the worker's scoring threads and training's ranks alike.
+"""The hardware a process may use: the CPU cores, for the worker's scoring threads and training's
+ranks alike, and the names of devices (checked with the settings, before torch is imported).
 
 A container's CPU limit is a cgroup quota, not fewer visible cores: `os.cpu_count()` and torch's
 default thread count see every core of the node, so a pod limited to 2 CPUs on a 64-core node
@@ -9,11 +10,20 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
-__all__ = ["CGROUP", "available_cores"]
+__all__ = ["CGROUP", "available_cores", "device_problem"]
 
 CGROUP = Path("/sys/fs/cgroup")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device_problem(name: str) -> str | None:
+    """Why `name` is not a device name (auto, cpu or cuda[:N]); None when it is one."""
+    if _DEVICE.fullmatch(name):
+        return None
+    return f"unknown device {name!r}; use auto, cpu or cuda[:N]"
 
 
 def available_cores(cgroup: Path = CGROUP) -> int:

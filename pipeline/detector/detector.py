@@ -16,6 +16,7 @@ from torch import nn
 
 from pipeline.detector.baselines import KeyStats, window_scaling
 from pipeline.detector.calendar import CALENDAR_KINDS, calendar_names
+from pipeline.detector.cores import device_problem
 from pipeline.detector.models import ModelConfig
 from pipeline.detector.scaler import Scaler
 from pipeline.detector.scoring import (
@@ -37,12 +38,13 @@ INPUT_KINDS = ("series", "image")
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; asking for CUDA where there is none is a setting error."""
+    problem = device_problem(name)
+    if problem:
+        raise ConfigError("device", problem)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", "cuda was asked for but no CUDA device is available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError("device", f"unknown device {name!r}; use auto, cpu or cuda[:N]")
     return torch.device(name)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline.detector import Detector
+from pipeline.detector import Detector, resolve_device
 from pipeline.errors import RegistryError
 from pipeline.kafka_io import open_client
 from pipeline.registry.client import ModelRef, load_model, parse_model_uri
@@ -70,6 +70,7 @@ class WorkerApp:
         import torch
 
         torch.set_num_threads(settings.batching.threads())
+        resolve_device(settings.batching.device)  # CUDA asked for where there is none: at once
         if settings.http.http_port > 0:  # a port in use is told before anything is loaded
             check_bindable(settings.http.http_host, settings.http.http_port)
         detector, ref = load_with_retries(settings.registry, settings.batching.device)

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pipeline import settings as declared
-from pipeline.detector.cores import available_cores
+from pipeline.detector.cores import available_cores, device_problem
 from pipeline.errors import ConfigError
 from pipeline.kafka_io.settings import KafkaSettings, is_topic_name, not_a_topic_name
 from pipeline.modalities.expiry import KEY_TTL_S
@@ -199,6 +199,9 @@ class BatchSettings:
 
     def __post_init__(self) -> None:
         check(self)
+        problem = device_problem(self.device)
+        if problem:
+            raise ConfigError("device", problem)
 
     def threads(self, processes: int = 1, cores: int | None = None) -> int:
         """`cpu_threads`, or when 0 each of `processes` members' share of the cores (at least
