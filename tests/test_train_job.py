@@ -140,6 +140,11 @@ def test_a_config_number_of_nan_names_its_key(tmp_path: Path, capsys):
         ("epochs = 2.7", "epochs"),  # was taken as 2
         ("window = 1e400", "window"),  # infinity: was an OverflowError traceback
         ("window = inf", "window"),
+        # a table where a value belongs: AttributeError and TypeError tracebacks
+        ("experiment = {x = 1}", "experiment"),
+        ("time-col = {a = 1}", "time-col"),
+        ('key-col = [["a"]]', "key-col"),
+        ("code-size = 4\ncode_size = 16", "code_size"),  # one setting twice: the last won
     ],
 )
 def test_a_config_value_that_is_not_the_flags_type_names_its_key(tmp_path: Path, capsys, line, key):
@@ -148,6 +153,23 @@ def test_a_config_value_that_is_not_the_flags_type_names_its_key(tmp_path: Path,
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"config: {key}" in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("data: x.csv\nwindow: 16\nwindow: 64\n", ("line 3", "'window' is given twice")),
+        ("data: x.csv\nexperiment:\n  x: 1\n", ("config: experiment", "not a table")),
+    ],
+)
+def test_a_yaml_config_with_a_key_twice_or_a_table_for_a_value_names_it(
+    tmp_path: Path, capsys, text, words
+):
+    config = tmp_path / "train.yaml"
+    config.write_text(text)
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err
 
 
 def test_a_config_true_or_false_sets_an_on_off_flag_as_the_flag_would(tmp_path: Path):
