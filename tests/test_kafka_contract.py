@@ -564,3 +564,20 @@ def _produce_items(bootstrap: str, topic: str, items: list) -> None:
         sink.send(topic, key, value)
     sink.flush()
     sink.close()
+
+
+def test_a_session_timeout_the_broker_refuses_is_one_line_naming_the_setting(
+    kafka_bootstrap, kafka_client
+):
+    """Above the broker's group.max.session.timeout.ms (30 minutes by default) the join fails:
+    it was a 20-line traceback out of the first poll, after "worker ready"."""
+    topic = _topic("sto")
+    client = _client(kafka_bootstrap, kafka_client)
+    client.ensure_topics({topic: {}})
+    too_long = dict(session_timeout_ms=2_000_000, max_poll_interval_ms=2_000_000)
+    refused = _client(kafka_bootstrap, kafka_client, group_id=_topic("g"), **too_long)
+    member = Member(refused, topic)
+    with pytest.raises(ConfigError) as error:
+        member.read(1, timeout_s=20)
+    assert error.value.setting == "session_timeout_ms"
+    assert "2000000" in str(error.value)

@@ -51,6 +51,7 @@ from pipeline.kafka_io.errors import (
     RefusedCommits,
     describe,
     most_telling,
+    session_timeout_refused,
     telling,
 )
 from pipeline.kafka_io.protocols import Partition, Rebalance, TopicSpec
@@ -93,6 +94,7 @@ class ConfluentSource:
     ) -> None:
         self.rebalance = rebalance
         self.max_records = settings.max_poll_records
+        self.session_timeout_ms = settings.session_timeout_ms
         # a member of one topic groups its polls by partition number alone
         self.topic = topics[0] if len(topics) == 1 and not pattern else None
         self.cooperative = settings.assignor == "cooperative-sticky"
@@ -172,7 +174,12 @@ class ConfluentSource:
     # -- the Source protocol -----------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> dict[Partition, Records]:
         messages = take(self.consumer, self.max_records, timeout_ms)
-        return group(messages, self.topic)
+        try:
+            return group(messages, self.topic)
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError.INVALID_SESSION_TIMEOUT:
+                raise session_timeout_refused(self.session_timeout_ms) from None
+            raise
 
     def keepalive(self) -> None:
         """A poll with every partition paused: it resets the max.poll.interval.ms clock and runs

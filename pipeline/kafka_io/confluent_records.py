@@ -123,12 +123,18 @@ def group(messages: list, topic: str | None = None) -> dict[Partition, Records]:
     return {p: Records(batch) for p, batch in out.items()}
 
 
+# Join errors that no retry mends: raised out of the poll rather than logged at each one.
+FATAL_JOIN = (KafkaError.INVALID_SESSION_TIMEOUT,)
+
+
 def _group_checked(messages: list) -> dict[Partition, Records]:
     """`group` of a poll that holds errors: message by message."""
     out: dict[Partition, list] = {}
     for message in messages:
         error = message.error()
         if error is not None:
+            if error.code() in FATAL_JOIN:  # it would be logged at every poll, never joining
+                raise KafkaException(error)
             if error.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer: %s", error)
             continue

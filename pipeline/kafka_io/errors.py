@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.errors import AewatchError
+from pipeline.errors import AewatchError, ConfigError
 from pipeline.kafka_io.protocols import Partition
 from pipeline.kafka_io.settings import KafkaConnection
 
@@ -14,6 +14,7 @@ __all__ = [
     "RefusedCommits",
     "describe",
     "most_telling",
+    "session_timeout_refused",
     "telling",
 ]
 
@@ -26,6 +27,15 @@ class DeliveryError(AewatchError):
 
 class KafkaConnectError(AewatchError):
     """The cluster cannot be reached or refused us (credentials, TLS); says why."""
+
+
+def session_timeout_refused(session_timeout_ms: int) -> ConfigError:
+    """The group coordinator refused to let the member join with its session timeout."""
+    return ConfigError(
+        "session_timeout_ms",
+        f"the broker refuses {session_timeout_ms} ms: it takes only what lies between its "
+        "group.min.session.timeout.ms and group.max.session.timeout.ms (6 s and 30 min by default)",
+    )
 
 
 def telling(text: str) -> int:

@@ -27,6 +27,7 @@ from kafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from kafka.errors import (
     CommitFailedError,
     IllegalStateError,
+    InvalidSessionTimeoutError,
     KafkaError,
     KafkaProtocolError,
     RebalanceInProgressError,
@@ -43,6 +44,7 @@ from pipeline.kafka_io.errors import (
     RefusedCommits,
     describe,
     most_telling,
+    session_timeout_refused,
     telling,
 )
 from pipeline.kafka_io.protocols import Partition, Rebalance, TopicSpec
@@ -124,6 +126,7 @@ class KafkaSource:
         rebalance: Rebalance,
     ) -> None:
         self.refused = RefusedCommits()  # of commits not waited for
+        self.session_timeout_ms = settings.session_timeout_ms
         self.consumer = KafkaConsumer(
             group_id=settings.group_id,
             client_id=settings.client_id,
@@ -159,7 +162,11 @@ class KafkaSource:
                 log.warning("group join finished between polls; joining again")
                 coordinator.request_rejoin()
             timeout_ms = max(timeout_ms, REBALANCE_POLL_MS)
-        return _by_partition(self.consumer.poll(timeout_ms=timeout_ms))
+        try:
+            polled = self.consumer.poll(timeout_ms=timeout_ms)
+        except InvalidSessionTimeoutError:  # the join's answer: no retry would change it
+            raise session_timeout_refused(self.session_timeout_ms) from None
+        return _by_partition(polled)
 
     def keepalive(self) -> None:
         """A poll with every partition paused: it resets the max.poll.interval.ms clock and runs
