@@ -362,12 +362,19 @@ def test_promote_gates_that_cannot_hold_fail_before_the_registry(tmp_path, capsy
         (["feedback", "--file", "MISSING"], ("file", "No such file")),  # (was a traceback)
         (["feedback", "--file", "EMPTY"], ("file", "no feedback records")),
         (["quality", "--alarm-topic", "a", "--http-port", "70000"], ("http_port",)),
+        # (it ran, and exited 0, with its MLflow history nowhere)
+        (["quality", "--alarm-topic", "a", "--tracking-uri", "nostore://x"], ("'nostore'",)),
+        (
+            ["quality", "--alarm-topic", "a", "--tracking-uri", "sqlite:///NONE"],
+            ("no MLflow store",),
+        ),
     ],
 )
 def test_ops_commands_refuse_bad_input_before_connecting(tmp_path, capsys, argv, words):
     (tmp_path / "empty.jsonl").write_text("\n")
     argv = [a.replace("MISSING", str(tmp_path / "no.jsonl")) for a in argv]
     argv = [a.replace("EMPTY", str(tmp_path / "empty.jsonl")) for a in argv]
+    argv = [a.replace("NONE", str(tmp_path / "none.db")) for a in argv]
     code = main([*argv, "--bootstrap-servers", "127.0.0.1:1"])  # nothing listens there
     _one_line_error(capsys, code, *words)
 

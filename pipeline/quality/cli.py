@@ -150,16 +150,19 @@ def _run_quality(args: argparse.Namespace) -> int:
     from pipeline.kafka_io import open_client
     from pipeline.quality.service import QualityService, QualitySettings
     from pipeline.registry.client import log_run_metrics, version_run_id
+    from pipeline.registry.reach import probe
     from pipeline.worker.http_server import WorkerHttpServer
 
     settings = build(QualitySettings, read(QualitySettings, args, {}))
+    uri = args.tracking_uri
+    if uri:  # a store MLflow cannot open, or a server that does not answer: before any Kafka I/O
+        probe(uri)
     kafka = open_client(connection_from_args(args, args.bootstrap_servers))
     kafka.check()
     kafka.ensure_topics(
         {settings.feedback_topic: FEEDBACK_TOPIC_CONFIG, settings.dlq_topic: {}}
         | {topic: {} for topic in settings.alarm_topic}
     )
-    uri = args.tracking_uri
     service = QualityService(
         settings,
         kafka.tail([*settings.alarm_topic, settings.feedback_topic], from_beginning=True),
