@@ -14,9 +14,13 @@ name is unique across all of them. Everything else comes from these declarations
   `__post_init__`, then check what involves several of their fields); a `ConfigError` names the
   setting;
 - `to_argv`, `redacted` and `table`: the object's command line (defaults and secrets left out),
-  its log form (secrets masked) and the Markdown table of the README.
+  its log form (secrets masked) and the Markdown table of the README; `child_environment` the
+  environment of a child process given that command line.
 
 Only the command line reads the environment: `read` takes it as an argument.
+
+Size: over 400 lines because every use of a declaration (flags, variables, checks, command lines,
+the README's table) is read off the same metadata here.
 """
 
 from __future__ import annotations
