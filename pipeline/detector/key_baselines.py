@@ -53,6 +53,7 @@ __all__ = [
     "WARMUP_WINDOWS",
     "BaselineConfig",
     "KeyBaselines",
+    "check_baselines",
     "check_following",
 ]
 
@@ -117,14 +118,20 @@ def check_following(config: BaselineConfig, detector) -> None:
         )
 
 
+def check_baselines(detector) -> None:
+    """`ConfigError` unless keys of `detector` can have their own baselines: a series detector
+    with a standard scaler (or none)."""
+    if detector.input.kind != "series" or detector.scaler.kind not in ("standard", "none"):
+        raise ConfigError(
+            "key_baselines", "per-key baselines need a series detector with a standard scaler"
+        )
+
+
 class KeyBaselines:
     """The baselines of the keys of one partition (worker) or one file (batch)."""
 
     def __init__(self, config: BaselineConfig, detector) -> None:
-        if detector.input.kind != "series" or detector.scaler.kind not in ("standard", "none"):
-            raise ConfigError(
-                "key_baselines", "per-key baselines need a series detector with a standard scaler"
-            )
+        check_baselines(detector)
         self.config = config
         spec = detector.input.window
         self.length, self.stride = spec.length, spec.stride

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.detector import Detector
-from pipeline.detector.key_baselines import SCALE_RULES, BaselineConfig, KeyBaselines
+from pipeline.detector.key_baselines import (
+    SCALE_RULES,
+    BaselineConfig,
+    KeyBaselines,
+    check_baselines,
+)
 from pipeline.modalities.windowing import ReadyWindows
 from pipeline.settings import check, setting
 
@@ -97,7 +102,7 @@ class BaselineStage:
         self.config, self.detector = config, detector
         self.parts: dict[Partition, KeyBaselines] = {}
         self.warmup_windows = 0  # windows taken by warm-ups (not scored)
-        KeyBaselines(config, detector)  # a detector it cannot serve is refused here
+        check_baselines(detector)  # a detector it cannot serve is refused here
 
     @staticmethod
     def needed(config: BaselineConfig, detector: Detector) -> bool:
@@ -154,7 +159,7 @@ class BaselineStage:
 
     def use(self, detector: Detector) -> None:
         """A new detector version serves from the next batch on."""
-        KeyBaselines(self.config, detector)
+        check_baselines(detector)
         self.detector = detector
         for part in self.parts.values():
             part.use(detector)

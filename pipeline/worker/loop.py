@@ -56,7 +56,7 @@ from pipeline.detector.adaptive_stage import (
     score_reference,
     window_extremes,
 )
-from pipeline.detector.key_baselines import KeyBaselines, check_following
+from pipeline.detector.key_baselines import check_baselines, check_following
 from pipeline.detector.threshold import anomalous
 from pipeline.events import ModelIdentity
 from pipeline.kafka_io.protocols import Record, Sink, Source
@@ -104,7 +104,7 @@ def check_serves(settings: WorkerSettings, detector: Detector, *, keeping: bool 
     config = settings.baselines.config()
     check_following(config, detector)
     if keeping or BaselineStage.needed(config, detector):
-        KeyBaselines(config, detector)
+        check_baselines(detector)
 
 
 class Worker:
