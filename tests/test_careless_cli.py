@@ -379,6 +379,24 @@ def test_ops_commands_refuse_bad_input_before_connecting(tmp_path, capsys, argv,
     _one_line_error(capsys, code, *words)
 
 
+@pytest.mark.parametrize("variable", [None, "nostore://x"])
+def test_quality_without_a_tracking_uri_checks_where_every_command_looks(
+    tmp_path, monkeypatch, capsys, variable
+):
+    """No `--tracking-uri`: MLFLOW_TRACKING_URI, else the working directory's mlflow.db, as for
+    the worker (unchecked, a missing store or a bad URI showed only as a warning each time it
+    logged figures)."""
+    monkeypatch.chdir(tmp_path)
+    if variable is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", variable)
+    code = main(["quality", "--alarm-topic", "a", "--bootstrap-servers", "127.0.0.1:1"])
+    words = ("no MLflow store", "mlflow.db") if variable is None else ("'nostore'",)
+    _one_line_error(capsys, code, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("content", ["", "\n\n"])
 def test_evaluate_refuses_a_feedback_file_without_records(trained, tmp_path, capsys, content):
     result, data = trained

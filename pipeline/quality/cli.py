@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -139,7 +140,8 @@ def register_quality(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--bootstrap-servers", required=True)
     parser.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: MLflow's, MLFLOW_TRACKING_URI)"
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)",
     )
     add_arguments(parser, QualitySettings, env=False)
     add_connection_arguments(parser)
@@ -150,13 +152,14 @@ def _run_quality(args: argparse.Namespace) -> int:
     from pipeline.kafka_io import open_client
     from pipeline.quality.service import QualityService, QualitySettings
     from pipeline.registry.client import log_run_metrics, version_run_id
-    from pipeline.registry.reach import probe
+    from pipeline.registry.reach import default_tracking_uri, probe
     from pipeline.worker.http_server import WorkerHttpServer
 
     settings = build(QualitySettings, read(QualitySettings, args, {}))
-    uri = args.tracking_uri
-    if uri:  # a store MLflow cannot open, or a server that does not answer: before any Kafka I/O
-        probe(uri)
+    # where the worker looks too; a store MLflow cannot open, or a server that does not answer,
+    # is refused before any Kafka I/O
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    probe(uri)
     kafka = open_client(connection_from_args(args, args.bootstrap_servers))
     kafka.check()
     kafka.ensure_topics(
