@@ -171,6 +171,29 @@ def test_the_service_is_ready_only_once_it_has_read_what_was_there():
     assert service.caught_up
 
 
+def test_the_service_becomes_ready_while_its_topics_stay_busy():
+    """Alarms arriving faster than a poll's wait: no poll comes back empty, and it stayed
+    unready for as long as they came."""
+    records = [Record("alarms", 0, i, None, b"{}") for i in range(40)]
+    tail = _SlowTail([{("alarms", 0): [r]} for r in records])
+    tail.reached_end = lambda: len(tail.polls) < 30  # what was there at the start is read
+    settings = QualitySettings(
+        alarm_topic=("alarms",),
+        feedback_topic="fb",
+        dlq_topic="dlq",
+        log_interval_s=0,
+        http_port=-1,
+        stop_after_idle_s=3,
+    )
+    service = QualityService(settings, tail, _NoSink(), clock=iter(range(10**6)).__next__)
+    ready = []
+    taken = service.take
+    service.take = lambda polled: (ready.append(service.caught_up), taken(polled))
+    service.run()
+    assert len(ready) == 40 and ready[-1], "ready while polls still bring records"
+    assert not ready[5], "not before what was there has been read"
+
+
 class _Running:
     """A `QualityService` on the real broker, in a thread; `figures()` scrapes its metrics."""
 

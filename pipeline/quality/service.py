@@ -42,6 +42,7 @@ __all__ = ["QualityService", "QualitySettings"]
 log = logging.getLogger(__name__)
 Partition = tuple[str, int]
 POLL_MS = 500
+END_CHECK_S = 1.0  # how often a busy tail is asked whether it has read what was there
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class QualityService:
         self.metrics = QualityMetrics(self.tracker, self.lock, wall_ms)
         self.caught_up = False
         self.last_turn = clock()
+        self._end_asked = float("-inf")
         self._stop = False
         self._logged: dict[tuple[str, str], int] = {}  # judged count last logged, per version
         self._runs: dict[tuple[str, str], str | None] = {}
@@ -127,7 +129,10 @@ class QualityService:
                 if polled:
                     self.take(polled)
                     idle_since = now
-                elif not self.caught_up:  # ready once what was there has been read
+                # ready once what was there has been read: asked after polls that brought
+                # records too (a busy alarm topic never gives an empty one), once a second
+                if not self.caught_up and (not polled or now - self._end_asked >= END_CHECK_S):
+                    self._end_asked = now
                     self.caught_up = self.tail.reached_end()
                 interval = self.settings.log_interval_s
                 if interval and now - self._last_log >= interval:
