@@ -124,6 +124,31 @@ def _verdict(target: str, verdict: str, at_ms: int, *, by_event: bool = False) -
     return Feedback(verdict=verdict, who="op", time_ms=at_ms, **{kind: target})
 
 
+@pytest.mark.parametrize("alarm_first", [True, False])
+def test_time_to_acknowledge_is_the_first_verdicts_whatever_is_read_first(alarm_first):
+    """A restart reads both topics again in no fixed order across them: verdicts that waited
+    for their alarm kept only the latest, so the figure was the latest verdict's (3,600 s)."""
+    from pipeline.quality.tracker import QualityTracker
+
+    model = ModelIdentity("m", "1")
+    event, episode = _opened(model, "pump-1", T0)
+    emitted = T0 + 2000
+    verdicts = [
+        _verdict(episode, "unsure", emitted + 60_000),
+        _verdict(episode, "true_positive", emitted + 3_600_000),
+    ]
+    tracker = QualityTracker(HOUR * 24)
+    if alarm_first:
+        tracker.event(event, emitted)
+    for verdict in verdicts:
+        tracker.feedback(verdict)
+    if not alarm_first:
+        tracker.event(event, emitted)
+    quality = tracker.by_version(emitted)[("m", "1")]
+    assert quality.ack_seconds == [60.0]
+    assert quality.confirmed == 1, "the latest verdict judges the alarm"
+
+
 class _SlowTail:
     """A tail whose first polls come back empty before its first fetch, as a real one's can."""
 

@@ -97,6 +97,7 @@ class QualityTracker:
         self.alarms: dict[str, Alarm] = {}  # by target id
         self.targets: dict[str, str] = {}  # event id -> target id
         self.waiting: dict[str, Feedback] = {}  # feedback whose alarm was not read yet
+        self._first_waiting: dict[str, int] = {}  # ... and the time of its first verdict
 
     # -- input -----------------------------------------------------------------------------------
     def event(self, event: dict, emitted_ms: int) -> bool:
@@ -131,7 +132,7 @@ class QualityTracker:
         for waiting_id in (target, event["id"]):
             feedback = self.waiting.pop(waiting_id, None)
             if feedback is not None:
-                self._judge(alarm, feedback)
+                self._judge(alarm, feedback, self._first_waiting.pop(waiting_id))
         return True
 
     @staticmethod
@@ -162,9 +163,12 @@ class QualityTracker:
         """Take one feedback record; True if its alarm is known (else it waits for it)."""
         alarm = self.find(feedback)
         if alarm is None:
-            current = self.waiting.get(feedback.target)
+            target = feedback.target
+            current = self.waiting.get(target)
             if current is None or feedback.time_ms >= current.time_ms:
-                self.waiting[feedback.target] = feedback
+                self.waiting[target] = feedback
+            first = self._first_waiting.get(target, feedback.time_ms)
+            self._first_waiting[target] = min(first, feedback.time_ms)
             return False
         self._judge(alarm, feedback)
         return True
@@ -178,11 +182,14 @@ class QualityTracker:
         return None
 
     @staticmethod
-    def _judge(alarm: Alarm, feedback: Feedback) -> None:
+    def _judge(alarm: Alarm, feedback: Feedback, first_ms: int | None = None) -> None:
+        """The latest verdict judges the alarm; the earliest (`first_ms`: of verdicts that
+        waited for it) times its acknowledgement."""
         if alarm.verdict is None or feedback.time_ms >= alarm.verdict.time_ms:
             alarm.verdict = feedback
-        if alarm.first_verdict_ms is None or feedback.time_ms < alarm.first_verdict_ms:
-            alarm.first_verdict_ms = feedback.time_ms
+        first = feedback.time_ms if first_ms is None else min(first_ms, feedback.time_ms)
+        if alarm.first_verdict_ms is None or first < alarm.first_verdict_ms:
+            alarm.first_verdict_ms = first
 
     # -- output ----------------------------------------------------------------------------------
     def by_version(self, now_ms: int) -> dict[tuple[str, str], VersionQuality]:
