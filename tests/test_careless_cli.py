@@ -368,6 +368,14 @@ def test_promote_gates_that_cannot_hold_fail_before_the_registry(tmp_path, capsy
             ["quality", "--alarm-topic", "a", "--tracking-uri", "sqlite:///NONE"],
             ("no MLflow store",),
         ),
+        # (a traceback from the client, after quality had made its other topics)
+        (["quality", "--alarm-topic", "bad topic"], ("alarm_topic", "'bad topic'")),
+        (["quality", "--alarm-topic", "a", "--dlq-topic", "a/b"], ("dlq_topic", "'a/b'")),
+        (["quality", "--alarm-topic", "a", "--feedback-topic", "x" * 250], ("feedback_topic",)),
+        (
+            ["feedback", "--topic", "bad topic", "--episode-id", "e", "--verdict", "unsure"],
+            ("--topic", "'bad topic'"),
+        ),
     ],
 )
 def test_ops_commands_refuse_bad_input_before_connecting(tmp_path, capsys, argv, words):
@@ -375,7 +383,10 @@ def test_ops_commands_refuse_bad_input_before_connecting(tmp_path, capsys, argv,
     argv = [a.replace("MISSING", str(tmp_path / "no.jsonl")) for a in argv]
     argv = [a.replace("EMPTY", str(tmp_path / "empty.jsonl")) for a in argv]
     argv = [a.replace("NONE", str(tmp_path / "none.db")) for a in argv]
-    code = main([*argv, "--bootstrap-servers", "127.0.0.1:1"])  # nothing listens there
+    try:
+        code = main([*argv, "--bootstrap-servers", "127.0.0.1:1"])  # nothing listens there
+    except SystemExit as exited:  # argparse's own refusal
+        code = exited.code
     _one_line_error(capsys, code, *words)
 
 

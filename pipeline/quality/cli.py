@@ -20,7 +20,11 @@ import time
 from pathlib import Path
 
 from pipeline.errors import ConfigError
-from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args
+from pipeline.kafka_io.settings import (
+    add_connection_arguments,
+    connection_from_args,
+    topic_name,
+)
 from pipeline.quality.feedback import (
     VERDICTS,
     Feedback,
@@ -57,7 +61,9 @@ def register_feedback(subparsers: argparse._SubParsersAction) -> None:
         description="Writes aewatch.feedback.v1 records (see the README's feedback section).",
     )
     parser.add_argument("--bootstrap-servers", required=True)
-    parser.add_argument("--topic", default="aewatch.feedback", help="the feedback topic")
+    parser.add_argument(
+        "--topic", type=topic_name, default="aewatch.feedback", help="the feedback topic"
+    )
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--episode-id", help="the alarm episode judged")
     target.add_argument("--event-id", help="the event judged (alarm or anomaly window event)")

@@ -32,6 +32,7 @@ import orjson
 from pipeline.errors import ConfigError, RegistryError
 from pipeline.events import dead_letter_headers
 from pipeline.kafka_io.protocols import Record, Sink, Tail
+from pipeline.kafka_io.settings import is_topic_name, not_a_topic_name
 from pipeline.quality.feedback import FeedbackError, parse_feedback
 from pipeline.quality.metrics import QualityMetrics
 from pipeline.quality.tracker import QualityTracker
@@ -72,6 +73,14 @@ class QualitySettings:
         check(self)
         if not self.alarm_topic:
             raise ConfigError("alarm_topic", "give at least one --alarm-topic")
+        named = [("alarm_topic", t) for t in self.alarm_topic]
+        for name, topic in [
+            *named,
+            ("feedback_topic", self.feedback_topic),
+            ("dlq_topic", self.dlq_topic),
+        ]:
+            if not is_topic_name(topic):
+                raise ConfigError(name, not_a_topic_name(topic))
         if self.feedback_topic in self.alarm_topic or self.dlq_topic == self.feedback_topic:
             raise ConfigError("feedback_topic", "must differ from the alarm and DLQ topics")
 
