@@ -333,3 +333,17 @@ def test_forget_drops_only_the_given_partitions():
     again = feed(tracker, alarming, key="1-hot", part=parts[1])
     assert [t.kind for t in again] == ["opened"]
     assert tracker.open_count == 3
+
+
+def test_a_refused_state_part_leaves_the_open_count_as_it_was():
+    """A good open episode, then a malformed entry: the part is refused (the checkpoint forgets
+    the partition), and the episode read before it stayed counted in aewatch_alarms_open."""
+    tracker = AlarmTracker(AlarmRules(), FEATURES)
+    part = ("sensor-readings", 0)
+    good = {"e": 1000, "id": "ep-1", "s": 900, "pk": 0.9, "pm": 950, "w": 3, "a": 3, "r": 0}
+    with pytest.raises(KeyError):
+        tracker.restore(part, {"pump-1": {**good, "l": 1000}, "pump-2": {"x": 1}})
+    tracker.forget({part})
+    assert tracker.open_count == 0
+    tracker.restore(part, {"pump-1": {**good, "l": 1000}})
+    assert tracker.open_count == 1

@@ -385,6 +385,7 @@ class AlarmTracker:
         """Replace the partition's keys with the state saved by `state`."""
         self.forget({partition})
         keys: dict[str, _KeyState] = {}
+        opened = 0  # counted once the whole part has been read: a bad entry refuses it all
         for key, entry in state.items():
             st = _KeyState()
             st.last_end = int(entry["e"])
@@ -412,9 +413,10 @@ class AlarmTracker:
                     ep.feat_sum = np.asarray(entry["f"], dtype=np.float64)
                     ep.feat_count = int(entry.get("fc", ep.anomalous))
                 st.episode = ep
-                self._open += 1
+                opened += 1
             keys[key] = st
         self._keys[partition] = keys
+        self._open += opened
 
     def drop(self, partition: Partition, keys) -> None:
         """Forget these keys of the partition, but not one with an open episode (the
