@@ -581,3 +581,15 @@ def test_a_session_timeout_the_broker_refuses_is_one_line_naming_the_setting(
         member.read(1, timeout_s=20)
     assert error.value.setting == "session_timeout_ms"
     assert "2000000" in str(error.value)
+
+
+def test_a_transaction_timeout_the_broker_refuses_is_one_line_naming_the_setting(
+    kafka_bootstrap, kafka_client
+):
+    """--exactly-once asks for 4 x the commit interval; over the broker's
+    transaction.max.timeout.ms (15 minutes by default) it was the client's own error."""
+    client = _client(kafka_bootstrap, kafka_client, group_id=_topic("g"), exactly_once=True)
+    with pytest.raises(ConfigError) as error:
+        client.sink(transaction_timeout_ms=1_200_000)
+    assert error.value.setting == "commit_interval_ms"
+    assert "1200000" in str(error.value)

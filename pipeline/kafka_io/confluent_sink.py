@@ -11,9 +11,9 @@ import contextlib
 import logging
 from collections.abc import Mapping
 
-from confluent_kafka import KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from pipeline.kafka_io.errors import DeliveryError
+from pipeline.kafka_io.errors import DeliveryError, transaction_timeout_refused
 from pipeline.kafka_io.protocols import Partition
 from pipeline.kafka_io.settings import KafkaConnection, KafkaSettings
 from pipeline.kafka_io.transactions import Transactions
@@ -136,7 +136,12 @@ class TransactionalConfluentSink(Transactions, ConfluentSink):
                 "transaction.timeout.ms": transaction_timeout_ms,
             },
         )
-        self.producer.init_transactions()
+        try:
+            self.producer.init_transactions()
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError.INVALID_TRANSACTION_TIMEOUT:
+                raise transaction_timeout_refused(transaction_timeout_ms) from None
+            raise
 
     def _begin_transaction(self) -> None:
         self.producer.begin_transaction()

@@ -16,6 +16,7 @@ __all__ = [
     "most_telling",
     "session_timeout_refused",
     "telling",
+    "transaction_timeout_refused",
 ]
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,16 @@ def session_timeout_refused(session_timeout_ms: int) -> ConfigError:
         "session_timeout_ms",
         f"the broker refuses {session_timeout_ms} ms: it takes only what lies between its "
         "group.min.session.timeout.ms and group.max.session.timeout.ms (6 s and 30 min by default)",
+    )
+
+
+def transaction_timeout_refused(transaction_timeout_ms: int) -> ConfigError:
+    """The transaction coordinator refused the producer's transaction timeout."""
+    return ConfigError(
+        "commit_interval_ms",
+        f"--exactly-once asks for transactions of {transaction_timeout_ms} ms (4 x the commit "
+        "interval, at least 10 s), and the broker refuses it: over its "
+        "transaction.max.timeout.ms (15 min by default)",
     )
 
 

@@ -28,6 +28,7 @@ from kafka.errors import (
     CommitFailedError,
     IllegalStateError,
     InvalidSessionTimeoutError,
+    InvalidTransactionTimeoutError,
     KafkaError,
     KafkaProtocolError,
     RebalanceInProgressError,
@@ -46,6 +47,7 @@ from pipeline.kafka_io.errors import (
     most_telling,
     session_timeout_refused,
     telling,
+    transaction_timeout_refused,
 )
 from pipeline.kafka_io.protocols import Partition, Rebalance, TopicSpec
 from pipeline.kafka_io.settings import KafkaConnection, KafkaSettings
@@ -291,7 +293,14 @@ class TransactionalSink(Transactions, KafkaSink):
             transactional_id=settings.transactional_id_value,
             transaction_timeout_ms=transaction_timeout_ms,
         )
-        self.producer.init_transactions()
+        try:
+            self.producer.init_transactions()
+        except KafkaError as exc:  # the client reports the coordinator's refusal as a bare one
+            refused = InvalidTransactionTimeoutError.__name__
+            if not (isinstance(exc, InvalidTransactionTimeoutError) or refused in str(exc)):
+                raise
+            self.producer.close(timeout=0)
+            raise transaction_timeout_refused(transaction_timeout_ms) from None
 
     def _begin_transaction(self) -> None:
         self.producer.begin_transaction()
