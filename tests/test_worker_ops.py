@@ -222,6 +222,37 @@ def test_a_partition_handed_straight_back_is_read_again_from_the_commit(detector
     assert sorted(set(ids)) == sorted(clean_ids), "no window lost or invented"
 
 
+def test_a_partition_back_from_another_owner_is_read_from_its_state_not_an_old_commit(detector):
+    """Member A owns a partition, B takes it over and moves it on, A gets it back: A read again
+    from its own old commit, everything B had read (dead letters sent again among it)."""
+    part = ("readings", 0)
+    records = partitioned(fleet(seed=3, keys=4, readings_per_key=300), "readings", 1)[part]
+    for offset in (100, 500, 900):
+        records[offset].value = b"{not json"
+    store = MemoryStateStore()
+    members = [Worker(settings(emit_all=True), detector, MODEL, FakeSink(), store) for _ in "ab"]
+
+    def own(worker, upto: int, committed: int) -> tuple[int, int, list[int]]:
+        source = FakeSource({part: records[:upto]}, committed={part: committed})
+        worker.sink = worker.writer.sink = worker.checkpoints.sink = sink = FakeSink()
+        worker.attach(source)
+        worker.on_assigned({part})
+        first = source.position[part]
+        while polled := source.poll(0):
+            worker.process(polled)
+        worker.checkpoint()
+        worker.on_revoked({part})
+        dead = [dict(h)["aewatch.source.offset"] for t, _, _, h in sink.sent if t == "dlq"]
+        return first, source.latest_commits()[part], sorted(int(o) for o in dead)
+
+    _, a_commit, _ = own(members[0], 400, 0)
+    _, b_commit, b_dead = own(members[1], 1000, a_commit)
+    assert b_dead == [500, 900] and b_commit > 900
+    first, _, again = own(members[0], 1100, b_commit)
+    assert first > 900, f"read again from {first}, before what B had read"
+    assert again == []
+
+
 def _with_rebalances(detector, source_type, seed: int, at: tuple, before_revoke=None):
     """Event ids of a clean run and of a run whose member has everything revoked and given
     back (an eager rebalance) after the polls numbered `at`."""

@@ -80,8 +80,8 @@ class Checkpointer:
         rewind = {p: self._last_commit[p] for p in partitions if p in self._last_commit}
         for partition in restored:  # the state's own resume point, even past a refused commit
             oldest = self.windows.oldest_needed(partition)
-            if oldest is not None:
-                rewind[partition] = min(oldest, rewind.get(partition, oldest))
+            if oldest is not None:  # (not this member's commit: another owner may have moved
+                rewind[partition] = oldest  # on since, and all it read would be read again)
         return len(restored), rewind
 
     def _restore(self, partition: Partition, record: bytes) -> bool:
