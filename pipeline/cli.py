@@ -68,6 +68,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def tracking_uri_from(args: argparse.Namespace) -> str:
+    """The tracking URI of the command line, the environment or the default, checked to be one
+    MLflow can open before anything else is done (`check_uri`)."""
+    from pipeline.registry.reach import check_uri, default_tracking_uri
+
+    uri = (
+        getattr(args, "tracking_uri", None)
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or default_tracking_uri()
+    )
+    check_uri(uri)
+    return uri
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="aewatch",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -155,16 +154,17 @@ def register_quality(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_quality(args: argparse.Namespace) -> int:
+    from pipeline.cli import tracking_uri_from
     from pipeline.kafka_io import open_client
     from pipeline.quality.service import QualityService, QualitySettings
     from pipeline.registry.client import log_run_metrics, version_run_id
-    from pipeline.registry.reach import default_tracking_uri, probe
+    from pipeline.registry.reach import probe
     from pipeline.worker.http_server import WorkerHttpServer
 
     settings = build(QualitySettings, read(QualitySettings, args, {}))
     # where the worker looks too; a store MLflow cannot open, or a server that does not answer,
     # is refused before any Kafka I/O
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    uri = tracking_uri_from(args)
     probe(uri)
     kafka = open_client(connection_from_args(args, args.bootstrap_servers))
     kafka.check()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 
+from pipeline.cli import tracking_uri_from
 from pipeline.errors import ConfigError
 from training.data.columns import FILL_POLICIES
 from training.data.for_detector import DataSource
@@ -86,20 +86,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--device", default="cpu", help="auto, cpu or cuda[:N]")
-
-
-def tracking_uri_from(args: argparse.Namespace) -> str:
-    """The tracking URI of the command line, the environment or the default, checked to be one
-    MLflow can open before anything else is done (`check_uri`)."""
-    from pipeline.registry.reach import check_uri, default_tracking_uri
-
-    uri = (
-        getattr(args, "tracking_uri", None)
-        or os.environ.get("MLFLOW_TRACKING_URI")
-        or default_tracking_uri()
-    )
-    check_uri(uri)
-    return uri
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
