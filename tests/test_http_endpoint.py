@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import logging
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -159,6 +160,51 @@ def test_the_handler_threads_are_bounded_and_the_endpoint_recovers():
             time.sleep(0.05)
         assert requests.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status_code == 200
     finally:
+        server.close()
+
+
+def trickle(port: int, first: bytes, each: bytes, stop: threading.Event) -> None:
+    """A client that sends `first`, then `each` every 0.2 s (well within any read timeout)
+    until stopped or the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        try:
+            sock.sendall(first)
+            while not stop.wait(0.2):
+                sock.sendall(each)
+        except OSError:
+            pass  # the server closed it
+
+
+@pytest.mark.parametrize(
+    ("first", "each"),
+    [(b"GET /healthz HTTP/1.1\r\n", b"X: y\r\n"), (b"GET /", b"a")],
+    ids=["header lines", "request line"],
+)
+def test_clients_trickling_a_request_lose_their_slot_after_the_timeout(first, each):
+    # Each byte comes well within the 1 s read timeout; the request as a whole may not take
+    # longer than that, so /healthz answers again once the trickling clients are cut off.
+    server, _ = serve(timeout_s=1.0, max_connections=2)
+    stop = threading.Event()
+    clients = [
+        threading.Thread(target=trickle, args=(server.port, first, each, stop), daemon=True)
+        for _ in range(2)
+    ]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(0.3)
+        assert server.active_connections() == 2
+        deadline = time.monotonic() + 4.0
+        status = None
+        while status != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = requests.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status_code
+        assert status == 200, "the trickling clients still hold every slot"
+        for client in clients:
+            client.join(timeout=1.0)
+            assert not client.is_alive(), "the server kept a trickling connection open"
+    finally:
+        stop.set()
         server.close()
 
 

@@ -12,14 +12,19 @@
 
 What a hostile client can make it do is bounded: a missing, negative or non-numeric
 `Content-Length` on a POST is a 411/400, a body over `MAX_BODY` a 413 before anything is read,
-every connection has a socket timeout (`timeout_s`), and at most `max_connections` are served at
-once (others get a 503 and are closed). Handlers only read state the loop publishes and call
+at most `max_connections` are served at once (others get a 503 and are closed), and a
+connection serves one request and lasts at most `timeout_s` after it was accepted (checked every
+`REAP_INTERVAL_S`), however slowly the client sends or reads: it is then shut down, so a slot is
+free again within `timeout_s + REAP_INTERVAL_S` whatever its client does (every read and write
+also has `timeout_s` as its socket timeout). To keep `/healthz` answering 503 busy, hostile
+clients must therefore keep reconnecting. Handlers only read state the loop publishes and call
 thread-safe methods.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -44,6 +49,7 @@ MAX_BODY = 1 << 20
 SIGNATURE_TOLERANCE_S = 300
 TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 32
+REAP_INTERVAL_S = 0.5
 _DIGITS = re.compile(r"[0-9]{1,9}")
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -110,15 +116,36 @@ def _bind_error(exc: OSError, host: str, port: int) -> ConfigError:
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """A threading server that serves at most `limit` connections at once."""
+    """A threading server that serves at most `limit` connections at once, each for at most
+    `lifetime_s` after it was accepted: a client that sends (or reads) a byte at a time within
+    each read's timeout is cut off all the same, so its slot is free again."""
 
     daemon_threads = True
 
-    def __init__(self, address, handler, limit: int) -> None:
+    def __init__(self, address, handler, limit: int, lifetime_s: float) -> None:
         self._slots = threading.BoundedSemaphore(limit)
         self._active = 0
         self._count = threading.Lock()
+        self._lifetime_s = lifetime_s
+        self._deadlines: dict[socket.socket, float] = {}  # under _count
         super().__init__(address, handler)
+
+    def service_actions(self) -> None:
+        """Cut off connections past their deadline (serve_forever calls this at least every
+        `REAP_INTERVAL_S`): shutting the socket down ends a blocked read or write at once. It
+        stays registered until its handler closes it, so no closed descriptor is touched."""
+        now = time.monotonic()
+        with self._count:
+            for sock, deadline in list(self._deadlines.items()):
+                if deadline <= now:
+                    del self._deadlines[sock]
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    def shutdown_request(self, request) -> None:
+        with self._count:
+            self._deadlines.pop(request, None)
+        super().shutdown_request(request)
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
@@ -131,6 +158,7 @@ class _BoundedServer(ThreadingHTTPServer):
             return
         with self._count:
             self._active += 1
+            self._deadlines[request] = time.monotonic() + self._lifetime_s
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -175,6 +203,7 @@ class WorkerHttpServer:
 
         class Handler(BaseHTTPRequestHandler):
             timeout = timeout_s
+            protocol_version = "HTTP/1.0"  # one request a connection: its deadline is the request's
 
             def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name)
                 log.debug("http: " + format, *args)
@@ -263,12 +292,15 @@ class WorkerHttpServer:
                 self._json(200, {"ok": True})
 
         try:
-            self.httpd = _BoundedServer((host, port), Handler, max_connections)
+            self.httpd = _BoundedServer((host, port), Handler, max_connections, timeout_s)
         except OSError as exc:
             raise _bind_error(exc, host, port) from None
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="aewatch-http", daemon=True
+            target=self.httpd.serve_forever,
+            kwargs={"poll_interval": REAP_INTERVAL_S},
+            name="aewatch-http",
+            daemon=True,
         )
         if webhook_insecure and not webhook_secret and on_alias_created is not None:
             log.warning(
