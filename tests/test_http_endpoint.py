@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
-from pipeline.worker.http_server import MAX_BODY, WorkerHttpServer
+from pipeline.worker.http_server import MAX_BODY, WorkerHttpServer, verify_mlflow_signature
 from pipeline.worker.settings import WorkerSettings
 
 SECRET = "hook-secret"
@@ -216,6 +216,21 @@ def test_a_malformed_signature_is_a_401_not_a_traceback(signature, capfd):
         headers["Content-Length"] = str(len(ALIAS))
         reply = post(server.port, {**headers, "Connection": "close"}, ALIAS)
         assert status_of(reply) == 401
+        assert triggers == []
+    finally:
+        server.close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("stamp", ["9" * 400, "-" + "9" * 400, "1" + "0" * 309])
+def test_a_timestamp_too_large_for_a_float_is_a_401(stamp, capfd):
+    assert not verify_mlflow_signature(SECRET, "d-1", stamp, ALIAS, "v1,abc", now=time.time())
+    server, triggers = serve()
+    try:
+        headers = {**signed(ALIAS), "X-MLflow-Timestamp": stamp}
+        headers["Content-Length"] = str(len(ALIAS))
+        reply = post(server.port, {**headers, "Connection": "close"}, ALIAS)
+        assert status_of(reply) == 401, reply[:200]
         assert triggers == []
     finally:
         server.close()
