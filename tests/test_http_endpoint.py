@@ -21,7 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
-from pipeline.worker.http_server import MAX_BODY, WorkerHttpServer, verify_mlflow_signature
+from pipeline.worker.http_server import (
+    MAX_BODY,
+    WorkerHttpServer,
+    check_bindable,
+    verify_mlflow_signature,
+)
 from pipeline.worker.settings import WorkerSettings
 
 SECRET = "hook-secret"
@@ -235,6 +240,30 @@ def test_a_timestamp_too_large_for_a_float_is_a_401(stamp, capfd):
     finally:
         server.close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("host", ["::1", "::"])
+def test_an_ipv6_http_host_is_listened_on(host):
+    check_bindable(host, 0)
+    server = WorkerHttpServer(
+        host, 0, metrics=lambda: b"", live=lambda: (True, {}), ready=lambda: (True, {})
+    ).start()
+    try:
+        with socket.create_connection(("::1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(sock.recv(4096)) == 200
+    finally:
+        server.close()
 
 
 def test_the_webhook_is_off_without_a_secret():

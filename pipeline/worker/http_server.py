@@ -98,11 +98,19 @@ def check_bindable(host: str, port: int) -> None:
     """A `ConfigError` naming `http_host` or `http_port` if the endpoint cannot listen there
     (checked at start-up, before the worker connects to anything)."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
             probe.bind((host, port))
     except OSError as exc:
         raise _bind_error(exc, host, port) from None
+
+
+def _family(host: str) -> socket.AddressFamily:
+    """The address family to listen on `host` with: IPv4 where the name has an IPv4 address,
+    else the first it has (IPv6 for `::` or `::1`). A `socket.gaierror` if it has none."""
+    infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    families = [info[0] for info in infos]
+    return socket.AF_INET if socket.AF_INET in families else families[0]
 
 
 def _bind_error(exc: OSError, host: str, port: int) -> ConfigError:
@@ -128,6 +136,7 @@ class _BoundedServer(ThreadingHTTPServer):
         self._count = threading.Lock()
         self._lifetime_s = lifetime_s
         self._deadlines: dict[socket.socket, float] = {}  # under _count
+        self.address_family = _family(address[0])
         super().__init__(address, handler)
 
     def service_actions(self) -> None:
