@@ -8,6 +8,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from pipeline.events import ALARM_SCHEMA, event_schema
+from pipeline.kafka_io.transactions import Transactions
 from pipeline.registry.client import ModelRef
 from pipeline.worker.loop import Worker
 from pipeline.worker.state import MemoryStateStore
@@ -251,6 +252,86 @@ def test_a_partition_back_from_another_owner_is_read_from_its_state_not_an_old_c
     first, _, again = own(members[0], 1100, b_commit)
     assert first > 900, f"read again from {first}, before what B had read"
     assert again == []
+
+
+class _TransactionSink(Transactions, FakeSink):
+    """What each committed transaction held, and how many were aborted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.committed: list[tuple[list, dict]] = []
+        self.aborted, self._sent, self._offsets = 0, [], {}
+        self.dropped: list = []  # what the aborted transactions held
+
+    def send(self, topic, key=None, value=None, headers=None, partition=None) -> None:
+        self._begin()
+        self._sent.append((topic, value))
+
+    def _begin_transaction(self) -> None:
+        self._sent, self._offsets = [], {}
+
+    def _send_offsets(self, offsets, group_metadata) -> None:
+        self._offsets = dict(offsets)
+
+    def _commit_transaction(self) -> None:
+        self.committed.append((self._sent, self._offsets))
+
+    def _abort_transaction(self) -> None:
+        self.aborted += 1
+        self.dropped += self._sent
+
+    def _raise_undelivered(self) -> None:
+        pass
+
+
+def _partition_of(value: bytes) -> int:
+    return orjson.loads(value)["data"]["source"]["partition"]
+
+
+@pytest.mark.parametrize("keeps", [False, True])
+def test_events_of_lost_partitions_are_not_committed_with_exactly_once(detector, keeps):
+    """An evicted member loses its partitions with their events in the open transaction: the
+    next checkpoint committed them, and their new owner, reading from the last commit, emitted
+    them again."""
+    records = partitioned(fleet(seed=3, keys=4, readings_per_key=300), "readings", 2)
+    source = FakeSource({p: r[:200] for p, r in records.items()})
+    sink = _TransactionSink()
+    overrides = dict(emit_all=True, exactly_once=True, commit_interval_ms=60_000)
+    worker = Worker(settings(**overrides), detector, MODEL, sink, MemoryStateStore())
+    worker.attach(source)
+    worker.on_assigned(set(records))
+    while polled := source.poll(0):
+        worker.process(polled)
+    worker.score_pending()  # its events are in the open transaction
+    lost = {("readings", 1)} if keeps else set(records)
+    worker.on_revoked(lost, lost=True)
+    assert sink.aborted == 1
+    while polled := source.poll(0):  # what is still owned is read again
+        worker.process(polled)
+    worker.checkpoint()
+    events = [v for sent, _ in sink.committed for t, v in sent if t == "events"]
+    assert not [v for v in events if ("readings", _partition_of(v)) in lost]
+    if keeps:  # what the aborted transaction held of partition 0 is emitted again
+        dropped = [v for t, v in sink.dropped if t == "events" and _partition_of(v) == 0]
+        ids = {orjson.loads(v)["id"] for v in events}
+        assert dropped and ids >= {orjson.loads(v)["id"] for v in dropped}
+
+
+def test_windows_pending_for_lost_partitions_are_not_emitted(detector):
+    """Windows of a partition still waiting for their batch when it was lost were scored and
+    emitted after it was forgotten, and its keys came back to the stages."""
+    records = partitioned(fleet(seed=3, keys=4, readings_per_key=300), "readings", 2)
+    source = FakeSource({p: r[:200] for p, r in records.items()})
+    worker = _worker(detector, source, emit_all=True, max_wait_ms=10**6, events="both")
+    while polled := source.poll(0):
+        worker.process(polled)
+    assert len(worker.pending)
+    sent = len(worker.sink.sent)
+    worker.on_revoked({("readings", 1)}, lost=True)
+    worker.checkpoint()
+    after = [v for t, _, v, _ in worker.sink.sent[sent:] if t == "events"]
+    assert after and all(_partition_of(v) == 0 for v in after)
+    assert worker.checkpoints.stages["alarms"].state(("readings", 1)) == {}
 
 
 def _with_rebalances(detector, source_type, seed: int, at: tuple, before_revoke=None):

@@ -111,6 +111,9 @@ class Sink(Protocol):
     def commit(self, offsets: Mapping[Partition, int], group_metadata: object) -> None:
         """Transactional sinks only: commit what was sent and `offsets` as one transaction."""
 
+    def abort(self) -> None:
+        """Transactional sinks only: what was sent since the last commit is never seen."""
+
     def close(self) -> None: ...
 
 

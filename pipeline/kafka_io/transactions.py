@@ -32,7 +32,7 @@ class Transactions:
         raise NotImplementedError
 
     def _abort_transaction(self) -> None:
-        """Abort an open transaction at close, errors suppressed."""
+        """Abort the open transaction, errors suppressed."""
         raise NotImplementedError
 
     def _begin(self) -> None:
@@ -54,6 +54,12 @@ class Transactions:
         self._commit_transaction()
         self._open = False
         self._raise_undelivered()
+
+    def abort(self) -> None:
+        """What was sent since the last commit is never seen by a read_committed consumer."""
+        if self._open:
+            self._abort_transaction()
+            self._open = False
 
     def close(self) -> None:
         if self._open:

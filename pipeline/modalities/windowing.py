@@ -59,6 +59,20 @@ class ReadyWindows:
     def __len__(self) -> int:
         return sum(self.counts)
 
+    def without(self, partitions: set) -> ReadyWindows:
+        """These windows less those of `partitions`."""
+        gone = np.fromiter((p in partitions for p in self.partitions), bool, len(self.partitions))
+        if not gone.any():
+            return self
+        out = ReadyWindows()
+        kept = np.repeat(~gone, self.counts)
+        if kept.any():
+            for name in ("windows", "start_ts", "end_ts", "first_offsets", "last_offsets"):
+                getattr(out, name).append(np.concatenate(getattr(self, name))[kept])
+        for name in ("keys", "partitions", "counts"):
+            setattr(out, name, [v for v, g in zip(getattr(self, name), gone, strict=True) if not g])
+        return out
+
     def add(self, window: np.ndarray, key: str, start_ms: int, end_ms: int, partition, offset):
         """One window (or image) that a single record holds."""
         self.windows.append(window[None])

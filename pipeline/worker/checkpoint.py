@@ -61,15 +61,22 @@ class Checkpointer:
         self.stages = stages  # every holder of per-key state, by its name in the state record
         self.metrics, self.stats, self.clock = metrics, stats, clock
         self.processed: dict[Partition, int] = {}  # next offset after what was processed
+        self.began: dict[Partition, int] = {}  # first offset processed since the assignment
         self.committed: dict[Partition, int] = {}
         self._last_commit: dict[Partition, int] = {}  # kept across revocations
         self._recommit: set[Partition] = set()  # commits refused after the checkpoint went on
         self.touched: set[Partition] = set()
 
-    def took(self, partition: Partition, next_offset: int) -> None:
-        """Records of `partition` before `next_offset` were processed."""
+    def took(self, partition: Partition, first_offset: int, next_offset: int) -> None:
+        """Records of `partition` from `first_offset` to before `next_offset` were processed."""
         self.processed[partition] = next_offset
         self.touched.add(partition)
+        self.began.setdefault(partition, first_offset)
+
+    def uncommitted(self, partitions: set[Partition]) -> dict[Partition, int]:
+        """Where what was processed and not committed since the assignment begins."""
+        since = {p: self.began[p] for p in partitions if p in self.began}
+        return since | {p: self.committed[p] for p in partitions if p in self.committed}
 
     def restore(self, partitions: set[Partition]) -> tuple[int, dict[Partition, int]]:
         """Load the saved state of newly assigned partitions into every stage. Returns for how
@@ -113,6 +120,7 @@ class Checkpointer:
         self.touched -= partitions
         for partition in partitions:
             self.processed.pop(partition, None)
+            self.began.pop(partition, None)
             self.committed.pop(partition, None)
         self._recommit -= partitions
 

@@ -224,7 +224,9 @@ class Worker:
         """Partitions taken away: checkpoint them first, unless they were lost (the member was
         evicted and can no longer commit) or the loop already made its final checkpoint."""
         try:
-            if partitions and not lost and not self._finished:
+            if partitions and lost:
+                self._drop_lost(partitions)
+            elif partitions and not self._finished:
                 self.checkpoint(reason="revoke")
         except Exception as exc:  # noqa: BLE001 - the client would end the member for it
             # Whatever the checkpoint did not commit, the partitions' next owner reads again
@@ -238,6 +240,30 @@ class Worker:
         self.metrics.assigned.set(len(self.assigned))
         self.metrics.alarms_open.set(self.alarms.open_count if self.alarms else 0)
         log.info("%s %s", "lost" if lost else "revoked", sorted(partitions))
+
+    def _drop_lost(self, partitions: set[Partition]) -> None:
+        """Nothing more is emitted for lost partitions: their next owner reads them again from
+        the last commit. The pass in flight is emitted first and their pending windows dropped,
+        so no stage takes their keys back after they are forgotten. With a transactional sink
+        the open transaction is aborted (committed with the next checkpoint, their events would
+        be there twice once their new owner emits them again), and the partitions still owned,
+        whose events it held too, are read again from their committed state."""
+        for batch in self.scorer.score(ReadyWindows(), self.detector):
+            self.emit(batch)
+        if not self.sink.transactional:
+            self.pending = self.pending.without(partitions)
+        else:
+            self.sink.abort()
+            self.pending = ReadyWindows()
+            # (a loss takes the member's whole assignment on both clients: none is kept)
+            kept = self.assigned - partitions
+            if kept:  # read again from their committed state, or from what was not committed
+                since = self.checkpoints.uncommitted(kept)
+                self.checkpoints.forget(kept)
+                _, rewind = self.checkpoints.restore(kept)
+                self.source.seek(since | rewind)
+        if not len(self.pending):
+            self.pending_since = None
 
     # -- health ----------------------------------------------------------------------------------
     def liveness(self) -> tuple[bool, dict]:
@@ -350,7 +376,7 @@ class Worker:
         for partition, records in live:
             self.stats.records_in += len(records)
             self.metrics.records.labels(partition[0]).inc(len(records))
-            self.checkpoints.took(partition, records[-1].offset + 1)
+            self.checkpoints.took(partition, records[0].offset, records[-1].offset + 1)
         if len(self.pending) and self.pending_since is None:
             self.pending_since = self.clock()
 
