@@ -283,6 +283,29 @@ def test_simulate_and_alerts_commands(kafka_bootstrap, create_topic, tmp_path, c
     assert lines[1:5] == [f"(not an aewatch event at offset {i})" for i in range(1, 5)]
 
 
+def test_alerts_max_stops_at_that_many_events_when_a_poll_spans_partitions(
+    kafka_bootstrap, create_topic, capsys
+):
+    """One poll returns the records of every partition; --max 5 prints 5 events, not 5 and one
+    more for each further partition of that poll."""
+    from kafka import KafkaProducer
+
+    from pipeline.cli import main
+
+    topic = create_topic(f"max-{uuid.uuid4().hex[:8]}", partitions=3)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for partition in range(3):
+        for i in range(4):
+            event = {"type": "aewatch.anomaly.v1", "subject": f"m-{partition}-{i}", "data": {}}
+            producer.send(topic, key=b"m", value=orjson.dumps(event), partition=partition)
+    producer.flush()
+    producer.close()
+    argv = ["alerts", "--bootstrap-servers", kafka_bootstrap, "--topic", topic]
+    assert main([*argv, "--from-beginning", "--max", "5", "--timeout", "20"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5, lines
+
+
 @pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_a_partition_of_thousands_of_keys_checkpoints_and_restores_its_state(
     kafka_bootstrap, create_topic, trained, kafka_client

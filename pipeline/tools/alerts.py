@@ -137,16 +137,16 @@ def _run_alerts(args: argparse.Namespace) -> int:
             polled = consumer.poll(500)
             if not polled and args.timeout and time.monotonic() - last > args.timeout:
                 break
-            for records in polled.values():
-                for record in records:
-                    last = time.monotonic()
-                    seen += 1
-                    event, line = read_event(record.value, record.offset, args.json)
-                    print(line, flush=True)
-                    if ask is not None and isinstance(event, dict) and _judgeable(event):
-                        ask(event)
-                    if args.max is not None and seen >= args.max:
-                        break
+            # one loop over the records of every partition of the poll: --max ends it
+            for record in (record for records in polled.values() for record in records):
+                last = time.monotonic()
+                seen += 1
+                event, line = read_event(record.value, record.offset, args.json)
+                print(line, flush=True)
+                if ask is not None and isinstance(event, dict) and _judgeable(event):
+                    ask(event)
+                if args.max is not None and seen >= args.max:
+                    break
     except KeyboardInterrupt:
         pass
     finally:
