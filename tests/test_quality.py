@@ -596,3 +596,54 @@ def test_an_answer_on_the_terminal_sends_only_what_the_service_would_take(monkey
     assert [parse_feedback(value).note for value in sent] == ["seal leak"]
     err = capsys.readouterr().err
     assert err.count("not sent") == 3 and "longer than 4000" in err and "no id" in err
+
+
+def test_each_event_type_has_its_own_line_and_other_records_say_they_are_not_events():
+    """`aewatch alerts` printed every JSON object as an ANOMALY line: the drift events the worker
+    writes to the alarm topic, the normal windows of `--emit-all`, sensor readings, feedback
+    records, `{}`."""
+    from pipeline.events import DRIFT_SCHEMA
+    from pipeline.tools.alerts import read_event
+
+    model = ModelIdentity("pumps", "3")
+    opened, _ = _opened(model, "pump-7", T0)
+    drift = {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "source": model.source,
+        "type": "aewatch.drift.v1",
+        "subject": "*",
+        "time": "2026-01-01T00:00:00.000Z",
+        "datacontenttype": "application/json",
+        "data": {
+            "key": "*",
+            "scope": "overall",
+            "statistic": "psi",
+            "value": 0.41,
+            "limit": 0.25,
+            "windows": 500,
+            "shares": [0.1] * 10,
+            "expected_share": 0.1,
+            "model": {"name": "pumps", "version": "3", "alias": None},
+        },
+    }
+    jsonschema.validate(drift, event_schema(DRIFT_SCHEMA))
+    window = {
+        "type": "aewatch.anomaly.v1",
+        "subject": "pump-7",
+        "time": "2026-01-01T00:00:00.000Z",
+        "data": {"score": 0.05, "is_anomaly": False, "model": {"name": "pumps", "version": "3"}},
+    }
+    anomalous = {**window, "data": {**window["data"], "score": 0.9, "is_anomaly": True}}
+
+    def line(value) -> str:
+        return read_event(orjson.dumps(value), 7)[1]
+
+    assert line(opened).split()[1:3] == ["OPENED", "pump-7"]
+    assert "DRIFT" in line(drift) and "*" in line(drift) and "ANOMALY" not in line(drift)
+    assert "overall PSI 0.41 (limit 0.25) over 500 windows" in line(drift)
+    assert line(window).split()[1:3] == ["normal", "pump-7"]
+    assert line(anomalous).split()[1:3] == ["ANOMALY", "pump-7"]
+    reading = {"key": "pump-7", "ts": T0, "values": {"s0": 1.0}}
+    for other in (reading, GOOD, {}, {**window, "type": "aewatch.other.v1"}, 5):
+        assert line(other) == "(not an aewatch event at offset 7)", other

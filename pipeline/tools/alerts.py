@@ -15,6 +15,7 @@ import time
 
 import orjson
 
+from pipeline.events import ALARM_TYPES, DRIFT_TYPE, EVENT_TYPE
 from pipeline.kafka_io.settings import add_connection_arguments, connection_from_args, topic_name
 from pipeline.settings import count, non_negative
 
@@ -64,33 +65,46 @@ def read_event(value: bytes | None, offset: int, as_json: bool = False) -> tuple
 
 
 def format_event(event: dict) -> str:
-    data = event.get("data", {})
+    """The line of an aewatch event, by its type: an alarm opened or resolved, a drift event, a
+    window event (anomalous, or normal with `--emit-all`). Anything else raises `ValueError`."""
+    kind = event.get("type")
+    if kind not in (DRIFT_TYPE, EVENT_TYPE, *ALARM_TYPES.values()):
+        raise ValueError(f"not an aewatch event type: {kind!r}")
+    data = event["data"]
     model = data.get("model", {})
+    identity = f"model {model.get('name')} v{model.get('version')}"
+    if kind == DRIFT_TYPE:
+        return (
+            f"{event.get('time')}  DRIFT    {event.get('subject')}  {data.get('scope')} PSI "
+            f"{data['value']:.3g} (limit {data['limit']:.3g}) over {data.get('windows')} windows"
+            f"  {identity}"
+        )
     features = ",".join(f["name"] for f in data.get("top_features", []))
-    kind = event.get("type", "?")
-    if kind.startswith("aewatch.alarm"):
+    if kind in ALARM_TYPES.values():
         span = f"since {data.get('start')}"
         if data.get("end"):
             span = f"{data.get('start')} .. {data.get('end')}"
         return (
             f"{event.get('time')}  {kind.rsplit('.', 1)[-1].upper():8s} {event.get('subject')}"
             f"  {span}  peak {data.get('peak_score', 0):.4g}"
-            f" (x{data.get('severity', 0):.1f} threshold)  features {features}  "
-            f"model {model.get('name')} v{model.get('version')}"
+            f" (x{data.get('severity', 0):.1f} threshold)  features {features}  {identity}"
         )
+    anomalous = data.get("is_anomaly", True)  # the worker sends anomalous windows by default
+    if not isinstance(anomalous, bool):
+        raise TypeError(f"is_anomaly is {anomalous!r}")
+    label = "ANOMALY" if anomalous else "normal "
     if "image" in data:
         regions = data["image"].get("top_regions") or [{}]
         return (
-            f"{event.get('time')}  ANOMALY  {event.get('subject')}  score "
+            f"{event.get('time')}  {label}  {event.get('subject')}  score "
             f"{data.get('score', 0):.4g} (x{data.get('severity', 0):.1f} threshold)  "
-            f"hottest region row {regions[0].get('row')} col {regions[0].get('col')}  "
-            f"model {model.get('name')} v{model.get('version')}"
+            f"hottest region row {regions[0].get('row')} col {regions[0].get('col')}  {identity}"
         )
     return (
-        f"{data.get('window', {}).get('end', event.get('time'))}  ANOMALY  "
+        f"{data.get('window', {}).get('end', event.get('time'))}  {label}  "
         f"{event.get('subject')}  score {data.get('score', 0):.4g} "
         f"(x{data.get('severity', 0):.1f} threshold, p={data.get('p_value', 0):.2g})  "
-        f"features {features}  model {model.get('name')} v{model.get('version')}"
+        f"features {features}  {identity}"
     )
 
 
