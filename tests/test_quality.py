@@ -598,6 +598,21 @@ def test_an_answer_on_the_terminal_sends_only_what_the_service_would_take(monkey
     assert err.count("not sent") == 3 and "longer than 4000" in err and "no id" in err
 
 
+def test_an_event_whose_data_is_not_an_object_is_not_asked_about():
+    """`aewatch alerts --json --interactive` shows such a record as it is; asking for a verdict
+    on it raised AttributeError out of the tail (`data` a list)."""
+    from pipeline.tools.alerts import _judgeable, answer_feedback
+
+    for data in (["not", "an", "object"], "text", 5):
+        for kind in ("aewatch.alarm.opened", "aewatch.anomaly.v1"):
+            event = {"type": kind, "id": "ev1", "data": data}
+            assert not _judgeable(event)
+            assert answer_feedback(event, "t", "alice", T0) is None
+    opened = {"type": "aewatch.alarm.opened", "id": "ev1", "data": {"episode_id": "ep1"}}
+    assert _judgeable(opened)
+    assert answer_feedback(opened, "t", "alice", T0).episode_id == "ep1"
+
+
 def test_each_event_type_has_its_own_line_and_other_records_say_they_are_not_events():
     """`aewatch alerts` printed every JSON object as an ANOMALY line: the drift events the worker
     writes to the alarm topic, the normal windows of `--emit-all`, sensor readings, feedback

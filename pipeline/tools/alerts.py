@@ -34,7 +34,9 @@ def answer_feedback(event: dict, answer: str, who: str, now_ms: int):
     verdict = ANSWERS.get(word[:1].lower()) if word else None
     if verdict is None:
         return None
-    data = event.get("data") or {}
+    data = event.get("data")
+    if not isinstance(data, dict):  # not an event anyone can judge
+        return None
     episode = data.get("episode_id")
     return Feedback(
         verdict=verdict,
@@ -48,10 +50,10 @@ def answer_feedback(event: dict, answer: str, who: str, now_ms: int):
 
 
 def _judgeable(event: dict) -> bool:
-    kind = event.get("type")
-    return kind == "aewatch.alarm.opened" or (
-        kind == "aewatch.anomaly.v1" and bool((event.get("data") or {}).get("is_anomaly"))
-    )
+    kind, data = event.get("type"), event.get("data")
+    if not isinstance(data, dict):  # another producer's record, or a field of another type
+        return False
+    return kind == ALARM_TYPES["opened"] or (kind == EVENT_TYPE and data.get("is_anomaly") is True)
 
 
 def read_event(value: bytes | None, offset: int, as_json: bool = False) -> tuple[dict | None, str]:
