@@ -98,6 +98,22 @@ def test_simulate_refuses_a_truth_file_that_is_its_csv_or_a_folder(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_simulate_makes_the_truth_files_folder_and_an_unwritable_one_is_one_line(tmp_path, capsys):
+    """`--truth` in a folder not made yet raised FileNotFoundError (`--csv` made its folder)."""
+    truth, readings = tmp_path / "runs" / "today" / "truth.csv", tmp_path / "fleet.csv"
+    argv = ["simulate", "--keys", "1", "--readings", "300"]
+    assert main([*argv, "--csv", str(readings), "--truth", str(truth)]) == 0
+    assert len(pd.read_csv(truth)) == 6  # one row per injected anomaly, of each kind
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("")
+    unwritable = str(tmp_path / "a-file" / "x.csv")
+    for flags, named in (
+        (["--csv", str(readings), "--truth", unwritable], "truth"),
+        (["--csv", unwritable], "csv"),
+    ):
+        _one_line_error(capsys, main([*argv, *flags]), named, "cannot write")
+
+
 def _train(data: Path, out: Path, *extra: str) -> int:
     return main(
         [

@@ -184,6 +184,7 @@ def write_csv(path: Path, fleet: FleetStream) -> None:
 
 
 def write_truth(path: Path, truth: list[TruthRow]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(TruthRow.__dataclass_fields__))
         writer.writeheader()
@@ -288,10 +289,12 @@ def _run_simulate(args: argparse.Namespace) -> int:
         period_ms=max(1, period_ms),
         skip=args.skip,
     )
-    if args.truth:
-        write_truth(Path(args.truth), fleet.truth)
-    if args.csv:
-        write_csv(Path(args.csv), fleet)
+    for name, path, write in (("truth", args.truth, write_truth), ("csv", args.csv, write_csv)):
+        if path:
+            try:
+                write(Path(path), fleet.truth if name == "truth" else fleet)
+            except OSError as exc:
+                raise ConfigError(name, f"cannot write {path}: {exc.strerror or exc}") from None
     if not args.topic:
         print(json.dumps({"readings": len(fleet.keys), "keys": args.keys, "csv": args.csv}))
         return 0
