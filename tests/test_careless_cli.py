@@ -114,6 +114,13 @@ def test_simulate_makes_the_truth_files_folder_and_an_unwritable_one_is_one_line
         _one_line_error(capsys, main([*argv, *flags]), named, "cannot write")
 
 
+def test_simulate_refuses_a_batch_too_large_for_one_record_before_connecting(capsys):
+    """20,000 readings in one record (about 3 MB) raised MessageSizeTooLargeError, a traceback."""
+    argv = ["simulate", "--bootstrap-servers", "127.0.0.1:1", "--topic", "readings"]
+    code = main([*argv, "--keys", "1", "--readings", "20000", "--batch", "20000"])
+    _one_line_error(capsys, code, "--batch", "bytes")
+
+
 def _train(data: Path, out: Path, *extra: str) -> int:
     return main(
         [

@@ -306,6 +306,26 @@ def test_alerts_max_stops_at_that_many_events_when_a_poll_spans_partitions(
     assert len(lines) == 5, lines
 
 
+def test_simulate_names_a_topic_a_broker_without_auto_create_does_not_have(capsys):
+    """On a broker that does not create topics on first use, simulate waited 60 s for the topic
+    and ended with a KafkaTimeoutError traceback; now it says so in seconds, with both clients."""
+    import time
+
+    from pipeline.cli import main
+    from pipeline.tools.local_broker import LocalKafkaBroker
+
+    with LocalKafkaBroker(extra_properties={"auto.create.topics.enable": "false"}) as broker:
+        for client in CLIENTS:
+            argv = ["simulate", "--bootstrap-servers", broker.bootstrap_servers, "--topic"]
+            argv += [f"nosuch-{uuid.uuid4().hex[:8]}", "--keys", "1", "--readings", "100"]
+            started = time.monotonic()
+            code = main([*argv, "--anomalies", "", "--kafka-client", client])
+            err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+            assert code == 2 and time.monotonic() - started < 20, err
+            assert "Traceback" not in "\n".join(err) and "does not exist" in err[-1], err
+            assert "--topic" in err[-1], err
+
+
 @pytest.mark.parametrize("kafka_client", CLIENTS)
 def test_a_partition_of_thousands_of_keys_checkpoints_and_restores_its_state(
     kafka_bootstrap, create_topic, trained, kafka_client

@@ -319,6 +319,18 @@ class ConfluentClient:
         admin = AdminClient(config(self.connection, "aewatch-admin"))
         admin.list_topics(timeout=request_timeout_ms / 1000.0)
 
+    def missing_topic(self, topic: str) -> bool:
+        admin = _admin(self.connection)
+        metadata = admin.list_topics(timeout=10)
+        if topic in metadata.topics:
+            return False
+        try:
+            resource = ConfigResource("broker", str(next(iter(metadata.brokers))))
+            (future,) = admin.describe_configs([resource]).values()
+            return future.result(timeout=10)["auto.create.topics.enable"].value == "false"
+        except (KafkaException, KeyError, StopIteration):  # not allowed to ask, or not told
+            return False
+
     def ensure_topics(self, topics: Mapping[str, TopicSpec]) -> None:
         """Create topics that do not exist yet; give those that do the settings they lack."""
         admin = _admin(self.connection)

@@ -507,6 +507,21 @@ class KafkaPythonClient:
         finally:
             admin.close()
 
+    def missing_topic(self, topic: str) -> bool:
+        admin = _admin(self.connection)
+        try:
+            if topic in admin.list_topics():
+                return False
+            broker = str(admin.describe_cluster()["brokers"][0]["broker_id"])
+            name = "auto.create.topics.enable"
+            resource = ConfigResource(ConfigResourceType.BROKER, broker, configs={name: None})
+            found = admin.describe_configs([resource], config_filter="all")["broker"][broker]
+            return found[name]["value"] == "false"
+        except (KafkaError, KeyError, IndexError):  # not allowed to ask, or not told
+            return False
+        finally:
+            admin.close()
+
     def ensure_topics(self, topics: Mapping[str, TopicSpec]) -> None:
         """Create topics that do not exist yet; give those that do the settings they lack."""
         admin = _admin(self.connection)

@@ -139,6 +139,11 @@ class KafkaClient(Protocol):
 
     def ensure_topics(self, topics: Mapping[str, TopicSpec]) -> None: ...
 
+    def missing_topic(self, topic: str) -> bool:
+        """Whether a record sent to `topic` has nowhere to go: the topic does not exist and the
+        broker does not create topics on first use (`auto.create.topics.enable=false`). A broker
+        that will not say how it is set is taken to create them."""
+
     def source(
         self, topics: Sequence[str], pattern: str | None, rebalance: Rebalance
     ) -> Source: ...

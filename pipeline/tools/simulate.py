@@ -30,6 +30,7 @@ __all__ = ["FleetStream", "TruthRow", "register_simulate", "simulate_fleet"]
 
 log = logging.getLogger(__name__)
 MAX_PERIOD_MS = 86_400_000  # the slowest --rate: a reading of each key a day
+RECORD_LIMIT = 1_048_576  # the most a record may hold: the sink's and brokers' default
 
 
 @dataclass(frozen=True)
@@ -300,13 +301,26 @@ def _run_simulate(args: argparse.Namespace) -> int:
         return 0
     from pipeline.kafka_io import open_client
 
-    kafka = open_client(connection_from_args(args, args.bootstrap_servers))
-    kafka.check()
-    sink = kafka.sink(linger_ms=10)
     if args.batch > 1:
         records = fleet.batches(args.batch, args.format)
     else:
         records = list(zip(fleet.keys.tolist(), fleet.payloads(), strict=True))
+    largest = max(len(payload) for _, payload in records)
+    if largest > RECORD_LIMIT:
+        raise ConfigError(
+            "batch",
+            f"a record of {args.batch} reading(s) is {largest:,} bytes, over the {RECORD_LIMIT:,} "
+            "a Kafka record may hold; give a smaller --batch",
+        )
+    kafka = open_client(connection_from_args(args, args.bootstrap_servers))
+    kafka.check()
+    if kafka.missing_topic(args.topic):
+        raise ConfigError(
+            "topic",
+            f"{args.topic} does not exist and the broker does not create topics on first use: "
+            "create it, or give --topic an existing one",
+        )
+    sink = kafka.sink(linger_ms=10)
     started = time.monotonic()
     for i, (key, payload) in enumerate(records):
         if args.rate:
