@@ -17,6 +17,7 @@ from pipeline.kafka_io.settings import KafkaConnection
 from pipeline.quality.cli import send_feedback
 from pipeline.quality.feedback import (
     FEEDBACK_SCHEMA,
+    RFC3339,
     Feedback,
     FeedbackError,
     feedback_record,
@@ -46,6 +47,18 @@ BAD = [
     ("invalid_feedback", {**GOOD, "who": ""}),
     ("invalid_feedback", {**GOOD, "time": "yesterday"}),
     ("invalid_feedback", {**GOOD, "time": "2026-01-01T01:00:00"}),  # no zone
+    # taken by datetime.fromisoformat, refused by the schema's pattern (they were accepted)
+    *(
+        ("invalid_feedback", {**GOOD, "time": text})
+        for text in (
+            "2026-01-05T10:00Z",
+            "2026-01-05T10Z",
+            "20260105T100000Z",
+            "2026-01-05T10:00:00+0100",
+            "2026-W02-1T10:00:00Z",
+            "2026-01-05T10:00:00,5Z",
+        )
+    ),
     ("invalid_feedback", {**GOOD, "schema": "aewatch.feedback.v2"}),
     ("invalid_feedback", {**GOOD, "colour": "red"}),
     ("invalid_feedback", {**GOOD, "span": {"start": "2026-01-01T01:00:00Z"}}),
@@ -82,6 +95,7 @@ def test_alarm_events_whose_fields_have_other_types_are_passed_over():
 
 def test_the_parser_and_the_json_schema_agree():
     schema = event_schema(FEEDBACK_SCHEMA)
+    assert f"^{RFC3339.pattern}$" == schema["$defs"]["time"]["pattern"]
     validator = jsonschema.Draft202012Validator(
         schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )

@@ -16,6 +16,7 @@ on an alarm is the one kept.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -81,9 +82,21 @@ class Feedback:
         return record
 
 
+# the feedback schema's pattern: what datetime.fromisoformat takes beyond it (a time without
+# seconds, basic format, week dates, a zone without a colon) other consumers refuse
+_NO_ZONE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?")
+RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
 def parse_time_ms(text: object, field: str = "time") -> int:
     """Epoch milliseconds of an RFC 3339 date-time (a zone is required)."""
-    if not isinstance(text, str) or "T" not in text.upper():
+    if not isinstance(text, str) or RFC3339.fullmatch(text) is None:
+        if isinstance(text, str) and _NO_ZONE.fullmatch(text):
+            raise FeedbackError(
+                "invalid_feedback", f"{field}: the date-time needs a zone: {text!r}"
+            )
         raise FeedbackError("invalid_feedback", f"{field}: not an RFC 3339 date-time: {text!r}")
     try:
         parsed = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
@@ -91,8 +104,6 @@ def parse_time_ms(text: object, field: str = "time") -> int:
         raise FeedbackError(
             "invalid_feedback", f"{field}: not an RFC 3339 date-time: {text!r}"
         ) from None
-    if parsed.tzinfo is None:
-        raise FeedbackError("invalid_feedback", f"{field}: the date-time needs a zone: {text!r}")
     try:
         return int(round(parsed.astimezone(UTC).timestamp() * 1000))
     except (OverflowError, OSError):  # its zone puts it before year 1 or after 9999 in UTC
