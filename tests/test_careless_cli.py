@@ -413,6 +413,21 @@ def test_ops_commands_refuse_bad_input_before_connecting(tmp_path, capsys, argv,
     _one_line_error(capsys, code, *words)
 
 
+def test_quality_names_a_port_in_use_before_making_its_topics(tmp_path, monkeypatch, capsys):
+    """It was told only once the topics were made, when the server started."""
+    import socket
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    (tmp_path / "m.db").touch()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        argv = ["quality", "--alarm-topic", "a", "--http-host", "127.0.0.1", "--http-port", port]
+        code = main([*argv, "--bootstrap-servers", "127.0.0.1:1"])  # nothing listens there
+    _one_line_error(capsys, code, "http_port")
+
+
 @pytest.mark.parametrize("variable", [None, "nostore://x"])
 def test_quality_without_a_tracking_uri_checks_where_every_command_looks(
     tmp_path, monkeypatch, capsys, variable

@@ -159,13 +159,15 @@ def _run_quality(args: argparse.Namespace) -> int:
     from pipeline.quality.service import QualityService, QualitySettings
     from pipeline.registry.client import log_run_metrics, version_run_id
     from pipeline.registry.reach import probe
-    from pipeline.worker.http_server import WorkerHttpServer
+    from pipeline.worker.http_server import WorkerHttpServer, check_bindable
 
     settings = build(QualitySettings, read(QualitySettings, args, {}))
     # where the worker looks too; a store MLflow cannot open, or a server that does not answer,
     # is refused before any Kafka I/O
     uri = tracking_uri_from(args)
     probe(uri)
+    if settings.http_port > 0:  # a port in use: before any topic is made
+        check_bindable(settings.http_host, settings.http_port)
     kafka = open_client(connection_from_args(args, args.bootstrap_servers))
     kafka.check()
     kafka.ensure_topics(
