@@ -317,6 +317,24 @@ def test_a_replayed_delivery_is_acknowledged_and_ignored():
         server.close()
 
 
+def test_the_replay_cache_holds_long_delivery_ids_in_bounded_memory():
+    """Delivery ids are as long as a header line may be (64 KiB): 10,000 of them were kept
+    whole, about 600 MiB for an unsigned webhook that anyone can post to."""
+    import tracemalloc
+
+    from pipeline.worker.http_server import _Deliveries
+
+    deliveries = _Deliveries(limit=200)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(200):
+        assert deliveries.first(f"{i:06d}" + "x" * 60_000, float(i))
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert held < 200 * 1_000, f"{held:,} bytes for 200 ids"
+    assert not deliveries.first("000007" + "x" * 60_000, 300.0), "a replay is still one"
+
+
 header_text = st.text(
     alphabet=st.characters(min_codepoint=32, max_codepoint=255, exclude_characters="\r\n:"),
     max_size=40,

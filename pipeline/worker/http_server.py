@@ -74,14 +74,16 @@ def verify_mlflow_signature(
 
 
 class _Deliveries:
-    """Delivery ids seen within the signature's tolerance: a second one is a replay."""
+    """Delivery ids seen within the signature's tolerance: a second one is a replay. Each is
+    kept as its digest, so `limit` of them take the same memory whatever their length."""
 
     def __init__(self, window_s: float = SIGNATURE_TOLERANCE_S, limit: int = 10_000) -> None:
         self.window_s, self.limit = window_s, limit
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
         self._lock = threading.Lock()
 
     def first(self, delivery_id: str, now: float) -> bool:
+        delivery_id = hashlib.sha256(delivery_id.encode("utf-8", "surrogateescape")).digest()
         with self._lock:
             while self._seen and (
                 len(self._seen) >= self.limit
