@@ -627,6 +627,26 @@ def test_an_event_whose_data_is_not_an_object_is_not_asked_about():
     assert answer_feedback(opened, "t", "alice", T0).episode_id == "ep1"
 
 
+def test_an_answer_is_a_verdict_only_when_spelled_as_one():
+    """Any word starting with t, f or u was a verdict: "tbd" sent true_positive, "fix later"
+    false_positive."""
+    from pipeline.tools.alerts import answer_feedback
+
+    opened = {"type": "aewatch.alarm.opened", "id": "ev1", "data": {"episode_id": "ep1"}}
+    for answer, verdict in [
+        ("t", "true_positive"),
+        ("True seal leak", "true_positive"),
+        ("tp", "true_positive"),
+        ("F", "false_positive"),
+        ("false_positive valve", "false_positive"),
+        ("u", "unsure"),
+        ("unsure", "unsure"),
+    ]:
+        assert answer_feedback(opened, answer, "alice", T0).verdict == verdict, answer
+    for answer in ("tbd", "fix later", "undecided", "tru", ""):
+        assert answer_feedback(opened, answer, "alice", T0) is None, answer
+
+
 def test_each_event_type_has_its_own_line_and_other_records_say_they_are_not_events():
     """`aewatch alerts` printed every JSON object as an ANOMALY line: the drift events the worker
     writes to the alarm topic, the normal windows of `--emit-all`, sensor readings, feedback

@@ -22,6 +22,12 @@ from pipeline.settings import count, non_negative
 __all__ = ["ANSWERS", "answer_feedback", "format_event", "read_event", "register_alerts"]
 
 ANSWERS = {"t": "true_positive", "f": "false_positive", "u": "unsure"}
+# the words each answer may be given as (a word merely starting with one, "tbd", is none)
+_SPELLINGS = {
+    spelled: verdict
+    for letter, verdict in ANSWERS.items()
+    for spelled in (letter, {"t": "true", "f": "false", "u": "unsure"}[letter], verdict)
+} | {"tp": "true_positive", "fp": "false_positive"}
 PROMPT = "  verdict? t(rue) / f(alse) / u(nsure) [note], empty skips: "
 
 
@@ -31,7 +37,7 @@ def answer_feedback(event: dict, answer: str, who: str, now_ms: int):
     from pipeline.quality.feedback import Feedback
 
     word, _, note = answer.strip().partition(" ")
-    verdict = ANSWERS.get(word[:1].lower()) if word else None
+    verdict = _SPELLINGS.get(word.lower())
     if verdict is None:
         return None
     data = event.get("data")
@@ -189,6 +195,9 @@ class _Asker:
         answer = sys.stdin.readline()
         feedback = answer_feedback(event, answer, self.who, int(time.time() * 1000))
         if feedback is None:
+            if answer.strip():  # an answer that is no verdict is told, not taken as one
+                word = answer.split()[0]
+                print(f"  not sent: {word!r} is not t, f or u", file=sys.stderr, flush=True)
             return
         if feedback.episode_id is None and feedback.event_id is None:
             print("  not sent: the event has no id to judge", file=sys.stderr, flush=True)
