@@ -158,6 +158,49 @@ def test_batches_slower_than_the_poll_interval_cause_no_rebalance_storm(
     assert stats.commits >= 1
 
 
+class _SlowOnce(_SlowDevice):
+    """One forward pass (the third: a transaction holds the first two's events) stalls for
+    `delay_s`; the rest run at once."""
+
+    def score(self, windows, **kwargs):
+        self.calls += 1
+        if self.calls == 3:
+            time.sleep(self.delay_s)
+        return self._detector.score(windows, **kwargs)
+
+
+@pytest.mark.kafka
+@pytest.mark.faults
+def test_a_pass_slower_than_ten_seconds_with_exactly_once_commits_every_window_once(
+    trained, kafka_bootstrap
+):
+    """The transaction held open across a slow pass was aborted by the broker after 10 s: the
+    worker died, and the restart read the same batch and died again."""
+    topics = names("slowtx")
+    ensure_topics(kafka_bootstrap, {topics["input"]: {"num_partitions": 2}})
+    stream = fleet(seed=74, keys=4, readings_per_key=300)
+    produce(kafka_bootstrap, topics["input"], stream_items(stream))
+    settings = worker_settings(
+        kafka_bootstrap,
+        topics,
+        trained.artifact_dir,
+        emit_all=True,
+        exactly_once=True,
+        max_poll_records=200,
+        max_batch=100,
+    )
+    app = build_app(settings)
+    app.worker.detector = _SlowOnce(app.worker.detector, delay_s=25)
+    try:
+        stats = app.run()
+    finally:
+        app.close()
+    records = consume(kafka_bootstrap, topics["output"], committed_only=True)
+    ids = [orjson.loads(r.value)["id"] for r in records]
+    assert len(ids) == len(set(ids)) and set(ids) == all_window_ids(trained, stream)
+    assert stats.commits >= 1
+
+
 def _count(log, needle: bytes) -> int:
     return log.read_bytes().count(needle) if log.exists() else 0
 

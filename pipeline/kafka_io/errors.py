@@ -44,7 +44,7 @@ def transaction_timeout_refused(transaction_timeout_ms: int) -> ConfigError:
     return ConfigError(
         "commit_interval_ms",
         f"--exactly-once asks for transactions of {transaction_timeout_ms} ms (4 x the commit "
-        "interval, at least 10 s), and the broker refuses it: over its "
+        "interval, at least 60 s), and the broker refuses it: over its "
         "transaction.max.timeout.ms (15 min by default)",
     )
 

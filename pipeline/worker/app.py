@@ -28,6 +28,18 @@ from pipeline.worker.metrics import WorkerMetrics, WorkerStats
 from pipeline.worker.settings import RegistrySettings, WorkerSettings
 from pipeline.worker.state import STATE_RECORD_MAX, STATE_TOPIC, KafkaStateStore
 
+# The least time a transaction may stay open (Kafka's own default): it spans a checkpoint
+# interval and the scoring pass a checkpoint waits for, so a pass of a slow or busy device
+# shorter than this does not get the transaction aborted by the broker. It is also how long a
+# worker gone for good (not back under its transactional id) holds read_committed consumers.
+TRANSACTION_TIMEOUT_MIN_MS = 60_000
+
+
+def transaction_timeout_ms(commit_interval_ms: int) -> int:
+    """The transaction timeout of `--exactly-once`: 4 commit intervals, at least a minute."""
+    return max(TRANSACTION_TIMEOUT_MIN_MS, 4 * commit_interval_ms)
+
+
 __all__ = ["WorkerApp", "load_with_retries"]
 
 log = logging.getLogger(__name__)
@@ -90,7 +102,7 @@ class WorkerApp:
         sink = kafka.sink(  # the largest record it sends: a dead letter, or a state record
             max_record_bytes=max(settings.records.max_record_bytes, STATE_RECORD_MAX),
             transaction_timeout_ms=(
-                max(10_000, 4 * settings.loop.commit_interval_ms) if exactly_once else None
+                transaction_timeout_ms(settings.loop.commit_interval_ms) if exactly_once else None
             ),
         )
         webhook = bool(settings.http.webhook_secret or settings.http.webhook_insecure)
