@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -112,6 +113,28 @@ def test_simulate_makes_the_truth_files_folder_and_an_unwritable_one_is_one_line
         (["--csv", unwritable], "csv"),
     ):
         _one_line_error(capsys, main([*argv, *flags]), named, "cannot write")
+
+
+@pytest.mark.parametrize(
+    ("flags", "first", "last"),
+    [  # seconds from now of the first and the last reading of each key
+        (["--rate", "2"], 0, 99),  # one reading of each key a second, from now on
+        (["--rate", "2", "--skip", "100000"], 0, 99),  # (was 27.8 h ahead, refused)
+        ([], -99, 0),  # as fast as possible: the series ends now (it ran 99 s ahead)
+        (["--skip", "50"], -99, 0),
+    ],
+)
+def test_simulate_live_stamps_readings_with_the_current_time(tmp_path, capsys, flags, first, last):
+    readings = tmp_path / "fleet.csv"
+    argv = ["simulate", "--keys", "2", "--readings", "100", "--anomalies", "", "--live"]
+    now = time.time()
+    assert main([*argv, *flags, "--csv", str(readings)]) == 0
+    ts = pd.to_datetime(pd.read_csv(readings)["ts"], utc=True, format="ISO8601")
+    seconds = ts.map(pd.Timestamp.timestamp).to_numpy() - now
+    assert abs(seconds.min() - first) < 5 and abs(seconds.max() - last) < 5, (
+        seconds.min(),
+        seconds.max(),
+    )
 
 
 def test_simulate_refuses_a_batch_too_large_for_one_record_before_connecting(capsys):

@@ -231,7 +231,8 @@ def register_simulate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--live",
         action="store_true",
-        help="stamp readings with the current time instead of a fixed start",
+        help="stamp readings with the current time instead of a fixed start: with --rate from "
+        "now on, as they go out; without, the series ends now",
     )
     parser.add_argument(
         "--batch",
@@ -276,8 +277,11 @@ def _run_simulate(args: argparse.Namespace) -> int:
                 "features", f"{taken[0]!r} is taken (by ts, key, label or another feature)"
             )
     kinds = tuple(k for k in args.anomalies.split(",") if k)
-    start_ms = int(time.time() * 1000) if args.live else 1_767_225_600_000
-    period_ms = int(1000 * args.keys / args.rate) if args.rate else 1000
+    period_ms = max(1, int(1000 * args.keys / args.rate)) if args.rate else 1000
+    start_ms = 1_767_225_600_000
+    if args.live:  # paced: from now on, as the readings go out; as fast as possible: up to now
+        ahead = 0 if args.rate else args.readings - 1
+        start_ms = int(time.time() * 1000) - (args.skip + ahead) * period_ms
     fleet = simulate_fleet(
         keys=args.keys,
         readings_per_key=args.readings,
@@ -287,7 +291,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         seed=args.seed,
         start_ms=start_ms,
-        period_ms=max(1, period_ms),
+        period_ms=period_ms,
         skip=args.skip,
     )
     for name, path, write in (("truth", args.truth, write_truth), ("csv", args.csv, write_csv)):
