@@ -189,10 +189,8 @@ class _NoSink:
         pass
 
 
-def test_the_service_is_ready_only_once_it_has_read_what_was_there():
-    key, value = feedback_record(_verdict("no-such-episode", "true_positive", T0))
-    record = Record("fb", 0, 0, key, value)
-    tail = _SlowTail([{}, {}, {("fb", 0): [record]}])
+def _readiness_at_each_take(tail) -> tuple[QualityService, list[bool]]:
+    """A service run over `tail` until idle, and whether it was ready as each poll was taken."""
     settings = QualitySettings(
         alarm_topic=("alarms",),
         feedback_topic="fb",
@@ -202,10 +200,18 @@ def test_the_service_is_ready_only_once_it_has_read_what_was_there():
         stop_after_idle_s=3,
     )
     service = QualityService(settings, tail, _NoSink(), clock=iter(range(10**6)).__next__)
-    ready = []
+    ready: list[bool] = []
     taken = service.take
     service.take = lambda polled: (ready.append(service.caught_up), taken(polled))
     service.run()
+    return service, ready
+
+
+def test_the_service_is_ready_only_once_it_has_read_what_was_there():
+    key, value = feedback_record(_verdict("no-such-episode", "true_positive", T0))
+    record = Record("fb", 0, 0, key, value)
+    tail = _SlowTail([{}, {}, {("fb", 0): [record]}])
+    service, ready = _readiness_at_each_take(tail)
     assert ready == [False], "not ready while records it has not read wait"
     assert service.caught_up
 
@@ -216,19 +222,7 @@ def test_the_service_becomes_ready_while_its_topics_stay_busy():
     records = [Record("alarms", 0, i, None, b"{}") for i in range(40)]
     tail = _SlowTail([{("alarms", 0): [r]} for r in records])
     tail.reached_end = lambda: len(tail.polls) < 30  # what was there at the start is read
-    settings = QualitySettings(
-        alarm_topic=("alarms",),
-        feedback_topic="fb",
-        dlq_topic="dlq",
-        log_interval_s=0,
-        http_port=-1,
-        stop_after_idle_s=3,
-    )
-    service = QualityService(settings, tail, _NoSink(), clock=iter(range(10**6)).__next__)
-    ready = []
-    taken = service.take
-    service.take = lambda polled: (ready.append(service.caught_up), taken(polled))
-    service.run()
+    service, ready = _readiness_at_each_take(tail)
     assert len(ready) == 40 and ready[-1], "ready while polls still bring records"
     assert not ready[5], "not before what was there has been read"
 
