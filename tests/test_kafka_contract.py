@@ -593,3 +593,32 @@ def test_a_transaction_timeout_the_broker_refuses_is_one_line_naming_the_setting
         client.sink(transaction_timeout_ms=1_200_000)
     assert error.value.setting == "commit_interval_ms"
     assert "1200000" in str(error.value)
+
+
+def test_the_latest_values_wait_for_a_transaction_left_open(kafka_bootstrap, kafka_client):
+    """A worker killed between sending its state and committing, and not back under its
+    transactional id, leaves a transaction open: read_committed stops before it, and the newer
+    state committed after it was not read (the worker restored the older one, and emitted again
+    what it had committed)."""
+    topic = _topic("settle")
+    client = _client(kafka_bootstrap, kafka_client)
+    client.ensure_topics({topic: {"num_partitions": 1}})
+    transactional = dict(group_id=_topic("g"), exactly_once=True)
+
+    def committed(value: bytes) -> None:
+        writer = _client(
+            kafka_bootstrap, kafka_client, transactional_id=_topic("tx"), **transactional
+        )
+        sink = writer.sink(transaction_timeout_ms=10_000)
+        sink.send(topic, b"p", value)
+        sink.commit({}, None)
+        sink.close()
+
+    committed(b"old")
+    zombie = _client(kafka_bootstrap, kafka_client, transactional_id=_topic("tx"), **transactional)
+    left_open = zombie.sink(transaction_timeout_ms=2_000)
+    left_open.send(topic, b"p", b"never committed")
+    left_open.flush()
+    committed(b"new")
+    assert client.read_latest(topic) == {b"p": b"new"}
+    left_open.close()

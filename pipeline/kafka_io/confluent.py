@@ -411,11 +411,23 @@ class ConfluentClient:
     ) -> dict[bytes, bytes]:
         """The latest value per key of a (compacted) topic, read from the beginning to its end
         (its last stable offset: what committed transactions wrote)."""
+        probe = ConfluentTail(self.connection, [topic], from_beginning=True, read_committed=False)
+        try:
+            high = probe.end_offsets()
+        finally:
+            probe.consumer.close()
         tail = ConfluentTail(self.connection, [topic], from_beginning=True, read_committed=True)
         consumer = tail.consumer
         wanted = set(keys) if keys is not None else None
         try:
             end = tail.end_offsets()
+            settle = time.monotonic() + topics_.SETTLE_S  # (see `topics_.SETTLE_S`)
+            while any(end.get(p, 0) < h for p, h in high.items()):
+                if time.monotonic() > settle:
+                    topics_.unsettled(topic)
+                    break
+                time.sleep(topics_.SETTLE_POLL_S)
+                end = tail.end_offsets()
             latest: dict[bytes, bytes] = {}
             deadline = time.monotonic() + timeout_s
             while end:

@@ -602,6 +602,29 @@ class KafkaPythonClient:
         finally:
             consumer.close()
 
+    def _settled(self, consumer, tps: list, topic: str) -> dict:
+        """The end offsets of a read_committed `consumer` once the transactions open when asked
+        are over (see `topics_.SETTLE_S`)."""
+        probe = KafkaConsumer(
+            enable_auto_commit=False,
+            group_id=None,
+            isolation_level="read_uncommitted",
+            **client_config(self.connection),
+        )
+        try:
+            high = probe.end_offsets(tps)
+        finally:
+            probe.close()
+        deadline = time.monotonic() + topics_.SETTLE_S
+        end = consumer.end_offsets(tps)
+        while any(end[tp] < high[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                topics_.unsettled(topic)
+                break
+            time.sleep(topics_.SETTLE_POLL_S)
+            end = consumer.end_offsets(tps)
+        return end
+
     def read_latest(
         self, topic: str, keys: Iterable[bytes] | None = None, timeout_s: float = 30.0
     ) -> dict[bytes, bytes]:
@@ -621,7 +644,7 @@ class KafkaPythonClient:
                 return {}
             consumer.assign(tps)
             consumer.seek_to_beginning(*tps)
-            end = consumer.end_offsets(tps)
+            end = self._settled(consumer, tps, topic)
             latest: dict[bytes, bytes] = {}
             deadline = time.monotonic() + timeout_s
             while any(consumer.position(tp) < end[tp] for tp in tps):

@@ -9,6 +9,13 @@ uses it: the state topic compacted and taking large records, the feedback topic 
 Both clients create a missing topic with its settings, and give an existing one the settings it
 lacks (`settle`): a topic created before a setting was asked for, or by hand. A setting that was
 set on the topic itself to another value is the operator's choice and is kept, with a warning.
+
+Reading a compacted topic's latest values (`read_latest`, the worker's state) with read_committed
+stops at the last stable offset: a transaction left open, by a worker killed between sending its
+state and committing and not back under its transactional id, hides every record written after
+its first, newer committed state among them, until the broker aborts it. So the read waits until
+the transactions open when it began are over (`SETTLE_S` at most: the worker's transaction
+timeout and the broker's check for timed-out transactions).
 """
 
 from __future__ import annotations
@@ -18,10 +25,21 @@ from collections.abc import Callable, Iterable, Mapping
 
 from pipeline.kafka_io.protocols import TopicSpec
 
-__all__ = ["BROKER_DEFAULT", "configs", "partitions", "replication", "settle", "settle_existing"]
+__all__ = [
+    "BROKER_DEFAULT",
+    "SETTLE_S",
+    "configs",
+    "partitions",
+    "replication",
+    "settle",
+    "settle_existing",
+    "unsettled",
+]
 
 log = logging.getLogger(__name__)
 BROKER_DEFAULT = -1  # a count the broker chooses (Kafka >= 2.4)
+SETTLE_S = 75.0  # the longest wait for open transactions (60 s, and 10 s until the broker looks)
+SETTLE_POLL_S = 0.2
 
 # name -> (value, whether it was set on the topic itself rather than inherited from the broker)
 Current = Mapping[str, tuple[str | None, bool]]
@@ -106,3 +124,12 @@ def settle_existing(
 
 def _pairs(settings: Mapping[str, str]) -> str:
     return ",".join(f"{name}={value}" for name, value in settings.items())
+
+
+def unsettled(topic: str) -> None:
+    log.warning(
+        "%s: a transaction still open after %.0f s hides what was committed after it; "
+        "reading what is visible",
+        topic,
+        SETTLE_S,
+    )
