@@ -85,10 +85,12 @@ class Checkpointer:
         records = self.store.load(partitions) if partitions else {}
         restored = [p for p, record in records.items() if self._restore(p, record)]
         rewind = {p: self._last_commit[p] for p in partitions if p in self._last_commit}
-        for partition in restored:  # the state's own resume point, even past a refused commit
+        # The state's own resume point, even past a refused commit, and not this member's older
+        # commit: another owner may have moved on since, and all it read would be read again.
+        for partition in restored:
             oldest = self.windows.oldest_needed(partition)
-            if oldest is not None:  # (not this member's commit: another owner may have moved
-                rewind[partition] = oldest  # on since, and all it read would be read again)
+            if oldest is not None:
+                rewind[partition] = oldest
         return len(restored), rewind
 
     def _restore(self, partition: Partition, record: bytes) -> bool:
