@@ -420,14 +420,7 @@ class ConfluentClient:
         consumer = tail.consumer
         wanted = set(keys) if keys is not None else None
         try:
-            end = tail.end_offsets()
-            settle = time.monotonic() + topics_.SETTLE_S  # (see `topics_.SETTLE_S`)
-            while any(end.get(p, 0) < h for p, h in high.items()):
-                if time.monotonic() > settle:
-                    topics_.unsettled(topic)
-                    break
-                time.sleep(topics_.SETTLE_POLL_S)
-                end = tail.end_offsets()
+            end = dict(topics_.settled(tail.end_offsets, high, topic))
             latest: dict[bytes, bytes] = {}
             deadline = time.monotonic() + timeout_s
             while end:

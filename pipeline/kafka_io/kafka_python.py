@@ -615,15 +615,7 @@ class KafkaPythonClient:
             high = probe.end_offsets(tps)
         finally:
             probe.close()
-        deadline = time.monotonic() + topics_.SETTLE_S
-        end = consumer.end_offsets(tps)
-        while any(end[tp] < high[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                topics_.unsettled(topic)
-                break
-            time.sleep(topics_.SETTLE_POLL_S)
-            end = consumer.end_offsets(tps)
-        return end
+        return topics_.settled(lambda: consumer.end_offsets(tps), high, topic)
 
     def read_latest(
         self, topic: str, keys: Iterable[bytes] | None = None, timeout_s: float = 30.0

@@ -21,6 +21,7 @@ timeout and the broker's check for timed-out transactions).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 from pipeline.kafka_io.protocols import TopicSpec
@@ -33,7 +34,7 @@ __all__ = [
     "replication",
     "settle",
     "settle_existing",
-    "unsettled",
+    "settled",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,23 @@ def _pairs(settings: Mapping[str, str]) -> str:
     return ",".join(f"{name}={value}" for name, value in settings.items())
 
 
-def unsettled(topic: str) -> None:
-    log.warning(
-        "%s: a transaction still open after %.0f s hides what was committed after it; "
-        "reading what is visible",
-        topic,
-        SETTLE_S,
-    )
+def settled(
+    stable_ends: Callable[[], Mapping[object, int]], high: Mapping[object, int], topic: str
+) -> Mapping[object, int]:
+    """A topic's end offsets for read_committed (`stable_ends`, asked again and again) once they
+    reach the high watermarks `high` taken before: the transactions open then are over. A
+    partition `stable_ends` leaves out ends at 0. Gives up after `SETTLE_S`, with a warning."""
+    deadline = time.monotonic() + SETTLE_S
+    end = stable_ends()
+    while any(end.get(p, 0) < h for p, h in high.items()):
+        if time.monotonic() > deadline:
+            log.warning(
+                "%s: a transaction still open after %.0f s hides what was committed after it; "
+                "reading what is visible",
+                topic,
+                SETTLE_S,
+            )
+            break
+        time.sleep(SETTLE_POLL_S)
+        end = stable_ends()
+    return end

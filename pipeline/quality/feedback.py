@@ -84,10 +84,9 @@ class Feedback:
 
 # the feedback schema's pattern: what datetime.fromisoformat takes beyond it (a time without
 # seconds, basic format, week dates, a zone without a colon) other consumers refuse
-_NO_ZONE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?")
-RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
-)
+_DATE_TIME = r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+_NO_ZONE = re.compile(_DATE_TIME)
+RFC3339 = re.compile(_DATE_TIME + r"([Zz]|[+-][0-9]{2}:[0-9]{2})")
 
 
 def parse_time_ms(text: object, field: str = "time") -> int:
